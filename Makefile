@@ -1,0 +1,43 @@
+# The README's commands. Every target sets up .venv first (idempotent, incremental):
+#   make bench   - the FC-vs-spinal benchmark on CPU (JSON + PNG under bench-out/)
+#   make test    - the test suite (pytest) and the C++ test (CMake + ctest)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# nvcc on PATH may be a wrapper; point torch at the toolkit itself when it is there.
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export MAX_JOBS ?= 2
+NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+
+.PHONY: setup bench test ctest bench-suite sanitize clean
+
+setup: $(VENV)/.built
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+bench: setup
+	$(PY) -m spinal_ops.bench
+
+test: setup
+	$(PY) -m pytest -q
+	$(MAKE) ctest
+
+ctest: setup
+	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DPython_EXECUTABLE=$(abspath $(PY))
+	$(VENV)/bin/cmake --build build/cmake
+	cd build/cmake && $(abspath $(VENV)/bin/ctest) --output-on-failure
+
+bench-suite: setup
+	$(PY) -m pytest benchmarks -q
+
+clean:
+	rm -rf build spinal_ops/_C*.so *.egg-info $(VENV)/.built

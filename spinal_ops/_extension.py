@@ -1,0 +1,39 @@
+"""Loading the compiled extension ``spinal_ops._C`` (C++ CPU op, CUDA kernels where built).
+
+Importing it registers the ``spinal_ops::fused_forward`` / ``fused_backward`` schemas and their
+CPU (and CUDA) kernels with the dispatcher; here we add the fake kernels and autograd once.
+If it is missing, ``spinal_ops`` still works with the reference backend and this module keeps
+the reason for ``available_backends()``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .backends.base import Support
+from .backends.fused import fake_backward, fake_forward, register_fused_autograd
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension() -> Support:
+    try:
+        from . import _C  # noqa: F401  (registers the ops on import)
+    except ImportError as error:
+        return Support.no(f"compiled extension spinal_ops._C is missing or failed to load ({error})")
+    torch.library.register_fake("spinal_ops::fused_forward")(fake_forward)
+    torch.library.register_fake("spinal_ops::fused_backward")(fake_backward)
+    register_fused_autograd(
+        torch.ops.spinal_ops.fused_forward.default, torch.ops.spinal_ops.fused_backward.default, "cpu/cuda"
+    )
+    return Support.yes()
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_kernels_compiled() -> bool:
+    """Whether the extension was built with the CUDA kernels (nvcc present at build time)."""
+    if not load_extension():
+        return False
+    from . import _C
+
+    return bool(_C.cuda_compiled())

@@ -1,0 +1,241 @@
+"""SpinalConfig: the one place that knows the shapes of a spinal layer.
+
+Every backend, the module, the functional form and the benchmarks take their
+shapes, column windows, validation and analytic cost from here (SPEC §1, §2, §5).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .activations import ACTIVATIONS
+
+
+class SpinalParams(NamedTuple):
+    """The packed parameters of SPEC §2, in schema order. Absent ones are None."""
+
+    weight_in: torch.Tensor  # [L, w, s]
+    weight_hidden: torch.Tensor  # [L-1, w, w], empty when L == 1
+    bias: Optional[torch.Tensor]  # [L, w]
+    weight_out: Optional[torch.Tensor]  # [M, L*w]
+    bias_out: Optional[torch.Tensor]  # [M]
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"spinal_ops: {name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SpinalConfig:
+    """Hyper-parameters of one spinal layer (SPEC §1), validated on construction."""
+
+    in_features: int  # N
+    layer_width: int  # w
+    num_layers: int  # L
+    split_size: int  # s
+    out_features: Optional[int]  # M, or None: the layer returns the hidden concatenation
+    activation: str = "relu"
+    negative_slope: float = 0.01
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive_int("in_features", self.in_features)
+        _check_positive_int("layer_width", self.layer_width)
+        _check_positive_int("num_layers", self.num_layers)
+        _check_positive_int("split_size", self.split_size)
+        if self.split_size > self.in_features:
+            raise ValueError(
+                f"spinal_ops: split_size must be in [1, in_features={self.in_features}], "
+                f"got {self.split_size}"
+            )
+        if self.out_features is not None:
+            _check_positive_int("out_features", self.out_features)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"spinal_ops: unknown activation {self.activation!r}; "
+                f"expected one of {', '.join(ACTIVATIONS)}"
+            )
+        if not math.isfinite(float(self.negative_slope)):
+            raise ValueError(f"spinal_ops: negative_slope must be finite, got {self.negative_slope!r}")
+
+    @classmethod
+    def build(
+        cls,
+        in_features: int,
+        out_features: Optional[int],
+        *,
+        layer_width: int,
+        num_layers: int,
+        num_splits: int = 2,
+        split_size: Optional[int] = None,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        bias: bool = True,
+    ) -> "SpinalConfig":
+        """Config from the user-facing arguments; ``split_size`` wins over ``num_splits``."""
+        _check_positive_int("in_features", in_features)
+        if split_size is None:
+            _check_positive_int("num_splits", num_splits)
+            split_size = math.ceil(in_features / num_splits)
+        return cls(
+            in_features=in_features,
+            layer_width=layer_width,
+            num_layers=num_layers,
+            split_size=split_size,
+            out_features=out_features,
+            activation=activation,
+            negative_slope=float(negative_slope),
+            bias=bias,
+        )
+
+    @classmethod
+    def from_params(
+        cls,
+        in_features: int,
+        params: SpinalParams,
+        *,
+        split_size: int,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ) -> "SpinalConfig":
+        """Config implied by packed parameters (functional form); checks every shape."""
+        w_in = params.weight_in
+        if w_in.dim() != 3:
+            raise ValueError(f"spinal_ops: weight_in must be [L, w, s], got shape {tuple(w_in.shape)}")
+        num_layers, layer_width, s = w_in.shape
+        if s != split_size:
+            raise ValueError(
+                f"spinal_ops: weight_in has split size {s} (shape {tuple(w_in.shape)}) "
+                f"but split_size={split_size}"
+            )
+        out_features = None if params.weight_out is None else params.weight_out.shape[0]
+        config = cls(
+            in_features=in_features,
+            layer_width=layer_width,
+            num_layers=num_layers,
+            split_size=split_size,
+            out_features=out_features,
+            activation=activation,
+            negative_slope=float(negative_slope),
+            bias=params.bias is not None,
+        )
+        config.check_params(params)
+        return config
+
+    # ---- derived sizes -------------------------------------------------------------------
+
+    @property
+    def hidden_features(self) -> int:
+        """Width of the hidden concatenation H, L*w."""
+        return self.num_layers * self.layer_width
+
+    @property
+    def output_features(self) -> int:
+        """Last dimension of the layer's output: M, or L*w when out_features is None."""
+        return self.hidden_features if self.out_features is None else self.out_features
+
+    def window_start(self, layer: int) -> int:
+        """First input column read by ``layer``: (layer*s) mod N."""
+        return (layer * self.split_size) % self.in_features
+
+    def window(self, layer: int) -> tuple[tuple[int, int], ...]:
+        """Column ranges [start, stop) read by ``layer``: one range, or two when it wraps past N."""
+        start, n, s = self.window_start(layer), self.in_features, self.split_size
+        if start + s <= n:
+            return ((start, start + s),)
+        return ((start, n), (0, start + s - n))
+
+    def parameter_shapes(self) -> dict[str, Optional[tuple[int, ...]]]:
+        """Shapes of SPEC §2 by parameter name; None for an absent parameter."""
+        n_layers, w, s, m = self.num_layers, self.layer_width, self.split_size, self.out_features
+        return {
+            "weight_in": (n_layers, w, s),
+            "weight_hidden": (n_layers - 1, w, w),
+            "bias": (n_layers, w) if self.bias else None,
+            "weight_out": (m, self.hidden_features) if m is not None else None,
+            "bias_out": (m,) if (m is not None and self.bias) else None,
+        }
+
+    def fan_in(self, layer: int) -> int:
+        """nn.Linear fan-in of the authors' per-layer Linear: s for layer 0, s + w after it."""
+        return self.split_size + (self.layer_width if layer > 0 else 0)
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(shape) for shape in self.parameter_shapes().values() if shape is not None)
+
+    def forward_flops(self, batch: int) -> int:
+        """Matrix-multiply FLOPs of one forward pass (2 per multiply-add, as FlopCounterMode counts)."""
+        n_layers, w, s = self.num_layers, self.layer_width, self.split_size
+        macs = n_layers * w * s + (n_layers - 1) * w * w
+        if self.out_features is not None:
+            macs += self.out_features * self.hidden_features
+        return 2 * batch * macs
+
+    def forward_backward_flops(self, batch: int) -> int:
+        """Forward plus backward with gradients for the input and every weight: 3x forward."""
+        return 3 * self.forward_flops(batch)
+
+    def dense_baseline_parameters(self) -> int:
+        """Parameters of Linear(N, L*w) -> phi -> Linear(L*w, M), the dense layer of equal hidden width."""
+        hidden = self.hidden_features
+        count = self.in_features * hidden + (hidden if self.bias else 0)
+        if self.out_features is not None:
+            count += hidden * self.out_features + (self.out_features if self.bias else 0)
+        return count
+
+    def dense_baseline_forward_flops(self, batch: int) -> int:
+        macs = self.in_features * self.hidden_features
+        if self.out_features is not None:
+            macs += self.hidden_features * self.out_features
+        return 2 * batch * macs
+
+    # ---- validation (SPEC §5) -----------------------------------------------------------
+
+    def check_params(self, params: SpinalParams) -> None:
+        """Every parameter has its SPEC §2 shape; all share one dtype and device."""
+        reference = params.weight_in
+        for name, shape in self.parameter_shapes().items():
+            tensor = getattr(params, name)
+            if shape is None:
+                if tensor is not None:
+                    raise ValueError(
+                        f"spinal_ops: {name} must be None for this configuration "
+                        "(bias=False gives neither bias nor bias_out; out_features=None gives no output projection)"
+                    )
+                continue
+            if tensor is None:
+                raise ValueError(f"spinal_ops: {name} of shape {shape} is missing")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"spinal_ops: {name} must have shape {shape}, got {tuple(tensor.shape)}"
+                )
+            if tensor.dtype != reference.dtype:
+                raise TypeError(
+                    f"spinal_ops: {name} has dtype {tensor.dtype} but weight_in has {reference.dtype}"
+                )
+            if tensor.device != reference.device:
+                raise ValueError(
+                    f"spinal_ops: {name} is on {tensor.device} but weight_in is on {reference.device}"
+                )
+
+    def check_input(self, x: torch.Tensor, params: SpinalParams) -> None:
+        """The input matches the layer: last dimension N, same dtype and device as the parameters."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"spinal_ops: expected input of shape [..., {self.in_features}] "
+                f"(in_features={self.in_features}), got {tuple(x.shape)}"
+            )
+        if x.dtype != params.weight_in.dtype:
+            raise TypeError(
+                f"spinal_ops: input dtype {x.dtype} does not match parameter dtype "
+                f"{params.weight_in.dtype}"
+            )
+        if x.device != params.weight_in.device:
+            raise ValueError(
+                f"spinal_ops: input is on {x.device} but parameters are on {params.weight_in.device}"
+            )

@@ -1,0 +1,70 @@
+"""Backend registry and selection: which implementation runs a call (SPEC §3)."""
+from __future__ import annotations
+
+import torch
+
+from .backends.base import Backend, Support
+from .config import SpinalConfig
+from .reference import ReferenceBackend
+
+BACKEND_NAMES: tuple[str, ...] = ("auto", "cuda", "triton", "cpu", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call on this machine."""
+
+
+def _registered_backends() -> tuple[Backend, ...]:
+    """All backends, fastest first: the order ``auto`` tries them in."""
+    from .backends.cpu import CpuBackend
+    from .backends.cuda import CudaBackend
+    from .backends.triton_backend import TritonBackend
+
+    return (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend())
+
+
+_BACKENDS: dict[str, Backend] = {backend.name: backend for backend in _registered_backends()}
+# Resolved once at import (loads the extension, probes devices): selection inside a
+# torch.compile trace then only reads this dict.
+_AVAILABILITY: dict[str, Support] = {name: backend.availability() for name, backend in _BACKENDS.items()}
+
+
+def check_backend_name(name: str) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"spinal_ops: unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+
+
+def get_backend(name: str) -> Backend:
+    check_backend_name(name)
+    if name == "auto":
+        raise ValueError("spinal_ops: 'auto' is a selection rule, not a backend; use select_backend")
+    return _BACKENDS[name]
+
+
+def _usable(backend: Backend, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
+    available = _AVAILABILITY[backend.name]
+    if not available:
+        return Support.no(f"not available here: {available.reason}")
+    return backend.supports(config, dtype, device)
+
+
+def select_backend(name: str, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Backend:
+    """The backend that runs this call; for ``auto`` the first usable one in preference order."""
+    check_backend_name(name)
+    if name == "auto":
+        for backend in _BACKENDS.values():
+            if backend.auto_eligible(device) and _usable(backend, config, dtype, device):
+                return backend
+        raise AssertionError("the reference backend supports every call")
+    backend = _BACKENDS[name]
+    verdict = _usable(backend, config, dtype, device)
+    if not verdict:
+        raise BackendUnavailableError(
+            f"spinal_ops: backend {name!r} cannot run this call ({dtype}, {device}): {verdict.reason}"
+        )
+    return backend
+
+
+def available_backends() -> dict[str, Support]:
+    """Each backend with whether it can run on this machine and, if not, why."""
+    return dict(_AVAILABILITY)

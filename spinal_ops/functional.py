@@ -1,0 +1,59 @@
+"""The functional form of the spinal layer: spinal_linear(x, weights..., split_size=...)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import SpinalConfig, SpinalParams
+from .dispatch import select_backend
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, backend: str = "auto") -> torch.Tensor:
+    """Run the layer described by ``config`` on ``x`` [..., N] -> [..., output_features].
+
+    Under ``torch.autocast`` the input and parameters are cast to the autocast dtype first,
+    as ``nn.Linear`` computes in it.
+    """
+    autocast_dtype = _autocast_dtype(x.device.type)
+    if autocast_dtype is not None and x.is_floating_point():
+        x = x.to(autocast_dtype)
+        params = SpinalParams(*(None if p is None else p.to(autocast_dtype) for p in params))
+    config.check_input(x, params)
+    impl = select_backend(backend, config, x.dtype, x.device)
+    y = impl.forward(x.reshape(-1, config.in_features), params, config)
+    return y.reshape(*x.shape[:-1], config.output_features)
+
+
+def spinal_linear(
+    x: torch.Tensor,
+    weight_in: torch.Tensor,
+    weight_hidden: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight_out: Optional[torch.Tensor],
+    bias_out: Optional[torch.Tensor],
+    *,
+    split_size: int,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Spinal layer on ``x`` of shape [..., N] with the packed parameters of SPEC §2.
+
+    ``weight_in`` [L, w, s], ``weight_hidden`` [L-1, w, w], ``bias`` [L, w] or None,
+    ``weight_out`` [M, L*w] or None (then the hidden concatenation [..., L*w] is returned),
+    ``bias_out`` [M] or None.
+    """
+    params = SpinalParams(weight_in, weight_hidden, bias, weight_out, bias_out)
+    if x.dim() < 1:
+        raise ValueError(f"spinal_ops: input must have at least one dimension, got shape {tuple(x.shape)}")
+    config = SpinalConfig.from_params(
+        x.shape[-1], params, split_size=split_size, activation=activation, negative_slope=negative_slope
+    )
+    return apply_spinal(x, params, config, backend)
