@@ -1,0 +1,99 @@
+"""The numerical contract of SPEC §4, shared by every backend's tests.
+
+For the output and each gradient: err_backend <= 2 * err_eager + atol, where errors are
+max-abs differences from the reference computed in float64 on the same values, err_eager is
+the reference run in the backend's dtype on the backend's device, and atol is a small
+multiple of the reference's scale.
+"""
+from __future__ import annotations
+
+import torch
+
+from spinal_ops.config import SpinalConfig, SpinalParams
+from spinal_ops.functional import apply_spinal
+
+# atol = ATOL_PER_SCALE[dtype] * max(1, max|reference|)
+ATOL_PER_SCALE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-3,
+    torch.float16: 1e-4,
+}
+
+GRAD_NAMES = ("x", "weight_in", "weight_hidden", "bias", "weight_out", "bias_out")
+
+
+def make_config(in_features=7, out_features=3, **kwargs) -> SpinalConfig:
+    kwargs.setdefault("layer_width", 5)
+    kwargs.setdefault("num_layers", 3)
+    return SpinalConfig.build(in_features, out_features, **kwargs)
+
+
+def random_params(config: SpinalConfig, generator: torch.Generator, dtype=torch.float64) -> SpinalParams:
+    """Random float64 CPU parameters of the config's shapes, scaled like nn.Linear's init."""
+    tensors = {}
+    for name, shape in config.parameter_shapes().items():
+        if shape is None:
+            tensors[name] = None
+            continue
+        fan_in = shape[-1] if name != "bias" else config.split_size + config.layer_width
+        scale = 1.0 / max(fan_in, 1) ** 0.5
+        tensors[name] = (torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * scale
+    return SpinalParams(**tensors)
+
+
+def _run(backend: str, x: torch.Tensor, params: SpinalParams, config: SpinalConfig, grad_out_seed: torch.Tensor):
+    """Output and gradients (x first, then parameters in SpinalParams order) of one forward+backward."""
+    leaves = [x] + [p for p in params if p is not None]
+    leaves = [t.detach().requires_grad_(True) for t in leaves]
+    it = iter(leaves[1:])
+    run_params = SpinalParams(*(None if p is None else next(it) for p in params))
+    y = apply_spinal(leaves[0], run_params, config, backend)
+    grads = torch.autograd.grad(y, leaves, grad_outputs=grad_out_seed.to(y.dtype).to(y.device))
+    return [y.detach()] + [g.detach() for g in grads]
+
+
+def check_backend(
+    backend: str,
+    config: SpinalConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    batch_shape: tuple[int, ...] = (6,),
+    seed: int = 0,
+    x: torch.Tensor | None = None,
+) -> None:
+    """Assert SPEC §4 for ``backend`` on one config: output and every gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    params64 = random_params(config, generator)
+    if x is None:
+        x = torch.randn(*batch_shape, config.in_features, generator=generator, dtype=torch.float64)
+    x64 = x.to(torch.float64).cpu()
+    grad_out = torch.randn(*x64.shape[:-1], config.output_features, generator=generator, dtype=torch.float64)
+
+    expected = _run("reference", x64, params64, config, grad_out)
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    x_cast = x.to(device=device, dtype=dtype)  # keeps x's layout (non-contiguous stays so)
+    params_cast = SpinalParams(*(cast(p) for p in params64))
+    eager = _run("reference", x_cast, params_cast, config, grad_out)
+    got = _run(backend, x_cast, params_cast, config, grad_out)
+
+    names = ["output"] + [n for n, p in zip(GRAD_NAMES, [x64, *params64]) if p is not None]
+    for name, ref, eag, out in zip(names, expected, eager, got):
+        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        assert out.dtype == dtype, f"{name}: dtype {out.dtype} != {dtype}"
+        if ref.numel() == 0:
+            continue
+        out64, eag64 = out.double().cpu(), eag.double().cpu()
+        assert torch.equal(out64.isnan(), ref.isnan()), f"{name}: NaN pattern differs from the reference"
+        finite = ref.isfinite()
+        err_backend = (out64 - ref)[finite].abs().max().item() if finite.any() else 0.0
+        err_eager = (eag64 - ref)[finite].abs().max().item() if finite.any() else 0.0
+        scale = max(1.0, ref[finite].abs().max().item() if finite.any() else 1.0)
+        atol = ATOL_PER_SCALE[dtype] * scale
+        assert err_backend <= 2 * err_eager + atol, (
+            f"{backend} {dtype} {name}: error {err_backend:.3e} > 2 * eager error {err_eager:.3e} + atol {atol:.1e} "
+            f"({config})"
+        )
