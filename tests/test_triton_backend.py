@@ -1,6 +1,10 @@
 """The triton backend against the float64 reference (SPEC §4), on CUDA tensors where a GPU is
 present, else on CPU tensors through the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1). Sizes are small: the interpreter runs every program in Python."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,7 +50,7 @@ def test_every_activation(activation):
 
 
 # The Triton interpreter multiplies bfloat16 tl.dot operands as their raw uint16 storage
-# (triton 3.8), so bfloat16 is tested on a GPU only.
+# (triton 3.8): supports() refuses bfloat16 on CPU, and it is tested on a GPU only.
 BF16_NEEDS_GPU = pytest.mark.skipif(DEVICE == "cpu", reason="Triton interpreter's bfloat16 tl.dot is wrong")
 
 
@@ -95,6 +99,21 @@ def test_supports_gives_reasons():
     assert not float64 and "float64" in float64.reason
     with pytest.raises(BackendUnavailableError, match="register budget"):
         select_backend("triton", make_config(layer_width=200), torch.float32, device)
+    on_cpu_bf16 = backend.supports(make_config(), torch.bfloat16, torch.device("cpu"))
+    assert not on_cpu_bf16 and "bfloat16" in on_cpu_bf16.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU, no-interpreter case")
+def test_unavailable_without_interpreter_and_import_stays_lazy():
+    script = (
+        "import sys, spinal_ops\n"
+        "print('triton' in sys.modules, '|', spinal_ops.available_backends()['triton'].reason)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    triton_imported, reason = result.stdout.strip().split(" | ")
+    assert triton_imported == "False"
+    assert "TRITON_INTERPRET=1" in reason
 
 
 def test_auto_uses_triton_only_for_cuda_tensors():
@@ -109,6 +128,15 @@ def test_opcheck():
     args = [t.to(DEVICE) if t is not None else None for t in (x, *params)]
     args = [t.requires_grad_() if t is not None else None for t in args]
     torch.library.opcheck(torch.ops.spinal_ops.triton_forward.default, (*args, "silu", 0.01))
+    x, weight_in, weight_hidden, bias, weight_out, bias_out = (t.detach() for t in args)
+    _, pre_activation = torch.ops.spinal_ops.triton_forward(
+        x, weight_in, weight_hidden, bias, weight_out, bias_out, "silu", 0.01
+    )
+    grad_out = torch.randn(4, 3, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.spinal_ops.triton_backward.default,
+        (grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, True, "silu", 0.01),
+    )
 
 
 def test_torch_compile_fullgraph_matches_eager():

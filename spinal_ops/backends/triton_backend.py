@@ -87,6 +87,9 @@ class TritonBackend(FusedOpBackend):
             return Support.no(f"runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a tensor on {device}")
         if dtype not in TRITON_DTYPES:
             return Support.no(f"dtype {dtype} not supported (float32, float16, bfloat16)")
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            # triton 3.8's interpreter multiplies bfloat16 tl.dot operands as their raw uint16 bits.
+            return Support.no("bfloat16 runs on CUDA tensors only (the Triton interpreter's bfloat16 tl.dot is wrong)")
         if config.layer_width > MAX_LAYER_WIDTH:
             return Support.no(
                 f"layer_width {config.layer_width} is past the register budget of the Triton kernels "
