@@ -271,6 +271,89 @@ def _backward_data_kernel(
 
 
 @triton.jit
+def _grad_weight_in_tile(
+    x_ptr, grad_z_ptr, grad_w_in_ptr, grad_bias_ptr, layer, split_tile,
+    num_rows, in_features, split_size, width, hidden,
+    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW_in[l][:, j-chunk] = dZ_l^T @ x[:, window chunk]; the first chunk also gives db_l."""
+    units = tl.arange(0, BLOCK_W)
+    unit_mask = units < width
+    j = split_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    j_mask = j < split_size
+    cols = (layer * split_size + j) % in_features
+    acc = tl.zeros([BLOCK_W, BLOCK_K], tl.float32)
+    bias_acc = tl.zeros([BLOCK_W], tl.float32)
+    for b0 in range(0, num_rows, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < num_rows
+        rows64 = rows.to(tl.int64)
+        grad_z = tl.load(grad_z_ptr + rows64[:, None] * hidden + layer * width + units[None, :],
+                         mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
+        x_tile = tl.load(x_ptr + rows64[:, None] * in_features + cols[None, :],
+                         mask=row_mask[:, None] & j_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(grad_z), x_tile, acc, input_precision="ieee")
+        bias_acc += tl.sum(grad_z.to(tl.float32), axis=0)
+    tl.store(grad_w_in_ptr + (layer * width + units)[:, None] * split_size + j[None, :],
+             acc.to(grad_w_in_ptr.dtype.element_ty), mask=unit_mask[:, None] & j_mask[None, :])
+    if HAS_BIAS:
+        if split_tile == 0:
+            tl.store(grad_bias_ptr + layer * width + units, bias_acc.to(grad_bias_ptr.dtype.element_ty),
+                     mask=unit_mask)
+
+
+@triton.jit
+def _grad_weight_hidden_tile(
+    z_ptr, grad_z_ptr, grad_w_hidden_ptr, layer, num_rows, width, hidden, negative_slope,
+    ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """dR_l = dZ_l^T @ h_{l-1}, stored at weight_hidden[l-1]."""
+    units = tl.arange(0, BLOCK_W)
+    unit_mask = units < width
+    acc = tl.zeros([BLOCK_W, BLOCK_W], tl.float32)
+    for b0 in range(0, num_rows, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < num_rows
+        grad_z = tl.load(grad_z_ptr + rows.to(tl.int64)[:, None] * hidden + layer * width + units[None, :],
+                         mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
+        h_prev = _hidden_block(z_ptr, rows, row_mask, hidden, layer - 1, width, units, unit_mask,
+                               ACTIVATION, negative_slope)
+        acc = tl.dot(tl.trans(grad_z), h_prev, acc, input_precision="ieee")
+    tl.store(grad_w_hidden_ptr + ((layer - 1) * width + units)[:, None] * width + units[None, :],
+             acc.to(grad_w_hidden_ptr.dtype.element_ty), mask=unit_mask[:, None] & unit_mask[None, :])
+
+
+@triton.jit
+def _grad_weight_out_tile(
+    grad_out_ptr, z_ptr, grad_w_out_ptr, grad_bias_out_ptr, layer, out_tile,
+    num_rows, width, hidden, out_features, negative_slope,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dW_out[m-chunk, l-th block] = grad_out^T @ h_l; layer 0's tiles also give db_out."""
+    units = tl.arange(0, BLOCK_W)
+    unit_mask = units < width
+    outs = out_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    out_mask = outs < out_features
+    acc = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
+    bias_acc = tl.zeros([BLOCK_M], tl.float32)
+    for b0 in range(0, num_rows, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < num_rows
+        g_tile = tl.load(grad_out_ptr + rows.to(tl.int64)[:, None] * out_features + outs[None, :],
+                         mask=row_mask[:, None] & out_mask[None, :], other=0.0)
+        h = _hidden_block(z_ptr, rows, row_mask, hidden, layer, width, units, unit_mask,
+                          ACTIVATION, negative_slope)
+        acc = tl.dot(tl.trans(g_tile), h, acc, input_precision="ieee")
+        bias_acc += tl.sum(g_tile.to(tl.float32), axis=0)
+    tl.store(grad_w_out_ptr + outs[:, None] * hidden + layer * width + units[None, :],
+             acc.to(grad_w_out_ptr.dtype.element_ty), mask=out_mask[:, None] & unit_mask[None, :])
+    if HAS_BIAS:
+        if layer == 0:
+            tl.store(grad_bias_out_ptr + outs, bias_acc.to(grad_bias_out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _backward_weights_kernel(
     grad_out_ptr, x_ptr, z_ptr, grad_z_ptr,
     grad_w_in_ptr, grad_w_hidden_ptr, grad_bias_ptr, grad_w_out_ptr, grad_bias_out_ptr,
@@ -278,73 +361,24 @@ def _backward_weights_kernel(
     HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    # Each branch is a helper call: Triton requires names assigned in both arms of a runtime
+    # `if` to share one type, and the three tile kinds have different accumulator shapes.
     hidden = num_layers * width
-    units = tl.arange(0, BLOCK_W)
-    unit_mask = units < width
     split_tiles = tl.cdiv(split_size, BLOCK_K)
     w_in_tiles = num_layers * split_tiles
     tile = tl.program_id(0)
-
     if tile < w_in_tiles:
-        # dW_in[l][:, j-chunk] = dZ_l^T @ x[:, window chunk]; the first chunk also gives db_l.
-        layer = tile // split_tiles
-        j = (tile % split_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-        j_mask = j < split_size
-        cols = (layer * split_size + j) % in_features
-        acc = tl.zeros([BLOCK_W, BLOCK_K], tl.float32)
-        bias_acc = tl.zeros([BLOCK_W], tl.float32)
-        for b0 in range(0, num_rows, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            row_mask = rows < num_rows
-            rows64 = rows.to(tl.int64)
-            grad_z = tl.load(grad_z_ptr + rows64[:, None] * hidden + layer * width + units[None, :],
-                             mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
-            x_tile = tl.load(x_ptr + rows64[:, None] * in_features + cols[None, :],
-                             mask=row_mask[:, None] & j_mask[None, :], other=0.0)
-            acc = tl.dot(tl.trans(grad_z), x_tile, acc, input_precision="ieee")
-            bias_acc += tl.sum(grad_z.to(tl.float32), axis=0)
-        tl.store(grad_w_in_ptr + (layer * width + units)[:, None] * split_size + j[None, :],
-                 acc.to(grad_w_in_ptr.dtype.element_ty), mask=unit_mask[:, None] & j_mask[None, :])
-        if HAS_BIAS:
-            if tile % split_tiles == 0:
-                tl.store(grad_bias_ptr + layer * width + units, bias_acc.to(grad_bias_ptr.dtype.element_ty),
-                         mask=unit_mask)
+        _grad_weight_in_tile(x_ptr, grad_z_ptr, grad_w_in_ptr, grad_bias_ptr, tile // split_tiles,
+                             tile % split_tiles, num_rows, in_features, split_size, width, hidden,
+                             HAS_BIAS, BLOCK_B, BLOCK_W, BLOCK_K)
     elif tile < w_in_tiles + num_layers - 1:
-        # dR_l = dZ_l^T @ h_{l-1}, stored at weight_hidden[l-1].
-        layer = tile - w_in_tiles + 1
-        acc = tl.zeros([BLOCK_W, BLOCK_W], tl.float32)
-        for b0 in range(0, num_rows, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            row_mask = rows < num_rows
-            grad_z = tl.load(grad_z_ptr + rows.to(tl.int64)[:, None] * hidden + layer * width + units[None, :],
-                             mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
-            h_prev = _hidden_block(z_ptr, rows, row_mask, hidden, layer - 1, width, units, unit_mask,
-                                   ACTIVATION, negative_slope)
-            acc = tl.dot(tl.trans(grad_z), h_prev, acc, input_precision="ieee")
-        tl.store(grad_w_hidden_ptr + ((layer - 1) * width + units)[:, None] * width + units[None, :],
-                 acc.to(grad_w_hidden_ptr.dtype.element_ty), mask=unit_mask[:, None] & unit_mask[None, :])
+        _grad_weight_hidden_tile(z_ptr, grad_z_ptr, grad_w_hidden_ptr, tile - w_in_tiles + 1, num_rows,
+                                 width, hidden, negative_slope, ACTIVATION, BLOCK_B, BLOCK_W)
     elif HAS_OUT:
-        # dW_out[m-chunk, l-th block] = grad_out^T @ h_l; layer 0's tiles also give db_out.
         out_tile = tile - w_in_tiles - (num_layers - 1)
-        layer = out_tile % num_layers
-        outs = (out_tile // num_layers) * BLOCK_M + tl.arange(0, BLOCK_M)
-        out_mask = outs < out_features
-        acc = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
-        bias_acc = tl.zeros([BLOCK_M], tl.float32)
-        for b0 in range(0, num_rows, BLOCK_B):
-            rows = b0 + tl.arange(0, BLOCK_B)
-            row_mask = rows < num_rows
-            g_tile = tl.load(grad_out_ptr + rows.to(tl.int64)[:, None] * out_features + outs[None, :],
-                             mask=row_mask[:, None] & out_mask[None, :], other=0.0)
-            h = _hidden_block(z_ptr, rows, row_mask, hidden, layer, width, units, unit_mask,
-                              ACTIVATION, negative_slope)
-            acc = tl.dot(tl.trans(g_tile), h, acc, input_precision="ieee")
-            bias_acc += tl.sum(g_tile.to(tl.float32), axis=0)
-        tl.store(grad_w_out_ptr + outs[:, None] * hidden + layer * width + units[None, :],
-                 acc.to(grad_w_out_ptr.dtype.element_ty), mask=out_mask[:, None] & unit_mask[None, :])
-        if HAS_BIAS:
-            if layer == 0:
-                tl.store(grad_bias_out_ptr + outs, bias_acc.to(grad_bias_out_ptr.dtype.element_ty), mask=out_mask)
+        _grad_weight_out_tile(grad_out_ptr, z_ptr, grad_w_out_ptr, grad_bias_out_ptr, out_tile % num_layers,
+                              out_tile // num_layers, num_rows, width, hidden, out_features, negative_slope,
+                              HAS_BIAS, ACTIVATION, BLOCK_B, BLOCK_W, BLOCK_M)
 
 
 # ---- host side: block sizes and launches -------------------------------------------------------------
