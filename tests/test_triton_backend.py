@@ -90,6 +90,21 @@ def test_empty_batch():
     assert torch.equal(params.bias_out.grad, torch.zeros_like(params.bias_out))
 
 
+def test_direct_op_call_rejects_bad_input_before_launch():
+    config = make_config(in_features=7, out_features=3)
+    params = [p.to(DEVICE) for p in random_params(config, torch.Generator().manual_seed(0), torch.float32)]
+    forward = torch.ops.spinal_ops.triton_forward
+    bad_hidden = torch.zeros(2, 5, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight_hidden must have shape \(2, 5, 5\)"):
+        forward(torch.randn(4, 7, device=DEVICE), params[0], bad_hidden, *params[2:], "relu", 0.01)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        forward(torch.randn(4, 7, device=DEVICE), *params, "swish", 0.01)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        forward(torch.randn(7, 4, device=DEVICE).t(), *params, "relu", 0.01)
+    with pytest.raises(TypeError, match="dtype"):
+        forward(torch.randn(4, 7, device=DEVICE, dtype=torch.float16), *params, "relu", 0.01)
+
+
 def test_supports_gives_reasons():
     backend = get_backend("triton")
     device = torch.device(DEVICE)
