@@ -62,6 +62,26 @@ def test_half_types(dtype, activation):
     check_backend("triton", config, dtype, DEVICE, batch_shape=(6,))
 
 
+def test_launch_budget_one_forward_two_backward(monkeypatch):
+    from spinal_ops import triton_kernels
+
+    launches = []
+
+    class CountingKernel:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_forward_kernel", "_backward_data_kernel", "_backward_weights_kernel"):
+        monkeypatch.setattr(triton_kernels, name, CountingKernel(name, getattr(triton_kernels, name)))
+    config = make_config(in_features=10, out_features=3, num_layers=6)
+    check_backend("triton", config, torch.float32, DEVICE, batch_shape=(3,))
+    assert launches == ["_forward_kernel", "_backward_data_kernel", "_backward_weights_kernel"]
+
+
 def test_non_contiguous_input():
     config = make_config(in_features=7, out_features=3)
     x = torch.randn(7, 10, dtype=torch.float64).t()  # [10, 7], column-major
