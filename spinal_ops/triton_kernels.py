@@ -37,7 +37,7 @@ backward launch 2, weight gradients: grid (number of output tiles,), each progra
       then L*cdiv(M, BLOCK_M): dW_out[m-chunk, l-th block] = grad_out^T @ phi(Z_l) (+ db_out)
 
 Accumulation is fp32 (tl.dot with input_precision="ieee", so fp32 inputs give fp32-exact
-products; half inputs use tensor cores on a GPU). Z and dZ are stored in the input dtype, as
+products, on CUDA cores rather than TF32 tensor cores; half inputs use tensor cores). Z and dZ are stored in the input dtype, as
 eager PyTorch rounds them. Row offsets are int64 (B*N may pass 2^31).
 """
 from __future__ import annotations
@@ -389,7 +389,9 @@ def block_width(layer_width: int) -> int:
     return max(16, triton.next_power_of_2(layer_width))
 
 
-def _blocks(layer_width: int) -> dict:
+def launch_config(layer_width: int) -> dict:
+    """Block sizes and warps of every launch: heuristics sized for the register budget, not yet
+    tuned on a GPU (tests/triton_aot.py reports registers and spills per variant)."""
     block_w = block_width(layer_width)
     return dict(
         BLOCK_B=16 if block_w >= 64 else 32,
@@ -423,7 +425,7 @@ def spinal_forward(
     z = x.new_empty(num_rows, num_layers * width)
     if num_rows == 0:
         return out, z
-    blocks = _blocks(width)
+    blocks = launch_config(width)
     grid = (triton.cdiv(num_rows, blocks["BLOCK_B"]),)
     # Absent tensors are never read; any valid pointer stands in for them.
     _forward_kernel[grid](
@@ -452,7 +454,7 @@ def spinal_backward(
     num_layers, width, split_size = weight_in.shape
     has_out = weight_out is not None
     out_features = weight_out.shape[0] if has_out else num_layers * width
-    blocks = _blocks(width)
+    blocks = launch_config(width)
     common = (num_rows, in_features, split_size, width, num_layers, out_features, float(negative_slope))
     act = _activation_id(activation)
     stand_in = weight_in  # pointer for absent tensors, never read or written

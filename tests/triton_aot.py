@@ -58,7 +58,7 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
 def compile_variant(kernel_name: str, dtype: str, layer_width: int, has_out: bool, activation: str, arch: int):
     """Compile one kernel for sm_<arch>; returns (registers, spill bytes)."""
     kernel = getattr(triton_kernels, kernel_name)
-    blocks = triton_kernels._blocks(layer_width)
+    blocks = triton_kernels.launch_config(layer_width)
     num_warps = blocks.pop("num_warps")
     constexprs = dict(HAS_OUT=has_out, ACTIVATION=ACTIVATIONS.index(activation), **blocks)
     if "HAS_BIAS" in kernel.arg_names:
