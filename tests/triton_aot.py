@@ -15,8 +15,8 @@ import sys
 import tempfile
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from spinal_ops import triton_kernels
@@ -41,12 +41,12 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers per thread, spill stores in bytes) reported by ptxas -v."""
+    """(registers per thread, spill stores in bytes) reported by ptxas -v (Hopper/Ampere ptxas)."""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
         source.write(ptx)
         source.flush()
         log = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+            [knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
              source.name, "-o", "/dev/null"],
             capture_output=True, text=True, check=True,
         ).stderr
