@@ -1,0 +1,94 @@
+"""Ahead-of-time compile of the Triton kernels for a GPU target, on a machine without a GPU.
+
+Runs Triton's real compiler (frontend, TTGIR, LLVM, ptxas) on every kernel for the block
+shapes the backend launches, and reports registers and spills from ptxas. Used by
+tests/test_triton_backend.py (in a subprocess: it needs TRITON_INTERPRET unset) and by hand:
+
+    PYTHONPATH=$PWD python tests/triton_aot.py [ARCH] [--quick]   # one line per compiled variant
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from spinal_ops import triton_kernels
+from spinal_ops.activations import ACTIVATIONS
+
+KERNELS = ("_forward_kernel", "_backward_data_kernel", "_backward_weights_kernel")
+TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{TRITON_TYPE[dtype]}"
+        elif name == "negative_slope":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill stores in bytes) reported by ptxas -v (Hopper/Ampere ptxas)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        log = subprocess.run(
+            [knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+             source.name, "-o", "/dev/null"],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    return registers, spills
+
+
+def compile_variant(kernel_name: str, dtype: str, layer_width: int, has_out: bool, activation: str, arch: int):
+    """Compile one kernel for sm_<arch>; returns (registers, spill bytes)."""
+    kernel = getattr(triton_kernels, kernel_name)
+    blocks = triton_kernels.launch_config(layer_width)
+    num_warps = blocks.pop("num_warps")
+    constexprs = dict(HAS_OUT=has_out, ACTIVATION=ACTIVATIONS.index(activation), **blocks)
+    if "HAS_BIAS" in kernel.arg_names:
+        constexprs["HAS_BIAS"] = True
+    source = ASTSource(kernel, _signature(kernel, dtype, constexprs), constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    return _ptxas_usage(compiled.asm["ptx"], arch)
+
+
+# One variant per kernel and tile kind the CI compiles: fp32 with a narrow odd width, and
+# bfloat16 (tensor-core path, not testable in the interpreter) at the widest supported width.
+QUICK_VARIANTS = [
+    (kernel, dtype, width, True, activation)
+    for kernel in KERNELS
+    for dtype, width, activation in (("float32", 24, "gelu_tanh"), ("bfloat16", 128, "gelu"))
+]
+
+
+def main(argv: list[str]) -> None:
+    quick = "--quick" in argv
+    arch = next((int(a) for a in argv[1:] if a.isdigit()), 90)
+    variants = QUICK_VARIANTS if quick else [
+        (kernel, dtype, width, has_out, "gelu")
+        for kernel, dtype, width, has_out in itertools.product(KERNELS, TRITON_TYPE, (8, 64, 128), (True, False))
+    ]
+    for kernel, dtype, width, has_out, activation in variants:
+        registers, spills = compile_variant(kernel, dtype, width, has_out, activation, arch)
+        print(f"sm_{arch} {kernel} {dtype} w={width} has_out={has_out} {activation}: "
+              f"{registers} registers, {spills} bytes spilled")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
