@@ -1,9 +1,10 @@
-"""SpinalLinear under DistributedDataParallel (gloo, 2 CPU processes) trains like one process.
+"""SpinalLinear under DistributedDataParallel and FSDP2 (gloo, 2 CPU processes) trains like one process.
 
-Each rank gets half of the batch; DDP averages the ranks' gradients, which equals the gradient
-of the mean loss over the full batch. For every step's gradients and the final parameters:
-|DDP float32 - single float64| <= 2 |single float32 - single float64| + atol (SPEC §4 style).
-The process group meets through a file (no port to collide with) and every wait has a deadline.
+Each rank gets half of the batch; DDP and FSDP average the ranks' gradients, which equals the
+gradient of the mean loss over the full batch. For every step's gradients and the final
+parameters: |distributed float32 - single float64| <= 2 |single float32 - single float64| + atol
+(SPEC §4 style). Both run in one pair of spawned processes (spawning dominates the cost); the
+process group meets through a file (no port to collide with) and every wait has a deadline.
 """
 from __future__ import annotations
 
@@ -16,17 +17,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
-from contract import ATOL_PER_SCALE
-from spinal_ops import SpinalLinear
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from contract import ATOL_PER_SCALE  # noqa: E402
+from spinal_ops import SpinalLinear  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 3
 BATCH = 8  # split evenly: 4 rows per rank
 DEADLINE_S = 120.0
-
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
 def make_problem(dtype: torch.dtype):
@@ -38,6 +43,11 @@ def make_problem(dtype: torch.dtype):
     return model, x, y
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of the whole value (FSDP shards parameters and gradients as DTensors)."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
 def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, list[torch.Tensor]]:
     """STEPS of SGD on the mean squared error; each step's gradients and the final parameters."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -45,12 +55,12 @@ def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str,
     for _ in range(STEPS):
         optimizer.zero_grad()
         F.mse_loss(model(x), y).backward()
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
+        grads.extend(full(p.grad) for p in model.parameters())
         optimizer.step()
-    return {"grads": [g for step in grads for g in step], "params": [p.detach().clone() for p in model.parameters()]}
+    return {"grads": grads, "params": [full(p) for p in model.parameters()]}
 
 
-def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+def distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -59,43 +69,51 @@ def ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         world_size=WORLD_SIZE,
         timeout=datetime.timedelta(seconds=DEADLINE_S),
     )
+    rows = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
     try:
-        model, x, y = make_problem(torch.float32)
-        rows = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
-        result = train(DistributedDataParallel(model), x[rows], y[rows])
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        for wrapper in ("ddp", "fsdp"):
+            model, x, y = make_problem(torch.float32)
+            model = DistributedDataParallel(model) if wrapper == "ddp" else fully_shard(model)
+            torch.save(train(model, x[rows], y[rows]), os.path.join(out_dir, f"{wrapper}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def run_ddp(tmp_path) -> list[dict[str, list[torch.Tensor]]]:
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory) -> dict[str, list[dict[str, list[torch.Tensor]]]]:
+    """Per wrapper ("ddp", "fsdp"): each rank's gradients and final parameters."""
+    tmp_path = tmp_path_factory.mktemp("distributed")
     context = mp.start_processes(
-        ddp_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        distributed_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):
             if time.monotonic() >= deadline:
-                pytest.fail(f"DDP workers did not finish within {DEADLINE_S} s")
+                pytest.fail(f"distributed workers did not finish within {DEADLINE_S} s")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return {
+        wrapper: [torch.load(tmp_path / f"{wrapper}_rank{rank}.pt") for rank in range(WORLD_SIZE)]
+        for wrapper in ("ddp", "fsdp")
+    }
 
 
-def test_ddp_matches_single_process(tmp_path):
-    ranks = run_ddp(tmp_path)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_distributed_matches_single_process(distributed_results, wrapper):
+    ranks = distributed_results[wrapper]
     expected = train(*make_problem(torch.float64))
     eager = train(*make_problem(torch.float32))
     for key in ("grads", "params"):
-        for rank_result in ranks[1:]:  # DDP keeps the replicas identical
+        for rank_result in ranks[1:]:  # every rank holds the same model
             for a, b in zip(ranks[0][key], rank_result[key]):
-                assert torch.equal(a, b), f"{key} differ between ranks"
+                assert torch.equal(a, b), f"{wrapper}: {key} differ between ranks"
         for index, (got, ref, eag) in enumerate(zip(ranks[0][key], expected[key], eager[key])):
             assert got.shape == ref.shape and got.dtype == torch.float32
             scale = max(1.0, ref.abs().max().item())
             err = (got.double() - ref).abs().max().item()
             err_eager = (eag.double() - ref).abs().max().item()
             atol = ATOL_PER_SCALE[torch.float32] * scale
-            assert err <= 2 * err_eager + atol, f"{key}[{index}]: {err:.3e} > 2 * {err_eager:.3e} + {atol:.1e}"
+            assert err <= 2 * err_eager + atol, f"{wrapper} {key}[{index}]: {err:.3e} > 2 * {err_eager:.3e} + {atol:.1e}"
