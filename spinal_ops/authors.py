@@ -108,7 +108,9 @@ def from_spinal_head(
         batchnorms = None
     elif any(batchnorm is None for batchnorm in batchnorms):
         raise ValueError("spinal_ops: some fc_spinal_layer blocks have a BatchNorm1d and others do not")
-    return _halves_model(layers, output, in_features=in_features, activation=activation, batchnorms=batchnorms, **kwargs)
+    return _halves_model(
+        layers, output, in_features=in_features, activation=activation, batchnorms=batchnorms, **kwargs
+    )
 
 
 def from_spinalnet(state_dict: StateOrModule, *, prefix: str = "", **kwargs) -> SpinalLinear:
@@ -160,7 +162,9 @@ def _linear(state: StateDict, prefix: str, name: str) -> nn.Linear:
     if weight.dim() != 2:
         raise ValueError(f"spinal_ops: '{key}' must be a Linear weight [out, in], got shape {tuple(weight.shape)}")
     bias = state.get(f"{prefix}{name}.bias")
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
@@ -210,7 +214,9 @@ def _sequential_block(
     base = f"{prefix}{block}."
     children = {key[len(base):].split(".")[0] for key in state if key.startswith(base)}
     if not children or not all(child.isdigit() for child in children):
-        raise ValueError(f"spinal_ops: '{prefix}{block}' must be an nn.Sequential in the state_dict, got {sorted(children)}")
+        raise ValueError(
+            f"spinal_ops: '{prefix}{block}' must be an nn.Sequential in the state_dict, got children {sorted(children)}"
+        )
     indices = sorted(int(child) for child in children)
     linears = [i for i in indices if state.get(f"{base}{i}.weight", torch.empty(0)).dim() == 2]
     norms = [i for i in indices if f"{base}{i}.running_mean" in state]

@@ -83,9 +83,8 @@ def distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
 def distributed_results(tmp_path_factory) -> dict[str, list[dict[str, list[torch.Tensor]]]]:
     """Per wrapper ("ddp", "fsdp"): each rank's gradients and final parameters."""
     tmp_path = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(
-        distributed_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
+    args = (str(tmp_path / "rendezvous"), str(tmp_path))
+    context = mp.start_processes(distributed_worker, args=args, nprocs=WORLD_SIZE, join=False, start_method="spawn")
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not context.join(timeout=max(0.0, deadline - time.monotonic())):
@@ -116,4 +115,5 @@ def test_distributed_matches_single_process(distributed_results, wrapper):
             err = (got.double() - ref).abs().max().item()
             err_eager = (eag.double() - ref).abs().max().item()
             atol = ATOL_PER_SCALE[torch.float32] * scale
-            assert err <= 2 * err_eager + atol, f"{wrapper} {key}[{index}]: {err:.3e} > 2 * {err_eager:.3e} + {atol:.1e}"
+            message = f"{wrapper} {key}[{index}]: {err:.3e} > 2 * {err_eager:.3e} + {atol:.1e}"
+            assert err <= 2 * err_eager + atol, message
