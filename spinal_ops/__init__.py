@@ -1,10 +1,12 @@
 """spinal_ops: fast SpinalNet layers for PyTorch (one fused op, forward and backward)."""
 from .activations import ACTIVATIONS
+from .authors import from_spinalnet
 from .backends.base import Support
 from .config import SpinalConfig, SpinalParams
 from .dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends, select_backend
 from .functional import spinal_linear
 from .module import SpinalLinear
+from .spinalize import spinalize
 
 __all__ = [
     "ACTIVATIONS",
@@ -15,6 +17,8 @@ __all__ = [
     "SpinalParams",
     "Support",
     "available_backends",
+    "from_spinalnet",
     "select_backend",
     "spinal_linear",
+    "spinalize",
 ]

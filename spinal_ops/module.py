@@ -111,6 +111,7 @@ class SpinalLinear(nn.Module):
         in_features: int,
         activation: str = "relu",
         negative_slope: float = 0.01,
+        batchnorms: Optional[Sequence[nn.BatchNorm1d]] = None,
         **kwargs,
     ) -> "SpinalLinear":
         """Build from the authors' per-layer ``nn.Linear`` modules.
@@ -119,6 +120,11 @@ class SpinalLinear(nn.Module):
         ``cat([x_window, h_prev])``; ``output`` is ``Linear(L*w, M)`` or None. ``kwargs`` go to the
         constructor (``backend``, for example). Weights are copied; the result has the layers' dtype
         and device.
+
+        ``batchnorms`` (one ``BatchNorm1d(w)`` per layer, as in the authors' VGG and transfer heads
+        ``Linear -> BatchNorm1d -> activation``) are folded into each layer's weight and bias with
+        their running statistics: the result computes what the authors' model computes in eval
+        mode. A layer or output without bias gets a zero bias when any other one has a bias.
         """
         if len(layers) == 0:
             raise ValueError("spinal_ops: from_linears needs at least one layer")
@@ -130,11 +136,16 @@ class SpinalLinear(nn.Module):
                     f"spinal_ops: layers[{index}] must be Linear({split_size + layer_width}, {layer_width}) "
                     f"reading [x_window, h_prev], got weight of shape {tuple(linear.weight.shape)}"
                 )
-        has_bias = layers[0].bias is not None
-        if any((linear.bias is not None) != has_bias for linear in layers) or (
-            output is not None and (output.bias is not None) != has_bias
-        ):
-            raise ValueError("spinal_ops: from_linears needs all layers with bias or all without")
+        if batchnorms is not None and len(batchnorms) != len(layers):
+            raise ValueError(
+                f"spinal_ops: from_linears got {len(batchnorms)} batchnorms for {len(layers)} layers; "
+                "give one BatchNorm1d per layer or None"
+            )
+        folded = [
+            _folded_layer(linear, None if batchnorms is None else batchnorms[index], index)
+            for index, linear in enumerate(layers)
+        ]
+        has_bias = any(bias is not None for _, bias in folded) or (output is not None and output.bias is not None)
         reference_weight = layers[0].weight
         spinal = cls(
             in_features,
@@ -155,14 +166,44 @@ class SpinalLinear(nn.Module):
                 f"got Linear({output.in_features}, {output.out_features})"
             )
         with torch.no_grad():
-            for layer, linear in enumerate(layers):
-                spinal.weight_in[layer].copy_(linear.weight[:, :split_size])
+            for layer, (weight, bias) in enumerate(folded):
+                spinal.weight_in[layer].copy_(weight[:, :split_size])
                 if layer > 0:
-                    spinal.weight_hidden[layer - 1].copy_(linear.weight[:, split_size:])
+                    spinal.weight_hidden[layer - 1].copy_(weight[:, split_size:])
                 if has_bias:
-                    spinal.bias[layer].copy_(linear.bias)
+                    spinal.bias[layer].copy_(0 if bias is None else bias)
             if output is not None:
                 spinal.weight_out.copy_(output.weight)
                 if has_bias:
-                    spinal.bias_out.copy_(output.bias)
+                    spinal.bias_out.copy_(0 if output.bias is None else output.bias)
         return spinal
+
+
+def _folded_layer(
+    linear: nn.Linear, batchnorm: Optional[nn.BatchNorm1d], index: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Weight and bias of ``batchnorm(linear(v))`` as one affine map, with BN's running statistics.
+
+    BN(z) = gamma * (z - mean) / sqrt(var + eps) + beta, so W' = scale * W and
+    b' = scale * (b - mean) + beta with scale = gamma / sqrt(var + eps). Computed in float64
+    so that folding adds no rounding beyond the final cast.
+    """
+    if batchnorm is None:
+        return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    width = linear.out_features
+    if not isinstance(batchnorm, nn.BatchNorm1d) or batchnorm.num_features != width:
+        raise ValueError(f"spinal_ops: batchnorms[{index}] must be BatchNorm1d({width}), got {batchnorm!r}")
+    if batchnorm.running_mean is None or batchnorm.running_var is None:
+        raise ValueError(
+            f"spinal_ops: batchnorms[{index}] has no running statistics (track_running_stats=False); "
+            "it normalises with batch statistics, which cannot be folded into weights"
+        )
+    mean = batchnorm.running_mean.detach().double()
+    scale = torch.rsqrt(batchnorm.running_var.detach().double() + batchnorm.eps)
+    shift = torch.zeros_like(mean)
+    if batchnorm.affine:
+        scale = scale * batchnorm.weight.detach().double()
+        shift = batchnorm.bias.detach().double()
+    bias = -mean if linear.bias is None else linear.bias.detach().double() - mean
+    dtype = linear.weight.dtype
+    return (linear.weight.detach().double() * scale[:, None]).to(dtype), (bias * scale + shift).to(dtype)
