@@ -28,6 +28,8 @@ def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, ba
     config.check_input(x, params)
     impl = select_backend(backend, config, x.dtype, x.device)
     y = impl.forward(x.reshape(-1, config.in_features), params, config)
+    if x.dim() == 2:
+        return y  # not a view: FSDP2 warns about modules returning views
     return y.reshape(*x.shape[:-1], config.output_features)
 
 
