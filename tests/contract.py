@@ -49,7 +49,8 @@ def _run(backend: str, x: torch.Tensor, params: SpinalParams, config: SpinalConf
     it = iter(leaves[1:])
     run_params = SpinalParams(*(None if p is None else next(it) for p in params))
     y = apply_spinal(leaves[0], run_params, config, backend)
-    grads = torch.autograd.grad(y, leaves, grad_outputs=grad_out_seed.to(y.dtype).to(y.device))
+    # materialize_grads: weight_hidden [0, w, w] is unused when L == 1; its gradient is an empty zero.
+    grads = torch.autograd.grad(y, leaves, grad_outputs=grad_out_seed.to(y.dtype).to(y.device), materialize_grads=True)
     return [y.detach()] + [g.detach() for g in grads]
 
 

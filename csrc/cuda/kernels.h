@@ -13,6 +13,12 @@
 namespace spinal_ops {
 namespace cuda_kernels {
 
+// Data pointer of an optional tensor, nullptr when absent.
+template <typename T>
+T* optional_data(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
 // The fused path's launch configuration needs w <= kFusedMaxWidth (tile_mma.cuh).
 bool fused_path_supports(const SpinalShape& shape);
 

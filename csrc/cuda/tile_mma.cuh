@@ -20,7 +20,9 @@
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#ifndef SPINAL_CUDA_EMULATION  // tests/cuda_emulation/ supplies a host model of nvcuda::wmma instead
 #include <mma.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
