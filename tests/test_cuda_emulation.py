@@ -2,7 +2,8 @@
 against the float64 reference (SPEC §4 criterion): tiling, windows, wrap-around, padding,
 partial tiles, the backward chain, dx over overlapping windows and the split-K reduction
 are all checked without a GPU. Every accumulator policy runs: exact fp32 (SIMT), the TF32
-and fp16/bf16 WMMA paths (fragment layouts modelled; TF32 rounding is not).
+and fp16/bf16 WMMA paths (fragment layouts modelled; TF32 rounding is not). The op's
+multi-launch path for w > 256 (csrc/cuda/multi_launch.cu, plain ATen) runs here too.
 
 Needs the CUDA headers (cuda_fp16.h) and a C++ compiler; builds once per session (~1 min).
 """
@@ -51,6 +52,8 @@ POLICIES = {
     "fp32_tf32": (torch.float32, "tf32"),
     "fp16_wmma": (torch.float16, "wmma"),
     "bf16_wmma": (torch.bfloat16, "wmma"),
+    "fp32_multi_launch": (torch.float32, "aten"),
+    "bf16_multi_launch": (torch.bfloat16, "aten"),
 }
 
 CONFIGS = {
@@ -61,6 +64,7 @@ CONFIGS = {
     "two_z_chunks_M_and_N_over_128": dict(in_features=150, out_features=130, layer_width=140, num_layers=2,
                                           split_size=100),
 }
+WIDE = dict(in_features=20, out_features=5, layer_width=300, num_layers=3, split_size=13)  # w > 256
 
 
 def _emulated_run(ops, x, params, config, grad_out, policy, sm_count):
@@ -126,3 +130,11 @@ def test_split_k_weight_gradients(emulated_ops, policy):
 def test_activations(emulated_ops, activation):
     config = make_config(**CONFIGS["odd_N_wraps"], activation=activation, negative_slope=0.2)
     _check(emulated_ops, config, torch.float32, "simt", batch=37, sm_count=132)
+
+
+@pytest.mark.parametrize("policy", ["fp32_multi_launch", "bf16_multi_launch"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_multi_launch_path_beyond_fused_width(emulated_ops, policy, bias):
+    dtype, mma = POLICIES[policy]
+    config = make_config(**WIDE, bias=bias, activation="relu" if dtype == torch.float32 else "gelu")
+    _check(emulated_ops, config, dtype, mma, batch=37, sm_count=132)

@@ -1,7 +1,9 @@
 // The fused CUDA kernels (csrc/cuda/forward_kernel.cuh, backward_kernels.cuh) run on CPU through
 // cuda_shim.h, as torch ops spinal_emu::forward / backward with the schemas of fused_forward /
 // fused_backward plus the accumulator policy ("simt", "tf32", "wmma") and, for backward, the SM
-// count that sizes the split-K. Built by tests/test_cuda_emulation.py; never part of the package.
+// count that sizes the split-K. Policy "aten" runs the op's multi-launch path
+// (csrc/cuda/multi_launch.cu, plain ATen) instead. Built by tests/test_cuda_emulation.py; never
+// part of the package.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -10,6 +12,7 @@
 #include "../../csrc/cuda/backward_kernels.cuh"
 #include "../../csrc/cuda/forward_kernel.cuh"
 // clang-format on
+#include "../../csrc/cuda/multi_launch.cu"  // host-only ATen code
 
 namespace spinal_ops {
 namespace cuda_kernels {
@@ -105,10 +108,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& bias_out, c10::string_view activation,
                                            double negative_slope, c10::string_view policy) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
-  TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "the fused kernels need w <= ", kFusedMaxWidth);
   // NaN-filled outputs: a value the kernel fails to write shows up.
   at::Tensor out = at::full({shape.batch, shape.output_width()}, NAN, x.options());
   at::Tensor pre_activation = at::full({shape.batch, shape.hidden()}, NAN, x.options());
+  if (policy == "aten") {
+    multi_launch_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
+                         bias_out, parse_activation(activation), negative_slope, out, pre_activation);
+    return {out, pre_activation};
+  }
+  TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "the fused kernels need w <= ", kFusedMaxWidth);
   dispatch<ForwardCall>(x, policy, shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
                         weight_out, bias_out, parse_activation(activation), static_cast<float>(negative_slope), out,
                         pre_activation);
@@ -130,6 +138,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   grads.grad_bias = has_bias ? at::full({shape.num_layers, shape.layer_width}, NAN, options) : at::empty({0}, options);
   grads.grad_weight_out = weight_out ? at::full_like(*weight_out, NAN) : at::empty({0}, options);
   grads.grad_bias_out = has_bias && weight_out ? at::full({shape.out_features}, NAN, options) : at::empty({0}, options);
+  if (policy == "aten") {
+    multi_launch_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+                          weight_in.contiguous(), weight_hidden.contiguous(), weight_out, parse_activation(activation),
+                          negative_slope, grads);
+    return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
+            grads.grad_bias_out};
+  }
   dispatch<BackwardCall>(x, policy, shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                          weight_in.contiguous(), weight_hidden.contiguous(), weight_out,
                          parse_activation(activation), static_cast<float>(negative_slope), grads,
