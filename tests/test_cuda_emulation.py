@@ -17,6 +17,8 @@ import torch
 from contract import ATOL_PER_SCALE, GRAD_NAMES, _run, make_config, random_params
 from spinal_ops.config import SpinalParams
 
+pytestmark = pytest.mark.slow  # ~1 min to build the harness, ~1 min to run on 2 cores
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
