@@ -180,3 +180,15 @@ def test_opcheck(name):
     params = [None if p is None else p.cuda().requires_grad_(True) for p in params]
     x = torch.randn(37, config.in_features, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.spinal_ops.fused_forward.default, (x, *params, config.activation, 0.01))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    config = _config("wrap_s12_N33")
+    params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
+    params = SpinalParams(*(None if p is None else p.cuda() for p in params))
+    x = torch.randn(37, config.in_features, device="cuda")
+
+    def layer(inputs):
+        return apply_spinal(inputs, params, config, "cuda")
+
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=0, atol=0)
