@@ -37,6 +37,7 @@ CONFIGS = {
     "s_equals_N": dict(in_features=11, out_features=3, layer_width=7, num_layers=3, split_size=11),
     "s1": dict(in_features=6, out_features=2, layer_width=4, num_layers=7, split_size=1),
     "two_chunks_wide": dict(in_features=300, out_features=150, layer_width=200, num_layers=2, split_size=150),
+    "columns_no_window_reads": dict(in_features=300, out_features=4, layer_width=8, num_layers=2, split_size=40),
     "w_at_fused_limit": dict(in_features=40, out_features=7, layer_width=256, num_layers=2),
     "multi_launch_w300": dict(in_features=20, out_features=5, layer_width=300, num_layers=2),
     "multi_launch_no_projection": dict(in_features=17, out_features=None, layer_width=260, num_layers=2, bias=False),

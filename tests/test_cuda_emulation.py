@@ -65,6 +65,7 @@ CONFIGS = {
     "w1_single_layer": dict(in_features=4, out_features=2, layer_width=1, num_layers=1),
     "two_z_chunks_M_and_N_over_128": dict(in_features=150, out_features=130, layer_width=140, num_layers=2,
                                           split_size=100),
+    "columns_no_window_reads": dict(in_features=300, out_features=4, layer_width=8, num_layers=2, split_size=40),
 }
 WIDE = dict(in_features=20, out_features=5, layer_width=300, num_layers=3, split_size=13)  # w > 256
 
