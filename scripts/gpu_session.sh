@@ -6,8 +6,9 @@
 #   2. pytest tests/test_cuda_backend.py                                          -> pytest_cuda.log
 #   3. pytest tests/test_triton_backend.py, if present                            -> pytest_triton.log
 #   4. compute-sanitizer memcheck + racecheck over scripts/sanitize.py            -> sanitize.log
-#   5. python -m spinal_ops.bench on CUDA, if the module exists                  -> bench.log, bench_cuda.json/png
-# session.log gets the device, versions, each step's exit status and duration.
+#   5. python -m spinal_ops.bench on CUDA, if the module exists    -> bench.log, bench_fused.json, bench_wide.json
+# session.log gets the device, versions, each step's exit status and duration. At most 8 files
+# land in $OUT (what the device tool brings back).
 # The script always runs every step and exits non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,9 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export SPINAL_OPS_FORCE_CUDA=1
 # -Xptxas -v: the register/smem/spill report of every kernel lands in build.log.
 step build build.log 300 env NVCC_APPEND_FLAGS="-Xptxas -v" $PY -m pip install --no-build-isolation --no-deps -v -e .
-log "extension: $($PY -c 'import spinal_ops.dispatch as d; print(d.available_backends())' 2>&1 | tail -n 1)"
+# Without the CUDA kernels every CUDA test would skip and pass: make that a failure here.
+step cuda_backend_available build.log 60 $PY -c \
+  'import spinal_ops.dispatch as d; s = d.available_backends(); print(s); raise SystemExit(0 if s["cuda"] else 1)'
 
 step pytest_cuda pytest_cuda.log "$(($(left) < 150 ? $(left) : 150))" \
   $PY -m pytest -q -rs --durations=10 tests/test_cuda_backend.py
@@ -74,9 +77,16 @@ fi
 if $PY -c 'import spinal_ops.bench' >/dev/null 2>&1; then
   BACKENDS="cuda reference compiled_reference dense"
   [ -f tests/test_triton_backend.py ] && BACKENDS="cuda triton reference compiled_reference dense"
-  step bench bench.log "$(($(left) - 10))" \
-    $PY -m spinal_ops.bench --device cuda --dtype bfloat16 --preset all --batch 1024 65536 \
-    --backends $BACKENDS --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png" --no-progress
+  # Fused-path presets first (the issue's goals), the multi-launch ones (w = 512) with what is left;
+  # one JSON each so that a timeout in the second keeps the first. Plots stay off $OUT (8-file limit).
+  bench() {  # bench JSON_NAME LIMIT PRESET...
+    local json=$1 limit=$2
+    shift 2
+    step "bench_$json" bench.log "$limit" $PY -m spinal_ops.bench --device cuda --dtype bfloat16 --preset "$@" \
+      --batch 1024 65536 --backends $BACKENDS --json "$OUT/$json.json" --plot "/tmp/$json.png" --no-progress
+  }
+  bench bench_fused "$(($(left) * 2 / 3))" mnist vgg5 cnn_cifar resnet_head
+  bench bench_wide "$(($(left) - 10))" cifar_vgg vgg_head
 else
   log "SKIP bench: spinal_ops.bench is not in this checkout"
 fi
