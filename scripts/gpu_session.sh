@@ -82,7 +82,7 @@ if $PY -c 'import spinal_ops.bench' >/dev/null 2>&1; then
   bench() {  # bench JSON_NAME LIMIT PRESET...
     local json=$1 limit=$2
     shift 2
-    step "bench_$json" bench.log "$limit" $PY -m spinal_ops.bench --device cuda --dtype bfloat16 --preset "$@" \
+    step "$json" bench.log "$limit" $PY -m spinal_ops.bench --device cuda --dtype bfloat16 --preset "$@" \
       --batch 1024 65536 --backends $BACKENDS --json "$OUT/$json.json" --plot "/tmp/$json.png" --no-progress
   }
   bench bench_fused "$(($(left) * 2 / 3))" mnist vgg5 cnn_cifar resnet_head
