@@ -1,6 +1,7 @@
 # The README's commands. Every target sets up .venv first (idempotent, incremental):
 #   make bench   - the FC-vs-spinal benchmark on CPU (JSON + PNG under bench-out/)
 #   make test    - the test suite (pytest) and the C++ test (CMake + ctest)
+#   make sanitize - compute-sanitizer memcheck + racecheck over the presets' CUDA forward/backward (GPU)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -38,6 +39,13 @@ ctest: setup
 
 bench-suite: setup
 	$(PY) -m pytest benchmarks -q
+
+# SANITIZER may point at a compute-sanitizer outside PATH (default: the CUDA toolkit's).
+SANITIZER ?= $(if $(CUDA_HOME),$(CUDA_HOME)/bin/compute-sanitizer,compute-sanitizer)
+SANITIZE_ARGS ?=
+sanitize: setup
+	$(SANITIZER) --tool memcheck --error-exitcode 1 $(PY) scripts/sanitize.py $(SANITIZE_ARGS)
+	$(SANITIZER) --tool racecheck --racecheck-report all --error-exitcode 1 $(PY) scripts/sanitize.py $(SANITIZE_ARGS)
 
 clean:
 	rm -rf build spinal_ops/_C*.so *.egg-info $(VENV)/.built

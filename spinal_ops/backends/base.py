@@ -17,8 +17,9 @@ class Support:
     reason: str = ""
 
     @classmethod
-    def yes(cls) -> "Support":
-        return cls(True)
+    def yes(cls, reason: str = "") -> "Support":
+        """A yes; ``reason`` may say how the call runs (e.g. which kernel path)."""
+        return cls(True, reason)
 
     @classmethod
     def no(cls, reason: str) -> "Support":

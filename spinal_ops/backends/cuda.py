@@ -1,4 +1,9 @@
-"""The ``cuda`` backend: hand-written CUDA kernels (csrc/cuda/), same ops as ``cpu``."""
+"""The ``cuda`` backend: hand-written CUDA kernels (csrc/cuda/), same ops as ``cpu``.
+
+Layers up to ``fused_max_width()`` wide run the fused kernels (one forward launch, two
+backward launches); wider ones run the op's multi-launch path (cuBLAS through ATen).
+``supports()`` says which, in its reason.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,6 +14,18 @@ from .base import Support
 from .fused import FusedOpBackend
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core WMMA; the build targets sm80 and sm90
+
+
+# Resolved once by availability() (at import, see dispatch.py), so that supports() only reads
+# plain values inside a torch.compile trace.
+_fused_max_width: int = 0  # kFusedMaxWidth of csrc/cuda/tile_mma.cuh, read from the build
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def fused_max_width() -> int:
+    """Widest layer (w) the fused kernels run; wider layers take the multi-launch path."""
+    return _fused_max_width
 
 
 class CudaBackend(FusedOpBackend):
@@ -22,6 +39,10 @@ class CudaBackend(FusedOpBackend):
             return Support.no("spinal_ops was built without CUDA kernels (no nvcc at build time, or SPINAL_OPS_CPU_ONLY=1)")
         if not torch.cuda.is_available():
             return Support.no("no CUDA device is available")
+        global _fused_max_width
+        _fused_max_width = int(torch.ops.spinal_ops.cuda_fused_max_width())
+        for index in range(torch.cuda.device_count()):
+            _capabilities[index] = torch.cuda.get_device_capability(index)
         return Support.yes()
 
     def supports(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
@@ -29,7 +50,14 @@ class CudaBackend(FusedOpBackend):
             return Support.no(f"runs on CUDA tensors only, got a tensor on {device}")
         if dtype not in CUDA_DTYPES:
             return Support.no(f"dtype {dtype} not supported (float32, float16, bfloat16)")
-        return Support.yes()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        capability = _capabilities.get(index, (0, 0))
+        if capability < MIN_COMPUTE_CAPABILITY:
+            return Support.no(f"needs compute capability >= 8.0, device {index} has {capability[0]}.{capability[1]}")
+        limit = fused_max_width()
+        if config.layer_width > limit:
+            return Support.yes(f"multi-launch path: w={config.layer_width} > {limit}")
+        return Support.yes("fused kernel")
 
     def forward_op(self):
         return torch.ops.spinal_ops.fused_forward.default

@@ -1,0 +1,422 @@
+// Fused backward kernels of the spinal layer (launched by backward.cu): TWO launches whatever L is.
+//
+// Launch 1, spinal_data_grad_kernel (data gradients, one CTA per tile of kTileM rows, 256 threads):
+//   walks the chain backwards with dz_{l+1} kept on chip (two smem state buffers, as in forward):
+//     dh_l = g * W_out[:, l*w:(l+1)*w]   (K = M, g staged from grad_out; or dh_l = g[:, l] without M)
+//          + dz_{l+1} * R_{l+1}          (K = w, A operand = the on-chip state buffer)
+//     dz_l = dh_l * phi'(Z_l)  -> dZ workspace [B, L*w] (dtype) and the other state buffer
+//   then dx in 128-column chunks: dx[:, c0:c0+128] = sum over the layers whose window meets the
+//   chunk of dZ_l * A_l restricted to those columns (wrap-around resolved per column), accumulated
+//   in fp32 over all layers and written once: deterministic, no atomics, no zero-fill of dx.
+//   It also zeroes the split-K tile counters launch 2 uses (saves a memset launch).
+// Launch 2, spinal_weight_grad_kernel (every weight/bias gradient as a batched reduction over rows):
+//   jobs  IN_l  (l < L):    grad_weight_in[l] (w x s) and grad_bias[l] = dZ_l^T [x[:, window_l] | 1]
+//         HID_l (1 <= l < L): grad_weight_hidden[l-1] (w x w) = dZ_l^T phi(Z_{l-1})
+//         OUT   (M given):  grad_weight_out (M x L*w) and grad_bias_out = g^T [phi(Z) | 1]
+//   (the "| 1" column turns the bias gradient into one more output column of the same GEMM).
+//   grid = (tiles of kTileM x 128 over all jobs) x splits; a CTA reduces rows
+//   [split*rows_per_split, ...) in 32-row chunks (A operand column-major: dZ rows as staged).
+//   splits > 1 only when there are too few tiles to fill the GPU: each CTA then writes its fp32
+//   partial tile to a workspace, and the last CTA of the tile to arrive (atomic ticket) sums the
+//   partials in split order 0..splits-1: the result does not depend on arrival order, so it is
+//   deterministic without float atomics.
+// Smem: the same SmemLayout as forward (tile_mma.cuh): <= 117 KB (launch 1), <= 52 KB (launch 2).
+// Offsets into x, grad_out, Z, dZ and dx are 64-bit.
+#pragma once
+
+#include <algorithm>
+
+#include "kernels.h"
+#include "tile_mma.cuh"
+
+namespace spinal_ops {
+namespace cuda_kernels {
+
+template <typename T>
+struct DataGradArgs {
+  int64_t batch;
+  int n, s, w, num_layers, out_features, state_width;  // out_features = 0: no projection
+  Activation act;
+  float slope;
+  const T* grad_out;
+  const T* pre_activation;
+  const T* weight_in;
+  const T* weight_hidden;
+  const T* weight_out;  // nullable
+  T* grad_pre;          // dZ workspace [B, L*w]
+  T* grad_x;
+  int* tile_counters;  // zeroed here for launch 2 (nullable)
+  int64_t num_counters;
+};
+
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGradArgs<T> p) {
+  constexpr int kM = Mma::kTileM;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const SmemLayout<Mma, T> layout(p.state_width);
+  const auto state = [&](int which) { return reinterpret_cast<T*>(smem + which * layout.state_bytes); };
+  T* a_stage = reinterpret_cast<T*>(smem + layout.a_offset);
+  T* b_stage = reinterpret_cast<T*>(smem + layout.b_offset);
+  float* acc_tile = reinterpret_cast<float*>(smem + layout.acc_offset);
+  const int ld_state = layout.state_ld;
+  const int ld_a = SmemLayout<Mma, T>::staged_ld(kTileK);  // a_stage [kM][kTileK]
+  const int ld_b = SmemLayout<Mma, T>::staged_ld(kTileN);  // b_stage [kTileK][kTileN]
+
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.num_counters;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    p.tile_counters[i] = 0;
+  }
+
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
+  const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
+  const auto row_valid = [&](int m) { return row0 + m < p.batch; };
+
+  Mma acc;
+  for (int layer = p.num_layers - 1; layer >= 0; --layer) {
+    const T* dz_next = state((layer + 1) & 1);
+    T* dz_cur = state(layer & 1);
+    const T* r_next = p.weight_hidden + static_cast<int64_t>(layer) * p.w * p.w;  // R_{layer+1}
+    const int64_t layer_col = static_cast<int64_t>(layer) * p.w;
+
+    for (int n0 = 0; n0 < p.w; n0 += kTileN) {
+      acc.zero();
+      for (int k0 = 0; k0 < p.out_features; k0 += kTileK) {
+        __syncthreads();
+        fill_tile(a_stage, ld_a, kM, kTileK, [&](int m, int k) {
+          return row_valid(m) && k0 + k < p.out_features ? p.grad_out[(row0 + m) * p.out_features + k0 + k] : T(0);
+        });
+        fill_tile(b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
+          return k0 + k < p.out_features && n0 + n < p.w
+                     ? p.weight_out[static_cast<int64_t>(k0 + k) * hidden + layer_col + n0 + n]
+                     : T(0);
+        });
+        __syncthreads();
+        acc.template mma<Layout::Row, Layout::Row>(a_stage, ld_a, b_stage, ld_b, kTileK);
+      }
+      if (layer + 1 < p.num_layers) {
+        for (int k0 = 0; k0 < p.state_width; k0 += kTileK) {
+          __syncthreads();
+          fill_tile(b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
+            return k0 + k < p.w && n0 + n < p.w ? r_next[static_cast<int64_t>(k0 + k) * p.w + n0 + n] : T(0);
+          });
+          __syncthreads();
+          acc.template mma<Layout::Row, Layout::Row>(dz_next + k0, ld_state, b_stage, ld_b, kTileK);
+        }
+      }
+      __syncthreads();
+      acc.store(acc_tile, kAccLd);
+      __syncthreads();
+      const int cols = min(kTileN, p.state_width - n0);
+      for (int idx = threadIdx.x; idx < kM * cols; idx += kThreads) {
+        const int m = idx / cols, n = idx - m * cols, c = n0 + n;
+        T dz = T(0);
+        if (c < p.w && row_valid(m)) {
+          const int64_t offset = (row0 + m) * hidden + layer_col + c;
+          float dh = acc_tile[m * kAccLd + n];
+          if (p.out_features == 0) dh += static_cast<float>(p.grad_out[offset]);
+          const float z = static_cast<float>(p.pre_activation[offset]);
+          dz = static_cast<T>(dh * activate_grad(p.act, z, p.slope));
+          p.grad_pre[offset] = dz;
+        }
+        dz_cur[m * ld_state + c] = dz;
+      }
+    }
+  }
+
+  // dx, one 128-column chunk at a time, summed over the layers that read it.
+  for (int c0 = 0; c0 < p.n; c0 += kTileN) {
+    const int c_end = min(c0 + kTileN, p.n);
+    acc.zero();
+    for (int layer = 0; layer < p.num_layers; ++layer) {
+      const Window window = window_of(layer, p.n, p.s);
+      if (!window.intersects(c0, c_end)) continue;
+      const T* a_l = p.weight_in + static_cast<int64_t>(layer) * p.w * p.s;
+      const int64_t layer_col = static_cast<int64_t>(layer) * p.w;
+      for (int k0 = 0; k0 < p.state_width; k0 += kTileK) {
+        __syncthreads();  // also orders this CTA's dZ stores before the loads below
+        fill_tile(a_stage, ld_a, kM, kTileK, [&](int m, int k) {
+          return row_valid(m) && k0 + k < p.w ? p.grad_pre[(row0 + m) * hidden + layer_col + k0 + k] : T(0);
+        });
+        fill_tile(b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
+          if (k0 + k >= p.w || c0 + n >= c_end) return T(0);
+          const int j = window.position(c0 + n);
+          return j >= 0 ? a_l[static_cast<int64_t>(k0 + k) * p.s + j] : T(0);
+        });
+        __syncthreads();
+        acc.template mma<Layout::Row, Layout::Row>(a_stage, ld_a, b_stage, ld_b, kTileK);
+      }
+    }
+    __syncthreads();
+    acc.store(acc_tile, kAccLd);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kM * kTileN; idx += kThreads) {
+      const int m = idx / kTileN, n = idx - m * kTileN;
+      if (row_valid(m) && c0 + n < c_end) p.grad_x[(row0 + m) * p.n + c0 + n] = static_cast<T>(acc_tile[m * kAccLd + n]);
+    }
+  }
+}
+
+// Tiles of the weight-gradient jobs, in launch order IN_0..IN_{L-1}, HID_1..HID_{L-1}, OUT.
+struct GradTiles {
+  int64_t in_i, in_j, hid_i, hid_j, out_i, out_j;
+  int64_t in_total, hid_total, total;
+};
+
+enum class JobKind { In, Hidden, Out };
+
+template <typename T>
+struct WeightGradArgs {
+  int64_t batch;
+  int n, s, w, num_layers, out_features;
+  bool has_bias;
+  Activation act;
+  float slope;
+  GradTiles tiles;
+  int splits;
+  int64_t rows_per_split;
+  const T* grad_out;
+  const T* x;
+  const T* pre_activation;
+  const T* grad_pre;
+  T* grad_weight_in;
+  T* grad_weight_hidden;
+  T* grad_bias;        // nullable
+  T* grad_weight_out;  // nullable
+  T* grad_bias_out;    // nullable
+  float* partials;     // [tiles.total * splits][kTileM * kTileN] when splits > 1
+  int* tile_counters;  // [tiles.total] when splits > 1
+};
+
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
+  constexpr int kM = Mma::kTileM;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const SmemLayout<Mma, T> layout(0);
+  T* a_stage = reinterpret_cast<T*>(smem + layout.a_offset);  // [kTileK][kM]: rows of P (A column-major)
+  T* b_stage = reinterpret_cast<T*>(smem + layout.b_offset);  // [kTileK][kTileN]: rows of Q
+  float* acc_tile = reinterpret_cast<float*>(smem + layout.acc_offset);
+  const int ld_a = SmemLayout<Mma, T>::staged_ld(kM);
+  const int ld_b = SmemLayout<Mma, T>::staged_ld(kTileN);
+
+  // Decode (job, tile, split).
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) / p.splits;
+  const int split = static_cast<int>(static_cast<int64_t>(blockIdx.x) % p.splits);
+  JobKind kind;
+  int layer = 0;
+  int64_t local;
+  int64_t tiles_j;
+  int i_extent, j_extent;
+  const int hidden = p.num_layers * p.w;
+  if (tile < p.tiles.in_total) {
+    kind = JobKind::In;
+    layer = static_cast<int>(tile / (p.tiles.in_i * p.tiles.in_j));
+    local = tile % (p.tiles.in_i * p.tiles.in_j);
+    tiles_j = p.tiles.in_j;
+    i_extent = p.w;
+    j_extent = p.s + (p.has_bias ? 1 : 0);
+  } else if (tile < p.tiles.in_total + p.tiles.hid_total) {
+    kind = JobKind::Hidden;
+    const int64_t t = tile - p.tiles.in_total;
+    layer = 1 + static_cast<int>(t / (p.tiles.hid_i * p.tiles.hid_j));
+    local = t % (p.tiles.hid_i * p.tiles.hid_j);
+    tiles_j = p.tiles.hid_j;
+    i_extent = p.w;
+    j_extent = p.w;
+  } else {
+    kind = JobKind::Out;
+    local = tile - p.tiles.in_total - p.tiles.hid_total;
+    tiles_j = p.tiles.out_j;
+    i_extent = p.out_features;
+    j_extent = hidden + (p.has_bias ? 1 : 0);
+  }
+  const int i0 = static_cast<int>(local / tiles_j) * kM;
+  const int j0 = static_cast<int>(local % tiles_j) * kTileN;
+  const int64_t layer_col = static_cast<int64_t>(layer) * p.w;
+  const Window window = window_of(layer, p.n, p.s);
+
+  // P(r, i): the gradient side; Q(r, j): the input side (with the bias column of ones).
+  const auto p_value = [&](int64_t r, int i) -> T {
+    return kind == JobKind::Out ? p.grad_out[r * p.out_features + i] : p.grad_pre[r * hidden + layer_col + i];
+  };
+  const auto q_value = [&](int64_t r, int j) -> T {
+    switch (kind) {
+      case JobKind::In:
+        return j < p.s ? p.x[r * p.n + window.column(j)] : T(1);
+      case JobKind::Hidden:
+        return static_cast<T>(
+            activate(p.act, static_cast<float>(p.pre_activation[r * hidden + layer_col - p.w + j]), p.slope));
+      default:
+        return j < hidden ? static_cast<T>(activate(p.act, static_cast<float>(p.pre_activation[r * hidden + j]), p.slope))
+                          : T(1);
+    }
+  };
+
+  const int64_t r_begin = split * p.rows_per_split;
+  const int64_t r_end = r_begin + p.rows_per_split < p.batch ? r_begin + p.rows_per_split : p.batch;
+  Mma acc;
+  acc.zero();
+  for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileK) {
+    __syncthreads();
+    fill_tile(a_stage, ld_a, kTileK, kM, [&](int r, int i) {
+      return r0 + r < r_end && i0 + i < i_extent ? p_value(r0 + r, i0 + i) : T(0);
+    });
+    fill_tile(b_stage, ld_b, kTileK, kTileN, [&](int r, int j) {
+      return r0 + r < r_end && j0 + j < j_extent ? q_value(r0 + r, j0 + j) : T(0);
+    });
+    __syncthreads();
+    acc.template mma<Layout::Col, Layout::Row>(a_stage, ld_a, b_stage, ld_b, kTileK);
+  }
+  acc.store(acc_tile, kAccLd);
+  __syncthreads();
+
+  const auto write = [&](int i, int j, float value) {
+    const T v = static_cast<T>(value);
+    switch (kind) {
+      case JobKind::In:
+        if (j < p.s) {
+          p.grad_weight_in[(layer_col + i) * p.s + j] = v;
+        } else {
+          p.grad_bias[layer_col + i] = v;
+        }
+        break;
+      case JobKind::Hidden:
+        p.grad_weight_hidden[(layer_col - p.w + i) * p.w + j] = v;
+        break;
+      default:
+        if (j < hidden) {
+          p.grad_weight_out[static_cast<int64_t>(i) * hidden + j] = v;
+        } else {
+          p.grad_bias_out[i] = v;
+        }
+    }
+  };
+
+  constexpr int kTileElems = kM * kTileN;
+  if (p.splits == 1) {
+    for (int idx = threadIdx.x; idx < kTileElems; idx += kThreads) {
+      const int m = idx / kTileN, n = idx - m * kTileN;
+      if (i0 + m < i_extent && j0 + n < j_extent) write(i0 + m, j0 + n, acc_tile[m * kAccLd + n]);
+    }
+    return;
+  }
+  float* tile_partials = p.partials + tile * p.splits * kTileElems;
+  for (int idx = threadIdx.x; idx < kTileElems; idx += kThreads) {
+    tile_partials[split * kTileElems + idx] = acc_tile[(idx / kTileN) * kAccLd + idx % kTileN];
+  }
+  __threadfence();  // publish the partial before taking a ticket
+  __syncthreads();
+  const bool last_to_arrive =
+      __syncthreads_or(threadIdx.x == 0 && atomicAdd(&p.tile_counters[tile], 1) == p.splits - 1);
+  if (!last_to_arrive) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < kTileElems; idx += kThreads) {
+    const int m = idx / kTileN, n = idx - m * kTileN;
+    if (i0 + m >= i_extent || j0 + n >= j_extent) continue;
+    float sum = 0.f;
+    for (int sp = 0; sp < p.splits; ++sp) sum += __ldcg(tile_partials + sp * kTileElems + idx);  // L2, not stale L1
+    write(i0 + m, j0 + n, sum);
+  }
+  if (threadIdx.x == 0) p.tile_counters[tile] = 0;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How launch 2 splits its work: tiles of every job, and the row split (split-K).
+struct WeightGradPlan {
+  GradTiles tiles;
+  int64_t splits, rows_per_split;
+};
+
+template <int TileM>
+WeightGradPlan plan_weight_grads(const SpinalShape& shape, int sm_count) {
+  const int64_t w = shape.layer_width, bias_col = shape.has_bias ? 1 : 0;
+  WeightGradPlan plan{};
+  GradTiles& tiles = plan.tiles;
+  tiles.in_i = ceil_div(w, TileM);
+  tiles.in_j = ceil_div(shape.split_size + bias_col, kTileN);
+  tiles.hid_i = ceil_div(w, TileM);
+  tiles.hid_j = ceil_div(w, kTileN);
+  tiles.out_i = shape.out_features > 0 ? ceil_div(shape.out_features, TileM) : 0;
+  tiles.out_j = ceil_div(shape.hidden() + bias_col, kTileN);
+  tiles.in_total = shape.num_layers * tiles.in_i * tiles.in_j;
+  tiles.hid_total = (shape.num_layers - 1) * tiles.hid_i * tiles.hid_j;
+  tiles.total = tiles.in_total + tiles.hid_total + tiles.out_i * tiles.out_j;
+  // Split the rows only to fill the GPU (about two CTAs per SM), keeping >= 256 rows per split.
+  const int64_t target_ctas = 2 * static_cast<int64_t>(sm_count);
+  const int64_t splits =
+      std::max<int64_t>(1, std::min(ceil_div(target_ctas, tiles.total), ceil_div(shape.batch, 256)));
+  plan.rows_per_split = round_up(ceil_div(shape.batch, splits), kTileK);
+  plan.splits = ceil_div(shape.batch, plan.rows_per_split);  // no empty split
+  return plan;
+}
+
+template <typename T>
+T* nonempty_data(const at::Tensor& t) {
+  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// Launch 1's arguments. tile_counters: launch 2's counters to zero (nullptr when splits == 1).
+template <typename T>
+DataGradArgs<T> make_data_grad_args(const SpinalShape& shape, const at::Tensor& grad_out,
+                                    const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                                    const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
+                                    Activation act, float slope, const at::Tensor& grad_pre, const at::Tensor& grad_x,
+                                    int* tile_counters, int64_t num_counters) {
+  DataGradArgs<T> d{};
+  d.batch = shape.batch;
+  d.n = static_cast<int>(shape.in_features);
+  d.s = static_cast<int>(shape.split_size);
+  d.w = static_cast<int>(shape.layer_width);
+  d.num_layers = static_cast<int>(shape.num_layers);
+  d.out_features = static_cast<int>(shape.out_features);
+  d.state_width = static_cast<int>(round_up(shape.layer_width, kTileK));
+  d.act = act;
+  d.slope = slope;
+  d.grad_out = grad_out.data_ptr<T>();
+  d.pre_activation = pre_activation.data_ptr<T>();
+  d.weight_in = weight_in.data_ptr<T>();
+  d.weight_hidden = weight_hidden.data_ptr<T>();
+  d.weight_out = optional_data<T>(weight_out);
+  d.grad_pre = grad_pre.data_ptr<T>();
+  d.grad_x = grad_x.data_ptr<T>();
+  d.tile_counters = tile_counters;
+  d.num_counters = tile_counters ? num_counters : 0;
+  return d;
+}
+
+// Launch 2's arguments. partials/tile_counters: the split-K workspace (nullptr when splits == 1).
+template <typename T>
+WeightGradArgs<T> make_weight_grad_args(const SpinalShape& shape, const WeightGradPlan& plan,
+                                        const at::Tensor& grad_out, const at::Tensor& x,
+                                        const at::Tensor& pre_activation, const at::Tensor& grad_pre,
+                                        Activation act, float slope, const BackwardOutputs& grads, float* partials,
+                                        int* tile_counters) {
+  WeightGradArgs<T> g{};
+  g.batch = shape.batch;
+  g.n = static_cast<int>(shape.in_features);
+  g.s = static_cast<int>(shape.split_size);
+  g.w = static_cast<int>(shape.layer_width);
+  g.num_layers = static_cast<int>(shape.num_layers);
+  g.out_features = static_cast<int>(shape.out_features);
+  g.has_bias = shape.has_bias;
+  g.act = act;
+  g.slope = slope;
+  g.tiles = plan.tiles;
+  g.splits = static_cast<int>(plan.splits);
+  g.rows_per_split = plan.rows_per_split;
+  g.grad_out = grad_out.data_ptr<T>();
+  g.x = x.data_ptr<T>();
+  g.pre_activation = pre_activation.data_ptr<T>();
+  g.grad_pre = grad_pre.data_ptr<T>();
+  g.grad_weight_in = grads.grad_weight_in.data_ptr<T>();
+  g.grad_weight_hidden = nonempty_data<T>(grads.grad_weight_hidden);
+  g.grad_bias = nonempty_data<T>(grads.grad_bias);
+  g.grad_weight_out = nonempty_data<T>(grads.grad_weight_out);
+  g.grad_bias_out = nonempty_data<T>(grads.grad_bias_out);
+  g.partials = partials;
+  g.tile_counters = tile_counters;
+  return g;
+}
+
+}  // namespace cuda_kernels
+}  // namespace spinal_ops

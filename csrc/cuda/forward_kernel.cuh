@@ -1,0 +1,180 @@
+// Fused forward kernel of the spinal layer (launched by forward.cu): ONE launch computes every
+// layer and the output projection.
+//
+// Tiling and launch scheme
+//   grid  = ceil(B / kTileM) CTAs, one per tile of kTileM rows (64 for fp16/bf16, 32 for fp32);
+//   block = 256 threads (8 warps); dynamic smem (SmemLayout in tile_mma.cuh).
+//   For each layer l, for each 128-column chunk of z_l (w <= 256: at most 2 chunks):
+//     acc  = x[rows, window_l] * A_l^T   K = s in chunks of 32: the window is read straight
+//                                        from x with wrap-around into the staged A operand
+//          + h_{l-1} * R_l^T             K = w: A operand is the on-chip state buffer itself
+//     z    = acc + b_l  -> Z (global, dtype), h_l = phi(z) -> the other state buffer (dtype)
+//   The two state buffers swap roles from layer to layer, so h never leaves the chip.
+//   Weights stream through the staged B operand (column-major: rows of W are contiguous).
+//   Output projection (when M is given): y = phi(Z) * W_out^T + b_out in 128-column chunks,
+//   K = L*w in chunks of 32; phi(Z) is re-read from the Z rows this CTA wrote (visible after
+//   __syncthreads()), so no [kTileM x L*w] buffer is needed on chip.
+//   Without M, the epilogue writes h_l directly into out = H.
+// Smem budget (w = 256): bf16/fp16 2*64*264*2 + 64*40*2 + 128*40*2 + 64*132*4 = 117 KB;
+//   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB).
+// Numerics: fp32 accumulation; z is rounded to the storage dtype once (that is Z) and
+//   h = dtype(phi(float(Z))), so backward's recomputation of h from Z is bit-identical.
+// Offsets into x, Z and out are 64-bit (B * N may pass 2^31).
+#pragma once
+
+#include "kernels.h"
+#include "tile_mma.cuh"
+
+namespace spinal_ops {
+namespace cuda_kernels {
+
+template <typename T>
+struct ForwardArgs {
+  int64_t batch;
+  int n, s, w, num_layers, out_features, state_width;  // out_features = 0: no projection
+  Activation act;
+  float slope;
+  const T* x;
+  const T* weight_in;
+  const T* weight_hidden;
+  const T* bias;  // nullable
+  const T* weight_out;
+  const T* bias_out;  // nullable
+  T* out;
+  T* pre_activation;
+};
+
+// Kernel arguments from the op's (contiguous, checked) tensors.
+template <typename T>
+ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
+                                 const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& weight_out,
+                                 const std::optional<at::Tensor>& bias_out, Activation act, float slope,
+                                 const at::Tensor& out, const at::Tensor& pre_activation) {
+  ForwardArgs<T> p{};
+  p.batch = shape.batch;
+  p.n = static_cast<int>(shape.in_features);
+  p.s = static_cast<int>(shape.split_size);
+  p.w = static_cast<int>(shape.layer_width);
+  p.num_layers = static_cast<int>(shape.num_layers);
+  p.out_features = static_cast<int>(shape.out_features);
+  p.state_width = static_cast<int>(round_up(shape.layer_width, kTileK));
+  p.act = act;
+  p.slope = slope;
+  p.x = x.data_ptr<T>();
+  p.weight_in = weight_in.data_ptr<T>();
+  p.weight_hidden = weight_hidden.data_ptr<T>();
+  p.bias = optional_data<T>(bias);
+  p.weight_out = optional_data<T>(weight_out);
+  p.bias_out = optional_data<T>(bias_out);
+  p.out = out.data_ptr<T>();
+  p.pre_activation = pre_activation.data_ptr<T>();
+
+  return p;
+}
+
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
+  constexpr int kM = Mma::kTileM;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const SmemLayout<Mma, T> layout(p.state_width);
+  const auto state = [&](int which) { return reinterpret_cast<T*>(smem + which * layout.state_bytes); };
+  T* a_stage = reinterpret_cast<T*>(smem + layout.a_offset);
+  T* b_stage = reinterpret_cast<T*>(smem + layout.b_offset);
+  float* acc_tile = reinterpret_cast<float*>(smem + layout.acc_offset);
+  const int ld_state = layout.state_ld;
+  const int ld_stage = SmemLayout<Mma, T>::staged_ld(kTileK);  // [rows][kTileK] staged tiles
+
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
+  const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
+  const auto row_valid = [&](int m) { return row0 + m < p.batch; };
+
+  Mma acc;
+  for (int layer = 0; layer < p.num_layers; ++layer) {
+    const T* h_prev = state((layer + 1) & 1);
+    T* h_next = state(layer & 1);
+    const Window window = window_of(layer, p.n, p.s);
+    const T* a_l = p.weight_in + static_cast<int64_t>(layer) * p.w * p.s;
+    const T* r_l = p.weight_hidden + static_cast<int64_t>(layer - 1) * p.w * p.w;  // used when layer >= 1
+
+    for (int n0 = 0; n0 < p.w; n0 += kTileN) {
+      acc.zero();
+      for (int k0 = 0; k0 < p.s; k0 += kTileK) {
+        __syncthreads();  // previous users of the staged tiles are done
+        fill_tile(a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
+          const int j = k0 + k;
+          return row_valid(m) && j < p.s ? p.x[(row0 + m) * p.n + window.column(j)] : T(0);
+        });
+        fill_tile(b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
+          return n0 + n < p.w && k0 + k < p.s ? a_l[static_cast<int64_t>(n0 + n) * p.s + k0 + k] : T(0);
+        });
+        __syncthreads();
+        acc.template mma<Layout::Row, Layout::Col>(a_stage, ld_stage, b_stage, ld_stage, kTileK);
+      }
+      if (layer > 0) {
+        for (int k0 = 0; k0 < p.state_width; k0 += kTileK) {
+          __syncthreads();
+          fill_tile(b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
+            return n0 + n < p.w && k0 + k < p.w ? r_l[static_cast<int64_t>(n0 + n) * p.w + k0 + k] : T(0);
+          });
+          __syncthreads();
+          acc.template mma<Layout::Row, Layout::Col>(h_prev + k0, ld_state, b_stage, ld_stage, kTileK);
+        }
+      }
+      __syncthreads();  // the previous chunk's epilogue is done reading acc_tile
+      acc.store(acc_tile, kAccLd);
+      __syncthreads();
+      // Epilogue: columns up to state_width are written so that the padding of h stays zero.
+      const int cols = min(kTileN, p.state_width - n0);
+      for (int idx = threadIdx.x; idx < kM * cols; idx += kThreads) {
+        const int m = idx / cols, n = idx - m * cols, c = n0 + n;
+        T h = T(0);
+        if (c < p.w) {
+          const float z = acc_tile[m * kAccLd + n] + (p.bias ? static_cast<float>(p.bias[layer * p.w + c]) : 0.f);
+          const T z_stored = static_cast<T>(z);
+          h = static_cast<T>(activate(p.act, static_cast<float>(z_stored), p.slope));
+          if (row_valid(m)) {
+            const int64_t offset = (row0 + m) * hidden + static_cast<int64_t>(layer) * p.w + c;
+            p.pre_activation[offset] = z_stored;
+            if (p.out_features == 0) p.out[offset] = h;
+          }
+        }
+        h_next[m * ld_state + c] = h;
+      }
+    }
+  }
+  if (p.out_features == 0) return;
+
+  // Output projection y = phi(Z) W_out^T + b_out.
+  const int hidden_int = static_cast<int>(hidden);
+  for (int n0 = 0; n0 < p.out_features; n0 += kTileN) {
+    acc.zero();
+    for (int k0 = 0; k0 < hidden_int; k0 += kTileK) {
+      __syncthreads();  // also orders this CTA's Z stores before the loads below
+      fill_tile(a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
+        if (!row_valid(m) || k0 + k >= hidden_int) return T(0);
+        const float z = static_cast<float>(p.pre_activation[(row0 + m) * hidden + k0 + k]);
+        return static_cast<T>(activate(p.act, z, p.slope));
+      });
+      fill_tile(b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
+        return n0 + n < p.out_features && k0 + k < hidden_int
+                   ? p.weight_out[static_cast<int64_t>(n0 + n) * hidden + k0 + k]
+                   : T(0);
+      });
+      __syncthreads();
+      acc.template mma<Layout::Row, Layout::Col>(a_stage, ld_stage, b_stage, ld_stage, kTileK);
+    }
+    __syncthreads();
+    acc.store(acc_tile, kAccLd);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kM * kTileN; idx += kThreads) {
+      const int m = idx / kTileN, n = idx - m * kTileN;
+      if (!row_valid(m) || n0 + n >= p.out_features) continue;
+      const float y = acc_tile[m * kAccLd + n] + (p.bias_out ? static_cast<float>(p.bias_out[n0 + n]) : 0.f);
+      p.out[(row0 + m) * p.out_features + n0 + n] = static_cast<T>(y);
+    }
+  }
+}
+
+}  // namespace cuda_kernels
+}  // namespace spinal_ops

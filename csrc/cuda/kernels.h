@@ -1,0 +1,54 @@
+// Host entry points of the CUDA kernels (forward.cu, backward.cu) and the multi-launch path
+// (multi_launch.cu). Inputs are contiguous CUDA tensors of one dtype, already checked by
+// check_spinal_shape; outputs are allocated by the caller (register.cu).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "../activation.h"
+#include "../spinal_shape.h"
+
+namespace spinal_ops {
+namespace cuda_kernels {
+
+// Data pointer of an optional tensor, nullptr when absent.
+template <typename T>
+T* optional_data(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
+// The fused path's launch configuration needs w <= kFusedMaxWidth (tile_mma.cuh).
+bool fused_path_supports(const SpinalShape& shape);
+
+// One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0.
+void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
+                          const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
+                          Activation act, float negative_slope, const at::Tensor& out, const at::Tensor& pre_activation);
+
+struct BackwardOutputs {
+  at::Tensor grad_x, grad_weight_in, grad_weight_hidden, grad_bias, grad_weight_out, grad_bias_out;
+};
+
+// Two launches: data gradients (dx, dZ), then every weight/bias gradient. B > 0.
+void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
+                           Activation act, float negative_slope, const BackwardOutputs& grads);
+
+// ATen/cuBLAS implementation for shapes beyond the fused kernels (any w).
+void multi_launch_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
+                          const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
+                          Activation act, double negative_slope, const at::Tensor& out,
+                          const at::Tensor& pre_activation);
+
+void multi_launch_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
+                           Activation act, double negative_slope, const BackwardOutputs& grads);
+
+}  // namespace cuda_kernels
+}  // namespace spinal_ops

@@ -1,0 +1,129 @@
+// CUDA implementations of spinal_ops::fused_forward / fused_backward (schemas in csrc/ops.cpp).
+//
+// Checks every argument before anything runs, guards x's device, makes inputs contiguous,
+// allocates the outputs and routes the call: fused kernels (forward.cu, backward.cu) when
+// w <= kFusedMaxWidth, the ATen multi-launch path (multi_launch.cu) beyond. An empty batch
+// launches nothing. Also defines spinal_ops::cuda_fused_max_width(), the threshold Python's
+// CudaBackend.supports() reports, so it lives in one place (kFusedMaxWidth).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "kernels.h"
+#include "tile_mma.cuh"
+
+namespace spinal_ops {
+namespace cuda_kernels {
+namespace {
+
+void check_cuda_inputs(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "spinal_ops: the CUDA op needs CUDA tensors, got x on ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
+}
+
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "spinal_ops: ", name, " has dtype ", t.scalar_type(),
+              " but x has ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "spinal_ops: ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in_in,
+                                                      const at::Tensor& weight_hidden_in,
+                                                      const std::optional<at::Tensor>& bias_in,
+                                                      const std::optional<at::Tensor>& weight_out_in,
+                                                      const std::optional<at::Tensor>& bias_out_in,
+                                                      c10::string_view activation, double negative_slope) {
+  const SpinalShape shape =
+      check_spinal_shape(x_in, weight_in_in, weight_hidden_in, bias_in, weight_out_in, bias_out_in);
+  check_cuda_inputs(x_in);
+  const Activation act = parse_activation(activation);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+
+  const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
+  const at::Tensor weight_hidden = weight_hidden_in.contiguous();
+  const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
+  at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
+  at::Tensor pre_activation = at::empty({shape.batch, shape.hidden()}, x.options());
+  if (shape.batch == 0) return {out, pre_activation};
+  if (fused_path_supports(shape)) {
+    launch_fused_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
+                         static_cast<float>(negative_slope), out, pre_activation);
+  } else {
+    multi_launch_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope, out,
+                         pre_activation);
+  }
+  return {out, pre_activation};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& pre_activation_in,
+    const at::Tensor& weight_in_in, const at::Tensor& weight_hidden_in, const std::optional<at::Tensor>& weight_out_in,
+    bool has_bias, c10::string_view activation, double negative_slope) {
+  SpinalShape shape =
+      check_spinal_shape(x_in, weight_in_in, weight_hidden_in, std::nullopt, weight_out_in, std::nullopt);
+  shape.has_bias = has_bias;
+  check_cuda_inputs(x_in);
+  check_like_x(grad_out_in, x_in, "grad_out");
+  check_like_x(pre_activation_in, x_in, "pre_activation");
+  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == shape.batch &&
+                  grad_out_in.size(1) == shape.output_width(),
+              "spinal_ops: grad_out must be [B, ", shape.output_width(), "] with B=", shape.batch, ", got ",
+              grad_out_in.sizes());
+  TORCH_CHECK(pre_activation_in.dim() == 2 && pre_activation_in.size(0) == shape.batch &&
+                  pre_activation_in.size(1) == shape.hidden(),
+              "spinal_ops: pre_activation must be [B, L*w] = [", shape.batch, ", ", shape.hidden(), "], got ",
+              pre_activation_in.sizes());
+  const Activation act = parse_activation(activation);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+
+  const at::Tensor grad_out = grad_out_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor pre_activation = pre_activation_in.contiguous(), weight_in = weight_in_in.contiguous();
+  const at::Tensor weight_hidden = weight_hidden_in.contiguous();
+  const auto weight_out = contiguous(weight_out_in);
+  const auto options = x.options();
+  // With an empty batch every weight gradient is a sum over no rows: zero.
+  const auto alloc = [&](at::IntArrayRef sizes) {
+    return shape.batch == 0 ? at::zeros(sizes, options) : at::empty(sizes, options);
+  };
+  BackwardOutputs grads;
+  grads.grad_x = at::empty_like(x);
+  grads.grad_weight_in = alloc(weight_in.sizes());
+  grads.grad_weight_hidden = alloc(weight_hidden.sizes());
+  grads.grad_bias = has_bias ? alloc({shape.num_layers, shape.layer_width}) : at::empty({0}, options);
+  grads.grad_weight_out = weight_out ? alloc(weight_out->sizes()) : at::empty({0}, options);
+  grads.grad_bias_out = has_bias && weight_out ? alloc({shape.out_features}) : at::empty({0}, options);
+  if (shape.batch > 0) {
+    if (fused_path_supports(shape)) {
+      launch_fused_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
+                            static_cast<float>(negative_slope), grads);
+    } else {
+      multi_launch_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
+                            negative_slope, grads);
+    }
+  }
+  return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
+          grads.grad_bias_out};
+}
+
+int64_t fused_max_width() { return kFusedMaxWidth; }
+
+}  // namespace
+}  // namespace cuda_kernels
+}  // namespace spinal_ops
+
+TORCH_LIBRARY_FRAGMENT(spinal_ops, m) {
+  m.def("cuda_fused_max_width() -> int", &spinal_ops::cuda_kernels::fused_max_width);
+}
+
+TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {
+  m.impl("fused_forward", &spinal_ops::cuda_kernels::fused_forward_cuda);
+  m.impl("fused_backward", &spinal_ops::cuda_kernels::fused_backward_cuda);
+}

@@ -1,0 +1,258 @@
+// CTA-level building blocks shared by the spinal CUDA kernels (forward.cu, backward.cu).
+//
+// Every kernel here is a chain of small GEMMs computed by one CTA of kThreads = 256 threads
+// (8 warps) on one output tile of kTileM x kTileN fp32 accumulators, with operands staged in
+// shared memory in K-chunks of kTileK:
+//
+//   acc[kTileM x kTileN] += A[kTileM x K] * B[K x kTileN]
+//
+// Three interchangeable accumulator policies (template parameter `Mma`) do the math:
+//   SimtMma<32>          fp32, exact FMA (no TF32). Thread t owns rows warp + 8*i, columns lane + 32*j.
+//   WmmaMma<32, tf32>    fp32 inputs rounded to TF32 on tensor cores (only when the user allows TF32).
+//   WmmaMma<64, half/bf16>  tensor cores (WMMA m16n16k16), fp32 accumulation.
+// The WMMA policies arrange the 8 warps as 2 (rows) x 4 (columns); each warp owns a
+// (kTileM/2) x 32 sub-tile, i.e. (kTileM/32) x 2 fragments of 16x16.
+// Policies expose: kTileM, kPad (row padding of staged operands, in elements), zero(), mma(), store().
+// All operand pointers handed to mma() must be 32-byte aligned and their leading dimensions
+// multiples of kPad (WMMA: 16-byte multiples); the smem layouts below guarantee it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#ifndef SPINAL_CUDA_EMULATION  // tests/cuda_emulation/ supplies a host model of nvcuda::wmma instead
+#include <mma.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../activation.h"
+
+namespace spinal_ops {
+namespace cuda_kernels {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileN = 128;  // output columns per CTA tile
+constexpr int kTileK = 32;   // K-chunk staged in shared memory per step
+constexpr int kAccLd = kTileN + 4;  // leading dimension of the fp32 accumulator tile in smem
+
+// Widest layer (w) the fused kernels keep on chip; wider layers take the multi-launch path.
+// Python reads it through torch.ops.spinal_ops.cuda_fused_max_width() (one source of truth).
+constexpr int64_t kFusedMaxWidth = 256;
+
+enum class Layout { Row, Col };
+
+// Element (m, k) of A: Row -> A[m * ld + k], Col -> A[k * ld + m].
+template <Layout L, typename T>
+__device__ __forceinline__ T a_elem(const T* a, int ld, int m, int k) {
+  return L == Layout::Row ? a[m * ld + k] : a[k * ld + m];
+}
+
+// Element (k, n) of B: Row -> B[k * ld + n], Col -> B[n * ld + k].
+template <Layout L, typename T>
+__device__ __forceinline__ T b_elem(const T* b, int ld, int k, int n) {
+  return L == Layout::Row ? b[k * ld + n] : b[n * ld + k];
+}
+
+// Exact fp32 on CUDA cores.
+template <int TileM>
+struct SimtMma {
+  static constexpr int kTileM = TileM;
+  static constexpr int kPad = 1;  // odd leading dimensions: column-major B reads are conflict-free
+  static constexpr int kRows = TileM / kWarps;
+  static constexpr int kCols = kTileN / 32;
+  static_assert(TileM % kWarps == 0, "tile rows must split evenly over the warps");
+
+  float acc[kRows][kCols];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) acc[i][j] = 0.f;
+  }
+
+  template <Layout LA, Layout LB, typename T>
+  __device__ __forceinline__ void mma(const T* a, int lda, const T* b, int ldb, int k_extent) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int k = 0; k < k_extent; ++k) {
+      float av[kRows], bv[kCols];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) av[i] = static_cast<float>(a_elem<LA>(a, lda, warp + kWarps * i, k));
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) bv[j] = static_cast<float>(b_elem<LB>(b, ldb, k, lane + 32 * j));
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+  }
+
+  // Writes the tile to c[kTileM x kTileN] (row-major, leading dimension ldc).
+  __device__ __forceinline__ void store(float* c, int ldc) const {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) c[(warp + kWarps * i) * ldc + lane + 32 * j] = acc[i][j];
+  }
+};
+
+// The WMMA fragment element type and K-step for a storage type.
+template <typename Element>
+struct WmmaTraits;
+template <>
+struct WmmaTraits<__half> {
+  using Storage = at::Half;
+  static constexpr int kStep = 16;
+};
+template <>
+struct WmmaTraits<__nv_bfloat16> {
+  using Storage = at::BFloat16;
+  static constexpr int kStep = 16;
+};
+template <>
+struct WmmaTraits<nvcuda::wmma::precision::tf32> {
+  using Storage = float;
+  static constexpr int kStep = 8;
+};
+
+template <int TileM, typename Element>
+struct WmmaMma {
+  static constexpr int kTileM = TileM;
+  static constexpr int kPad = 8;  // keeps leading dimensions 16-byte multiples (WMMA requirement)
+  static constexpr int kStep = WmmaTraits<Element>::kStep;
+  static constexpr int kFragRows = TileM / 32;  // warp sub-tile is (TileM/2) x 32
+  static constexpr int kFragCols = 2;
+  static_assert(TileM % 32 == 0, "WMMA tile rows must be a multiple of 32");
+  using Storage = typename WmmaTraits<Element>::Storage;
+  using LoadType = std::conditional_t<std::is_same_v<Storage, float>, float, Element>;
+  template <Layout L>
+  using WmmaLayout = std::conditional_t<L == Layout::Row, nvcuda::wmma::row_major, nvcuda::wmma::col_major>;
+
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kStep, float> acc[kFragRows][kFragCols];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kFragRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragCols; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+  }
+
+  template <Layout LA, Layout LB>
+  __device__ __forceinline__ void mma(const Storage* a_tile, int lda, const Storage* b_tile, int ldb, int k_extent) {
+    namespace wmma = nvcuda::wmma;
+    const auto* a = reinterpret_cast<const LoadType*>(a_tile);
+    const auto* b = reinterpret_cast<const LoadType*>(b_tile);
+    const int warp = threadIdx.x / 32;
+    const int row0 = (warp / 4) * (TileM / 2), col0 = (warp % 4) * 32;
+    for (int k = 0; k < k_extent; k += kStep) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kStep, Element, WmmaLayout<LA>> af[kFragRows];
+      wmma::fragment<wmma::matrix_b, 16, 16, kStep, Element, WmmaLayout<LB>> bf[kFragCols];
+#pragma unroll
+      for (int i = 0; i < kFragRows; ++i) {
+        const int m = row0 + 16 * i;
+        wmma::load_matrix_sync(af[i], LA == Layout::Row ? a + m * lda + k : a + k * lda + m, lda);
+        round_if_tf32(af[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < kFragCols; ++j) {
+        const int n = col0 + 16 * j;
+        wmma::load_matrix_sync(bf[j], LB == Layout::Row ? b + k * ldb + n : b + n * ldb + k, ldb);
+        round_if_tf32(bf[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < kFragRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kFragCols; ++j) wmma::mma_sync(acc[i][j], af[i], bf[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* c, int ldc) const {
+    const int warp = threadIdx.x / 32;
+    const int row0 = (warp / 4) * (TileM / 2), col0 = (warp % 4) * 32;
+#pragma unroll
+    for (int i = 0; i < kFragRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragCols; ++j)
+        nvcuda::wmma::store_matrix_sync(c + (row0 + 16 * i) * ldc + col0 + 16 * j, acc[i][j], ldc,
+                                        nvcuda::wmma::mem_row_major);
+  }
+
+ private:
+  template <typename Fragment>
+  __device__ __forceinline__ static void round_if_tf32(Fragment& f) {
+    if constexpr (std::is_same_v<Element, nvcuda::wmma::precision::tf32>) {
+#pragma unroll
+      for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
+    }
+  }
+};
+
+// Cooperative fill of a rows x cols tile at dst (leading dimension ld) with value(r, c).
+template <typename T, typename F>
+__device__ __forceinline__ void fill_tile(T* dst, int ld, int rows, int cols, F value) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
+    const int r = idx / cols, c = idx - r * cols;
+    dst[r * ld + c] = value(r, c);
+  }
+}
+
+constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
+constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Shared-memory layout common to the three kernels (byte offsets from the dynamic smem base):
+//   two on-chip state buffers  [kTileM][state_ld]  (h_{l-1}, h_l forward; dz_{l+1}, dz_l backward)
+//   staged A operand           kTileM x kTileK, either layout
+//   staged B operand           kTileK x kTileN, either layout
+//   fp32 accumulator tile      [kTileM][kAccLd]
+// state_width = 0 gives no state buffers (weight-gradient kernel).
+template <class Mma, typename T>
+struct SmemLayout {
+  int state_ld;
+  int64_t state_bytes, a_offset, b_offset, acc_offset, total;
+
+  __host__ __device__ explicit SmemLayout(int state_width) {
+    constexpr int64_t kM = Mma::kTileM, kP = Mma::kPad;
+    state_ld = state_width > 0 ? state_width + static_cast<int>(kP) : 0;
+    state_bytes = align128(kM * state_ld * static_cast<int64_t>(sizeof(T)));
+    a_offset = 2 * state_bytes;
+    const int64_t a_elems = kM * (kTileK + kP) > kTileK * (kM + kP) ? kM * (kTileK + kP) : kTileK * (kM + kP);
+    b_offset = a_offset + align128(a_elems * static_cast<int64_t>(sizeof(T)));
+    const int64_t b_elems =
+        kTileN * (kTileK + kP) > kTileK * (kTileN + kP) ? kTileN * (kTileK + kP) : kTileK * (kTileN + kP);
+    acc_offset = b_offset + align128(b_elems * static_cast<int64_t>(sizeof(T)));
+    total = acc_offset + align128(kM * kAccLd * static_cast<int64_t>(sizeof(float)));
+  }
+  // Leading dimension of a staged operand whose contiguous extent is `extent`.
+  __host__ __device__ static constexpr int staged_ld(int extent) { return extent + Mma::kPad; }
+};
+
+// Column window of layer l: c(j) = (start + j) mod N for j < s.
+struct Window {
+  int start, n, s;
+  __device__ __forceinline__ int column(int j) const {
+    const int c = start + j;
+    return c >= n ? c - n : c;
+  }
+  // Position j of column c in the window, or -1 when the window does not read c.
+  __device__ __forceinline__ int position(int c) const {
+    const int j = c >= start ? c - start : c + n - start;
+    return j < s ? j : -1;
+  }
+  // Whether the window reads any column of [begin, end).
+  __device__ __forceinline__ bool intersects(int begin, int end) const {
+    const int head_end = min(start + s, n);  // [start, head_end) and, wrapping, [0, start + s - n)
+    const int tail_end = start + s - n;
+    return (begin < head_end && start < end) || (tail_end > 0 && begin < tail_end);
+  }
+};
+
+__device__ __forceinline__ Window window_of(int layer, int n, int s) {
+  return Window{static_cast<int>((static_cast<int64_t>(layer) * s) % n), n, s};
+}
+
+}  // namespace cuda_kernels
+}  // namespace spinal_ops
