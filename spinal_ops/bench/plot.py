@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 
 from .results import Record  # noqa: E402
 
@@ -20,6 +21,7 @@ def plot_records(records: Sequence[Record], path: Path, title: str) -> None:
     if not panels:
         raise ValueError("no records to plot")
     impls = list(dict.fromkeys(r.impl for r in records))
+    batches = sorted({r.batch for r in records})
     colors = {impl: plt.get_cmap("tab10")(index) for index, impl in enumerate(impls)}
     figure, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
     for (preset, dtype), (latency_ax, throughput_ax) in zip(panels, axes):
@@ -35,6 +37,8 @@ def plot_records(records: Sequence[Record], path: Path, title: str) -> None:
             throughput_ax.plot(batches, [r.rows_per_s for r in line], **style)
         for ax, ylabel in ((latency_ax, "median latency (ms)"), (throughput_ax, "rows / s")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(batch) for batch in batches])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_yscale("log")
             ax.set_xlabel("batch")
             ax.set_ylabel(ylabel)
