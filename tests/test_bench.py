@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from contract import make_config
 from spinal_ops.bench import PRESETS, main
 from spinal_ops.bench.presets import parse_presets
-from spinal_ops.bench.report import markdown_report
-from spinal_ops.bench.results import DOCUMENT_FIELDS, RECORD_FIELDS, validate_document
+from spinal_ops.bench.report import cpu_goal_lines, markdown_report
+from spinal_ops.bench.results import DOCUMENT_FIELDS, RECORD_FIELDS, Record, validate_document
 from spinal_ops.bench.workloads import build_impl, dense_baseline
 from spinal_ops.dispatch import available_backends
 
@@ -92,8 +92,8 @@ def test_cli_writes_schema_json_png_and_table(tmp_path, capsys):
     assert "skipped triton" in printed and available_backends()["triton"].reason in printed
 
 
-def _record(impl: str, median_ms: float) -> dict:
-    return {"preset": "mnist", "batch": 64, "dtype": "float32", "impl": impl, "pass": "forward_backward",
+def _record(impl: str, median_ms: float, batch: int = 64) -> dict:
+    return {"preset": "mnist", "batch": batch, "dtype": "float32", "impl": impl, "pass": "forward_backward",
             "median_ms": median_ms, "rows_per_s": 64e3 / median_ms, "tflops": 1e-3, "flops": 10**9, "params": 8540}
 
 
@@ -105,6 +105,16 @@ def test_markdown_report_ratios_and_caption():
     assert "Test CPU" in text and "`0123456789ab`" in text
     cpu_row = next(line for line in text.splitlines() if "| cpu |" in line)
     assert cpu_row.endswith("| 2.00x | 0.50x |")  # 4 ms / 2 ms over reference, 1 ms / 2 ms over dense
+
+
+def test_cpu_goal_lines_check_issue_3_thresholds():
+    records = [Record.from_json(_record(impl, ms, batch)) for impl, ms, batch in [
+        ("reference", 4.0, 64), ("cpu", 3.2, 64), ("reference", 10.0, 4096), ("cpu", 10.4, 4096)]]
+    lines = cpu_goal_lines(records).splitlines()
+    assert lines == [
+        "cpu vs reference, forward+backward, mnist float32 batch 64: 1.25x (goal >= 1.3x: NOT met)",
+        "cpu vs reference, forward+backward, mnist float32 batch 4096: 0.96x (goal >= 0.95x: met)",
+    ]
 
 
 @pytest.mark.parametrize("mutate", [

@@ -14,6 +14,8 @@ from typing import Any
 from .results import Record, Skip, read_json
 
 CaseKey = tuple[str, int, str, str]  # preset, batch, dtype, pass
+# Issue 3's speed goal for the fused CPU op: forward+backward speedup over eager reference by batch.
+CPU_GOALS = {64: 1.3, 4096: 0.95}
 
 
 def _case_key(record: Record) -> CaseKey:
@@ -116,6 +118,22 @@ def speedup_summary(records: Sequence[Record], pass_name: str = "forward_backwar
     return format_table(["impl", "preset", "dtype"] + [f"batch {b}" for b in batches], rows, markdown)
 
 
+def cpu_goal_lines(records: Sequence[Record]) -> str:
+    """Issue 3's goal, checked on this run: cpu vs eager reference, forward+backward."""
+    cases = _by_case(records)
+    lines = []
+    for record in records:
+        goal = CPU_GOALS.get(record.batch)
+        if record.impl != "cpu" or record.pass_name != "forward_backward" or goal is None:
+            continue
+        ratio = speedup(record, cases[_case_key(record)].get("reference"))
+        if ratio is not None:
+            verdict = "met" if ratio >= goal else "NOT met"
+            lines.append(f"cpu vs reference, forward+backward, {record.preset} {record.dtype} batch {record.batch}: "
+                         f"{ratio:.2f}x (goal >= {goal}x: {verdict})")
+    return "\n".join(lines)
+
+
 def skip_lines(skips: Sequence[Skip]) -> str:
     """One line per implementation that did not run, with the reason (deduplicated across presets)."""
     reasons: dict[tuple[str, str, str], list[str]] = {}
@@ -131,17 +149,17 @@ def terminal_report(records: Sequence[Record], skips: Sequence[Skip]) -> str:
     summary = speedup_summary(records)
     if summary:
         parts.append("Speedup over the eager reference, forward+backward (same run):\n" + summary)
-    parts.append(skip_lines(skips))
+    parts += [cpu_goal_lines(records), skip_lines(skips)]
     return "\n\n".join(part for part in parts if part)
 
 
-def markdown_report(document: dict[str, Any]) -> str:
-    """The README section for one results file: caption with device and commit, then the tables."""
+def markdown_report(document: dict[str, Any], note: str = "") -> str:
+    """The README section for one results file: caption with device and commit (and ``note``), then the tables."""
     records = [Record.from_json(data) for data in document["records"]]
     caption = (
         f"Measured on **{document['device']}** (torch {document['torch']}, triton {document['triton']}), "
         f"commit `{document['commit'][:12]}`, {document['created']}. Median latency; "
-        "ratios are speedups measured in the same run."
+        "ratios are speedups measured in the same run." + (f" {note}" if note else "")
     )
     parts = [caption, model_table(records, markdown=True), case_table(records, markdown=True)]
     summary = speedup_summary(records, markdown=True)
@@ -155,8 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m spinal_ops.bench.report", description="Markdown tables from spinal-bench results JSON."
     )
     parser.add_argument("paths", nargs="+", type=Path, help="results JSON files written by spinal-bench --json")
+    parser.add_argument("--note", default="", help="text added to each caption (e.g. the thread count)")
     args = parser.parse_args(argv)
-    print("\n".join(markdown_report(read_json(path)) for path in args.paths), end="")
+    print("\n".join(markdown_report(read_json(path), args.note) for path in args.paths), end="")
     return 0
 
 

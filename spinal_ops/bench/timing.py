@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.utils.benchmark as benchmark
 
-WARMUP_CALLS = 2  # the first call compiles (torch.compile) and allocates; never timed
+WARMUP_CALLS = 1  # the first call compiles (torch.compile) and allocates; never timed
 CPU_TARGET_BLOCKS, CPU_MIN_BLOCKS = 30, 3
 CUDA_MIN_REPS, CUDA_MAX_REPS = 10, 2000
 
