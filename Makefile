@@ -2,7 +2,7 @@
 #   make bench   - the FC-vs-spinal benchmark on CPU (JSON + PNG under bench-out/)
 #   make test    - the test suite (pytest) and the C++ test (CMake + ctest)
 #   make bench-suite    - the pytest-benchmark suite (benchmarks/)
-#   make bench-results  - re-measure the committed CPU results (benchmarks/results/, ~10 min)
+#   make bench-results  - re-measure the committed CPU results (benchmarks/results/, ~20 min)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -44,7 +44,7 @@ bench-suite: setup
 # One thread: on a shared machine a second thread waits for a busy core and the timings become noise.
 BENCH_THREADS ?= 1
 bench-results: setup
-	$(PY) -m spinal_ops.bench --preset all --batch 1 64 1024 --backends all --threads $(BENCH_THREADS) \
+	$(PY) -m spinal_ops.bench --preset all --batch 1 64 1024 4096 --backends all --threads $(BENCH_THREADS) \
 		--json 'benchmarks/results/cpu-{device}.json' --plot 'benchmarks/results/cpu-{device}.png'
 	$(PY) -m spinal_ops.bench.report benchmarks/results/cpu-*.json --note "CPU, $(BENCH_THREADS) thread(s)." \
 		> benchmarks/results/README.md

@@ -77,7 +77,12 @@ def build_impl(impl: str, config: SpinalConfig, dtype: torch.dtype, device: torc
     except BackendUnavailableError as error:
         raise ImplUnavailable(str(error).removeprefix("spinal_ops: ")) from None
     layer = spinal_layer(config, backend, dtype, device)
-    return torch.compile(layer) if impl == "compiled_reference" else layer
+    if impl != "compiled_reference":
+        return layer
+    # Every SpinalLinear shares one forward code object: without a reset, the compiled graphs of
+    # earlier presets count against dynamo's recompile limit and later ones silently run eager.
+    torch._dynamo.reset()
+    return torch.compile(layer)
 
 
 def cost(impl: str, config: SpinalConfig, batch: int, pass_name: str) -> tuple[int, int]:
