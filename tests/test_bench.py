@@ -103,8 +103,10 @@ def test_markdown_report_ratios_and_caption():
                 "records": [_record("reference", 4.0), _record("cpu", 2.0), _record("dense", 1.0)]}
     text = markdown_report(document)
     assert "Test CPU" in text and "`0123456789ab`" in text
-    cpu_row = next(line for line in text.splitlines() if "| cpu |" in line)
-    assert cpu_row.endswith("| 2.00x | 0.50x |")  # 4 ms / 2 ms over reference, 1 ms / 2 ms over dense
+    assert "| reference ms | cpu ms | dense ms | fastest spinal | vs reference | vs dense |" in text
+    # cpu is the fastest spinal implementation: 4 ms / 2 ms over reference, 1 ms / 2 ms over dense
+    assert "| mnist | 64 | float32 | forward_backward | 4 | 2 | 1 | cpu | 2.00x | 0.50x |" in text
+    assert "| cpu | mnist | float32 | 2.00x |" in text  # the speedup summary
 
 
 def test_cpu_goal_lines_check_issue_3_thresholds():
