@@ -2,7 +2,7 @@
 #   make bench   - the FC-vs-spinal benchmark on CPU (JSON + PNG under bench-out/)
 #   make test    - the test suite (pytest) and the C++ test (CMake + ctest)
 #   make bench-suite    - the pytest-benchmark suite (benchmarks/)
-#   make bench-results  - re-measure the committed CPU results (benchmarks/results/, ~20 min)
+#   make bench-results  - re-measure the committed CPU results (benchmarks/results/; ~30 min on 2 busy cores)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
