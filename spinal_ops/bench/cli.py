@@ -43,12 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCHES))}; "
                         f"with --quick {' '.join(map(str, QUICK_BATCHES))})")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"])
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"], metavar="DTYPE",
+                        help=f"{', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--backends", nargs="+", choices=IMPLS + ("all",), default=list(DEFAULT_BACKENDS),
-                        help=f"implementations to time (default: {' '.join(DEFAULT_BACKENDS)})")
-    parser.add_argument("--pass", dest="pass_name", choices=PASSES + ("both",), default="both")
-    parser.add_argument("--json", type=str, default="bench-out/results.json", metavar="PATH")
-    parser.add_argument("--plot", type=str, default="bench-out/results.png", metavar="PATH")
+                        metavar="IMPL", help=f"{', '.join(IMPLS)} or all (default: {' '.join(DEFAULT_BACKENDS)})")
+    parser.add_argument("--pass", dest="pass_name", choices=PASSES + ("both",), default="both",
+                        help="forward, forward_backward or both (default)")
+    parser.add_argument("--json", default="bench-out/results.json", metavar="PATH",
+                        help="results JSON (default: bench-out/results.json)")
+    parser.add_argument("--plot", default="bench-out/results.png", metavar="PATH",
+                        help="PNG plot (default: bench-out/results.png)")
     parser.add_argument("--min-run-time", type=float, metavar="S",
                         help=f"seconds of measurement per case (default {MIN_RUN_TIME_S}; "
                         f"with --quick {QUICK_MIN_RUN_TIME_S})")
