@@ -23,7 +23,8 @@ def plot_records(records: Sequence[Record], path: Path, title: str) -> None:
     impls = list(dict.fromkeys(r.impl for r in records))
     batches = sorted({r.batch for r in records})
     colors = {impl: plt.get_cmap("tab10")(index) for index, impl in enumerate(impls)}
-    figure, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    figure, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels)), squeeze=False,
+                               layout="constrained")
     for (preset, dtype), (latency_ax, throughput_ax) in zip(panels, axes):
         for impl, pass_name in dict.fromkeys((r.impl, r.pass_name) for r in records):
             line = sorted((r for r in records if (r.preset, r.dtype, r.impl, r.pass_name) == (preset, dtype, impl, pass_name)),
@@ -46,7 +47,6 @@ def plot_records(records: Sequence[Record], path: Path, title: str) -> None:
             ax.grid(True, which="both", alpha=0.3)
         throughput_ax.legend(fontsize=7, loc="best")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=90)
     plt.close(figure)
