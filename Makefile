@@ -2,6 +2,8 @@
 #   make bench   - the FC-vs-spinal benchmark on CPU (JSON + PNG under bench-out/)
 #   make test    - the test suite (pytest) and the C++ test (CMake + ctest)
 #   make sanitize - compute-sanitizer memcheck + racecheck over the presets' CUDA forward/backward (GPU)
+#   make bench-suite    - the pytest-benchmark suite (benchmarks/)
+#   make bench-results  - re-measure the committed CPU results (benchmarks/results/; ~30 min on 2 busy cores)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: setup bench test ctest bench-suite sanitize clean
+.PHONY: setup bench test ctest bench-suite bench-results sanitize clean
 
 setup: $(VENV)/.built
 
@@ -46,6 +48,13 @@ SANITIZE_ARGS ?=
 sanitize: setup
 	$(SANITIZER) --tool memcheck --error-exitcode 1 $(PY) scripts/sanitize.py $(SANITIZE_ARGS)
 	$(SANITIZER) --tool racecheck --racecheck-report all --error-exitcode 1 $(PY) scripts/sanitize.py $(SANITIZE_ARGS)
+# One thread: on a shared machine a second thread waits for a busy core and the timings become noise.
+BENCH_THREADS ?= 1
+bench-results: setup
+	$(PY) -m spinal_ops.bench --preset all --batch 1 64 1024 4096 --backends all --threads $(BENCH_THREADS) \
+		--json 'benchmarks/results/cpu-{device}.json' --plot 'benchmarks/results/cpu-{device}.png'
+	$(PY) -m spinal_ops.bench.report benchmarks/results/cpu-*.json --note "CPU, $(BENCH_THREADS) thread(s)." \
+		> benchmarks/results/README.md
 
 clean:
 	rm -rf build spinal_ops/_C*.so *.egg-info $(VENV)/.built

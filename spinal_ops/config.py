@@ -194,6 +194,10 @@ class SpinalConfig:
             macs += self.hidden_features * self.out_features
         return 2 * batch * macs
 
+    def dense_baseline_forward_backward_flops(self, batch: int) -> int:
+        """Dense baseline forward plus backward for the input and every weight: 3x forward."""
+        return 3 * self.dense_baseline_forward_flops(batch)
+
     # ---- validation (SPEC §5) -----------------------------------------------------------
 
     def check_params(self, params: SpinalParams) -> None:

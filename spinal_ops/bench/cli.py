@@ -1,0 +1,112 @@
+"""``spinal-bench`` / ``python -m spinal_ops.bench``: spinal layer vs dense layer, per backend.
+
+With no arguments this is the README's main command: the small presets on CPU, batches
+64/1024/4096, backends cpu, reference and dense, forward and forward+backward, JSON and PNG
+under bench-out/ (about two minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .plot import plot_records
+from .presets import DEFAULT_PRESETS, PRESETS, parse_presets
+from .report import terminal_report
+from .results import device_name, device_slug, results_document, write_json
+from .runner import Matrix, run_matrix
+from .workloads import IMPLS, PASSES
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_BATCHES = (64, 1024, 4096)
+DEFAULT_BACKENDS = ("cpu", "reference", "dense")  # compiled_reference: ~10 s of compiling per case on 2 cores
+QUICK_BATCHES = (64,)
+MIN_RUN_TIME_S = 0.3
+QUICK_MIN_RUN_TIME_S = 0.02
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spinal-bench",
+        description="Benchmark the spinal layer (every backend) against eager reference, "
+        "torch.compile(reference) and the dense layer of equal hidden width.",
+        epilog="{device} in --json/--plot paths becomes the device name, e.g. "
+        "--json 'benchmarks/results/{device}.json'.",
+    )
+    parser.add_argument("--preset", nargs="+", default=list(DEFAULT_PRESETS), metavar="PRESET",
+                        help=f"{', '.join(PRESETS)}, all, or custom N,w,L,M[,k] (M may be none); "
+                        f"default: {' '.join(DEFAULT_PRESETS)}")
+    parser.add_argument("--batch", nargs="+", type=int, metavar="B",
+                        help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCHES))}; "
+                        f"with --quick {' '.join(map(str, QUICK_BATCHES))})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["float32"], metavar="DTYPE",
+                        help=f"{', '.join(DTYPES)} (default: float32)")
+    parser.add_argument("--backends", nargs="+", choices=IMPLS + ("all",), default=list(DEFAULT_BACKENDS),
+                        metavar="IMPL", help=f"{', '.join(IMPLS)} or all (default: {' '.join(DEFAULT_BACKENDS)})")
+    parser.add_argument("--pass", dest="pass_name", choices=PASSES + ("both",), default="both",
+                        help="forward, forward_backward or both (default)")
+    parser.add_argument("--json", default="bench-out/results.json", metavar="PATH",
+                        help="results JSON (default: bench-out/results.json)")
+    parser.add_argument("--plot", default="bench-out/results.png", metavar="PATH",
+                        help="PNG plot (default: bench-out/results.png)")
+    parser.add_argument("--min-run-time", type=float, metavar="S",
+                        help=f"seconds of measurement per case (default {MIN_RUN_TIME_S}; "
+                        f"with --quick {QUICK_MIN_RUN_TIME_S})")
+    parser.add_argument("--threads", type=int, metavar="T",
+                        help="CPU threads for torch (default: torch's default for this machine)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one batch, short measurements")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def matrix_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Matrix:
+    try:
+        presets = parse_presets(args.preset)
+    except ValueError as error:
+        parser.error(str(error))
+    batches = tuple(args.batch or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES))
+    if any(batch < 1 for batch in batches):
+        parser.error(f"--batch sizes must be >= 1, got {batches}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    min_run_time = args.min_run_time or (QUICK_MIN_RUN_TIME_S if args.quick else MIN_RUN_TIME_S)
+    return Matrix(
+        presets=presets,
+        batches=batches,
+        dtypes=tuple(DTYPES[name] for name in dict.fromkeys(args.dtype)),
+        impls=IMPLS if "all" in args.backends else tuple(dict.fromkeys(args.backends)),
+        passes=PASSES if args.pass_name == "both" else (args.pass_name,),
+        device=device,
+        min_run_time=min_run_time,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    matrix = matrix_from_args(args, parser)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    name = device_name(matrix.device)
+    print(f"spinal-bench on {name} ({matrix.device.type}, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}: {matrix.num_cases()} cases", flush=True)
+    started = time.perf_counter()
+    records, skips = run_matrix(matrix, progress=not args.no_progress)
+    print(terminal_report(records, skips))
+    json_path = Path(args.json.replace("{device}", device_slug(name)))
+    write_json(json_path, results_document(records, matrix.device))
+    outputs = [str(json_path)]
+    if records:
+        plot_path = Path(args.plot.replace("{device}", device_slug(name)))
+        plot_records(records, plot_path, title=f"spinal vs dense on {name}")
+        outputs.append(str(plot_path))
+    print(f"\nwrote {' and '.join(outputs)} in {time.perf_counter() - started:.0f} s")
+    return 0
