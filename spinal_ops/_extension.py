@@ -8,6 +8,7 @@ the reason for ``available_backends()``.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -18,9 +19,13 @@ from .backends.fused import fake_backward, fake_forward, register_fused_autograd
 @functools.lru_cache(maxsize=None)
 def load_extension() -> Support:
     try:
-        from . import _C  # noqa: F401  (registers the ops on import)
+        importlib.import_module("spinal_ops._C")  # registers the ops on import
+    except ModuleNotFoundError:
+        return Support.no(
+            "compiled extension spinal_ops._C is not built (pip install --no-build-isolation -e . builds it)"
+        )
     except ImportError as error:
-        return Support.no(f"compiled extension spinal_ops._C is missing or failed to load ({error})")
+        return Support.no(f"compiled extension spinal_ops._C failed to load: {error}")
     torch.library.register_fake("spinal_ops::fused_forward")(fake_forward)
     torch.library.register_fake("spinal_ops::fused_backward")(fake_backward)
     register_fused_autograd(
@@ -34,6 +39,4 @@ def cuda_kernels_compiled() -> bool:
     """Whether the extension was built with the CUDA kernels (nvcc present at build time)."""
     if not load_extension():
         return False
-    from . import _C
-
-    return bool(_C.cuda_compiled())
+    return bool(importlib.import_module("spinal_ops._C").cuda_compiled())
