@@ -11,7 +11,6 @@
 
 #include <array>
 #include <type_traits>
-#include <utility>
 
 #include "../activation.h"
 #include "../spinal_shape.h"
@@ -82,7 +81,8 @@ void with_activation(Activation act, F&& f) {
 }
 
 // Runs op(out_row, in_row, cols) over the rows of two [rows, cols] views with unit column stride
-// (row strides may differ: slices of wider buffers), in parallel over row blocks of ~16k elements.
+// (row strides may differ: slices of wider buffers), in parallel over row blocks of at least
+// ATen's GRAIN_SIZE elements (smaller work is not worth waking a second thread).
 template <typename scalar_t, typename RowOp>
 void for_each_row(const at::Tensor& out, const at::Tensor& in, RowOp op) {
   TORCH_INTERNAL_ASSERT(out.sizes() == in.sizes() && out.stride(1) == 1 && in.stride(1) == 1);
@@ -90,7 +90,7 @@ void for_each_row(const at::Tensor& out, const at::Tensor& in, RowOp op) {
   const int64_t out_ld = out.stride(0), in_ld = in.stride(0);
   scalar_t* out_data = out.data_ptr<scalar_t>();
   const scalar_t* in_data = in.const_data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) op(out_data + r * out_ld, in_data + r * in_ld, cols);
   });
