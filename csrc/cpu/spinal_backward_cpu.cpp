@@ -1,14 +1,14 @@
 // CPU kernel of spinal_ops::fused_backward: dx and every parameter gradient in one call.
 //
-// Scheme (G = grad_out, Z = saved pre-activations): one pass over the layers from last to first,
-// streaming through [B, w] buffers (no [B, L*w] temporaries: fresh large buffers cost a page
-// fault per 4 KiB on first touch). Two buffers alternate for dZ_l / dZ_{l+1} and two for
-// h_l / h_{l-1} = phi(Z_{l-1}) (recomputed, each once). For l = L-1 .. 0:
-//   dZ_l  = G @ W_out[:, l-th slice]  (or G[:, l-th slice] when y = H)
-//   dZ_l += dZ_{l+1} @ R_{l+1};  dZ_l *= phi'(Z_l)
-//   dW_in[l][:, piece] = dZ_l^T @ x[:, piece];  dx[:, piece] += dZ_l @ A_l[:, piece]   (per window piece)
-//   dbias[l] = column sums of dZ_l;  dR_l = dZ_l^T @ h_{l-1};  dW_out[:, l-th slice] = G^T @ h_l
-// and dbias_out = column sums of G. Every product is an ATen BLAS call writing into its slice.
+// Scheme (G = grad_out, Z = saved pre-activations, H = phi(Z) recomputed in one pass):
+//   dZ = G @ W_out (or G when there is no output projection)         [B, L*w] buffer
+//   for l = L-1 .. 0:  dZ_l = (dZ_l + dZ_{l+1} @ R_{l+1}) * phi'(Z_l)  (in place, column slices)
+// and then, from the finished dZ, GEMMs straight into slices of the outputs:
+//   dW_in[l][:, piece] = dZ_l^T @ x[:, piece]       dx[:, piece] += dZ_l @ A_l[:, piece]
+//   dR_l = dZ_l^T @ H_{l-1}                          dbias = column sums of dZ
+//   dW_out = G^T @ H                                 dbias_out = column sums of G
+// (one GEMM per window piece: two when the window wraps). Whole-[B, L*w] calls (H, G @ W_out,
+// dbias, dW_out) keep the number of ATen calls, each a parallel region, low.
 #include <torch/library.h>
 
 #include "spinal_cpu.h"
@@ -46,57 +46,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pre_activation = to_compute(pre_activation_in);
   const at::Tensor weight_in = to_compute(weight_in_in);
   const at::Tensor weight_hidden = to_compute(weight_hidden_in);
-  const at::Tensor weight_out = has_projection ? to_compute(*weight_out_in) : at::Tensor();
-  const auto options = x.options();
+
+  // H is needed for dW_out and for dR (L >= 2).
+  at::Tensor hidden;
+  if (has_projection || shape.num_layers > 1) {
+    hidden = at::empty_like(pre_activation);
+    apply_activation(hidden, pre_activation, act, negative_slope);
+  }
+
+  at::Tensor grad_pre = has_projection ? at::mm(grad_out, to_compute(*weight_out_in)) : grad_out.clone();
+  for (int64_t layer = shape.num_layers - 1; layer >= 0; --layer) {
+    at::Tensor dz = layer_columns(grad_pre, shape, layer);
+    if (layer + 1 < shape.num_layers) dz.addmm_(layer_columns(grad_pre, shape, layer + 1), weight_hidden[layer]);
+    multiply_by_activation_grad(dz, layer_columns(pre_activation, shape, layer), act, negative_slope);
+  }
 
   const at::Tensor grad_x = at::zeros_like(x);
   const at::Tensor grad_weight_in = at::empty_like(weight_in);
   const at::Tensor grad_weight_hidden = at::empty_like(weight_hidden);
-  const at::Tensor grad_bias = has_bias ? at::empty({shape.num_layers, shape.layer_width}, options)
-                                        : at::empty({0}, options);
-  const at::Tensor grad_weight_out = has_projection ? at::empty_like(weight_out) : at::empty({0}, options);
-
-  const at::Tensor grad_z_buffers[2] = {at::empty({shape.batch, shape.layer_width}, options),
-                                        at::empty({shape.batch, shape.layer_width}, options)};
-  // h_l is needed for dW_out (with a projection) and as h_{l-1} for dR_l (l >= 1).
-  const bool needs_hidden = has_projection || shape.num_layers > 1;
-  const at::Tensor h_buffers[2] = {needs_hidden ? at::empty({shape.batch, shape.layer_width}, options) : at::Tensor(),
-                                   needs_hidden ? at::empty({shape.batch, shape.layer_width}, options) : at::Tensor()};
-  const int64_t last = shape.num_layers - 1;
-  if (has_projection) apply_activation(h_buffers[last % 2], layer_columns(pre_activation, shape, last), act, negative_slope);
-
-  for (int64_t layer = last; layer >= 0; --layer) {
-    at::Tensor dz = grad_z_buffers[layer % 2];
-    if (has_projection) {
-      at::mm_out(dz, grad_out, layer_columns(weight_out, shape, layer));
-    } else {
-      dz.copy_(layer_columns(grad_out, shape, layer));
-    }
-    if (layer < last) dz.addmm_(grad_z_buffers[(layer + 1) % 2], weight_hidden[layer]);
-    multiply_by_activation_grad(dz, layer_columns(pre_activation, shape, layer), act, negative_slope);
-
+  for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+    const at::Tensor dz = layer_columns(grad_pre, shape, layer);
     const at::Tensor grad_a = grad_weight_in[layer];
     for (const WindowPiece& piece : layer_window(shape, layer)) {
+      const at::Tensor x_piece = x.narrow(1, piece.input_start, piece.length);
       at::Tensor grad_a_piece = grad_a.narrow(1, piece.weight_start, piece.length);
-      at::mm_out(grad_a_piece, dz.t(), x.narrow(1, piece.input_start, piece.length));
+      at::mm_out(grad_a_piece, dz.t(), x_piece);
       grad_x.narrow(1, piece.input_start, piece.length)
           .addmm_(dz, weight_in[layer].narrow(1, piece.weight_start, piece.length));
     }
-    if (has_bias) {
-      at::Tensor grad_b = grad_bias[layer];
-      at::sum_out(grad_b, dz, 0);
-    }
-    if (has_projection) {
-      at::Tensor grad_w_out = layer_columns(grad_weight_out, shape, layer);
-      at::mm_out(grad_w_out, grad_out.t(), h_buffers[layer % 2]);
-    }
     if (layer > 0) {
-      const at::Tensor h_prev = h_buffers[(layer - 1) % 2];
-      apply_activation(h_prev, layer_columns(pre_activation, shape, layer - 1), act, negative_slope);
       at::Tensor grad_r = grad_weight_hidden[layer - 1];
-      at::mm_out(grad_r, dz.t(), h_prev);
+      at::mm_out(grad_r, dz.t(), layer_columns(hidden, shape, layer - 1));
     }
   }
+
+  const auto options = x_in.options();
+  const at::Tensor grad_bias =
+      has_bias ? grad_pre.sum(0).view({shape.num_layers, shape.layer_width}) : at::empty({0}, options);
+  const at::Tensor grad_weight_out = has_projection ? at::mm(grad_out.t(), hidden) : at::empty({0}, options);
   const at::Tensor grad_bias_out = (has_projection && has_bias) ? grad_out.sum(0) : at::empty({0}, options);
 
   const auto dtype = x_in.scalar_type();
