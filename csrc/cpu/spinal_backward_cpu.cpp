@@ -3,10 +3,10 @@
 // Scheme (G = grad_out, Z = saved pre-activations, H = phi(Z) recomputed in one pass):
 //   dZ = G @ W_out (or G when there is no output projection)         [B, L*w] buffer
 //   for l = L-1 .. 0:  dZ_l = (dZ_l + dZ_{l+1} @ R_{l+1}) * phi'(Z_l)  (in place, column slices)
-// and then, from the finished dZ, GEMMs straight into slices of the outputs:
-//   dW_in[l][:, piece] = dZ_l^T @ x[:, piece]       dx[:, piece] += dZ_l @ A_l[:, piece]
-//   dR_l = dZ_l^T @ H_{l-1}                          dbias = column sums of dZ
-//   dW_out = G^T @ H                                 dbias_out = column sums of G
+//                      dW_in[l][:, piece] = dZ_l^T @ x[:, piece]       (GEMMs straight into slices
+//                      dx[:, piece] += dZ_l @ A_l[:, piece]             of the outputs)
+//                      dR_l = dZ_l^T @ H_{l-1}
+//   dbias = column sums of dZ;  dW_out = G^T @ H;  dbias_out = column sums of G
 // (one GEMM per window piece: two when the window wraps). Whole-[B, L*w] calls (H, G @ W_out,
 // dbias, dW_out) keep the number of ATen calls, each a parallel region, low.
 #include <torch/library.h>
@@ -54,18 +54,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     apply_activation(hidden, pre_activation, act, negative_slope);
   }
 
+  const at::Tensor grad_x = at::zeros_like(x);
+  const at::Tensor grad_weight_in = at::empty_like(weight_in);
+  const at::Tensor grad_weight_hidden = at::empty_like(weight_hidden);
   at::Tensor grad_pre = has_projection ? at::mm(grad_out, to_compute(*weight_out_in)) : grad_out.clone();
   for (int64_t layer = shape.num_layers - 1; layer >= 0; --layer) {
     at::Tensor dz = layer_columns(grad_pre, shape, layer);
     if (layer + 1 < shape.num_layers) dz.addmm_(layer_columns(grad_pre, shape, layer + 1), weight_hidden[layer]);
     multiply_by_activation_grad(dz, layer_columns(pre_activation, shape, layer), act, negative_slope);
-  }
 
-  const at::Tensor grad_x = at::zeros_like(x);
-  const at::Tensor grad_weight_in = at::empty_like(weight_in);
-  const at::Tensor grad_weight_hidden = at::empty_like(weight_hidden);
-  for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
-    const at::Tensor dz = layer_columns(grad_pre, shape, layer);
+    // dZ_l is final: its gradient products now, while it is still in cache.
     const at::Tensor grad_a = grad_weight_in[layer];
     for (const WindowPiece& piece : layer_window(shape, layer)) {
       const at::Tensor x_piece = x.narrow(1, piece.input_start, piece.length);
