@@ -34,9 +34,8 @@ test: setup
 
 ctest: setup
 	$(VENV)/bin/cmake -S . -B build/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
-		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
-		-DPython_EXECUTABLE=$(abspath $(PY))
-	$(VENV)/bin/cmake --build build/cmake
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	$(VENV)/bin/cmake --build build/cmake --parallel $(MAX_JOBS)
 	cd build/cmake && $(abspath $(VENV)/bin/ctest) --output-on-failure
 
 bench-suite: setup

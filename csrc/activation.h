@@ -66,7 +66,7 @@ template <typename T>
 SPINAL_HOST_DEVICE T activate_grad(Activation act, T z, T negative_slope) {
   switch (act) {
     case Activation::ReLU:
-      return z > T(0) ? T(1) : T(0);
+      return z <= T(0) ? T(0) : T(1);  // NaN passes the gradient, as torch.relu's backward does
     case Activation::LeakyReLU:
       return z > T(0) ? T(1) : negative_slope;
     case Activation::GELU: {

@@ -59,8 +59,13 @@ def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
         ctx.has_bias_out = bias_out is not None
         ctx.activation = activation
         ctx.negative_slope = negative_slope
+        # Z is never differentiated; without this autograd allocates and zero-fills a [B, L*w]
+        # gradient for it on every backward (measurable on CPU at large batch).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_out, _grad_pre_activation):
+        if grad_out is None:  # only Z was used downstream, so no gradient flows
+            return (None,) * 8
         x, pre_activation, weight_in, weight_hidden, weight_out = ctx.saved_tensors
         grads = backward_op(
             grad_out.contiguous(), x, pre_activation, weight_in, weight_hidden, weight_out,
