@@ -47,12 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor weight_in = to_compute(weight_in_in);
   const at::Tensor weight_hidden = to_compute(weight_hidden_in);
 
-  // H is needed for dW_out and for dR (L >= 2).
-  at::Tensor hidden;
-  if (has_projection || shape.num_layers > 1) {
-    hidden = at::empty_like(pre_activation);
-    apply_activation(hidden, pre_activation, act, negative_slope);
-  }
+  // H: for dW_out, dR and the tanh/sigmoid derivatives.
+  const at::Tensor hidden = at::empty_like(pre_activation);
+  apply_activation(hidden, pre_activation, act, negative_slope);
 
   const at::Tensor grad_x = at::zeros_like(x);
   const at::Tensor grad_weight_in = at::empty_like(weight_in);
@@ -61,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   for (int64_t layer = shape.num_layers - 1; layer >= 0; --layer) {
     at::Tensor dz = layer_columns(grad_pre, shape, layer);
     if (layer + 1 < shape.num_layers) dz.addmm_(layer_columns(grad_pre, shape, layer + 1), weight_hidden[layer]);
-    multiply_by_activation_grad(dz, layer_columns(pre_activation, shape, layer), act, negative_slope);
+    multiply_by_activation_grad(dz, layer_columns(pre_activation, shape, layer), layer_columns(hidden, shape, layer),
+                                act, negative_slope);
 
     // dZ_l is final: its gradient products now, while it is still in cache.
     const at::Tensor grad_a = grad_weight_in[layer];

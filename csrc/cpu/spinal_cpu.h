@@ -1,16 +1,14 @@
 // Helpers shared by the CPU forward and backward kernels (csrc/cpu/*.cpp).
 //
-// The kernels do their matrix products with ATen's BLAS-backed mm/addmm writing straight into
-// column slices of row-major [B, L*w] buffers (leading dimension L*w, no copies), and their
-// elementwise work (phi, phi') with the loops below, parallel over rows.
+// The kernels do their matrix products with ATen's BLAS-backed mm/addmm and their elementwise
+// work (phi, phi') with ATen's out= kernels, all writing straight into column slices of row-major
+// [B, L*w] buffers (leading dimension L*w, no copies).
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
 #include <torch/types.h>
 
 #include <array>
-#include <type_traits>
 
 #include "../activation.h"
 #include "../spinal_shape.h"
@@ -63,63 +61,36 @@ inline void check_cpu_dtype(const at::Tensor& x) {
               "spinal_ops: the CPU kernels support float32, float64 and bfloat16, got ", dtype);
 }
 
-// Calls f(std::integral_constant<Activation, act>{}) so that phi and phi' are compile-time
-// selected inside the elementwise loops instead of switching per element.
-template <typename F>
-void with_activation(Activation act, F&& f) {
-  using A = Activation;
+// h = phi(z) for [B, cols] column slices (h may be z itself). ATen's vectorized out= kernels
+// write straight into the strided slice; they are also the definition of phi the reference
+// backend uses, so both backends agree on NaN/Inf handling.
+inline void apply_activation(at::Tensor h, const at::Tensor& z, Activation act, double negative_slope) {
   switch (act) {
-    case A::ReLU: return f(std::integral_constant<A, A::ReLU>{});
-    case A::LeakyReLU: return f(std::integral_constant<A, A::LeakyReLU>{});
-    case A::GELU: return f(std::integral_constant<A, A::GELU>{});
-    case A::GELUTanh: return f(std::integral_constant<A, A::GELUTanh>{});
-    case A::SiLU: return f(std::integral_constant<A, A::SiLU>{});
-    case A::Tanh: return f(std::integral_constant<A, A::Tanh>{});
-    case A::Sigmoid: return f(std::integral_constant<A, A::Sigmoid>{});
-    case A::Identity: return f(std::integral_constant<A, A::Identity>{});
+    case Activation::ReLU: at::clamp_min_out(h, z, 0); return;  // torch.relu: NaN stays NaN
+    case Activation::LeakyReLU: at::leaky_relu_out(h, z, negative_slope); return;
+    case Activation::GELU: at::gelu_out(h, z, "none"); return;
+    case Activation::GELUTanh: at::gelu_out(h, z, "tanh"); return;
+    case Activation::SiLU: at::silu_out(h, z); return;
+    case Activation::Tanh: at::tanh_out(h, z); return;
+    case Activation::Sigmoid: at::sigmoid_out(h, z); return;
+    case Activation::Identity: h.copy_(z); return;
   }
 }
 
-// Runs op(out_row, in_row, cols) over the rows of two [rows, cols] views with unit column stride
-// (row strides may differ: slices of wider buffers), in parallel over row blocks of at least
-// ATen's GRAIN_SIZE elements (smaller work is not worth waking a second thread).
-template <typename scalar_t, typename RowOp>
-void for_each_row(const at::Tensor& out, const at::Tensor& in, RowOp op) {
-  TORCH_INTERNAL_ASSERT(out.sizes() == in.sizes() && out.stride(1) == 1 && in.stride(1) == 1);
-  const int64_t rows = out.size(0), cols = out.size(1);
-  const int64_t out_ld = out.stride(0), in_ld = in.stride(0);
-  scalar_t* out_data = out.data_ptr<scalar_t>();
-  const scalar_t* in_data = in.const_data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) op(out_data + r * out_ld, in_data + r * in_ld, cols);
-  });
-}
-
-// h = phi(z) for [B, cols] views (h may be z itself).
-inline void apply_activation(const at::Tensor& h, const at::Tensor& z, Activation act, double negative_slope) {
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "spinal_ops_apply_activation", [&] {
-    const auto slope = static_cast<scalar_t>(negative_slope);
-    with_activation(act, [&](auto act_c) {
-      for_each_row<scalar_t>(h, z, [slope](scalar_t* h_row, const scalar_t* z_row, int64_t cols) {
-        for (int64_t j = 0; j < cols; ++j) h_row[j] = activate<scalar_t>(decltype(act_c)::value, z_row[j], slope);
-      });
-    });
-  });
-}
-
-// dz *= phi'(z) for [B, cols] views.
-inline void multiply_by_activation_grad(const at::Tensor& dz, const at::Tensor& z, Activation act,
-                                        double negative_slope) {
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "spinal_ops_activation_grad", [&] {
-    const auto slope = static_cast<scalar_t>(negative_slope);
-    with_activation(act, [&](auto act_c) {
-      for_each_row<scalar_t>(dz, z, [slope](scalar_t* dz_row, const scalar_t* z_row, int64_t cols) {
-        for (int64_t j = 0; j < cols; ++j)
-          dz_row[j] *= activate_grad<scalar_t>(decltype(act_c)::value, z_row[j], slope);
-      });
-    });
-  });
+// dz *= phi'(z) in place, for [B, cols] column slices; h = phi(z) (tanh and sigmoid use it).
+// These are the backward kernels autograd runs for the reference backend.
+inline void multiply_by_activation_grad(at::Tensor dz, const at::Tensor& z, const at::Tensor& h,
+                                        Activation act, double negative_slope) {
+  switch (act) {
+    case Activation::ReLU: at::threshold_backward_out(dz, dz, z, 0); return;
+    case Activation::LeakyReLU: at::leaky_relu_backward_out(dz, dz, z, negative_slope, false); return;
+    case Activation::GELU: at::gelu_backward_out(dz, dz, z, "none"); return;
+    case Activation::GELUTanh: at::gelu_backward_out(dz, dz, z, "tanh"); return;
+    case Activation::SiLU: at::silu_backward_out(dz, dz, z); return;
+    case Activation::Tanh: at::tanh_backward_out(dz, dz, h); return;
+    case Activation::Sigmoid: at::sigmoid_backward_out(dz, dz, h); return;
+    case Activation::Identity: return;
+  }
 }
 
 }  // namespace spinal_ops::cpu
