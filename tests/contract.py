@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from spinal_ops.config import SpinalConfig, SpinalParams
-from spinal_ops.functional import apply_spinal
+from spinal_ops.functional import apply_spinal, spinal_linear
 
 # atol = ATOL_PER_SCALE[dtype] * max(1, max|reference|)
 ATOL_PER_SCALE = {
@@ -104,3 +104,22 @@ def check_backend(
             f"{backend} {dtype} {name}: error {err_backend:.3e} > 2 * eager error {err_eager:.3e} + atol {atol:.1e} "
             f"({config})"
         )
+
+
+def gradcheck_problem(config: SpinalConfig, backend: str, seed: int):
+    """(fn, inputs) for torch.autograd.gradcheck: the functional layer in float64 on random values."""
+    generator = torch.Generator().manual_seed(seed)
+    params = random_params(config, generator)
+    names = [name for name, p in params._asdict().items() if p is not None]
+    x = torch.randn(3, config.in_features, generator=generator, dtype=torch.float64, requires_grad=True)
+    leaves = [p.clone().requires_grad_(True) for p in params if p is not None]
+
+    def layer(x, *tensors):
+        given = dict(zip(names, tensors))
+        return spinal_linear(
+            x, given["weight_in"], given["weight_hidden"], given.get("bias"), given.get("weight_out"),
+            given.get("bias_out"), split_size=config.split_size, activation=config.activation,
+            negative_slope=config.negative_slope, backend=backend,
+        )
+
+    return layer, (x, *leaves)

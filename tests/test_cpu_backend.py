@@ -1,10 +1,10 @@
 """The fused C++ CPU op (backend="cpu") against the float64 reference (SPEC §3, §4, §5)."""
 import pytest
 import torch
-from contract import check_backend, make_config, random_params
+from contract import check_backend, gradcheck_problem, make_config, random_params
 
 import spinal_ops
-from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear, spinal_linear
+from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
 from spinal_ops.dispatch import select_backend
 
 # Tiny shapes covering every branch of the kernels: odd N, k = 1..4, explicit split_size with a
@@ -35,22 +35,8 @@ def build(kwargs: dict, activation: str) -> SpinalConfig:
 
 @pytest.mark.parametrize("kwargs, activation", CASES)
 def test_gradcheck_float64(kwargs, activation):
-    config = build(kwargs, activation)
-    gen = torch.Generator().manual_seed(3)
-    params = random_params(config, gen)
-    names = [name for name, p in params._asdict().items() if p is not None]
-    x = torch.randn(3, config.in_features, generator=gen, dtype=torch.float64, requires_grad=True)
-    leaves = [p.clone().requires_grad_(True) for p in params if p is not None]
-
-    def layer(x, *tensors):
-        given = dict(zip(names, tensors))
-        return spinal_linear(
-            x, given["weight_in"], given["weight_hidden"], given.get("bias"), given.get("weight_out"),
-            given.get("bias_out"), split_size=config.split_size, activation=activation, negative_slope=0.1,
-            backend="cpu",
-        )
-
-    assert torch.autograd.gradcheck(layer, (x, *leaves))
+    layer, inputs = gradcheck_problem(build(kwargs, activation), "cpu", seed=3)
+    assert torch.autograd.gradcheck(layer, inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -2,9 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from contract import make_config, random_params
+from contract import gradcheck_problem, make_config, random_params
 
-from spinal_ops import ACTIVATIONS, SpinalConfig, spinal_linear
+from spinal_ops import ACTIVATIONS, SpinalConfig
 from spinal_ops.activations import apply_activation
 from spinal_ops.config import SpinalParams
 from spinal_ops.functional import apply_spinal
@@ -65,19 +65,6 @@ def test_wrapping_window_is_two_ranges():
 
 @pytest.mark.parametrize("kwargs", CONFIGS)
 def test_reference_gradcheck_and_gradgradcheck(kwargs):
-    config = SpinalConfig.build(**kwargs, activation="tanh")
-    gen = torch.Generator().manual_seed(2)
-    params = random_params(config, gen)
-    names = [n for n, p in params._asdict().items() if p is not None]
-    x = torch.randn(3, config.in_features, generator=gen, dtype=torch.float64, requires_grad=True)
-    leaves = [p.clone().requires_grad_(True) for p in params if p is not None]
-
-    def fn(x, *tensors):
-        full = dict(zip(names, tensors))
-        return spinal_linear(
-            x, full["weight_in"], full["weight_hidden"], full.get("bias"), full.get("weight_out"),
-            full.get("bias_out"), split_size=config.split_size, activation="tanh", backend="reference",
-        )
-
-    assert torch.autograd.gradcheck(fn, (x, *leaves))
-    assert torch.autograd.gradgradcheck(fn, (x, *leaves))
+    fn, inputs = gradcheck_problem(SpinalConfig.build(**kwargs, activation="tanh"), "reference", seed=2)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
