@@ -44,6 +44,19 @@ inline at::Tensor layer_columns(const at::Tensor& buffer, const SpinalShape& sha
   return buffer.narrow(1, layer * shape.layer_width, shape.layer_width);
 }
 
+// out = start + a @ b, where start is out itself, or, for the first product of a sum, the
+// broadcast bias (zero without one): the sum is built in place without a zero-fill pass.
+inline void add_product(at::Tensor& out, bool first, const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                        const at::Tensor& b) {
+  if (!first) {
+    out.addmm_(a, b);
+  } else if (bias) {
+    at::addmm_out(out, *bias, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
 // Kernels compute in float32 or float64; bfloat16 tensors are upcast to float32 on entry and
 // the results rounded once on exit (fp32 accumulation, no bf16 GEMM on CPUs without AVX512-BF16).
 inline at::ScalarType compute_dtype(at::ScalarType dtype) {
