@@ -33,7 +33,7 @@ class Matrix:
 # Each case is timed in rounds that alternate between the implementations, and each keeps the
 # median of its rounds: load drift on a shared machine then hits every implementation alike, so
 # the ratios of one run compare like with like.
-ROUNDS = 3
+ROUNDS = 5
 
 
 def run_matrix(matrix: Matrix, progress: bool = True) -> tuple[list[Record], list[Skip]]:
