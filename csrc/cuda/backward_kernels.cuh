@@ -53,14 +53,10 @@ template <class Mma, typename T>
 __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGradArgs<T> p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
-  const SmemLayout<Mma, T> layout(p.state_width);
-  const auto state = [&](int which) { return reinterpret_cast<T*>(smem + which * layout.state_bytes); };
-  T* a_stage = reinterpret_cast<T*>(smem + layout.a_offset);
-  T* b_stage = reinterpret_cast<T*>(smem + layout.b_offset);
-  float* acc_tile = reinterpret_cast<float*>(smem + layout.acc_offset);
-  const int ld_state = layout.state_ld;
-  const int ld_a = SmemLayout<Mma, T>::staged_ld(kTileK);  // a_stage [kM][kTileK]
-  const int ld_b = SmemLayout<Mma, T>::staged_ld(kTileN);  // b_stage [kTileK][kTileN]
+  const SmemViews<Mma, T> sm(smem, p.state_width);
+  const int ld_state = sm.layout.state_ld;
+  const int ld_a = SmemLayout<Mma, T>::staged_ld(kTileK);  // sm.a_stage [kM][kTileK]
+  const int ld_b = SmemLayout<Mma, T>::staged_ld(kTileN);  // sm.b_stage [kTileK][kTileN]
 
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.num_counters;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -73,8 +69,8 @@ __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGr
 
   Mma acc;
   for (int layer = p.num_layers - 1; layer >= 0; --layer) {
-    const T* dz_next = state((layer + 1) & 1);
-    T* dz_cur = state(layer & 1);
+    const T* dz_next = sm.state((layer + 1) & 1);
+    T* dz_cur = sm.state(layer & 1);
     const T* r_next = p.weight_hidden + static_cast<int64_t>(layer) * p.w * p.w;  // R_{layer+1}
     const int64_t layer_col = static_cast<int64_t>(layer) * p.w;
 
@@ -82,29 +78,29 @@ __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGr
       acc.zero();
       for (int k0 = 0; k0 < p.out_features; k0 += kTileK) {
         __syncthreads();
-        fill_tile(a_stage, ld_a, kM, kTileK, [&](int m, int k) {
+        fill_tile(sm.a_stage, ld_a, kM, kTileK, [&](int m, int k) {
           return row_valid(m) && k0 + k < p.out_features ? p.grad_out[(row0 + m) * p.out_features + k0 + k] : T(0);
         });
-        fill_tile(b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
+        fill_tile(sm.b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
           return k0 + k < p.out_features && n0 + n < p.w
                      ? p.weight_out[static_cast<int64_t>(k0 + k) * hidden + layer_col + n0 + n]
                      : T(0);
         });
         __syncthreads();
-        acc.template mma<Layout::Row, Layout::Row>(a_stage, ld_a, b_stage, ld_b, kTileK);
+        acc.template mma<Layout::Row, Layout::Row>(sm.a_stage, ld_a, sm.b_stage, ld_b, kTileK);
       }
       if (layer + 1 < p.num_layers) {
         for (int k0 = 0; k0 < p.state_width; k0 += kTileK) {
           __syncthreads();
-          fill_tile(b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
+          fill_tile(sm.b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
             return k0 + k < p.w && n0 + n < p.w ? r_next[static_cast<int64_t>(k0 + k) * p.w + n0 + n] : T(0);
           });
           __syncthreads();
-          acc.template mma<Layout::Row, Layout::Row>(dz_next + k0, ld_state, b_stage, ld_b, kTileK);
+          acc.template mma<Layout::Row, Layout::Row>(dz_next + k0, ld_state, sm.b_stage, ld_b, kTileK);
         }
       }
       __syncthreads();
-      acc.store(acc_tile, kAccLd);
+      acc.store(sm.acc_tile, kAccLd);
       __syncthreads();
       const int cols = min(kTileN, p.state_width - n0);
       for (int idx = threadIdx.x; idx < kM * cols; idx += kThreads) {
@@ -112,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGr
         T dz = T(0);
         if (c < p.w && row_valid(m)) {
           const int64_t offset = (row0 + m) * hidden + layer_col + c;
-          float dh = acc_tile[m * kAccLd + n];
+          float dh = sm.acc_tile[m * kAccLd + n];
           if (p.out_features == 0) dh += static_cast<float>(p.grad_out[offset]);
           const float z = static_cast<float>(p.pre_activation[offset]);
           dz = static_cast<T>(dh * activate_grad(p.act, z, p.slope));
@@ -134,24 +130,24 @@ __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGr
       const int64_t layer_col = static_cast<int64_t>(layer) * p.w;
       for (int k0 = 0; k0 < p.state_width; k0 += kTileK) {
         __syncthreads();  // also orders this CTA's dZ stores before the loads below
-        fill_tile(a_stage, ld_a, kM, kTileK, [&](int m, int k) {
+        fill_tile(sm.a_stage, ld_a, kM, kTileK, [&](int m, int k) {
           return row_valid(m) && k0 + k < p.w ? p.grad_pre[(row0 + m) * hidden + layer_col + k0 + k] : T(0);
         });
-        fill_tile(b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
+        fill_tile(sm.b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
           if (k0 + k >= p.w || c0 + n >= c_end) return T(0);
           const int j = window.position(c0 + n);
           return j >= 0 ? a_l[static_cast<int64_t>(k0 + k) * p.s + j] : T(0);
         });
         __syncthreads();
-        acc.template mma<Layout::Row, Layout::Row>(a_stage, ld_a, b_stage, ld_b, kTileK);
+        acc.template mma<Layout::Row, Layout::Row>(sm.a_stage, ld_a, sm.b_stage, ld_b, kTileK);
       }
     }
     __syncthreads();
-    acc.store(acc_tile, kAccLd);
+    acc.store(sm.acc_tile, kAccLd);
     __syncthreads();
     for (int idx = threadIdx.x; idx < kM * kTileN; idx += kThreads) {
       const int m = idx / kTileN, n = idx - m * kTileN;
-      if (row_valid(m) && c0 + n < c_end) p.grad_x[(row0 + m) * p.n + c0 + n] = static_cast<T>(acc_tile[m * kAccLd + n]);
+      if (row_valid(m) && c0 + n < c_end) p.grad_x[(row0 + m) * p.n + c0 + n] = static_cast<T>(sm.acc_tile[m * kAccLd + n]);
     }
   }
 }
@@ -191,10 +187,8 @@ template <class Mma, typename T>
 __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
-  const SmemLayout<Mma, T> layout(0);
-  T* a_stage = reinterpret_cast<T*>(smem + layout.a_offset);  // [kTileK][kM]: rows of P (A column-major)
-  T* b_stage = reinterpret_cast<T*>(smem + layout.b_offset);  // [kTileK][kTileN]: rows of Q
-  float* acc_tile = reinterpret_cast<float*>(smem + layout.acc_offset);
+  // No state buffers; a_stage [kTileK][kM] holds rows of P (A column-major), b_stage [kTileK][kTileN] rows of Q.
+  const SmemViews<Mma, T> sm(smem, 0);
   const int ld_a = SmemLayout<Mma, T>::staged_ld(kM);
   const int ld_b = SmemLayout<Mma, T>::staged_ld(kTileN);
 
@@ -257,16 +251,16 @@ __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const Weig
   acc.zero();
   for (int64_t r0 = r_begin; r0 < r_end; r0 += kTileK) {
     __syncthreads();
-    fill_tile(a_stage, ld_a, kTileK, kM, [&](int r, int i) {
+    fill_tile(sm.a_stage, ld_a, kTileK, kM, [&](int r, int i) {
       return r0 + r < r_end && i0 + i < i_extent ? p_value(r0 + r, i0 + i) : T(0);
     });
-    fill_tile(b_stage, ld_b, kTileK, kTileN, [&](int r, int j) {
+    fill_tile(sm.b_stage, ld_b, kTileK, kTileN, [&](int r, int j) {
       return r0 + r < r_end && j0 + j < j_extent ? q_value(r0 + r, j0 + j) : T(0);
     });
     __syncthreads();
-    acc.template mma<Layout::Col, Layout::Row>(a_stage, ld_a, b_stage, ld_b, kTileK);
+    acc.template mma<Layout::Col, Layout::Row>(sm.a_stage, ld_a, sm.b_stage, ld_b, kTileK);
   }
-  acc.store(acc_tile, kAccLd);
+  acc.store(sm.acc_tile, kAccLd);
   __syncthreads();
 
   const auto write = [&](int i, int j, float value) {
@@ -295,13 +289,13 @@ __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const Weig
   if (p.splits == 1) {
     for (int idx = threadIdx.x; idx < kTileElems; idx += kThreads) {
       const int m = idx / kTileN, n = idx - m * kTileN;
-      if (i0 + m < i_extent && j0 + n < j_extent) write(i0 + m, j0 + n, acc_tile[m * kAccLd + n]);
+      if (i0 + m < i_extent && j0 + n < j_extent) write(i0 + m, j0 + n, sm.acc_tile[m * kAccLd + n]);
     }
     return;
   }
   float* tile_partials = p.partials + tile * p.splits * kTileElems;
   for (int idx = threadIdx.x; idx < kTileElems; idx += kThreads) {
-    tile_partials[split * kTileElems + idx] = acc_tile[(idx / kTileN) * kAccLd + idx % kTileN];
+    tile_partials[split * kTileElems + idx] = sm.acc_tile[(idx / kTileN) * kAccLd + idx % kTileN];
   }
   __threadfence();  // publish the partial before taking a ticket
   __syncthreads();

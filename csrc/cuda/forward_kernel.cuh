@@ -77,12 +77,8 @@ template <class Mma, typename T>
 __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
-  const SmemLayout<Mma, T> layout(p.state_width);
-  const auto state = [&](int which) { return reinterpret_cast<T*>(smem + which * layout.state_bytes); };
-  T* a_stage = reinterpret_cast<T*>(smem + layout.a_offset);
-  T* b_stage = reinterpret_cast<T*>(smem + layout.b_offset);
-  float* acc_tile = reinterpret_cast<float*>(smem + layout.acc_offset);
-  const int ld_state = layout.state_ld;
+  const SmemViews<Mma, T> sm(smem, p.state_width);
+  const int ld_state = sm.layout.state_ld;
   const int ld_stage = SmemLayout<Mma, T>::staged_ld(kTileK);  // [rows][kTileK] staged tiles
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
@@ -91,8 +87,8 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
 
   Mma acc;
   for (int layer = 0; layer < p.num_layers; ++layer) {
-    const T* h_prev = state((layer + 1) & 1);
-    T* h_next = state(layer & 1);
+    const T* h_prev = sm.state((layer + 1) & 1);
+    T* h_next = sm.state(layer & 1);
     const Window window = window_of(layer, p.n, p.s);
     const T* a_l = p.weight_in + static_cast<int64_t>(layer) * p.w * p.s;
     const T* r_l = p.weight_hidden + static_cast<int64_t>(layer - 1) * p.w * p.w;  // used when layer >= 1
@@ -101,28 +97,28 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
       acc.zero();
       for (int k0 = 0; k0 < p.s; k0 += kTileK) {
         __syncthreads();  // previous users of the staged tiles are done
-        fill_tile(a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
+        fill_tile(sm.a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
           const int j = k0 + k;
           return row_valid(m) && j < p.s ? p.x[(row0 + m) * p.n + window.column(j)] : T(0);
         });
-        fill_tile(b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
+        fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
           return n0 + n < p.w && k0 + k < p.s ? a_l[static_cast<int64_t>(n0 + n) * p.s + k0 + k] : T(0);
         });
         __syncthreads();
-        acc.template mma<Layout::Row, Layout::Col>(a_stage, ld_stage, b_stage, ld_stage, kTileK);
+        acc.template mma<Layout::Row, Layout::Col>(sm.a_stage, ld_stage, sm.b_stage, ld_stage, kTileK);
       }
       if (layer > 0) {
         for (int k0 = 0; k0 < p.state_width; k0 += kTileK) {
           __syncthreads();
-          fill_tile(b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
+          fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
             return n0 + n < p.w && k0 + k < p.w ? r_l[static_cast<int64_t>(n0 + n) * p.w + k0 + k] : T(0);
           });
           __syncthreads();
-          acc.template mma<Layout::Row, Layout::Col>(h_prev + k0, ld_state, b_stage, ld_stage, kTileK);
+          acc.template mma<Layout::Row, Layout::Col>(h_prev + k0, ld_state, sm.b_stage, ld_stage, kTileK);
         }
       }
-      __syncthreads();  // the previous chunk's epilogue is done reading acc_tile
-      acc.store(acc_tile, kAccLd);
+      __syncthreads();  // the previous chunk's epilogue is done reading sm.acc_tile
+      acc.store(sm.acc_tile, kAccLd);
       __syncthreads();
       // Epilogue: columns up to state_width are written so that the padding of h stays zero.
       const int cols = min(kTileN, p.state_width - n0);
@@ -130,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
         const int m = idx / cols, n = idx - m * cols, c = n0 + n;
         T h = T(0);
         if (c < p.w) {
-          const float z = acc_tile[m * kAccLd + n] + (p.bias ? static_cast<float>(p.bias[layer * p.w + c]) : 0.f);
+          const float z = sm.acc_tile[m * kAccLd + n] + (p.bias ? static_cast<float>(p.bias[layer * p.w + c]) : 0.f);
           const T z_stored = static_cast<T>(z);
           h = static_cast<T>(activate(p.act, static_cast<float>(z_stored), p.slope));
           if (row_valid(m)) {
@@ -151,26 +147,26 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
     acc.zero();
     for (int k0 = 0; k0 < hidden_int; k0 += kTileK) {
       __syncthreads();  // also orders this CTA's Z stores before the loads below
-      fill_tile(a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
+      fill_tile(sm.a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
         if (!row_valid(m) || k0 + k >= hidden_int) return T(0);
         const float z = static_cast<float>(p.pre_activation[(row0 + m) * hidden + k0 + k]);
         return static_cast<T>(activate(p.act, z, p.slope));
       });
-      fill_tile(b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
+      fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
         return n0 + n < p.out_features && k0 + k < hidden_int
                    ? p.weight_out[static_cast<int64_t>(n0 + n) * hidden + k0 + k]
                    : T(0);
       });
       __syncthreads();
-      acc.template mma<Layout::Row, Layout::Col>(a_stage, ld_stage, b_stage, ld_stage, kTileK);
+      acc.template mma<Layout::Row, Layout::Col>(sm.a_stage, ld_stage, sm.b_stage, ld_stage, kTileK);
     }
     __syncthreads();
-    acc.store(acc_tile, kAccLd);
+    acc.store(sm.acc_tile, kAccLd);
     __syncthreads();
     for (int idx = threadIdx.x; idx < kM * kTileN; idx += kThreads) {
       const int m = idx / kTileN, n = idx - m * kTileN;
       if (!row_valid(m) || n0 + n >= p.out_features) continue;
-      const float y = acc_tile[m * kAccLd + n] + (p.bias_out ? static_cast<float>(p.bias_out[n0 + n]) : 0.f);
+      const float y = sm.acc_tile[m * kAccLd + n] + (p.bias_out ? static_cast<float>(p.bias_out[n0 + n]) : 0.f);
       p.out[(row0 + m) * p.out_features + n0 + n] = static_cast<T>(y);
     }
   }

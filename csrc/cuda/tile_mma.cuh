@@ -230,6 +230,24 @@ struct SmemLayout {
   __host__ __device__ static constexpr int staged_ld(int extent) { return extent + Mma::kPad; }
 };
 
+// Typed views of the dynamic smem buffer as SmemLayout carves it (every kernel's prologue).
+template <class Mma, typename T>
+struct SmemViews {
+  unsigned char* base;
+  SmemLayout<Mma, T> layout;
+  T* a_stage;        // staged A operand tile
+  T* b_stage;        // staged B operand tile
+  float* acc_tile;   // [kTileM][kAccLd] fp32 accumulator tile
+  __device__ SmemViews(unsigned char* smem, int state_width)
+      : base(smem),
+        layout(state_width),
+        a_stage(reinterpret_cast<T*>(smem + layout.a_offset)),
+        b_stage(reinterpret_cast<T*>(smem + layout.b_offset)),
+        acc_tile(reinterpret_cast<float*>(smem + layout.acc_offset)) {}
+  // State buffer 0 or 1: [kTileM][layout.state_ld], the chain's on-chip state (h or dZ).
+  __device__ T* state(int which) const { return reinterpret_cast<T*>(base + which * layout.state_bytes); }
+};
+
 // Column window of layer l: c(j) = (start + j) mod N for j < s.
 struct Window {
   int start, n, s;
