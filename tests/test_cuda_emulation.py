@@ -38,11 +38,17 @@ def emulated_ops():
         pytest.skip("the CUDA headers (cuda_fp16.h) are not installed")
     from torch.utils.cpp_extension import load
 
+    # Built inside this checkout, not in the shared ~/.cache/torch_extensions: a build there is
+    # shared by every checkout and torch version, and a lock left by a killed build makes older
+    # torch (2.11) wait for it forever.
+    build_directory = os.path.join(os.path.dirname(HERE), "build", "cuda_emulation")
+    os.makedirs(build_directory, exist_ok=True)
     load(
         "spinal_emu",
         [os.path.join(HERE, "cuda_emulation", "emulated_ops.cpp")],
         extra_include_paths=[include],
         extra_cflags=["-O1", "-Wno-attributes"],
+        build_directory=build_directory,
         is_python_module=False,
     )
     return torch.ops.spinal_emu
