@@ -38,10 +38,10 @@ def emulated_ops():
         pytest.skip("the CUDA headers (cuda_fp16.h) are not installed")
     from torch.utils.cpp_extension import load
 
-    # Built inside this checkout, not in the shared ~/.cache/torch_extensions: a build there is
-    # shared by every checkout and torch version, and a lock left by a killed build makes older
-    # torch (2.11) wait for it forever.
-    build_directory = os.path.join(os.path.dirname(HERE), "build", "cuda_emulation")
+    # One build directory per checkout and torch version, not the shared ~/.cache/torch_extensions:
+    # newer torch leaves a file named `lock` there (an advisory lock), and torch 2.11, whose lock
+    # is that file's mere existence, then waits for it forever.
+    build_directory = os.path.join(os.path.dirname(HERE), "build", "cuda_emulation", f"torch-{torch.__version__}")
     os.makedirs(build_directory, exist_ok=True)
     load(
         "spinal_emu",
