@@ -33,11 +33,7 @@ namespace spinal_ops {
 namespace cuda_kernels {
 
 template <typename T>
-struct DataGradArgs {
-  int64_t batch;
-  int n, s, w, num_layers, out_features, state_width;  // out_features = 0: no projection
-  Activation act;
-  float slope;
+struct DataGradArgs : ChainDims {
   const T* grad_out;
   const T* pre_activation;
   const T* weight_in;
@@ -161,12 +157,8 @@ struct GradTiles {
 enum class JobKind { In, Hidden, Out };
 
 template <typename T>
-struct WeightGradArgs {
-  int64_t batch;
-  int n, s, w, num_layers, out_features;
+struct WeightGradArgs : ChainDims {
   bool has_bias;
-  Activation act;
-  float slope;
   GradTiles tiles;
   int splits;
   int64_t rows_per_split;
@@ -357,15 +349,7 @@ DataGradArgs<T> make_data_grad_args(const SpinalShape& shape, const at::Tensor& 
                                     Activation act, float slope, const at::Tensor& grad_pre, const at::Tensor& grad_x,
                                     int* tile_counters, int64_t num_counters) {
   DataGradArgs<T> d{};
-  d.batch = shape.batch;
-  d.n = static_cast<int>(shape.in_features);
-  d.s = static_cast<int>(shape.split_size);
-  d.w = static_cast<int>(shape.layer_width);
-  d.num_layers = static_cast<int>(shape.num_layers);
-  d.out_features = static_cast<int>(shape.out_features);
-  d.state_width = static_cast<int>(round_up(shape.layer_width, kTileK));
-  d.act = act;
-  d.slope = slope;
+  static_cast<ChainDims&>(d) = chain_dims(shape, act, slope);
   d.grad_out = grad_out.data_ptr<T>();
   d.pre_activation = pre_activation.data_ptr<T>();
   d.weight_in = weight_in.data_ptr<T>();
@@ -386,15 +370,8 @@ WeightGradArgs<T> make_weight_grad_args(const SpinalShape& shape, const WeightGr
                                         Activation act, float slope, const BackwardOutputs& grads, float* partials,
                                         int* tile_counters) {
   WeightGradArgs<T> g{};
-  g.batch = shape.batch;
-  g.n = static_cast<int>(shape.in_features);
-  g.s = static_cast<int>(shape.split_size);
-  g.w = static_cast<int>(shape.layer_width);
-  g.num_layers = static_cast<int>(shape.num_layers);
-  g.out_features = static_cast<int>(shape.out_features);
+  static_cast<ChainDims&>(g) = chain_dims(shape, act, slope);
   g.has_bias = shape.has_bias;
-  g.act = act;
-  g.slope = slope;
   g.tiles = plan.tiles;
   g.splits = static_cast<int>(plan.splits);
   g.rows_per_split = plan.rows_per_split;

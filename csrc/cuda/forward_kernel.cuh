@@ -29,11 +29,7 @@ namespace spinal_ops {
 namespace cuda_kernels {
 
 template <typename T>
-struct ForwardArgs {
-  int64_t batch;
-  int n, s, w, num_layers, out_features, state_width;  // out_features = 0: no projection
-  Activation act;
-  float slope;
+struct ForwardArgs : ChainDims {
   const T* x;
   const T* weight_in;
   const T* weight_hidden;
@@ -52,15 +48,7 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
                                  const std::optional<at::Tensor>& bias_out, Activation act, float slope,
                                  const at::Tensor& out, const at::Tensor& pre_activation) {
   ForwardArgs<T> p{};
-  p.batch = shape.batch;
-  p.n = static_cast<int>(shape.in_features);
-  p.s = static_cast<int>(shape.split_size);
-  p.w = static_cast<int>(shape.layer_width);
-  p.num_layers = static_cast<int>(shape.num_layers);
-  p.out_features = static_cast<int>(shape.out_features);
-  p.state_width = static_cast<int>(round_up(shape.layer_width, kTileK));
-  p.act = act;
-  p.slope = slope;
+  static_cast<ChainDims&>(p) = chain_dims(shape, act, slope);
   p.x = x.data_ptr<T>();
   p.weight_in = weight_in.data_ptr<T>();
   p.weight_hidden = weight_hidden.data_ptr<T>();

@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "../activation.h"
+#include "../spinal_shape.h"
 
 namespace spinal_ops {
 namespace cuda_kernels {
@@ -229,6 +230,29 @@ struct SmemLayout {
   // Leading dimension of a staged operand whose contiguous extent is `extent`.
   __host__ __device__ static constexpr int staged_ld(int extent) { return extent + Mma::kPad; }
 };
+
+// The chain's sizes as every kernel receives them (each launch's Args struct derives from this).
+struct ChainDims {
+  int64_t batch;
+  int n, s, w, num_layers, out_features;  // out_features = 0: no projection
+  int state_width;                        // w rounded up to kTileK: columns of the on-chip state
+  Activation act;
+  float slope;
+};
+
+inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slope) {
+  ChainDims d{};
+  d.batch = shape.batch;
+  d.n = static_cast<int>(shape.in_features);
+  d.s = static_cast<int>(shape.split_size);
+  d.w = static_cast<int>(shape.layer_width);
+  d.num_layers = static_cast<int>(shape.num_layers);
+  d.out_features = static_cast<int>(shape.out_features);
+  d.state_width = static_cast<int>(round_up(shape.layer_width, kTileK));
+  d.act = act;
+  d.slope = slope;
+  return d;
+}
 
 // Typed views of the dynamic smem buffer as SmemLayout carves it (every kernel's prologue).
 template <class Mma, typename T>
