@@ -1,16 +1,24 @@
 // Op schemas of the spinal_ops namespace (no Python: the CMake build links this too).
 //
 // The schemas must match spinal_ops/backends/fused.py (FORWARD_SCHEMA, BACKWARD_SCHEMA).
-// Kernels register separately: csrc/cpu/ (CPU) and csrc/cuda/ (CUDA, when built with nvcc);
+// Kernels register separately: csrc/cpu/ (CPU) and csrc/cuda/ (CUDA, when built with nvcc; the
+// hoisted pair has CUDA kernels only: on CPU the fused op is that chain already);
 // the Python module spinal_ops._C is in csrc/python_module.cpp.
 #include <torch/library.h>
 
+// Both op pairs share their schemas (string literals, concatenated by the preprocessor).
+#define SPINAL_FORWARD_ARGS                                                                                  \
+  "(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, Tensor? bias_out, " \
+  "str activation, float negative_slope, bool keep_pre_activation=True) -> (Tensor, Tensor)"
+#define SPINAL_BACKWARD_ARGS                                                                                   \
+  "(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, Tensor? weight_out, " \
+  "bool[6] output_mask, str activation, float negative_slope) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+// fused_*: the CPU op (csrc/cpu/) and the CUDA kernels (csrc/cuda/). hoisted_*: the hoisted ATen
+// chain (csrc/aten_chain.h) as its own op pair, so that the cuda backend can pick it per call.
 TORCH_LIBRARY(spinal_ops, m) {
-  m.def(
-      "fused_forward(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, "
-      "Tensor? bias_out, str activation, float negative_slope) -> (Tensor, Tensor)");
-  m.def(
-      "fused_backward(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, "
-      "Tensor? weight_out, bool has_bias, str activation, float negative_slope) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("fused_forward" SPINAL_FORWARD_ARGS);
+  m.def("fused_backward" SPINAL_BACKWARD_ARGS);
+  m.def("hoisted_forward" SPINAL_FORWARD_ARGS);
+  m.def("hoisted_backward" SPINAL_BACKWARD_ARGS);
 }

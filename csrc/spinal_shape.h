@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 namespace spinal_ops {
 
@@ -19,7 +20,8 @@ struct SpinalShape {
   int64_t layer_width;    // w
   int64_t split_size;     // s
   int64_t out_features;   // M, or 0 when there is no output projection
-  bool has_bias;
+  bool has_bias;       // b_l present (its gradient wanted, in the backward)
+  bool has_bias_out;   // b_out present (likewise)
 
   int64_t hidden() const { return num_layers * layer_width; }
   int64_t output_width() const { return out_features > 0 ? out_features : hidden(); }
@@ -65,6 +67,7 @@ inline SpinalShape check_spinal_shape(const at::Tensor& x, const at::Tensor& wei
                 "spinal_ops: weight_out must be [M, L*w] with L*w=", shape.hidden(), ", got ", weight_out->sizes());
     shape.out_features = weight_out->size(0);
   }
+  shape.has_bias_out = bias_out.has_value();
   if (bias_out) {
     TORCH_CHECK(weight_out.has_value() && bias_out->sizes() == at::IntArrayRef({shape.out_features}),
                 "spinal_ops: bias_out must be [M] and needs weight_out, got ", bias_out->sizes());
@@ -80,6 +83,31 @@ inline SpinalShape check_spinal_shape(const at::Tensor& x, const at::Tensor& wei
                   x.scalar_type(), ") and parameters (", (*t)->scalar_type(), ")");
       TORCH_CHECK((*t)->device() == x.device(), "spinal_ops: device mismatch between x and parameters");
     }
+  }
+  return shape;
+}
+
+// Checks the tensors of fused_backward (grad_out [B, M or L*w] and pre_activation [B, L*w] beside
+// the forward's x and weights) and returns the shape. has_bias and has_bias_out are left false:
+// the backward's output mask says which bias gradients are wanted.
+inline SpinalShape check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
+                                         const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                                         const at::Tensor& weight_hidden,
+                                         const std::optional<at::Tensor>& weight_out) {
+  const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == shape.batch && grad_out.size(1) == shape.output_width(),
+              "spinal_ops: grad_out must be [B, ", shape.output_width(), "] with B=", shape.batch, ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(pre_activation.dim() == 2 && pre_activation.size(0) == shape.batch &&
+                  pre_activation.size(1) == shape.hidden(),
+              "spinal_ops: pre_activation must be [B, L*w] = [", shape.batch, ", ", shape.hidden(),
+              "] (the forward was run without keeping it?), got ", pre_activation.sizes());
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_out, "grad_out"},
+                                {&pre_activation, "pre_activation"}}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "spinal_ops: ", name, " has dtype ", t->scalar_type(),
+                " but x has ", x.scalar_type());
+    TORCH_CHECK(t->device() == x.device(), "spinal_ops: ", name, " is on ", t->device(), " but x is on ",
+                x.device());
   }
   return shape;
 }

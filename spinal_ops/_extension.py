@@ -1,7 +1,7 @@
 """Loading the compiled extension ``spinal_ops._C`` (C++ CPU op, CUDA kernels where built).
 
-Importing it registers the ``spinal_ops::fused_forward`` / ``fused_backward`` schemas and their
-CPU (and CUDA) kernels with the dispatcher; here we add the fake kernels and autograd once.
+Importing it registers the ``spinal_ops::fused_*`` and ``hoisted_*`` schemas and their CPU (and
+CUDA) kernels with the dispatcher; here we add the fake kernels and autograd once.
 If it is missing, ``spinal_ops`` still works with the reference backend and this module keeps
 the reason for ``available_backends()``.
 """
@@ -26,11 +26,11 @@ def load_extension() -> Support:
         )
     except ImportError as error:
         return Support.no(f"compiled extension spinal_ops._C failed to load: {error}")
-    torch.library.register_fake("spinal_ops::fused_forward")(fake_forward)
-    torch.library.register_fake("spinal_ops::fused_backward")(fake_backward)
-    register_fused_autograd(
-        torch.ops.spinal_ops.fused_forward.default, torch.ops.spinal_ops.fused_backward.default, "cpu/cuda"
-    )
+    for pair, backends in (("fused", "cpu/cuda"), ("hoisted", "cuda")):
+        torch.library.register_fake(f"spinal_ops::{pair}_forward")(fake_forward)
+        torch.library.register_fake(f"spinal_ops::{pair}_backward")(fake_backward)
+        register_fused_autograd(getattr(torch.ops.spinal_ops, f"{pair}_forward").default,
+                                getattr(torch.ops.spinal_ops, f"{pair}_backward").default, backends)
     return Support.yes()
 
 

@@ -327,7 +327,7 @@ def _grad_weight_hidden_tile(
 def _grad_weight_out_tile(
     grad_out_ptr, z_ptr, grad_w_out_ptr, grad_bias_out_ptr, layer, out_tile,
     num_rows, width, hidden, out_features, negative_slope,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dW_out[m-chunk, l-th block] = grad_out^T @ h_l; layer 0's tiles also give db_out."""
@@ -348,7 +348,7 @@ def _grad_weight_out_tile(
         bias_acc += tl.sum(g_tile.to(tl.float32), axis=0)
     tl.store(grad_w_out_ptr + outs[:, None] * hidden + layer * width + units[None, :],
              acc.to(grad_w_out_ptr.dtype.element_ty), mask=out_mask[:, None] & unit_mask[None, :])
-    if HAS_BIAS:
+    if HAS_BIAS_OUT:
         if layer == 0:
             tl.store(grad_bias_out_ptr + outs, bias_acc.to(grad_bias_out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -358,7 +358,7 @@ def _backward_weights_kernel(
     grad_out_ptr, x_ptr, z_ptr, grad_z_ptr,
     grad_w_in_ptr, grad_w_hidden_ptr, grad_bias_ptr, grad_w_out_ptr, grad_bias_out_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
-    HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS_OUT: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Each branch is a helper call: Triton requires names assigned in both arms of a runtime
@@ -378,7 +378,7 @@ def _backward_weights_kernel(
         out_tile = tile - w_in_tiles - (num_layers - 1)
         _grad_weight_out_tile(grad_out_ptr, z_ptr, grad_w_out_ptr, grad_bias_out_ptr, out_tile % num_layers,
                               out_tile // num_layers, num_rows, width, hidden, out_features, negative_slope,
-                              HAS_BIAS, ACTIVATION, BLOCK_B, BLOCK_W, BLOCK_M)
+                              HAS_BIAS_OUT, ACTIVATION, BLOCK_B, BLOCK_W, BLOCK_M)
 
 
 # ---- host side: block sizes and launches -------------------------------------------------------------
@@ -416,7 +416,8 @@ def spinal_forward(
     activation: str,
     negative_slope: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, Z) of the fused forward, in one launch. Inputs are contiguous and checked by the caller."""
+    """(out, Z) of the fused forward, in one launch. Inputs are contiguous and checked by the caller.
+    The kernel always writes Z (its only cost is the store)."""
     num_rows, in_features = x.shape
     num_layers, width, split_size = weight_in.shape
     has_out = weight_out is not None
@@ -446,10 +447,12 @@ def spinal_backward(
     weight_hidden: torch.Tensor,
     weight_out: Optional[torch.Tensor],
     has_bias: bool,
+    has_bias_out: bool,
     activation: str,
     negative_slope: float,
 ) -> tuple[torch.Tensor, ...]:
-    """Every gradient of the fused op in two launches (data, then weights); see the module docstring."""
+    """Every gradient of the fused op in two launches (data, then weights); see the module docstring.
+    ``has_bias`` / ``has_bias_out``: whether the layer-bias / output-bias gradients are wanted."""
     num_rows, in_features = x.shape
     num_layers, width, split_size = weight_in.shape
     has_out = weight_out is not None
@@ -472,7 +475,8 @@ def spinal_backward(
     grad_w_hidden = torch.empty_like(weight_hidden)
     grad_bias = x.new_empty((num_layers, width) if has_bias else (0,))
     grad_w_out = torch.empty_like(weight_out) if has_out else x.new_empty(0)
-    grad_bias_out = x.new_empty(out_features if (has_bias and has_out) else 0)
+    has_bias_out = has_bias_out and has_out
+    grad_bias_out = x.new_empty(out_features if has_bias_out else 0)
     num_tiles = num_layers * triton.cdiv(split_size, blocks["BLOCK_K"]) + num_layers - 1
     if has_out:
         num_tiles += num_layers * triton.cdiv(out_features, blocks["BLOCK_M"])
@@ -480,7 +484,7 @@ def spinal_backward(
         grad_out, x, pre_activation, grad_z,
         grad_w_in, grad_w_hidden if grad_w_hidden.numel() else stand_in,
         grad_bias if has_bias else stand_in, grad_w_out if has_out else stand_in,
-        grad_bias_out if grad_bias_out.numel() else stand_in,
-        *common, HAS_BIAS=has_bias, HAS_OUT=has_out, ACTIVATION=act, **blocks,
+        grad_bias_out if has_bias_out else stand_in,
+        *common, HAS_BIAS=has_bias, HAS_BIAS_OUT=has_bias_out, HAS_OUT=has_out, ACTIVATION=act, **blocks,
     )
     return grad_x, grad_w_in, grad_w_hidden, grad_bias, grad_w_out, grad_bias_out

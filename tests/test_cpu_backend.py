@@ -1,7 +1,14 @@
 """The fused C++ CPU op (backend="cpu") against the float64 reference (SPEC §3, §4, §5)."""
 import pytest
 import torch
-from contract import check_backend, gradcheck_problem, make_config, random_params
+from contract import (
+    check_backend,
+    check_gradient_masks,
+    check_inference_keeps_no_pre_activation,
+    gradcheck_problem,
+    make_config,
+    random_params,
+)
 
 import spinal_ops
 from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
@@ -43,6 +50,30 @@ def test_gradcheck_float64(kwargs, activation):
 @pytest.mark.parametrize("kwargs, activation", CASES)
 def test_contract_against_float64_reference(kwargs, activation, dtype):
     check_backend("cpu", build(kwargs, activation), dtype, batch_shape=(5,))
+
+
+# Window groupings of the hoisted chain: one group (k = 1), groups of several layers (k = 2, 3),
+# one layer per group (wrapping windows with N/gcd(N, s) > L), and a bias without output bias.
+MASK_CONFIGS = {
+    "k2_groups": dict(in_features=8, out_features=3, layer_width=3, num_layers=5),
+    "wrapped_one_layer_per_group": dict(in_features=7, out_features=2, layer_width=2, num_layers=3, split_size=4),
+    "M_None": CONFIGS["M_None"],
+    "no_bias": CONFIGS["no_bias"],
+}
+
+
+@pytest.mark.parametrize("kwargs", MASK_CONFIGS.values(), ids=MASK_CONFIGS.keys())
+def test_backward_computes_only_what_autograd_asks_for(kwargs):
+    check_gradient_masks("cpu", build(kwargs, "tanh"), "spinal_ops::fused_backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch", [5, 3000], ids=["one_block", "row_blocks"])
+@pytest.mark.parametrize("out_features", [3, None], ids=["projection", "M_None"])
+def test_inference_keeps_no_pre_activation(batch, out_features, dtype):
+    # L*w = 1024: inference runs row blocks of 1024 rows, so batch 3000 ends in a partial block.
+    config = make_config(12, out_features, layer_width=256, num_layers=4, num_splits=3, activation="gelu")
+    check_inference_keeps_no_pre_activation("cpu", config, "spinal_ops::fused_forward", batch, dtype)
 
 
 @pytest.mark.parametrize("batch_shape", [(2, 3), (0,), (2, 0)], ids=["3d", "empty", "3d_empty"])
@@ -94,7 +125,8 @@ def test_opcheck_fused_backward(kwargs):
         x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, slope
     )
     grad_out = torch.randn(4, config.output_features)
-    args = (grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, bias is not None, activation, slope)
+    mask = [True, True, True, bias is not None, weight_out is not None, bias_out is not None]
+    args = (grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, mask, activation, slope)
     torch.library.opcheck(torch.ops.spinal_ops.fused_backward.default, args)
 
 

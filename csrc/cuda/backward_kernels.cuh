@@ -158,7 +158,7 @@ enum class JobKind { In, Hidden, Out };
 
 template <typename T>
 struct WeightGradArgs : ChainDims {
-  bool has_bias;
+  bool has_bias, has_bias_out;  // extra "ones" column of the IN / OUT jobs
   GradTiles tiles;
   int splits;
   int64_t rows_per_split;
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const Weig
     local = tile - p.tiles.in_total - p.tiles.hid_total;
     tiles_j = p.tiles.out_j;
     i_extent = p.out_features;
-    j_extent = hidden + (p.has_bias ? 1 : 0);
+    j_extent = hidden + (p.has_bias_out ? 1 : 0);
   }
   const int i0 = static_cast<int>(local / tiles_j) * kM;
   const int j0 = static_cast<int>(local % tiles_j) * kTileN;
@@ -323,7 +323,7 @@ WeightGradPlan plan_weight_grads(const SpinalShape& shape, int sm_count) {
   tiles.hid_i = ceil_div(w, TileM);
   tiles.hid_j = ceil_div(w, kTileN);
   tiles.out_i = shape.out_features > 0 ? ceil_div(shape.out_features, TileM) : 0;
-  tiles.out_j = ceil_div(shape.hidden() + bias_col, kTileN);
+  tiles.out_j = ceil_div(shape.hidden() + (shape.has_bias_out ? 1 : 0), kTileN);
   tiles.in_total = shape.num_layers * tiles.in_i * tiles.in_j;
   tiles.hid_total = (shape.num_layers - 1) * tiles.hid_i * tiles.hid_j;
   tiles.total = tiles.in_total + tiles.hid_total + tiles.out_i * tiles.out_j;
@@ -372,6 +372,7 @@ WeightGradArgs<T> make_weight_grad_args(const SpinalShape& shape, const WeightGr
   WeightGradArgs<T> g{};
   static_cast<ChainDims&>(g) = chain_dims(shape, act, slope);
   g.has_bias = shape.has_bias;
+  g.has_bias_out = shape.has_bias_out;
   g.tiles = plan.tiles;
   g.splits = static_cast<int>(plan.splits);
   g.rows_per_split = plan.rows_per_split;

@@ -1,5 +1,4 @@
-// Host entry points of the CUDA kernels (forward.cu, backward.cu) and the multi-launch path
-// (multi_launch.cu). Inputs are contiguous CUDA tensors of one dtype, already checked by
+// Host entry points of the CUDA kernels (forward.cu, backward.cu). Inputs are contiguous CUDA tensors of one dtype, already checked by
 // check_spinal_shape; outputs are allocated by the caller (register.cu).
 #pragma once
 
@@ -37,18 +36,6 @@ void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, const BackwardOutputs& grads);
-
-// ATen/cuBLAS implementation for shapes beyond the fused kernels (any w).
-void multi_launch_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
-                          const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
-                          Activation act, double negative_slope, const at::Tensor& out,
-                          const at::Tensor& pre_activation);
-
-void multi_launch_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
-                           const at::Tensor& pre_activation, const at::Tensor& weight_in,
-                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-                           Activation act, double negative_slope, const BackwardOutputs& grads);
 
 }  // namespace cuda_kernels
 }  // namespace spinal_ops

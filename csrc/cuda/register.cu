@@ -2,7 +2,7 @@
 //
 // Checks every argument before anything runs, guards x's device, makes inputs contiguous,
 // allocates the outputs and routes the call: fused kernels (forward.cu, backward.cu) when
-// w <= kFusedMaxWidth, the ATen multi-launch path (multi_launch.cu) beyond. An empty batch
+// w <= kFusedMaxWidth, the hoisted ATen chain (csrc/aten_chain.h, cuBLAS) beyond. An empty batch
 // launches nothing. Also defines spinal_ops::cuda_fused_max_width(), the threshold Python's
 // CudaBackend.supports() reports, so it lives in one place (kFusedMaxWidth).
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 
 #include <tuple>
 
+#include "../aten_chain.h"
 #include "kernels.h"
 #include "tile_mma.cuh"
 
@@ -40,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
                                                       const std::optional<at::Tensor>& bias_in,
                                                       const std::optional<at::Tensor>& weight_out_in,
                                                       const std::optional<at::Tensor>& bias_out_in,
-                                                      c10::string_view activation, double negative_slope) {
+                                                      c10::string_view activation, double negative_slope,
+                                                      bool keep_pre_activation) {
   const SpinalShape shape =
       check_spinal_shape(x_in, weight_in_in, weight_hidden_in, bias_in, weight_out_in, bias_out_in);
   check_cuda_inputs(x_in);
@@ -50,37 +52,29 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
   const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
+  if (!fused_path_supports(shape)) {  // too wide for the fused kernels' tiles
+    return chain::hoisted_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope,
+                                  keep_pre_activation);
+  }
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
+  // The fused kernel always writes Z; without keep_pre_activation it is scratch, freed on return.
   at::Tensor pre_activation = at::empty({shape.batch, shape.hidden()}, x.options());
-  if (shape.batch == 0) return {out, pre_activation};
-  if (fused_path_supports(shape)) {
+  if (shape.batch > 0) {
     launch_fused_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
                          static_cast<float>(negative_slope), out, pre_activation);
-  } else {
-    multi_launch_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope, out,
-                         pre_activation);
   }
-  return {out, pre_activation};
+  return {out, keep_pre_activation ? pre_activation : at::empty({0}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& pre_activation_in,
     const at::Tensor& weight_in_in, const at::Tensor& weight_hidden_in, const std::optional<at::Tensor>& weight_out_in,
-    bool has_bias, c10::string_view activation, double negative_slope) {
+    std::array<bool, 6> output_mask, c10::string_view activation, double negative_slope) {
   SpinalShape shape =
-      check_spinal_shape(x_in, weight_in_in, weight_hidden_in, std::nullopt, weight_out_in, std::nullopt);
-  shape.has_bias = has_bias;
+      check_backward_inputs(grad_out_in, x_in, pre_activation_in, weight_in_in, weight_hidden_in, weight_out_in);
+  shape.has_bias = output_mask[chain::kGradBias];
+  shape.has_bias_out = weight_out_in.has_value() && output_mask[chain::kGradBiasOut];
   check_cuda_inputs(x_in);
-  check_like_x(grad_out_in, x_in, "grad_out");
-  check_like_x(pre_activation_in, x_in, "pre_activation");
-  TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == shape.batch &&
-                  grad_out_in.size(1) == shape.output_width(),
-              "spinal_ops: grad_out must be [B, ", shape.output_width(), "] with B=", shape.batch, ", got ",
-              grad_out_in.sizes());
-  TORCH_CHECK(pre_activation_in.dim() == 2 && pre_activation_in.size(0) == shape.batch &&
-                  pre_activation_in.size(1) == shape.hidden(),
-              "spinal_ops: pre_activation must be [B, L*w] = [", shape.batch, ", ", shape.hidden(), "], got ",
-              pre_activation_in.sizes());
   const Activation act = parse_activation(activation);
   const c10::cuda::CUDAGuard guard(x_in.device());
 
@@ -88,6 +82,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pre_activation = pre_activation_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto weight_out = contiguous(weight_out_in);
+  if (!fused_path_supports(shape)) {
+    const auto grads = chain::hoisted_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden,
+                                               weight_out, act, negative_slope, output_mask);
+    return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+  }
+  // The fused kernels compute every gradient in their two launches; the mask only decides which
+  // bias gradients exist.
   const auto options = x.options();
   // With an empty batch every weight gradient is a sum over no rows: zero.
   const auto alloc = [&](at::IntArrayRef sizes) {
@@ -97,20 +98,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   grads.grad_x = at::empty_like(x);
   grads.grad_weight_in = alloc(weight_in.sizes());
   grads.grad_weight_hidden = alloc(weight_hidden.sizes());
-  grads.grad_bias = has_bias ? alloc({shape.num_layers, shape.layer_width}) : at::empty({0}, options);
+  grads.grad_bias = shape.has_bias ? alloc({shape.num_layers, shape.layer_width}) : at::empty({0}, options);
   grads.grad_weight_out = weight_out ? alloc(weight_out->sizes()) : at::empty({0}, options);
-  grads.grad_bias_out = has_bias && weight_out ? alloc({shape.out_features}) : at::empty({0}, options);
+  grads.grad_bias_out = shape.has_bias_out ? alloc({shape.out_features}) : at::empty({0}, options);
   if (shape.batch > 0) {
-    if (fused_path_supports(shape)) {
-      launch_fused_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
-                            static_cast<float>(negative_slope), grads);
-    } else {
-      multi_launch_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
-                            negative_slope, grads);
-    }
+    launch_fused_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
+                          static_cast<float>(negative_slope), grads);
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
+}
+
+// The hoisted chain on cuBLAS, chosen per call by the cuda backend's cost model.
+std::tuple<at::Tensor, at::Tensor> hoisted_forward_cuda(const at::Tensor& x, const at::Tensor& weight_in,
+                                                        const at::Tensor& weight_hidden,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const std::optional<at::Tensor>& weight_out,
+                                                        const std::optional<at::Tensor>& bias_out,
+                                                        c10::string_view activation, double negative_slope,
+                                                        bool keep_pre_activation) {
+  const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
+  check_cuda_inputs(x);
+  const Activation act = parse_activation(activation);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return chain::hoisted_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(),
+                                contiguous(bias), contiguous(weight_out), contiguous(bias_out), act, negative_slope,
+                                keep_pre_activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hoisted_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation, const at::Tensor& weight_in,
+    const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out, std::array<bool, 6> output_mask,
+    c10::string_view activation, double negative_slope) {
+  const SpinalShape shape = check_backward_inputs(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out);
+  check_cuda_inputs(x);
+  const Activation act = parse_activation(activation);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto grads = chain::hoisted_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+                                             weight_in.contiguous(), weight_hidden.contiguous(),
+                                             contiguous(weight_out), act, negative_slope, output_mask);
+  return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
 }
 
 int64_t fused_max_width() { return kFusedMaxWidth; }
@@ -126,4 +153,6 @@ TORCH_LIBRARY_FRAGMENT(spinal_ops, m) {
 TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {
   m.impl("fused_forward", &spinal_ops::cuda_kernels::fused_forward_cuda);
   m.impl("fused_backward", &spinal_ops::cuda_kernels::fused_backward_cuda);
+  m.impl("hoisted_forward", &spinal_ops::cuda_kernels::hoisted_forward_cuda);
+  m.impl("hoisted_backward", &spinal_ops::cuda_kernels::hoisted_backward_cuda);
 }

@@ -1,31 +1,64 @@
-"""The ``cuda`` backend: hand-written CUDA kernels (csrc/cuda/), same ops as ``cpu``.
+"""The ``cuda`` backend: hand-written CUDA kernels (csrc/cuda/) and the hoisted cuBLAS chain.
 
-Layers up to ``fused_max_width()`` wide run the fused kernels (one forward launch, two
-backward launches); wider ones run the op's multi-launch path (cuBLAS through ATen).
-``supports()`` says which, in its reason.
+Each call runs one of two op pairs, chosen by the cost model of cuda_cost.py from the call's
+shape, batch and device: ``fused_forward``/``fused_backward`` (the fused kernels: one forward
+launch, two backward launches, for layers up to ``fused_max_width()`` wide) or
+``hoisted_forward``/``hoisted_backward`` (csrc/aten_chain.h on cuBLAS: large batches and wide
+layers). Both keep Z in the same layout and compute the same function.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 
 from .._extension import cuda_kernels_compiled, load_extension
-from ..config import SpinalConfig
+from ..config import SpinalConfig, SpinalParams
 from .base import Support
-from .fused import FusedOpBackend
+from .cuda_cost import GpuModel, PathChoice, choose_path, model_for
+from .fused import FusedOpBackend, needs_pre_activation
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core WMMA; the build targets sm80 and sm90
+PATHS = ("fused", "hoisted")
 
 
-# Resolved once by availability() (at import, see dispatch.py), so that supports() only reads
-# plain values inside a torch.compile trace.
+# Resolved once by availability() (at import, see dispatch.py), so that supports() and the path
+# choice only read plain values inside a torch.compile trace.
 _fused_max_width: int = 0  # kFusedMaxWidth of csrc/cuda/tile_mma.cuh, read from the build
 _capabilities: dict[int, tuple[int, int]] = {}
+_models: dict[int, GpuModel] = {}
+_forced_path: Optional[str] = None
 
 
 def fused_max_width() -> int:
-    """Widest layer (w) the fused kernels run; wider layers take the multi-launch path."""
+    """Widest layer (w) the fused kernels run; wider layers take the hoisted path."""
     return _fused_max_width
+
+
+@contextlib.contextmanager
+def forced_path(path: str) -> Iterator[None]:
+    """Run every cuda-backend call inside the block on one path ("fused" or "hoisted"; the fused
+    kernels only up to fused_max_width()): for benchmarks that calibrate the cost model."""
+    global _forced_path
+    if path not in PATHS:
+        raise ValueError(f"spinal_ops: unknown CUDA path {path!r}; expected one of {', '.join(PATHS)}")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
+
+
+def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torch.device,
+              training: bool) -> PathChoice:
+    """The path the cuda backend runs for this call, and why."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _forced_path is not None and (_forced_path == "hoisted" or config.layer_width <= _fused_max_width):
+        return PathChoice(_forced_path, f"{_forced_path} path forced")
+    return choose_path(config, batch, dtype, _models[index], training, _fused_max_width)
 
 
 class CudaBackend(FusedOpBackend):
@@ -43,6 +76,8 @@ class CudaBackend(FusedOpBackend):
         _fused_max_width = int(torch.ops.spinal_ops.cuda_fused_max_width())
         for index in range(torch.cuda.device_count()):
             _capabilities[index] = torch.cuda.get_device_capability(index)
+            properties = torch.cuda.get_device_properties(index)
+            _models[index] = model_for(properties.name, properties.multi_processor_count)
         return Support.yes()
 
     def supports(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
@@ -56,8 +91,13 @@ class CudaBackend(FusedOpBackend):
             return Support.no(f"needs compute capability >= 8.0, device {index} has {capability[0]}.{capability[1]}")
         limit = fused_max_width()
         if config.layer_width > limit:
-            return Support.yes(f"multi-launch path: w={config.layer_width} > {limit}")
-        return Support.yes("fused kernel")
+            return Support.yes(f"hoisted cuBLAS chain: w={config.layer_width} > {limit}")
+        return Support.yes("fused kernels or hoisted cuBLAS chain, per call by the cost model")
 
-    def forward_op(self):
-        return torch.ops.spinal_ops.fused_forward.default
+    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
+        training = needs_pre_activation(x, params)
+        choice = cuda_path(config, x.shape[0], x.dtype, x.device, training)
+        op = torch.ops.spinal_ops.fused_forward if choice.path == "fused" else torch.ops.spinal_ops.hoisted_forward
+        contiguous = [None if p is None else p.contiguous() for p in params]
+        out, _ = op.default(x.contiguous(), *contiguous, config.activation, config.negative_slope, training)
+        return out

@@ -4,8 +4,10 @@ autograd, and the Backend wrapper around a (forward, backward) op pair.
 Every fused backend exposes two ops in the ``spinal_ops`` namespace with the schemas below.
 ``forward`` returns ``(out, pre_activation)``: ``out`` is y (or H when there is no output
 projection) and ``pre_activation`` is Z = [z_0, ..., z_{L-1}] (B x L*w), which is all the
-backward needs besides the inputs (it recomputes h = phi(z) on the fly). ``backward`` returns
-every gradient in one call; absent parameters get empty gradients.
+backward needs besides the inputs (it recomputes h = phi(z) on the fly). With
+``keep_pre_activation=False`` (no gradient will be needed) Z is neither kept nor, where the
+backend can avoid it, computed, and an empty tensor is returned in its place. ``backward``
+returns the gradients ``output_mask`` asks for in one call; the others are empty tensors.
 """
 from __future__ import annotations
 
@@ -18,32 +20,48 @@ from .base import Backend
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, "
-    "Tensor? bias_out, str activation, float negative_slope) -> (Tensor, Tensor)"
+    "Tensor? bias_out, str activation, float negative_slope, bool keep_pre_activation=True) -> (Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, "
-    "Tensor? weight_out, bool has_bias, str activation, float negative_slope) "
+    "Tensor? weight_out, bool[6] output_mask, str activation, float negative_slope) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+# output_mask / gradient order of the backward: x, weight_in, weight_hidden, bias, weight_out, bias_out.
+NUM_GRADS = 6
 
 
-def fake_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope):
+def fake_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
+                 keep_pre_activation=True):
     num_layers, layer_width, _ = weight_in.shape
     hidden = num_layers * layer_width
     out_features = hidden if weight_out is None else weight_out.shape[0]
-    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], hidden)
+    pre_activation = x.new_empty(x.shape[0], hidden) if keep_pre_activation else x.new_empty(0)
+    return x.new_empty(x.shape[0], out_features), pre_activation
 
 
-def fake_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, has_bias, activation, negative_slope):
+def gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask) -> list[tuple[int, ...]]:
+    """Shapes of the backward's six outputs: the gradient's where the mask asks for it, else (0,)."""
     num_layers, layer_width, _ = weight_in.shape
-    return (
-        torch.empty_like(x),
-        torch.empty_like(weight_in),
-        torch.empty_like(weight_hidden),
-        x.new_empty((num_layers, layer_width) if has_bias else (0,)),
-        torch.empty_like(weight_out) if weight_out is not None else x.new_empty(0),
-        x.new_empty(weight_out.shape[0] if (has_bias and weight_out is not None) else 0),
-    )
+    full = [
+        tuple(x.shape),
+        tuple(weight_in.shape),
+        tuple(weight_hidden.shape),
+        (num_layers, layer_width),
+        tuple(weight_out.shape) if weight_out is not None else (0,),
+        (weight_out.shape[0],) if weight_out is not None else (0,),
+    ]
+    return [shape if wanted else (0,) for shape, wanted in zip(full, output_mask)]
+
+
+def fake_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
+                  negative_slope):
+    return tuple(x.new_empty(shape) for shape in gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask))
+
+
+def needs_pre_activation(x: torch.Tensor, params) -> bool:
+    """Whether autograd will call the backward: only then does the forward keep Z."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
 
 
 def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
@@ -53,10 +71,8 @@ def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
     """
 
     def setup_context(ctx, inputs, output):
-        x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope = inputs
+        x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope, *_ = inputs
         ctx.save_for_backward(x, output[1], weight_in, weight_hidden, weight_out)
-        ctx.has_bias = bias is not None
-        ctx.has_bias_out = bias_out is not None
         ctx.activation = activation
         ctx.negative_slope = negative_slope
         # Z is never differentiated; without this autograd allocates and zero-fills a [B, L*w]
@@ -65,23 +81,17 @@ def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
 
     def backward(ctx, grad_out, _grad_pre_activation):
         if grad_out is None:  # only Z was used downstream, so no gradient flows
-            return (None,) * 8
+            return (None,) * len(ctx.needs_input_grad)
         x, pre_activation, weight_in, weight_hidden, weight_out = ctx.saved_tensors
+        # Only what autograd asks for (None inputs never ask): a frozen input pays no dx, frozen
+        # weights no weight gradients.
+        output_mask = list(ctx.needs_input_grad[:NUM_GRADS])
         grads = backward_op(
             grad_out.contiguous(), x, pre_activation, weight_in, weight_hidden, weight_out,
-            ctx.has_bias, ctx.activation, ctx.negative_slope,
+            output_mask, ctx.activation, ctx.negative_slope,
         )
-        grad_x, grad_w_in, grad_w_hidden, grad_bias, grad_w_out, grad_b_out = grads
-        return (
-            grad_x,
-            grad_w_in,
-            grad_w_hidden,
-            grad_bias if ctx.has_bias else None,
-            grad_w_out if weight_out is not None else None,
-            grad_b_out if ctx.has_bias_out else None,
-            None,
-            None,
-        )
+        trailing = (None,) * (len(ctx.needs_input_grad) - NUM_GRADS)
+        return (*(grad if wanted else None for grad, wanted in zip(grads, output_mask)), *trailing)
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError(
@@ -101,5 +111,6 @@ class FusedOpBackend(Backend):
 
     def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
         contiguous = [None if p is None else p.contiguous() for p in params]
-        out, _ = self.forward_op()(x.contiguous(), *contiguous, config.activation, config.negative_slope)
+        keep = needs_pre_activation(x, params)
+        out, _ = self.forward_op()(x.contiguous(), *contiguous, config.activation, config.negative_slope, keep)
         return out

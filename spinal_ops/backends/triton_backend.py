@@ -55,18 +55,21 @@ def _check_contiguous(**tensors) -> None:
             raise ValueError(f"spinal_ops::triton ops: {name} must be contiguous")
 
 
-def _triton_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope):
+def _triton_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
+                    keep_pre_activation=True):
     from .. import triton_kernels
 
     _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
     _check_contiguous(x=x, weight_in=weight_in, weight_hidden=weight_hidden, bias=bias, weight_out=weight_out, bias_out=bias_out)
     with _device_guard(x):
-        return triton_kernels.spinal_forward(
+        out, pre_activation = triton_kernels.spinal_forward(
             x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope
         )
+    return out, pre_activation if keep_pre_activation else x.new_empty(0)
 
 
-def _triton_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, has_bias, activation, negative_slope):
+def _triton_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
+                     negative_slope):
     from .. import triton_kernels
 
     config = _checked_config(x, weight_in, weight_hidden, None, weight_out, None, activation, negative_slope)
@@ -83,8 +86,11 @@ def _triton_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weig
     _check_contiguous(grad_out=grad_out, x=x, pre_activation=pre_activation, weight_in=weight_in,
                       weight_hidden=weight_hidden, weight_out=weight_out)
     with _device_guard(x):
+        # The kernels compute every weight gradient in one launch; the mask decides which bias
+        # gradients exist (the rest are computed and dropped by autograd).
         return triton_kernels.spinal_backward(
-            grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, has_bias, activation, negative_slope
+            grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask[3], output_mask[5],
+            activation, negative_slope,
         )
 
 

@@ -130,6 +130,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  int64_t sm_count) {
   SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt);
   shape.has_bias = has_bias;
+  shape.has_bias_out = has_bias && weight_out.has_value();
   const auto options = x.options();
   BackwardOutputs grads;
   grads.grad_x = at::full_like(x, NAN);

@@ -1,0 +1,311 @@
+// The hoisted spinal chain in ATen calls (scheme in aten_chain.h).
+#include "aten_chain.h"
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+namespace spinal_ops::chain {
+namespace {
+
+// Inference runs row blocks through one reused [rows, L*w] buffer of at most this many elements
+// (but at least kMinBlockRows rows, so that each GEMM still has rows to work with). On a CPU a
+// block of 1M elements stays in cache between the GEMMs that write and read it; on a GPU the
+// blocks are only a memory bound, large enough that a block fills the device.
+constexpr int64_t kCpuInferenceBlockElements = int64_t{1} << 20;
+constexpr int64_t kGpuInferenceBlockElements = int64_t{1} << 26;
+constexpr int64_t kMinBlockRows = 256;
+
+// Layers grouped by the input window they read: group g holds layers g, g+p, g+2p, ... where
+// p = N / gcd(N, s) is the period of the window starts (l*s) mod N. "Slots" number the layers
+// in group-major order.
+struct LayerGroups {
+  int64_t num_layers;
+  int64_t period;
+  int64_t count;  // number of groups, min(p, L)
+
+  explicit LayerGroups(const SpinalShape& shape)
+      : num_layers(shape.num_layers),
+        period(shape.in_features / std::gcd(shape.in_features, shape.split_size)),
+        count(std::min(period, shape.num_layers)) {}
+
+  int64_t size(int64_t group) const { return (num_layers - group + period - 1) / period; }
+  int64_t first_slot(int64_t group) const {
+    int64_t slot = 0;
+    for (int64_t g = 0; g < group; ++g) slot += size(g);
+    return slot;
+  }
+  int64_t slot(int64_t layer) const { return first_slot(layer % period) + layer / period; }
+  // One group, or one layer per group: group-major order is layer order.
+  bool is_layer_order() const { return count == 1 || count == num_layers; }
+};
+
+// The layer dimension `dim` (size L) of t in group-major order (t itself when that is layer order).
+at::Tensor to_group_major(const at::Tensor& t, int64_t dim, const LayerGroups& groups) {
+  if (groups.is_layer_order()) return t;
+  std::vector<at::Tensor> parts;
+  parts.reserve(groups.count);
+  for (int64_t g = 0; g < groups.count; ++g) parts.push_back(t.slice(dim, g, groups.num_layers, groups.period));
+  return at::cat(parts, dim);
+}
+
+// dst (layer order) = src (group-major), along dimension `dim` of size L.
+void copy_from_group_major(at::Tensor dst, const at::Tensor& src, int64_t dim, const LayerGroups& groups) {
+  if (groups.is_layer_order()) {
+    dst.copy_(src);
+    return;
+  }
+  for (int64_t g = 0; g < groups.count; ++g) {
+    dst.slice(dim, g, groups.num_layers, groups.period).copy_(src.narrow(dim, groups.first_slot(g), groups.size(g)));
+  }
+}
+
+// One contiguous run of a window: input columns [input_start, +length) meet weight_in columns
+// [weight_start, +length). A window is one piece, or two when it wraps past column N-1.
+struct WindowPiece {
+  int64_t input_start;
+  int64_t weight_start;
+  int64_t length;
+};
+
+std::vector<WindowPiece> window_pieces(const SpinalShape& shape, int64_t layer) {
+  const int64_t start = shape.window_start(layer), head = shape.window_head(layer);
+  std::vector<WindowPiece> pieces{{start, 0, head}};
+  if (head < shape.split_size) pieces.push_back({0, head, shape.split_size - head});
+  return pieces;
+}
+
+// out = start + a @ b, where start is out itself, or, for the first product of a sum, the
+// broadcast bias (zero without one): the sum is built in place without a zero-fill pass.
+void add_product(at::Tensor out, bool first, const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                 const at::Tensor& b) {
+  if (!first) {
+    out.addmm_(a, b);
+  } else if (bias) {
+    at::addmm_out(out, *bias, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+// The parameters the forward reads, with the layer dimension in group-major order.
+struct GroupedParams {
+  at::Tensor weight_in;               // [L*w, s]
+  std::optional<at::Tensor> bias;     // [L*w]
+  at::Tensor weight_out;              // [M, L*w]; undefined without projection
+};
+
+GroupedParams group_params(const SpinalShape& shape, const LayerGroups& groups, const at::Tensor& weight_in,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight_out) {
+  const int64_t hidden = shape.hidden();
+  GroupedParams grouped;
+  grouped.weight_in = to_group_major(weight_in, 0, groups).reshape({hidden, shape.split_size});
+  if (bias) grouped.bias = to_group_major(*bias, 0, groups).reshape({hidden});
+  if (weight_out) {
+    const at::Tensor by_layer = weight_out->view({shape.out_features, shape.num_layers, shape.layer_width});
+    grouped.weight_out = to_group_major(by_layer, 1, groups).reshape({shape.out_features, hidden});
+  }
+  return grouped;
+}
+
+// The forward on `rows` (x rows, out rows and, when training, Z rows), through `buffer`
+// [rows, L*w]: the group GEMMs fill it with the input products (group-major), the recurrence
+// turns each layer's slot into z_l (in place when Z is not kept) and then h_l.
+void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const GroupedParams& grouped,
+                  const at::Tensor& x, const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias_out,
+                  Activation act, double negative_slope, at::Tensor buffer, const at::Tensor& pre_activation,
+                  at::Tensor out) {
+  const int64_t w = shape.layer_width;
+  const bool projection = grouped.weight_out.defined();
+  const bool keep = pre_activation.defined();
+  const auto slot_columns = [&](int64_t layer) { return buffer.narrow(1, groups.slot(layer) * w, w); };
+
+  for (int64_t g = 0; g < groups.count; ++g) {
+    const int64_t first = groups.first_slot(g) * w, width = groups.size(g) * w;
+    const at::Tensor columns = buffer.narrow(1, first, width);
+    const at::Tensor weights = grouped.weight_in.narrow(0, first, width);
+    const auto bias = grouped.bias ? std::optional<at::Tensor>(grouped.bias->narrow(0, first, width)) : std::nullopt;
+    bool first_piece = true;
+    for (const WindowPiece& piece : window_pieces(shape, g)) {
+      add_product(columns, first_piece, bias, x.narrow(1, piece.input_start, piece.length),
+                  weights.narrow(1, piece.weight_start, piece.length).t());
+      first_piece = false;
+    }
+  }
+
+  // h_l lives in its slot (group-major H for the projection) or, without projection, in out.
+  const auto hidden_of = [&](int64_t layer) {
+    return projection ? slot_columns(layer) : out.narrow(1, layer * w, w);
+  };
+  for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+    const at::Tensor products = slot_columns(layer);
+    at::Tensor z = keep ? pre_activation.narrow(1, layer * w, w) : products;
+    if (layer > 0) {
+      const at::Tensor recurrent = weight_hidden[layer - 1].t();
+      if (keep) {
+        at::addmm_out(z, products, hidden_of(layer - 1), recurrent);
+      } else {
+        z.addmm_(hidden_of(layer - 1), recurrent);
+      }
+    } else if (keep) {
+      z.copy_(products);
+    }
+    apply_activation(hidden_of(layer), z, act, negative_slope);
+  }
+  if (projection) add_product(out, true, bias_out, buffer, grouped.weight_out.t());
+}
+
+bool uses_activation_output(Activation act) { return act == Activation::Tanh || act == Activation::Sigmoid; }
+
+}  // namespace
+
+void apply_activation(at::Tensor h, const at::Tensor& z, Activation act, double negative_slope) {
+  // ATen's out= kernels are also what the reference backend runs, so NaN/Inf behave alike.
+  switch (act) {
+    case Activation::ReLU: at::clamp_min_out(h, z, 0); return;  // torch.relu: NaN stays NaN
+    case Activation::LeakyReLU: at::leaky_relu_out(h, z, negative_slope); return;
+    case Activation::GELU: at::gelu_out(h, z, "none"); return;
+    case Activation::GELUTanh: at::gelu_out(h, z, "tanh"); return;
+    case Activation::SiLU: at::silu_out(h, z); return;
+    case Activation::Tanh: at::tanh_out(h, z); return;
+    case Activation::Sigmoid: at::sigmoid_out(h, z); return;
+    case Activation::Identity:
+      if (!h.is_same(z)) h.copy_(z);
+      return;
+  }
+}
+
+void multiply_by_activation_grad(at::Tensor dz, const at::Tensor& z, const at::Tensor& h, Activation act,
+                                 double negative_slope) {
+  // The backward kernels autograd runs for the reference backend.
+  switch (act) {
+    case Activation::ReLU: at::threshold_backward_out(dz, dz, z, 0); return;
+    case Activation::LeakyReLU: at::leaky_relu_backward_out(dz, dz, z, negative_slope, false); return;
+    case Activation::GELU: at::gelu_backward_out(dz, dz, z, "none"); return;
+    case Activation::GELUTanh: at::gelu_backward_out(dz, dz, z, "tanh"); return;
+    case Activation::SiLU: at::silu_backward_out(dz, dz, z); return;
+    case Activation::Tanh: at::tanh_backward_out(dz, dz, h); return;
+    case Activation::Sigmoid: at::sigmoid_backward_out(dz, dz, h); return;
+    case Activation::Identity: return;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, const at::Tensor& x,
+                                                   const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& weight_out,
+                                                   const std::optional<at::Tensor>& bias_out, Activation act,
+                                                   double negative_slope, bool keep_pre_activation) {
+  const LayerGroups groups(shape);
+  const GroupedParams grouped = group_params(shape, groups, weight_in, bias, weight_out);
+  const int64_t batch = shape.batch, hidden = shape.hidden();
+  const auto options = x.options();
+  at::Tensor out = at::empty({batch, shape.output_width()}, options);
+  if (keep_pre_activation) {
+    at::Tensor pre_activation = at::empty({batch, hidden}, options);
+    if (batch > 0) {
+      forward_rows(shape, groups, grouped, x, weight_hidden, bias_out, act, negative_slope,
+                   at::empty({batch, hidden}, options), pre_activation, out);
+    }
+    return {out, pre_activation};
+  }
+  const int64_t block_elements = x.is_cpu() ? kCpuInferenceBlockElements : kGpuInferenceBlockElements;
+  const int64_t block = std::min(batch, std::max(kMinBlockRows, block_elements / hidden));
+  if (batch > 0) {
+    at::Tensor buffer = at::empty({block, hidden}, options);
+    for (int64_t row = 0; row < batch; row += block) {
+      const int64_t rows = std::min(block, batch - row);
+      forward_rows(shape, groups, grouped, x.narrow(0, row, rows), weight_hidden, bias_out, act, negative_slope,
+                   buffer.narrow(0, 0, rows), at::Tensor(), out.narrow(0, row, rows));
+    }
+  }
+  return {out, at::empty({0}, options)};
+}
+
+std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                                           const at::Tensor& weight_hidden,
+                                           const std::optional<at::Tensor>& weight_out, Activation act,
+                                           double negative_slope, const GradMask& mask) {
+  const auto options = x.options();
+  std::array<at::Tensor, 6> grads;
+  for (at::Tensor& grad : grads) grad = at::empty({0}, options);
+  const bool projection = weight_out.has_value();
+  const bool need_dz = mask[kGradX] || mask[kGradWeightIn] || mask[kGradWeightHidden] || mask[kGradBias];
+  const int64_t batch = shape.batch, w = shape.layer_width, num_layers = shape.num_layers, hidden = shape.hidden();
+
+  // H = phi(Z), in layer order: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does.
+  const bool need_hidden = mask[kGradWeightHidden] || (projection && mask[kGradWeightOut]) ||
+                           (need_dz && uses_activation_output(act));
+  at::Tensor hidden_act;
+  if (need_hidden) {
+    hidden_act = at::empty({batch, hidden}, options);
+    apply_activation(hidden_act, pre_activation, act, negative_slope);
+  }
+  if (projection && mask[kGradWeightOut]) grads[kGradWeightOut] = at::mm(grad_out.t(), hidden_act);
+  if (projection && mask[kGradBiasOut]) grads[kGradBiasOut] = grad_out.sum(0);
+  if (!need_dz) return grads;
+
+  // dZ in group-major order, starting from dH = G @ W_out (or G itself without projection).
+  const LayerGroups groups(shape);
+  const auto slot_columns = [&](const at::Tensor& t, int64_t layer) { return t.narrow(1, groups.slot(layer) * w, w); };
+  at::Tensor grad_z;
+  if (projection) {
+    const at::Tensor by_layer = weight_out->view({shape.out_features, num_layers, w});
+    grad_z = at::mm(grad_out, to_group_major(by_layer, 1, groups).reshape({shape.out_features, hidden}));
+  } else {
+    grad_z = to_group_major(grad_out.view({batch, num_layers, w}), 1, groups).reshape({batch, hidden}).clone();
+  }
+  for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
+    at::Tensor dz = slot_columns(grad_z, layer);
+    if (layer + 1 < num_layers) dz.addmm_(slot_columns(grad_z, layer + 1), weight_hidden[layer]);
+    const at::Tensor h = need_hidden ? hidden_act.narrow(1, layer * w, w) : at::Tensor();
+    multiply_by_activation_grad(dz, pre_activation.narrow(1, layer * w, w), h, act, negative_slope);
+  }
+
+  if (mask[kGradWeightHidden]) {
+    grads[kGradWeightHidden] = at::empty_like(weight_hidden);
+    for (int64_t layer = 1; layer < num_layers; ++layer) {
+      at::Tensor grad_r = grads[kGradWeightHidden][layer - 1];
+      at::mm_out(grad_r, slot_columns(grad_z, layer).t(), hidden_act.narrow(1, (layer - 1) * w, w));
+    }
+  }
+  if (mask[kGradBias]) {
+    grads[kGradBias] = at::empty({num_layers, w}, options);
+    copy_from_group_major(grads[kGradBias], grad_z.sum(0).view({num_layers, w}), 0, groups);
+  }
+  if (mask[kGradWeightIn]) {
+    const at::Tensor grouped = at::empty({hidden, shape.split_size}, options);
+    for (int64_t g = 0; g < groups.count; ++g) {
+      const int64_t first = groups.first_slot(g) * w, width = groups.size(g) * w;
+      const at::Tensor dz = grad_z.narrow(1, first, width).t();
+      for (const WindowPiece& piece : window_pieces(shape, g)) {
+        at::Tensor target = grouped.narrow(0, first, width).narrow(1, piece.weight_start, piece.length);
+        at::mm_out(target, dz, x.narrow(1, piece.input_start, piece.length));
+      }
+    }
+    grads[kGradWeightIn] = at::empty_like(weight_in);
+    copy_from_group_major(grads[kGradWeightIn], grouped.view({num_layers, w, shape.split_size}), 0, groups);
+  }
+  if (mask[kGradX]) {
+    // When s divides N and every group is present, the windows tile x exactly once: each column
+    // of dx is written by one GEMM and needs no zero fill. Otherwise windows overlap or leave
+    // columns unread, and the GEMMs accumulate into zeros.
+    const bool tiles_once = shape.in_features % shape.split_size == 0 && groups.count == groups.period;
+    at::Tensor grad_x = tiles_once ? at::empty_like(x) : at::zeros_like(x);
+    const at::Tensor grouped_weight_in = to_group_major(weight_in, 0, groups).reshape({hidden, shape.split_size});
+    for (int64_t g = 0; g < groups.count; ++g) {
+      const int64_t first = groups.first_slot(g) * w, width = groups.size(g) * w;
+      const at::Tensor dz = grad_z.narrow(1, first, width);
+      const at::Tensor weights = grouped_weight_in.narrow(0, first, width);
+      for (const WindowPiece& piece : window_pieces(shape, g)) {
+        at::Tensor target = grad_x.narrow(1, piece.input_start, piece.length);
+        add_product(target, tiles_once, std::nullopt, dz, weights.narrow(1, piece.weight_start, piece.length));
+      }
+    }
+    grads[kGradX] = grad_x;
+  }
+  return grads;
+}
+
+}  // namespace spinal_ops::chain

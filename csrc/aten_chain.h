@@ -1,0 +1,68 @@
+// The hoisted spinal chain in ATen calls: one implementation for every device (BLAS on CPU,
+// cuBLAS on CUDA).
+//
+// Only h_{l-1} @ R_l^T is sequential. Everything else is hoisted out of the layer loop into a
+// few large GEMMs:
+//
+//   * Layers whose windows start at the same column read the same input columns. Layer l starts
+//     at (l*s) mod N, so equal starts repeat with period p = N / gcd(N, s): the groups are
+//     {g, g+p, g+2p, ...} for g < min(p, L) (with N = k*s, p = k: k GEMMs instead of L).
+//     Each group's input products are one GEMM x[:, window] @ [A_g; A_{g+p}; ...]^T, two when
+//     the window wraps past column N-1.
+//   * The group GEMMs write a [B, L*w] buffer in "group-major" column order (group 0's layers,
+//     then group 1's, ...). Weights are permuted into that order once per call (weight-sized
+//     copies, cheap next to the B-sized work); activations stay in layer order where they leave
+//     the op (Z = [z_0, ..., z_{L-1}] and y/H), so every backend's backward reads the same Z.
+//   * The output projection is one GEMM on H; its gradients dW_out = G^T H and dH = G W_out are
+//     one GEMM each; dx and dW_in are one GEMM per group (and window piece).
+//
+// The backward computes only what `output_mask` asks for (x, weight_in, weight_hidden, bias,
+// weight_out, bias_out): a frozen backbone pays no dx, frozen spinal weights no weight
+// gradients; a gradient not asked for is returned as an empty [0] tensor. The forward keeps Z
+// only when asked (training); inference runs row blocks through one reused buffer, so its
+// memory is O(B*M + block*L*w) instead of O(B*L*w).
+//
+// Tensors come in the compute dtype (the CPU op upcasts bfloat16 first; cuBLAS computes half
+// types with fp32 accumulation itself) and contiguous.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "activation.h"
+#include "spinal_shape.h"
+
+namespace spinal_ops::chain {
+
+// Gradient slots of fused_backward, in schema order.
+enum GradSlot : int { kGradX, kGradWeightIn, kGradWeightHidden, kGradBias, kGradWeightOut, kGradBiasOut };
+using GradMask = std::array<bool, 6>;
+
+// h = phi(z) into h (which may be z itself), for equally shaped, possibly strided, tensors.
+void apply_activation(at::Tensor h, const at::Tensor& z, Activation act, double negative_slope);
+
+// dz *= phi'(z) in place; h = phi(z) (tanh and sigmoid use it).
+void multiply_by_activation_grad(at::Tensor dz, const at::Tensor& z, const at::Tensor& h, Activation act,
+                                 double negative_slope);
+
+// (out, pre_activation): out is y [B, M] (H [B, L*w] without projection); pre_activation is
+// Z [B, L*w] when keep_pre_activation, else an empty [0] tensor.
+std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, const at::Tensor& x,
+                                                   const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const std::optional<at::Tensor>& weight_out,
+                                                   const std::optional<at::Tensor>& bias_out, Activation act,
+                                                   double negative_slope, bool keep_pre_activation);
+
+// (grad_x, grad_weight_in, grad_weight_hidden, grad_bias, grad_weight_out, grad_bias_out); a
+// slot whose mask entry is false holds an empty [0] tensor.
+std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                                           const at::Tensor& weight_hidden,
+                                           const std::optional<at::Tensor>& weight_out, Activation act,
+                                           double negative_slope, const GradMask& mask);
+
+}  // namespace spinal_ops::chain

@@ -1,0 +1,126 @@
+"""Which CUDA path runs a call: the fused kernels or the hoisted cuBLAS chain.
+
+Both paths compute the same function from the same parameters and keep Z in the same layout,
+so the cuda backend picks one per call, by predicted time. The model (seconds):
+
+  fused   = launches * FUSED_LAUNCH + waves * (L * FUSED_LAYER + tile_flops / fused_cta_flops)
+            One CTA per row tile (64 rows for half types, 32 for float32) walks the whole chain;
+            waves = ceil(row tiles / SMs), so a small batch leaves SMs idle. A CTA's rate falls
+            with narrow layers (its column tiles are 64 wide): fused_cta_flops * min(1, w / 64).
+  hoisted = ops * OP + max(flops / gemm_flops, bytes / bandwidth)
+            ops: the ATen calls of the chain (window GEMMs, three per layer, the output GEMM and
+            bookkeeping); bytes: x read once, four [B, L*w] passes (products, Z, H written and
+            read), y written.
+
+Training calls (a backward will follow) add the backward of each path: the fused backward's two
+launches do twice the forward's tile work; the hoisted backward has ~3 ops per layer more and
+twice the forward's FLOPs. Layers wider than the fused limit always take the hoisted path.
+
+The constants of each GPU live in GPU_MODELS and nowhere else; scripts/gpu_session.sh measures
+both paths on the presets (`spinal-bench --backends cuda_fused cuda_hoisted`), from which they
+are calibrated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SpinalConfig
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    """Cost constants of one GPU (rates in FLOP/s and bytes/s, times in seconds)."""
+
+    name: str
+    sm_count: int
+    gemm_flops: dict[torch.dtype, float]  # what cuBLAS sustains on the hoisted chain's GEMMs
+    bandwidth: float  # device memory, bytes read + written per second
+    op_seconds: float  # host + launch cost of one ATen call of the hoisted chain
+    fused_launch_seconds: float
+    fused_layer_seconds: float  # per layer and row tile: the chain's barriers and staging
+    fused_cta_flops: dict[torch.dtype, float]  # one CTA of the fused kernels on w >= 64
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _rates(half: float, single: float) -> dict[torch.dtype, float]:
+    return {torch.float16: half, torch.bfloat16: half, torch.float32: single}
+
+
+GPU_MODELS: dict[str, GpuModel] = {
+    # H100 SXM: 132 SMs, ~3.0 TB/s copy bandwidth and ~790 TFLOP/s bf16 on large GEMMs (measured
+    # in this workplace); the chain's GEMMs are skinny, hence a third of that. Fused-kernel
+    # constants fitted to spinal-bench on an H100 (mnist, vgg5, resnet_head at batch 65536).
+    "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 6e-6, 10e-6, 5e-6, _rates(0.19e12, 0.06e12)),
+    # A100: 108 SMs, 312 TFLOP/s bf16 peak, 2.0 TB/s; the same fractions of the datasheet rates.
+    "a100": GpuModel("A100", 108, _rates(100e12, 16e12), 1.6e12, 6e-6, 10e-6, 5e-6, _rates(0.15e12, 0.05e12)),
+}
+
+
+def model_for(name: str, sm_count: int) -> GpuModel:
+    """The constants for a device by its name; an unknown GPU gets the A100's rates and its own SM count."""
+    lowered = name.lower()
+    if "h100" in lowered or "h200" in lowered or "gh200" in lowered:
+        return GPU_MODELS["h100"]
+    if "a100" in lowered:
+        return GPU_MODELS["a100"]
+    generic = GPU_MODELS["a100"]
+    return GpuModel(name, sm_count, generic.gemm_flops, generic.bandwidth, generic.op_seconds,
+                    generic.fused_launch_seconds, generic.fused_layer_seconds, generic.fused_cta_flops)
+
+
+def _row_tile(dtype: torch.dtype) -> int:
+    return 64 if dtype in _HALF else 32
+
+
+def fused_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool) -> float:
+    """Predicted time of the fused kernels (forward, plus backward when ``training``)."""
+    tile = _row_tile(dtype)
+    waves = math.ceil(math.ceil(max(batch, 1) / tile) / model.sm_count)
+    tile_flops = config.forward_flops(tile)
+    cta_flops = model.fused_cta_flops[dtype] * min(1.0, config.layer_width / 64)
+    tile_seconds = config.num_layers * model.fused_layer_seconds + tile_flops / cta_flops
+    work, launches = (3, 3) if training else (1, 1)
+    return launches * model.fused_launch_seconds + work * waves * tile_seconds
+
+
+def hoisted_ops(config: SpinalConfig, training: bool) -> int:
+    """ATen calls of the hoisted chain: window GEMMs, three per layer, the output GEMM, bookkeeping."""
+    groups = min(config.num_layers, config.in_features // math.gcd(config.in_features, config.split_size))
+    window_gemms = groups * (1 if config.in_features % config.split_size == 0 else 2)
+    forward = window_gemms + 3 * config.num_layers + 4
+    return forward + (window_gemms * 2 + 3 * config.num_layers + 6 if training else 0)
+
+
+def hoisted_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool) -> float:
+    """Predicted time of the hoisted chain on cuBLAS (forward, plus backward when ``training``)."""
+    flops = config.forward_backward_flops(batch) if training else config.forward_flops(batch)
+    passes = 10 if training else 4  # [B, L*w] passes: the backward reads Z, writes H and dZ, reads both twice
+    moved = dtype.itemsize * batch * (config.in_features * (2 if training else 1)
+                                      + passes * config.hidden_features + config.output_features)
+    compute = max(flops / model.gemm_flops[dtype], moved / model.bandwidth)
+    return hoisted_ops(config, training) * model.op_seconds + compute
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    path: str  # "fused" or "hoisted"
+    reason: str
+
+
+def choose_path(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool,
+                fused_max_width: int) -> PathChoice:
+    """The faster path by the model (the fused kernels only up to ``fused_max_width``)."""
+    if config.layer_width > fused_max_width:
+        return PathChoice("hoisted", f"hoisted cuBLAS chain: w={config.layer_width} > {fused_max_width} "
+                                     "(the fused kernels' widest tile)")
+    fused = fused_seconds(config, batch, dtype, model, training)
+    hoisted = hoisted_seconds(config, batch, dtype, model, training)
+    path = "fused" if fused <= hoisted else "hoisted"
+    label = "fused kernels" if path == "fused" else "hoisted cuBLAS chain"
+    return PathChoice(path, f"{label}: predicted {fused * 1e3:.3f} ms fused vs {hoisted * 1e3:.3f} ms hoisted "
+                            f"({model.name} model, batch {batch}, {'training' if training else 'inference'})")
