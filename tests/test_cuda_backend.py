@@ -5,17 +5,25 @@ kernels. The config matrix hits every code path of csrc/cuda/: partial row tiles
 several K-chunks (s > 32), two 128-column chunks of z (128 < w <= 256), several output and dx
 column chunks (M, N > 128), padding (w not a multiple of 16, w = 1), wrap-around windows,
 L = 1, no output projection, no bias, split-K weight gradients (small batches) and the
-multi-launch path (w > 256).
+hoisted cuBLAS chain (w > 256, and every config again with the path forced, since the cost model
+picks it per call).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from contract import check_backend, make_config, random_params
+from contract import (
+    RecordedOps,
+    check_backend,
+    check_gradient_masks,
+    check_inference_keeps_no_pre_activation,
+    make_config,
+    random_params,
+)
 from spinal_ops._extension import cuda_kernels_compiled
 from spinal_ops.activations import ACTIVATIONS
-from spinal_ops.backends.cuda import CudaBackend, fused_max_width
+from spinal_ops.backends.cuda import CudaBackend, cuda_path, forced_path, fused_max_width
 from spinal_ops.config import SpinalParams
 from spinal_ops.functional import apply_spinal
 
@@ -39,9 +47,11 @@ CONFIGS = {
     "two_chunks_wide": dict(in_features=300, out_features=150, layer_width=200, num_layers=2, split_size=150),
     "columns_no_window_reads": dict(in_features=300, out_features=4, layer_width=8, num_layers=2, split_size=40),
     "w_at_fused_limit": dict(in_features=40, out_features=7, layer_width=256, num_layers=2),
-    "multi_launch_w300": dict(in_features=20, out_features=5, layer_width=300, num_layers=2),
-    "multi_launch_no_projection": dict(in_features=17, out_features=None, layer_width=260, num_layers=2, bias=False),
+    "hoisted_w300": dict(in_features=20, out_features=5, layer_width=300, num_layers=2),
+    "hoisted_no_projection": dict(in_features=17, out_features=None, layer_width=260, num_layers=2, bias=False),
+    "k2_groups_of_three": dict(in_features=32, out_features=6, layer_width=24, num_layers=6),
 }
+PATHS = ("fused", "hoisted")
 
 
 # ReLU-like kinks: in fp16/bf16 the rounding of h (eager rounds too) can move a z within ~1e-3 of 0
@@ -57,25 +67,52 @@ def _config(name: str, dtype: torch.dtype = torch.float32, **overrides):
     return make_config(**{**CONFIGS[name], **overrides})
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_matches_reference(name, dtype):
-    check_backend("cuda", _config(name, dtype), dtype, "cuda", batch_shape=(37,))
+def test_matches_reference(name, dtype, path):
+    with forced_path(path):  # configs wider than the fused kernels run hoisted either way
+        check_backend("cuda", _config(name, dtype), dtype, "cuda", batch_shape=(37,))
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_backward_mask_and_inference(path):
+    config = _config("k2_groups_of_three")
+    with forced_path(path):
+        check_gradient_masks("cuda", config, f"spinal_ops::{path}_backward", torch.float32, "cuda")
+        check_inference_keeps_no_pre_activation("cuda", config, f"spinal_ops::{path}_forward", 300, torch.float32,
+                                                "cuda")
+
+
+def test_auto_runs_the_path_the_cost_model_names():
+    config = _config("wrap_s12_N33")
+    for batch, training in ((5, True), (5, False), (70000, True), (70000, False)):
+        expected = cuda_path(config, batch, torch.float32, torch.device("cuda"), training).path
+        x = torch.randn(batch, config.in_features, device="cuda", requires_grad=training)
+        params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
+        params = SpinalParams(*(None if p is None else p.cuda() for p in params))
+        with RecordedOps(f"spinal_ops::{expected}_forward") as recorded:
+            apply_spinal(x, params, config, "cuda")
+        assert len(recorded.calls) == 1, f"batch {batch}: expected the {expected} path"
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_every_activation(activation, dtype):
+def test_every_activation(activation, dtype, path):
     if activation in KINKED and dtype != torch.float32:
         pytest.skip("kinked activation: compared in float32 (see KINKED)")
-    check_backend("cuda", _config("wrap_s12_N33", activation=activation, negative_slope=0.2), dtype, "cuda",
-                  batch_shape=(37,))
+    with forced_path(path):
+        check_backend("cuda", _config("wrap_s12_N33", activation=activation, negative_slope=0.2), dtype, "cuda",
+                      batch_shape=(37,))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch_shape", [(1,), (2, 3, 5), (70000,)], ids=["batch1", "3d", "batch70000"])
-def test_batch_shapes(batch_shape, dtype):
-    check_backend("cuda", _config("wrap_s12_N33", dtype), dtype, "cuda", batch_shape=batch_shape)
+def test_batch_shapes(batch_shape, dtype, path):
+    with forced_path(path):
+        check_backend("cuda", _config("wrap_s12_N33", dtype), dtype, "cuda", batch_shape=batch_shape)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -154,9 +191,9 @@ def test_supports_reports_the_path():
     limit = fused_max_width()
     assert limit == 256
     fused = backend.supports(_config("w_at_fused_limit"), torch.bfloat16, torch.device("cuda"))
-    assert fused and fused.reason == "fused kernel"
-    wide = backend.supports(_config("multi_launch_w300"), torch.bfloat16, torch.device("cuda"))
-    assert wide and wide.reason == f"multi-launch path: w=300 > {limit}"
+    assert fused and "cost model" in fused.reason
+    wide = backend.supports(_config("hoisted_w300"), torch.bfloat16, torch.device("cuda"))
+    assert wide and wide.reason == f"hoisted cuBLAS chain: w=300 > {limit}"
     assert not backend.supports(_config("w1"), torch.float64, torch.device("cuda"))
     assert not backend.supports(_config("w1"), torch.float32, torch.device("cpu"))
 
@@ -174,13 +211,15 @@ def test_bad_input_is_rejected_before_launch():
         torch.ops.spinal_ops.fused_forward(x.float(), *params, "softplus", 0.01)
 
 
-@pytest.mark.parametrize("name", ["odd_N_wraps", "no_projection", "multi_launch_w300"])
+@pytest.mark.parametrize("name", ["odd_N_wraps", "no_projection", "hoisted_w300"])
 def test_opcheck(name):
     config = _config(name)
     params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
     params = [None if p is None else p.cuda().requires_grad_(True) for p in params]
     x = torch.randn(37, config.in_features, device="cuda", requires_grad=True)
-    torch.library.opcheck(torch.ops.spinal_ops.fused_forward.default, (x, *params, config.activation, 0.01))
+    for pair in PATHS:
+        op = getattr(torch.ops.spinal_ops, f"{pair}_forward").default
+        torch.library.opcheck(op, (x, *params, config.activation, 0.01))
 
 
 def test_torch_compile_fullgraph_matches_eager():
