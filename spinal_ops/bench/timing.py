@@ -12,9 +12,11 @@ CPU_TARGET_BLOCKS, CPU_MIN_BLOCKS = 30, 3
 CUDA_MIN_REPS, CUDA_MAX_REPS = 10, 2000
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
-    """Median seconds per call of ``fn`` after warm-up, measuring for at least ``min_run_time``."""
-    for _ in range(WARMUP_CALLS):
+def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float,
+                   warmup_calls: int = WARMUP_CALLS) -> float:
+    """Median seconds per call of ``fn`` after ``warmup_calls`` untimed calls, measuring for at
+    least ``min_run_time`` (no warm-up for a callable the caller has already run)."""
+    for _ in range(warmup_calls):
         fn()
     if device.type == "cuda":
         return _cuda_median_seconds(fn, device, min_run_time)
