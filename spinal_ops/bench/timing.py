@@ -26,7 +26,8 @@ def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time:
     # blocks in which a shared machine preempted us.
     per_call = timer.timeit(1).median
     number = max(1, int(min_run_time / CPU_TARGET_BLOCKS / per_call))
-    blocks: list[float] = []
+    # A slow call's estimate is already a block of one call: keep it rather than repeat it.
+    blocks: list[float] = [per_call] if number == 1 else []
     while len(blocks) < CPU_MIN_BLOCKS or sum(blocks) * number < min_run_time:
         blocks.append(timer.timeit(number).median)
     return statistics.median(blocks)
