@@ -24,8 +24,8 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         return _cuda_peak_bytes(fn, device)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         fn()
-    # The raw events: FunctionEvents fold an op's allocations into the op and net out the
-    # temporaries it frees before returning, which would hide a fused op's workspace.
+    # The raw kineto events (no public accessor): FunctionEvents fold an op's allocations into the
+    # op and net out the temporaries it frees before returning, which would hide a fused op's workspace.
     events = sorted(
         (event.start_ns(), event.nbytes())
         for event in profiler.profiler.kineto_results.events()
