@@ -3,7 +3,7 @@
 #   make test    - the test suite (pytest), a smoke run of the benchmark suite, the C++ test (CMake + ctest)
 #   make sanitize - compute-sanitizer memcheck + racecheck over the presets' CUDA forward/backward (GPU)
 #   make bench-suite    - the pytest-benchmark suite (benchmarks/)
-#   make bench-results  - re-measure the committed CPU results (benchmarks/results/; ~15 min)
+#   make bench-results  - re-measure the committed CPU results (benchmarks/results/; the longest: every backend, three modes)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -14,6 +14,27 @@ import torch
 from .activations import ACTIVATIONS
 
 
+# What a benchmark step computes (SPEC §6): train = forward + gradients w.r.t. the input and every
+# parameter; frozen = forward + gradients w.r.t. every parameter only (a head on a frozen
+# backbone: the input needs no gradient); infer = forward without autograd.
+MODES: tuple[str, ...] = ("train", "frozen", "infer")
+
+
+def _mode_flops(mode: str, forward: int, input_products: int) -> int:
+    """Step FLOPs from the forward's and those of the products that read the input x.
+
+    Every product C = A @ B of the forward costs the same again for each gradient (dA, dB): train
+    is 3x forward; frozen skips dx, the gradient of the input products w.r.t. x.
+    """
+    if mode == "infer":
+        return forward
+    if mode == "train":
+        return 3 * forward
+    if mode == "frozen":
+        return 3 * forward - input_products
+    raise ValueError(f"spinal_ops: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
 class SpinalParams(NamedTuple):
     """The packed parameters of SPEC §2, in schema order. Absent ones are None."""
 
@@ -176,9 +197,11 @@ class SpinalConfig:
             macs += self.out_features * self.hidden_features
         return 2 * batch * macs
 
-    def forward_backward_flops(self, batch: int) -> int:
-        """Forward plus backward with gradients for the input and every weight: 3x forward."""
-        return 3 * self.forward_flops(batch)
+    def step_flops(self, batch: int, mode: str) -> int:
+        """Matrix-multiply FLOPs of one step in ``mode`` (one of MODES); in frozen mode the L
+        input products need no gradient w.r.t. x, but dH and the recurrence's dh still do."""
+        input_products = 2 * batch * self.num_layers * self.layer_width * self.split_size
+        return _mode_flops(mode, self.forward_flops(batch), input_products)
 
     def dense_baseline_parameters(self) -> int:
         """Parameters of Linear(N, L*w) -> phi -> Linear(L*w, M), the dense layer of equal hidden width."""
@@ -194,9 +217,10 @@ class SpinalConfig:
             macs += self.hidden_features * self.out_features
         return 2 * batch * macs
 
-    def dense_baseline_forward_backward_flops(self, batch: int) -> int:
-        """Dense baseline forward plus backward for the input and every weight: 3x forward."""
-        return 3 * self.dense_baseline_forward_flops(batch)
+    def dense_baseline_step_flops(self, batch: int, mode: str) -> int:
+        """The dense baseline's FLOPs of one step in ``mode``; frozen skips Linear(N, L*w)'s dx."""
+        input_product = 2 * batch * self.in_features * self.hidden_features
+        return _mode_flops(mode, self.dense_baseline_forward_flops(batch), input_product)
 
     # ---- validation (SPEC §5) -----------------------------------------------------------
 

@@ -1,7 +1,9 @@
-"""The benchmark tool: analytic FLOPs against FlopCounterMode, the CLI's JSON/PNG, the report."""
+"""The benchmark tool: analytic FLOPs against FlopCounterMode, peak memory, the CLI's JSON/PNG,
+the report and the goals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +11,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from contract import make_config
 from spinal_ops.bench import PRESETS, main
+from spinal_ops.bench.goals import E, SPEEDUP_OVER_REFERENCE, Goal, goal_lines
+from spinal_ops.bench.memory import peak_bytes
 from spinal_ops.bench.presets import parse_presets
-from spinal_ops.bench.report import cpu_goal_lines, markdown_report
-from spinal_ops.bench.results import DOCUMENT_FIELDS, RECORD_FIELDS, Record, validate_document
-from spinal_ops.bench.workloads import build_impl, dense_baseline
+from spinal_ops.bench.report import markdown_report, thread_table
+from spinal_ops.bench.results import DOCUMENT_FIELDS, RECORD_FIELDS, Record, read_json, validate_document
+from spinal_ops.bench.workloads import build_impl, dense_baseline, make_step
+from spinal_ops.config import MODES
 from spinal_ops.dispatch import available_backends
 
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 FLOP_CONFIGS = {
     **PRESETS,
     "M=None": make_config(out_features=None),
@@ -24,27 +30,36 @@ FLOP_CONFIGS = {
 }
 
 
-def counted_flops(model: torch.nn.Module, in_features: int, batch: int, backward: bool) -> int:
-    """FLOPs FlopCounterMode sees for one forward (and backward w.r.t. x and every parameter)."""
-    x = torch.randn(batch, in_features, device="meta", requires_grad=backward)
+def counted_flops(model: torch.nn.Module, in_features: int, batch: int, mode: str) -> int:
+    """FLOPs FlopCounterMode sees for one step in ``mode``: a forward, then for train and frozen
+    a backward into every parameter and (train only) into x."""
+    x = torch.randn(batch, in_features, device="meta", requires_grad=mode == "train")
     with FlopCounterMode(display=False) as counter:
         y = model(x)
-        if backward:
+        if mode != "infer":
             y.backward(torch.randn_like(y))
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(FLOP_CONFIGS))
-def test_analytic_flops_match_flop_counter(name):
+def test_analytic_flops_match_flop_counter(name, mode):
     config, batch = FLOP_CONFIGS[name], 3
     # meta tensors: FlopCounterMode counts from shapes, so even vgg_head costs nothing
     spinal = build_impl("reference", config, torch.float32, torch.device("meta"))
-    assert counted_flops(spinal, config.in_features, batch, backward=False) == config.forward_flops(batch)
-    assert counted_flops(spinal, config.in_features, batch, backward=True) == config.forward_backward_flops(batch)
+    assert counted_flops(spinal, config.in_features, batch, mode) == config.step_flops(batch, mode)
     dense = dense_baseline(config, torch.float32, torch.device("meta"))
-    assert counted_flops(dense, config.in_features, batch, backward=False) == config.dense_baseline_forward_flops(batch)
-    assert (counted_flops(dense, config.in_features, batch, backward=True)
-            == config.dense_baseline_forward_backward_flops(batch))
+    assert counted_flops(dense, config.in_features, batch, mode) == config.dense_baseline_step_flops(batch, mode)
+    if mode == "infer":
+        assert config.step_flops(batch, mode) == config.forward_flops(batch)
+        assert config.dense_baseline_step_flops(batch, mode) == config.dense_baseline_forward_flops(batch)
+
+
+@pytest.mark.parametrize("name", list(FLOP_CONFIGS))
+def test_parameter_counts(name):
+    config = FLOP_CONFIGS[name]
+    spinal = build_impl("reference", config, torch.float32, torch.device("meta"))
+    dense = dense_baseline(config, torch.float32, torch.device("meta"))
     assert sum(p.numel() for p in spinal.parameters()) == config.num_parameters()
     assert sum(p.numel() for p in dense.parameters()) == config.dense_baseline_parameters()
 
@@ -67,7 +82,7 @@ def test_cli_writes_schema_json_png_and_table(tmp_path, capsys):
     impls = ["cpu", "reference", "dense", "cuda"]
     exit_code = main([
         "--quick", "--preset", "12,4,3,none", "--batch", "5", "--backends", *impls, "--min-run-time", "0.001",
-        "--json", str(json_path), "--plot", str(png_path), "--no-progress",
+        "--threads", "1", "--json", str(json_path), "--plot", str(png_path), "--no-progress",
     ])
     assert exit_code == 0
     document = json.loads(json_path.read_text())
@@ -75,62 +90,138 @@ def test_cli_writes_schema_json_png_and_table(tmp_path, capsys):
     assert set(document) == set(DOCUMENT_FIELDS)
     runnable = [impl for impl in impls if impl == "dense" or available_backends()[impl]]
     records = document["records"]
-    assert sorted((r["impl"], r["pass"]) for r in records) == sorted(
-        (impl, p) for impl in runnable for p in ("forward", "forward_backward"))
+    assert sorted((r["impl"], r["mode"]) for r in records) == sorted(
+        (impl, mode) for impl in runnable for mode in MODES)
     config = parse_presets(["12,4,3,none"])["12,4,3,none"]
     for record in records:
         assert set(record) == set(RECORD_FIELDS)
         assert record["batch"] == 5 and record["dtype"] == "float32" and record["median_ms"] > 0
+        assert record["threads"] == 1 and record["peak_mb"] > 0  # every step allocates its output at least
         assert record["rows_per_s"] == pytest.approx(5 / (record["median_ms"] / 1e3))
         if record["impl"] == "dense":
-            assert record["params"] == config.dense_baseline_parameters()
+            flops, params = config.dense_baseline_step_flops(5, record["mode"]), config.dense_baseline_parameters()
         else:
-            flops = config.forward_flops(5) if record["pass"] == "forward" else config.forward_backward_flops(5)
-            assert (record["flops"], record["params"]) == (flops, config.num_parameters())
+            flops, params = config.step_flops(5, record["mode"]), config.num_parameters()
+        assert (record["flops"], record["params"]) == (flops, params)
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
+    assert "Goals:" not in printed  # no goal covers a custom preset
     for impl in impls:
         if impl not in runnable:  # e.g. cuda without a GPU: skipped, and the table says why
             assert f"skipped {impl}" in printed and available_backends()[impl].reason in printed
 
 
-def _record(impl: str, median_ms: float, batch: int = 64) -> dict:
-    return {"preset": "mnist", "batch": batch, "dtype": "float32", "impl": impl, "pass": "forward_backward",
-            "median_ms": median_ms, "rows_per_s": 64e3 / median_ms, "tflops": 1e-3, "flops": 10**9, "params": 8540}
+def test_cli_runs_the_matrix_per_thread_count_and_restores_threads(tmp_path, capsys):
+    threads_before = torch.get_num_threads()
+    main(["--quick", "--preset", "12,4,3,none", "--batch", "5", "--backends", "reference", "dense", "--mode", "infer",
+          "--threads", "1", "2", "--min-run-time", "0.001", "--json", str(tmp_path / "r.json"),
+          "--plot", str(tmp_path / "r.png"), "--no-progress"])
+    records = json.loads((tmp_path / "r.json").read_text())["records"]
+    assert sorted((r["impl"], r["mode"], r["threads"]) for r in records) == [
+        ("dense", "infer", 1), ("dense", "infer", 2), ("reference", "infer", 1), ("reference", "infer", 2)]
+    assert "2 vs 1 threads" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads_before
 
 
-def test_markdown_report_ratios_and_caption():
+@pytest.mark.parametrize("impl", ["reference", "dense"])
+def test_steps_differentiate_what_each_mode_needs(impl):
+    config = make_config()
+    model = build_impl(impl, config, torch.float64, torch.device("cpu"))
+    parameter_shapes = [p.shape for p in model.parameters()]
+    train = make_step(model, config, 4, "train", torch.float64, torch.device("cpu"))()
+    assert [g.shape for g in train] == [(4, config.in_features), *parameter_shapes]
+    frozen = make_step(model, config, 4, "frozen", torch.float64, torch.device("cpu"))()
+    assert [g.shape for g in frozen] == parameter_shapes
+    for grad_train, grad_frozen in zip(train[1:], frozen):  # same seed, same inputs: same weight gradients
+        torch.testing.assert_close(grad_train, grad_frozen)
+    output = make_step(model, config, 4, "infer", torch.float64, torch.device("cpu"))()
+    assert output.shape == (4, config.output_features) and not output.requires_grad
+
+
+def test_peak_bytes_counts_what_a_step_allocates():
+    rows, cols = 512, 300
+    assert peak_bytes(lambda: torch.ones(rows, cols), torch.device("cpu")) >= rows * cols * 4
+    kept = torch.ones(rows, cols)  # allocated before the step: not the step's
+    assert peak_bytes(lambda: kept.add_(1), torch.device("cpu")) < rows * cols * 4
+
+
+def test_peak_memory_of_inference_is_below_training():
+    # At this batch the [B, L*w] activations dwarf the parameters: training keeps them for the
+    # backward and allocates the gradients, inference frees each layer's temporaries.
+    config, batch, cpu = make_config(in_features=64, layer_width=32, num_layers=4, out_features=10), 2048, torch.device("cpu")
+    model = build_impl("reference", config, torch.float32, cpu)
+    peaks = {mode: peak_bytes(make_step(model, config, batch, mode, torch.float32, cpu), cpu) for mode in MODES}
+    assert peaks["infer"] < peaks["frozen"] <= peaks["train"]
+    assert peaks["train"] >= batch * config.hidden_features * 4  # at least one [B, L*w] float32 buffer
+
+
+def _record(impl: str, median_ms: float, batch: int = 64, mode: str = "train", threads: int = 1) -> dict:
+    flops = 2 * 10**9 if impl == "dense" else 10**9  # the spinal layer does half the dense layer's FLOPs
+    return {"preset": "mnist", "batch": batch, "dtype": "float32", "impl": impl, "mode": mode, "threads": threads,
+            "median_ms": median_ms, "rows_per_s": batch * 1e3 / median_ms, "tflops": flops / median_ms / 1e9,
+            "flops": flops, "params": 8540, "peak_mb": 0.5}
+
+
+def _records(*specs: tuple) -> list[Record]:
+    return [Record.from_json(_record(*spec)) for spec in specs]
+
+
+def test_markdown_report_efficiency_speedups_memory_and_caption():
     document = {"device": "Test CPU", "torch": "2.x", "triton": "3.x", "commit": "0123456789abcdef",
                 "created": "2026-01-01T00:00:00+00:00",
                 "records": [_record("reference", 4.0), _record("cpu", 2.0), _record("dense", 1.0)]}
     text = markdown_report(document)
     assert "Test CPU" in text and "`0123456789ab`" in text
-    assert "| reference ms | cpu ms | dense ms | fastest spinal | vs reference | vs dense |" in text
-    # cpu is the fastest spinal implementation: 4 ms / 2 ms over reference, 1 ms / 2 ms over dense
-    assert "| mnist | 64 | float32 | forward_backward | 4 | 2 | 1 | cpu | 2.00x | 0.50x |" in text
-    assert "| cpu | mnist | float32 | 2.00x |" in text  # the speedup summary
+    assert "| preset | batch | dtype | mode | reference ms | cpu ms | dense ms | E reference | E cpu | cpu vs reference |" in text
+    # E = (time / dense time) / (FLOPs / dense FLOPs): cpu (2 / 1) / (1 / 2) = 4, reference (4 / 1) / (1 / 2) = 8
+    assert "| mnist | 64 | float32 | train | 4 | 2 | 1 | 8.00 | 4.00 | 2.00x |" in text
+    assert "| mnist | 64 | float32 | train | 0.5 | 0.5 | 0.5 |" in text  # peak memory
+    assert "| cpu | mnist | float32 | train | 2.00x |" in text  # the speed-up summary
 
 
-def test_cpu_goal_lines_check_issue_3_thresholds():
-    records = [Record.from_json(_record(impl, ms, batch)) for impl, ms, batch in [
-        ("reference", 4.0, 64), ("cpu", 3.2, 64), ("reference", 10.0, 4096), ("cpu", 10.4, 4096)]]
-    lines = cpu_goal_lines(records).splitlines()
-    assert lines == [
-        "cpu vs reference, forward+backward, mnist float32 batch 64: 1.25x (goal >= 1.3x: NOT met)",
-        "cpu vs reference, forward+backward, mnist float32 batch 4096: 0.96x (goal >= 0.95x: met)",
+def test_thread_table_compares_thread_counts_of_one_case():
+    table = thread_table(_records(("cpu", 3.0, 64, "infer", 1), ("cpu", 2.0, 64, "infer", 2)), markdown=True)
+    assert "| preset | batch | dtype | mode | impl | 1 threads ms | 2 threads ms | 2 vs 1 threads |" in table
+    assert "| mnist | 64 | float32 | infer | cpu | 3 | 2 | 1.50x |" in table
+    assert thread_table(_records(("cpu", 3.0))) == ""
+
+
+def test_goal_lines_report_covered_cases_only():
+    records = _records(("reference", 4.0), ("cpu", 1.9), ("dense", 1.0), ("cpu", 0.5, 64, "infer"),
+                       ("dense", 1.0, 64, "infer"), ("reference", 1.0, 1024), ("cpu", 0.1, 1024), ("dense", 1.0, 1024))
+    # cpu train batch 64: E = (1.9 / 1) / (1 / 2) = 3.8, 4 / 1.9 = 2.11x over reference; infer E = 1.0;
+    # batch 1024 is no goal's case; infer has no reference record, so no speed-up line
+    assert goal_lines(records, "cpu") == [
+        "cpu E, train, mnist float32 batch 64, 1 thread(s): 3.80 (goal <= 1.15: MISSED)",
+        "cpu E, infer, mnist float32 batch 64, 1 thread(s): 1.00 (goal <= 1.15: met)",
+        "cpu speed-up over reference, train, mnist float32 batch 64, 1 thread(s): 2.11x (goal >= 2x: met)",
     ]
+    assert goal_lines(records, "cuda") == []  # every goal so far is a CPU goal
+    gpu_goal = Goal(SPEEDUP_OVER_REFERENCE, 3.0, "cpu", ("mnist",), batches=(1024,), modes=("train",), device="cuda")
+    assert goal_lines(records, "cuda", [gpu_goal]) == [
+        "cpu speed-up over reference, train, mnist float32 batch 1024, 1 thread(s): 10.00x (goal >= 3x: met)"]
+    assert Goal(E, 1.0, "cpu", ("mnist",), (64,), ("train",)).met(1.0)
 
 
 @pytest.mark.parametrize("mutate", [
     lambda d: d.pop("commit"),
     lambda d: d.update(extra=1),
     lambda d: d["records"][0].pop("tflops"),
+    lambda d: d["records"][0].pop("peak_mb"),
     lambda d: d["records"][0].update(batch="64"),
+    lambda d: d["records"][0].update(threads=1.0),
+    lambda d: d["records"][0].update(mode="forward_backward"),
 ])
 def test_validate_document_rejects_other_shapes(mutate):
     document = {"device": "d", "torch": "t", "triton": "t", "commit": "c", "created": "x",
-                "records": [_record("reference", 1.0)]}
-    validate_document(document)
+                "records": [_record("reference", 1.0), {**_record("cpu", 1.0), "peak_mb": None}]}
+    validate_document(document)  # peak_mb may be null: not measured
     mutate(document)
     with pytest.raises(ValueError):
         validate_document(document)
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda path: path.name)
+def test_committed_results_have_the_current_shape(path):
+    records = [Record.from_json(data) for data in read_json(path)["records"]]
+    assert records and {record.mode for record in records} <= set(MODES)

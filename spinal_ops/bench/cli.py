@@ -1,8 +1,8 @@
 """``spinal-bench`` / ``python -m spinal_ops.bench``: spinal layer vs dense layer, per backend.
 
 With no arguments this is the README's main command: the small presets on CPU, batches
-64/1024/4096, backends cpu, reference and dense, forward and forward+backward, JSON and PNG
-under bench-out/ (about two minutes on 2 cores).
+64/1024/4096, backends cpu, reference and dense, modes train, frozen and infer, JSON and PNG
+under bench-out/ (two to three minutes on 2 cores).
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ..config import MODES
 from .plot import plot_records
 from .presets import DEFAULT_PRESETS, PRESETS, parse_presets
 from .report import terminal_report
 from .results import device_name, device_slug, results_document, write_json
 from .runner import Matrix, run_matrix
-from .workloads import IMPLS, PASSES
+from .workloads import IMPLS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_BATCHES = (64, 1024, 4096)
@@ -47,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{', '.join(DTYPES)} (default: float32)")
     parser.add_argument("--backends", nargs="+", choices=IMPLS + ("all",), default=list(DEFAULT_BACKENDS),
                         metavar="IMPL", help=f"{', '.join(IMPLS)} or all (default: {' '.join(DEFAULT_BACKENDS)})")
-    parser.add_argument("--pass", dest="pass_name", choices=PASSES + ("both",), default="both",
-                        help="forward, forward_backward or both (default)")
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES), metavar="MODE",
+                        help="train (forward+backward, gradients for x and every parameter), frozen "
+                        "(forward+backward, x without grad), infer (forward under no_grad); default: all three")
     parser.add_argument("--json", default="bench-out/results.json", metavar="PATH",
                         help="results JSON (default: bench-out/results.json)")
     parser.add_argument("--plot", default="bench-out/results.png", metavar="PATH",
@@ -56,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-run-time", type=float, metavar="S",
                         help=f"seconds of measurement per case (default {MIN_RUN_TIME_S}; "
                         f"with --quick {QUICK_MIN_RUN_TIME_S})")
-    parser.add_argument("--threads", type=int, metavar="T",
-                        help="CPU threads for torch (default: torch's default for this machine)")
+    parser.add_argument("--threads", nargs="+", type=int, metavar="T",
+                        help="CPU threads for torch; several counts run the matrix once per count "
+                        "(default: torch's default for this machine)")
     parser.add_argument("--quick", action="store_true", help="smoke run: one batch, short measurements")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -75,12 +78,16 @@ def matrix_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     min_run_time = args.min_run_time or (QUICK_MIN_RUN_TIME_S if args.quick else MIN_RUN_TIME_S)
+    threads = tuple(dict.fromkeys(args.threads or (torch.get_num_threads(),)))
+    if any(count < 1 for count in threads):
+        parser.error(f"--threads must be >= 1, got {threads}")
     return Matrix(
         presets=presets,
         batches=batches,
         dtypes=tuple(DTYPES[name] for name in dict.fromkeys(args.dtype)),
         impls=IMPLS if "all" in args.backends else tuple(dict.fromkeys(args.backends)),
-        passes=PASSES if args.pass_name == "both" else (args.pass_name,),
+        modes=tuple(dict.fromkeys(args.mode)),
+        threads=threads,
         device=device,
         min_run_time=min_run_time,
     )
@@ -90,17 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     matrix = matrix_from_args(args, parser)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     name = device_name(matrix.device)
-    print(f"spinal-bench on {name} ({matrix.device.type}, {torch.get_num_threads()} threads), "
+    print(f"spinal-bench on {name} ({matrix.device.type}, {'/'.join(map(str, matrix.threads))} threads), "
           f"torch {torch.__version__}: {matrix.num_cases()} cases", flush=True)
     started = time.perf_counter()
     records, skips = run_matrix(matrix, progress=not args.no_progress)
-    print(terminal_report(records, skips))
+    print(terminal_report(records, skips, matrix.device.type))
     json_path = Path(args.json.replace("{device}", device_slug(name)))
     write_json(json_path, results_document(records, matrix.device))
     outputs = [str(json_path)]

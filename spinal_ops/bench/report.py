@@ -1,47 +1,36 @@
-"""Tables from benchmark records: the terminal table and the README's markdown.
+"""Tables from benchmark records: the terminal report and the README's markdown.
 
     python -m spinal_ops.bench.report benchmarks/results/<device>.json   # markdown for the README
 
-Every ratio compares two records of the same (preset, batch, dtype, pass) from one run.
+Every ratio compares two records of the same (preset, batch, dtype, mode, threads) from one run.
 """
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .goals import goal_lines
+from .metrics import by_case, case_key, efficiency, speedup
 from .results import Record, Skip, read_json
-
-CaseKey = tuple[str, int, str, str]  # preset, batch, dtype, pass
-# Issue 3's speed goal for the fused CPU op on these presets: forward+backward speedup over the
-# eager reference, by batch.
-CPU_GOAL_PRESETS = ("mnist", "vgg5", "cifar_vgg")
-CPU_GOALS = {64: 1.3, 4096: 0.95}
-
-
-def _case_key(record: Record) -> CaseKey:
-    return record.preset, record.batch, record.dtype, record.pass_name
-
-
-def _by_case(records: Iterable[Record]) -> dict[CaseKey, dict[str, Record]]:
-    cases: dict[CaseKey, dict[str, Record]] = {}
-    for record in records:
-        cases.setdefault(_case_key(record), {})[record.impl] = record
-    return cases
-
-
-def speedup(record: Record, baseline: Record | None) -> float | None:
-    """How many times faster ``record`` is than ``baseline`` (same run, same case)."""
-    return None if baseline is None else baseline.median_ms / record.median_ms
+from .workloads import SPINAL_IMPLS
 
 
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _e(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _count(value: float) -> str:
@@ -64,13 +53,29 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown
     return "\n".join(lines)
 
 
+def _spinal_impls(records: Sequence[Record]) -> list[str]:
+    return [impl for impl in dict.fromkeys(r.impl for r in records) if impl in SPINAL_IMPLS]
+
+
+def _case_columns(records: Sequence[Record]) -> tuple[list[str], Callable[[Record], list[str]]]:
+    """Headers and cells that name a case; the thread count only when the run has several."""
+    several_threads = len({r.threads for r in records}) > 1
+    headers = ["preset", "batch", "dtype", "mode"] + (["threads"] if several_threads else [])
+
+    def cells(record: Record) -> list[str]:
+        return [record.preset, str(record.batch), record.dtype, record.mode] + (
+            [str(record.threads)] if several_threads else [])
+
+    return headers, cells
+
+
 def model_table(records: Sequence[Record], markdown: bool = False) -> str:
-    """FC vs spinal per preset: parameters and forward FLOPs per row, from the records."""
+    """FC vs spinal per preset: parameters and forward FLOPs per row, from the infer records."""
     rows = []
     for preset in dict.fromkeys(r.preset for r in records):
-        forward = [r for r in records if r.preset == preset and r.pass_name == "forward"]
-        spinal = next((r for r in forward if r.impl != "dense"), None)
-        dense = next((r for r in forward if r.impl == "dense"), None)
+        infer = [r for r in records if r.preset == preset and r.mode == "infer"]
+        spinal = next((r for r in infer if r.impl in SPINAL_IMPLS), None)
+        dense = next((r for r in infer if r.impl == "dense"), None)
         if spinal is None or dense is None:
             continue
         rows.append([
@@ -82,19 +87,21 @@ def model_table(records: Sequence[Record], markdown: bool = False) -> str:
 
 
 def case_table(records: Sequence[Record], markdown: bool = False) -> str:
-    """One row per record: latency, throughput, and speedups over eager reference and dense."""
-    cases = _by_case(records)
+    """One row per record: latency, throughput, peak memory, E, and speed-ups over eager reference and dense."""
+    cases = by_case(records)
     with_extras = any(record.extras for record in records)
-    headers = ["preset", "batch", "dtype", "pass", "impl", "median ms", "rows/s", "TFLOP/s", "vs reference", "vs dense"]
+    key_headers, key_cells = _case_columns(records)
+    headers = key_headers + ["impl", "median ms", "rows/s", "TFLOP/s", "peak MB", "E", "vs reference", "vs dense"]
     if with_extras:
         headers += ["% of GEMM", "% of copy BW"]
     rows = []
     for record in records:
-        same_case = cases[_case_key(record)]
-        row = [
-            record.preset, str(record.batch), record.dtype, record.pass_name, record.impl,
-            f"{record.median_ms:.4g}", _count(record.rows_per_s), f"{record.tflops:.3g}",
-            _ratio(speedup(record, same_case.get("reference"))), _ratio(speedup(record, same_case.get("dense"))),
+        same_case = cases[case_key(record)]
+        dense = same_case.get("dense")
+        row = key_cells(record) + [
+            record.impl, f"{record.median_ms:.4g}", _count(record.rows_per_s), f"{record.tflops:.3g}",
+            _mb(record.peak_mb), _e(efficiency(record, dense) if record.impl in SPINAL_IMPLS else None),
+            _ratio(speedup(record, same_case.get("reference"))), _ratio(speedup(record, dense)),
         ]
         if with_extras:
             row += [_percent(record.extras.get("gemm_eff")), _percent(record.extras.get("bw_eff"))]
@@ -103,59 +110,93 @@ def case_table(records: Sequence[Record], markdown: bool = False) -> str:
 
 
 def latency_table(records: Sequence[Record], markdown: bool = False) -> str:
-    """One row per case: each implementation's median ms, then the fastest spinal implementation
-    and its speedup over the eager reference and over the dense baseline (the README's table)."""
+    """One row per case: each implementation's median ms, each spinal implementation's E, and each
+    fused implementation's speed-up over the eager reference (the README's table)."""
     impls = list(dict.fromkeys(r.impl for r in records))
-    headers = ["preset", "batch", "dtype", "pass"] + [f"{impl} ms" for impl in impls]
-    headers += ["fastest spinal", "vs reference", "vs dense"]
+    spinal = _spinal_impls(records)
+    faster = [impl for impl in spinal if impl != "reference"]
+    key_headers, key_cells = _case_columns(records)
+    headers = key_headers + [f"{impl} ms" for impl in impls] + [f"E {impl}" for impl in spinal]
+    headers += [f"{impl} vs reference" for impl in faster]
     rows = []
-    for (preset, batch, dtype, pass_name), same_case in _by_case(records).items():
-        spinal = [r for r in same_case.values() if r.impl != "dense"]
-        fastest = min(spinal, key=lambda r: r.median_ms) if spinal else None
-        row = [preset, str(batch), dtype, pass_name]
+    for same_case in by_case(records).values():
+        row = key_cells(next(iter(same_case.values())))
         row += [f"{same_case[impl].median_ms:.4g}" if impl in same_case else "-" for impl in impls]
-        if fastest is None:
-            row += ["-", "-", "-"]
-        else:
-            row += [fastest.impl, _ratio(speedup(fastest, same_case.get("reference"))),
-                    _ratio(speedup(fastest, same_case.get("dense")))]
+        row += [_e(efficiency(same_case[impl], same_case.get("dense"))) if impl in same_case else "-"
+                for impl in spinal]
+        row += [_ratio(speedup(same_case[impl], same_case.get("reference"))) if impl in same_case else "-"
+                for impl in faster]
         rows.append(row)
     return format_table(headers, rows, markdown)
 
 
-def speedup_summary(records: Sequence[Record], pass_name: str = "forward_backward", markdown: bool = False) -> str:
-    """Speedup of each non-reference spinal implementation over the eager reference, by batch."""
-    cases = _by_case(records)
+def memory_table(records: Sequence[Record], markdown: bool = False) -> str:
+    """One row per case: the MB each implementation's step allocates at its peak ("" when not measured)."""
+    if all(record.peak_mb is None for record in records):
+        return ""
+    impls = list(dict.fromkeys(r.impl for r in records))
+    key_headers, key_cells = _case_columns(records)
+    rows = [key_cells(next(iter(same_case.values())))
+            + [_mb(same_case[impl].peak_mb) if impl in same_case else "-" for impl in impls]
+            for same_case in by_case(records).values()]
+    return format_table(key_headers + [f"{impl} MB" for impl in impls], rows, markdown)
+
+
+def batch_summary(records: Sequence[Record], value: Callable[[Record, dict[str, Record]], float | None],
+                  fmt: Callable[[float | None], str], impls: Sequence[str], modes: Sequence[str],
+                  markdown: bool = False) -> str:
+    """``value(record, same_case)`` of each of ``impls`` per (preset, dtype, mode, threads), by batch."""
+    cases = by_case(records)
     batches = sorted({r.batch for r in records})
+    several_threads = len({r.threads for r in records}) > 1
     rows = []
-    impl_rows = dict.fromkeys((r.impl, r.preset, r.dtype) for r in records if r.impl not in ("reference", "dense"))
-    for impl, preset, dtype in impl_rows:
+    row_keys = dict.fromkeys((r.impl, r.preset, r.dtype, r.mode, r.threads) for r in records
+                             if r.impl in impls and r.mode in modes)
+    for impl, preset, dtype, mode, threads in row_keys:
         cells = []
         for batch in batches:
-            same_case = cases.get((preset, batch, dtype, pass_name), {})
-            record = same_case.get(impl)
-            cells.append("-" if record is None else _ratio(speedup(record, same_case.get("reference"))))
-        rows.append([impl, preset, dtype] + cells)
+            same_case = cases.get((preset, batch, dtype, mode, threads), {})
+            cells.append("-" if impl not in same_case else fmt(value(same_case[impl], same_case)))
+        rows.append([impl, preset, dtype, mode] + ([str(threads)] if several_threads else []) + cells)
     if not rows:
         return ""
-    return format_table(["impl", "preset", "dtype"] + [f"batch {b}" for b in batches], rows, markdown)
+    headers = ["impl", "preset", "dtype", "mode"] + (["threads"] if several_threads else [])
+    return format_table(headers + [f"batch {b}" for b in batches], rows, markdown)
 
 
-def cpu_goal_lines(records: Sequence[Record]) -> str:
-    """Issue 3's goal, checked on this run: cpu vs eager reference, forward+backward."""
-    cases = _by_case(records)
-    lines = []
-    for record in records:
-        goal = CPU_GOALS.get(record.batch)
-        in_scope = record.impl == "cpu" and record.pass_name == "forward_backward" and record.preset in CPU_GOAL_PRESETS
-        reference = cases[_case_key(record)].get("reference")
-        if not in_scope or goal is None or reference is None:
-            continue
-        ratio = speedup(record, reference)
-        verdict = "met" if ratio >= goal else "NOT met"
-        lines.append(f"cpu vs reference, forward+backward, {record.preset} {record.dtype} batch {record.batch}: "
-                     f"{ratio:.2f}x (goal >= {goal}x: {verdict})")
-    return "\n".join(lines)
+def efficiency_summary(records: Sequence[Record], markdown: bool = False) -> str:
+    """E of each spinal implementation in every mode, by batch."""
+    modes = list(dict.fromkeys(r.mode for r in records))
+    return batch_summary(records, lambda r, case: efficiency(r, case.get("dense")), _e,
+                         _spinal_impls(records), modes, markdown)
+
+
+def speedup_summary(records: Sequence[Record], mode: str = "train", markdown: bool = False) -> str:
+    """Speed-up of each fused spinal implementation over the eager reference in ``mode``, by batch."""
+    impls = [impl for impl in _spinal_impls(records) if impl != "reference"]
+    return batch_summary(records, lambda r, case: speedup(r, case.get("reference")), _ratio, impls, [mode],
+                         markdown)
+
+
+def thread_table(records: Sequence[Record], markdown: bool = False) -> str:
+    """Per case and implementation, when the run has several thread counts: the median ms at each
+    and the speed-up of each count over the fewest threads ("" for a single thread count)."""
+    threads = sorted({r.threads for r in records})
+    if len(threads) < 2:
+        return ""
+    timings: dict[tuple[str, int, str, str, str], dict[int, Record]] = {}
+    for r in records:
+        timings.setdefault((r.preset, r.batch, r.dtype, r.mode, r.impl), {})[r.threads] = r
+    headers = ["preset", "batch", "dtype", "mode", "impl"] + [f"{t} threads ms" for t in threads]
+    headers += [f"{t} vs {threads[0]} threads" for t in threads[1:]]
+    rows = []
+    for (preset, batch, dtype, mode, impl), by_threads in timings.items():
+        row = [preset, str(batch), dtype, mode, impl]
+        row += [f"{by_threads[t].median_ms:.4g}" if t in by_threads else "-" for t in threads]
+        row += [_ratio(speedup(by_threads[t], by_threads.get(threads[0]))) if t in by_threads else "-"
+                for t in threads[1:]]
+        rows.append(row)
+    return format_table(headers, rows, markdown)
 
 
 def skip_lines(skips: Sequence[Skip]) -> str:
@@ -168,12 +209,23 @@ def skip_lines(skips: Sequence[Skip]) -> str:
     )
 
 
-def terminal_report(records: Sequence[Record], skips: Sequence[Skip]) -> str:
-    parts = [model_table(records), case_table(records)]
-    summary = speedup_summary(records)
-    if summary:
-        parts.append("Speedup over the eager reference, forward+backward (same run):\n" + summary)
-    parts += [cpu_goal_lines(records), skip_lines(skips)]
+def _titled(title: str, table: str) -> str:
+    return f"{title}\n{table}" if table else ""
+
+
+def terminal_report(records: Sequence[Record], skips: Sequence[Skip], device: str) -> str:
+    """Everything a run prints; ``device`` (cpu or cuda) selects the goals that apply."""
+    goals = goal_lines(records, device)
+    parts = [
+        model_table(records),
+        case_table(records),
+        _titled("E = (spinal time / dense time) / (spinal FLOPs / dense FLOPs), by batch (same run):",
+                efficiency_summary(records)),
+        _titled("Speed-up over the eager reference, train (same run):", speedup_summary(records)),
+        _titled("Thread scaling (same run):", thread_table(records)),
+        _titled("Goals:", "\n".join(goals)),
+        skip_lines(skips),
+    ]
     return "\n\n".join(part for part in parts if part)
 
 
@@ -183,12 +235,17 @@ def markdown_report(document: dict[str, Any], note: str = "") -> str:
     caption = (
         f"Measured on **{document['device']}** (torch {document['torch']}, triton {document['triton']}), "
         f"commit `{document['commit'][:12]}`, {document['created']}. Median latency; "
-        "ratios are speedups measured in the same run." + (f" {note}" if note else "")
+        "E = (spinal time / dense time) / (spinal FLOPs / dense FLOPs); "
+        "ratios are measured in the same run." + (f" {note}" if note else "")
     )
-    parts = [caption, model_table(records, markdown=True), latency_table(records, markdown=True)]
-    summary = speedup_summary(records, markdown=True)
-    if summary:
-        parts.append("Speedup over the eager reference, forward+backward:\n\n" + summary)
+    parts = [
+        caption,
+        model_table(records, markdown=True),
+        latency_table(records, markdown=True),
+        _titled("Peak memory of one step (MB the step allocates at its peak):\n", memory_table(records, markdown=True)),
+        _titled("Speed-up over the eager reference, train:\n", speedup_summary(records, markdown=True)),
+        _titled("Thread scaling:\n", thread_table(records, markdown=True)),
+    ]
     return "\n\n".join(part for part in parts if part) + "\n"
 
 

@@ -1,8 +1,10 @@
-"""The results JSON of issue 6 (exactly this shape; other tools read it):
+"""The results JSON (exactly this shape; other tools read it):
 
     {"device", "torch", "triton", "commit", "created",
-     "records": [{"preset", "batch", "dtype", "impl", "pass", "median_ms", "rows_per_s",
-                  "tflops", "flops", "params"}]}
+     "records": [{"preset", "batch", "dtype", "impl", "mode", "threads", "median_ms", "rows_per_s",
+                  "tflops", "flops", "params", "peak_mb"}]}
+
+"mode" is train, frozen or infer; "peak_mb" is null for results measured before peak memory was.
 """
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ from typing import Any
 
 import torch
 
+from ..config import MODES
+
 DOCUMENT_FIELDS: dict[str, type] = {
     "device": str, "torch": str, "triton": str, "commit": str, "created": str, "records": list,
 }
 RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "preset": str, "batch": int, "dtype": str, "impl": str, "pass": str,
+    "preset": str, "batch": int, "dtype": str, "impl": str, "mode": str, "threads": int,
     "median_ms": (int, float), "rows_per_s": (int, float), "tflops": (int, float), "flops": int, "params": int,
+    "peak_mb": (int, float, type(None)),
 }
 
 
@@ -35,10 +40,12 @@ class Record:
     batch: int
     dtype: str
     impl: str
-    pass_name: str
+    mode: str
+    threads: int
     median_ms: float
     flops: int
     params: int
+    peak_mb: float | None  # bytes the step allocates at its peak, in MB (1e6 bytes)
     extras: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -52,14 +59,15 @@ class Record:
     def to_json(self) -> dict[str, Any]:
         return {
             "preset": self.preset, "batch": self.batch, "dtype": self.dtype, "impl": self.impl,
-            "pass": self.pass_name, "median_ms": self.median_ms, "rows_per_s": self.rows_per_s,
-            "tflops": self.tflops, "flops": self.flops, "params": self.params,
+            "mode": self.mode, "threads": self.threads, "median_ms": self.median_ms,
+            "rows_per_s": self.rows_per_s, "tflops": self.tflops, "flops": self.flops, "params": self.params,
+            "peak_mb": self.peak_mb,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Record":
-        return cls(data["preset"], data["batch"], data["dtype"], data["impl"], data["pass"],
-                   data["median_ms"], data["flops"], data["params"])
+        return cls(data["preset"], data["batch"], data["dtype"], data["impl"], data["mode"], data["threads"],
+                   data["median_ms"], data["flops"], data["params"], data["peak_mb"])
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,8 @@ def validate_document(document: Any) -> None:
     _check_fields(document, DOCUMENT_FIELDS, "results")
     for index, record in enumerate(document["records"]):
         _check_fields(record, RECORD_FIELDS, f"records[{index}]")
+        if record["mode"] not in MODES:
+            raise ValueError(f"records[{index}]['mode'] is {record['mode']!r}, expected one of {', '.join(MODES)}")
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

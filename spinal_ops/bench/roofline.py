@@ -36,18 +36,18 @@ def gemm_tflops(flops: int, batch: int, dtype: torch.dtype, device: torch.device
     return 2 * a.shape[0] * n * n / seconds / 1e12
 
 
-def min_bytes(config: SpinalConfig, batch: int, pass_name: str, params: int, itemsize: int) -> int:
+def min_bytes(config: SpinalConfig, batch: int, mode: str, params: int, itemsize: int) -> int:
     """Bytes an implementation with ``params`` parameters and hidden width L*w must move at least.
 
-    forward: read x and the parameters, write the output. forward_backward: that, plus writing Z
-    (the pre-activations kept for backward), then reading grad_out, x, Z and the parameters and
-    writing grad_x and every parameter gradient.
+    infer: read x and the parameters, write the output. train: that, plus writing Z (the
+    pre-activations kept for backward), then reading grad_out, x, Z and the parameters and writing
+    grad_x and every parameter gradient. frozen: train without writing grad_x.
     """
     x = batch * config.in_features
     out = batch * config.output_features
-    if pass_name == "forward":
+    if mode == "infer":
         elements = x + params + out
     else:
         pre_activation = batch * config.hidden_features
-        elements = 3 * x + 3 * params + 2 * out + 2 * pre_activation
+        elements = (3 if mode == "train" else 2) * x + 3 * params + 2 * out + 2 * pre_activation
     return elements * itemsize

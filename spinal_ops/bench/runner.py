@@ -1,16 +1,18 @@
-"""Runs the benchmark matrix (presets x dtypes x implementations x batches x passes)."""
+"""Runs the benchmark matrix (thread counts x presets x dtypes x implementations x batches x modes)."""
 from __future__ import annotations
 
 import gc
 import itertools
 import statistics
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from ..config import SpinalConfig
 from . import roofline
+from .memory import peak_bytes
 from .results import Record, Skip, dtype_name
 from .timing import median_seconds
 from .workloads import ImplUnavailable, build_impl, cost, make_step
@@ -22,12 +24,14 @@ class Matrix:
     batches: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]
     impls: tuple[str, ...]
-    passes: tuple[str, ...]
+    modes: tuple[str, ...]
+    threads: tuple[int, ...]  # torch's CPU thread counts; the whole matrix runs once per count
     device: torch.device
     min_run_time: float  # seconds of measurement per case (after warm-up)
 
     def num_cases(self) -> int:
-        return len(self.presets) * len(self.dtypes) * len(self.impls) * len(self.batches) * len(self.passes)
+        return (len(self.threads) * len(self.presets) * len(self.dtypes) * len(self.impls) * len(self.batches)
+                * len(self.modes))
 
 
 # Each case is timed in rounds that alternate between the implementations, and each keeps the
@@ -37,48 +41,84 @@ ROUNDS = 5
 
 
 def run_matrix(matrix: Matrix, progress: bool = True) -> tuple[list[Record], list[Skip]]:
-    """Time every case; an unavailable implementation is skipped once per preset/dtype with its reason."""
+    """Time every case; an unavailable implementation is skipped once per preset/dtype with its reason.
+    torch's thread count is restored afterwards."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(matrix, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(matrix: Matrix, progress: bool) -> tuple[list[Record], list[Skip]]:
     records: list[Record] = []
     skips: list[Skip] = []
     bandwidth = roofline.copy_bandwidth(matrix.device, matrix.min_run_time) if matrix.device.type == "cuda" else None
-    cases = list(itertools.product(matrix.batches, matrix.passes))
+    cases = list(itertools.product(matrix.batches, matrix.modes))
     bar = tqdm(total=matrix.num_cases(), unit="case", disable=not progress, leave=False)
-    for (preset, config), dtype in itertools.product(matrix.presets.items(), matrix.dtypes):
-        models: dict[str, torch.nn.Module] = {}
-        for impl in matrix.impls:
-            try:
-                models[impl] = build_impl(impl, config, dtype, matrix.device)
-            except ImplUnavailable as error:
-                skips.append(Skip(preset, dtype_name(dtype), impl, str(error)))
-                bar.update(len(cases))
-        for batch, pass_name in cases:
-            bar.set_description(f"{preset} {dtype_name(dtype)} batch {batch} {pass_name}")
-            rounds: dict[str, list[float]] = {impl: [] for impl in models}
-            for _ in range(ROUNDS):
-                for impl in list(rounds):
-                    try:
-                        step = make_step(models[impl], config, batch, pass_name, dtype, matrix.device)
-                        rounds[impl].append(median_seconds(step, matrix.device, matrix.min_run_time / ROUNDS))
-                    except RuntimeError as error:  # a backend that fails at run time is reported, not fatal
-                        skips.append(Skip(preset, dtype_name(dtype), impl, f"failed: {str(error).splitlines()[0]}"))
-                        del rounds[impl], models[impl]
+    for threads in matrix.threads:
+        torch.set_num_threads(threads)
+        for (preset, config), dtype in itertools.product(matrix.presets.items(), matrix.dtypes):
+            models: dict[str, torch.nn.Module] = {}
+            for impl in matrix.impls:
+                try:
+                    models[impl] = build_impl(impl, config, dtype, matrix.device)
+                except ImplUnavailable as error:
+                    skips.append(Skip(preset, dtype_name(dtype), impl, str(error)))
+                    bar.update(len(cases))
+            for batch, mode in cases:
+                bar.set_description(f"{threads} thread(s) {preset} {dtype_name(dtype)} batch {batch} {mode}")
+                measured, failures = _measure_case(matrix, models, config, batch, mode, dtype)
+                for impl in list(models):
+                    if impl in failures:  # a backend that fails at run time is reported, not fatal
+                        skips.append(Skip(preset, dtype_name(dtype), impl, f"failed: {failures[impl]}"))
+                        del models[impl]
                         bar.update(len(cases))
-            for impl, seconds in rounds.items():
-                records.append(_record(matrix, preset, config, dtype, impl, batch, pass_name,
-                                       statistics.median(seconds), bandwidth))
-                bar.update()
-        models.clear()
-        gc.collect()  # free this preset's weights before building the next
+                        continue
+                    seconds, peak = measured[impl]
+                    records.append(_record(matrix, preset, config, dtype, impl, batch, mode, threads, seconds, peak,
+                                           bandwidth))
+                    bar.update()
+            models.clear()
+            gc.collect()  # free this preset's weights before building the next
     bar.close()
     return records, skips
 
 
+def _measure_case(matrix: Matrix, models: dict[str, torch.nn.Module], config: SpinalConfig, batch: int, mode: str,
+                  dtype: torch.dtype) -> tuple[dict[str, tuple[float, int]], dict[str, str]]:
+    """({impl: (median seconds, peak bytes)}, {impl: first line of the error} for those that failed).
+
+    The untimed peak-memory call comes after the warm-up (torch.compile's own allocations are not
+    the step's); the timed rounds alternate between the implementations."""
+    steps: dict[str, Callable[[], object]] = {}
+    peaks: dict[str, int] = {}
+    failures: dict[str, str] = {}
+    for impl, model in models.items():
+        try:
+            steps[impl] = make_step(model, config, batch, mode, dtype, matrix.device)
+            steps[impl]()  # warm-up
+            peaks[impl] = peak_bytes(steps[impl], matrix.device)
+        except RuntimeError as error:
+            failures[impl] = str(error).splitlines()[0]
+    rounds: dict[str, list[float]] = {impl: [] for impl in peaks}
+    for _ in range(ROUNDS):
+        for impl in list(rounds):
+            try:
+                rounds[impl].append(median_seconds(steps[impl], matrix.device, matrix.min_run_time / ROUNDS,
+                                                   warmup_calls=0))
+            except RuntimeError as error:
+                failures[impl] = str(error).splitlines()[0]
+                del rounds[impl]
+    return {impl: (statistics.median(seconds), peaks[impl]) for impl, seconds in rounds.items()}, failures
+
+
 def _record(matrix: Matrix, preset: str, config: SpinalConfig, dtype: torch.dtype, impl: str, batch: int,
-            pass_name: str, seconds: float, bandwidth: float | None) -> Record:
-    flops, params = cost(impl, config, batch, pass_name)
-    record = Record(preset, batch, dtype_name(dtype), impl, pass_name, seconds * 1e3, flops, params)
+            mode: str, threads: int, seconds: float, peak: int, bandwidth: float | None) -> Record:
+    flops, params = cost(impl, config, batch, mode)
+    record = Record(preset, batch, dtype_name(dtype), impl, mode, threads, seconds * 1e3, flops, params, peak / 1e6)
     if bandwidth is not None:
         gemm = roofline.gemm_tflops(flops, batch, dtype, matrix.device, matrix.min_run_time)
-        moved = roofline.min_bytes(config, batch, pass_name, params, dtype.itemsize)
+        moved = roofline.min_bytes(config, batch, mode, params, dtype.itemsize)
         record.extras = {"gemm_eff": record.tflops / gemm, "bw_eff": moved / seconds / bandwidth}
     return record

@@ -12,9 +12,11 @@ CPU_TARGET_BLOCKS, CPU_MIN_BLOCKS = 30, 3
 CUDA_MIN_REPS, CUDA_MAX_REPS = 10, 2000
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
-    """Median seconds per call of ``fn`` after warm-up, measuring for at least ``min_run_time``."""
-    for _ in range(WARMUP_CALLS):
+def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time: float,
+                   warmup_calls: int = WARMUP_CALLS) -> float:
+    """Median seconds per call of ``fn`` after ``warmup_calls`` untimed calls, measuring for at
+    least ``min_run_time`` (no warm-up for a callable the caller has already run)."""
+    for _ in range(warmup_calls):
         fn()
     if device.type == "cuda":
         return _cuda_median_seconds(fn, device, min_run_time)
@@ -24,7 +26,8 @@ def median_seconds(fn: Callable[[], object], device: torch.device, min_run_time:
     # blocks in which a shared machine preempted us.
     per_call = timer.timeit(1).median
     number = max(1, int(min_run_time / CPU_TARGET_BLOCKS / per_call))
-    blocks: list[float] = []
+    # A slow call's estimate is already a block of one call: keep it rather than repeat it.
+    blocks: list[float] = [per_call] if number == 1 else []
     while len(blocks) < CPU_MIN_BLOCKS or sum(blocks) * number < min_run_time:
         blocks.append(timer.timeit(number).median)
     return statistics.median(blocks)

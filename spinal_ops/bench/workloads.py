@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from ..activations import apply_activation
-from ..config import SpinalConfig
+from ..config import MODES, SpinalConfig
 from ..dispatch import BackendUnavailableError, select_backend
 from ..module import SpinalLinear
 
 SPINAL_BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
-IMPLS: tuple[str, ...] = SPINAL_BACKENDS + ("compiled_reference", "dense")
-PASSES: tuple[str, ...] = ("forward", "forward_backward")
+SPINAL_IMPLS: tuple[str, ...] = SPINAL_BACKENDS + ("compiled_reference",)
+IMPLS: tuple[str, ...] = SPINAL_IMPLS + ("dense",)
 
 
 class ImplUnavailable(Exception):
@@ -85,35 +85,34 @@ def build_impl(impl: str, config: SpinalConfig, dtype: torch.dtype, device: torc
     return torch.compile(layer)
 
 
-def cost(impl: str, config: SpinalConfig, batch: int, pass_name: str) -> tuple[int, int]:
+def cost(impl: str, config: SpinalConfig, batch: int, mode: str) -> tuple[int, int]:
     """(analytic matmul FLOPs of the case, parameters of the implementation)."""
     if impl == "dense":
-        flops = (config.dense_baseline_forward_flops if pass_name == "forward"
-                 else config.dense_baseline_forward_backward_flops)(batch)
-        return flops, config.dense_baseline_parameters()
-    flops = (config.forward_flops if pass_name == "forward" else config.forward_backward_flops)(batch)
-    return flops, config.num_parameters()
+        return config.dense_baseline_step_flops(batch, mode), config.dense_baseline_parameters()
+    return config.step_flops(batch, mode), config.num_parameters()
 
 
-def make_step(model: nn.Module, config: SpinalConfig, batch: int, pass_name: str,
+def make_step(model: nn.Module, config: SpinalConfig, batch: int, mode: str,
               dtype: torch.dtype, device: torch.device, seed: int = 0) -> Callable[[], object]:
-    """The callable to time: one forward (no autograd graph), or forward + backward of a random
-    output gradient with respect to the input and every parameter (nothing accumulates in .grad)."""
+    """The callable to time for ``mode`` (one of MODES): infer is one forward without autograd;
+    train and frozen are forward + backward of a random output gradient, returning the gradients
+    w.r.t. the input (train only) and every parameter (nothing accumulates in .grad)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(batch, config.in_features, generator=generator, dtype=dtype, device=device)
-    if pass_name == "forward":
-        def forward() -> torch.Tensor:
+    if mode == "infer":
+        def infer() -> torch.Tensor:
             with torch.no_grad():
                 return model(x)
 
-        return forward
-    if pass_name != "forward_backward":
-        raise ValueError(f"unknown pass {pass_name!r}; expected one of {', '.join(PASSES)}")
-    x.requires_grad_(True)
-    leaves = [x, *model.parameters()]
+        return infer
+    leaves = list(model.parameters())
+    if mode == "train":
+        leaves.insert(0, x.requires_grad_(True))
     grad_out = torch.randn(batch, config.output_features, generator=generator, dtype=dtype, device=device)
 
-    def forward_backward() -> tuple[torch.Tensor, ...]:
+    def backward() -> tuple[torch.Tensor, ...]:
         return torch.autograd.grad(model(x), leaves, grad_out)
 
-    return forward_backward
+    return backward

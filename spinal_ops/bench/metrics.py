@@ -1,0 +1,33 @@
+"""Ratios between records of the same case (preset, batch, dtype, mode, threads) from one run."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .results import Record
+
+CaseKey = tuple[str, int, str, str, int]  # preset, batch, dtype, mode, threads
+
+
+def case_key(record: Record) -> CaseKey:
+    return record.preset, record.batch, record.dtype, record.mode, record.threads
+
+
+def by_case(records: Iterable[Record]) -> dict[CaseKey, dict[str, Record]]:
+    """{case: {impl: record}}, cases in the order of the records."""
+    cases: dict[CaseKey, dict[str, Record]] = {}
+    for record in records:
+        cases.setdefault(case_key(record), {})[record.impl] = record
+    return cases
+
+
+def speedup(record: Record, baseline: Record | None) -> float | None:
+    """How many times faster ``record`` is than ``baseline``."""
+    return None if baseline is None else baseline.median_ms / record.median_ms
+
+
+def efficiency(record: Record, dense: Record | None) -> float | None:
+    """E = (time / dense time) / (FLOPs / dense FLOPs): time per FLOP relative to the dense layer,
+    so that E <= 1 is as efficient per FLOP as the dense layer whatever the FLOP ratio."""
+    if dense is None:
+        return None
+    return (record.median_ms / dense.median_ms) / (record.flops / dense.flops)
