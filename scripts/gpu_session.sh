@@ -10,9 +10,9 @@
 #                   else pip install -e . for sm_90                                  -> build.log
 #   2. tests        pytest of the cuda backend                                      -> pytest.log
 #   3. paths, bench scripts/cuda_paths.py (fused vs hoisted vs the cost model's choice), then
-#                   bfloat16 presets at B = 1, 64, 1024, 65536 against reference,
-#                   torch.compile(reference), dense and triton
-#                                          -> paths.log, cuda_paths.json, bench.log, bench_bf16.json
+#                   bfloat16 presets at B = 1, 64, 1024, 65536 in every mode against reference,
+#                   dense and triton; torch.compile(reference) on two presets
+#                     -> paths.log, cuda_paths.json, bench.log, bench_bf16.json, bench_compiled.json
 #   4. sanitize     compute-sanitizer memcheck, racecheck (split-K batch), synccheck, initcheck
 #                                                                                   -> sanitize.log
 #   5. triton       pytest of the triton backend (its kernels compile on first use)  -> pytest.log
@@ -74,7 +74,7 @@ stage pytest_cuda pytest.log "$(cap 110)" $PY -m pytest -q -rfEs -p no:cacheprov
   tests/test_cuda_backend.py
 
 # 3. the two CUDA paths and the cost model's choice, then the benchmark ---------------------------
-stage cuda_paths paths.log "$(cap 100)" $PY scripts/cuda_paths.py --json "$OUT/cuda_paths.json" \
+stage cuda_paths paths.log "$(cap 90)" $PY scripts/cuda_paths.py --json "$OUT/cuda_paths.json" \
   --batch 1 64 1024 8192 65536
 bench() {  # bench NAME LIMIT ARGS...
   local name=$1 limit=$2
@@ -82,20 +82,22 @@ bench() {  # bench NAME LIMIT ARGS...
   stage "$name" bench.log "$limit" $PY -m spinal_ops.bench --device cuda --min-run-time 0.05 --no-progress \
     --json "$OUT/$name.json" --plot "/tmp/$name.png" "$@"
 }
-bench bench_bf16 "$(cap 80)" --dtype bfloat16 --preset all --batch 1 64 1024 65536 \
-  --backends cuda triton reference compiled_reference dense
+bench bench_bf16 "$(cap 75)" --dtype bfloat16 --preset all --batch 1 64 1024 65536 \
+  --backends cuda triton reference dense
+bench bench_compiled "$(cap 40)" --dtype bfloat16 --preset mnist vgg5 --batch 64 1024 65536 --mode train infer \
+  --backends cuda compiled_reference dense
 
 # 4. sanitize (fused kernels; the hoisted path is cuBLAS) -----------------------------------------
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}
 SANITIZE="$PY scripts/sanitize.py --preset mnist vgg5"
 if [ -x "$SANITIZER" ]; then
-  stage memcheck sanitize.log "$(cap 30)" "$SANITIZER" --tool memcheck --error-exitcode 1 $SANITIZE --batch 37 300
+  stage memcheck sanitize.log "$(cap 25)" "$SANITIZER" --tool memcheck --error-exitcode 1 $SANITIZE --batch 37 300
   # batch 300: the weight gradients take the split-K reduction
-  stage racecheck sanitize.log "$(cap 40)" "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 1 \
+  stage racecheck sanitize.log "$(cap 35)" "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 1 \
     $SANITIZE --dtype bfloat16 --batch 300
-  stage synccheck sanitize.log "$(cap 30)" "$SANITIZER" --tool synccheck --error-exitcode 1 $SANITIZE \
+  stage synccheck sanitize.log "$(cap 25)" "$SANITIZER" --tool synccheck --error-exitcode 1 $SANITIZE \
     --dtype bfloat16 --batch 37 300
-  stage initcheck sanitize.log "$(cap 30)" "$SANITIZER" --tool initcheck --error-exitcode 1 $SANITIZE \
+  stage initcheck sanitize.log "$(cap 25)" "$SANITIZER" --tool initcheck --error-exitcode 1 $SANITIZE \
     --dtype bfloat16 --batch 37
 else
   log "SKIP sanitizer: compute-sanitizer not found (set SANITIZER=/path/to/compute-sanitizer)"
@@ -103,7 +105,7 @@ else
 fi
 
 # 5. triton last: its kernels compile on first use, which is slow ----------------------------------
-stage pytest_triton pytest.log "$(cap 60)" $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_triton_backend.py
+stage pytest_triton pytest.log "$(cap 45)" $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_triton_backend.py
 
 log "done in $((SECONDS - START))s, failed=$FAILED"
 exit $FAILED
