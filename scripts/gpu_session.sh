@@ -16,7 +16,8 @@
 #   4. sanitize     compute-sanitizer memcheck, racecheck (split-K batch), synccheck, initcheck
 #                                                                                   -> sanitize.log
 #   5. triton       pytest of the triton backend (its kernels compile on first use)  -> pytest.log
-# session.log gets the device, versions, each stage's exit status and duration.
+# session.log gets the device, versions, each stage's exit status and duration. SKIP_STAGES="a b"
+# leaves out the stages of those names (a rerun of what failed, within what device time is left).
 # The script runs every stage that fits BUDGET_S and exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +39,10 @@ cap() { local l; l=$(left); echo $((l < $1 ? l : $1)); }  # cap SECONDS: at most
 stage() {
   local name=$1 logfile=$2 limit=$3
   shift 3
+  if [[ " ${SKIP_STAGES:-} " == *" $name "* ]]; then
+    log "SKIP $name: in SKIP_STAGES"
+    return 1
+  fi
   if [ "$limit" -lt 15 ]; then
     log "SKIP $name: only ${limit}s of the budget left"
     FAILED=1

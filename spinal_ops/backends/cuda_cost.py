@@ -98,7 +98,7 @@ def hoisted_ops(config: SpinalConfig, training: bool) -> int:
 
 def hoisted_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool) -> float:
     """Predicted time of the hoisted chain on cuBLAS (forward, plus backward when ``training``)."""
-    flops = config.forward_backward_flops(batch) if training else config.forward_flops(batch)
+    flops = config.step_flops(batch, "train" if training else "infer")
     passes = 10 if training else 4  # [B, L*w] passes: the backward reads Z, writes H and dZ, reads both twice
     moved = dtype.itemsize * batch * (config.in_features * (2 if training else 1)
                                       + passes * config.hidden_features + config.output_features)
