@@ -3,14 +3,15 @@
 Both paths compute the same function from the same parameters and keep Z in the same layout,
 so the cuda backend picks one per call, by predicted time. The model (seconds):
 
-  fused   = launches * FUSED_LAUNCH + waves * (L * FUSED_LAYER + tile_flops / fused_cta_flops)
+  fused   = launches * FUSED_LAUNCH + work * waves * (L * FUSED_LAYER + tile_flops / fused_cta_flops)
             One CTA per row tile (64 rows for half types, 32 for float32) walks the whole chain;
             waves = ceil(row tiles / SMs), so a small batch leaves SMs idle. A CTA's rate falls
             with narrow layers (its column tiles are 64 wide): fused_cta_flops * min(1, w / 64).
   hoisted = ops * OP + max(flops / gemm_flops, bytes / bandwidth)
             ops: the ATen calls of the chain (window GEMMs, three per layer, the output GEMM and
             bookkeeping); bytes: x read once, four [B, L*w] passes (products, Z, H written and
-            read), y written.
+            read), y written. On an H100 one op costs ~16 us of host and launch time, so at small
+            batch the hoisted chain's 20-90 ops lose to the fused kernels' 1-3 launches.
 
 Training calls (a backward will follow) add the backward of each path: the fused backward's two
 launches do twice the forward's tile work; the hoisted backward has ~3 ops per layer more and
@@ -52,12 +53,14 @@ def _rates(half: float, single: float) -> dict[torch.dtype, float]:
 
 
 GPU_MODELS: dict[str, GpuModel] = {
-    # H100 SXM: 132 SMs, ~3.0 TB/s copy bandwidth and ~790 TFLOP/s bf16 on large GEMMs (measured
-    # in this workplace); the chain's GEMMs are skinny, hence a third of that. Fused-kernel
-    # constants fitted to spinal-bench on an H100 (mnist, vgg5, resnet_head at batch 65536).
-    "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 6e-6, 10e-6, 5e-6, _rates(0.19e12, 0.06e12)),
-    # A100: 108 SMs, 312 TFLOP/s bf16 peak, 2.0 TB/s; the same fractions of the datasheet rates.
-    "a100": GpuModel("A100", 108, _rates(100e12, 16e12), 1.6e12, 6e-6, 10e-6, 5e-6, _rates(0.15e12, 0.05e12)),
+    # H100 SXM (132 SMs): ~3.0 TB/s copy bandwidth, ~790 TFLOP/s bf16 on large GEMMs; the chain's
+    # GEMMs are skinny, hence a third of that. The per-op and per-launch times (host work
+    # included: at small batch they decide) and the fused kernels' per-CTA rates are fitted to
+    # scripts/cuda_paths.py on an H100 (benchmarks/results/cuda-paths-nvidia-h100-80gb-hbm3.json).
+    "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 16e-6, 60e-6, 5e-6, _rates(0.19e12, 0.10e12)),
+    # A100 (108 SMs, 312 TFLOP/s bf16, 2.0 TB/s): the H100's fractions of the datasheet rates and
+    # its host costs; the fused kernels' rates scaled by the SM clock and tensor-core ratio.
+    "a100": GpuModel("A100", 108, _rates(100e12, 16e12), 1.6e12, 16e-6, 60e-6, 5e-6, _rates(0.12e12, 0.08e12)),
 }
 
 
@@ -93,7 +96,9 @@ def hoisted_ops(config: SpinalConfig, training: bool) -> int:
     groups = min(config.num_layers, config.in_features // math.gcd(config.in_features, config.split_size))
     window_gemms = groups * (1 if config.in_features % config.split_size == 0 else 2)
     forward = window_gemms + 3 * config.num_layers + 4
-    return forward + (window_gemms * 2 + 3 * config.num_layers + 6 if training else 0)
+    # The backward: dZ's recurrence and phi' per layer, dW_hidden per layer, the window GEMMs for
+    # dx and dW_in, allocations, the group-order copies and the autograd call around it.
+    return forward + (3 * window_gemms + 5 * config.num_layers + 25 if training else 0)
 
 
 def hoisted_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool) -> float:
