@@ -1,4 +1,5 @@
 """spinal_ops: fast SpinalNet layers for PyTorch (one fused op, forward and backward)."""
+from .about import info, version
 from .activations import ACTIVATIONS
 from .authors import from_spinalnet
 from .backends.base import Support
@@ -7,6 +8,8 @@ from .dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends
 from .functional import spinal_linear
 from .module import SpinalLinear
 from .spinalize import spinalize
+
+__version__ = version()
 
 __all__ = [
     "ACTIVATIONS",
@@ -18,6 +21,7 @@ __all__ = [
     "Support",
     "available_backends",
     "from_spinalnet",
+    "info",
     "select_backend",
     "spinal_linear",
     "spinalize",
