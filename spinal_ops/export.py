@@ -3,9 +3,10 @@
 ``torch.export`` and AOTInductor keep the fused ops as single nodes (they are ``torch.library``
 ops with fake kernels). ONNX has no such op, so ``torch.onnx.export(..., dynamo=True)``
 decomposes each forward op into standard operators (Gemm/MatMul, Slice, Concat, Add and the
-activation) with the decomposition below, registered at ``import spinal_ops``. The exporter
-looks decompositions up in ``torch._decomp.decomposition_table``; ``torch.export``'s default
-``run_decompositions()`` and ``torch.compile`` do not, so they keep the fused op.
+activation) with the decomposition below, registered at ``import spinal_ops`` in
+``torch._decomp.decomposition_table``, where the exporter looks. Outside an ONNX export the entry
+only answers shapes, so ``torch.export``, ``run_decompositions()`` and ``torch.compile`` keep the
+fused op.
 
 The TorchScript-based exporter (``dynamo=False``) cannot run a Python decomposition: for it the
 ops raise a clear error instead.
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch._decomp import register_decomposition
 
 from .activations import apply_activation
+from .backends.fused import fake_forward
 from .config import SpinalConfig, SpinalParams
 from .reference import input_window
 
@@ -40,7 +42,13 @@ def decomposed_forward(
 
     Windows come from SpinalConfig (a wrapped window is a Concat of two Slices); the shapes are
     static, so the exported graph has one Gemm per product and no loop.
+
+    Outside an ONNX export only the shapes are given, as the op's fake kernel gives them:
+    FakeTensor consults this table before an op's fake kernel whenever sizes are symbolic
+    (torch.compile or torch.export with dynamic shapes), and there the fused op must stay.
     """
+    if not torch.onnx.is_in_onnx_export():
+        return fake_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
     params = SpinalParams(weight_in, weight_hidden, bias, weight_out, bias_out)
     config = SpinalConfig.from_params(
         x.shape[-1], params, split_size=weight_in.shape[2], activation=activation, negative_slope=negative_slope

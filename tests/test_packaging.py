@@ -55,7 +55,9 @@ def test_sdist_carries_every_source_and_header(sdist):
     with tarfile.open(sdist) as archive:
         prefix = f"spinal_ops-{VERSION}/"
         names = {name[len(prefix):] for name in archive.getnames()}
-    needed = tracked_files("csrc") | tracked_files("spinal_ops") | {"setup.py", "pyproject.toml", "MANIFEST.in"}
+    needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md"}
+    for folder in ("csrc", "spinal_ops", "tests", "examples", "scripts"):
+        needed |= tracked_files(folder)
     assert any(name.endswith((".h", ".cuh")) for name in needed)
     assert not needed - names, sorted(needed - names)
     # build outputs of this checkout stay out of it
