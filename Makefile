@@ -4,6 +4,8 @@
 #   make sanitize - compute-sanitizer memcheck + racecheck over the presets' CUDA forward/backward (GPU)
 #   make bench-suite    - the pytest-benchmark suite (benchmarks/)
 #   make bench-results  - re-measure the committed CPU results (benchmarks/results/; the longest: every backend, three modes)
+#   make dist           - the sdist and a wheel for the installed torch, under dist/
+#   make sdist-check    - build the sdist, install it (CPU-only) into a fresh venv, check the installed package
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +14,7 @@ export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export MAX_JOBS ?= 2
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: setup bench test ctest bench-suite bench-results sanitize clean
+.PHONY: setup bench test ctest bench-suite bench-results sanitize dist sdist-check clean
 
 setup: $(VENV)/.built
 
@@ -59,5 +61,25 @@ bench-results: setup
 	$(PY) -m spinal_ops.bench.report benchmarks/results/cpu-*.json --note "CPU, $(BENCH_THREADS) thread(s)." \
 		> benchmarks/results/README.md
 
+dist: setup
+	rm -rf dist
+	$(PY) -m build --sdist --no-isolation --outdir dist
+	$(PY) -m pip wheel -q --disable-pip-version-check --no-build-isolation --no-deps -w dist dist/spinal_ops-*.tar.gz
+
+# A new user's install from the sdist, in a fresh venv that sees the project's torch (and its
+# dependencies) through a .pth file but not the checkout's editable spinal_ops. CPU-only keeps it short.
+SDIST_VENV := build/sdist-venv
+SDIST_PIP := $(SDIST_VENV)/bin/python -m pip -q --disable-pip-version-check
+sdist-check: setup
+	rm -rf dist $(SDIST_VENV)
+	$(PY) -m build --sdist --no-isolation --outdir dist
+	$(PY) -m venv $(SDIST_VENV)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+		> "$$($(SDIST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/project-torch.pth"
+	$(SDIST_PIP) install ninja 'setuptools>=64' wheel
+	SPINAL_OPS_CPU_ONLY=1 $(SDIST_PIP) wheel --no-build-isolation --no-deps -w dist dist/spinal_ops-*.tar.gz
+	$(SDIST_PIP) install --force-reinstall --no-deps dist/spinal_ops-*.whl
+	cd $(SDIST_VENV) && bin/python $(abspath scripts/check_install.py)
+
 clean:
-	rm -rf build spinal_ops/_C*.so *.egg-info $(VENV)/.built
+	rm -rf build dist spinal_ops/_C*.so spinal_ops/_build_info.py *.egg-info $(VENV)/.built

@@ -5,9 +5,15 @@ Environment:
   SPINAL_OPS_FORCE_CUDA=1  build the CUDA sources (fails clearly if nvcc is missing)
   TORCH_CUDA_ARCH_LIST     GPU architectures; default "8.0;9.0" (A100, H100/H200)
   MAX_JOBS                 parallel compile jobs (ninja)
+  CXX                      the C++ compiler (default c++); without one the package installs reference-only
+
+Every build writes spinal_ops/_build_info.py beside the extension: the torch version it was
+compiled against (checked at import before _C is loaded) and what was built, or why not.
 """
 import glob
 import os
+import shutil
+import sys
 
 from setuptools import setup
 
@@ -25,22 +31,25 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, pattern)))
 
 
-def _build_cuda() -> bool:
+def _cuda_decision() -> tuple[bool, str]:
+    """Whether to compile the CUDA kernels, and why not when not."""
     if os.environ.get("SPINAL_OPS_CPU_ONLY") == "1":
-        return False
+        return False, "SPINAL_OPS_CPU_ONLY=1 at build time"
     nvcc_found = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
     if os.environ.get("SPINAL_OPS_FORCE_CUDA") == "1":
         if not nvcc_found:
             raise RuntimeError("SPINAL_OPS_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
-        return True
-    return nvcc_found
+        return True, ""
+    if not nvcc_found:
+        return False, "nvcc was not found at build time (set CUDA_HOME to a CUDA toolkit to build the kernels)"
+    return True, ""
 
 
 def _extension():
     # No -std flag: torch's cpp_extension adds the standard its headers need (C++17 or C++20).
     cxx_flags = ["-O3"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    if not _build_cuda():
+    if not _cuda_decision()[0]:
         return CppExtension("spinal_ops._C", sources, extra_compile_args={"cxx": cxx_flags})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DSPINAL_OPS_WITH_CUDA"]
@@ -51,7 +60,54 @@ def _extension():
     )
 
 
+def _missing_compiler() -> str:
+    """Why no C++ compiler can run, or "" (torch's cpp_extension calls $CXX, default c++)."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler was found at build time (CXX={compiler!r}); install g++ or set CXX"
+    return ""
+
+
+class BuildExtensionWithInfo(BuildExtension):
+    """build_ext that stamps the build into spinal_ops/_build_info.py and, without a C++
+    compiler, installs the pure-Python package (reference backend) instead of failing."""
+
+    def run(self) -> None:
+        missing = _missing_compiler()
+        if missing:
+            print(f"spinal_ops: {missing}: installing without the compiled extension "
+                  "(reference backend only)", file=sys.stderr)
+            self.extensions = []
+            self._write_build_info(extension_note=missing)
+            return
+        built_cuda, cuda_note = _cuda_decision()
+        if not built_cuda:
+            print(f"spinal_ops: building the CPU op only ({cuda_note})", file=sys.stderr)
+        super().run()
+        self._write_build_info(cuda_built=built_cuda, cuda_note=cuda_note)
+
+    def _write_build_info(self, extension_note: str = "", cuda_built: bool = False, cuda_note: str = "") -> None:
+        import torch
+
+        values = {
+            "VERSION": self.distribution.get_version(),
+            "TORCH_VERSION": torch.__version__,
+            "TORCH_CUDA_VERSION": torch.version.cuda,
+            "EXTENSION_BUILT": not extension_note,
+            "EXTENSION_NOTE": extension_note,
+            "CUDA_BUILT": cuda_built,
+            "CUDA_NOTE": cuda_note if not extension_note else extension_note,
+        }
+        # Beside _C: the source tree for in-place (editable) builds, build/lib... for wheels.
+        package_dir = os.path.dirname(self.get_ext_fullpath("spinal_ops._C"))
+        os.makedirs(package_dir, exist_ok=True)
+        lines = ['"""Written by setup.py when spinal_ops was built; read by spinal_ops.about."""']
+        lines += [f"{name} = {value!r}" for name, value in values.items()]
+        with open(os.path.join(package_dir, "_build_info.py"), "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionWithInfo.with_options(use_ninja=True)},
 )

@@ -1,12 +1,17 @@
 """spinal_ops: fast SpinalNet layers for PyTorch (one fused op, forward and backward)."""
+from .about import info, version
 from .activations import ACTIVATIONS
 from .authors import from_spinalnet
 from .backends.base import Support
 from .config import SpinalConfig, SpinalParams
 from .dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends, select_backend
+from .export import register_onnx_support
 from .functional import spinal_linear
 from .module import SpinalLinear
 from .spinalize import spinalize
+
+__version__ = version()
+register_onnx_support()  # after dispatch: the ops exist once the backends are set up
 
 __all__ = [
     "ACTIVATIONS",
@@ -18,6 +23,7 @@ __all__ = [
     "Support",
     "available_backends",
     "from_spinalnet",
+    "info",
     "select_backend",
     "spinal_linear",
     "spinalize",

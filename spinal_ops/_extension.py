@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 
 import torch
 
+from .about import extension_not_built, extension_torch_mismatch
 from .backends.base import Support
 from .backends.fused import fake_backward, fake_forward, register_fused_autograd
 
 
 @functools.lru_cache(maxsize=None)
 def load_extension() -> Support:
+    not_built = extension_not_built()
+    if not_built:
+        return Support.no(not_built)
+    # Checked before loading _C: a _C built against another torch fails with undefined symbols.
+    mismatch = extension_torch_mismatch()
+    if mismatch:
+        warnings.warn(f"spinal_ops: {mismatch}; only the reference backend runs", RuntimeWarning, stacklevel=2)
+        return Support.no(mismatch)
     try:
         importlib.import_module("spinal_ops._C")  # registers the ops on import
     except ModuleNotFoundError:

@@ -68,10 +68,15 @@ def check_backend(
     batch_shape: tuple[int, ...] = (6,),
     seed: int = 0,
     x: torch.Tensor | None = None,
+    params: SpinalParams | None = None,
 ) -> None:
-    """Assert SPEC §4 for ``backend`` on one config: output and every gradient."""
+    """Assert SPEC §4 for ``backend`` on one config: output and every gradient.
+
+    ``x`` and ``params`` (e.g. a trained layer's) replace the random input and parameters."""
     generator = torch.Generator().manual_seed(seed)
     params64 = random_params(config, generator)
+    if params is not None:
+        params64 = SpinalParams(*(None if p is None else p.detach().double().cpu() for p in params))
     if x is None:
         x = torch.randn(*batch_shape, config.in_features, generator=generator, dtype=torch.float64)
     grad_out = torch.randn(*x.shape[:-1], config.output_features, generator=generator, dtype=torch.float64)
@@ -93,21 +98,28 @@ def check_backend(
 
     names = ["output"] + [n for n, p in zip(GRAD_NAMES, [x64, *params64]) if p is not None]
     for name, ref, eag, out in zip(names, expected, eager, got):
-        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
         assert out.dtype == dtype, f"{name}: dtype {out.dtype} != {dtype}"
-        if ref.numel() == 0:
-            continue
-        out64, eag64 = out.double().cpu(), eag.double().cpu()
-        assert torch.equal(out64.isnan(), ref.isnan()), f"{name}: NaN pattern differs from the reference"
-        finite = ref.isfinite()
-        err_backend = (out64 - ref)[finite].abs().max().item() if finite.any() else 0.0
-        err_eager = (eag64 - ref)[finite].abs().max().item() if finite.any() else 0.0
-        scale = max(1.0, ref[finite].abs().max().item() if finite.any() else 1.0)
-        atol = ATOL_PER_SCALE[dtype] * scale
-        assert err_backend <= 2 * err_eager + atol, (
-            f"{backend} {dtype} {name}: error {err_backend:.3e} > 2 * eager error {err_eager:.3e} + atol {atol:.1e} "
-            f"({config})"
-        )
+        assert_within_contract(f"{backend} {dtype} {name} ({config})", out, ref, eag, dtype)
+
+
+def assert_within_contract(
+    label: str, out: torch.Tensor, ref: torch.Tensor, eag: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """SPEC §4 for one tensor: ``out`` (any implementation) against ``ref`` (float64 reference on the
+    same values), with ``eag`` (the eager reference in ``dtype``) setting the allowed error."""
+    assert out.shape == ref.shape, f"{label}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    out64, eag64 = out.double().cpu(), eag.double().cpu()
+    assert torch.equal(out64.isnan(), ref.isnan()), f"{label}: NaN pattern differs from the reference"
+    finite = ref.isfinite()
+    err_backend = (out64 - ref)[finite].abs().max().item() if finite.any() else 0.0
+    err_eager = (eag64 - ref)[finite].abs().max().item() if finite.any() else 0.0
+    scale = max(1.0, ref[finite].abs().max().item() if finite.any() else 1.0)
+    atol = ATOL_PER_SCALE[dtype] * scale
+    assert err_backend <= 2 * err_eager + atol, (
+        f"{label}: error {err_backend:.3e} > 2 * eager error {err_eager:.3e} + atol {atol:.1e}"
+    )
 
 
 def gradcheck_problem(config: SpinalConfig, backend: str, seed: int):
