@@ -25,7 +25,7 @@ from .config import SpinalConfig, SpinalParams
 from .reference import input_window
 
 # The forward ops with FORWARD_SCHEMA (spinal_ops/backends/fused.py), by name in torch.ops.spinal_ops.
-FORWARD_OPS: tuple[str, ...] = ("fused_forward", "triton_forward")
+FORWARD_OPS: tuple[str, ...] = ("fused_forward", "hoisted_forward", "triton_forward")
 
 
 def decomposed_forward(
@@ -37,6 +37,7 @@ def decomposed_forward(
     bias_out: Optional[torch.Tensor],
     activation: str,
     negative_slope: float,
+    keep_pre_activation: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A forward op's ``(out, pre_activation)`` written with standard PyTorch ops.
 
@@ -48,7 +49,8 @@ def decomposed_forward(
     (torch.compile or torch.export with dynamic shapes), and there the fused op must stay.
     """
     if not torch.onnx.is_in_onnx_export():
-        return fake_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
+        return fake_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
+                            keep_pre_activation)
     params = SpinalParams(weight_in, weight_hidden, bias, weight_out, bias_out)
     config = SpinalConfig.from_params(
         x.shape[-1], params, split_size=weight_in.shape[2], activation=activation, negative_slope=negative_slope
@@ -63,7 +65,7 @@ def decomposed_forward(
         hidden.append(apply_activation(activation, z, negative_slope))
     concatenated = torch.cat(hidden, dim=-1)
     out = concatenated if weight_out is None else F.linear(concatenated, weight_out, bias_out)
-    return out, torch.cat(pre_activations, dim=-1)
+    return out, torch.cat(pre_activations, dim=-1) if keep_pre_activation else x.new_empty(0)
 
 
 def _refuse_torchscript_export(g, *args):
