@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
 
   Mma acc;
   for (int layer = 0; layer < p.num_layers; ++layer) {
-    const T* h_prev = sm.state((layer + 1) & 1);
-    T* h_next = sm.state(layer & 1);
+    const SmemPtr<const T> h_prev = sm.state((layer + 1) & 1);
+    const SmemPtr<T> h_next = sm.state(layer & 1);
     const Window window = window_of(layer, p.n, p.s);
     const T* a_l = p.weight_in + static_cast<int64_t>(layer) * p.w * p.s;
     const T* r_l = p.weight_hidden + static_cast<int64_t>(layer - 1) * p.w * p.w;  // used when layer >= 1

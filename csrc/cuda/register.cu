@@ -1,10 +1,11 @@
 // CUDA implementations of spinal_ops::fused_forward / fused_backward (schemas in csrc/ops.cpp).
 //
 // Checks every argument before anything runs, guards x's device, makes inputs contiguous,
-// allocates the outputs and routes the call: fused kernels (forward.cu, backward.cu) when
-// w <= kFusedMaxWidth, the ATen multi-launch path (multi_launch.cu) beyond. An empty batch
-// launches nothing. Also defines spinal_ops::cuda_fused_max_width(), the threshold Python's
-// CudaBackend.supports() reports, so it lives in one place (kFusedMaxWidth).
+// allocates the outputs and routes the call (use_fused_path, forward.cu): fused kernels
+// (forward.cu, backward.cu) when w <= kFusedMaxWidth and their shared memory fits the device,
+// the ATen multi-launch path (multi_launch.cu) otherwise. An empty batch launches nothing.
+// Also defines spinal_ops::cuda_fused_max_width() and cuda_fused_width_limit(device, dtype,
+// allow_tf32), the thresholds Python's CudaBackend.supports() reports, so they live in one place.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -53,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
   at::Tensor pre_activation = at::empty({shape.batch, shape.hidden()}, x.options());
   if (shape.batch == 0) return {out, pre_activation};
-  if (fused_path_supports(shape)) {
+  if (use_fused_path(shape, x.scalar_type(), x.get_device())) {
     launch_fused_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
                          static_cast<float>(negative_slope), out, pre_activation);
   } else {
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   grads.grad_weight_out = weight_out ? alloc(weight_out->sizes()) : at::empty({0}, options);
   grads.grad_bias_out = has_bias && weight_out ? alloc({shape.out_features}) : at::empty({0}, options);
   if (shape.batch > 0) {
-    if (fused_path_supports(shape)) {
+    if (use_fused_path(shape, x.scalar_type(), x.get_device())) {
       launch_fused_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
                             static_cast<float>(negative_slope), grads);
     } else {
@@ -115,12 +116,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 int64_t fused_max_width() { return kFusedMaxWidth; }
 
+int64_t fused_width_limit_op(int64_t device, at::ScalarType dtype, bool allow_tf32) {
+  return fused_width_limit(dtype, allow_tf32, static_cast<int>(device));
+}
+
 }  // namespace
 }  // namespace cuda_kernels
 }  // namespace spinal_ops
 
 TORCH_LIBRARY_FRAGMENT(spinal_ops, m) {
   m.def("cuda_fused_max_width() -> int", &spinal_ops::cuda_kernels::fused_max_width);
+  m.def("cuda_fused_width_limit(int device, ScalarType dtype, bool allow_tf32) -> int",
+        &spinal_ops::cuda_kernels::fused_width_limit_op);
 }
 
 TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {
