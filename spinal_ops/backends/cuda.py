@@ -1,7 +1,8 @@
 """The ``cuda`` backend: hand-written CUDA kernels (csrc/cuda/), same ops as ``cpu``.
 
 Layers up to ``fused_max_width()`` wide run the fused kernels (one forward launch, two
-backward launches); wider ones run the op's multi-launch path (cuBLAS through ATen).
+backward launches) where their shared memory fits the device (99 KB parts keep fewer:
+``fused_width_limit()``); other layers run the op's multi-launch path (cuBLAS through ATen).
 ``supports()`` says which, in its reason.
 """
 from __future__ import annotations
@@ -21,11 +22,20 @@ MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core WMMA; the build targets sm80
 # plain values inside a torch.compile trace.
 _fused_max_width: int = 0  # kFusedMaxWidth of csrc/cuda/tile_mma.cuh, read from the build
 _capabilities: dict[int, tuple[int, int]] = {}
+# (device, dtype, TF32 allowed) -> widest fused w on that device, read from the op's own routing
+_width_limits: dict[tuple[int, torch.dtype, bool], int] = {}
 
 
 def fused_max_width() -> int:
     """Widest layer (w) the fused kernels run; wider layers take the multi-launch path."""
     return _fused_max_width
+
+
+def fused_width_limit(device: int, dtype: torch.dtype, allow_tf32: bool = False) -> int:
+    """Widest layer the fused kernels run on CUDA device ``device`` for ``dtype`` (TF32 policy for
+    float32 when ``allow_tf32``): ``fused_max_width()``, or less where the device's opt-in shared
+    memory per block is smaller than the kernels need."""
+    return _width_limits.get((device, dtype, allow_tf32 and dtype == torch.float32), _fused_max_width)
 
 
 class CudaBackend(FusedOpBackend):
@@ -43,6 +53,12 @@ class CudaBackend(FusedOpBackend):
         _fused_max_width = int(torch.ops.spinal_ops.cuda_fused_max_width())
         for index in range(torch.cuda.device_count()):
             _capabilities[index] = torch.cuda.get_device_capability(index)
+            if _capabilities[index] < MIN_COMPUTE_CAPABILITY:
+                continue
+            for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                (torch.bfloat16, False)):
+                _width_limits[(index, dtype, tf32)] = int(
+                    torch.ops.spinal_ops.cuda_fused_width_limit(index, dtype, tf32))
         return Support.yes()
 
     def supports(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
@@ -54,9 +70,11 @@ class CudaBackend(FusedOpBackend):
         capability = _capabilities.get(index, (0, 0))
         if capability < MIN_COMPUTE_CAPABILITY:
             return Support.no(f"needs compute capability >= 8.0, device {index} has {capability[0]}.{capability[1]}")
-        limit = fused_max_width()
+        tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        limit = fused_width_limit(index, dtype, tf32)
         if config.layer_width > limit:
-            return Support.yes(f"multi-launch path: w={config.layer_width} > {limit}")
+            why = "" if limit == fused_max_width() else f" (the fused kernels' shared memory does not fit device {index})"
+            return Support.yes(f"multi-launch path: w={config.layer_width} > {limit}{why}")
         return Support.yes("fused kernel")
 
     def forward_op(self):

@@ -38,6 +38,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -73,9 +74,9 @@ inline Dim3 block_idx;
 inline Dim3 grid_dim;
 
 inline uint64_t seed = 1;  // CTA order and fragment element orders (set per run, printed by the test)
-// Seeded bug for the model's own tests: the Nth __syncthreads of every CTA (counted from 0) does nothing.
-inline long skip_barrier = -1;
-inline long max_barriers = 0;  // the most __syncthreads one CTA passed, over the launches since reset
+// Seeded bug for the model's own tests: the __syncthreads at this "file:line" is removed.
+inline std::string removed_barrier;
+inline std::set<std::string> barrier_sites;  // every __syncthreads reached since the last reset
 
 constexpr int kMaxThreads = 256;
 constexpr int kWarpSize = 32;
@@ -225,10 +226,13 @@ inline void release_barrier() {
   ++epoch;  // a new interval for the race check
 }
 
-// __syncthreads(): every thread of the CTA that has not exited must arrive.
-inline int block_barrier(int predicate) {
+// __syncthreads() at file:line: every thread of the CTA that has not exited must arrive.
+inline int block_barrier(int predicate, const char* file, int line) {
   const int self = cta->current;
-  if (cta->barriers_passed[self]++ == skip_barrier) return predicate;
+  std::string site = std::string(file) + ":" + std::to_string(line);
+  if (site == removed_barrier) return predicate;
+  if (self == 0) barrier_sites.insert(std::move(site));
+  ++cta->barriers_passed[self];
   cta->or_accumulator |= predicate;
   cta->state[self] = FiberState::AtBarrier;
   if (++cta->at_barrier + cta->done == cta->threads) release_barrier();
@@ -313,7 +317,6 @@ void launch(const char* name, unsigned blocks, int threads, int64_t dynamic_smem
         break;
       }
     }
-    max_barriers = std::max(max_barriers, *std::max_element(state.barriers_passed.begin(), state.barriers_passed.end()));
     if (!first_error.empty()) break;
   }
   cta = nullptr;
@@ -326,8 +329,8 @@ void launch(const char* name, unsigned blocks, int threads, int64_t dynamic_smem
 #define blockIdx emu::block_idx
 #define gridDim emu::grid_dim
 
-inline void __syncthreads() { emu::block_barrier(0); }
-inline int __syncthreads_or(int predicate) { return emu::block_barrier(predicate); }
+#define __syncthreads() emu::block_barrier(0, __FILE__, __LINE__)
+#define __syncthreads_or(predicate) emu::block_barrier((predicate), __FILE__, __LINE__)
 
 // Fibers run one at a time: a CTA's global-memory effects are complete before the next starts.
 inline void __threadfence() {}

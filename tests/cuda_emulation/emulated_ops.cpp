@@ -63,14 +63,15 @@ class PoisonAllocator final : public c10::Allocator {
 
 constexpr uint8_t kAllocatorPriority = 200;
 
-// One emulated call: the fake device, the TF32 setting of the policy, poisoned allocations.
+// One emulated call: the fake device, the TF32 setting of the policy ("auto" keeps the global
+// one), poisoned allocations.
 class Session {
  public:
   Session(c10::string_view policy, int64_t device)
       : tf32_before_(at::globalContext().allowTF32CuBLAS()), base_(c10::GetCPUAllocator()), poison_(base_) {
     emu::target(static_cast<int>(device));
     emu::current_device = static_cast<int>(device);
-    at::globalContext().setAllowTF32CuBLAS(policy == "tf32");
+    if (policy != "auto") at::globalContext().setAllowTF32CuBLAS(policy == "tf32");
     c10::SetCPUAllocator(&poison_, kAllocatorPriority);
   }
   ~Session() {
@@ -160,17 +161,18 @@ int64_t width_limit(at::ScalarType dtype, bool allow_tf32, int64_t device) {
   return fused_width_limit(dtype, allow_tf32, static_cast<int>(device));
 }
 
-// seed: CTA order and fragment element orders; skip_barrier: the Nth __syncthreads of every CTA
-// does nothing (-1: none); drop_counter_reset: launch 1 leaves the split-K counters as they are.
-void configure(int64_t seed, int64_t skip_barrier, bool counter_reset_dropped) {
+// seed: CTA order and fragment element orders; removed_barrier: the "file:line" of a
+// __syncthreads that does nothing ("": none); drop_counter_reset: launch 1 leaves the split-K
+// counters as they are. Also forgets the barrier sites reached so far.
+void configure(int64_t seed, c10::string_view removed_barrier, bool counter_reset_dropped) {
   emu::seed = static_cast<uint64_t>(seed);
-  emu::skip_barrier = skip_barrier;
-  emu::max_barriers = 0;
+  emu::removed_barrier = std::string(removed_barrier);
+  emu::barrier_sites.clear();
   drop_counter_reset = counter_reset_dropped;
 }
 
 int64_t launches() { return emu::launches; }
-int64_t barriers() { return emu::max_barriers; }
+std::vector<std::string> barrier_sites() { return {emu::barrier_sites.begin(), emu::barrier_sites.end()}; }
 
 // ---- seeded bugs in small kernels built from tile_mma.cuh's pieces ---------------------------
 
@@ -238,6 +240,6 @@ TORCH_LIBRARY(spinal_emu, m) {
   m.def("fused_width_limit", &spinal_ops::cuda_kernels::width_limit);
   m.def("configure", &spinal_ops::cuda_kernels::configure);
   m.def("launches", &spinal_ops::cuda_kernels::launches);
-  m.def("barriers", &spinal_ops::cuda_kernels::barriers);
+  m.def("barrier_sites", &spinal_ops::cuda_kernels::barrier_sites);
   m.def("seeded_bug", &spinal_ops::cuda_kernels::seeded_bug);
 }
