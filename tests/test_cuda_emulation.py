@@ -105,10 +105,10 @@ CONFIGS = {
 WIDE = dict(in_features=20, out_features=5, layer_width=300, num_layers=3, split_size=13)  # w > 256
 
 
-# TF32 rounds each GEMM input to 10 mantissa bits (unit roundoff 2^-11, like float16), where the
-# float32 eager reference rounds to 23: the TF32 policy is held to float16's per-element error
-# over the K <= 512 products of a sum, relative to the reference's scale.
-ATOL_TF32 = 5e-3
+# TF32 rounds each GEMM input to 10 mantissa bits (unit roundoff 2^-11, as float16) where the
+# float32 eager reference keeps 23, so the TF32 policy has its own tolerance: the kernels' error
+# relative to the reference's scale is <= 6.5e-4 over CONFIGS, 3x that is allowed.
+ATOL_TF32 = 2e-3
 
 
 def _emulated_run(ops, x, params, config, grad_out, policy, device):
