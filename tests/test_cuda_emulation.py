@@ -191,9 +191,12 @@ def test_activations(emulated_ops, activation):
 @pytest.mark.parametrize("policy", ["fp32_multi_launch", "bf16_multi_launch"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_multi_launch_path_beyond_fused_width(emulated_ops, policy, bias):
-    dtype, mma = POLICIES[policy]
+    # The op's own routing ("auto") takes w > 256 to the multi-launch path on every target.
+    dtype, _ = POLICIES[policy]
     config = make_config(**WIDE, bias=bias, activation="relu" if dtype == torch.float32 else "gelu")
-    _check(emulated_ops, config, dtype, mma, batch=37)
+    launches = emulated_ops.launches()
+    _check(emulated_ops, config, dtype, "auto", batch=37)
+    assert emulated_ops.launches() == launches
 
 
 # Widest fused w per target and policy: the kernels' shared memory (forward_kernel.cuh) against
@@ -229,6 +232,43 @@ def test_widest_fused_layer_fits_each_target(emulated_ops, target, policy):
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32_before
         assert emulated_ops.launches() == launches, "a layer too wide for the target was launched fused"
+
+
+def test_smem_attribute_is_set_once_per_device_and_kernel(emulated_ops):
+    # Launches of one kernel with different w on one device share one attribute, set to the most
+    # any of them needs: no set/set/launch interleaving between host threads.
+    device = TARGETS["sm_89"]
+    for width in (40, 100, 30):
+        config = make_config(**{**CONFIGS["odd_N_wraps"], "layer_width": width}, activation="gelu")
+        _check(emulated_ops, config, torch.float16, "wmma", batch=10, device=device)
+        if width == 40:
+            sets = emulated_ops.attribute_sets()
+    assert emulated_ops.attribute_sets() == sets
+
+
+def test_supports_reports_the_device_limit(emulated_ops, monkeypatch):
+    # What CudaBackend.supports() says on a 99 KB part, from the op's own limit (no GPU needed).
+    from spinal_ops.backends import cuda
+
+    device = TARGETS["sm_86"]
+    limits = {(0, dtype, tf32): emulated_ops.fused_width_limit(dtype, tf32, device)
+              for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                  (torch.bfloat16, False))}
+    monkeypatch.setattr(cuda, "_fused_max_width", 256)
+    monkeypatch.setattr(cuda, "_capabilities", {0: (8, 6)})
+    monkeypatch.setattr(cuda, "_width_limits", limits)
+    backend, gpu = cuda.CudaBackend(), torch.device("cuda", 0)
+    config = make_config(in_features=40, out_features=7, layer_width=200, num_layers=2)
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert backend.supports(config, torch.float32, gpu).reason == "fused kernel"
+        assert backend.supports(config, torch.bfloat16, gpu).reason == (
+            "multi-launch path: w=200 > 192 (the fused kernels' shared memory does not fit device 0)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert backend.supports(config, torch.float32, gpu).reason.startswith("multi-launch path: w=200 > 192")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
 
 def test_empty_batch_launches_nothing(emulated_ops):

@@ -297,7 +297,8 @@ struct SmemViews {
   __device__ SmemPtr<T> state(int which) const { return reinterpret_cast<T*>(base + which * layout.state_bytes); }
 };
 
-// Column window of layer l: c(j) = (start + j) mod N for j < s.
+// Column window of layer l: c(j) = (start + j) mod N for j < s. Its sums stay below 2N, which
+// chain_dims() checks fits an int.
 struct Window {
   int start, n, s;
   __device__ __forceinline__ int column(int j) const {

@@ -12,7 +12,8 @@
 //   initcheck  shared memory is poisoned (0xFF bytes: NaN in every float format) at every
 //              block start, and reading a byte the block has not written fails.
 //   memcheck   shared-memory accesses beyond the launch's dynamic smem size fail.
-//   synccheck  a barrier not reached by every live thread of the CTA fails (deadlock).
+//   synccheck  threads left waiting at a barrier or warp collective that the others never
+//              reach (a deadlock on the GPU) fail; exited threads count as arrived, as on sm_70+.
 //   WMMA       fragments are per lane: num_elements values per lane in an element order that is
 //              a random permutation (per fragment type, drawn from the seed), so code that
 //              assumes a fragment layout computes garbage. load/store_matrix_sync check
@@ -20,8 +21,8 @@
 //              layout argument, __float_to_tf32 rounds (to nearest, ties away) and mma_sync
 //              truncates tf32 inputs to 10 mantissa bits as the tensor cores do.
 // The fake CUDA runtime (emulated_runtime.h) checks each launch's configuration.
-// Not modelled: timing, bank conflicts, global-memory ordering between CTAs (they do not
-// overlap), races in global memory.
+// Not modelled: timing, bank conflicts, races and ordering in global memory (within a CTA, and
+// between CTAs, which do not overlap here).
 #pragma once
 
 #define SPINAL_CUDA_EMULATION 1

@@ -172,6 +172,7 @@ void configure(int64_t seed, c10::string_view removed_barrier, bool counter_rese
 }
 
 int64_t launches() { return emu::launches; }
+int64_t attribute_sets() { return emu::attribute_sets; }
 std::vector<std::string> barrier_sites() { return {emu::barrier_sites.begin(), emu::barrier_sites.end()}; }
 
 // ---- seeded bugs in small kernels built from tile_mma.cuh's pieces ---------------------------
@@ -240,6 +241,7 @@ TORCH_LIBRARY(spinal_emu, m) {
   m.def("fused_width_limit", &spinal_ops::cuda_kernels::width_limit);
   m.def("configure", &spinal_ops::cuda_kernels::configure);
   m.def("launches", &spinal_ops::cuda_kernels::launches);
+  m.def("attribute_sets", &spinal_ops::cuda_kernels::attribute_sets);
   m.def("barrier_sites", &spinal_ops::cuda_kernels::barrier_sites);
   m.def("seeded_bug", &spinal_ops::cuda_kernels::seeded_bug);
 }

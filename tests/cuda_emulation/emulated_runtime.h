@@ -55,6 +55,7 @@ inline cudaStream_t current_stream(int device) {
 // cudaFuncAttributeMaxDynamicSharedMemorySize per (device, kernel).
 inline std::map<std::pair<int, const void*>, int> max_dynamic_smem;
 inline int launches = 0;
+inline int attribute_sets = 0;  // cudaFuncSetAttribute calls
 
 inline std::string demangle(const char* name) {
   int status = 0;
@@ -91,6 +92,7 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Args), cudaFuncAttribute, int va
   TORCH_CHECK(value >= 0 && value <= t.smem_optin, "emulated CUDA: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, ",
               value, ") exceeds ", t.name, "'s opt-in maximum of ", t.smem_optin, " bytes");
   emu::max_dynamic_smem[{emu::current_device, reinterpret_cast<const void*>(kernel)}] = value;
+  ++emu::attribute_sets;
   return cudaSuccess;
 }
 
