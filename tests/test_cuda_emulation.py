@@ -37,7 +37,7 @@ import torch
 from contract import ATOL_PER_SCALE, GRAD_NAMES, _run, make_config, random_params
 from spinal_ops.config import SpinalParams
 
-pytestmark = pytest.mark.slow  # ~1 min to build the harness, a few minutes to run on 2 cores
+pytestmark = pytest.mark.slow  # ~1 min to build the harness, ~1 min to run on 2 cores
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = int(os.environ.get("SPINAL_EMU_SEED", random.SystemRandom().randrange(1, 2**31)))
