@@ -1,9 +1,7 @@
 // Host launcher of the two fused backward kernels (backward_kernels.cuh holds the kernels,
 // their tiling and smem budget): allocates the dZ workspace and the split-K workspace.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "backward_kernels.cuh"
+#include "launch.cuh"
 
 namespace spinal_ops {
 namespace cuda_kernels {
@@ -16,15 +14,11 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
             Activation act, float slope, const BackwardOutputs& grads) {
   static_assert(DataMma::kTileM == GradMma::kTileM, "both launches split the rows alike");
   constexpr int kM = DataMma::kTileM;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t row_tiles = ceil_div(shape.batch, kM);
-  TORCH_CHECK(row_tiles <= INT32_MAX, "spinal_ops: batch ", shape.batch, " is too large for the CUDA grid");
   int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, x.get_device()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   // Launch 2's work split is decided first: launch 1 zeroes its tile counters.
   const WeightGradPlan plan = plan_weight_grads<kM>(shape, sm_count);
   const int64_t ctas = plan.tiles.total * plan.splits;
-  TORCH_CHECK(ctas <= INT32_MAX, "spinal_ops: too many weight-gradient tiles for the CUDA grid");
   at::Tensor partials, counters;
   if (plan.splits > 1) {
     partials = at::empty({ctas * kM * kTileN}, x.options().dtype(at::kFloat));
@@ -36,22 +30,14 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
   const DataGradArgs<T> d =
       make_data_grad_args<T>(shape, grad_out, pre_activation, weight_in, weight_hidden, weight_out, act, slope,
                              grad_pre, grads.grad_x, counters_data, plan.tiles.total);
-  const SmemLayout<DataMma, T> data_layout(d.state_width);
-  const auto data_kernel = spinal_data_grad_kernel<DataMma, T>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(data_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(data_layout.total)));
-  data_kernel<<<static_cast<unsigned>(row_tiles), kThreads, data_layout.total, stream>>>(d);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<spinal_data_grad_kernel<DataMma, T>>(ceil_div(shape.batch, kM), fused_smem_bytes<DataMma, T>(d.w),
+                                                     fused_smem_bytes<DataMma, T>(kFusedMaxWidth), d);
 
   const WeightGradArgs<T> g = make_weight_grad_args<T>(
       shape, plan, grad_out, x, pre_activation, grad_pre, act, slope, grads,
       plan.splits > 1 ? partials.data_ptr<float>() : nullptr, counters_data);
-  const SmemLayout<GradMma, T> grad_layout(0);
-  const auto grad_kernel = spinal_weight_grad_kernel<GradMma, T>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(grad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(grad_layout.total)));
-  grad_kernel<<<static_cast<unsigned>(ctas), kThreads, grad_layout.total, stream>>>(g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t grad_smem = SmemLayout<GradMma, T>(0).total;
+  launch_kernel<spinal_weight_grad_kernel<GradMma, T>>(ctas, grad_smem, grad_smem, g);
 }
 
 }  // namespace
@@ -60,7 +46,7 @@ void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, const BackwardOutputs& grads) {
-  TORCH_CHECK(fused_path_supports(shape), "spinal_ops: fused CUDA backward needs w <= ", kFusedMaxWidth);
+  TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA backward needs w <= ", kFusedMaxWidth);
   switch (x.scalar_type()) {
     case at::kFloat:
       if (at::globalContext().allowTF32CuBLAS()) {
@@ -75,12 +61,12 @@ void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out,
       }
       break;
     case at::kHalf:
-      launch<WmmaMma<64, __half>, WmmaMma<64, __half>, at::Half>(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out,
-                                            act, negative_slope, grads);
+      launch<WmmaMma<64, __half>, WmmaMma<64, __half>, at::Half>(shape, grad_out, x, pre_activation, weight_in,
+                                                                 weight_hidden, weight_out, act, negative_slope, grads);
       break;
     case at::kBFloat16:
-      launch<WmmaMma<64, __nv_bfloat16>, WmmaMma<64, __nv_bfloat16>, at::BFloat16>(shape, grad_out, x, pre_activation, weight_in, weight_hidden,
-                                                       weight_out, act, negative_slope, grads);
+      launch<WmmaMma<64, __nv_bfloat16>, WmmaMma<64, __nv_bfloat16>, at::BFloat16>(
+          shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads);
       break;
     default:
       TORCH_CHECK(false, "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", x.scalar_type());

@@ -65,8 +65,8 @@ __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGr
 
   Mma acc;
   for (int layer = p.num_layers - 1; layer >= 0; --layer) {
-    const T* dz_next = sm.state((layer + 1) & 1);
-    T* dz_cur = sm.state(layer & 1);
+    const SmemPtr<const T> dz_next = sm.state((layer + 1) & 1);
+    const SmemPtr<T> dz_cur = sm.state(layer & 1);
     const T* r_next = p.weight_hidden + static_cast<int64_t>(layer) * p.w * p.w;  // R_{layer+1}
     const int64_t layer_col = static_cast<int64_t>(layer) * p.w;
 
@@ -304,8 +304,6 @@ __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const Weig
   }
   if (threadIdx.x == 0) p.tile_counters[tile] = 0;
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // How launch 2 splits its work: tiles of every job, and the row split (split-K).
 struct WeightGradPlan {

@@ -1,8 +1,7 @@
-// Host launcher of the fused forward kernel (forward_kernel.cuh holds the kernel, its tiling and smem budget).
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
+// Host launcher of the fused forward kernel (forward_kernel.cuh holds the kernel, its tiling and
+// smem budget) and the routing between the fused kernels and the multi-launch path.
 #include "forward_kernel.cuh"
+#include "launch.cuh"
 
 namespace spinal_ops {
 namespace cuda_kernels {
@@ -15,26 +14,45 @@ void launch(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& wei
             float slope, const at::Tensor& out, const at::Tensor& pre_activation) {
   const ForwardArgs<T> p = make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
                                                 slope, out, pre_activation);
-  const SmemLayout<Mma, T> layout(p.state_width);
-  const auto kernel = spinal_forward_kernel<Mma, T>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(layout.total)));
-  const int64_t blocks = (shape.batch + Mma::kTileM - 1) / Mma::kTileM;
-  TORCH_CHECK(blocks <= INT32_MAX, "spinal_ops: batch ", shape.batch, " is too large for the CUDA grid");
-  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.total, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel<spinal_forward_kernel<Mma, T>>(ceil_div(shape.batch, Mma::kTileM), fused_smem_bytes<Mma, T>(p.w),
+                                               fused_smem_bytes<Mma, T>(kFusedMaxWidth), p);
+}
+
+int64_t fused_smem_bytes_for(at::ScalarType dtype, bool tf32, int64_t w) {
+  switch (dtype) {
+    case at::kFloat:
+      return tf32 ? fused_smem_bytes<WmmaMma<32, nvcuda::wmma::precision::tf32>, float>(w)
+                  : fused_smem_bytes<SimtMma<32>, float>(w);
+    case at::kHalf:
+      return fused_smem_bytes<WmmaMma<64, __half>, at::Half>(w);
+    case at::kBFloat16:
+      return fused_smem_bytes<WmmaMma<64, __nv_bfloat16>, at::BFloat16>(w);
+    default:
+      TORCH_CHECK(false, "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
+  }
 }
 
 }  // namespace
 
-bool fused_path_supports(const SpinalShape& shape) { return shape.layer_width <= kFusedMaxWidth; }
+int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device) {
+  const bool tf32 = dtype == at::kFloat && allow_tf32;
+  const int64_t optin = smem_optin(device);
+  // The smem need grows with round_up(w, kTileK): try kFusedMaxWidth, then each kTileK step below.
+  int64_t w = kFusedMaxWidth;
+  while (w > 0 && fused_smem_bytes_for(dtype, tf32, w) > optin) w = round_up(w, kTileK) - kTileK;
+  return w;
+}
+
+bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, int device) {
+  return shape.layer_width <= fused_width_limit(dtype, at::globalContext().allowTF32CuBLAS(), device);
+}
 
 void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                           Activation act, float negative_slope, const at::Tensor& out,
                           const at::Tensor& pre_activation) {
-  TORCH_CHECK(fused_path_supports(shape), "spinal_ops: fused CUDA forward needs w <= ", kFusedMaxWidth);
+  TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA forward needs w <= ", kFusedMaxWidth);
   switch (x.scalar_type()) {
     case at::kFloat:
       if (at::globalContext().allowTF32CuBLAS()) {

@@ -16,7 +16,9 @@
 //   __syncthreads()), so no [kTileM x L*w] buffer is needed on chip.
 //   Without M, the epilogue writes h_l directly into out = H.
 // Smem budget (w = 256): bf16/fp16 2*64*264*2 + 64*40*2 + 128*40*2 + 64*132*4 = 117 KB;
-//   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB).
+//   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB)
+//   and sm90 (227 KB); on 99 KB parts (sm86/89/120) use_fused_path() sends w > 192 (fp16/bf16/TF32)
+//   and w > 224 (fp32) to the multi-launch path. The launch is launch_kernel() (launch.cuh).
 // Numerics: fp32 accumulation; z is rounded to the storage dtype once (that is Z) and
 //   h = dtype(phi(float(Z))), so backward's recomputation of h from Z is bit-identical.
 // Offsets into x, Z and out are 64-bit (B * N may pass 2^31).
@@ -75,8 +77,8 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
 
   Mma acc;
   for (int layer = 0; layer < p.num_layers; ++layer) {
-    const T* h_prev = sm.state((layer + 1) & 1);
-    T* h_next = sm.state(layer & 1);
+    const SmemPtr<const T> h_prev = sm.state((layer + 1) & 1);
+    const SmemPtr<T> h_next = sm.state(layer & 1);
     const Window window = window_of(layer, p.n, p.s);
     const T* a_l = p.weight_in + static_cast<int64_t>(layer) * p.w * p.s;
     const T* r_l = p.weight_hidden + static_cast<int64_t>(layer - 1) * p.w * p.w;  // used when layer >= 1
@@ -105,7 +107,8 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
           acc.template mma<Layout::Row, Layout::Col>(h_prev + k0, ld_state, sm.b_stage, ld_stage, kTileK);
         }
       }
-      __syncthreads();  // the previous chunk's epilogue is done reading sm.acc_tile
+      // No barrier before the store: the K-loop above (s >= 1) starts with one, after which the
+      // previous chunk's epilogue is done reading sm.acc_tile.
       acc.store(sm.acc_tile, kAccLd);
       __syncthreads();
       // Epilogue: columns up to state_width are written so that the padding of h stays zero.
@@ -148,8 +151,7 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
       __syncthreads();
       acc.template mma<Layout::Row, Layout::Col>(sm.a_stage, ld_stage, sm.b_stage, ld_stage, kTileK);
     }
-    __syncthreads();
-    acc.store(sm.acc_tile, kAccLd);
+    acc.store(sm.acc_tile, kAccLd);  // as in the layer loop, the K-loop's barriers order it
     __syncthreads();
     for (int idx = threadIdx.x; idx < kM * kTileN; idx += kThreads) {
       const int m = idx / kTileN, n = idx - m * kTileN;

@@ -18,8 +18,14 @@ T* optional_data(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
-// The fused path's launch configuration needs w <= kFusedMaxWidth (tile_mma.cuh).
-bool fused_path_supports(const SpinalShape& shape);
+// Widest layer the fused kernels run on `device` for this dtype (and, for float32, TF32 policy):
+// kFusedMaxWidth (tile_mma.cuh), or less where their shared memory exceeds the device's opt-in
+// maximum per block (99 KB on sm_86/89/120). 0: none fits.
+int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device);
+
+// The routing decision of the CUDA op: the fused kernels when w <= fused_width_limit(...) under
+// the current TF32 setting, the multi-launch path otherwise.
+bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, int device);
 
 // One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0.
 void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,

@@ -1,10 +1,13 @@
 // CUDA implementations of spinal_ops::fused_forward / fused_backward (schemas in csrc/ops.cpp).
 //
 // Checks every argument before anything runs, guards x's device, makes inputs contiguous,
-// allocates the outputs and routes the call: fused kernels (forward.cu, backward.cu) when
-// w <= kFusedMaxWidth, the hoisted ATen chain (csrc/aten_chain.h, cuBLAS) beyond. An empty batch
-// launches nothing. Also defines spinal_ops::cuda_fused_max_width(), the threshold Python's
-// CudaBackend.supports() reports, so it lives in one place (kFusedMaxWidth).
+// allocates the outputs and routes the call (use_fused_path, forward.cu): fused kernels
+// (forward.cu, backward.cu) when w <= kFusedMaxWidth and their shared memory fits the device,
+// the hoisted ATen chain (csrc/aten_chain.h, cuBLAS) otherwise. An empty batch launches no
+// kernel. The hoisted_* ops run that chain directly (the cuda backend's cost model picks them per
+// call). Also defines spinal_ops::cuda_fused_max_width() and cuda_fused_width_limit(device,
+// dtype, allow_tf32), the thresholds Python's CudaBackend.supports() reports, so they live in one
+// place.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -52,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
   const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
-  if (!fused_path_supports(shape)) {  // too wide for the fused kernels' tiles
+  if (!use_fused_path(shape, x.scalar_type(), x.get_device())) {  // too wide for this device's tiles
     return chain::hoisted_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope,
                                   keep_pre_activation);
   }
@@ -82,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pre_activation = pre_activation_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto weight_out = contiguous(weight_out_in);
-  if (!fused_path_supports(shape)) {
+  if (!use_fused_path(shape, x.scalar_type(), x.get_device())) {
     const auto grads = chain::hoisted_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden,
                                                weight_out, act, negative_slope, output_mask);
     return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
@@ -142,12 +145,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 int64_t fused_max_width() { return kFusedMaxWidth; }
 
+int64_t fused_width_limit_op(int64_t device, at::ScalarType dtype, bool allow_tf32) {
+  return fused_width_limit(dtype, allow_tf32, static_cast<int>(device));
+}
+
 }  // namespace
 }  // namespace cuda_kernels
 }  // namespace spinal_ops
 
 TORCH_LIBRARY_FRAGMENT(spinal_ops, m) {
   m.def("cuda_fused_max_width() -> int", &spinal_ops::cuda_kernels::fused_max_width);
+  m.def("cuda_fused_width_limit(int device, ScalarType dtype, bool allow_tf32) -> int",
+        &spinal_ops::cuda_kernels::fused_width_limit_op);
 }
 
 TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {

@@ -39,21 +39,36 @@ constexpr int kTileN = 128;  // output columns per CTA tile
 constexpr int kTileK = 32;   // K-chunk staged in shared memory per step
 constexpr int kAccLd = kTileN + 4;  // leading dimension of the fp32 accumulator tile in smem
 
-// Widest layer (w) the fused kernels keep on chip; wider layers take the multi-launch path.
+// Widest layer (w) the fused kernels keep on chip; wider layers take the multi-launch path, and so
+// do narrower ones whose shared memory exceeds the device's opt-in maximum (fused_width_limit).
 // Python reads it through torch.ops.spinal_ops.cuda_fused_max_width() (one source of truth).
 constexpr int64_t kFusedMaxWidth = 256;
 
 enum class Layout { Row, Col };
 
+// A pointer into shared memory. The CPU model of CUDA (tests/cuda_emulation) substitutes a
+// pointer that records every access, for its race and uninitialized-read checks.
+#ifdef SPINAL_CUDA_EMULATION
+using emu::smem_cast;
+using emu::SmemPtr;
+#else
+template <typename T>
+using SmemPtr = T*;
+template <typename U, typename T>
+__device__ __forceinline__ U* smem_cast(T* p) {
+  return reinterpret_cast<U*>(p);
+}
+#endif
+
 // Element (m, k) of A: Row -> A[m * ld + k], Col -> A[k * ld + m].
-template <Layout L, typename T>
-__device__ __forceinline__ T a_elem(const T* a, int ld, int m, int k) {
+template <Layout L, typename P>
+__device__ __forceinline__ auto a_elem(P a, int ld, int m, int k) {
   return L == Layout::Row ? a[m * ld + k] : a[k * ld + m];
 }
 
 // Element (k, n) of B: Row -> B[k * ld + n], Col -> B[n * ld + k].
-template <Layout L, typename T>
-__device__ __forceinline__ T b_elem(const T* b, int ld, int k, int n) {
+template <Layout L, typename P>
+__device__ __forceinline__ auto b_elem(P b, int ld, int k, int n) {
   return L == Layout::Row ? b[k * ld + n] : b[n * ld + k];
 }
 
@@ -75,8 +90,9 @@ struct SimtMma {
       for (int j = 0; j < kCols; ++j) acc[i][j] = 0.f;
   }
 
-  template <Layout LA, Layout LB, typename T>
-  __device__ __forceinline__ void mma(const T* a, int lda, const T* b, int ldb, int k_extent) {
+  // a, b: shared-memory pointers (SmemPtr) to the staged operands.
+  template <Layout LA, Layout LB, typename PA, typename PB>
+  __device__ __forceinline__ void mma(PA a, int lda, PB b, int ldb, int k_extent) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int k = 0; k < k_extent; ++k) {
       float av[kRows], bv[kCols];
@@ -92,7 +108,7 @@ struct SimtMma {
   }
 
   // Writes the tile to c[kTileM x kTileN] (row-major, leading dimension ldc).
-  __device__ __forceinline__ void store(float* c, int ldc) const {
+  __device__ __forceinline__ void store(SmemPtr<float> c, int ldc) const {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < kRows; ++i)
@@ -143,10 +159,11 @@ struct WmmaMma {
   }
 
   template <Layout LA, Layout LB>
-  __device__ __forceinline__ void mma(const Storage* a_tile, int lda, const Storage* b_tile, int ldb, int k_extent) {
+  __device__ __forceinline__ void mma(SmemPtr<const Storage> a_tile, int lda, SmemPtr<const Storage> b_tile, int ldb,
+                                      int k_extent) {
     namespace wmma = nvcuda::wmma;
-    const auto* a = reinterpret_cast<const LoadType*>(a_tile);
-    const auto* b = reinterpret_cast<const LoadType*>(b_tile);
+    const SmemPtr<const LoadType> a = smem_cast<const LoadType>(a_tile);
+    const SmemPtr<const LoadType> b = smem_cast<const LoadType>(b_tile);
     const int warp = threadIdx.x / 32;
     const int row0 = (warp / 4) * (TileM / 2), col0 = (warp % 4) * 32;
     for (int k = 0; k < k_extent; k += kStep) {
@@ -171,7 +188,7 @@ struct WmmaMma {
     }
   }
 
-  __device__ __forceinline__ void store(float* c, int ldc) const {
+  __device__ __forceinline__ void store(SmemPtr<float> c, int ldc) const {
     const int warp = threadIdx.x / 32;
     const int row0 = (warp / 4) * (TileM / 2), col0 = (warp % 4) * 32;
 #pragma unroll
@@ -194,7 +211,7 @@ struct WmmaMma {
 
 // Cooperative fill of a rows x cols tile at dst (leading dimension ld) with value(r, c).
 template <typename T, typename F>
-__device__ __forceinline__ void fill_tile(T* dst, int ld, int rows, int cols, F value) {
+__device__ __forceinline__ void fill_tile(SmemPtr<T> dst, int ld, int rows, int cols, F value) {
   for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
     const int r = idx / cols, c = idx - r * cols;
     dst[r * ld + c] = value(r, c);
@@ -203,6 +220,7 @@ __device__ __forceinline__ void fill_tile(T* dst, int ld, int rows, int cols, F 
 
 constexpr int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 constexpr int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Shared-memory layout common to the three kernels (byte offsets from the dynamic smem base):
 //   two on-chip state buffers  [kTileM][state_ld]  (h_{l-1}, h_l forward; dz_{l+1}, dz_l backward)
@@ -241,6 +259,13 @@ struct ChainDims {
 };
 
 inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slope) {
+  // The kernels index within a row in int: N, s, M and L*w (+ 1, the bias column) must fit, and
+  // Window's sums (start + j, c + N - start, both < 2N) too.
+  TORCH_CHECK(shape.in_features <= INT32_MAX / 2, "spinal_ops: N = ", shape.in_features,
+              " is too large for the fused CUDA kernels");
+  TORCH_CHECK(shape.split_size <= INT32_MAX && shape.out_features <= INT32_MAX && shape.hidden() < INT32_MAX,
+              "spinal_ops: s = ", shape.split_size, ", M = ", shape.out_features, " or L*w = ", shape.hidden(),
+              " is too large for the fused CUDA kernels");
   ChainDims d{};
   d.batch = shape.batch;
   d.n = static_cast<int>(shape.in_features);
@@ -259,9 +284,9 @@ template <class Mma, typename T>
 struct SmemViews {
   unsigned char* base;
   SmemLayout<Mma, T> layout;
-  T* a_stage;        // staged A operand tile
-  T* b_stage;        // staged B operand tile
-  float* acc_tile;   // [kTileM][kAccLd] fp32 accumulator tile
+  SmemPtr<T> a_stage;       // staged A operand tile
+  SmemPtr<T> b_stage;       // staged B operand tile
+  SmemPtr<float> acc_tile;  // [kTileM][kAccLd] fp32 accumulator tile
   __device__ SmemViews(unsigned char* smem, int state_width)
       : base(smem),
         layout(state_width),
@@ -269,10 +294,11 @@ struct SmemViews {
         b_stage(reinterpret_cast<T*>(smem + layout.b_offset)),
         acc_tile(reinterpret_cast<float*>(smem + layout.acc_offset)) {}
   // State buffer 0 or 1: [kTileM][layout.state_ld], the chain's on-chip state (h or dZ).
-  __device__ T* state(int which) const { return reinterpret_cast<T*>(base + which * layout.state_bytes); }
+  __device__ SmemPtr<T> state(int which) const { return reinterpret_cast<T*>(base + which * layout.state_bytes); }
 };
 
-// Column window of layer l: c(j) = (start + j) mod N for j < s.
+// Column window of layer l: c(j) = (start + j) mod N for j < s. Its sums stay below 2N, which
+// chain_dims() checks fits an int.
 struct Window {
   int start, n, s;
   __device__ __forceinline__ int column(int j) const {

@@ -1,125 +1,121 @@
-// The fused CUDA kernels (csrc/cuda/forward_kernel.cuh, backward_kernels.cuh) run on CPU through
-// cuda_shim.h, as torch ops spinal_emu::forward / backward with the schemas of fused_forward /
-// fused_backward plus the accumulator policy ("simt", "tf32", "wmma") and, for backward, the SM
-// count that sizes the split-K. Policy "aten" runs the op's multi-launch path
-// (csrc/cuda/multi_launch.cu, plain ATen) instead. Built by tests/test_cuda_emulation.py; never
-// part of the package.
+// The CUDA op's host launchers (csrc/cuda/forward.cu, backward.cu) and fused kernels run on CPU
+// through cuda_shim.h and emulated_runtime.h, as torch ops spinal_emu::forward / backward with
+// the schemas of fused_forward / fused_backward plus the accumulator policy and the fake device
+// (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the fused kernels, which
+// the call must route to), "aten" (the hoisted chain, csrc/aten_chain.cpp), "auto" (the op's own
+// routing, use_fused_path). Every CPU allocation made during a call is poisoned.
+// Built by tests/test_cuda_emulation.py; never part of the package.
 #include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
 #include "cuda_shim.h"
-// clang-format off: the shim must come before the kernels
+#include "emulated_runtime.h"
+// clang-format off: the shim and the runtime come before the kernels
 #include "../../csrc/cuda/backward_kernels.cuh"
-#include "../../csrc/cuda/forward_kernel.cuh"
 // clang-format on
-#include "../../csrc/cuda/multi_launch.cu"  // host-only ATen code
 
 namespace spinal_ops {
 namespace cuda_kernels {
 
 alignas(128) unsigned char smem[232 * 1024];  // the kernels' `extern __shared__` buffer
 
+// Seeded bug: launch 1 does not zero launch 2's split-K tile counters.
+inline bool drop_counter_reset = false;
+template <typename T>
+void inject_fault(DataGradArgs<T>& args) {
+  if (drop_counter_reset) args.num_counters = 0;
+}
+
+}  // namespace cuda_kernels
+}  // namespace spinal_ops
+
+#include "../../csrc/cuda/backward.cu"
+#include "../../csrc/cuda/forward.cu"
+#include "../../csrc/aten_chain.cpp"  // host-only ATen code
+
+namespace spinal_ops {
+namespace cuda_kernels {
 namespace {
 
-template <class Mma, typename T>
-void emulate_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
-                     const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
-                     Activation act, float slope, const at::Tensor& out, const at::Tensor& pre_activation) {
-  const auto p =
-      make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, slope, out, pre_activation);
-  TORCH_CHECK((SmemLayout<Mma, T>(p.state_width).total <= static_cast<int64_t>(sizeof(smem))));
-  const auto blocks = static_cast<unsigned>((shape.batch + Mma::kTileM - 1) / Mma::kTileM);
-  emu::launch(blocks, kThreads, [&] { spinal_forward_kernel<Mma, T>(p); });
-}
+const bool smem_registered = [] {
+  emu::smem_base = smem;
+  emu::smem_capacity = sizeof(smem);
+  return true;
+}();
 
-template <class Mma, typename T>
-void emulate_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
-                      const at::Tensor& pre_activation, const at::Tensor& weight_in, const at::Tensor& weight_hidden,
-                      const std::optional<at::Tensor>& weight_out, Activation act, float slope,
-                      const BackwardOutputs& grads, int sm_count) {
-  constexpr int kM = Mma::kTileM;
-  const WeightGradPlan plan = plan_weight_grads<kM>(shape, sm_count);
-  const int64_t ctas = plan.tiles.total * plan.splits;
-  // Counters start dirty on purpose: launch 1 must zero them.
-  at::Tensor counters = at::full({plan.tiles.total}, 12345, x.options().dtype(at::kInt));
-  at::Tensor partials = at::full({ctas * kM * kTileN}, NAN, x.options().dtype(at::kFloat));
-  int* counters_data = plan.splits > 1 ? counters.data_ptr<int>() : nullptr;
-  const at::Tensor grad_pre = at::full_like(pre_activation, NAN);
-  const auto d = make_data_grad_args<T>(shape, grad_out, pre_activation, weight_in, weight_hidden, weight_out, act,
-                                        slope, grad_pre, grads.grad_x, counters_data, plan.tiles.total);
-  TORCH_CHECK((SmemLayout<Mma, T>(d.state_width).total <= static_cast<int64_t>(sizeof(smem))));
-  emu::launch(static_cast<unsigned>((shape.batch + kM - 1) / kM), kThreads,
-              [&] { spinal_data_grad_kernel<Mma, T>(d); });
-  const auto g = make_weight_grad_args<T>(shape, plan, grad_out, x, pre_activation, grad_pre, act, slope, grads,
-                                          plan.splits > 1 ? partials.data_ptr<float>() : nullptr, counters_data);
-  emu::launch(static_cast<unsigned>(ctas), kThreads, [&] { spinal_weight_grad_kernel<Mma, T>(g); });
-  if (plan.splits > 1) {
-    TORCH_CHECK(counters.eq(0).all().item<bool>(), "split-K tile counters were not reset");
+// Fills every CPU allocation with 0xFF bytes (NaN in each float format, -1 as int): an output or
+// workspace element the kernels fail to write, or a counter they fail to zero, shows up.
+class PoisonAllocator final : public c10::Allocator {
+ public:
+  explicit PoisonAllocator(c10::Allocator* base) : base_(base) {}
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr data = base_->allocate(n);
+    if (n > 0) std::memset(data.get(), 0xFF, n);
+    return data;
   }
-}
+  c10::DeleterFnPtr raw_deleter() const override { return base_->raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 
-// Calls F<Mma, T> for the policy name and x's dtype.
-template <template <class, typename> class Call, typename... Args>
-void dispatch(const at::Tensor& x, c10::string_view policy, Args&&... args) {
-  const bool wmma = policy == "wmma", tf32 = policy == "tf32";
-  TORCH_CHECK(wmma || tf32 || policy == "simt", "unknown policy");
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      TORCH_CHECK(!wmma, "float32 uses simt or tf32");
-      if (tf32) {
-        Call<WmmaMma<32, nvcuda::wmma::precision::tf32>, float>::run(std::forward<Args>(args)...);
-      } else {
-        Call<SimtMma<32>, float>::run(std::forward<Args>(args)...);
-      }
-      break;
-    case at::kHalf:
-      TORCH_CHECK(wmma, "float16 uses wmma");
-      Call<WmmaMma<64, __half>, at::Half>::run(std::forward<Args>(args)...);
-      break;
-    case at::kBFloat16:
-      TORCH_CHECK(wmma, "bfloat16 uses wmma");
-      Call<WmmaMma<64, __nv_bfloat16>, at::BFloat16>::run(std::forward<Args>(args)...);
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported dtype");
-  }
-}
-
-template <class Mma, typename T>
-struct ForwardCall {
-  template <typename... Args>
-  static void run(Args&&... args) {
-    emulate_forward<Mma, T>(std::forward<Args>(args)...);
-  }
+ private:
+  c10::Allocator* base_;
 };
 
-template <class Mma, typename T>
-struct BackwardCall {
-  template <typename... Args>
-  static void run(Args&&... args) {
-    emulate_backward<Mma, T>(std::forward<Args>(args)...);
+constexpr uint8_t kAllocatorPriority = 200;
+
+// One emulated call: the fake device, the TF32 setting of the policy ("auto" keeps the global
+// one), poisoned allocations.
+class Session {
+ public:
+  Session(c10::string_view policy, int64_t device)
+      : tf32_before_(at::globalContext().allowTF32CuBLAS()), base_(c10::GetCPUAllocator()), poison_(base_) {
+    emu::target(static_cast<int>(device));
+    emu::current_device = static_cast<int>(device);
+    if (policy != "auto") at::globalContext().setAllowTF32CuBLAS(policy == "tf32");
+    c10::SetCPUAllocator(&poison_, kAllocatorPriority);
   }
+  ~Session() {
+    c10::SetCPUAllocator(base_, kAllocatorPriority);
+    at::globalContext().setAllowTF32CuBLAS(tf32_before_);
+  }
+
+ private:
+  bool tf32_before_;
+  c10::Allocator* base_;
+  PoisonAllocator poison_;
 };
+
+// Whether the call runs the fused kernels: the op's routing for "auto", forced otherwise.
+bool fused(const SpinalShape& shape, const at::Tensor& x, c10::string_view policy, int64_t device) {
+  const bool routed = use_fused_path(shape, x.scalar_type(), static_cast<int>(device));
+  if (policy == "auto") return routed;
+  if (policy == "aten") return false;
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  TORCH_CHECK(fp32 ? policy == "simt" || policy == "tf32" : policy == "wmma", "policy ", policy, " does not fit ",
+              x.scalar_type());
+  TORCH_CHECK(routed, "w = ", shape.layer_width, " is routed to the multi-launch path on ", emu::target(device).name,
+              " (", x.scalar_type(), ", policy ", policy, ")");
+  return true;
+}
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight_in,
                                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& weight_out,
                                            const std::optional<at::Tensor>& bias_out, c10::string_view activation,
-                                           double negative_slope, c10::string_view policy) {
+                                           double negative_slope, c10::string_view policy, int64_t device) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
-  // NaN-filled outputs: a value the kernel fails to write shows up.
-  at::Tensor out = at::full({shape.batch, shape.output_width()}, NAN, x.options());
-  at::Tensor pre_activation = at::full({shape.batch, shape.hidden()}, NAN, x.options());
-  if (policy == "aten") {
-    multi_launch_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
-                         bias_out, parse_activation(activation), negative_slope, out, pre_activation);
-    return {out, pre_activation};
+  const Activation act = parse_activation(activation);
+  const Session session(policy, device);
+  // As register.cu: outputs from at::empty (poisoned here), nothing launched for an empty batch.
+  at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
+  at::Tensor pre_activation = at::empty({shape.batch, shape.hidden()}, x.options());
+  if (shape.batch == 0) return {out, pre_activation};
+  if (!fused(shape, x, policy, device)) {
+    return chain::hoisted_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
+                                  weight_out, bias_out, act, negative_slope, /*keep_pre_activation=*/true);
   }
-  TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "the fused kernels need w <= ", kFusedMaxWidth);
-  dispatch<ForwardCall>(x, policy, shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
-                        weight_out, bias_out, parse_activation(activation), static_cast<float>(negative_slope), out,
-                        pre_activation);
+  launch_fused_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
+                       bias_out, act, static_cast<float>(negative_slope), out, pre_activation);
   return {out, pre_activation};
 }
 
@@ -127,31 +123,113 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                  const std::optional<at::Tensor>& weight_out, bool has_bias,
                                  c10::string_view activation, double negative_slope, c10::string_view policy,
-                                 int64_t sm_count) {
+                                 int64_t device) {
   SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt);
   shape.has_bias = has_bias;
   shape.has_bias_out = has_bias && weight_out.has_value();
+  const Activation act = parse_activation(activation);
+  const Session session(policy, device);
   const auto options = x.options();
+  // As register.cu: with an empty batch every weight gradient is a sum over no rows.
+  const auto alloc = [&](at::IntArrayRef sizes) {
+    return shape.batch == 0 ? at::zeros(sizes, options) : at::empty(sizes, options);
+  };
   BackwardOutputs grads;
-  grads.grad_x = at::full_like(x, NAN);
-  grads.grad_weight_in = at::full_like(weight_in, NAN);
-  grads.grad_weight_hidden = at::full_like(weight_hidden, NAN);
-  grads.grad_bias = has_bias ? at::full({shape.num_layers, shape.layer_width}, NAN, options) : at::empty({0}, options);
-  grads.grad_weight_out = weight_out ? at::full_like(*weight_out, NAN) : at::empty({0}, options);
-  grads.grad_bias_out = has_bias && weight_out ? at::full({shape.out_features}, NAN, options) : at::empty({0}, options);
-  if (policy == "aten") {
-    multi_launch_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
-                          weight_in.contiguous(), weight_hidden.contiguous(), weight_out, parse_activation(activation),
-                          negative_slope, grads);
-    return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
-            grads.grad_bias_out};
+  grads.grad_x = at::empty_like(x);
+  grads.grad_weight_in = alloc(weight_in.sizes());
+  grads.grad_weight_hidden = alloc(weight_hidden.sizes());
+  grads.grad_bias = has_bias ? alloc({shape.num_layers, shape.layer_width}) : at::empty({0}, options);
+  grads.grad_weight_out = weight_out ? alloc(weight_out->sizes()) : at::empty({0}, options);
+  grads.grad_bias_out = has_bias && weight_out ? alloc({shape.out_features}) : at::empty({0}, options);
+  if (shape.batch > 0 && !fused(shape, x, policy, device)) {
+    const chain::GradMask mask = {true, true, true, has_bias, weight_out.has_value(), shape.has_bias_out};
+    const auto hoisted =
+        chain::hoisted_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+                                weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act, negative_slope, mask);
+    return {hoisted.begin(), hoisted.end()};
   }
-  dispatch<BackwardCall>(x, policy, shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
-                         weight_in.contiguous(), weight_hidden.contiguous(), weight_out,
-                         parse_activation(activation), static_cast<float>(negative_slope), grads,
-                         static_cast<int>(sm_count));
+  if (shape.batch > 0) {
+    launch_fused_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+                          weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
+                          static_cast<float>(negative_slope), grads);
+  }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
+}
+
+int64_t width_limit(at::ScalarType dtype, bool allow_tf32, int64_t device) {
+  emu::target(static_cast<int>(device));
+  return fused_width_limit(dtype, allow_tf32, static_cast<int>(device));
+}
+
+// seed: CTA order and fragment element orders; removed_barrier: the "file:line" of a
+// __syncthreads that does nothing ("": none); drop_counter_reset: launch 1 leaves the split-K
+// counters as they are. Also forgets the barrier sites reached so far.
+void configure(int64_t seed, c10::string_view removed_barrier, bool counter_reset_dropped) {
+  emu::seed = static_cast<uint64_t>(seed);
+  emu::removed_barrier = std::string(removed_barrier);
+  emu::barrier_sites.clear();
+  drop_counter_reset = counter_reset_dropped;
+}
+
+int64_t launches() { return emu::launches; }
+int64_t attribute_sets() { return emu::attribute_sets; }
+std::vector<std::string> barrier_sites() { return {emu::barrier_sites.begin(), emu::barrier_sites.end()}; }
+
+// ---- seeded bugs in small kernels built from tile_mma.cuh's pieces ---------------------------
+
+template <typename Kernel>
+std::string caught(int64_t smem_bytes, Kernel kernel) {
+  try {
+    emu::launch("seeded-bug kernel", 1, kThreads, smem_bytes, kernel);
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+using HalfMma = WmmaMma<64, __half>;
+using HalfViews = SmemViews<HalfMma, at::Half>;
+
+// Stages A [kTileM][kTileK] (`rows` of them filled) and B [kTileN][kTileK] with leading dimension
+// ld, then runs the tensor-core MMA over them.
+void stage_and_multiply(int rows, int ld) {
+  const HalfViews sm(smem, 0);
+  fill_tile(sm.a_stage, ld, rows, kTileK, [](int, int) { return at::Half(1.f); });
+  fill_tile(sm.b_stage, ld, kTileN, kTileK, [](int, int) { return at::Half(1.f); });
+  __syncthreads();
+  HalfMma acc;
+  acc.zero();
+  acc.mma<Layout::Row, Layout::Col>(sm.a_stage, ld, sm.b_stage, ld, kTileK);
+}
+
+// The model's message for the seeded bug `name` ("" if it caught nothing).
+std::string seeded_bug(c10::string_view name) {
+  const int64_t bytes = SmemLayout<HalfMma, at::Half>(0).total;
+  const int ld = SmemLayout<HalfMma, at::Half>::staged_ld(kTileK);
+  if (name == "unwritten_smem") {  // a tail bug: one row of A is never staged
+    return caught(bytes, [&] { stage_and_multiply(HalfMma::kTileM - 1, ld); });
+  }
+  if (name == "misaligned_ldm") {  // kTileK + 4 halfs = 72 bytes, not a multiple of 16
+    return caught(bytes, [&] { stage_and_multiply(HalfMma::kTileM, kTileK + 4); });
+  }
+  if (name == "fragment_order") {  // reads a fragment as if lane l held elements 8l..8l+7 row-major
+    std::vector<float> seen(256, NAN);
+    std::string error = caught(bytes, [&] {
+      const SmemPtr<at::Half> tile = reinterpret_cast<at::Half*>(smem);
+      fill_tile(tile, 16, 16, 16, [](int r, int c) { return at::Half(static_cast<float>(16 * r + c)); });
+      __syncthreads();
+      if (threadIdx.x >= 32) return;
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> f;
+      nvcuda::wmma::load_matrix_sync(f, smem_cast<const __half>(tile), 16);
+      for (int i = 0; i < f.num_elements; ++i) seen[threadIdx.x * f.num_elements + i] = f.x[i];
+    });
+    for (int e = 0; e < 256 && error.empty(); ++e) {
+      if (seen[e] != static_cast<float>(e)) error = "element " + std::to_string(e) + " of the tile read wrong";
+    }
+    return error;
+  }
+  TORCH_CHECK(false, "unknown seeded bug ", name);
 }
 
 }  // namespace
@@ -161,4 +239,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
 TORCH_LIBRARY(spinal_emu, m) {
   m.def("forward", &spinal_ops::cuda_kernels::forward);
   m.def("backward", &spinal_ops::cuda_kernels::backward);
+  m.def("fused_width_limit", &spinal_ops::cuda_kernels::width_limit);
+  m.def("configure", &spinal_ops::cuda_kernels::configure);
+  m.def("launches", &spinal_ops::cuda_kernels::launches);
+  m.def("attribute_sets", &spinal_ops::cuda_kernels::attribute_sets);
+  m.def("barrier_sites", &spinal_ops::cuda_kernels::barrier_sites);
+  m.def("seeded_bug", &spinal_ops::cuda_kernels::seeded_bug);
 }

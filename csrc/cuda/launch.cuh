@@ -1,0 +1,57 @@
+// Host side of every fused-kernel launch (forward.cu, backward.cu): the dynamic shared-memory
+// limit per device and kernel, the grid check and the launch on the current stream.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <mutex>
+
+#include "tile_mma.cuh"
+
+namespace spinal_ops {
+namespace cuda_kernels {
+
+// The most dynamic shared memory one block may opt in to on `device` (99 KB on sm_86/89/120).
+inline int64_t smem_optin(int device) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+// Launches Kernel(args) on the current device and stream: `blocks` CTAs of kThreads threads with
+// `smem_bytes` of dynamic shared memory. The kernel's dynamic-smem limit is raised once per
+// device, to the most any launch of it needs (`max_smem_bytes`) within the device's opt-in
+// maximum: raising it to each launch's need would let two host threads interleave
+// set/set/launch and launch with the other's, smaller, limit.
+template <auto Kernel, typename Args>
+void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args) {
+  TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "spinal_ops: ", blocks, " CTAs do not fit the CUDA grid");
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "spinal_ops: CUDA device ", device, " out of range");
+  static std::once_flag limit_set[C10_COMPILE_TIME_MAX_GPUS];
+  static int64_t limit[C10_COMPILE_TIME_MAX_GPUS];
+  std::call_once(limit_set[device], [&] {
+    const int64_t bytes = std::min(max_smem_bytes, smem_optin(device));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    limit[device] = bytes;
+  });
+  TORCH_CHECK(smem_bytes <= limit[device], "spinal_ops: the fused kernel needs ", smem_bytes,
+              " bytes of shared memory, device ", device, " allows ", limit[device],
+              " (use_fused_path() should have routed the call to the multi-launch path)");
+  void* kernel_args[] = {const_cast<Args*>(&args)};
+  C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), kernel_args,
+                                  static_cast<size_t>(smem_bytes), c10::cuda::getCurrentCUDAStream()));
+}
+
+// Dynamic shared memory of the forward and data-gradient kernels at layer width w (the
+// weight-gradient kernel needs less).
+template <class Mma, typename T>
+int64_t fused_smem_bytes(int64_t w) {
+  return SmemLayout<Mma, T>(static_cast<int>(round_up(w, kTileK))).total;
+}
+
+}  // namespace cuda_kernels
+}  // namespace spinal_ops

@@ -1,0 +1,126 @@
+// The part of the CUDA runtime and of c10/cuda that the host launchers (csrc/cuda/forward.cu,
+// backward.cu, launch.cuh) call, modelled on CPU with the launch rules of the hardware.
+// The fake devices are GPU targets with their opt-in shared memory per block and an SM count;
+// a launch the hardware would refuse, or one on another stream than the current one, raises:
+//   grid.x in [1, 2^31 - 1], grid.y/z in [1, 65535], 1..1024 threads per block;
+//   dynamic smem <= the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize on the device
+//   (48 KB until raised), which cudaFuncSetAttribute may raise up to the device's opt-in maximum.
+// The kernel then runs through emu::launch (cuda_shim.h).
+#pragma once
+
+#include <c10/util/Exception.h>
+#include <cxxabi.h>
+#include <driver_types.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+
+#include "cuda_shim.h"
+
+#define C10_COMPILE_TIME_MAX_GPUS 16
+
+// The runtime's types and enums are the toolkit's (driver_types.h); the functions are modelled
+// below and raise with a message where the runtime would return an error code.
+
+namespace emu {
+
+struct Target {
+  const char* name;
+  int sm_count;
+  int smem_optin;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
+};
+// The fake device with index i is targets[i].
+inline const Target targets[] = {
+    {"sm_80", 108, 163 * 1024},  // A100
+    {"sm_86", 84, 99 * 1024},    // RTX 30xx, A10
+    {"sm_89", 58, 99 * 1024},    // L4, RTX 40xx, L40
+    {"sm_90", 132, 227 * 1024},  // H100, H200
+    {"sm_120", 170, 99 * 1024},  // RTX 50xx
+};
+constexpr int kDevices = sizeof(targets) / sizeof(targets[0]);
+inline int current_device = 3;
+constexpr int kDefaultMaxDynamicSmem = 48 * 1024;
+
+inline const Target& target(int device) {
+  TORCH_CHECK(device >= 0 && device < kDevices, "emulated CUDA: no device ", device);
+  return targets[device];
+}
+// Each device's current stream: a distinct non-default handle, so a launch on stream 0 (or on
+// another device's stream) is caught.
+inline cudaStream_t current_stream(int device) {
+  return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(0x5000 + 16 * device));
+}
+// cudaFuncAttributeMaxDynamicSharedMemorySize per (device, kernel).
+inline std::map<std::pair<int, const void*>, int> max_dynamic_smem;
+inline int launches = 0;
+inline int attribute_sets = 0;  // cudaFuncSetAttribute calls
+
+inline std::string demangle(const char* name) {
+  int status = 0;
+  char* readable = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+  std::string result = status == 0 ? readable : name;
+  std::free(readable);
+  return result;
+}
+
+// Overloaded (found by argument-dependent lookup) to plant a seeded bug in a launch's arguments.
+template <typename Args>
+void inject_fault(Args&) {}
+
+}  // namespace emu
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  const emu::Target& t = emu::target(device);
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = t.sm_count;
+      break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = t.smem_optin;
+      break;
+    default:
+      TORCH_CHECK(false, "emulated CUDA: device attribute ", attr, " is not modelled");
+  }
+  return cudaSuccess;
+}
+
+template <typename Args>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(Args), cudaFuncAttribute, int value) {
+  const emu::Target& t = emu::target(emu::current_device);
+  TORCH_CHECK(value >= 0 && value <= t.smem_optin, "emulated CUDA: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, ",
+              value, ") exceeds ", t.name, "'s opt-in maximum of ", t.smem_optin, " bytes");
+  emu::max_dynamic_smem[{emu::current_device, reinterpret_cast<const void*>(kernel)}] = value;
+  ++emu::attribute_sets;
+  return cudaSuccess;
+}
+
+template <typename Args>
+cudaError_t cudaLaunchKernel(void (*kernel)(Args), dim3 grid, dim3 block, void** args, size_t smem,
+                             cudaStream_t stream) {
+  const int device = emu::current_device;
+  const emu::Target& t = emu::target(device);
+  const std::string name = emu::demangle(typeid(Args).name()) + " kernel on " + t.name;
+  TORCH_CHECK(grid.x >= 1 && grid.x <= INT32_MAX && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 &&
+                  grid.z <= 65535,
+              "emulated CUDA: invalid grid (", grid.x, ", ", grid.y, ", ", grid.z, ") for ", name);
+  TORCH_CHECK(block.y == 1 && block.z == 1 && block.x >= 1 && block.x <= 1024, "emulated CUDA: invalid block for ",
+              name);
+  TORCH_CHECK(stream == emu::current_stream(device), "emulated CUDA: ", name,
+              " launched on a stream other than the current stream of device ", device);
+  const auto limit = emu::max_dynamic_smem.find({device, reinterpret_cast<const void*>(kernel)});
+  const int64_t allowed = limit == emu::max_dynamic_smem.end() ? emu::kDefaultMaxDynamicSmem : limit->second;
+  TORCH_CHECK(static_cast<int64_t>(smem) <= allowed, "emulated CUDA: ", name, " launched with ", smem,
+              " bytes of dynamic shared memory, its limit on the device is ", allowed);
+  Args a = *static_cast<const Args*>(args[0]);
+  using emu::inject_fault;
+  inject_fault(a);
+  ++emu::launches;
+  try {
+    emu::launch(name.c_str(), grid.x, static_cast<int>(block.x), static_cast<int64_t>(smem), [&] { kernel(a); });
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, "emulated CUDA: ", e.what());
+  }
+  return cudaSuccess;
+}
