@@ -1,4 +1,4 @@
-// Activations of SPEC §1 and their derivatives, shared by the CPU and CUDA kernels.
+// Activations of contract §1 and their derivatives, shared by the CPU and CUDA kernels.
 // Computed in float (or double) whatever the storage dtype: half types are upcast first.
 #pragma once
 

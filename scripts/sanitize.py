@@ -14,19 +14,9 @@ import sys
 
 import torch
 
+from spinal_ops.bench.presets import PRESETS
 from spinal_ops.config import SpinalConfig, SpinalParams
 from spinal_ops.functional import apply_spinal
-
-try:
-    from spinal_ops.bench.presets import PRESETS
-except ImportError:  # the benchmark module (issue 6) is not merged yet: SPEC §6's table
-    PRESETS = {
-        name: SpinalConfig.build(n, m, layer_width=w, num_layers=layers, num_splits=2)
-        for name, (n, w, layers, m) in {
-            "mnist": (320, 8, 6, 10), "vgg5": (256, 128, 4, 10), "cifar_vgg": (512, 512, 4, 10),
-            "cnn_cifar": (4096, 256, 4, 10), "resnet_head": (2048, 256, 4, 1000), "vgg_head": (25088, 512, 4, 1000),
-        }.items()
-    }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -1,4 +1,4 @@
-"""Activation functions of SPEC §1, by name, for the reference backend and for validation.
+"""Activation functions of contract §1, by name, for the reference backend and for validation.
 
 The fused backends receive the activation as its name (a string in the op schema) and
 implement the same formulas in their kernels.

@@ -1,4 +1,4 @@
-"""Convert the SpinalNet authors' trained models (dipuk0506/SpinalNet) to ``SpinalLinear`` (SPEC §7).
+"""Convert the SpinalNet authors' trained models (dipuk0506/SpinalNet) to ``SpinalLinear`` (contract §7).
 
 Each helper reads one naming scheme from a ``state_dict`` (or a module) and returns layers that
 compute what the authors' forward computes, in eval mode:
@@ -8,7 +8,7 @@ compute what the authors' forward computes, in eval mode:
 * ``from_arch2_mnist`` - ``Arch2_*.py``: three chains ``fcp2*``, ``fcp*``, ``fc1*`` without
   output projection (``out_features=None``), each over the two halves of its own input.
 * ``from_customizable`` - ``spinalnettorch.py``: ``fc1`` ... ``fcN``, output ``fcx``; the
-  forward tiles ``x`` so layer l reads columns ``(l*s + j) mod N``: the SPEC windows exactly.
+  forward tiles ``x`` so layer l reads columns ``(l*s + j) mod N``: the windows of docs/contract.md exactly.
 * ``from_spinal_head`` - the VGG / transfer-learning heads: ``fc_spinal_layerI`` and ``fc_out``
   are ``nn.Sequential`` holding a Linear (and a BatchNorm1d in the VGG heads, folded into the
   weights; Dropout is the identity in eval mode), over the two halves of the features.

@@ -1,7 +1,7 @@
 """SpinalConfig: the one place that knows the shapes of a spinal layer.
 
 Every backend, the module, the functional form and the benchmarks take their
-shapes, column windows, validation and analytic cost from here (SPEC §1, §2, §5).
+shapes, column windows, validation and analytic cost from here (docs/contract.md §1, §2, §5).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from .activations import ACTIVATIONS
 
 
-# What a benchmark step computes (SPEC §6): train = forward + gradients w.r.t. the input and every
+# What a benchmark step computes (contract §6): train = forward + gradients w.r.t. the input and every
 # parameter; frozen = forward + gradients w.r.t. every parameter only (a head on a frozen
 # backbone: the input needs no gradient); infer = forward without autograd.
 MODES: tuple[str, ...] = ("train", "frozen", "infer")
@@ -36,7 +36,7 @@ def _mode_flops(mode: str, forward: int, input_products: int) -> int:
 
 
 class SpinalParams(NamedTuple):
-    """The packed parameters of SPEC §2, in schema order. Absent ones are None."""
+    """The packed parameters of contract §2, in schema order. Absent ones are None."""
 
     weight_in: torch.Tensor  # [L, w, s]
     weight_hidden: torch.Tensor  # [L-1, w, w], empty when L == 1
@@ -53,7 +53,7 @@ def _check_positive_int(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class SpinalConfig:
-    """Hyper-parameters of one spinal layer (SPEC §1), validated on construction."""
+    """Hyper-parameters of one spinal layer (contract §1), validated on construction."""
 
     in_features: int  # N
     layer_width: int  # w
@@ -172,7 +172,7 @@ class SpinalConfig:
         return ((start, n), (0, start + s - n))
 
     def parameter_shapes(self) -> dict[str, Optional[tuple[int, ...]]]:
-        """Shapes of SPEC §2 by parameter name; None for an absent parameter."""
+        """Shapes of contract §2 by parameter name; None for an absent parameter."""
         n_layers, w, s, m = self.num_layers, self.layer_width, self.split_size, self.out_features
         return {
             "weight_in": (n_layers, w, s),
@@ -222,10 +222,10 @@ class SpinalConfig:
         input_product = 2 * batch * self.in_features * self.hidden_features
         return _mode_flops(mode, self.dense_baseline_forward_flops(batch), input_product)
 
-    # ---- validation (SPEC §5) -----------------------------------------------------------
+    # ---- validation (contract §5) -----------------------------------------------------------
 
     def check_params(self, params: SpinalParams) -> None:
-        """Every parameter has its SPEC §2 shape; all share one dtype and device."""
+        """Every parameter has its contract §2 shape; all share one dtype and device."""
         reference = params.weight_in
         for name, shape in self.parameter_shapes().items():
             tensor = getattr(params, name)

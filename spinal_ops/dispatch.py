@@ -1,4 +1,4 @@
-"""Backend registry and selection: which implementation runs a call (SPEC §3)."""
+"""Backend registry and selection: which implementation runs a call (contract §3)."""
 from __future__ import annotations
 
 import torch

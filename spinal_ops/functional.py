@@ -46,7 +46,7 @@ def spinal_linear(
     negative_slope: float = 0.01,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Spinal layer on ``x`` of shape [..., N] with the packed parameters of SPEC §2.
+    """Spinal layer on ``x`` of shape [..., N] with the packed parameters of contract §2.
 
     ``weight_in`` [L, w, s], ``weight_hidden`` [L-1, w, w], ``bias`` [L, w] or None,
     ``weight_out`` [M, L*w] or None (then the hidden concatenation [..., L*w] is returned),

@@ -1,4 +1,4 @@
-"""The reference backend: SPEC §1 written literally with PyTorch ops.
+"""The reference backend: contract §1 written literally with PyTorch ops.
 
 This is the ground truth every other backend is tested against. It is written the
 way a user would write SpinalNet (slices, cat, one Linear per layer), works for any

@@ -1,4 +1,4 @@
-"""The numerical contract of SPEC §4, shared by every backend's tests.
+"""The numerical contract (docs/contract.md §4), shared by every backend's tests.
 
 For the output and each gradient: err_backend <= 2 * err_eager + atol, where errors are
 max-abs differences from the reference computed in float64 on the same values, err_eager is
@@ -70,7 +70,7 @@ def check_backend(
     x: torch.Tensor | None = None,
     params: SpinalParams | None = None,
 ) -> None:
-    """Assert SPEC §4 for ``backend`` on one config: output and every gradient.
+    """Assert contract §4 for ``backend`` on one config: output and every gradient.
 
     ``x`` and ``params`` (e.g. a trained layer's) replace the random input and parameters."""
     generator = torch.Generator().manual_seed(seed)
@@ -105,7 +105,7 @@ def check_backend(
 def assert_within_contract(
     label: str, out: torch.Tensor, ref: torch.Tensor, eag: torch.Tensor, dtype: torch.dtype
 ) -> None:
-    """SPEC §4 for one tensor: ``out`` (any implementation) against ``ref`` (float64 reference on the
+    """contract §4 for one tensor: ``out`` (any implementation) against ``ref`` (float64 reference on the
     same values), with ``eag`` (the eager reference in ``dtype``) setting the allowed error."""
     assert out.shape == ref.shape, f"{label}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     if ref.numel() == 0:
@@ -194,7 +194,7 @@ def check_gradient_masks(backend: str, config: SpinalConfig, backward_op: str, d
 def check_inference_keeps_no_pre_activation(backend: str, config: SpinalConfig, forward_op: str, batch: int,
                                             dtype=torch.float64, device="cpu") -> None:
     """Under no_grad the forward op is told not to keep Z and returns it empty; the output still
-    matches the reference (within the SPEC §4 contract via check_backend's tolerances)."""
+    matches the reference (within contract §4, via check_backend's tolerances)."""
     generator = torch.Generator().manual_seed(11)
     params = SpinalParams(*(None if p is None else p.to(device, dtype) for p in random_params(config, generator)))
     x = torch.randn(batch, config.in_features, generator=generator, dtype=torch.float64).to(device, dtype)

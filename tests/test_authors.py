@@ -1,4 +1,4 @@
-"""Converting the authors' SpinalNet models (SPEC §7) gives their outputs within SPEC §4.
+"""Converting the authors' SpinalNet models (contract §7) gives their outputs within contract §4.
 
 Each model below is rebuilt from the description of the authors' scripts (dipuk0506/SpinalNet):
 module names, layer shapes and the forward's slicing written out as they do it, with explicit
@@ -45,7 +45,7 @@ def randomize_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def assert_matches(authors: nn.Module, convert, run_converted, inputs: tuple[torch.Tensor, ...], dtype) -> None:
-    """SPEC §4 on the outputs: |converted_d - authors_64| <= 2 |authors_d - authors_64| + atol.
+    """contract §4 on the outputs: |converted_d - authors_64| <= 2 |authors_d - authors_64| + atol.
 
     ``authors`` has float32 values, so its float64 copy holds exactly the same numbers.
     ``convert(model)`` builds the converted layer(s) from a model; ``run_converted(model, layers,

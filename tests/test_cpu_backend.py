@@ -1,4 +1,4 @@
-"""The fused C++ CPU op (backend="cpu") against the float64 reference (SPEC §3, §4, §5)."""
+"""The fused C++ CPU op (backend="cpu") against the float64 reference (docs/contract.md §3, §4, §5)."""
 import pytest
 import torch
 from contract import (

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend against the float64 reference (SPEC §4), on a GPU.
+"""The ``cuda`` backend against the float64 reference (contract §4), on a GPU.
 
 Skipped cleanly where there is no CUDA device or the extension was built without the CUDA
 kernels. The config matrix hits every code path of csrc/cuda/: partial row tiles (batch 37),
@@ -56,7 +56,7 @@ PATHS = ("fused", "hoisted")
 
 # ReLU-like kinks: in fp16/bf16 the rounding of h (eager rounds too) can move a z within ~1e-3 of 0
 # across the kink, flipping one gradient term of size O(1) in one run and not the other; which run
-# flips is luck, so the 2x-eager bound of SPEC §4 is not a property there. Half-precision tests use
+# flips is luck, so the 2x-eager bound of contract §4 is not a property there. Half-precision tests use
 # a smooth activation unless they name one; kinked activations are compared in float32.
 KINKED = ("relu", "leaky_relu")
 

@@ -65,7 +65,7 @@ def test_device_names_map_to_models():
     assert other.sm_count == 58 and other.gemm_flops == GPU_MODELS["a100"].gemm_flops
 
 
-H100_TIMINGS = Path(__file__).resolve().parents[1] / "benchmarks/results/cuda-paths-nvidia-h100-80gb-hbm3.json"
+H100_TIMINGS = Path(__file__).resolve().parents[1] / "benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json"
 
 
 def test_h100_model_picks_the_measured_faster_path():

@@ -1,6 +1,6 @@
 """The CUDA op's own source - fused kernels and host launchers - run on CPU through a model of
 CUDA (tests/cuda_emulation/) as strict as compute-sanitizer and the hardware, against the
-float64 reference (SPEC §4 criterion). What the model checks (details in cuda_shim.h and
+float64 reference (contract §4 criterion). What the model checks (details in cuda_shim.h and
 emulated_runtime.h):
 
 - racecheck: every shared-memory access between two __syncthreads is recorded; two accesses
@@ -16,7 +16,7 @@ emulated_runtime.h):
   hardware's rules on each target (sm_80: 163 KB opt-in shared memory, sm_86/89/120: 99 KB,
   sm_90: 227 KB): grid limits, dynamic shared memory against the kernel's attribute and the
   attribute against the opt-in maximum, the current stream; the op's routing (use_fused_path)
-  sends what does not fit to the multi-launch path, and B = 0 launches nothing.
+  sends what does not fit to the hoisted chain, and B = 0 launches nothing.
 
 Seeded bugs the model must catch keep it honest: a removed __syncthreads (each barrier of the
 real kernels in turn), a fragment-order assumption, a misaligned ldm, a read of unwritten
@@ -89,8 +89,8 @@ POLICIES = {
     "fp32_tf32": (torch.float32, "tf32"),
     "fp16_wmma": (torch.float16, "wmma"),
     "bf16_wmma": (torch.bfloat16, "wmma"),
-    "fp32_multi_launch": (torch.float32, "aten"),
-    "bf16_multi_launch": (torch.bfloat16, "aten"),
+    "fp32_hoisted": (torch.float32, "aten"),
+    "bf16_hoisted": (torch.bfloat16, "aten"),
 }
 
 CONFIGS = {
@@ -188,10 +188,10 @@ def test_activations(emulated_ops, activation):
     _check(emulated_ops, config, torch.float32, "simt", batch=37)
 
 
-@pytest.mark.parametrize("policy", ["fp32_multi_launch", "bf16_multi_launch"])
+@pytest.mark.parametrize("policy", ["fp32_hoisted", "bf16_hoisted"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_multi_launch_path_beyond_fused_width(emulated_ops, policy, bias):
-    # The op's own routing ("auto") takes w > 256 to the multi-launch path on every target.
+def test_hoisted_chain_beyond_fused_width(emulated_ops, policy, bias):
+    # The op's own routing ("auto") takes w > 256 to the hoisted chain on every target.
     dtype, _ = POLICIES[policy]
     config = make_config(**WIDE, bias=bias, activation="relu" if dtype == torch.float32 else "gelu")
     launches = emulated_ops.launches()
@@ -214,7 +214,7 @@ WIDTH_LIMITS = {
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_widest_fused_layer_fits_each_target(emulated_ops, target, policy):
     # The launches at the widest w the routing keeps fused pass the target's smem rules, and one
-    # step wider takes the multi-launch path instead of raising.
+    # step wider takes the hoisted chain instead of raising.
     dtype, mma = POLICIES[policy]
     device = TARGETS[target]
     limit = emulated_ops.fused_width_limit(dtype, mma == "tf32", device)
@@ -262,11 +262,11 @@ def test_supports_reports_the_device_limit(emulated_ops, monkeypatch):
     tf32_before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
-        assert backend.supports(config, torch.float32, gpu).reason == "fused kernel"
+        assert "cost model" in backend.supports(config, torch.float32, gpu).reason
         assert backend.supports(config, torch.bfloat16, gpu).reason == (
-            "multi-launch path: w=200 > 192 (the fused kernels' shared memory does not fit device 0)")
+            "hoisted cuBLAS chain: w=200 > 192 (the fused kernels' shared memory does not fit device 0)")
         torch.backends.cuda.matmul.allow_tf32 = True
-        assert backend.supports(config, torch.float32, gpu).reason.startswith("multi-launch path: w=200 > 192")
+        assert backend.supports(config, torch.float32, gpu).reason.startswith("hoisted cuBLAS chain: w=200 > 192")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 

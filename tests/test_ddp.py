@@ -3,7 +3,7 @@
 Each rank gets half of the batch; DDP and FSDP average the ranks' gradients, which equals the
 gradient of the mean loss over the full batch. For every step's gradients and the final
 parameters: |distributed float32 - single float64| <= 2 |single float32 - single float64| + atol
-(SPEC §4 style). Both run in one pair of spawned processes (spawning dominates the cost); the
+(contract §4 style). Both run in one pair of spawned processes (spawning dominates the cost); the
 process group meets through a file (no port to collide with) and every wait has a deadline.
 """
 from __future__ import annotations

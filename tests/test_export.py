@@ -1,7 +1,7 @@
 """Deployment exports of models with spinal layers: torch.export, AOTInductor (CPU), ONNX (onnxruntime).
 
 Every exported model is run on a batch size other than the one it was traced with (the batch
-dimension is dynamic) and held to SPEC §4 against the float64 reference.
+dimension is dynamic) and held to contract §4 against the float64 reference.
 """
 import io
 

@@ -136,7 +136,7 @@ def test_available_backends_reports_reasons():
         assert support.ok or support.reason, f"{name} unavailable without a reason"
 
 
-# ---- SPEC §5: every bad input raises a clear error before any kernel runs -----------------
+# ---- contract §5: every bad input raises a clear error before any kernel runs -----------------
 
 def test_wrong_last_dimension():
     layer = SpinalLinear(7, 3, layer_width=5, num_layers=3)

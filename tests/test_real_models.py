@@ -3,7 +3,7 @@
 ``reset_classifier`` first. Small 32x32 inputs and a few steps keep each case to seconds.
 
 Each case checks the spinal head on the features the real backbone produces (forward and every
-gradient against the float64 reference, SPEC §4), training, torch.compile(fullgraph=True) of
+gradient against the float64 reference, contract §4), training, torch.compile(fullgraph=True) of
 the head, a state_dict round trip, and training with the backbone frozen.
 """
 import io
@@ -105,7 +105,7 @@ def test_training_steps_and_head_against_reference(case):
     assert losses[-1] < losses[0], losses  # the whole model learns the fixed batch
     model.eval()
     features = head_input(model, head, batch()[0])
-    # the trained head on real features: output and every gradient within SPEC §4
+    # the trained head on real features: output and every gradient within contract §4
     check_backend(head.backend, head.config, x=features.double(), params=head.params())
 
 

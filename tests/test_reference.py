@@ -1,4 +1,4 @@
-"""The reference backend against an independent, index-based reading of SPEC §1."""
+"""The reference backend against an independent, index-based reading of contract §1."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from spinal_ops.functional import apply_spinal
 
 
 def spec_formula(x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
-    """SPEC §1 written with the column formula c_l(j) = (l*s + j) mod N and index_select."""
+    """contract §1 written with the column formula c_l(j) = (l*s + j) mod N and index_select."""
     n, s = config.in_features, config.split_size
     hidden, h = [], None
     for layer in range(config.num_layers):
@@ -51,7 +51,7 @@ def test_reference_matches_spec_formula(kwargs, activation):
 
 
 def test_paper_mnist_windows():
-    # SPEC §1: N = 320, k = 2 gives columns 0-159, 160-319, 0-159, ...
+    # contract §1: N = 320, k = 2 gives columns 0-159, 160-319, 0-159, ...
     config = SpinalConfig.build(320, 10, layer_width=8, num_layers=6)
     assert config.split_size == 160
     assert [config.window(layer) for layer in range(3)] == [((0, 160),), ((160, 320),), ((0, 160),)]

@@ -38,7 +38,7 @@ def test_default_replaces_last_linear_only():
 
 
 def test_spinalized_model_computes_the_spinal_layer():
-    """The whole model against float64 (SPEC §4): body in float64, then the reference spinal math."""
+    """The whole model against float64 (contract §4): body in float64, then the reference spinal math."""
     torch.manual_seed(0)
     model = spinalize(Net(), **SPINAL)
     x = torch.randn(7, 9)

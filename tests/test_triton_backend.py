@@ -1,4 +1,4 @@
-"""The triton backend against the float64 reference (SPEC §4), on CUDA tensors where a GPU is
+"""The triton backend against the float64 reference (contract §4), on CUDA tensors where a GPU is
 present, else on CPU tensors through the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1). Sizes are small: the interpreter runs every program in Python."""
 import os

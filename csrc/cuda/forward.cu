@@ -1,5 +1,5 @@
 // Host launcher of the fused forward kernel (forward_kernel.cuh holds the kernel, its tiling and
-// smem budget) and the routing between the fused kernels and the multi-launch path.
+// smem budget) and the routing between the fused kernels and the hoisted chain.
 #include "forward_kernel.cuh"
 #include "launch.cuh"
 

@@ -18,7 +18,7 @@
 // Smem budget (w = 256): bf16/fp16 2*64*264*2 + 64*40*2 + 128*40*2 + 64*132*4 = 117 KB;
 //   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB)
 //   and sm90 (227 KB); on 99 KB parts (sm86/89/120) use_fused_path() sends w > 192 (fp16/bf16/TF32)
-//   and w > 224 (fp32) to the multi-launch path. The launch is launch_kernel() (launch.cuh).
+//   and w > 224 (fp32) to the hoisted chain (csrc/aten_chain.h). The launch is launch_kernel() (launch.cuh).
 // Numerics: fp32 accumulation; z is rounded to the storage dtype once (that is Z) and
 //   h = dtype(phi(float(Z))), so backward's recomputation of h from Z is bit-identical.
 // Offsets into x, Z and out are 64-bit (B * N may pass 2^31).

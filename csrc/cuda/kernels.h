@@ -24,7 +24,7 @@ T* optional_data(const std::optional<at::Tensor>& t) {
 int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device);
 
 // The routing decision of the CUDA op: the fused kernels when w <= fused_width_limit(...) under
-// the current TF32 setting, the multi-launch path otherwise.
+// the current TF32 setting, the hoisted chain (csrc/aten_chain.h) otherwise.
 bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, int device);
 
 // One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0.

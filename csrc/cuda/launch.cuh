@@ -40,7 +40,7 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
   });
   TORCH_CHECK(smem_bytes <= limit[device], "spinal_ops: the fused kernel needs ", smem_bytes,
               " bytes of shared memory, device ", device, " allows ", limit[device],
-              " (use_fused_path() should have routed the call to the multi-launch path)");
+              " (use_fused_path() should have routed the call to the hoisted chain)");
   void* kernel_args[] = {const_cast<Args*>(&args)};
   C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), kernel_args,
                                   static_cast<size_t>(smem_bytes), c10::cuda::getCurrentCUDAStream()));

@@ -39,7 +39,7 @@ constexpr int kTileN = 128;  // output columns per CTA tile
 constexpr int kTileK = 32;   // K-chunk staged in shared memory per step
 constexpr int kAccLd = kTileN + 4;  // leading dimension of the fp32 accumulator tile in smem
 
-// Widest layer (w) the fused kernels keep on chip; wider layers take the multi-launch path, and so
+// Widest layer (w) the fused kernels keep on chip; wider layers take the hoisted chain, and so
 // do narrower ones whose shared memory exceeds the device's opt-in maximum (fused_width_limit).
 // Python reads it through torch.ops.spinal_ops.cuda_fused_max_width() (one source of truth).
 constexpr int64_t kFusedMaxWidth = 256;

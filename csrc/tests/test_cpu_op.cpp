@@ -1,5 +1,5 @@
 // ctest: the CPU kernels of spinal_ops::fused_forward / fused_backward, called through the
-// dispatcher, against a naive loop implementation of SPEC §1 written independently of them
+// dispatcher, against a naive loop implementation of contract §1 written independently of them
 // (its own column formula (l*s + j) mod N, its own activations and derivatives).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -56,7 +56,7 @@ GPU_MODELS: dict[str, GpuModel] = {
     # H100 SXM (132 SMs): ~3.0 TB/s copy bandwidth, ~790 TFLOP/s bf16 on large GEMMs; the chain's
     # GEMMs are skinny, hence a third of that. The per-op and per-launch times (host work
     # included: at small batch they decide) and the fused kernels' per-CTA rates are fitted to
-    # scripts/cuda_paths.py on an H100 (benchmarks/results/cuda-paths-nvidia-h100-80gb-hbm3.json).
+    # scripts/cuda_paths.py on an H100 (benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json).
     "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 16e-6, 60e-6, 5e-6, _rates(0.19e12, 0.10e12)),
     # A100 (108 SMs, 312 TFLOP/s bf16, 2.0 TB/s): the H100's fractions of the datasheet rates and
     # its host costs; the fused kernels' rates scaled by the SM clock and tensor-core ratio.

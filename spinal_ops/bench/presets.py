@@ -1,9 +1,9 @@
-"""The benchmark presets of SPEC §6 and the parser for ``--preset``."""
+"""The benchmark presets of contract §6 and the parser for ``--preset``."""
 from __future__ import annotations
 
 from ..config import SpinalConfig
 
-# name -> (N, w, L, M), all with k = 2 splits and ReLU (SPEC §6).
+# name -> (N, w, L, M), all with k = 2 splits and ReLU (contract §6).
 PRESET_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "mnist": (320, 8, 6, 10),
     "vgg5": (256, 128, 4, 10),

@@ -93,7 +93,7 @@ bool fused(const SpinalShape& shape, const at::Tensor& x, c10::string_view polic
   const bool fp32 = x.scalar_type() == at::kFloat;
   TORCH_CHECK(fp32 ? policy == "simt" || policy == "tf32" : policy == "wmma", "policy ", policy, " does not fit ",
               x.scalar_type());
-  TORCH_CHECK(routed, "w = ", shape.layer_width, " is routed to the multi-launch path on ", emu::target(device).name,
+  TORCH_CHECK(routed, "w = ", shape.layer_width, " is routed to the hoisted chain on ", emu::target(device).name,
               " (", x.scalar_type(), ", policy ", policy, ")");
   return true;
 }
