@@ -2,7 +2,7 @@
 
 With no arguments this is the README's main command: the small presets on CPU, batches
 64/1024/4096, backends cpu, reference and dense, modes train, frozen and infer, JSON and PNG
-under bench-out/ (two to three minutes on 2 cores).
+under bench-out/ (about four minutes on 2 cores).
 """
 from __future__ import annotations
 
