@@ -133,24 +133,24 @@ void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const Gro
     }
   }
 
-  // h_l lives in its slot (group-major H for the projection) or, without projection, in out.
-  const auto hidden_of = [&](int64_t layer) {
-    return projection ? slot_columns(layer) : out.narrow(1, layer * w, w);
-  };
+  at::Tensor previous_hidden;  // h_{l-1}: each view is made once (at small batch the views cost as much as the math)
   for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
     const at::Tensor products = slot_columns(layer);
     at::Tensor z = keep ? pre_activation.narrow(1, layer * w, w) : products;
     if (layer > 0) {
       const at::Tensor recurrent = weight_hidden[layer - 1].t();
       if (keep) {
-        at::addmm_out(z, products, hidden_of(layer - 1), recurrent);
+        at::addmm_out(z, products, previous_hidden, recurrent);
       } else {
-        z.addmm_(hidden_of(layer - 1), recurrent);
+        z.addmm_(previous_hidden, recurrent);
       }
     } else if (keep) {
       z.copy_(products);
     }
-    apply_activation(hidden_of(layer), z, act, negative_slope);
+    // h_l lives in its slot (group-major H for the projection) or, without projection, in out.
+    at::Tensor hidden = projection ? products : out.narrow(1, layer * w, w);
+    apply_activation(hidden, z, act, negative_slope);
+    previous_hidden = hidden;
   }
   if (projection) add_product(out, true, bias_out, buffer, grouped.weight_out.t());
 }
@@ -256,11 +256,13 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   } else {
     grad_z = to_group_major(grad_out.view({batch, num_layers, w}), 1, groups).reshape({batch, hidden}).clone();
   }
+  at::Tensor next_dz;  // dz_{l+1}, carried so that each slot view is made once
   for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
     at::Tensor dz = slot_columns(grad_z, layer);
-    if (layer + 1 < num_layers) dz.addmm_(slot_columns(grad_z, layer + 1), weight_hidden[layer]);
+    if (next_dz.defined()) dz.addmm_(next_dz, weight_hidden[layer]);
     const at::Tensor h = need_hidden ? hidden_act.narrow(1, layer * w, w) : at::Tensor();
     multiply_by_activation_grad(dz, pre_activation.narrow(1, layer * w, w), h, act, negative_slope);
+    next_dz = dz;
   }
 
   if (mask[kGradWeightHidden]) {

@@ -19,24 +19,10 @@ from spinal_ops.backends.cuda import cuda_path, forced_path, fused_max_width
 from spinal_ops.backends.cuda_cost import fused_seconds, hoisted_seconds, model_for
 from spinal_ops.bench.presets import PRESETS
 from spinal_ops.bench.timing import median_seconds
-from spinal_ops.bench.workloads import dense_baseline, spinal_layer
+from spinal_ops.bench.workloads import dense_baseline, make_step, spinal_layer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("train", "infer")
-
-
-def step(model: torch.nn.Module, x: torch.Tensor, mode: str):
-    if mode == "infer":
-        def infer():
-            with torch.no_grad():
-                return model(x)
-        return infer
-    leaves = [x, *model.parameters()]
-    grad_out = torch.randn_like(model(x))
-
-    def train():
-        return torch.autograd.grad(model(x), leaves, grad_out)
-    return train
 
 
 def main() -> int:
@@ -61,17 +47,17 @@ def main() -> int:
             layer = spinal_layer(config, "cuda", dtype, device)
             dense = dense_baseline(config, dtype, device)
             for batch in args.batch:
-                x = torch.randn(batch, config.in_features, device=device, dtype=dtype)
                 for mode in MODES:
                     training = mode == "train"
-                    inputs = x.detach().requires_grad_(training)
                     times = {}
                     for path in ("fused", "hoisted"):
                         if path == "fused" and config.layer_width > fused_max_width():
                             continue
                         with forced_path(path):
-                            times[path] = median_seconds(step(layer, inputs, mode), device, args.min_run_time)
-                    times["dense"] = median_seconds(step(dense, inputs, mode), device, args.min_run_time)
+                            step = make_step(layer, config, batch, mode, dtype, device)
+                            times[path] = median_seconds(step, device, args.min_run_time)
+                    times["dense"] = median_seconds(make_step(dense, config, batch, mode, dtype, device), device,
+                                                    args.min_run_time)
                     choice = cuda_path(config, batch, dtype, device, training).path
                     fastest = min(times[p] for p in ("fused", "hoisted") if p in times)
                     record = {

@@ -24,5 +24,5 @@ class CpuBackend(FusedOpBackend):
             return Support.no(f"dtype {dtype} not supported (float32, float64, bfloat16)")
         return Support.yes()
 
-    def forward_op(self):
+    def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool):
         return torch.ops.spinal_ops.fused_forward.default

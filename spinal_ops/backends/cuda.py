@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 
 from .._extension import cuda_kernels_compiled, load_extension
-from ..config import SpinalConfig, SpinalParams
+from ..config import SpinalConfig
 from .base import Support
 from .cuda_cost import GpuModel, PathChoice, choose_path, model_for
-from .fused import FusedOpBackend, needs_pre_activation
+from .fused import FusedOpBackend
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core WMMA; the build targets sm80 and sm90
@@ -120,10 +120,6 @@ class CudaBackend(FusedOpBackend):
             return Support.yes(f"hoisted cuBLAS chain: w={config.layer_width} > {limit}{why}")
         return Support.yes("fused kernels or hoisted cuBLAS chain, per call by the cost model")
 
-    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
-        training = needs_pre_activation(x, params)
+    def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool):
         choice = cuda_path(config, x.shape[0], x.dtype, x.device, training)
-        op = torch.ops.spinal_ops.fused_forward if choice.path == "fused" else torch.ops.spinal_ops.hoisted_forward
-        contiguous = [None if p is None else p.contiguous() for p in params]
-        out, _ = op.default(x.contiguous(), *contiguous, config.activation, config.negative_slope, training)
-        return out
+        return getattr(torch.ops.spinal_ops, f"{choice.path}_forward").default

@@ -106,11 +106,13 @@ def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
 class FusedOpBackend(Backend):
     """A backend whose forward is one call of a fused op with FORWARD_SCHEMA."""
 
-    def forward_op(self) -> Callable:
+    def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
+        """The forward op (an OpOverload with FORWARD_SCHEMA) that runs this call."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
         contiguous = [None if p is None else p.contiguous() for p in params]
-        keep = needs_pre_activation(x, params)
-        out, _ = self.forward_op()(x.contiguous(), *contiguous, config.activation, config.negative_slope, keep)
+        training = needs_pre_activation(x, params)
+        op = self.forward_op(config, x, training)
+        out, _ = op(x.contiguous(), *contiguous, config.activation, config.negative_slope, training)
         return out

@@ -141,5 +141,5 @@ class TritonBackend(FusedOpBackend):
     def auto_eligible(self, device: torch.device) -> bool:
         return device.type == "cuda"
 
-    def forward_op(self):
+    def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool):
         return torch.ops.spinal_ops.triton_forward.default
