@@ -5,13 +5,11 @@ from .authors import from_spinalnet
 from .backends.base import Support
 from .config import SpinalConfig, SpinalParams
 from .dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends, select_backend
-from .export import register_onnx_support
 from .functional import spinal_linear
 from .module import SpinalLinear
 from .spinalize import spinalize
 
 __version__ = version()
-register_onnx_support()  # after dispatch: the ops exist once the backends are set up
 
 __all__ = [
     "ACTIVATIONS",

@@ -26,7 +26,9 @@ def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, ba
         x = x.to(autocast_dtype)
         params = SpinalParams(*(None if p is None else p.to(autocast_dtype) for p in params))
     config.check_input(x, params)
-    impl = select_backend(backend, config, x.dtype, x.device)
+    # ONNX has no fused spinal op: an exporter traces the reference, whose slices, GEMMs, adds
+    # and activations are standard ONNX operators.
+    impl = select_backend("reference" if torch.onnx.is_in_onnx_export() else backend, config, x.dtype, x.device)
     y = impl.forward(x.reshape(-1, config.in_features), params, config)
     if x.dim() == 2:
         return y  # not a view: FSDP2 warns about modules returning views

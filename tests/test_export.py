@@ -3,8 +3,6 @@
 Every exported model is run on a batch size other than the one it was traced with (the batch
 dimension is dynamic) and held to contract §4 against the float64 reference.
 """
-import io
-
 import pytest
 import torch
 from contract import ATOL_PER_SCALE, assert_within_contract, make_config, random_params
@@ -51,12 +49,19 @@ def assert_matches_reference(model: Model, x: torch.Tensor, got: torch.Tensor, l
     assert_within_contract(label, got, expected, eager, torch.float32)
 
 
+def test_no_spinal_op_has_a_global_decomposition():
+    # Inductor refuses (under CI=1) to fall back to an op that has one, and would otherwise
+    # decompose it: the fused ops must stay single calls in torch.compile and AOTInductor.
+    for name in ("fused_forward", "fused_backward", "hoisted_forward", "hoisted_backward", "triton_forward", "triton_backward"):
+        if hasattr(torch.ops.spinal_ops, name):
+            assert not torch._decomp.get_decompositions([getattr(torch.ops.spinal_ops, name).default]), name
+
+
 def test_torch_export_keeps_the_fused_op_and_its_numbers():
     model = make_model()
     x = torch.randn(4, 5)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: BATCH},))
     assert "spinal_ops.fused_forward" in program.graph_module.code
-    # the default decompositions keep it too (only the ONNX exporter decomposes it)
     assert "spinal_ops.fused_forward" in program.run_decompositions().graph_module.code
     other = torch.randn(9, 5)
     with torch.no_grad():
@@ -130,6 +135,12 @@ def test_onnx_export_of_the_triton_op(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-def test_torchscript_onnx_exporter_refuses_clearly():
-    with pytest.raises(RuntimeError, match=r"spinal_ops: the TorchScript-based ONNX exporter .* use torch.onnx.export\(\.\.\., dynamo=True\)"):
-        torch.onnx.export(make_model(), (torch.randn(4, 5),), io.BytesIO(), dynamo=False)
+def test_torchscript_onnx_exporter_also_gives_standard_ops(tmp_path):
+    model = make_model(activation="leaky_relu")
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (torch.randn(4, 5),), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    proto = onnx.load(str(path))
+    op_types = {node.op_type for node in proto.graph.node}
+    assert op_types <= STANDARD_OPS, op_types - STANDARD_OPS
+    other = torch.randn(9, 5)
+    assert_matches_reference(model, other, run_onnx(path, other), "onnxruntime, TorchScript exporter")
