@@ -148,12 +148,42 @@ class RecordedOps(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.op_name = op_name
         self.calls: list[tuple[tuple, object]] = []
+        self.arguments: list[dict[str, object]] = []  # per call, every argument by name, defaults included
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         if func._schema.name == self.op_name:
             self.calls.append((args, result))
+            # The dispatcher drops trailing arguments that equal their defaults.
+            self.arguments.append({
+                a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+                for i, a in enumerate(func._schema.arguments)
+            })
         return result
+
+
+def check_tf32_choice_reaches_backward(backend: str, config: SpinalConfig, forward_op: str, backward_op: str,
+                                       device="cpu") -> None:
+    """The forward reads ``torch.backends.cuda.matmul.allow_tf32`` once (float32) and the backward
+    op gets the forward's choice, even when the flag changed in between."""
+    generator = torch.Generator().manual_seed(3)
+    params = [None if p is None else p.to(device, torch.float32).requires_grad_() for p in random_params(config, generator)]
+    x = torch.randn(4, config.in_features, generator=generator).to(device).requires_grad_()
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for at_forward in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = at_forward
+            with RecordedOps(forward_op) as forward_calls:
+                y = apply_spinal(x, SpinalParams(*params), config, backend)
+            torch.backends.cuda.matmul.allow_tf32 = not at_forward
+            with RecordedOps(backward_op) as backward_calls:
+                y.sum().backward()
+            assert [call["allow_tf32"] for call in forward_calls.arguments] == [at_forward], forward_calls.arguments
+            assert [call["allow_tf32"] for call in backward_calls.arguments] == [at_forward], (
+                f"{backend}: the backward ran with allow_tf32={not at_forward}, the forward with {at_forward}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def check_gradient_masks(backend: str, config: SpinalConfig, backward_op: str, dtype=torch.float64,

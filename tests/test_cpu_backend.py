@@ -5,6 +5,7 @@ from contract import (
     check_backend,
     check_gradient_masks,
     check_inference_keeps_no_pre_activation,
+    check_tf32_choice_reaches_backward,
     gradcheck_problem,
     make_config,
     random_params,
@@ -65,6 +66,11 @@ MASK_CONFIGS = {
 @pytest.mark.parametrize("kwargs", MASK_CONFIGS.values(), ids=MASK_CONFIGS.keys())
 def test_backward_computes_only_what_autograd_asks_for(kwargs):
     check_gradient_masks("cpu", build(kwargs, "tanh"), "spinal_ops::fused_backward")
+
+
+def test_tf32_choice_reaches_backward():
+    check_tf32_choice_reaches_backward("cpu", build(CONFIGS["no_bias"], "relu"), "spinal_ops::fused_forward",
+                                       "spinal_ops::fused_backward")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -18,6 +18,7 @@ from contract import (
     check_backend,
     check_gradient_masks,
     check_inference_keeps_no_pre_activation,
+    check_tf32_choice_reaches_backward,
     make_config,
     random_params,
 )
@@ -82,6 +83,8 @@ def test_backward_mask_and_inference(path):
         check_gradient_masks("cuda", config, f"spinal_ops::{path}_backward", torch.float32, "cuda")
         check_inference_keeps_no_pre_activation("cuda", config, f"spinal_ops::{path}_forward", 300, torch.float32,
                                                 "cuda")
+        check_tf32_choice_reaches_backward("cuda", config, f"spinal_ops::{path}_forward", f"spinal_ops::{path}_backward",
+                                           "cuda")
 
 
 def test_auto_runs_the_path_the_cost_model_names():

@@ -13,6 +13,7 @@ from contract import (
     check_backend,
     check_gradient_masks,
     check_inference_keeps_no_pre_activation,
+    check_tf32_choice_reaches_backward,
     make_config,
     random_params,
 )
@@ -171,6 +172,8 @@ def test_backward_mask_and_inference():
     config = make_config(in_features=7, out_features=None, bias=False)
     check_gradient_masks("triton", config, "spinal_ops::triton_backward", torch.float32, DEVICE)
     check_inference_keeps_no_pre_activation("triton", config, "spinal_ops::triton_forward", 6, torch.float32, DEVICE)
+    check_tf32_choice_reaches_backward("triton", config, "spinal_ops::triton_forward", "spinal_ops::triton_backward",
+                                       DEVICE)
 
 
 def test_opcheck():

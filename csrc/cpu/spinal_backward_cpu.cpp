@@ -10,7 +10,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation, const at::Tensor& weight_in,
     const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out, std::array<bool, 6> output_mask,
-    c10::string_view activation, double negative_slope) {
+    c10::string_view activation, double negative_slope, bool /*allow_tf32: no TF32 on CPU*/) {
   const SpinalShape shape = check_backward_inputs(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out);
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
                                                      const std::optional<at::Tensor>& weight_out,
                                                      const std::optional<at::Tensor>& bias_out,
                                                      c10::string_view activation, double negative_slope,
-                                                     bool keep_pre_activation) {
+                                                     bool /*allow_tf32: no TF32 on CPU*/, bool keep_pre_activation) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);

@@ -45,11 +45,11 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
 void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-                           Activation act, float negative_slope, const BackwardOutputs& grads) {
+                           Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads) {
   TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA backward needs w <= ", kFusedMaxWidth);
   switch (x.scalar_type()) {
     case at::kFloat:
-      if (at::globalContext().allowTF32CuBLAS()) {
+      if (allow_tf32) {
         // TF32 for the data gradients (the matmuls eager runs in TF32 too), exact fp32 for launch 2:
         // its bias gradients are column sums, which eager computes in fp32, and TF32-rounding the
         // summed rows would cost ~1e-3 relative error there.

@@ -43,19 +43,19 @@ int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device) {
   return w;
 }
 
-bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, int device) {
-  return shape.layer_width <= fused_width_limit(dtype, at::globalContext().allowTF32CuBLAS(), device);
+bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device) {
+  return shape.layer_width <= fused_width_limit(dtype, allow_tf32, device);
 }
 
 void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
-                          Activation act, float negative_slope, const at::Tensor& out,
+                          Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
                           const at::Tensor& pre_activation) {
   TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA forward needs w <= ", kFusedMaxWidth);
   switch (x.scalar_type()) {
     case at::kFloat:
-      if (at::globalContext().allowTF32CuBLAS()) {
+      if (allow_tf32) {
         launch<WmmaMma<32, nvcuda::wmma::precision::tf32>, float>(shape, x, weight_in, weight_hidden, bias, weight_out,
                                                                   bias_out, act, negative_slope, out, pre_activation);
       } else {

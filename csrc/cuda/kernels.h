@@ -24,14 +24,15 @@ T* optional_data(const std::optional<at::Tensor>& t) {
 int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device);
 
 // The routing decision of the CUDA op: the fused kernels when w <= fused_width_limit(...) under
-// the current TF32 setting, the hoisted chain (csrc/aten_chain.h) otherwise.
-bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, int device);
+// the op's TF32 choice, the hoisted chain (csrc/aten_chain.h) otherwise.
+bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device);
 
 // One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0.
 void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
-                          Activation act, float negative_slope, const at::Tensor& out, const at::Tensor& pre_activation);
+                          Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
+                          const at::Tensor& pre_activation);
 
 struct BackwardOutputs {
   at::Tensor grad_x, grad_weight_in, grad_weight_hidden, grad_bias, grad_weight_out, grad_bias_out;
@@ -41,7 +42,7 @@ struct BackwardOutputs {
 void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-                           Activation act, float negative_slope, const BackwardOutputs& grads);
+                           Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads);
 
 }  // namespace cuda_kernels
 }  // namespace spinal_ops

@@ -29,6 +29,27 @@ void check_cuda_inputs(const at::Tensor& x) {
               "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
 }
 
+// cuBLAS reads its TF32 switch from the global context; the op's allow_tf32 (read once in the
+// forward and passed to the backward too) decides instead, for the duration of one call. The
+// switch is touched only when the two differ, i.e. when the user changed the flag between the
+// forward and the backward.
+class CublasTf32Scope {
+ public:
+  explicit CublasTf32Scope(bool allow_tf32) : before_(at::globalContext().allowTF32CuBLAS()) {
+    if (allow_tf32 != before_) at::globalContext().setAllowTF32CuBLAS(allow_tf32);
+    changed_ = allow_tf32 != before_;
+  }
+  ~CublasTf32Scope() {
+    if (changed_) at::globalContext().setAllowTF32CuBLAS(before_);
+  }
+  CublasTf32Scope(const CublasTf32Scope&) = delete;
+  CublasTf32Scope& operator=(const CublasTf32Scope&) = delete;
+
+ private:
+  bool before_;
+  bool changed_ = false;
+};
+
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
@@ -45,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
                                                       const std::optional<at::Tensor>& weight_out_in,
                                                       const std::optional<at::Tensor>& bias_out_in,
                                                       c10::string_view activation, double negative_slope,
-                                                      bool keep_pre_activation) {
+                                                      bool allow_tf32, bool keep_pre_activation) {
   const SpinalShape shape =
       check_spinal_shape(x_in, weight_in_in, weight_hidden_in, bias_in, weight_out_in, bias_out_in);
   check_cuda_inputs(x_in);
@@ -55,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
   const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
-  if (!use_fused_path(shape, x.scalar_type(), x.get_device())) {  // too wide for this device's tiles
+  if (!use_fused_path(shape, x.scalar_type(), allow_tf32, x.get_device())) {  // too wide for this device's tiles
+    const CublasTf32Scope tf32(allow_tf32);
     return chain::hoisted_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope,
                                   keep_pre_activation);
   }
@@ -64,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
   at::Tensor pre_activation = at::empty({shape.batch, shape.hidden()}, x.options());
   if (shape.batch > 0) {
     launch_fused_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
-                         static_cast<float>(negative_slope), out, pre_activation);
+                         static_cast<float>(negative_slope), allow_tf32, out, pre_activation);
   }
   return {out, keep_pre_activation ? pre_activation : at::empty({0}, x.options())};
 }
@@ -72,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& pre_activation_in,
     const at::Tensor& weight_in_in, const at::Tensor& weight_hidden_in, const std::optional<at::Tensor>& weight_out_in,
-    std::array<bool, 6> output_mask, c10::string_view activation, double negative_slope) {
+    std::array<bool, 6> output_mask, c10::string_view activation, double negative_slope, bool allow_tf32) {
   SpinalShape shape =
       check_backward_inputs(grad_out_in, x_in, pre_activation_in, weight_in_in, weight_hidden_in, weight_out_in);
   shape.has_bias = output_mask[chain::kGradBias];
@@ -85,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pre_activation = pre_activation_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto weight_out = contiguous(weight_out_in);
-  if (!use_fused_path(shape, x.scalar_type(), x.get_device())) {
+  if (!use_fused_path(shape, x.scalar_type(), allow_tf32, x.get_device())) {
+    const CublasTf32Scope tf32(allow_tf32);
     const auto grads = chain::hoisted_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden,
                                                weight_out, act, negative_slope, output_mask);
     return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
@@ -106,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   grads.grad_bias_out = shape.has_bias_out ? alloc({shape.out_features}) : at::empty({0}, options);
   if (shape.batch > 0) {
     launch_fused_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
-                          static_cast<float>(negative_slope), grads);
+                          static_cast<float>(negative_slope), allow_tf32, grads);
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
@@ -119,11 +142,12 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward_cuda(const at::Tensor& x, con
                                                         const std::optional<at::Tensor>& weight_out,
                                                         const std::optional<at::Tensor>& bias_out,
                                                         c10::string_view activation, double negative_slope,
-                                                        bool keep_pre_activation) {
+                                                        bool allow_tf32, bool keep_pre_activation) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   check_cuda_inputs(x);
   const Activation act = parse_activation(activation);
   const c10::cuda::CUDAGuard guard(x.device());
+  const CublasTf32Scope tf32(allow_tf32);
   return chain::hoisted_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(),
                                 contiguous(bias), contiguous(weight_out), contiguous(bias_out), act, negative_slope,
                                 keep_pre_activation);
@@ -132,11 +156,12 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward_cuda(const at::Tensor& x, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hoisted_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation, const at::Tensor& weight_in,
     const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out, std::array<bool, 6> output_mask,
-    c10::string_view activation, double negative_slope) {
+    c10::string_view activation, double negative_slope, bool allow_tf32) {
   const SpinalShape shape = check_backward_inputs(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out);
   check_cuda_inputs(x);
   const Activation act = parse_activation(activation);
   const c10::cuda::CUDAGuard guard(x.device());
+  const CublasTf32Scope tf32(allow_tf32);
   const auto grads = chain::hoisted_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                                              weight_in.contiguous(), weight_hidden.contiguous(),
                                              contiguous(weight_out), act, negative_slope, output_mask);

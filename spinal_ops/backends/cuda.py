@@ -19,7 +19,7 @@ from .._extension import cuda_kernels_compiled, load_extension
 from ..config import SpinalConfig
 from .base import Support
 from .cuda_cost import GpuModel, PathChoice, choose_path, model_for
-from .fused import FusedOpBackend
+from .fused import FusedOpBackend, tf32_allowed
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core WMMA; the build targets sm80 and sm90
@@ -53,8 +53,7 @@ def _device_index(device: torch.device) -> int:
 
 
 def _width_limit_for(device: torch.device, dtype: torch.dtype) -> int:
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return fused_width_limit(_device_index(device), dtype, tf32)
+    return fused_width_limit(_device_index(device), dtype, tf32_allowed(dtype))
 
 
 @contextlib.contextmanager

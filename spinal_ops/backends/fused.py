@@ -20,11 +20,12 @@ from .base import Backend
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, "
-    "Tensor? bias_out, str activation, float negative_slope, bool keep_pre_activation=True) -> (Tensor, Tensor)"
+    "Tensor? bias_out, str activation, float negative_slope, bool allow_tf32=False, bool keep_pre_activation=True) "
+    "-> (Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, "
-    "Tensor? weight_out, bool[6] output_mask, str activation, float negative_slope) "
+    "Tensor? weight_out, bool[6] output_mask, str activation, float negative_slope, bool allow_tf32=False) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 # output_mask / gradient order of the backward: x, weight_in, weight_hidden, bias, weight_out, bias_out.
@@ -32,7 +33,7 @@ NUM_GRADS = 6
 
 
 def fake_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
-                 keep_pre_activation=True):
+                 allow_tf32=False, keep_pre_activation=True):
     num_layers, layer_width, _ = weight_in.shape
     hidden = num_layers * layer_width
     out_features = hidden if weight_out is None else weight_out.shape[0]
@@ -55,8 +56,15 @@ def gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask) -> lis
 
 
 def fake_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
-                  negative_slope):
+                  negative_slope, allow_tf32=False):
     return tuple(x.new_empty(shape) for shape in gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask))
+
+
+def tf32_allowed(dtype: torch.dtype) -> bool:
+    """Whether float32 products may use TF32 (``torch.backends.cuda.matmul.allow_tf32``), read once
+    per forward and passed to both ops: the CUDA kernels and cuBLAS follow it, the CPU and Triton
+    ops compute exact float32 whatever it says."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
 
 
 def needs_pre_activation(x: torch.Tensor, params) -> bool:
@@ -71,10 +79,12 @@ def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
     """
 
     def setup_context(ctx, inputs, output):
-        x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope, *_ = inputs
+        x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope, *flags = inputs
         ctx.save_for_backward(x, output[1], weight_in, weight_hidden, weight_out)
         ctx.activation = activation
         ctx.negative_slope = negative_slope
+        # The backward runs with the forward's TF32 choice, whatever the global flag is by then.
+        ctx.allow_tf32 = flags[0] if flags else False
         # Z is never differentiated; without this autograd allocates and zero-fills a [B, L*w]
         # gradient for it on every backward (measurable on CPU at large batch).
         ctx.set_materialize_grads(False)
@@ -88,7 +98,7 @@ def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
         output_mask = list(ctx.needs_input_grad[:NUM_GRADS])
         grads = backward_op(
             grad_out.contiguous(), x, pre_activation, weight_in, weight_hidden, weight_out,
-            output_mask, ctx.activation, ctx.negative_slope,
+            output_mask, ctx.activation, ctx.negative_slope, ctx.allow_tf32,
         )
         trailing = (None,) * (len(ctx.needs_input_grad) - NUM_GRADS)
         return (*(grad if wanted else None for grad, wanted in zip(grads, output_mask)), *trailing)
@@ -114,5 +124,6 @@ class FusedOpBackend(Backend):
         contiguous = [None if p is None else p.contiguous() for p in params]
         training = needs_pre_activation(x, params)
         op = self.forward_op(config, x, training)
-        out, _ = op(x.contiguous(), *contiguous, config.activation, config.negative_slope, training)
+        out, _ = op(x.contiguous(), *contiguous, config.activation, config.negative_slope, tf32_allowed(x.dtype),
+                    training)
         return out

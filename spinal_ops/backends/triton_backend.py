@@ -56,7 +56,7 @@ def _check_contiguous(**tensors) -> None:
 
 
 def _triton_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
-                    keep_pre_activation=True):
+                    allow_tf32=False, keep_pre_activation=True):
     from .. import triton_kernels
 
     _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
@@ -69,7 +69,7 @@ def _triton_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, act
 
 
 def _triton_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
-                     negative_slope):
+                     negative_slope, allow_tf32=False):
     from .. import triton_kernels
 
     config = _checked_config(x, weight_in, weight_hidden, None, weight_out, None, activation, negative_slope)

@@ -87,7 +87,7 @@ class Session {
 
 // Whether the call runs the fused kernels: the op's routing for "auto", forced otherwise.
 bool fused(const SpinalShape& shape, const at::Tensor& x, c10::string_view policy, int64_t device) {
-  const bool routed = use_fused_path(shape, x.scalar_type(), static_cast<int>(device));
+  const bool routed = use_fused_path(shape, x.scalar_type(), at::globalContext().allowTF32CuBLAS(), static_cast<int>(device));
   if (policy == "auto") return routed;
   if (policy == "aten") return false;
   const bool fp32 = x.scalar_type() == at::kFloat;
@@ -115,7 +115,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                   weight_out, bias_out, act, negative_slope, /*keep_pre_activation=*/true);
   }
   launch_fused_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
-                       bias_out, act, static_cast<float>(negative_slope), out, pre_activation);
+                       bias_out, act, static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), out,
+                       pre_activation);
   return {out, pre_activation};
 }
 
@@ -151,7 +152,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   if (shape.batch > 0) {
     launch_fused_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
-                          static_cast<float>(negative_slope), grads);
+                          static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads);
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
