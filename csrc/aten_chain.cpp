@@ -16,17 +16,25 @@ constexpr int64_t kCpuInferenceBlockElements = int64_t{1} << 20;
 constexpr int64_t kGpuInferenceBlockElements = int64_t{1} << 26;
 constexpr int64_t kMinBlockRows = 256;
 
+// On a CPU, a GEMM with this many output columns already runs near BLAS peak: grouping layers
+// that wide gains nothing and costs the weights' regrouping copies every call (resnet_head at
+// B = 64: ~25 % of the forward). Narrower layers are grouped (mnist, w = 8: 3x faster input
+// products). cuBLAS launches cost more than the copies, so a GPU always groups.
+constexpr int64_t kCpuWidestGroupedLayer = 255;
+
 // Layers grouped by the input window they read: group g holds layers g, g+p, g+2p, ... where
 // p = N / gcd(N, s) is the period of the window starts (l*s) mod N. "Slots" number the layers
-// in group-major order.
+// in group-major order. Ungrouped, every layer is its own group (p taken as L): layer order.
 struct LayerGroups {
   int64_t num_layers;
-  int64_t period;
-  int64_t count;  // number of groups, min(p, L)
+  int64_t window_period;  // N / gcd(N, s)
+  int64_t period;         // the group stride: window_period, or L when layers are not grouped
+  int64_t count;          // number of groups, min(period, L)
 
-  explicit LayerGroups(const SpinalShape& shape)
+  LayerGroups(const SpinalShape& shape, bool is_cpu)
       : num_layers(shape.num_layers),
-        period(shape.in_features / std::gcd(shape.in_features, shape.split_size)),
+        window_period(shape.in_features / std::gcd(shape.in_features, shape.split_size)),
+        period(is_cpu && shape.layer_width > kCpuWidestGroupedLayer ? shape.num_layers : window_period),
         count(std::min(period, shape.num_layers)) {}
 
   int64_t size(int64_t group) const { return (num_layers - group + period - 1) / period; }
@@ -38,6 +46,11 @@ struct LayerGroups {
   int64_t slot(int64_t layer) const { return first_slot(layer % period) + layer / period; }
   // One group, or one layer per group: group-major order is layer order.
   bool is_layer_order() const { return count == 1 || count == num_layers; }
+  // Whether the groups' windows cover x exactly once (s divides N and each window is read by
+  // exactly one group).
+  bool windows_tile_once(const SpinalShape& shape) const {
+    return shape.in_features % shape.split_size == 0 && count == window_period;
+  }
 };
 
 // The layer dimension `dim` (size L) of t in group-major order (t itself when that is layer order).
@@ -196,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, con
                                                    const std::optional<at::Tensor>& weight_out,
                                                    const std::optional<at::Tensor>& bias_out, Activation act,
                                                    double negative_slope, bool keep_pre_activation) {
-  const LayerGroups groups(shape);
+  const LayerGroups groups(shape, x.is_cpu());
   const GroupedParams grouped = group_params(shape, groups, weight_in, bias, weight_out);
   const int64_t batch = shape.batch, hidden = shape.hidden();
   const auto options = x.options();
@@ -247,7 +260,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   if (!need_dz) return grads;
 
   // dZ in group-major order, starting from dH = G @ W_out (or G itself without projection).
-  const LayerGroups groups(shape);
+  const LayerGroups groups(shape, x.is_cpu());
   const auto slot_columns = [&](const at::Tensor& t, int64_t layer) { return t.narrow(1, groups.slot(layer) * w, w); };
   at::Tensor grad_z;
   if (projection) {
@@ -293,7 +306,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     // When s divides N and every group is present, the windows tile x exactly once: each column
     // of dx is written by one GEMM and needs no zero fill. Otherwise windows overlap or leave
     // columns unread, and the GEMMs accumulate into zeros.
-    const bool tiles_once = shape.in_features % shape.split_size == 0 && groups.count == groups.period;
+    const bool tiles_once = groups.windows_tile_once(shape);
     at::Tensor grad_x = tiles_once ? at::empty_like(x) : at::zeros_like(x);
     const at::Tensor grouped_weight_in = to_group_major(weight_in, 0, groups).reshape({hidden, shape.split_size});
     for (int64_t g = 0; g < groups.count; ++g) {

@@ -13,6 +13,8 @@
 //     then group 1's, ...). Weights are permuted into that order once per call (weight-sized
 //     copies, cheap next to the B-sized work); activations stay in layer order where they leave
 //     the op (Z = [z_0, ..., z_{L-1}] and y/H), so every backend's backward reads the same Z.
+//     On a CPU, layers of w >= 256 are not grouped (a GEMM that wide is efficient alone, and
+//     the copies would cost more than grouping gains): one GEMM per layer, in layer order.
 //   * The output projection is one GEMM on H; its gradients dW_out = G^T H and dH = G W_out are
 //     one GEMM each; dx and dW_in are one GEMM per group (and window piece).
 //

@@ -53,6 +53,22 @@ def test_contract_against_float64_reference(kwargs, activation, dtype):
     check_backend("cpu", build(kwargs, activation), dtype, batch_shape=(5,))
 
 
+# w >= 256: the CPU chain runs one GEMM per layer instead of grouping layers by window: windows
+# read by several layers (k = 2, L = 3), tiling x once (L = k = 2), wrapping (s does not divide N).
+WIDE_CONFIGS = {
+    "wide_k2_overlap": dict(in_features=6, out_features=3, layer_width=256, num_layers=3),
+    "wide_tiles_once": dict(in_features=8, out_features=None, layer_width=256, num_layers=2),
+    "wide_wraps": dict(in_features=7, out_features=2, layer_width=300, num_layers=4, split_size=3),
+}
+
+
+@pytest.mark.parametrize("kwargs", WIDE_CONFIGS.values(), ids=WIDE_CONFIGS.keys())
+def test_wide_layers_one_gemm_per_layer(kwargs):
+    config = build(kwargs, "gelu")
+    check_backend("cpu", config, torch.float32, batch_shape=(5,))
+    check_gradient_masks("cpu", config, "spinal_ops::fused_backward")
+
+
 # Window groupings of the hoisted chain: one group (k = 1), groups of several layers (k = 2, 3),
 # one layer per group (wrapping windows with N/gcd(N, s) > L), and a bias without output bias.
 MASK_CONFIGS = {
