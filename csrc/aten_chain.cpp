@@ -5,6 +5,8 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu/narrow_recurrence.h"
+
 namespace spinal_ops::chain {
 namespace {
 
@@ -44,6 +46,12 @@ struct LayerGroups {
     return slot;
   }
   int64_t slot(int64_t layer) const { return first_slot(layer % period) + layer / period; }
+  // Column offset of each layer's slot in a [rows, L*w] group-major buffer.
+  std::vector<int64_t> slot_offsets(int64_t layer_width) const {
+    std::vector<int64_t> offsets(num_layers);
+    for (int64_t layer = 0; layer < num_layers; ++layer) offsets[layer] = slot(layer) * layer_width;
+    return offsets;
+  }
   // One group, or one layer per group: group-major order is layer order.
   bool is_layer_order() const { return count == 1 || count == num_layers; }
   // Whether the groups' windows cover x exactly once (s divides N and each window is read by
@@ -121,6 +129,13 @@ GroupedParams group_params(const SpinalShape& shape, const LayerGroups& groups, 
   return grouped;
 }
 
+// Narrow layers on a CPU (in the CPU op's compute dtypes): the recurrence as one loop over rows
+// (csrc/cpu/narrow_recurrence.h) instead of two ATen calls per layer.
+bool uses_narrow_recurrence(const SpinalShape& shape, const at::Tensor& x) {
+  const bool compute_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  return x.is_cpu() && compute_dtype && shape.layer_width <= cpu::kNarrowMaxWidth;
+}
+
 // The forward on `rows` (x rows, out rows and, when training, Z rows), through `buffer`
 // [rows, L*w]: the group GEMMs fill it with the input products (group-major), the recurrence
 // turns each layer's slot into z_l (in place when Z is not kept) and then h_l.
@@ -146,6 +161,16 @@ void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const Gro
     }
   }
 
+  if (uses_narrow_recurrence(shape, x)) {
+    std::vector<int64_t> hidden_offsets = groups.slot_offsets(w);
+    if (!projection) {
+      for (int64_t layer = 0; layer < shape.num_layers; ++layer) hidden_offsets[layer] = layer * w;
+    }
+    cpu::narrow_forward_recurrence(buffer, groups.slot_offsets(w), weight_hidden, act, negative_slope,
+                                   pre_activation, projection ? buffer : out, hidden_offsets);
+    if (projection) add_product(out, true, bias_out, buffer, grouped.weight_out.t());
+    return;
+  }
   at::Tensor previous_hidden;  // h_{l-1}: each view is made once (at small batch the views cost as much as the math)
   for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
     const at::Tensor products = slot_columns(layer);
@@ -249,7 +274,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
 
   // H = phi(Z), in layer order: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does.
   const bool need_hidden = mask[kGradWeightHidden] || (projection && mask[kGradWeightOut]) ||
-                           (need_dz && uses_activation_output(act));
+                           (need_dz && uses_activation_output(act) && !uses_narrow_recurrence(shape, x));
   at::Tensor hidden_act;
   if (need_hidden) {
     hidden_act = at::empty({batch, hidden}, options);
@@ -269,13 +294,18 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   } else {
     grad_z = to_group_major(grad_out.view({batch, num_layers, w}), 1, groups).reshape({batch, hidden}).clone();
   }
-  at::Tensor next_dz;  // dz_{l+1}, carried so that each slot view is made once
-  for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
-    at::Tensor dz = slot_columns(grad_z, layer);
-    if (next_dz.defined()) dz.addmm_(next_dz, weight_hidden[layer]);
-    const at::Tensor h = need_hidden ? hidden_act.narrow(1, layer * w, w) : at::Tensor();
-    multiply_by_activation_grad(dz, pre_activation.narrow(1, layer * w, w), h, act, negative_slope);
-    next_dz = dz;
+  if (uses_narrow_recurrence(shape, x)) {
+    cpu::narrow_backward_recurrence(grad_z, groups.slot_offsets(w), pre_activation, weight_hidden, act,
+                                    negative_slope);
+  } else {
+    at::Tensor next_dz;  // dz_{l+1}, carried so that each slot view is made once
+    for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
+      at::Tensor dz = slot_columns(grad_z, layer);
+      if (next_dz.defined()) dz.addmm_(next_dz, weight_hidden[layer]);
+      const at::Tensor h = need_hidden ? hidden_act.narrow(1, layer * w, w) : at::Tensor();
+      multiply_by_activation_grad(dz, pre_activation.narrow(1, layer * w, w), h, act, negative_slope);
+      next_dz = dz;
+    }
   }
 
   if (mask[kGradWeightHidden]) {

@@ -53,9 +53,13 @@ def test_contract_against_float64_reference(kwargs, activation, dtype):
     check_backend("cpu", build(kwargs, activation), dtype, batch_shape=(5,))
 
 
-# w >= 256: the CPU chain runs one GEMM per layer instead of grouping layers by window: windows
-# read by several layers (k = 2, L = 3), tiling x once (L = k = 2), wrapping (s does not divide N).
+# The CPU chain's three regimes by width (the configs above are all narrow, w <= 32: recurrence
+# in one loop over rows). w = 40: layers grouped by window, recurrence as ATen GEMMs. w >= 256:
+# one GEMM per layer, no grouping: windows read by several layers (k = 2, L = 3), tiling x once
+# (L = k = 2), wrapping (s does not divide N).
 WIDE_CONFIGS = {
+    "medium_grouped": dict(in_features=6, out_features=3, layer_width=40, num_layers=3),
+    "medium_grouped_M_None": dict(in_features=7, out_features=None, layer_width=33, num_layers=4),
     "wide_k2_overlap": dict(in_features=6, out_features=3, layer_width=256, num_layers=3),
     "wide_tiles_once": dict(in_features=8, out_features=None, layer_width=256, num_layers=2),
     "wide_wraps": dict(in_features=7, out_features=2, layer_width=300, num_layers=4, split_size=3),

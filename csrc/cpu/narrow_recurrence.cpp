@@ -1,0 +1,135 @@
+// Narrow-layer recurrence loops of the CPU chain (scheme in narrow_recurrence.h).
+#include "narrow_recurrence.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <type_traits>
+
+namespace spinal_ops::cpu {
+namespace {
+
+// Rows per parallel task: enough work (rows * L * w^2 multiply-adds) to outweigh a task's start.
+constexpr int64_t kRowGrain = 64;
+
+// Calls f with the activation as a compile-time constant, so that phi inlines into the loops.
+template <typename F>
+void with_activation(Activation act, F&& f) {
+  using A = Activation;
+  switch (act) {
+    case A::ReLU: return f(std::integral_constant<A, A::ReLU>{});
+    case A::LeakyReLU: return f(std::integral_constant<A, A::LeakyReLU>{});
+    case A::GELU: return f(std::integral_constant<A, A::GELU>{});
+    case A::GELUTanh: return f(std::integral_constant<A, A::GELUTanh>{});
+    case A::SiLU: return f(std::integral_constant<A, A::SiLU>{});
+    case A::Tanh: return f(std::integral_constant<A, A::Tanh>{});
+    case A::Sigmoid: return f(std::integral_constant<A, A::Sigmoid>{});
+    case A::Identity: return f(std::integral_constant<A, A::Identity>{});
+  }
+}
+
+template <typename T, Activation kAct>
+void forward_rows(const at::Tensor& products, const std::vector<int64_t>& slot_offsets, const at::Tensor& weight_hidden,
+                  T negative_slope, const at::Tensor& pre_activation, const at::Tensor& hidden,
+                  const std::vector<int64_t>& hidden_offsets) {
+  const int64_t rows = products.size(0), num_layers = static_cast<int64_t>(slot_offsets.size());
+  const int64_t w = weight_hidden.size(-1);
+  // R_l^T, so that z[0:w] += h[k] * R^T[k, 0:w] runs along contiguous memory (vectorised).
+  const at::Tensor recurrent_t = weight_hidden.transpose(1, 2).contiguous();
+  const T* recurrent = recurrent_t.const_data_ptr<T>();
+  const T* product_data = products.const_data_ptr<T>();
+  T* hidden_data = hidden.mutable_data_ptr<T>();
+  T* z_data = pre_activation.defined() ? pre_activation.mutable_data_ptr<T>() : nullptr;
+  const int64_t product_stride = products.stride(0), hidden_stride = hidden.stride(0);
+  const int64_t z_stride = z_data ? pre_activation.stride(0) : 0;
+
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    T previous[kNarrowMaxWidth];
+    T z[kNarrowMaxWidth];
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t layer = 0; layer < num_layers; ++layer) {
+        const T* p = product_data + row * product_stride + slot_offsets[layer];
+        for (int64_t j = 0; j < w; ++j) z[j] = p[j];
+        if (layer > 0) {
+          const T* r = recurrent + (layer - 1) * w * w;
+          for (int64_t k = 0; k < w; ++k) {
+            const T h = previous[k];
+            for (int64_t j = 0; j < w; ++j) z[j] += h * r[k * w + j];
+          }
+        }
+        if (z_data) {
+          T* z_row = z_data + row * z_stride + layer * w;
+          for (int64_t j = 0; j < w; ++j) z_row[j] = z[j];
+        }
+        T* h = hidden_data + row * hidden_stride + hidden_offsets[layer];
+        for (int64_t j = 0; j < w; ++j) previous[j] = h[j] = activate(kAct, z[j], negative_slope);
+      }
+    }
+  });
+}
+
+template <typename T, Activation kAct>
+void backward_rows(const at::Tensor& grad_z, const std::vector<int64_t>& slot_offsets,
+                   const at::Tensor& pre_activation, const at::Tensor& weight_hidden, T negative_slope) {
+  const int64_t rows = grad_z.size(0), num_layers = static_cast<int64_t>(slot_offsets.size());
+  const int64_t w = weight_hidden.size(-1);
+  const T* recurrent = weight_hidden.const_data_ptr<T>();
+  const T* z_data = pre_activation.const_data_ptr<T>();
+  T* grad_data = grad_z.mutable_data_ptr<T>();
+  const int64_t grad_stride = grad_z.stride(0), z_stride = pre_activation.stride(0);
+
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    T next[kNarrowMaxWidth];  // dz_{l+1}
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
+        T* dz = grad_data + row * grad_stride + slot_offsets[layer];
+        const T* z = z_data + row * z_stride + layer * w;
+        if (layer < num_layers - 1) {
+          const T* r = recurrent + layer * w * w;  // R_{l+1} = weight_hidden[l]: dz_l += dz_{l+1} @ R_{l+1}
+          for (int64_t k = 0; k < w; ++k) {
+            const T g = next[k];
+            for (int64_t j = 0; j < w; ++j) dz[j] += g * r[k * w + j];
+          }
+        }
+        for (int64_t j = 0; j < w; ++j) next[j] = dz[j] *= activate_grad(kAct, z[j], negative_slope);
+      }
+    }
+  });
+}
+
+void check_narrow(const at::Tensor& weight_hidden, const std::vector<int64_t>& slot_offsets) {
+  TORCH_CHECK(weight_hidden.size(-1) <= kNarrowMaxWidth, "spinal_ops: narrow recurrence needs w <= ",
+              kNarrowMaxWidth);
+  TORCH_CHECK(weight_hidden.is_contiguous() && weight_hidden.size(0) + 1 == static_cast<int64_t>(slot_offsets.size()),
+              "spinal_ops: narrow recurrence needs contiguous [L-1, w, w] weights");
+}
+
+}  // namespace
+
+void narrow_forward_recurrence(const at::Tensor& products, const std::vector<int64_t>& slot_offsets,
+                               const at::Tensor& weight_hidden, Activation act, double negative_slope,
+                               const at::Tensor& pre_activation, const at::Tensor& hidden,
+                               const std::vector<int64_t>& hidden_offsets) {
+  check_narrow(weight_hidden, slot_offsets);
+  AT_DISPATCH_FLOATING_TYPES(products.scalar_type(), "narrow_forward_recurrence", [&] {
+    with_activation(act, [&](auto kAct) {
+      forward_rows<scalar_t, decltype(kAct)::value>(products, slot_offsets, weight_hidden,
+                                                    static_cast<scalar_t>(negative_slope), pre_activation, hidden,
+                                                    hidden_offsets);
+    });
+  });
+}
+
+void narrow_backward_recurrence(const at::Tensor& grad_z, const std::vector<int64_t>& slot_offsets,
+                                const at::Tensor& pre_activation, const at::Tensor& weight_hidden, Activation act,
+                                double negative_slope) {
+  check_narrow(weight_hidden, slot_offsets);
+  AT_DISPATCH_FLOATING_TYPES(grad_z.scalar_type(), "narrow_backward_recurrence", [&] {
+    with_activation(act, [&](auto kAct) {
+      backward_rows<scalar_t, decltype(kAct)::value>(grad_z, slot_offsets, pre_activation, weight_hidden,
+                                                     static_cast<scalar_t>(negative_slope));
+    });
+  });
+}
+
+}  // namespace spinal_ops::cpu

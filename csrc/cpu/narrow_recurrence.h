@@ -1,0 +1,44 @@
+// The sequential part of the hoisted chain (csrc/aten_chain.h) for narrow layers on a CPU.
+//
+// With w <= kNarrowMaxWidth the recurrence as ATen calls is one [rows, w] x [w, w] GEMM and one
+// activation call per layer: BLAS runs a GEMM that small at a few GFLOP/s, and at small batch
+// the calls' own overhead is most of the op's time. These loops do the whole recurrence in one
+// pass over the rows instead.
+//
+// Scheme: at::parallel_for over row ranges; each row walks the L layers with h_{l-1} / dz_{l+1}
+// held in a w-element array on the stack, so the recurrence never leaves L1; the w x w weights
+// of R (a few KB at most) stay cached across rows. Per row and layer: w*w multiply-adds, w
+// activations. The input products (one GEMM per window group) and the output projection stay
+// on BLAS, which runs them well.
+//
+// Column layouts: `products` / `grad_z` hold layer l at column slot_offsets[l] (the chain's
+// group-major order); Z, and H where it is written separately, are in layer order.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "../activation.h"
+
+namespace spinal_ops::cpu {
+
+// Widest layer the loops handle (the per-row arrays live on the stack).
+constexpr int64_t kNarrowMaxWidth = 32;
+
+// For every row r: z_l = products[r, slot_l] + h_{l-1} @ R_{l-1}^T (l > 0), h_l = phi(z_l).
+// z_l goes to pre_activation[r, l*w:] when it is defined (training), h_l to
+// hidden[r, hidden_offsets[l]:] (hidden may be `products` itself: slot l is read before it is
+// overwritten).
+void narrow_forward_recurrence(const at::Tensor& products, const std::vector<int64_t>& slot_offsets,
+                               const at::Tensor& weight_hidden, Activation act, double negative_slope,
+                               const at::Tensor& pre_activation, const at::Tensor& hidden,
+                               const std::vector<int64_t>& hidden_offsets);
+
+// For every row r, from the last layer down: grad_z[r, slot_l] holds dH_l on entry and
+// dz_l = (dH_l + dz_{l+1} @ R_l) * phi'(z_l) on return, z_l read from pre_activation (layer order).
+void narrow_backward_recurrence(const at::Tensor& grad_z, const std::vector<int64_t>& slot_offsets,
+                                const at::Tensor& pre_activation, const at::Tensor& weight_hidden, Activation act,
+                                double negative_slope);
+
+}  // namespace spinal_ops::cpu
