@@ -1,6 +1,6 @@
 // Op schemas of the spinal_ops namespace (no Python: the CMake build links this too).
 //
-// The schemas must match spinal_ops/backends/fused.py (FORWARD_SCHEMA, BACKWARD_SCHEMA).
+// The schemas must match spinal_ops/ops.py (FORWARD_SCHEMA, BACKWARD_SCHEMA; tests/test_ops.py checks).
 // Kernels register separately: csrc/cpu/ (CPU) and csrc/cuda/ (CUDA, when built with nvcc; the
 // hoisted pair has CUDA kernels only: on CPU the fused op is that chain already);
 // the Python module spinal_ops._C is in csrc/python_module.cpp.

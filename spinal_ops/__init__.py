@@ -1,4 +1,5 @@
 """spinal_ops: fast SpinalNet layers for PyTorch (one fused op, forward and backward)."""
+from . import ops  # registers every spinal_ops op (first: the backends use them)
 from .about import info, version
 from .activations import ACTIVATIONS
 from .authors import from_spinalnet

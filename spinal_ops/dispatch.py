@@ -4,8 +4,11 @@ from __future__ import annotations
 import torch
 
 from .backends.base import Backend, Support
+from .backends.cpu import CpuBackend
+from .backends.cuda import CudaBackend
+from .backends.reference import ReferenceBackend
+from .backends.triton import TritonBackend
 from .config import SpinalConfig
-from .reference import ReferenceBackend
 
 BACKEND_NAMES: tuple[str, ...] = ("auto", "cuda", "triton", "cpu", "reference")
 
@@ -14,18 +17,11 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call on this machine."""
 
 
-def _registered_backends() -> tuple[Backend, ...]:
-    """All backends, fastest first: the order ``auto`` tries them in."""
-    from .backends.cpu import CpuBackend
-    from .backends.cuda import CudaBackend
-    from .backends.triton_backend import TritonBackend
-
-    return (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend())
-
-
-_BACKENDS: dict[str, Backend] = {backend.name: backend for backend in _registered_backends()}
-# Resolved once at import (loads the extension, probes devices): selection inside a
-# torch.compile trace then only reads this dict.
+# All backends, fastest first: the order ``auto`` tries them in.
+_BACKENDS: dict[str, Backend] = {
+    backend.name: backend for backend in (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend())
+}
+# Resolved once at import: selection inside a torch.compile trace then only reads this dict.
 _AVAILABILITY: dict[str, Support] = {name: backend.availability() for name, backend in _BACKENDS.items()}
 
 

@@ -1,4 +1,5 @@
-"""The reference backend: contract §1 written literally with PyTorch ops.
+"""The reference math: contract §1 written literally with PyTorch ops (backends/reference.py
+runs it as the ``reference`` backend).
 
 This is the ground truth every other backend is tested against. It is written the
 way a user would write SpinalNet (slices, cat, one Linear per layer), works for any
@@ -10,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from .activations import apply_activation
-from .backends.base import Backend, Support
 from .config import SpinalConfig, SpinalParams
 
 
@@ -38,16 +38,3 @@ def spinal_forward(x: torch.Tensor, params: SpinalParams, config: SpinalConfig) 
     if params.weight_out is None:
         return hidden
     return F.linear(hidden, params.weight_out, params.bias_out)
-
-
-class ReferenceBackend(Backend):
-    name = "reference"
-
-    def availability(self) -> Support:
-        return Support.yes()
-
-    def supports(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
-        return Support.yes()
-
-    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
-        return spinal_forward(x, params, config)

@@ -22,7 +22,7 @@ from contract import (
     make_config,
     random_params,
 )
-from spinal_ops._extension import cuda_kernels_compiled
+from spinal_ops.ops import cuda_kernels_compiled
 from spinal_ops.activations import ACTIVATIONS
 from spinal_ops.backends.cuda import CudaBackend, cuda_path, forced_path, fused_max_width, fused_width_limit
 from spinal_ops.config import SpinalParams

@@ -249,14 +249,14 @@ def test_smem_attribute_is_set_once_per_device_and_kernel(emulated_ops):
 def test_supports_reports_the_device_limit(emulated_ops, monkeypatch):
     # What CudaBackend.supports() says on a 99 KB part, from the op's own limit (no GPU needed).
     from spinal_ops.backends import cuda
+    from spinal_ops.backends.cuda_cost import model_for
 
     device = TARGETS["sm_86"]
-    limits = {(0, dtype, tf32): emulated_ops.fused_width_limit(dtype, tf32, device)
+    limits = {(dtype, tf32): emulated_ops.fused_width_limit(dtype, tf32, device)
               for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
                                   (torch.bfloat16, False))}
-    monkeypatch.setattr(cuda, "_fused_max_width", 256)
-    monkeypatch.setattr(cuda, "_capabilities", {0: (8, 6)})
-    monkeypatch.setattr(cuda, "_width_limits", limits)
+    monkeypatch.setattr(cuda, "FUSED_MAX_WIDTH", 256)
+    monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((8, 6), model_for("NVIDIA GeForce RTX 3090", 82), limits)})
     backend, gpu = cuda.CudaBackend(), torch.device("cuda", 0)
     config = make_config(in_features=40, out_features=7, layer_width=200, num_layers=2)
     tf32_before = torch.backends.cuda.matmul.allow_tf32

@@ -47,30 +47,11 @@ void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads) {
   TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA backward needs w <= ", kFusedMaxWidth);
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      if (allow_tf32) {
-        // TF32 for the data gradients (the matmuls eager runs in TF32 too), exact fp32 for launch 2:
-        // its bias gradients are column sums, which eager computes in fp32, and TF32-rounding the
-        // summed rows would cost ~1e-3 relative error there.
-        launch<WmmaMma<32, nvcuda::wmma::precision::tf32>, SimtMma<32>, float>(
-            shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads);
-      } else {
-        launch<SimtMma<32>, SimtMma<32>, float>(shape, grad_out, x, pre_activation, weight_in, weight_hidden,
-                                                weight_out, act, negative_slope, grads);
-      }
-      break;
-    case at::kHalf:
-      launch<WmmaMma<64, __half>, WmmaMma<64, __half>, at::Half>(shape, grad_out, x, pre_activation, weight_in,
-                                                                 weight_hidden, weight_out, act, negative_slope, grads);
-      break;
-    case at::kBFloat16:
-      launch<WmmaMma<64, __nv_bfloat16>, WmmaMma<64, __nv_bfloat16>, at::BFloat16>(
-          shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads);
-      break;
-    default:
-      TORCH_CHECK(false, "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", x.scalar_type());
-  }
+  with_kernel_types(x.scalar_type(), allow_tf32, [&](auto types) {
+    using Types = decltype(types);
+    launch<typename Types::DataMma, typename Types::GradMma, typename Types::Element>(
+        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads);
+  });
 }
 
 }  // namespace cuda_kernels

@@ -175,6 +175,31 @@ struct WeightGradArgs : ChainDims {
   int* tile_counters;  // [tiles.total] when splits > 1
 };
 
+// Which gradient a launch-2 tile computes: its job (kind and layer), its position among that
+// job's tiles, and the job's extent (rows i x columns j, bias column included).
+struct GradJob {
+  JobKind kind;
+  int layer;           // IN_l / HID_l: l; OUT: 0
+  int64_t local_tile;  // index among the job's tiles, row-major over tiles_j columns of tiles
+  int64_t tiles_j;
+  int i_extent, j_extent;
+};
+
+template <typename T>
+__device__ GradJob decode_grad_job(const WeightGradArgs<T>& p, int64_t tile) {
+  const GradTiles& t = p.tiles;
+  if (tile < t.in_total) {
+    const int64_t per_job = t.in_i * t.in_j;
+    return {JobKind::In, static_cast<int>(tile / per_job), tile % per_job, t.in_j, p.w, p.s + (p.has_bias ? 1 : 0)};
+  }
+  if (tile < t.in_total + t.hid_total) {
+    const int64_t per_job = t.hid_i * t.hid_j, local = tile - t.in_total;
+    return {JobKind::Hidden, 1 + static_cast<int>(local / per_job), local % per_job, t.hid_j, p.w, p.w};
+  }
+  return {JobKind::Out, 0, tile - t.in_total - t.hid_total, t.out_j, p.out_features,
+          p.num_layers * p.w + (p.has_bias_out ? 1 : 0)};
+}
+
 template <class Mma, typename T>
 __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
   constexpr int kM = Mma::kTileM;
@@ -184,39 +209,14 @@ __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const Weig
   const int ld_a = SmemLayout<Mma, T>::staged_ld(kM);
   const int ld_b = SmemLayout<Mma, T>::staged_ld(kTileN);
 
-  // Decode (job, tile, split).
   const int64_t tile = static_cast<int64_t>(blockIdx.x) / p.splits;
   const int split = static_cast<int>(static_cast<int64_t>(blockIdx.x) % p.splits);
-  JobKind kind;
-  int layer = 0;
-  int64_t local;
-  int64_t tiles_j;
-  int i_extent, j_extent;
   const int hidden = p.num_layers * p.w;
-  if (tile < p.tiles.in_total) {
-    kind = JobKind::In;
-    layer = static_cast<int>(tile / (p.tiles.in_i * p.tiles.in_j));
-    local = tile % (p.tiles.in_i * p.tiles.in_j);
-    tiles_j = p.tiles.in_j;
-    i_extent = p.w;
-    j_extent = p.s + (p.has_bias ? 1 : 0);
-  } else if (tile < p.tiles.in_total + p.tiles.hid_total) {
-    kind = JobKind::Hidden;
-    const int64_t t = tile - p.tiles.in_total;
-    layer = 1 + static_cast<int>(t / (p.tiles.hid_i * p.tiles.hid_j));
-    local = t % (p.tiles.hid_i * p.tiles.hid_j);
-    tiles_j = p.tiles.hid_j;
-    i_extent = p.w;
-    j_extent = p.w;
-  } else {
-    kind = JobKind::Out;
-    local = tile - p.tiles.in_total - p.tiles.hid_total;
-    tiles_j = p.tiles.out_j;
-    i_extent = p.out_features;
-    j_extent = hidden + (p.has_bias_out ? 1 : 0);
-  }
-  const int i0 = static_cast<int>(local / tiles_j) * kM;
-  const int j0 = static_cast<int>(local % tiles_j) * kTileN;
+  const GradJob job = decode_grad_job(p, tile);
+  const JobKind kind = job.kind;
+  const int layer = job.layer, i_extent = job.i_extent, j_extent = job.j_extent;
+  const int i0 = static_cast<int>(job.local_tile / job.tiles_j) * kM;
+  const int j0 = static_cast<int>(job.local_tile % job.tiles_j) * kTileN;
   const int64_t layer_col = static_cast<int64_t>(layer) * p.w;
   const Window window = window_of(layer, p.n, p.s);
 

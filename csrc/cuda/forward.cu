@@ -19,17 +19,10 @@ void launch(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& wei
 }
 
 int64_t fused_smem_bytes_for(at::ScalarType dtype, bool tf32, int64_t w) {
-  switch (dtype) {
-    case at::kFloat:
-      return tf32 ? fused_smem_bytes<WmmaMma<32, nvcuda::wmma::precision::tf32>, float>(w)
-                  : fused_smem_bytes<SimtMma<32>, float>(w);
-    case at::kHalf:
-      return fused_smem_bytes<WmmaMma<64, __half>, at::Half>(w);
-    case at::kBFloat16:
-      return fused_smem_bytes<WmmaMma<64, __nv_bfloat16>, at::BFloat16>(w);
-    default:
-      TORCH_CHECK(false, "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
-  }
+  return with_kernel_types(dtype, tf32, [&](auto types) {
+    using Types = decltype(types);
+    return fused_smem_bytes<typename Types::DataMma, typename Types::Element>(w);
+  });
 }
 
 }  // namespace
@@ -53,27 +46,11 @@ void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const a
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
                           const at::Tensor& pre_activation) {
   TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA forward needs w <= ", kFusedMaxWidth);
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      if (allow_tf32) {
-        launch<WmmaMma<32, nvcuda::wmma::precision::tf32>, float>(shape, x, weight_in, weight_hidden, bias, weight_out,
-                                                                  bias_out, act, negative_slope, out, pre_activation);
-      } else {
-        launch<SimtMma<32>, float>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
-                                   negative_slope, out, pre_activation);
-      }
-      break;
-    case at::kHalf:
-      launch<WmmaMma<64, __half>, at::Half>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
-                                            negative_slope, out, pre_activation);
-      break;
-    case at::kBFloat16:
-      launch<WmmaMma<64, __nv_bfloat16>, at::BFloat16>(shape, x, weight_in, weight_hidden, bias, weight_out,
-                                                       bias_out, act, negative_slope, out, pre_activation);
-      break;
-    default:
-      TORCH_CHECK(false, "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", x.scalar_type());
-  }
+  with_kernel_types(x.scalar_type(), allow_tf32, [&](auto types) {
+    using Types = decltype(types);
+    launch<typename Types::DataMma, typename Types::Element>(shape, x, weight_in, weight_hidden, bias, weight_out,
+                                                             bias_out, act, negative_slope, out, pre_activation);
+  });
 }
 
 }  // namespace cuda_kernels

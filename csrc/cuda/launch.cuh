@@ -53,5 +53,34 @@ int64_t fused_smem_bytes(int64_t w) {
   return SmemLayout<Mma, T>(static_cast<int>(round_up(w, kTileK))).total;
 }
 
+// The types one launch compiles for: the storage element, the MMA policy of the products
+// (forward, backward launch 1) and of backward launch 2 (weight and bias gradients).
+template <typename T, class DataMmaT, class GradMmaT>
+struct KernelTypes {
+  using Element = T;
+  using DataMma = DataMmaT;
+  using GradMma = GradMmaT;
+};
+
+// The one dtype dispatch of the CUDA launches: calls f(KernelTypes<...>{}) for x's dtype and the
+// call's TF32 choice. TF32 runs the products on TF32 tensor cores and launch 2 in exact fp32:
+// its bias gradients are column sums, which eager computes in fp32, and TF32-rounding the summed
+// rows would cost ~1e-3 relative error there.
+template <typename F>
+auto with_kernel_types(at::ScalarType dtype, bool allow_tf32, F&& f) {
+  using Tf32 = WmmaMma<32, nvcuda::wmma::precision::tf32>;
+  switch (dtype) {
+    case at::kFloat:
+      if (allow_tf32) return f(KernelTypes<float, Tf32, SimtMma<32>>{});
+      return f(KernelTypes<float, SimtMma<32>, SimtMma<32>>{});
+    case at::kHalf:
+      return f(KernelTypes<at::Half, WmmaMma<64, __half>, WmmaMma<64, __half>>{});
+    case at::kBFloat16:
+      return f(KernelTypes<at::BFloat16, WmmaMma<64, __nv_bfloat16>, WmmaMma<64, __nv_bfloat16>>{});
+    default:
+      TORCH_CHECK(false, "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
 }  // namespace cuda_kernels
 }  // namespace spinal_ops

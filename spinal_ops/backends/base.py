@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -29,8 +30,16 @@ class Support:
         return self.ok
 
 
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+
+
 class Backend(abc.ABC):
     """A peer implementation of the spinal layer.
+
+    A backend declares what it runs (``device_types``, ``dtypes``, ``max_layer_width``; None:
+    no limit) and ``supports()`` turns those into reasons; what declarations cannot say (device
+    properties, interpreter limits) goes in ``supports_call()``.
 
     ``forward`` receives the input flattened to 2-D ``[B, N]`` (possibly non-contiguous),
     parameters already checked against ``config`` and sharing the input's dtype and device,
@@ -39,14 +48,34 @@ class Backend(abc.ABC):
     """
 
     name: str
+    device_types: Optional[tuple[str, ...]] = None
+    dtypes: Optional[tuple[torch.dtype, ...]] = None
+    max_layer_width: Optional[int] = None
+    # Why layers wider than max_layer_width do not run, for the error message.
+    width_limit_reason: str = ""
 
     @abc.abstractmethod
     def availability(self) -> Support:
         """Whether this backend can run on this machine at all (built, importable, has a device)."""
 
-    @abc.abstractmethod
     def supports(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
         """Whether this backend runs this call; the reason when it does not."""
+        if self.device_types is not None and device.type not in self.device_types:
+            kinds = " or ".join(kind.upper() for kind in self.device_types)
+            return Support.no(f"runs on {kinds} tensors only, got a tensor on {device}")
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return Support.no(f"dtype {dtype} not supported ({_dtype_names(self.dtypes)})")
+        if self.max_layer_width is not None and config.layer_width > self.max_layer_width:
+            return Support.no(
+                f"layer_width {config.layer_width} is wider than the {self.name} backend runs "
+                f"(at most {self.max_layer_width}: {self.width_limit_reason})"
+            )
+        return self.supports_call(config, dtype, device)
+
+    def supports_call(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
+        """The checks beyond the declared devices, dtypes and width; the reason may say how the
+        call runs."""
+        return Support.yes()
 
     def auto_eligible(self, device: torch.device) -> bool:
         """Whether ``auto`` may pick this backend for tensors on ``device``."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .._extension import cuda_kernels_compiled, load_extension
 from ..config import SpinalConfig
+from ..ops import cuda_kernels_compiled, extension_status
 from .base import Support
 from .cuda_cost import GpuModel, PathChoice, choose_path, model_for
 from .fused import FusedOpBackend, tf32_allowed
@@ -26,26 +27,51 @@ MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core WMMA; the build targets sm80
 PATHS = ("fused", "hoisted")
 
 
-# Resolved once by availability() (at import, see dispatch.py), so that supports() and the path
-# choice only read plain values inside a torch.compile trace.
-_fused_max_width: int = 0  # kFusedMaxWidth of csrc/cuda/tile_mma.cuh, read from the build
-_capabilities: dict[int, tuple[int, int]] = {}
-# (device, dtype, TF32 allowed) -> widest fused w on that device, read from the op's own routing
-_width_limits: dict[tuple[int, torch.dtype, bool], int] = {}
-_models: dict[int, GpuModel] = {}
+@dataclass(frozen=True)
+class CudaDevice:
+    """What the backend needs to know of one GPU, read once at import so that supports() and the
+    path choice only read plain values inside a torch.compile trace."""
+
+    capability: tuple[int, int]
+    model: GpuModel
+    # (dtype, TF32 allowed) -> widest fused w on this device, from the op's own routing
+    width_limits: dict[tuple[torch.dtype, bool], int]
+
+
+def _probe_devices() -> tuple[int, dict[int, CudaDevice]]:
+    """(kFusedMaxWidth of csrc/cuda/tile_mma.cuh, every visible GPU); (0, {}) without kernels or GPU."""
+    if not (cuda_kernels_compiled() and torch.cuda.is_available()):
+        return 0, {}
+    devices = {}
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        capability = (properties.major, properties.minor)
+        limits = {}
+        if capability >= MIN_COMPUTE_CAPABILITY:
+            for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                (torch.bfloat16, False)):
+                limits[(dtype, tf32)] = int(torch.ops.spinal_ops.cuda_fused_width_limit(index, dtype, tf32))
+        devices[index] = CudaDevice(capability, model_for(properties.name, properties.multi_processor_count), limits)
+    return int(torch.ops.spinal_ops.cuda_fused_max_width()), devices
+
+
+FUSED_MAX_WIDTH, DEVICES = _probe_devices()
 _forced_path: Optional[str] = None
 
 
 def fused_max_width() -> int:
     """Widest layer (w) the fused kernels run on any device; wider layers take the hoisted path."""
-    return _fused_max_width
+    return FUSED_MAX_WIDTH
 
 
 def fused_width_limit(device: int, dtype: torch.dtype, allow_tf32: bool = False) -> int:
     """Widest layer the fused kernels run on CUDA device ``device`` for ``dtype`` (TF32 policy for
     float32 when ``allow_tf32``): ``fused_max_width()``, or less where the device's opt-in shared
     memory per block is smaller than the kernels need."""
-    return _width_limits.get((device, dtype, allow_tf32 and dtype == torch.float32), _fused_max_width)
+    known = DEVICES.get(device)
+    if known is None:
+        return FUSED_MAX_WIDTH
+    return known.width_limits.get((dtype, allow_tf32 and dtype == torch.float32), FUSED_MAX_WIDTH)
 
 
 def _device_index(device: torch.device) -> int:
@@ -76,41 +102,27 @@ def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torc
     limit = _width_limit_for(device, dtype)
     if _forced_path is not None and (_forced_path == "hoisted" or config.layer_width <= limit):
         return PathChoice(_forced_path, f"{_forced_path} path forced")
-    return choose_path(config, batch, dtype, _models[_device_index(device)], training, limit)
+    return choose_path(config, batch, dtype, DEVICES[_device_index(device)].model, training, limit)
 
 
 class CudaBackend(FusedOpBackend):
     name = "cuda"
+    device_types = ("cuda",)
+    dtypes = CUDA_DTYPES
 
     def availability(self) -> Support:
-        loaded = load_extension()
-        if not loaded:
-            return loaded
+        if not extension_status():
+            return extension_status()
         if not cuda_kernels_compiled():
             return Support.no("spinal_ops was built without CUDA kernels (no nvcc at build time, or SPINAL_OPS_CPU_ONLY=1)")
-        if not torch.cuda.is_available():
+        if not DEVICES:
             return Support.no("no CUDA device is available")
-        global _fused_max_width
-        _fused_max_width = int(torch.ops.spinal_ops.cuda_fused_max_width())
-        for index in range(torch.cuda.device_count()):
-            _capabilities[index] = torch.cuda.get_device_capability(index)
-            properties = torch.cuda.get_device_properties(index)
-            _models[index] = model_for(properties.name, properties.multi_processor_count)
-            if _capabilities[index] < MIN_COMPUTE_CAPABILITY:
-                continue
-            for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
-                                (torch.bfloat16, False)):
-                _width_limits[(index, dtype, tf32)] = int(
-                    torch.ops.spinal_ops.cuda_fused_width_limit(index, dtype, tf32))
         return Support.yes()
 
-    def supports(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
-        if device.type != "cuda":
-            return Support.no(f"runs on CUDA tensors only, got a tensor on {device}")
-        if dtype not in CUDA_DTYPES:
-            return Support.no(f"dtype {dtype} not supported (float32, float16, bfloat16)")
+    def supports_call(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
         index = _device_index(device)
-        capability = _capabilities.get(index, (0, 0))
+        known = DEVICES.get(index)
+        capability = known.capability if known is not None else (0, 0)
         if capability < MIN_COMPUTE_CAPABILITY:
             return Support.no(f"needs compute capability >= 8.0, device {index} has {capability[0]}.{capability[1]}")
         limit = _width_limit_for(device, dtype)

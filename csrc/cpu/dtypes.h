@@ -1,4 +1,4 @@
-// Helpers shared by the CPU forward and backward ops (csrc/cpu/*.cpp): dtype checks and the
+// The CPU ops' dtypes (csrc/cpu/forward.cpp, backward.cpp): the checks and the
 // bfloat16 upcast. The computation itself is the device-generic hoisted chain (csrc/aten_chain.h).
 #pragma once
 

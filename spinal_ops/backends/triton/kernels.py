@@ -9,7 +9,7 @@ Tiling and launch scheme
 Every tensor is row-major contiguous. B rows, N inputs, layer width w, L layers, split size s,
 M outputs. BLOCK_W = next power of two >= max(w, 16): one layer's units, masked past w; a
 program holds a [BLOCK_W, BLOCK_W] hidden weight in registers, hence w <= 128
-(triton_backend.MAX_LAYER_WIDTH, checked by TritonBackend.supports).
+(MAX_LAYER_WIDTH in backends/triton/__init__.py, checked by TritonBackend.supports).
 
 forward  grid (cdiv(B, BLOCK_B),), one program per tile of BLOCK_B rows.
   phase 1, the chain: for l in 0..L-1
@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import ACTIVATIONS
+from ...activations import ACTIVATIONS
 
 _RELU = tl.constexpr(ACTIVATIONS.index("relu"))
 _LEAKY_RELU = tl.constexpr(ACTIVATIONS.index("leaky_relu"))
@@ -82,7 +82,7 @@ def _gelu_tanh_inner(z):
 
 
 @triton.jit
-def _phi(z, ACTIVATION: tl.constexpr, negative_slope):
+def _activate(z, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == _RELU:
         out = tl.where(z > 0, z, tl.where(z == z, 0.0, z))  # NaN stays NaN, as torch.relu
     elif ACTIVATION == _LEAKY_RELU:
@@ -103,7 +103,7 @@ def _phi(z, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
-def _phi_grad(z, ACTIVATION: tl.constexpr, negative_slope):
+def _activate_grad(z, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == _RELU:
         out = tl.where(z > 0, 1.0, 0.0)
     elif ACTIVATION == _LEAKY_RELU:
@@ -135,7 +135,7 @@ def _hidden_block(z_ptr, rows, row_mask, hidden, layer, width, units, unit_mask,
     """h_l = phi(z_l) for a tile of rows, read back from Z; zero outside the tile's valid rows/units."""
     mask = row_mask[:, None] & unit_mask[None, :]
     z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * hidden + layer * width + units[None, :], mask=mask, other=0.0)
-    h = _phi(z.to(tl.float32), ACTIVATION, negative_slope)
+    h = _activate(z.to(tl.float32), ACTIVATION, negative_slope)
     return tl.where(mask, h, 0.0).to(z_ptr.dtype.element_ty)
 
 
@@ -180,7 +180,7 @@ def _forward_kernel(
         z = acc.to(dtype)
         tl.store(z_ptr + hidden_offsets + layer * width, z, mask=tile_mask)
         # Zero the padding units (they may hold inf*0 = NaN) before they meet R's padding.
-        h = tl.where(unit_mask[None, :], _phi(z.to(tl.float32), ACTIVATION, negative_slope), 0.0).to(dtype)
+        h = tl.where(unit_mask[None, :], _activate(z.to(tl.float32), ACTIVATION, negative_slope), 0.0).to(dtype)
         if not HAS_OUT:
             tl.store(out_ptr + hidden_offsets + layer * width, h, mask=tile_mask)
 
@@ -243,7 +243,7 @@ def _backward_data_kernel(
                              mask=unit_mask[:, None] & unit_mask[None, :], other=0.0)
             grad_h = tl.dot(grad_z_next, r_tile, grad_h, input_precision="ieee")
         z = tl.load(z_ptr + hidden_offsets + layer * width, mask=tile_mask, other=0.0).to(tl.float32)
-        grad_z = tl.where(unit_mask[None, :], grad_h * _phi_grad(z, ACTIVATION, negative_slope), 0.0).to(dtype)
+        grad_z = tl.where(unit_mask[None, :], grad_h * _activate_grad(z, ACTIVATION, negative_slope), 0.0).to(dtype)
         tl.store(grad_z_ptr + hidden_offsets + layer * width, grad_z, mask=tile_mask)
         grad_z_next = grad_z
 

@@ -2,7 +2,7 @@
 // computing only the gradients output_mask asks for.
 #include <torch/library.h>
 
-#include "spinal_cpu.h"
+#include "dtypes.h"
 
 namespace spinal_ops::cpu {
 namespace {

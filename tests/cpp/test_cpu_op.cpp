@@ -17,10 +17,10 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                       const OptTensor&, const OptTensor&, const OptTensor&,
-                                                      c10::string_view, double, bool);
+                                                      c10::string_view, double, bool, bool);
 using BackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-    std::array<bool, 6>, c10::string_view, double);
+    std::array<bool, 6>, c10::string_view, double, bool);
 
 struct Case {
   const char* name;
@@ -154,11 +154,12 @@ bool check(const Case& c, at::ScalarType dtype, double rtol, double atol) {
   const at::Tensor x = t.x.to(dtype), weight_in = t.weight_in.to(dtype), weight_hidden = t.weight_hidden.to(dtype);
   const OptTensor weight_out = cast(t.weight_out, dtype);
   auto [out, pre_activation] = forward.call(x, weight_in, weight_hidden, cast(t.bias, dtype), weight_out,
-                                            cast(t.bias_out, dtype), c.activation, kSlope, /*keep_pre_activation=*/true);
+                                            cast(t.bias_out, dtype), c.activation, kSlope, /*allow_tf32=*/false,
+                                            /*keep_pre_activation=*/true);
   // Every gradient that exists: x, weight_in, weight_hidden, bias, weight_out, bias_out.
   const std::array<bool, 6> mask = {true, true, true, c.bias, weight_out.has_value(), c.bias && weight_out};
   auto [gx, ga, gr, gb, gwo, gbo] = backward.call(t.grad_out.to(dtype), x, pre_activation, weight_in, weight_hidden,
-                                                   weight_out, mask, c.activation, kSlope);
+                                                   weight_out, mask, c.activation, kSlope, /*allow_tf32=*/false);
   const std::vector<at::Tensor> got = {out, pre_activation, gx, ga, gr, gb, gwo, gbo};
   const char* names[] = {"out", "pre_activation", "grad_x", "grad_weight_in", "grad_weight_hidden",
                          "grad_bias", "grad_weight_out", "grad_bias_out"};

@@ -4,7 +4,7 @@ Runs Triton's real compiler (frontend, TTGIR, LLVM, ptxas) on every kernel for t
 shapes the backend launches, and reports registers and spills from ptxas. Used by
 tests/test_triton_backend.py (in a subprocess: it needs TRITON_INTERPRET unset) and by hand:
 
-    PYTHONPATH=$PWD python tests/triton_aot.py [ARCH] [--quick]   # one line per compiled variant
+    PYTHONPATH=$PWD python scripts/triton_aot.py [ARCH] [--quick]   # one line per compiled variant
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from spinal_ops import triton_kernels
 from spinal_ops.activations import ACTIVATIONS
+from spinal_ops.backends.triton import kernels as triton_kernels
 
 KERNELS = ("_forward_kernel", "_backward_data_kernel", "_backward_weights_kernel")
 TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

@@ -4,7 +4,7 @@
 // parallel region over torch.get_num_threads() threads.
 #include <torch/library.h>
 
-#include "spinal_cpu.h"
+#include "dtypes.h"
 
 namespace spinal_ops::cpu {
 namespace {

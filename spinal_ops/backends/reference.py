@@ -1,0 +1,20 @@
+"""The ``reference`` backend: the literal math of spinal_ops/reference.py through ordinary
+autograd. Every dtype and device, double backward included; the ground truth the other backends
+are tested against."""
+from __future__ import annotations
+
+import torch
+
+from ..config import SpinalConfig, SpinalParams
+from ..reference import spinal_forward
+from .base import Backend, Support
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def availability(self) -> Support:
+        return Support.yes()
+
+    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
+        return spinal_forward(x, params, config)

@@ -1,0 +1,57 @@
+"""The ``triton`` backend: the Triton kernels of kernels.py, run through the
+``spinal_ops::triton_forward`` / ``triton_backward`` ops (spinal_ops/ops.py defines them; their
+kernels are in launch.py).
+
+The ops are plain custom ops (schema + CPU/CUDA kernels + fake kernels + autograd), so
+``torch.compile(fullgraph=True)`` traces them as single nodes. On CPU tensors the kernels run
+through the Triton interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before
+spinal_ops is imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ...config import SpinalConfig
+from ..base import Support
+from ..fused import FusedOpBackend
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The widest layer whose [w, w] hidden weight and [BLOCK_B, w] state fit one program's registers.
+MAX_LAYER_WIDTH = 128
+
+
+# Read once, as triton reads it when the kernels are defined (and so that selection inside a
+# torch.compile trace reads a constant).
+INTERPRETER_ENABLED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+class TritonBackend(FusedOpBackend):
+    name = "triton"
+    device_types = ("cuda", "cpu")  # CPU tensors through the Triton interpreter only
+    dtypes = TRITON_DTYPES
+    max_layer_width = MAX_LAYER_WIDTH
+    width_limit_reason = "the register budget of the Triton kernels: one program holds a whole layer and its hidden weight"
+
+    def availability(self) -> Support:
+        if importlib.util.find_spec("triton") is None:
+            return Support.no("triton is not installed (pip install triton)")
+        if not (torch.cuda.is_available() or INTERPRETER_ENABLED):
+            return Support.no("no CUDA device, and TRITON_INTERPRET=1 (the Triton interpreter for CPU tensors) is not set")
+        return Support.yes()
+
+    def supports_call(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
+        if device.type == "cpu" and not INTERPRETER_ENABLED:
+            return Support.no("CPU tensors run only through the Triton interpreter (set TRITON_INTERPRET=1 before importing spinal_ops)")
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            # triton 3.8's interpreter multiplies bfloat16 tl.dot operands as their raw uint16 bits.
+            return Support.no("bfloat16 runs on CUDA tensors only (the Triton interpreter's bfloat16 tl.dot is wrong)")
+        return Support.yes()
+
+    def auto_eligible(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool):
+        return torch.ops.spinal_ops.triton_forward.default

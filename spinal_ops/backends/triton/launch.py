@@ -1,0 +1,77 @@
+"""The kernels of the ``triton_forward`` / ``triton_backward`` ops (registered by spinal_ops/ops.py):
+argument checks, the device guard, and the calls into kernels.py.
+
+kernels.py (and with it triton) is imported on the first call, which keeps ``import spinal_ops``
+fast and working without triton.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ...config import SpinalConfig, SpinalParams
+
+
+def _device_guard(tensor: torch.Tensor):
+    """Launch on the tensor's GPU (the current stream of that device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope) -> SpinalConfig:
+    """Direct op calls get SpinalConfig's shape/dtype/device errors before any kernel runs."""
+    if x.dim() != 2 or weight_in.dim() != 3:
+        raise ValueError(
+            f"spinal_ops::triton ops: x must be [B, N] and weight_in [L, w, s], got {tuple(x.shape)} and {tuple(weight_in.shape)}"
+        )
+    params = SpinalParams(weight_in, weight_hidden, bias, weight_out, bias_out)
+    config = SpinalConfig.from_params(
+        x.shape[1], params, split_size=weight_in.shape[2], activation=activation, negative_slope=negative_slope
+    )
+    config.check_input(x, params)
+    return config
+
+
+def _check_contiguous(**tensors) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and not tensor.is_contiguous():
+            raise ValueError(f"spinal_ops::triton ops: {name} must be contiguous")
+
+
+def forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
+                    allow_tf32=False, keep_pre_activation=True):
+    from . import kernels
+
+    _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
+    _check_contiguous(x=x, weight_in=weight_in, weight_hidden=weight_hidden, bias=bias, weight_out=weight_out, bias_out=bias_out)
+    with _device_guard(x):
+        out, pre_activation = kernels.spinal_forward(
+            x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope
+        )
+    return out, pre_activation if keep_pre_activation else x.new_empty(0)
+
+
+def backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
+                     negative_slope, allow_tf32=False):
+    from . import kernels
+
+    config = _checked_config(x, weight_in, weight_hidden, None, weight_out, None, activation, negative_slope)
+    rows = x.shape[0]
+    for name, tensor, shape in (
+        ("grad_out", grad_out, (rows, config.output_features)),
+        ("pre_activation", pre_activation, (rows, config.hidden_features)),
+    ):
+        if tuple(tensor.shape) != shape or tensor.dtype != x.dtype or tensor.device != x.device:
+            raise ValueError(
+                f"spinal_ops::triton_backward: {name} must be {shape} {x.dtype} on {x.device}, "
+                f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+            )
+    _check_contiguous(grad_out=grad_out, x=x, pre_activation=pre_activation, weight_in=weight_in,
+                      weight_hidden=weight_hidden, weight_out=weight_out)
+    with _device_guard(x):
+        # The kernels compute every weight gradient in one launch; the mask decides which bias
+        # gradients exist (the rest are computed and dropped by autograd).
+        return kernels.spinal_backward(
+            grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask[3], output_mask[5],
+            activation, negative_slope,
+        )

@@ -1,0 +1,18 @@
+"""spinal_ops/ops.py: the registered ops and their schemas."""
+import pytest
+import torch
+
+from spinal_ops import ops
+
+PAIRS = ("fused", "hoisted", "triton")
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_every_pair_has_the_shared_schemas(pair):
+    # The C++ definitions (csrc/ops.cpp) and the Python ones must be the same strings.
+    if pair != "triton" and not ops.extension_status():
+        pytest.skip(f"compiled extension: {ops.extension_status().reason}")
+    for direction, schema in (("forward", ops.FORWARD_SCHEMA), ("backward", ops.BACKWARD_SCHEMA)):
+        name = f"{pair}_{direction}"
+        registered = getattr(torch.ops.spinal_ops, name).default._schema
+        assert registered == torch._C.parse_schema(f"spinal_ops::{name}{schema}"), (str(registered), schema)
