@@ -117,6 +117,19 @@ def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
     torch.library.register_autograd(backward_op, no_double_backward)
 
 
+def compiled_schema_mismatches(forward_schema: str = FORWARD_SCHEMA, backward_schema: str = BACKWARD_SCHEMA) -> list[str]:
+    """The compiled ops whose schemas differ from these strings (an in-place build left over from
+    other sources would otherwise fail on its first call)."""
+    expected = {"forward": forward_schema, "backward": backward_schema}
+    return [
+        f"{pair}_{direction}"
+        for pair in ("fused", "hoisted")
+        for direction, schema in expected.items()
+        if getattr(torch.ops.spinal_ops, f"{pair}_{direction}").default._schema
+        != torch._C.parse_schema(f"spinal_ops::{pair}_{direction}{schema}")
+    ]
+
+
 def _load_extension() -> Support:
     not_built = extension_not_built()
     if not_built:
@@ -134,6 +147,12 @@ def _load_extension() -> Support:
         )
     except ImportError as error:
         return Support.no(f"compiled extension spinal_ops._C failed to load: {error}")
+    stale = compiled_schema_mismatches()
+    if stale:
+        return Support.no(
+            f"compiled extension spinal_ops._C was built from other sources (op schemas differ: {', '.join(stale)}); "
+            "rebuild it (pip install --no-build-isolation -e .)"
+        )
     for pair, backends in (("fused", "cpu/cuda"), ("hoisted", "cuda")):
         torch.library.register_fake(f"spinal_ops::{pair}_forward")(fake_forward)
         torch.library.register_fake(f"spinal_ops::{pair}_backward")(fake_backward)

@@ -16,3 +16,12 @@ def test_every_pair_has_the_shared_schemas(pair):
         name = f"{pair}_{direction}"
         registered = getattr(torch.ops.spinal_ops, name).default._schema
         assert registered == torch._C.parse_schema(f"spinal_ops::{name}{schema}"), (str(registered), schema)
+
+
+def test_a_stale_extension_is_recognised():
+    # The check that keeps an extension built from other sources from loading.
+    if not ops.extension_status():
+        pytest.skip(f"compiled extension: {ops.extension_status().reason}")
+    assert ops.compiled_schema_mismatches() == []
+    older = ops.FORWARD_SCHEMA.replace("bool allow_tf32=False, ", "")
+    assert ops.compiled_schema_mismatches(forward_schema=older) == ["fused_forward", "hoisted_forward"]
