@@ -76,7 +76,7 @@ fi
 
 # 2. tests ------------------------------------------------------------------------------------
 stage pytest_cuda pytest.log "$(cap 110)" $PY -m pytest -q -rfEs -p no:cacheprovider --durations=5 \
-  tests/test_cuda_backend.py
+  tests/test_cuda_backend.py tests/test_backends.py -k cuda  # -k: the cuda cases of test_backends.py
 
 # 3. the two CUDA paths and the cost model's choice, then the benchmark ---------------------------
 stage cuda_paths paths.log "$(cap 90)" $PY scripts/cuda_paths.py --json "$OUT/cuda_paths.json" \
@@ -110,7 +110,8 @@ else
 fi
 
 # 5. triton last: its kernels compile on first use, which is slow ----------------------------------
-stage pytest_triton pytest.log "$(cap 45)" $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_triton_backend.py
+stage pytest_triton pytest.log "$(cap 45)" $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_triton_backend.py \
+  tests/test_backends.py -k triton
 
 log "done in $((SECONDS - START))s, failed=$FAILED"
 exit $FAILED

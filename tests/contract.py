@@ -26,6 +26,90 @@ ATOL_PER_SCALE = {
 
 GRAD_NAMES = ("x", "weight_in", "weight_hidden", "bias", "weight_out", "bias_out")
 
+# The edge-case matrix of every backend's tests: name -> SpinalConfig.build keyword arguments. Each
+# backend's tests select the cases that reach its branches by name. N = in_features, M =
+# out_features, w = layer_width, L = num_layers, s = split_size (ceil(N / num_splits) when not
+# given, num_splits = 2 by default); layer l reads the columns (l*s + j) mod N, j < s.
+CASES: dict[str, dict] = {
+    # ---- small: every branch of the chain, at sizes gradcheck and the Triton interpreter afford ----
+    # odd N, k = 2: s = 4, layers 1 and 2 wrap past N (a window of two column ranges).
+    "odd_N_wraps": dict(in_features=7, out_features=3, layer_width=5, num_layers=3),
+    # k = 1: s = N, every layer reads all of x.
+    "k1": dict(in_features=5, out_features=2, layer_width=3, num_layers=3, num_splits=1),
+    # k = 3, s = 3 divides N: the windows cycle through x without wrapping.
+    "k3": dict(in_features=9, out_features=4, layer_width=2, num_layers=4, num_splits=3),
+    # k = 4: s = 2, four windows; the fifth layer reads the first one again.
+    "k4": dict(in_features=8, out_features=2, layer_width=3, num_layers=5, num_splits=4),
+    # an explicit s that does not divide N: layer 2 reads columns 6, 7, 0 (wraps).
+    "split_size_wraps": dict(in_features=8, out_features=3, layer_width=3, num_layers=4, split_size=3),
+    # s = 1: one column per layer, a chain longer than N.
+    "s1": dict(in_features=6, out_features=2, layer_width=4, num_layers=7, split_size=1),
+    # L = 1: no recurrence, weight_hidden is empty.
+    "L1": dict(in_features=5, out_features=2, layer_width=3, num_layers=1),
+    # w = 1: one unit per layer (any tile is mostly padding); s = 5 wraps on N = 9.
+    "w1": dict(in_features=9, out_features=4, layer_width=1, num_layers=5),
+    # M = None: no output projection, the layer returns H; s = 4 wraps on N = 6.
+    "M_None": dict(in_features=6, out_features=None, layer_width=2, num_layers=3, split_size=4),
+    # bias=False: neither bias nor bias_out.
+    "no_bias": dict(in_features=7, out_features=3, layer_width=3, num_layers=3, bias=False),
+    # no projection and no bias: weight_in and weight_hidden are the only parameters.
+    "M_None_no_bias": dict(in_features=5, out_features=None, layer_width=2, num_layers=2, bias=False),
+    # k = 2 with N = 2s: layers grouped by window, a group of three and one of two.
+    "k2_groups": dict(in_features=8, out_features=3, layer_width=3, num_layers=5),
+    # ---- tile and block boundaries (triton, cuda) -----------------------------------------------------
+    # w = 17: one column past a 16-wide tile, without bias.
+    "w17_no_bias": dict(in_features=11, out_features=5, layer_width=17, num_layers=3, bias=False),
+    # s = 35 and M = 40: windows and output columns past one block.
+    "many_chunks": dict(in_features=70, out_features=40, layer_width=24, num_layers=3, num_splits=2),
+    # k = 3 and L = 7: a long chain rereading its windows.
+    "k3_long_chain": dict(in_features=30, out_features=6, layer_width=5, num_layers=7, num_splits=3),
+    # w = 128: the widest layer the triton kernels run.
+    "w128": dict(in_features=12, out_features=3, layer_width=128, num_layers=2),
+    # s = N (k = 1) with w = 7: every tile padded.
+    "s_equals_N": dict(in_features=11, out_features=3, layer_width=7, num_layers=3, split_size=11),
+    # bias=False with w = 10 and M = 6: partial tiles without the bias terms.
+    "no_bias_w10": dict(in_features=21, out_features=6, layer_width=10, num_layers=3, bias=False),
+    # s = 12 on N = 33: windows wrap at several offsets; w = 16, one full tile.
+    "wrap_s12_N33": dict(in_features=33, out_features=10, layer_width=16, num_layers=4, split_size=12),
+    # s = 32: exactly one K-chunk; no projection.
+    "M_None_s32": dict(in_features=64, out_features=None, layer_width=24, num_layers=3),
+    # 128 < w <= 256: z in two 128-column chunks; s = 150 in several K-chunks; M, N > 128: several
+    # output and dx column chunks.
+    "two_chunks_wide": dict(in_features=300, out_features=150, layer_width=200, num_layers=2, split_size=150),
+    # N = 300 > L*s = 80: columns of x that no window reads (their dx is zero).
+    "columns_no_window_reads": dict(in_features=300, out_features=4, layer_width=8, num_layers=2, split_size=40),
+    # k = 2, L = 6: layers grouped by window in threes, w = 24.
+    "k2_groups_of_three": dict(in_features=32, out_features=6, layer_width=24, num_layers=6),
+    # ---- wide layers -----------------------------------------------------------------------------------
+    # 32 < w < 256: the cpu chain groups layers by window and runs the recurrence as GEMMs.
+    "medium_grouped": dict(in_features=6, out_features=3, layer_width=40, num_layers=3),
+    # w = 33, one past the cpu chain's narrow loop; no projection.
+    "medium_grouped_M_None": dict(in_features=7, out_features=None, layer_width=33, num_layers=4),
+    # w = 256: one GEMM per layer on cpu; windows read by several layers (k = 2, L = 3).
+    "wide_k2_overlap": dict(in_features=6, out_features=3, layer_width=256, num_layers=3),
+    # w = 256, L = k = 2: the wide chain tiles x once; no projection.
+    "wide_tiles_once": dict(in_features=8, out_features=None, layer_width=256, num_layers=2),
+    # w = 300 with s = 3 not dividing N: wide and wrapping.
+    "wide_wraps": dict(in_features=7, out_features=2, layer_width=300, num_layers=4, split_size=3),
+    # w = 256: the widest layer of the fused CUDA kernels.
+    "w_at_fused_limit": dict(in_features=40, out_features=7, layer_width=256, num_layers=2),
+    # w = 300 > 256: the cuda backend runs the hoisted cuBLAS chain only.
+    "hoisted_w300": dict(in_features=20, out_features=5, layer_width=300, num_layers=2),
+    # w = 260, hoisted, without projection and bias.
+    "hoisted_no_projection": dict(in_features=17, out_features=None, layer_width=260, num_layers=2, bias=False),
+}
+
+# The small cases that together reach every branch of the chain (wrapped windows, k = 1..4, s = 1,
+# L = 1, w = 1, no projection, no bias): the matrix of the reference and cpu backends.
+EDGE_CASES = ("odd_N_wraps", "k1", "k3", "k4", "split_size_wraps", "s1", "L1", "w1", "M_None", "no_bias",
+              "M_None_no_bias")
+
+
+def case_config(name: str, **overrides) -> SpinalConfig:
+    """The config of CASES[name]; ``overrides`` (e.g. activation) replace its arguments."""
+    kwargs = {**CASES[name], **overrides}
+    return SpinalConfig.build(kwargs.pop("in_features"), kwargs.pop("out_features"), **kwargs)
+
 
 def make_config(in_features=7, out_features=3, **kwargs) -> SpinalConfig:
     kwargs.setdefault("layer_width", 5)
@@ -84,7 +168,8 @@ def check_backend(
     def cast(t):
         return None if t is None else t.to(device=device, dtype=dtype)
 
-    x_cast = x.to(device=device, dtype=dtype)  # keeps x's layout (non-contiguous stays so)
+    # x's layout, strides included, even where .to() would make a non-dense view contiguous.
+    x_cast = torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=device).copy_(x)
     params_cast = SpinalParams(*(cast(p) for p in params64))
     # The float64 reference runs on the same values as the backend: the inputs rounded to dtype.
     # (Measured against unrounded values, both errors are dominated by that shared input rounding,

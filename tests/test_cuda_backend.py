@@ -1,7 +1,9 @@
-"""The ``cuda`` backend against the float64 reference (contract §4), on a GPU.
+"""The ``cuda`` backend against the float64 reference (contract §4), on a GPU: what is the cuda
+backend's own (its two paths, the cost model's choice, supports(), TF32, determinism, streams).
+What every backend must do is in tests/test_backends.py.
 
 Skipped cleanly where there is no CUDA device or the extension was built without the CUDA
-kernels. The config matrix hits every code path of csrc/cuda/: partial row tiles (batch 37),
+kernels. The cases hit every code path of csrc/cuda/: partial row tiles (batch 37),
 several K-chunks (s > 32), two 128-column chunks of z (128 < w <= 256), several output and dx
 column chunks (M, N > 128), padding (w not a multiple of 16, w = 1), wrap-around windows,
 L = 1, no output projection, no bias, split-K weight gradients (small batches) and the
@@ -15,11 +17,11 @@ import torch
 
 from contract import (
     RecordedOps,
+    case_config,
     check_backend,
     check_gradient_masks,
     check_inference_keeps_no_pre_activation,
     check_tf32_choice_reaches_backward,
-    make_config,
     random_params,
 )
 from spinal_ops.ops import cuda_kernels_compiled
@@ -35,23 +37,11 @@ pytestmark = pytest.mark.skipif(
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# id -> make_config keyword arguments (in_features, out_features, layer_width, num_layers, ...)
-CONFIGS = {
-    "odd_N_wraps": dict(in_features=7, out_features=3, layer_width=5, num_layers=3),
-    "wrap_s12_N33": dict(in_features=33, out_features=10, layer_width=16, num_layers=4, split_size=12),
-    "no_projection": dict(in_features=64, out_features=None, layer_width=24, num_layers=3),
-    "w1": dict(in_features=9, out_features=4, layer_width=1, num_layers=5),
-    "single_layer": dict(in_features=5, out_features=2, layer_width=3, num_layers=1),
-    "no_bias": dict(in_features=21, out_features=6, layer_width=10, num_layers=3, bias=False),
-    "s_equals_N": dict(in_features=11, out_features=3, layer_width=7, num_layers=3, split_size=11),
-    "s1": dict(in_features=6, out_features=2, layer_width=4, num_layers=7, split_size=1),
-    "two_chunks_wide": dict(in_features=300, out_features=150, layer_width=200, num_layers=2, split_size=150),
-    "columns_no_window_reads": dict(in_features=300, out_features=4, layer_width=8, num_layers=2, split_size=40),
-    "w_at_fused_limit": dict(in_features=40, out_features=7, layer_width=256, num_layers=2),
-    "hoisted_w300": dict(in_features=20, out_features=5, layer_width=300, num_layers=2),
-    "hoisted_no_projection": dict(in_features=17, out_features=None, layer_width=260, num_layers=2, bias=False),
-    "k2_groups_of_three": dict(in_features=32, out_features=6, layer_width=24, num_layers=6),
-}
+# The cases of the edge-case matrix (tests/contract.py) that reach the CUDA code paths.
+CUDA_CASES = (
+    "odd_N_wraps", "wrap_s12_N33", "M_None_s32", "w1", "L1", "no_bias_w10", "s_equals_N", "s1", "two_chunks_wide",
+    "columns_no_window_reads", "w_at_fused_limit", "hoisted_w300", "hoisted_no_projection", "k2_groups_of_three",
+)
 PATHS = ("fused", "hoisted")
 
 
@@ -65,12 +55,12 @@ KINKED = ("relu", "leaky_relu")
 def _config(name: str, dtype: torch.dtype = torch.float32, **overrides):
     if dtype != torch.float32:
         overrides.setdefault("activation", "gelu")
-    return make_config(**{**CONFIGS[name], **overrides})
+    return case_config(name, **overrides)
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(CUDA_CASES))
 def test_matches_reference(name, dtype, path):
     with forced_path(path):  # configs wider than the fused kernels run hoisted either way
         check_backend("cuda", _config(name, dtype), dtype, "cuda", batch_shape=(37,))
@@ -116,14 +106,6 @@ def test_every_activation(activation, dtype, path):
 def test_batch_shapes(batch_shape, dtype, path):
     with forced_path(path):
         check_backend("cuda", _config("wrap_s12_N33", dtype), dtype, "cuda", batch_shape=batch_shape)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_non_contiguous_input(dtype):
-    config = _config("wrap_s12_N33", dtype)
-    x = torch.randn(config.in_features, 37, dtype=torch.float64).t()  # dense, transposed strides
-    assert not x.is_contiguous()
-    check_backend("cuda", config, dtype, "cuda", x=x)
 
 
 def test_tf32_allowed_stays_within_contract():
@@ -176,19 +158,6 @@ def test_non_default_stream():
         assert torch.equal(a, b)
 
 
-def test_empty_batch():
-    config = _config("odd_N_wraps")
-    params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
-    params = SpinalParams(*(None if p is None else p.cuda().requires_grad_(True) for p in params))
-    x = torch.empty(0, config.in_features, device="cuda", requires_grad=True)
-    y = apply_spinal(x, params, config, "cuda")
-    assert y.shape == (0, config.output_features)
-    y.sum().backward()
-    for p in params:
-        if p is not None:
-            assert p.grad is not None and torch.count_nonzero(p.grad) == 0
-
-
 def test_supports_reports_the_path():
     backend = CudaBackend()
     limit = fused_max_width()
@@ -206,39 +175,3 @@ def test_supports_reports_the_path():
     assert wide and wide.reason == f"hoisted cuBLAS chain: w=300 > {limit}"
     assert not backend.supports(_config("w1"), torch.float64, torch.device("cuda"))
     assert not backend.supports(_config("w1"), torch.float32, torch.device("cpu"))
-
-
-def test_bad_input_is_rejected_before_launch():
-    config = _config("odd_N_wraps")
-    params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
-    params = [None if p is None else p.cuda() for p in params]
-    x = torch.randn(4, config.in_features, device="cuda", dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="dtype"):
-        torch.ops.spinal_ops.fused_forward(x, *params, "relu", 0.01)
-    with pytest.raises(RuntimeError, match="x must be 2-D"):
-        torch.ops.spinal_ops.fused_forward(x.float()[None], *params, "relu", 0.01)
-    with pytest.raises(RuntimeError, match="unknown activation"):
-        torch.ops.spinal_ops.fused_forward(x.float(), *params, "softplus", 0.01)
-
-
-@pytest.mark.parametrize("name", ["odd_N_wraps", "no_projection", "hoisted_w300"])
-def test_opcheck(name):
-    config = _config(name)
-    params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
-    params = [None if p is None else p.cuda().requires_grad_(True) for p in params]
-    x = torch.randn(37, config.in_features, device="cuda", requires_grad=True)
-    for pair in PATHS:
-        op = getattr(torch.ops.spinal_ops, f"{pair}_forward").default
-        torch.library.opcheck(op, (x, *params, config.activation, 0.01))
-
-
-def test_torch_compile_fullgraph_matches_eager():
-    config = _config("wrap_s12_N33")
-    params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
-    params = SpinalParams(*(None if p is None else p.cuda() for p in params))
-    x = torch.randn(37, config.in_features, device="cuda")
-
-    def layer(inputs):
-        return apply_spinal(inputs, params, config, "cuda")
-
-    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x), rtol=0, atol=0)

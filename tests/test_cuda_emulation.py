@@ -34,7 +34,7 @@ import random
 import pytest
 import torch
 
-from contract import ATOL_PER_SCALE, GRAD_NAMES, _run, make_config, random_params
+from contract import ATOL_PER_SCALE, CASES, GRAD_NAMES, _run, make_config, random_params
 from spinal_ops.config import SpinalParams
 
 pytestmark = pytest.mark.slow  # ~1 min to build the harness, ~1 min to run on 2 cores
@@ -93,14 +93,16 @@ POLICIES = {
     "bf16_hoisted": (torch.bfloat16, "aten"),
 }
 
+# The kernels' tile boundaries on the emulated targets; two cases are the edge-case matrix's
+# (tests/contract.py).
 CONFIGS = {
-    "odd_N_wraps": dict(in_features=7, out_features=3, layer_width=5, num_layers=3),
+    "odd_N_wraps": CASES["odd_N_wraps"],
     "wrap_s40_N70_two_k_chunks": dict(in_features=70, out_features=10, layer_width=33, num_layers=3, split_size=40),
     "no_projection_no_bias": dict(in_features=12, out_features=None, layer_width=6, num_layers=3, bias=False),
     "w1_single_layer": dict(in_features=4, out_features=2, layer_width=1, num_layers=1),
     "two_z_chunks_M_and_N_over_128": dict(in_features=150, out_features=130, layer_width=140, num_layers=2,
                                           split_size=100),
-    "columns_no_window_reads": dict(in_features=300, out_features=4, layer_width=8, num_layers=2, split_size=40),
+    "columns_no_window_reads": CASES["columns_no_window_reads"],
 }
 WIDE = dict(in_features=20, out_features=5, layer_width=300, num_layers=3, split_size=13)  # w > 256
 

@@ -1,4 +1,6 @@
-"""SpinalLinear as an nn.Module: parameters, init, state_dict, copies, compile, autocast, errors."""
+"""SpinalLinear as an nn.Module: parameters, init, state_dict, copies, compile, autocast. Its errors
+for bad hyper-parameters and input come from SpinalConfig (tests/test_config.py) and dispatch
+(tests/test_dispatch.py)."""
 import copy
 import io
 import math
@@ -10,7 +12,7 @@ from contract import check_backend, make_config
 from torch import nn
 
 import spinal_ops
-from spinal_ops import BackendUnavailableError, SpinalConfig, SpinalLinear, spinal_linear
+from spinal_ops import SpinalLinear
 from spinal_ops.reference import spinal_forward
 
 
@@ -126,77 +128,3 @@ def test_autocast_computes_in_bfloat16(backend):
 
 def test_auto_on_cpu_meets_the_contract():
     check_backend("auto", make_config(9, 4, num_splits=3, activation="gelu"), torch.float32)
-
-
-def test_available_backends_reports_reasons():
-    report = spinal_ops.available_backends()
-    assert set(report) == {"cuda", "triton", "cpu", "reference"}
-    assert report["reference"].ok
-    for name, support in report.items():
-        assert support.ok or support.reason, f"{name} unavailable without a reason"
-
-
-# ---- contract §5: every bad input raises a clear error before any kernel runs -----------------
-
-def test_wrong_last_dimension():
-    layer = SpinalLinear(7, 3, layer_width=5, num_layers=3)
-    with pytest.raises(ValueError, match=r"in_features=7.*\(4, 6\)"):
-        layer(torch.randn(4, 6))
-
-
-def test_dtype_mismatch():
-    layer = SpinalLinear(7, 3, layer_width=5, num_layers=3)
-    with pytest.raises(TypeError, match="dtype"):
-        layer(torch.randn(4, 7, dtype=torch.float64))
-
-
-def test_device_mismatch():
-    layer = SpinalLinear(7, 3, layer_width=5, num_layers=3, device="meta")
-    with pytest.raises(ValueError, match="meta"):
-        layer(torch.randn(4, 7))
-
-
-@pytest.mark.parametrize("split_size", [0, 8, -1])
-def test_split_size_out_of_range(split_size):
-    with pytest.raises(ValueError, match="split_size"):
-        SpinalLinear(7, 3, layer_width=5, num_layers=3, split_size=split_size)
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(layer_width=0, num_layers=3), "layer_width"),
-        (dict(layer_width=2, num_layers=0), "num_layers"),
-        (dict(layer_width=2, num_layers=2, num_splits=0), "num_splits"),
-        (dict(layer_width=2, num_layers=2, activation="swish"), "unknown activation 'swish'"),
-        (dict(layer_width=2, num_layers=2, backend="fast"), "unknown backend 'fast'"),
-    ],
-)
-def test_bad_hyper_parameters(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        SpinalLinear(7, 3, **kwargs)
-
-
-def test_requested_backend_that_cannot_run_names_its_reason():
-    unavailable = [name for name, s in spinal_ops.available_backends().items() if not s.ok]
-    assert unavailable, "on a machine without a GPU at least the cuda backend is unavailable"
-    layer = SpinalLinear(7, 3, layer_width=5, num_layers=3, backend=unavailable[0])
-    with pytest.raises(BackendUnavailableError, match=unavailable[0]):
-        layer(torch.randn(2, 7))
-
-
-def test_functional_checks_parameter_shapes():
-    layer = SpinalLinear(7, 3, layer_width=5, num_layers=3)
-    p = layer.params()
-    with pytest.raises(ValueError, match="weight_hidden must have shape"):
-        spinal_linear(torch.randn(2, 7), p.weight_in, p.weight_hidden[:1], p.bias, p.weight_out, p.bias_out,
-                      split_size=4)
-    with pytest.raises(ValueError, match="split_size=3"):
-        spinal_linear(torch.randn(2, 7), *p, split_size=3)
-
-
-def test_config_flops_and_params_of_mnist_preset():
-    config = SpinalConfig.build(320, 10, layer_width=8, num_layers=6)
-    # 6 layers: 6*8*160 input weights, 5*8*8 hidden, 10*48 output
-    assert config.forward_flops(1) == 2 * (6 * 8 * 160 + 5 * 64 + 10 * 48)
-    assert config.num_parameters() == 6 * 8 * 160 + 5 * 64 + 6 * 8 + 10 * 48 + 10

@@ -1,0 +1,79 @@
+"""spinal_ops/dispatch.py: backend names, ``auto`` selection, available_backends() and
+BackendUnavailableError (docs/contract.md §3)."""
+import pytest
+import torch
+from contract import make_config
+
+import spinal_ops
+from spinal_ops import BackendUnavailableError, SpinalLinear
+from spinal_ops.dispatch import BACKEND_NAMES, get_backend, select_backend
+
+CPU = torch.device("cpu")
+
+
+def test_backend_names():
+    assert BACKEND_NAMES == ("auto", "cuda", "triton", "cpu", "reference")
+    for name in BACKEND_NAMES[1:]:
+        assert get_backend(name).name == name
+    with pytest.raises(ValueError, match="'auto' is a selection rule"):
+        get_backend("auto")
+
+
+@pytest.mark.parametrize("call", [
+    lambda: get_backend("fast"),
+    lambda: select_backend("fast", make_config(), torch.float32, CPU),
+    lambda: SpinalLinear(7, 3, layer_width=2, num_layers=2, backend="fast"),
+], ids=["get_backend", "select_backend", "module"])
+def test_unknown_backend(call):
+    with pytest.raises(ValueError, match="unknown backend 'fast'; expected one of auto, cuda, triton, cpu, reference"):
+        call()
+
+
+def test_available_backends_reports_reasons():
+    report = spinal_ops.available_backends()
+    assert set(report) == {"cuda", "triton", "cpu", "reference"}
+    assert report["reference"].ok
+    for name, support in report.items():
+        assert support.ok or support.reason, f"{name} unavailable without a reason"
+    report.clear()  # a copy: the registry's answers stay
+    assert spinal_ops.available_backends()["reference"].ok
+
+
+def test_auto_picks_cpu_for_cpu_float32():
+    config = make_config()
+    assert select_backend("auto", config, torch.float32, CPU).name == "cpu"
+    assert spinal_ops.available_backends()["cpu"].ok
+
+
+def test_auto_falls_back_to_the_reference_for_a_dtype_the_cpu_op_lacks():
+    assert select_backend("auto", make_config(), torch.float64, CPU).name == "cpu"
+    assert select_backend("auto", make_config(), torch.float16, CPU).name == "reference"
+
+
+def test_auto_uses_triton_only_for_cuda_tensors():
+    assert not get_backend("triton").auto_eligible(CPU)
+    assert select_backend("auto", make_config(), torch.float32, CPU).name != "triton"
+
+
+def test_requested_backend_that_cannot_run_names_its_reason():
+    unavailable = [name for name, s in spinal_ops.available_backends().items() if not s.ok]
+    assert unavailable, "on a machine without a GPU at least the cuda backend is unavailable"
+    layer = SpinalLinear(7, 3, layer_width=5, num_layers=3, backend=unavailable[0])
+    with pytest.raises(BackendUnavailableError, match=unavailable[0]):
+        layer(torch.randn(2, 7))
+
+
+def test_requested_backend_that_does_not_support_the_call_names_its_reason():
+    # The cpu op runs on CPU tensors in float32, float64 and bfloat16 only.
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cpu' cannot run this call \(torch.float16, cpu\): "
+                                                      r"dtype torch.float16 not supported"):
+        select_backend("cpu", make_config(), torch.float16, CPU)
+    assert issubclass(BackendUnavailableError, RuntimeError)
+
+
+@pytest.mark.skipif(not spinal_ops.available_backends()["triton"],
+                    reason=f"triton backend unavailable: {spinal_ops.available_backends()['triton'].reason}")
+def test_requested_triton_too_wide_names_the_register_budget():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(BackendUnavailableError, match="register budget"):
+        select_backend("triton", make_config(layer_width=200), torch.float32, device)
