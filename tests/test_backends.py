@@ -169,17 +169,9 @@ def test_empty_batch_gives_every_gradient_as_zeros(backend):
 # ---- NaN and Inf ------------------------------------------------------------------------------------
 
 
-# The triton kernels' ReLU derivative is where(z > 0, 1, 0): 0 at a NaN z, where torch.relu's
-# backward (and the cpu and cuda ops) pass the gradient on, so dx differs from the reference.
-TRITON_RELU_NAN_GRADIENT = pytest.mark.xfail(
-    strict=True, reason="triton kernels: the ReLU derivative is 0 at a NaN pre-activation, torch.relu's is 1")
-
-
 def nan_inf_cases() -> list:
     return [
-        pytest.param(backend.values[0], activation, id=f"{backend.id}-{activation}",
-                     marks=(*backend.marks, *((TRITON_RELU_NAN_GRADIENT,)
-                                              if (backend.id, activation) == ("triton", "relu") else ())))
+        pytest.param(backend.values[0], activation, id=f"{backend.id}-{activation}", marks=backend.marks)
         for backend in backends()
         for activation in ("relu", "leaky_relu", "tanh")
     ]

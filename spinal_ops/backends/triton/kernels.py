@@ -105,7 +105,7 @@ def _activate(z, ACTIVATION: tl.constexpr, negative_slope):
 @triton.jit
 def _activate_grad(z, ACTIVATION: tl.constexpr, negative_slope):
     if ACTIVATION == _RELU:
-        out = tl.where(z > 0, 1.0, 0.0)
+        out = tl.where(z <= 0, 0.0, 1.0)  # a NaN z passes the gradient on, as torch.relu's backward does
     elif ACTIVATION == _LEAKY_RELU:
         out = tl.where(z > 0, 1.0, negative_slope)
     elif ACTIVATION == _GELU:
