@@ -162,12 +162,14 @@ void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const Gro
   }
 
   if (uses_narrow_recurrence(shape, x)) {
-    std::vector<int64_t> hidden_offsets = groups.slot_offsets(w);
+    const std::vector<int64_t> slots = groups.slot_offsets(w);
+    // h_l goes to its slot (group-major H for the projection) or, without projection, to out.
+    std::vector<int64_t> hidden_offsets = slots;
     if (!projection) {
       for (int64_t layer = 0; layer < shape.num_layers; ++layer) hidden_offsets[layer] = layer * w;
     }
-    cpu::narrow_forward_recurrence(buffer, groups.slot_offsets(w), weight_hidden, act, negative_slope,
-                                   pre_activation, projection ? buffer : out, hidden_offsets);
+    cpu::narrow_forward_recurrence(buffer, slots, weight_hidden, act, negative_slope, pre_activation,
+                                   projection ? buffer : out, hidden_offsets);
     if (projection) add_product(out, true, bias_out, buffer, grouped.weight_out.t());
     return;
   }

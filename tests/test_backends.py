@@ -252,15 +252,10 @@ OP_ERRORS = {
         "x_non_contiguous": (ValueError, "x must be contiguous"),
         "activation": (ValueError, "unknown activation 'swish'"),
     },
-    "cuda": {  # csrc/cuda/register.cu checks shapes and dtypes with the cpu op's check_spinal_shape
-        "weight_hidden_shape": (RuntimeError, "weight_hidden must be"),
-        "weight_out_shape": (RuntimeError, "weight_out must be"),
-        "bias_dtype": (RuntimeError, "dtype mismatch"),
-        "x_dtype": (RuntimeError, "dtype mismatch"),
-        "x_3d": (RuntimeError, "x must be 2-D"),
-        "activation": (RuntimeError, "unknown activation 'swish'"),
-    },
 }
+# csrc/cuda/register.cu checks shapes and dtypes with the cpu op's check_spinal_shape: the same
+# errors, except that float16 is a CUDA dtype.
+OP_ERRORS["cuda"] = {case: error for case, error in OP_ERRORS["cpu"].items() if case != "float16"}
 
 
 @pytest.mark.parametrize("backend, change", backend_cases(OP_ERRORS))

@@ -35,9 +35,9 @@ void check_cuda_inputs(const at::Tensor& x) {
 // forward and the backward.
 class CublasTf32Scope {
  public:
-  explicit CublasTf32Scope(bool allow_tf32) : before_(at::globalContext().allowTF32CuBLAS()) {
-    if (allow_tf32 != before_) at::globalContext().setAllowTF32CuBLAS(allow_tf32);
-    changed_ = allow_tf32 != before_;
+  explicit CublasTf32Scope(bool allow_tf32)
+      : before_(at::globalContext().allowTF32CuBLAS()), changed_(allow_tf32 != before_) {
+    if (changed_) at::globalContext().setAllowTF32CuBLAS(allow_tf32);
   }
   ~CublasTf32Scope() {
     if (changed_) at::globalContext().setAllowTF32CuBLAS(before_);
@@ -47,7 +47,7 @@ class CublasTf32Scope {
 
  private:
   bool before_;
-  bool changed_ = false;
+  bool changed_;
 };
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
