@@ -8,23 +8,28 @@
 #   1. build        use a prebuilt spinal_ops/_C*.so for this Python/torch if one loads with the
 #                   CUDA kernels (scripts/prebuild_gpu.sh makes it on a machine without a GPU),
 #                   else pip install -e . for sm_90                                  -> build.log
-#   2. tests        pytest of the cuda backend                                      -> pytest.log
-#   3. paths, bench scripts/cuda_paths.py (fused vs hoisted vs the cost model's choice), then
-#                   bfloat16 presets at B = 1, 64, 1024, 65536 in every mode against reference,
-#                   dense and triton; torch.compile(reference) on two presets
-#                     -> paths.log, cuda_paths.json, bench.log, bench_bf16.json, bench_compiled.json
-#   4. sanitize     compute-sanitizer memcheck, racecheck (split-K batch), synccheck, initcheck
-#                                                                                   -> sanitize.log
-#   5. triton       pytest of the triton backend (its kernels compile on first use)  -> pytest.log
-# session.log gets the device, versions, each stage's exit status and duration. SKIP_STAGES="a b"
-# leaves out the stages of those names (a rerun of what failed, within what device time is left).
-# The script runs every stage that fits BUDGET_S and exits non-zero if any failed.
+#   2. tests        pytest of the cuda backend, then of the triton backend (its kernels compile
+#                   on first use: pytest-xdist spreads that over the cores)          -> pytest.log
+#   3. sanitize     compute-sanitizer on the fused kernels (forced): memcheck, racecheck (split-K
+#                   batch); initcheck of a plain torch matmul (does it see cuBLAS's writes?)
+#   4. bench        bfloat16 presets at B = 1, 64, 1024, 65536 in every mode against reference,
+#                   dense and triton                               -> bench.log, bench_bf16.json
+#   5. profile      ncu's speed-of-light and occupancy sections for the fused kernels (vgg5, bf16,
+#                   B = 1024)                                                        -> sanitize.log
+#   6. the rest     torch.compile(reference) on two presets, float32 at B = 64, 65536
+#                   (bench_compiled.json, bench_fp32.json); synccheck and initcheck of the fused
+#                   kernels                                                          -> sanitize.log
+# The timings of both CUDA paths per case (scripts/cuda_paths.py, which the cost model is fitted
+# to) run only when PATHS=1. session.log gets the device, versions, each stage's exit status and
+# duration. SKIP_STAGES="a b" leaves out the stages of those names (a rerun of what failed, within
+# what device time is left). The script runs every stage that fits BUDGET_S and exits non-zero if
+# any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder for the logs}"
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-400}
 START=$SECONDS
 FAILED=0
 LOG="$OUT/session.log"
@@ -68,50 +73,68 @@ if ! stage prebuilt_extension build.log 30 $PY -c "$CHECK_CUDA"; then
   FAILED=0  # a missing prebuilt library is not a failure: build here instead
   rm -f spinal_ops/_C*.so
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} SPINAL_OPS_FORCE_CUDA=1
-  stage build build.log "$(cap 240)" env NVCC_APPEND_FLAGS="-Xptxas -v" \
+  stage build build.log "$(cap 220)" env NVCC_APPEND_FLAGS="-Xptxas -v" \
     $PY -m pip install --no-build-isolation --no-deps -e .
   # Without the CUDA kernels every CUDA test would skip and pass: stop here instead.
   stage cuda_backend_available build.log 30 $PY -c "$CHECK_CUDA" || { log "no CUDA backend: stopping"; exit 1; }
 fi
 
 # 2. tests ------------------------------------------------------------------------------------
-stage pytest_cuda pytest.log "$(cap 110)" $PY -m pytest -q -rfEs -p no:cacheprovider --durations=5 \
-  tests/test_cuda_backend.py tests/test_backends.py -k cuda  # -k: the cuda cases of test_backends.py
+PYTEST="$PY -m pytest -q -rfEs -p no:cacheprovider --durations=5 -n ${PYTEST_WORKERS:-8}"
+stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tests/test_backends.py \
+  -k cuda  # -k: the cuda cases of test_backends.py
+stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_backends.py -k triton
 
-# 3. the two CUDA paths and the cost model's choice, then the benchmark ---------------------------
-stage cuda_paths paths.log "$(cap 90)" $PY scripts/cuda_paths.py --json "$OUT/cuda_paths.json" \
-  --batch 1 64 1024 8192 65536
+# 3.-5. sanitizer, benchmark, profile: ordered so that what a short run leaves out is what
+# passed before on unchanged kernels (synccheck, initcheck of the fused kernels) --------------------
+SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}
+NCU=${NCU:-$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")}
+SANITIZE="$PY scripts/sanitize.py --preset mnist vgg5 --path fused"  # the hoisted path is cuBLAS
+sanitize() {  # sanitize NAME LIMIT TOOL ARGS...
+  if [ -x "$SANITIZER" ]; then
+    local name=$1 limit=$2 tool=$3
+    shift 3
+    stage "$name" sanitize.log "$limit" "$SANITIZER" --tool "$tool" --error-exitcode 1 "$@"
+  else
+    log "SKIP $1: compute-sanitizer not found (set SANITIZER=/path/to/compute-sanitizer)"
+    FAILED=1
+  fi
+}
 bench() {  # bench NAME LIMIT ARGS...
   local name=$1 limit=$2
   shift 2
   stage "$name" bench.log "$limit" $PY -m spinal_ops.bench --device cuda --min-run-time 0.05 --no-progress \
     --json "$OUT/$name.json" --plot "/tmp/$name.png" "$@"
 }
+
+sanitize memcheck "$(cap 25)" memcheck $SANITIZE --dtype float32 bfloat16 --batch 37 300
+# batch 300: the weight gradients take the split-K reduction
+sanitize racecheck "$(cap 30)" racecheck --racecheck-report all $SANITIZE --dtype bfloat16 --batch 300
+# Does initcheck see the writes of cuBLAS's kernels at all? A torch matmul and nothing of ours.
+sanitize initcheck_cublas "$(cap 20)" initcheck $PY -c \
+  "import torch; a = torch.randn(300, 64, device='cuda', dtype=torch.bfloat16); print((a @ a.T).float().sum().item())"
+
+if [ "${PATHS:-0}" = 1 ]; then  # both CUDA paths per case: what the cost model is fitted to
+  stage cuda_paths paths.log "$(cap 90)" $PY scripts/cuda_paths.py --json "$OUT/cuda_paths.json" \
+    --batch 1 64 1024 8192 65536
+fi
 bench bench_bf16 "$(cap 75)" --dtype bfloat16 --preset all --batch 1 64 1024 65536 \
   --backends cuda triton reference dense
-bench bench_compiled "$(cap 40)" --dtype bfloat16 --preset mnist vgg5 --batch 64 1024 65536 --mode train infer \
-  --backends cuda compiled_reference dense
 
-# 4. sanitize (fused kernels; the hoisted path is cuBLAS) -----------------------------------------
-SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}
-SANITIZE="$PY scripts/sanitize.py --preset mnist vgg5"
-if [ -x "$SANITIZER" ]; then
-  stage memcheck sanitize.log "$(cap 25)" "$SANITIZER" --tool memcheck --error-exitcode 1 $SANITIZE --batch 37 300
-  # batch 300: the weight gradients take the split-K reduction
-  stage racecheck sanitize.log "$(cap 35)" "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 1 \
-    $SANITIZE --dtype bfloat16 --batch 300
-  stage synccheck sanitize.log "$(cap 25)" "$SANITIZER" --tool synccheck --error-exitcode 1 $SANITIZE \
-    --dtype bfloat16 --batch 37 300
-  stage initcheck sanitize.log "$(cap 25)" "$SANITIZER" --tool initcheck --error-exitcode 1 $SANITIZE \
-    --dtype bfloat16 --batch 37
+# where the fused kernels' time goes (no clock control: the card is left as found)
+if [ -x "$NCU" ]; then
+  stage ncu sanitize.log "$(cap 40)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
+    -k regex:spinal_ --launch-skip 3 --launch-count 3 $PY scripts/sanitize.py --preset vgg5 --dtype bfloat16 \
+    --path fused --batch 1024 1024
 else
-  log "SKIP sanitizer: compute-sanitizer not found (set SANITIZER=/path/to/compute-sanitizer)"
-  FAILED=1
+  log "SKIP ncu: not found (set NCU=/path/to/ncu)"
 fi
 
-# 5. triton last: its kernels compile on first use, which is slow ----------------------------------
-stage pytest_triton pytest.log "$(cap 45)" $PY -m pytest -q -rfEs -p no:cacheprovider tests/test_triton_backend.py \
-  tests/test_backends.py -k triton
+bench bench_compiled "$(cap 40)" --dtype bfloat16 --preset mnist vgg5 --batch 64 1024 65536 --mode train infer \
+  --backends cuda compiled_reference dense
+bench bench_fp32 "$(cap 40)" --dtype float32 --preset all --batch 64 65536 --backends cuda reference dense
+sanitize synccheck "$(cap 25)" synccheck $SANITIZE --dtype bfloat16 --batch 37 300
+sanitize initcheck "$(cap 25)" initcheck $SANITIZE --dtype bfloat16 --batch 37
 
 log "done in $((SECONDS - START))s, failed=$FAILED"
 exit $FAILED

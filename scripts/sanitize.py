@@ -10,6 +10,7 @@ garbage is visible even without the sanitizer. Exits non-zero without a CUDA dev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -43,15 +44,21 @@ def main() -> int:
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--batch", nargs="+", type=int, default=[37, 1, 300])
+    parser.add_argument("--path", choices=["auto", "fused", "hoisted"], default="auto",
+                        help="CUDA path: the cost model's choice, or forced (fused applies where w fits)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("sanitize.py: no CUDA device", file=sys.stderr)
         return 2
-    for name in args.preset:
-        for dtype_name in args.dtype:
-            for batch in args.batch:
-                run_case(PRESETS[name], DTYPES[dtype_name], batch)
-                print(f"ok {name} {dtype_name} batch={batch}", flush=True)
+    from spinal_ops.backends.cuda import cuda_path, forced_path
+
+    with contextlib.nullcontext() if args.path == "auto" else forced_path(args.path):
+        for name in args.preset:
+            for dtype_name in args.dtype:
+                for batch in args.batch:
+                    run_case(PRESETS[name], DTYPES[dtype_name], batch)
+                    path = cuda_path(PRESETS[name], batch, DTYPES[dtype_name], torch.device("cuda"), True)
+                    print(f"ok {name} {dtype_name} batch={batch} ({path.path} path)", flush=True)
     return 0
 
 
