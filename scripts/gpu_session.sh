@@ -18,7 +18,7 @@
 #                   B = 1024)                                                        -> sanitize.log
 #   6. the rest     torch.compile(reference) on two presets, float32 at B = 64, 65536
 #                   (bench_compiled.json, bench_fp32.json); synccheck and initcheck of the fused
-#                   kernels                                                          -> sanitize.log
+#                   kernels, initcheck of the hoisted path                           -> sanitize.log
 # The timings of both CUDA paths per case (scripts/cuda_paths.py, which the cost model is fitted
 # to) run only when PATHS=1. session.log gets the device, versions, each stage's exit status and
 # duration. SKIP_STAGES="a b" leaves out the stages of those names (a rerun of what failed, within
@@ -82,7 +82,7 @@ fi
 # 2. tests ------------------------------------------------------------------------------------
 PYTEST="$PY -m pytest -q -rfEs -p no:cacheprovider --durations=5 -n ${PYTEST_WORKERS:-8}"
 stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tests/test_backends.py \
-  -k cuda  # -k: the cuda cases of test_backends.py
+  -k "cuda or rejects_bad_input"  # -k: the cuda cases of test_backends.py, and every op's input checks
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_backends.py -k triton
 
 # 3.-5. sanitizer, benchmark, profile: ordered so that what a short run leaves out is what
@@ -130,11 +130,15 @@ else
   log "SKIP ncu: not found (set NCU=/path/to/ncu)"
 fi
 
-bench bench_compiled "$(cap 40)" --dtype bfloat16 --preset mnist vgg5 --batch 64 1024 65536 --mode train infer \
+bench bench_compiled "$(cap 100)" --dtype bfloat16 --preset mnist vgg5 --batch 64 1024 65536 --mode train infer \
   --backends cuda compiled_reference dense
-bench bench_fp32 "$(cap 40)" --dtype float32 --preset all --batch 64 65536 --backends cuda reference dense
+bench bench_fp32 "$(cap 60)" --dtype float32 --preset all --batch 64 65536 --mode train infer \
+  --backends cuda reference dense
 sanitize synccheck "$(cap 25)" synccheck $SANITIZE --dtype bfloat16 --batch 37 300
 sanitize initcheck "$(cap 25)" initcheck $SANITIZE --dtype bfloat16 --batch 37
+# the hoisted path (ATen and cuBLAS calls): its first reports, if any, with their stacks
+sanitize initcheck_hoisted "$(cap 30)" initcheck --print-limit 4 $PY scripts/sanitize.py --preset mnist --path hoisted \
+  --dtype bfloat16 --batch 37
 
 log "done in $((SECONDS - START))s, failed=$FAILED"
 exit $FAILED

@@ -33,6 +33,7 @@ void inject_fault(DataGradArgs<T>& args) {
 #include "../../csrc/cuda/backward.cu"
 #include "../../csrc/cuda/forward.cu"
 #include "../../csrc/aten_chain.cpp"  // host-only ATen code
+#include "../../csrc/spinal_shape.cpp"
 #include "../../csrc/cpu/narrow_recurrence.cpp"
 
 namespace spinal_ops {
