@@ -1,33 +1,19 @@
-// The shape checks of every compiled op (declared in spinal_shape.h). They live in this one
-// translation unit, built by the host C++ compiler, so that the CUDA sources call the same code
-// as the CPU op instead of an nvcc-compiled copy of it.
+// The shape checks of every compiled op (declared in spinal_shape.h), built once by the host C++
+// compiler: the CPU op and the CUDA sources call this one copy.
 #include "spinal_shape.h"
 
-#include <string>
 #include <utility>
 
+#include "message_text.h"
+
 namespace spinal_ops {
-namespace {
-
-// "[2, 5, 5]": shapes in error messages, formatted here rather than by streaming an IntArrayRef
-// (on an sm_90 build against torch 2.11, the CUDA op's checks crashed instead of raising exactly
-// where their message streamed one).
-std::string sizes_text(at::IntArrayRef sizes) {
-  std::string text = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    text += (i ? ", " : "") + std::to_string(sizes[i]);
-  }
-  return text + "]";
-}
-
-}  // namespace
 
 SpinalShape check_spinal_shape(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight_out,
                                const std::optional<at::Tensor>& bias_out) {
-  TORCH_CHECK(x.dim() == 2, "spinal_ops: x must be 2-D [B, N], got ", sizes_text(x.sizes()));
+  TORCH_CHECK(x.dim() == 2, "spinal_ops: x must be 2-D [B, N], got ", text(x.sizes()));
   TORCH_CHECK(weight_in.dim() == 3, "spinal_ops: weight_in must be [L, w, s], got ",
-              sizes_text(weight_in.sizes()));
+              text(weight_in.sizes()));
   SpinalShape shape{};
   shape.batch = x.size(0);
   shape.in_features = x.size(1);
@@ -37,27 +23,28 @@ SpinalShape check_spinal_shape(const at::Tensor& x, const at::Tensor& weight_in,
   TORCH_CHECK(shape.in_features >= 1 && shape.num_layers >= 1 && shape.layer_width >= 1,
               "spinal_ops: N, L and w must be >= 1");
   TORCH_CHECK(shape.split_size >= 1 && shape.split_size <= shape.in_features,
-              "spinal_ops: split_size must be in [1, N=", shape.in_features, "], got ", shape.split_size);
+              "spinal_ops: split_size must be in [1, N=", text(shape.in_features), "], got ",
+              text(shape.split_size));
   const auto w = shape.layer_width;
   TORCH_CHECK(weight_hidden.sizes() == at::IntArrayRef({shape.num_layers - 1, w, w}),
-              "spinal_ops: weight_hidden must be [L-1, w, w] = [", shape.num_layers - 1, ", ", w, ", ", w,
-              "], got ", sizes_text(weight_hidden.sizes()));
+              "spinal_ops: weight_hidden must be [L-1, w, w] = ", text({shape.num_layers - 1, w, w}),
+              ", got ", text(weight_hidden.sizes()));
   shape.has_bias = bias.has_value();
   if (bias) {
     TORCH_CHECK(bias->sizes() == at::IntArrayRef({shape.num_layers, w}),
-                "spinal_ops: bias must be [L, w], got ", sizes_text(bias->sizes()));
+                "spinal_ops: bias must be [L, w], got ", text(bias->sizes()));
   }
   shape.out_features = 0;
   if (weight_out) {
     TORCH_CHECK(weight_out->dim() == 2 && weight_out->size(1) == shape.hidden() && weight_out->size(0) >= 1,
-                "spinal_ops: weight_out must be [M, L*w] with L*w=", shape.hidden(), ", got ",
-                sizes_text(weight_out->sizes()));
+                "spinal_ops: weight_out must be [M, L*w] with L*w=", text(shape.hidden()), ", got ",
+                text(weight_out->sizes()));
     shape.out_features = weight_out->size(0);
   }
   shape.has_bias_out = bias_out.has_value();
   if (bias_out) {
     TORCH_CHECK(weight_out.has_value() && bias_out->sizes() == at::IntArrayRef({shape.out_features}),
-                "spinal_ops: bias_out must be [M] and needs weight_out, got ", sizes_text(bias_out->sizes()));
+                "spinal_ops: bias_out must be [M] and needs weight_out, got ", text(bias_out->sizes()));
   }
   for (const at::Tensor* t : {&weight_in, &weight_hidden}) {
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "spinal_ops: dtype mismatch between x (", x.scalar_type(),
@@ -79,12 +66,12 @@ SpinalShape check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
                                   const std::optional<at::Tensor>& weight_out) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == shape.batch && grad_out.size(1) == shape.output_width(),
-              "spinal_ops: grad_out must be [B, ", shape.output_width(), "] with B=", shape.batch, ", got ",
-              sizes_text(grad_out.sizes()));
+              "spinal_ops: grad_out must be [B, ", text(shape.output_width()), "] with B=", text(shape.batch),
+              ", got ", text(grad_out.sizes()));
   TORCH_CHECK(pre_activation.dim() == 2 && pre_activation.size(0) == shape.batch &&
                   pre_activation.size(1) == shape.hidden(),
-              "spinal_ops: pre_activation must be [B, L*w] = [", shape.batch, ", ", shape.hidden(),
-              "] (the forward was run without keeping it?), got ", sizes_text(pre_activation.sizes()));
+              "spinal_ops: pre_activation must be [B, L*w] = ", text({shape.batch, shape.hidden()}),
+              " (the forward was run without keeping it?), got ", text(pre_activation.sizes()));
   for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_out, "grad_out"},
                                 {&pre_activation, "pre_activation"}}) {
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "spinal_ops: ", name, " has dtype ", t->scalar_type(),

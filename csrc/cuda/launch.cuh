@@ -28,9 +28,10 @@ inline int64_t smem_optin(int device) {
 // set/set/launch and launch with the other's, smaller, limit.
 template <auto Kernel, typename Args>
 void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args) {
-  TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "spinal_ops: ", blocks, " CTAs do not fit the CUDA grid");
+  TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "spinal_ops: ", text(blocks), " CTAs do not fit the CUDA grid");
   const int device = c10::cuda::current_device();
-  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "spinal_ops: CUDA device ", device, " out of range");
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "spinal_ops: CUDA device ", text(device),
+              " out of range");
   static std::once_flag limit_set[C10_COMPILE_TIME_MAX_GPUS];
   static int64_t limit[C10_COMPILE_TIME_MAX_GPUS];
   std::call_once(limit_set[device], [&] {
@@ -38,8 +39,8 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
     C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     limit[device] = bytes;
   });
-  TORCH_CHECK(smem_bytes <= limit[device], "spinal_ops: the fused kernel needs ", smem_bytes,
-              " bytes of shared memory, device ", device, " allows ", limit[device],
+  TORCH_CHECK(smem_bytes <= limit[device], "spinal_ops: the fused kernel needs ", text(smem_bytes),
+              " bytes of shared memory, device ", text(device), " allows ", text(limit[device]),
               " (use_fused_path() should have routed the call to the hoisted chain)");
   void* kernel_args[] = {const_cast<Args*>(&args)};
   C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), kernel_args,

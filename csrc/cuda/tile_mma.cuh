@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "../activation.h"
+#include "../message_text.h"
 #include "../spinal_shape.h"
 
 namespace spinal_ops {
@@ -261,10 +262,11 @@ struct ChainDims {
 inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slope) {
   // The kernels index within a row in int: N, s, M and L*w (+ 1, the bias column) must fit, and
   // Window's sums (start + j, c + N - start, both < 2N) too.
-  TORCH_CHECK(shape.in_features <= INT32_MAX / 2, "spinal_ops: N = ", shape.in_features,
+  TORCH_CHECK(shape.in_features <= INT32_MAX / 2, "spinal_ops: N = ", text(shape.in_features),
               " is too large for the fused CUDA kernels");
   TORCH_CHECK(shape.split_size <= INT32_MAX && shape.out_features <= INT32_MAX && shape.hidden() < INT32_MAX,
-              "spinal_ops: s = ", shape.split_size, ", M = ", shape.out_features, " or L*w = ", shape.hidden(),
+              "spinal_ops: s = ", text(shape.split_size), ", M = ", text(shape.out_features), " or L*w = ",
+              text(shape.hidden()),
               " is too large for the fused CUDA kernels");
   ChainDims d{};
   d.batch = shape.batch;
