@@ -144,3 +144,13 @@ def test_torchscript_onnx_exporter_also_gives_standard_ops(tmp_path):
     assert op_types <= STANDARD_OPS, op_types - STANDARD_OPS
     other = torch.randn(9, 5)
     assert_matches_reference(model, other, run_onnx(path, other), "onnxruntime, TorchScript exporter")
+
+
+def test_onnx_export_of_an_exported_program_names_the_fused_op(tmp_path):
+    """What cannot be exported says so: an ExportedProgram already holds spinal_ops::fused_forward,
+    which has no ONNX translation (the module itself exports, above)."""
+    if not available_backends()["cpu"]:
+        pytest.skip(f"cpu backend: {available_backends()['cpu'].reason}")
+    program = torch.export.export(make_model(backend="cpu"), (torch.randn(4, 5),))
+    with pytest.raises(torch.onnx.OnnxExporterError, match=r"spinal_ops\.fused_forward"):
+        torch.onnx.export(program, (torch.randn(4, 5),), str(tmp_path / "model.onnx"), dynamo=True, verbose=False)
