@@ -18,7 +18,10 @@ backend can avoid it, computed, and an empty tensor is returned in its place. ``
 the forward's TF32 choice, passed to the backward too. ``backward`` returns the gradients
 ``output_mask`` asks for in one call; the others are empty tensors.
 
-Each pair gets its fake (meta) kernels and its autograd here. If ``_C`` is missing or was built
+Each pair gets its fake (meta) kernels here. The triton pair gets its autograd here too
+(``register_fused_autograd``); the compiled pairs have the same autograd in C++
+(csrc/autograd.cpp), which spares a training step the Python between dispatcher and kernels.
+If ``_C`` is missing or was built
 for another torch, ``spinal_ops`` still works with the reference (and triton) backends and
 ``extension_status()`` says why.
 """
@@ -76,8 +79,9 @@ def fake_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_
     return tuple(x.new_empty(shape) for shape in gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask))
 
 
-def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
-    """Make ``forward_op`` differentiable through one call of ``backward_op``.
+def register_fused_autograd(forward_op, backward_op) -> None:
+    """Make ``forward_op`` differentiable through one call of ``backward_op`` (the triton pair; the
+    compiled pairs register the same in C++, csrc/autograd.cpp).
 
     Double backward through a fused backend raises instead of returning a wrong number.
     """
@@ -109,7 +113,7 @@ def register_fused_autograd(forward_op, backward_op, backend_name: str) -> None:
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError(
-            f"spinal_ops: double backward is not supported by the fused {backend_name!r} backend; "
+            f"spinal_ops: double backward is not supported by the fused ops ({backward_op.name()}); "
             "use backend='reference' for higher-order gradients"
         )
 
@@ -153,11 +157,9 @@ def _load_extension() -> Support:
             f"compiled extension spinal_ops._C was built from other sources (op schemas differ: {', '.join(stale)}); "
             "rebuild it (pip install --no-build-isolation -e .)"
         )
-    for pair, backends in (("fused", "cpu/cuda"), ("hoisted", "cuda")):
+    for pair in ("fused", "hoisted"):  # their autograd is registered by _C (csrc/autograd.cpp)
         torch.library.register_fake(f"spinal_ops::{pair}_forward")(fake_forward)
         torch.library.register_fake(f"spinal_ops::{pair}_backward")(fake_backward)
-        register_fused_autograd(getattr(torch.ops.spinal_ops, f"{pair}_forward").default,
-                                getattr(torch.ops.spinal_ops, f"{pair}_backward").default, backends)
     return Support.yes()
 
 
@@ -170,9 +172,7 @@ def _define_triton_ops() -> None:
         torch.library.define(qualname, schema)
         torch.library.register_kernel(qualname, ("cpu", "cuda"), kernel)
         torch.library.register_fake(qualname)(fake)
-    register_fused_autograd(
-        torch.ops.spinal_ops.triton_forward.default, torch.ops.spinal_ops.triton_backward.default, "triton"
-    )
+    register_fused_autograd(torch.ops.spinal_ops.triton_forward.default, torch.ops.spinal_ops.triton_backward.default)
 
 
 _EXTENSION: Support = _load_extension()

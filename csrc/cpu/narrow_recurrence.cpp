@@ -6,6 +6,8 @@
 
 #include <type_traits>
 
+#include "../message_text.h"
+
 namespace spinal_ops::cpu {
 namespace {
 
@@ -99,7 +101,7 @@ void backward_rows(const at::Tensor& grad_z, const std::vector<int64_t>& slot_of
 
 void check_narrow(const at::Tensor& weight_hidden, const std::vector<int64_t>& slot_offsets) {
   TORCH_CHECK(weight_hidden.size(-1) <= kNarrowMaxWidth, "spinal_ops: narrow recurrence needs w <= ",
-              kNarrowMaxWidth);
+              text(kNarrowMaxWidth));
   TORCH_CHECK(weight_hidden.is_contiguous() && weight_hidden.size(0) + 1 == static_cast<int64_t>(slot_offsets.size()),
               "spinal_ops: narrow recurrence needs contiguous [L-1, w, w] weights");
 }
