@@ -274,9 +274,11 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   const bool need_dz = mask[kGradX] || mask[kGradWeightIn] || mask[kGradWeightHidden] || mask[kGradBias];
   const int64_t batch = shape.batch, w = shape.layer_width, num_layers = shape.num_layers, hidden = shape.hidden();
 
-  // H = phi(Z), in layer order: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does.
-  const bool need_hidden = mask[kGradWeightHidden] || (projection && mask[kGradWeightOut]) ||
-                           (need_dz && uses_activation_output(act) && !uses_narrow_recurrence(shape, x));
+  // H = phi(Z), in layer order: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does (the
+  // narrow recurrence rebuilds h from Z for both itself).
+  const bool narrow = uses_narrow_recurrence(shape, x);
+  const bool need_hidden = (mask[kGradWeightHidden] && !narrow) || (projection && mask[kGradWeightOut]) ||
+                           (need_dz && uses_activation_output(act) && !narrow);
   at::Tensor hidden_act;
   if (need_hidden) {
     hidden_act = at::empty({batch, hidden}, options);
@@ -296,9 +298,10 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   } else {
     grad_z = to_group_major(grad_out.view({batch, num_layers, w}), 1, groups).reshape({batch, hidden}).clone();
   }
-  if (uses_narrow_recurrence(shape, x)) {
+  if (mask[kGradWeightHidden]) grads[kGradWeightHidden] = at::empty_like(weight_hidden);
+  if (narrow) {
     cpu::narrow_backward_recurrence(grad_z, groups.slot_offsets(w), pre_activation, weight_hidden, act,
-                                    negative_slope);
+                                    negative_slope, mask[kGradWeightHidden] ? grads[kGradWeightHidden] : at::Tensor());
   } else {
     at::Tensor next_dz;  // dz_{l+1}, carried so that each slot view is made once
     for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
@@ -310,8 +313,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     }
   }
 
-  if (mask[kGradWeightHidden]) {
-    grads[kGradWeightHidden] = at::empty_like(weight_hidden);
+  if (mask[kGradWeightHidden] && !narrow) {
     for (int64_t layer = 1; layer < num_layers; ++layer) {
       at::Tensor grad_r = grads[kGradWeightHidden][layer - 1];
       at::mm_out(grad_r, slot_columns(grad_z, layer).t(), hidden_act.narrow(1, (layer - 1) * w, w));

@@ -15,6 +15,14 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def _onnx_exporting() -> bool:
+    """ONNX has no fused spinal op: an exporter traces the reference, whose slices, GEMMs, adds and
+    activations are standard ONNX operators. (Every exporter traces, so an eager call skips
+    is_in_onnx_export(), which imports on each call.)"""
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return tracing and torch.onnx.is_in_onnx_export()
+
+
 def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, backend: str = "auto") -> torch.Tensor:
     """Run the layer described by ``config`` on ``x`` [..., N] -> [..., output_features].
 
@@ -26,12 +34,10 @@ def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, ba
         x = x.to(autocast_dtype)
         params = SpinalParams(*(None if p is None else p.to(autocast_dtype) for p in params))
     config.check_input(x, params)
-    # ONNX has no fused spinal op: an exporter traces the reference, whose slices, GEMMs, adds
-    # and activations are standard ONNX operators.
-    impl = select_backend("reference" if torch.onnx.is_in_onnx_export() else backend, config, x.dtype, x.device)
-    y = impl.forward(x.reshape(-1, config.in_features), params, config)
+    impl = select_backend("reference" if _onnx_exporting() else backend, config, x.dtype, x.device)
     if x.dim() == 2:
-        return y  # not a view: FSDP2 warns about modules returning views
+        return impl.forward(x, params, config)  # not a view: FSDP2 warns about modules returning views
+    y = impl.forward(x.reshape(-1, config.in_features), params, config)
     return y.reshape(*x.shape[:-1], config.output_features)
 
 

@@ -87,7 +87,10 @@ class SpinalLinear(nn.Module):
                     self.bias_out.uniform_(-bound, bound)
 
     def params(self) -> SpinalParams:
-        return SpinalParams(self.weight_in, self.weight_hidden, self.bias, self.weight_out, self.bias_out)
+        # Straight from the parameter dict: nn.Module.__getattr__ per name costs more than the rest of
+        # a small layer's Python.
+        p = self._parameters
+        return SpinalParams(p["weight_in"], p["weight_hidden"], p["bias"], p["weight_out"], p["bias_out"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return apply_spinal(x, self.params(), self.config, self.backend)

@@ -53,6 +53,30 @@ def test_wide_layers_one_gemm_per_layer(name):
     check_gradient_masks("cpu", config, "spinal_ops::fused_backward")
 
 
+@pytest.mark.parametrize("batch", [300, 5000])
+def test_narrow_recurrence_over_row_chunks(batch):
+    """w <= 32: the backward loop sums dR (weight_hidden's gradient) per fixed chunk of rows; with
+    several chunks it matches the reference and gives the same bits with one thread or two."""
+    config = build("k2_groups", "gelu")
+    assert config.layer_width <= 32 and config.num_layers > 1
+    check_backend("cpu", config, torch.float32, batch_shape=(batch,))
+    torch.manual_seed(0)
+    layer = SpinalLinear(config.in_features, config.out_features, layer_width=config.layer_width,
+                         num_layers=config.num_layers, split_size=config.split_size, activation="gelu", backend="cpu")
+    x = torch.randn(batch, config.in_features)
+    before = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            layer.zero_grad()
+            layer(x).square().sum().backward()
+            grads.append(layer.weight_hidden.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[1])
+
+
 # Window groupings of the hoisted chain: one group (k = 1), groups of several layers (k = 2, 3),
 # one layer per group (wrapping windows with N/gcd(N, s) > L), and no bias or no projection.
 MASK_CASES = ("k1", "k2_groups", "k3", "odd_N_wraps", "M_None", "no_bias")

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../message_text.h"
@@ -70,33 +71,66 @@ void forward_rows(const at::Tensor& products, const std::vector<int64_t>& slot_o
   });
 }
 
+// Rows per chunk of the backward: fixed by the batch, not by the thread count, so that the dR
+// partial sums (one per chunk, added in chunk order) give the same bits with any number of threads.
+int64_t backward_chunk_rows(int64_t rows) {
+  constexpr int64_t kMaxChunks = 64;  // bounds the partials' memory: 64 x (L-1) x w^2 values
+  return std::max(kRowGrain, (rows + kMaxChunks - 1) / kMaxChunks);
+}
+
 template <typename T, Activation kAct>
 void backward_rows(const at::Tensor& grad_z, const std::vector<int64_t>& slot_offsets,
-                   const at::Tensor& pre_activation, const at::Tensor& weight_hidden, T negative_slope) {
+                   const at::Tensor& pre_activation, const at::Tensor& weight_hidden, T negative_slope,
+                   const at::Tensor& grad_weight_hidden) {
   const int64_t rows = grad_z.size(0), num_layers = static_cast<int64_t>(slot_offsets.size());
   const int64_t w = weight_hidden.size(-1);
   const T* recurrent = weight_hidden.const_data_ptr<T>();
   const T* z_data = pre_activation.const_data_ptr<T>();
   T* grad_data = grad_z.mutable_data_ptr<T>();
   const int64_t grad_stride = grad_z.stride(0), z_stride = pre_activation.stride(0);
+  const bool want_dr = grad_weight_hidden.defined() && num_layers > 1;
+  const int64_t dr_size = (num_layers - 1) * w * w;
+  const int64_t chunk_rows = backward_chunk_rows(rows), chunks = (rows + chunk_rows - 1) / chunk_rows;
+  std::vector<T> partials(want_dr ? chunks * dr_size : 0, T(0));
 
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    T next[kNarrowMaxWidth];  // dz_{l+1}
-    for (int64_t row = begin; row < end; ++row) {
-      for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
-        T* dz = grad_data + row * grad_stride + slot_offsets[layer];
-        const T* z = z_data + row * z_stride + layer * w;
-        if (layer < num_layers - 1) {
-          const T* r = recurrent + layer * w * w;  // R_{l+1} = weight_hidden[l]: dz_l += dz_{l+1} @ R_{l+1}
-          for (int64_t k = 0; k < w; ++k) {
-            const T g = next[k];
-            for (int64_t j = 0; j < w; ++j) dz[j] += g * r[k * w + j];
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    T next[kNarrowMaxWidth];    // dz_{l+1}
+    T h_prev[kNarrowMaxWidth];  // h_{l-1} = phi(z_{l-1}), for dR_{l-1} += dz_l^T h_{l-1}
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      T* dr = want_dr ? partials.data() + chunk * dr_size : nullptr;
+      for (int64_t row = chunk * chunk_rows; row < std::min(rows, (chunk + 1) * chunk_rows); ++row) {
+        for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
+          T* dz = grad_data + row * grad_stride + slot_offsets[layer];
+          const T* z = z_data + row * z_stride + layer * w;
+          if (layer < num_layers - 1) {
+            const T* r = recurrent + layer * w * w;  // R_{l+1} = weight_hidden[l]: dz_l += dz_{l+1} @ R_{l+1}
+            for (int64_t k = 0; k < w; ++k) {
+              const T g = next[k];
+              for (int64_t j = 0; j < w; ++j) dz[j] += g * r[k * w + j];
+            }
+          }
+          for (int64_t j = 0; j < w; ++j) next[j] = dz[j] *= activate_grad(kAct, z[j], negative_slope);
+          if (dr && layer > 0) {
+            const T* z_prev = z - w;
+            for (int64_t k = 0; k < w; ++k) h_prev[k] = activate(kAct, z_prev[k], negative_slope);
+            T* d = dr + (layer - 1) * w * w;
+            for (int64_t j = 0; j < w; ++j) {
+              const T g = next[j];
+              for (int64_t k = 0; k < w; ++k) d[j * w + k] += g * h_prev[k];
+            }
           }
         }
-        for (int64_t j = 0; j < w; ++j) next[j] = dz[j] *= activate_grad(kAct, z[j], negative_slope);
       }
     }
   });
+  if (want_dr) {
+    T* out = grad_weight_hidden.mutable_data_ptr<T>();
+    std::fill(out, out + dr_size, T(0));  // no chunks at all for an empty batch
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const T* part = partials.data() + chunk * dr_size;
+      for (int64_t i = 0; i < dr_size; ++i) out[i] += part[i];
+    }
+  }
 }
 
 void check_narrow(const at::Tensor& weight_hidden, const std::vector<int64_t>& slot_offsets) {
@@ -124,12 +158,15 @@ void narrow_forward_recurrence(const at::Tensor& products, const std::vector<int
 
 void narrow_backward_recurrence(const at::Tensor& grad_z, const std::vector<int64_t>& slot_offsets,
                                 const at::Tensor& pre_activation, const at::Tensor& weight_hidden, Activation act,
-                                double negative_slope) {
+                                double negative_slope, const at::Tensor& grad_weight_hidden) {
   check_narrow(weight_hidden, slot_offsets);
+  TORCH_CHECK(!grad_weight_hidden.defined() ||
+                  (grad_weight_hidden.is_contiguous() && grad_weight_hidden.sizes() == weight_hidden.sizes()),
+              "spinal_ops: narrow recurrence needs a contiguous grad_weight_hidden shaped like weight_hidden");
   AT_DISPATCH_FLOATING_TYPES(grad_z.scalar_type(), "narrow_backward_recurrence", [&] {
     with_activation(act, [&](auto kAct) {
       backward_rows<scalar_t, decltype(kAct)::value>(grad_z, slot_offsets, pre_activation, weight_hidden,
-                                                     static_cast<scalar_t>(negative_slope));
+                                                     static_cast<scalar_t>(negative_slope), grad_weight_hidden);
     });
   });
 }

@@ -8,8 +8,10 @@
 // Scheme: at::parallel_for over row ranges; each row walks the L layers with h_{l-1} / dz_{l+1}
 // held in a w-element array on the stack, so the recurrence never leaves L1; the w x w weights
 // of R (a few KB at most) stay cached across rows. Per row and layer: w*w multiply-adds, w
-// activations. The input products (one GEMM per window group) and the output projection stay
-// on BLAS, which runs them well.
+// activations (and, in the backward with dR wanted, w*w more and w activations to rebuild h).
+// The backward splits the rows into chunks fixed by the batch, each with its own dR partial,
+// summed in chunk order: deterministic whatever the thread count. The input products (one GEMM
+// per window group) and the output projection stay on BLAS, which runs them well.
 //
 // Column layouts: `products` / `grad_z` hold layer l at column slot_offsets[l] (the chain's
 // group-major order); Z, and H where it is written separately, are in layer order.
@@ -37,8 +39,10 @@ void narrow_forward_recurrence(const at::Tensor& products, const std::vector<int
 
 // For every row r, from the last layer down: grad_z[r, slot_l] holds dH_l on entry and
 // dz_l = (dH_l + dz_{l+1} @ R_l) * phi'(z_l) on return, z_l read from pre_activation (layer order).
+// When grad_weight_hidden is defined it gets dR_{l-1} = sum_r dz_l^T h_{l-1} (h = phi(z)), summed
+// in the same pass: (L-1) w x w products that BLAS would run at a few GFLOP/s, one call each.
 void narrow_backward_recurrence(const at::Tensor& grad_z, const std::vector<int64_t>& slot_offsets,
                                 const at::Tensor& pre_activation, const at::Tensor& weight_hidden, Activation act,
-                                double negative_slope);
+                                double negative_slope, const at::Tensor& grad_weight_hidden);
 
 }  // namespace spinal_ops::cpu
