@@ -1,7 +1,7 @@
 // Autograd of the compiled op pairs (fused_*, hoisted_*), registered at the Autograd key.
 //
 // In C++ so that a training step runs no Python between the dispatcher and the kernels (the
-// Python registration, torch.library.register_autograd, cost ~0.3 ms per forward+backward on
+// Python registration, torch.library.register_autograd, cost ~0.5 ms per forward+backward on
 // CPU: more than the whole step of a small layer). Semantics, shared with the triton pair's
 // Python registration in spinal_ops/ops.py:
 // * the forward saves x, Z (its second output, never differentiated), weight_in, weight_hidden and
