@@ -39,19 +39,22 @@ enum class Pair { kFused, kHoisted };
 
 constexpr const char* pair_name(Pair pair) { return pair == Pair::kFused ? "fused" : "hoisted"; }
 
+// The op spinal_ops::<pair><suffix>, looked up once per (pair, direction) by the callers' statics.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(Pair pair, const char* suffix) {
+  const std::string name = std::string("spinal_ops::") + pair_name(pair) + suffix;
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").typed<Signature>();
+}
+
 template <Pair P>
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow((std::string("spinal_ops::") + pair_name(P) + "_forward").c_str(), "")
-                             .typed<ForwardSignature>();
+  static const auto op = find_op<ForwardSignature>(P, "_forward");
   return op;
 }
 
 template <Pair P>
 const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow((std::string("spinal_ops::") + pair_name(P) + "_backward").c_str(), "")
-                             .typed<BackwardSignature>();
+  static const auto op = find_op<BackwardSignature>(P, "_backward");
   return op;
 }
 
