@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <string_view>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define SPINAL_HOST_DEVICE __host__ __device__ __forceinline__
@@ -96,6 +97,22 @@ SPINAL_HOST_DEVICE T activate_grad(Activation act, T z, T negative_slope) {
     case Activation::Identity:
     default:
       return T(1);
+  }
+}
+
+// Calls f with the activation as a compile-time constant, so that phi inlines into the loops.
+template <typename F>
+void with_activation(Activation act, F&& f) {
+  using A = Activation;
+  switch (act) {
+    case A::ReLU: return f(std::integral_constant<A, A::ReLU>{});
+    case A::LeakyReLU: return f(std::integral_constant<A, A::LeakyReLU>{});
+    case A::GELU: return f(std::integral_constant<A, A::GELU>{});
+    case A::GELUTanh: return f(std::integral_constant<A, A::GELUTanh>{});
+    case A::SiLU: return f(std::integral_constant<A, A::SiLU>{});
+    case A::Tanh: return f(std::integral_constant<A, A::Tanh>{});
+    case A::Sigmoid: return f(std::integral_constant<A, A::Sigmoid>{});
+    case A::Identity: return f(std::integral_constant<A, A::Identity>{});
   }
 }
 

@@ -146,6 +146,16 @@ std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& x, const a
                                                     const OptionalTensor& weight_out, const OptionalTensor& bias_out,
                                                     c10::string_view activation, double negative_slope,
                                                     bool allow_tf32, bool keep_pre_activation) {
+  // Nothing to differentiate (no_grad, inference mode, no input requiring grad): call the op
+  // directly, without the autograd node and its saved state (a few µs per call).
+  const auto requires_grad = [](const OptionalTensor& t) { return t.has_value() && t->requires_grad(); };
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || weight_in.requires_grad() || weight_hidden.requires_grad() || requires_grad(bias) ||
+        requires_grad(weight_out) || requires_grad(bias_out))) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return forward_op<P>().call(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
+                                allow_tf32, keep_pre_activation);
+  }
   const variable_list outputs = SpinalFunction<P>::apply(x, weight_in, weight_hidden, bias, weight_out, bias_out,
                                                          activation, negative_slope, allow_tf32, keep_pre_activation);
   return {outputs[0], outputs[1]};

@@ -250,8 +250,9 @@ class RecordedOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 def check_tf32_choice_reaches_backward(backend: str, config: SpinalConfig, forward_op: str, backward_op: str,
                                        device="cpu") -> None:
-    """The forward reads ``torch.backends.cuda.matmul.allow_tf32`` once (float32) and the backward
-    op gets the forward's choice, even when the flag changed in between."""
+    """The forward reads ``torch.backends.cuda.matmul.allow_tf32`` once (float32 CUDA tensors; on
+    CPU tensors the choice is False, no CPU kernel has TF32) and the backward op gets the forward's
+    choice, even when the flag changed in between."""
     generator = torch.Generator().manual_seed(3)
     params = [None if p is None else p.to(device, torch.float32).requires_grad_() for p in random_params(config, generator)]
     x = torch.randn(4, config.in_features, generator=generator).to(device).requires_grad_()
@@ -264,9 +265,10 @@ def check_tf32_choice_reaches_backward(backend: str, config: SpinalConfig, forwa
             torch.backends.cuda.matmul.allow_tf32 = not at_forward
             with RecordedOps(backward_op) as backward_calls:
                 y.sum().backward()
-            assert [call["allow_tf32"] for call in forward_calls.arguments] == [at_forward], forward_calls.arguments
-            assert [call["allow_tf32"] for call in backward_calls.arguments] == [at_forward], (
-                f"{backend}: the backward ran with allow_tf32={not at_forward}, the forward with {at_forward}")
+            chosen = at_forward and torch.device(device).type == "cuda"
+            assert [call["allow_tf32"] for call in forward_calls.arguments] == [chosen], forward_calls.arguments
+            assert [call["allow_tf32"] for call in backward_calls.arguments] == [chosen], (
+                f"{backend}: the backward ran with allow_tf32={not chosen}, the forward with {chosen}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 

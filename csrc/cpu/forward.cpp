@@ -1,10 +1,12 @@
-// CPU kernel of spinal_ops::fused_forward: the hoisted chain (csrc/aten_chain.h) on BLAS.
+// CPU kernel of spinal_ops::fused_forward: narrow float32 layers on an AVX2 CPU run the fused
+// row-tile pass (narrow_chain.h); everything else the hoisted chain (csrc/aten_chain.h) on BLAS.
 //
 // bfloat16 is upcast to float32 on entry and rounded once on exit. Every ATen call inside is a
 // parallel region over torch.get_num_threads() threads.
 #include <torch/library.h>
 
 #include "dtypes.h"
+#include "narrow_chain.h"
 
 namespace spinal_ops::cpu {
 namespace {
@@ -19,9 +21,11 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
-  auto [out, pre_activation] = chain::hoisted_forward(
-      shape, to_compute(x), to_compute(weight_in), to_compute(weight_hidden), to_compute(bias),
-      to_compute(weight_out), to_compute(bias_out), act, negative_slope, keep_pre_activation);
+  const at::Tensor x_compute = to_compute(x);
+  const auto forward = uses_fused_narrow_forward(shape, x_compute) ? &fused_narrow_forward : &chain::hoisted_forward;
+  auto [out, pre_activation] =
+      forward(shape, x_compute, to_compute(weight_in), to_compute(weight_hidden), to_compute(bias),
+              to_compute(weight_out), to_compute(bias_out), act, negative_slope, keep_pre_activation);
   const auto dtype = x.scalar_type();
   return {out.to(dtype), pre_activation.to(dtype)};
 }

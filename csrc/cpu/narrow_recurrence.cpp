@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "../message_text.h"
 
@@ -14,22 +13,6 @@ namespace {
 
 // Rows per parallel task: enough work (rows * L * w^2 multiply-adds) to outweigh a task's start.
 constexpr int64_t kRowGrain = 64;
-
-// Calls f with the activation as a compile-time constant, so that phi inlines into the loops.
-template <typename F>
-void with_activation(Activation act, F&& f) {
-  using A = Activation;
-  switch (act) {
-    case A::ReLU: return f(std::integral_constant<A, A::ReLU>{});
-    case A::LeakyReLU: return f(std::integral_constant<A, A::LeakyReLU>{});
-    case A::GELU: return f(std::integral_constant<A, A::GELU>{});
-    case A::GELUTanh: return f(std::integral_constant<A, A::GELUTanh>{});
-    case A::SiLU: return f(std::integral_constant<A, A::SiLU>{});
-    case A::Tanh: return f(std::integral_constant<A, A::Tanh>{});
-    case A::Sigmoid: return f(std::integral_constant<A, A::Sigmoid>{});
-    case A::Identity: return f(std::integral_constant<A, A::Identity>{});
-  }
-}
 
 template <typename T, Activation kAct>
 void forward_rows(const at::Tensor& products, const std::vector<int64_t>& slot_offsets, const at::Tensor& weight_hidden,
