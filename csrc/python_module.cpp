@@ -4,6 +4,8 @@
 // (csrc/ops.cpp) and kernels (csrc/cpu/, csrc/cuda/) with the dispatcher.
 #include <Python.h>
 
+#include "cpu/narrow_chain.h"
+
 namespace {
 
 PyObject* cuda_compiled(PyObject*, PyObject*) {
@@ -14,8 +16,15 @@ PyObject* cuda_compiled(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* cpu_vector_kernels(PyObject*, PyObject*) {
+  if (spinal_ops::cpu::fused_narrow_kernels_run()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether the CUDA kernels were compiled into this build."},
+    {"cpu_vector_kernels", cpu_vector_kernels, METH_NOARGS,
+     "Whether the CPU op runs narrow float32 layers with its AVX2 kernels on this machine."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "spinal_ops compiled ops (registered with torch.library)", -1,

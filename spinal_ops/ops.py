@@ -185,6 +185,13 @@ def extension_status() -> Support:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_vector_kernels() -> bool:
+    """Whether the CPU op runs narrow float32 layers (w <= 32) with its AVX2+FMA kernels on this
+    machine; elsewhere (no AVX2, ``ATEN_CPU_CAPABILITY=default``) it runs the portable ATen chain."""
+    return bool(_EXTENSION) and bool(importlib.import_module("spinal_ops._C").cpu_vector_kernels())
+
+
+@functools.lru_cache(maxsize=None)
 def cuda_kernels_compiled() -> bool:
     """Whether the extension was built with the CUDA kernels (nvcc present at build time)."""
     return bool(_EXTENSION) and bool(importlib.import_module("spinal_ops._C").cuda_compiled())

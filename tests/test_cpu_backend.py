@@ -1,6 +1,10 @@
 """The fused C++ CPU op (backend="cpu") against the float64 reference (docs/contract.md §3, §4, §5):
 what is the cpu backend's own (gradcheck, bfloat16, the chain's width regimes, inference row blocks,
 output masks, double backward). What every backend must do is in tests/test_backends.py."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from contract import (
@@ -15,6 +19,7 @@ from contract import (
 )
 
 from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
+from spinal_ops.ops import cpu_vector_kernels
 
 # The edge-case matrix (tests/contract.py) with relu, and every activation on a case whose windows wrap.
 CPU_CASES = [pytest.param(name, "relu", id=name) for name in EDGE_CASES] + [
@@ -107,3 +112,36 @@ def test_double_backward_raises_a_clear_error():
     (grad_x,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported by the fused"):
         grad_x.sum().backward()
+
+
+# Narrow float32 layers (w <= 32, every edge case above) run the CPU op's AVX2 kernels
+# (csrc/cpu/narrow_chain.h) where PyTorch's own kernels use AVX2; elsewhere the portable ATen chain.
+def test_narrow_layers_take_the_vector_kernels_where_torch_uses_avx2():
+    assert cpu_vector_kernels() == (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+PORTABLE_CHAIN_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from contract import case_config, check_backend, check_gradient_masks
+from spinal_ops.ops import cpu_vector_kernels
+
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+assert not cpu_vector_kernels()
+for name in ("k2_groups", "odd_N_wraps", "M_None", "w1"):
+    config = case_config(name, activation="gelu", negative_slope=0.1)
+    check_backend("cpu", config, torch.float32, batch_shape=(37,))
+    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float32)
+print("portable chain ok")
+"""
+
+
+def test_portable_chain_where_torch_uses_no_avx2():
+    """ATEN_CPU_CAPABILITY=default (PyTorch's own switch for its vector kernels) turns the AVX2
+    kernels off: the portable chain runs and meets the same contract."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    script = PORTABLE_CHAIN_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "portable chain ok" in result.stdout

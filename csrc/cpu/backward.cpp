@@ -1,8 +1,10 @@
-// CPU kernel of spinal_ops::fused_backward: the hoisted chain's backward (csrc/aten_chain.h),
-// computing only the gradients output_mask asks for.
+// CPU kernel of spinal_ops::fused_backward: narrow float32 layers on an AVX2 CPU run the fused
+// row-tile pass (narrow_chain.h), everything else the hoisted chain's backward (csrc/aten_chain.h);
+// both compute only the gradients output_mask asks for.
 #include <torch/library.h>
 
 #include "dtypes.h"
+#include "narrow_chain.h"
 
 namespace spinal_ops::cpu {
 namespace {
@@ -14,10 +16,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const SpinalShape shape = check_backward_inputs(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out);
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
+  const at::Tensor x_compute = to_compute(x);
+  const auto backward = uses_fused_narrow_chain(shape, x_compute) ? &fused_narrow_backward : &chain::hoisted_backward;
   const std::array<at::Tensor, 6> grads =
-      chain::hoisted_backward(shape, to_compute(grad_out), to_compute(x), to_compute(pre_activation),
-                              to_compute(weight_in), to_compute(weight_hidden), to_compute(weight_out), act,
-                              negative_slope, output_mask);
+      backward(shape, to_compute(grad_out), x_compute, to_compute(pre_activation), to_compute(weight_in),
+               to_compute(weight_hidden), to_compute(weight_out), act, negative_slope, output_mask);
   const auto dtype = x.scalar_type();
   return {grads[0].to(dtype), grads[1].to(dtype), grads[2].to(dtype),
           grads[3].to(dtype), grads[4].to(dtype), grads[5].to(dtype)};

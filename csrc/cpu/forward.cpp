@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
   const at::Tensor x_compute = to_compute(x);
-  const auto forward = uses_fused_narrow_forward(shape, x_compute) ? &fused_narrow_forward : &chain::hoisted_forward;
+  const auto forward = uses_fused_narrow_chain(shape, x_compute) ? &fused_narrow_forward : &chain::hoisted_forward;
   auto [out, pre_activation] =
       forward(shape, x_compute, to_compute(weight_in), to_compute(weight_hidden), to_compute(bias),
               to_compute(weight_out), to_compute(bias_out), act, negative_slope, keep_pre_activation);

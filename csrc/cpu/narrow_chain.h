@@ -1,24 +1,37 @@
-// The whole forward of a narrow spinal layer (w <= kNarrowMaxWidth, float32) as one pass over
-// row tiles, vectorised for AVX2+FMA: no ATen call between reading x and writing y.
+// A narrow spinal layer (w <= kNarrowMaxWidth, float32) forward and backward, each as one pass
+// over row tiles vectorised for AVX2+FMA: no ATen call between reading the inputs and writing
+// the results.
 //
 // Why: at w = 8 (the paper's MNIST layer) every GEMM of the hoisted ATen chain has 8..24 output
 // columns, which BLAS runs at a fraction of its speed, and at small batch the chain's ~25 ATen
-// calls cost more than the math. Here each tile of kTileRows rows goes through every stage while
-// it is in L1:
+// calls (forward) and ~40 (backward) cost more than the math. Here each tile of kTileRows = 4
+// rows goes through every stage while it is in L1.
 //
-//   1. input products: for each window group (layers g, g+p, ... reading the same columns, as
-//      in csrc/aten_chain.h) P[rows, group columns] = bias + x[rows, window] @ A_group^T, with
-//      A_group^T packed once per call as [s, columns rounded up to 8] panels;
-//   2. recurrence, row by row: z_l = P_l + h_{l-1} @ R_{l-1}^T, h_l = phi(z_l) (Z written out
-//      when training);
-//   3. output projection: y[rows, M] = b_out + H[rows, L*w] @ W_out^T, with W_out^T packed as
-//      [L*w, M rounded up to 8]; without projection h_l goes straight to out.
+// Column layout (narrow_layout.h): layers g, g+p, ... read the same window (p = N / gcd(N, s), as
+// in csrc/aten_chain.h) and form a group; a row's per-layer values (P, dZ) are kept group-major,
+// each group's columns rounded up to a whole vector, so that a group is one panel product.
 //
-// Register tiling of stages 1 and 3 (panel_product): kTileRows = 4 rows by up to 3 vectors of 8
-// columns = 12 ymm accumulators, one broadcast per row and one load per vector for every k; the
-// weights (a few tens of KB for the layers this path takes) stay in L1/L2 across tiles.
-// Launch: at::parallel_for over tiles (torch.get_num_threads() threads); a tile's rows past the
-// batch read the batch's last row and are not written.
+// Forward (narrow_chain_forward.cpp), per tile:
+//   1. P[rows, group] = bias + x[rows, window] @ A_group^T, A^T packed once per call as [s, columns];
+//   2. the recurrence row by row, z_l in registers: z_l = P_l + h_{l-1} @ R_{l-1}^T, h_l = phi(z_l)
+//      (Z written out when training);
+//   3. y[rows, M] = b_out + H[rows, L*w] @ W_out^T (W_out^T packed [L*w, M rounded up to 8]);
+//      without projection h_l goes straight to out.
+//   Launch: at::parallel_for over tiles, 16 tiles per task at least.
+//
+// Backward (narrow_chain_backward.cpp), over chunks of rows fixed by the batch
+// (backward_chunk_rows: the weight gradients are per-chunk partial sums added in chunk order, so
+// the bits do not depend on the thread count), each in blocks of 64 rows:
+//   per tile: dH = G @ W_out; per row, from the last layer down, dz_l = (dH_l + dz_{l+1} @ R_{l+1})
+//   * phi'(z_l) in registers, dR_{l-1} += dz_l^T h_{l-1}; dx[rows, window] += dZ_g @ A_g per group;
+//   per block: dW_in_g^T += x_window^T @ dZ_g (x's window columns broadcast, dZ rows the
+//   vectors), dW_out += G^T @ H, db and db_out as column sums.
+//   Only what output_mask asks for is computed.
+//
+// Register tiling of every product (avx2_tiles.h, panel_product): 4 rows by up to 3 vectors of 8
+// columns = 12 ymm accumulators for the whole reduction, one broadcast per row and one load per
+// vector per step; the weights (tens of KB for the layers this path takes) stay in L1/L2. A tile's
+// rows past the batch read the batch's last row and are not written.
 //
 // The path runs where the CPU has AVX2 and FMA and PyTorch's own kernels use them
 // (torch.backends.cpu.get_cpu_capability() is not "DEFAULT"; ATEN_CPU_CAPABILITY=default
@@ -27,16 +40,21 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
 #include "../activation.h"
 #include "../spinal_shape.h"
+#include "narrow_recurrence.h"
 
 namespace spinal_ops::cpu {
 
-// Whether fused_narrow_forward runs this call (dtype, width, CPU features).
-bool uses_fused_narrow_forward(const SpinalShape& shape, const at::Tensor& x);
+// Whether this machine runs the fused narrow kernels (AVX2 and FMA, and PyTorch's own kernels use them).
+bool fused_narrow_kernels_run();
+
+// Whether the fused narrow kernels run this call (dtype, width, CPU features).
+bool uses_fused_narrow_chain(const SpinalShape& shape, const at::Tensor& x);
 
 // (out, pre_activation) as chain::hoisted_forward returns them; x and the parameters are
 // contiguous float32.
@@ -46,5 +64,13 @@ std::tuple<at::Tensor, at::Tensor> fused_narrow_forward(const SpinalShape& shape
                                                         const std::optional<at::Tensor>& weight_out,
                                                         const std::optional<at::Tensor>& bias_out, Activation act,
                                                         double negative_slope, bool keep_pre_activation);
+
+// The gradients as chain::hoisted_backward returns them (an empty [0] tensor where mask is false);
+// every tensor contiguous float32.
+std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const at::Tensor& grad_out,
+                                                const at::Tensor& x, const at::Tensor& pre_activation,
+                                                const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+                                                const std::optional<at::Tensor>& weight_out, Activation act,
+                                                double negative_slope, const std::array<bool, 6>& mask);
 
 }  // namespace spinal_ops::cpu

@@ -11,9 +11,6 @@
 namespace spinal_ops::cpu {
 namespace {
 
-// Rows per parallel task: enough work (rows * L * w^2 multiply-adds) to outweigh a task's start.
-constexpr int64_t kRowGrain = 64;
-
 template <typename T, Activation kAct>
 void forward_rows(const at::Tensor& products, const std::vector<int64_t>& slot_offsets, const at::Tensor& weight_hidden,
                   T negative_slope, const at::Tensor& pre_activation, const at::Tensor& hidden,
@@ -29,7 +26,7 @@ void forward_rows(const at::Tensor& products, const std::vector<int64_t>& slot_o
   const int64_t product_stride = products.stride(0), hidden_stride = hidden.stride(0);
   const int64_t z_stride = z_data ? pre_activation.stride(0) : 0;
 
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, kNarrowRowGrain, [&](int64_t begin, int64_t end) {
     T previous[kNarrowMaxWidth];
     T z[kNarrowMaxWidth];
     for (int64_t row = begin; row < end; ++row) {
@@ -52,13 +49,6 @@ void forward_rows(const at::Tensor& products, const std::vector<int64_t>& slot_o
       }
     }
   });
-}
-
-// Rows per chunk of the backward: fixed by the batch, not by the thread count, so that the dR
-// partial sums (one per chunk, added in chunk order) give the same bits with any number of threads.
-int64_t backward_chunk_rows(int64_t rows) {
-  constexpr int64_t kMaxChunks = 64;  // bounds the partials' memory: 64 x (L-1) x w^2 values
-  return std::max(kRowGrain, (rows + kMaxChunks - 1) / kMaxChunks);
 }
 
 template <typename T, Activation kAct>

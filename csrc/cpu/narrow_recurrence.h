@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "../activation.h"
@@ -27,6 +28,18 @@ namespace spinal_ops::cpu {
 
 // Widest layer the loops handle (the per-row arrays live on the stack).
 constexpr int64_t kNarrowMaxWidth = 32;
+
+// Rows per parallel task: enough work (rows * L * w^2 multiply-adds) to outweigh a task's start.
+constexpr int64_t kNarrowRowGrain = 64;
+
+// Rows per chunk of a backward pass (here and in narrow_chain.h): fixed by the batch, not by the
+// thread count, so that the weight-gradient partials (one per chunk, added in chunk order) give
+// the same bits with any number of threads.
+inline int64_t backward_chunk_rows(int64_t rows) {
+  constexpr int64_t kMaxChunks = 64;       // bounds the partials' memory: 64 x the weights' size
+  constexpr int64_t kMinChunkRows = 256;   // and their zeroing and summing next to the rows' work
+  return std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
+}
 
 // For every row r: z_l = products[r, slot_l] + h_{l-1} @ R_{l-1}^T (l > 0), h_l = phi(z_l).
 // z_l goes to pre_activation[r, l*w:] when it is defined (training), h_l to

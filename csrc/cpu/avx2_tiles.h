@@ -1,0 +1,171 @@
+// AVX2+FMA building blocks of the fused narrow-layer kernels (narrow_chain_forward.cpp,
+// narrow_chain_backward.cpp): a register-tiled small-matrix product and vectorised activations.
+//
+// Only functions marked SPINAL_AVX2 are compiled for AVX2 and FMA; the rest of the extension stays
+// portable. They run only after cpu_has_avx2_fma() said yes.
+#pragma once
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPINAL_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#define SPINAL_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define SPINAL_HAVE_AVX2_PATH 0
+#endif
+
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "../activation.h"
+
+namespace spinal_ops::cpu {
+
+constexpr int64_t kTileRows = 4;  // rows of a register tile
+constexpr int64_t kLanes = 8;     // floats per ymm register
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Whether the AVX2 kernels may run: the CPU has AVX2 and FMA and PyTorch's own kernels use them
+// (torch.backends.cpu.get_cpu_capability(); ATEN_CPU_CAPABILITY=default turns both off).
+inline bool cpu_has_avx2_fma() {
+#if SPINAL_HAVE_AVX2_PATH
+  static const bool has = [] {
+    const std::string capability = at::get_cpu_capability();
+    return (capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+#if SPINAL_HAVE_AVX2_PATH
+
+// c[i, 0:8V) += sum_k a[i][k * a_step] * b[k * ldb + 0:8V) for the kTileRows rows i: kTileRows x V
+// accumulators in registers for the whole k loop (V <= 3: 12 of the 16 ymm registers), one
+// broadcast per row and one load per vector for every k. a_step = 1 reads rows of a row-major A;
+// a_step = lda reads its columns (A^T: the weight-gradient products, summed over rows).
+template <int V>
+SPINAL_AVX2 inline void panel_product(const float* const* a, int64_t a_step, int64_t depth, const float* b,
+                                      int64_t ldb, float* c, int64_t ldc) {
+  // Loops over r and v are unrolled so that the accumulators are registers, not stack slots.
+  __m256 acc[kTileRows][V];
+#pragma GCC unroll 4
+  for (int r = 0; r < kTileRows; ++r) {
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_loadu_ps(c + r * ldc + v * kLanes);
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    __m256 bk[V];
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) bk[v] = _mm256_loadu_ps(b + k * ldb + v * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a[r] + k * a_step);
+#pragma GCC unroll 3
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(ar, bk[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kTileRows; ++r) {
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(c + r * ldc + v * kLanes, acc[r][v]);
+  }
+}
+
+// c[i, 0:columns) += A[i, 0:depth) @ b[depth, columns] for kTileRows rows (columns a multiple of
+// 8; b's rows ldb apart), in panels of 3 vectors and a last one of 1 or 2.
+SPINAL_AVX2 inline void tile_product(const float* const* a, int64_t a_step, int64_t depth, const float* b,
+                                     int64_t ldb, int64_t columns, float* c, int64_t ldc) {
+  int64_t column = 0;
+  for (; column + 3 * kLanes <= columns; column += 3 * kLanes) {
+    panel_product<3>(a, a_step, depth, b + column, ldb, c + column, ldc);
+  }
+  if (columns - column == 2 * kLanes) panel_product<2>(a, a_step, depth, b + column, ldb, c + column, ldc);
+  if (columns - column == kLanes) panel_product<1>(a, a_step, depth, b + column, ldb, c + column, ldc);
+}
+
+// c[i, 0:columns) += sum_k A[i, k] * b[k, 0:columns) for i < out_rows (a multiple of kTileRows),
+// A[i, k] = a[i + k * lda] (A^T read from a row-major [depth, lda] array): a weight gradient, the
+// sum over the rows of a block. Column panels outer, so that each panel of b (depth x 24 floats)
+// stays in L1 while every group of kTileRows output rows reads it.
+SPINAL_AVX2 inline void transposed_product(const float* a, int64_t lda, int64_t out_rows, int64_t depth,
+                                           const float* b, int64_t ldb, int64_t columns, float* c, int64_t ldc) {
+  for (int64_t column = 0; column < columns; column += 3 * kLanes) {
+    const int64_t vectors = std::min<int64_t>(3, (columns - column) / kLanes);
+    for (int64_t i = 0; i < out_rows; i += kTileRows) {
+      const float* rows[kTileRows] = {a + i, a + i + 1, a + i + 2, a + i + 3};
+      float* out = c + i * ldc + column;
+      if (vectors == 3) panel_product<3>(rows, lda, depth, b + column, ldb, out, ldc);
+      if (vectors == 2) panel_product<2>(rows, lda, depth, b + column, ldb, out, ldc);
+      if (vectors == 1) panel_product<1>(rows, lda, depth, b + column, ldb, out, ldc);
+    }
+  }
+}
+
+// Lanes [0, count) set (count may exceed 8: all set): the mask of masked loads and stores of a
+// vector that holds the last columns of a w-wide row.
+SPINAL_AVX2 inline __m256i first_lanes(int64_t count) {
+  const __m256i lane_ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count < kLanes ? count : kLanes)), lane_ids);
+}
+
+// Loads and stores of the vector holding a row's columns [8v, 8v+8) of a w-wide layer: plain when
+// the vector is whole (every lane a column of the layer), masked otherwise (mask: first_lanes).
+// Masked ones only where needed: on some cores they do not forward from recent stores, and a
+// masked store costs several plain ones.
+SPINAL_AVX2 inline __m256 load_layer_vector(const float* p, __m256i mask, bool whole) {
+  return whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
+}
+
+SPINAL_AVX2 inline void store_layer_vector(float* p, __m256i mask, bool whole, __m256 value) {
+  if (whole) {
+    _mm256_storeu_ps(p, value);
+  } else {
+    _mm256_maskstore_ps(p, mask, value);
+  }
+}
+
+// phi(z): ReLU, leaky ReLU and identity in registers, the others lane by lane (libm).
+template <Activation kAct>
+SPINAL_AVX2 inline __m256 activate_vector(__m256 z, float negative_slope) {
+  if constexpr (kAct == Activation::ReLU) {
+    return _mm256_max_ps(_mm256_setzero_ps(), z);  // max returns its second operand for a NaN: kept
+  } else if constexpr (kAct == Activation::LeakyReLU) {
+    const __m256 positive = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
+    return _mm256_blendv_ps(_mm256_mul_ps(z, _mm256_set1_ps(negative_slope)), z, positive);
+  } else if constexpr (kAct == Activation::Identity) {
+    return z;
+  } else {
+    alignas(32) float lanes[kLanes];
+    _mm256_store_ps(lanes, z);
+    for (float& lane : lanes) lane = activate(kAct, lane, negative_slope);
+    return _mm256_load_ps(lanes);
+  }
+}
+
+// dz * phi'(z), with phi' as activate_grad (ReLU passes the gradient where z is NaN, as torch does).
+template <Activation kAct>
+SPINAL_AVX2 inline __m256 times_activation_grad(__m256 dz, __m256 z, float negative_slope) {
+  if constexpr (kAct == Activation::ReLU) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LE_OQ), dz);
+  } else if constexpr (kAct == Activation::LeakyReLU) {
+    const __m256 positive = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GT_OQ);
+    return _mm256_blendv_ps(_mm256_mul_ps(dz, _mm256_set1_ps(negative_slope)), dz, positive);
+  } else if constexpr (kAct == Activation::Identity) {
+    return dz;
+  } else {
+    alignas(32) float lanes[kLanes];
+    _mm256_store_ps(lanes, z);
+    for (float& lane : lanes) lane = activate_grad(kAct, lane, negative_slope);
+    return _mm256_mul_ps(dz, _mm256_load_ps(lanes));
+  }
+}
+
+#endif  // SPINAL_HAVE_AVX2_PATH
+
+}  // namespace spinal_ops::cpu

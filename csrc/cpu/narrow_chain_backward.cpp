@@ -1,0 +1,404 @@
+// Fused backward of narrow layers on AVX2 (scheme in narrow_chain.h).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../message_text.h"
+#include "narrow_chain.h"
+#include "narrow_layout.h"
+
+namespace spinal_ops::cpu {
+namespace {
+
+constexpr int64_t kBlockRows = 64;  // rows per block of a chunk: bounds the block buffers
+
+// Gradient slots of fused_backward, in schema order.
+enum Slot : int { kX, kWeightIn, kWeightHidden, kBias, kWeightOut, kBiasOut };
+
+// Offsets of the gradients in one chunk's partial sums (a single float array per chunk): dW_in^T
+// [split_rows, layout.columns] (group-major columns), dW_hidden [L-1, w, width_padded], db
+// [layout.columns], dW_out [out_rows, hidden_padded], db_out [M].
+struct PartialLayout {
+  int64_t weight_in, weight_hidden, bias, weight_out, bias_out, size;
+};
+
+// The packed weights, the tensors' data pointers and what to compute.
+struct BackwardPlan {
+  SpinalShape shape;
+  NarrowLayout layout;
+  std::array<bool, 6> mask;
+  bool need_dz;                      // any of dx, dW_in, dW_hidden, db
+  bool need_hidden;                  // h = phi(z) for dW_hidden or dW_out
+  int64_t width_padded;              // w rounded up to 8
+  int64_t split_padded;              // s rounded up to 8
+  int64_t split_rows;                // s rounded up to kTileRows (rows of dW_in^T's partial)
+  int64_t hidden_padded;             // L*w rounded up to 8
+  int64_t out_rows;                  // M rounded up to kTileRows (rows of dW_out's partial)
+  std::vector<float> output_weights; // [M, hidden_padded]: W_out rows, zero-padded (dH = G @ W_out)
+  std::vector<float> recurrent;      // [L-1, w, width_padded]: R_l rows, zero-padded (dz_l += dz_{l+1} @ R_{l+1})
+  std::vector<float> input_weights;  // [layout.columns, split_padded]: A rows, group-major (dx_window += dZ_g @ A_g)
+  PartialLayout partial;
+  const float* grad_out = nullptr;   // G [B, M], or dH [B, L*w] without projection
+  const float* x = nullptr;
+  const float* z = nullptr;          // Z [B, L*w]
+  float* grad_x = nullptr;
+  float negative_slope = 0;
+
+  BackwardPlan(const SpinalShape& shape_, const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+               const std::optional<at::Tensor>& weight_out, const std::array<bool, 6>& mask_)
+      : shape(shape_),
+        layout(shape_),
+        mask(mask_),
+        need_dz(mask_[kX] || mask_[kWeightIn] || mask_[kWeightHidden] || mask_[kBias]),
+        need_hidden((mask_[kWeightHidden] && shape_.num_layers > 1) || (weight_out && mask_[kWeightOut])),
+        width_padded(round_up(shape_.layer_width, kLanes)),
+        split_padded(round_up(shape_.split_size, kLanes)),
+        split_rows(round_up(shape_.split_size, kTileRows)),
+        hidden_padded(round_up(shape_.hidden(), kLanes)),
+        out_rows(round_up(shape_.out_features, kTileRows)) {
+    const int64_t s = shape.split_size, w = shape.layer_width, hidden = shape.hidden();
+    if (weight_out) {
+      output_weights.assign(shape.out_features * hidden_padded, 0.f);
+      const float* wo = weight_out->const_data_ptr<float>();
+      for (int64_t o = 0; o < shape.out_features; ++o) {
+        std::copy_n(wo + o * hidden, hidden, output_weights.begin() + o * hidden_padded);
+      }
+    }
+    recurrent.assign((shape.num_layers - 1) * w * width_padded, 0.f);
+    const float* r = weight_hidden.const_data_ptr<float>();
+    for (int64_t row = 0; row < (shape.num_layers - 1) * w; ++row) {
+      std::copy_n(r + row * w, w, recurrent.begin() + row * width_padded);
+    }
+    if (mask[kX]) {
+      input_weights.assign(layout.columns * split_padded, 0.f);
+      const float* a = weight_in.const_data_ptr<float>();
+      for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+        for (int64_t c = 0; c < w; ++c) {
+          std::copy_n(a + (layer * w + c) * s, s, input_weights.begin() + (layout.layer_column[layer] + c) * split_padded);
+        }
+      }
+    }
+    partial.weight_in = 0;
+    partial.weight_hidden = partial.weight_in + (mask[kWeightIn] ? split_rows * layout.columns : 0);
+    partial.bias = partial.weight_hidden + (mask[kWeightHidden] ? (shape.num_layers - 1) * w * width_padded : 0);
+    partial.weight_out = partial.bias + (mask[kBias] ? layout.columns : 0);
+    const bool projection = weight_out.has_value();
+    partial.bias_out = partial.weight_out + (projection && mask[kWeightOut] ? out_rows * hidden_padded : 0);
+    partial.size = partial.bias_out + (projection && mask[kBiasOut] ? shape.out_features : 0);
+  }
+
+  bool projection() const { return !output_weights.empty(); }
+  int64_t grad_out_width() const { return shape.output_width(); }
+};
+
+// Whether a group's window is whole vectors of x that do not wrap: then the products read and
+// write x's rows in place (s a multiple of 8 and the window within [0, N)).
+bool window_is_whole_vectors(const SpinalShape& shape, const WindowGroup& group) {
+  return group.head == shape.split_size && shape.split_size % kLanes == 0;
+}
+
+#if SPINAL_HAVE_AVX2_PATH
+
+// Buffers of one parallel task, for a block of up to kBlockRows rows.
+struct BlockBuffers {
+  std::vector<float> grad_z;       // [kBlockRows, layout.columns], group-major; padding columns stay 0
+  std::vector<float> hidden;       // [kBlockRows, hidden_padded]: h = phi(z), layer order
+  std::vector<float> grad_hidden;  // [kTileRows, hidden_padded]: dH = G @ W_out of a tile
+  std::vector<float> product;      // [kTileRows, split_padded]: dZ_g @ A_g of a tile (dx)
+  std::vector<float> grad_out;     // [kBlockRows, out_rows]: G of a block, zero-padded (dW_out)
+  explicit BlockBuffers(const BackwardPlan& plan)
+      : grad_z(kBlockRows * plan.layout.columns + kLanes, 0.f),
+        hidden(kBlockRows * plan.hidden_padded + kLanes, 0.f),
+        grad_hidden(kTileRows * plan.hidden_padded + kLanes, 0.f),
+        product(kTileRows * plan.split_padded),
+        grad_out(kBlockRows * plan.out_rows, 0.f) {}
+};
+
+// One row, from the last layer down: dz_l = (dH_l + dz_{l+1} @ R_{l+1}) * phi'(z_l), with dz in WV
+// vector registers (lanes past w masked off on every load and store); dR_{l-1} += dz_l^T h_{l-1}
+// into the chunk's partial. h (this row's phi(Z), layer order) is written first when needed.
+template <Activation kAct, int WV>
+SPINAL_AVX2 void backward_row(const BackwardPlan& plan, const float* grad_hidden, const float* z, float* grad_z,
+                              float* hidden, float* grad_recurrent) {
+  const int64_t w = plan.shape.layer_width, padded = plan.width_padded, num_layers = plan.shape.num_layers;
+  __m256i masks[WV];
+  bool whole[WV];
+#pragma GCC unroll 4
+  for (int v = 0; v < WV; ++v) {
+    masks[v] = first_lanes(w - v * kLanes);
+    whole[v] = w - v * kLanes >= kLanes;
+  }
+  if (plan.need_hidden) {
+    for (int64_t layer = 0; layer < num_layers; ++layer) {
+#pragma GCC unroll 4
+      for (int v = 0; v < WV; ++v) {
+        const __m256 zv = load_layer_vector(z + layer * w + v * kLanes, masks[v], whole[v]);
+        store_layer_vector(hidden + layer * w + v * kLanes, masks[v], whole[v],
+                           activate_vector<kAct>(zv, plan.negative_slope));
+      }
+    }
+  }
+  if (!plan.need_dz) return;
+  alignas(32) float next[WV * kLanes];  // dz_{l+1}, read back lane by lane for the broadcasts
+  for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
+    __m256 acc[WV];
+#pragma GCC unroll 4
+    for (int v = 0; v < WV; ++v) acc[v] = load_layer_vector(grad_hidden + layer * w + v * kLanes, masks[v], whole[v]);
+    if (layer + 1 < num_layers) {
+      const float* r = plan.recurrent.data() + layer * w * padded;  // R_{l+1} = weight_hidden[l]
+      for (int64_t k = 0; k < w; ++k) {
+        const __m256 gk = _mm256_broadcast_ss(next + k);
+#pragma GCC unroll 4
+        for (int v = 0; v < WV; ++v) acc[v] = _mm256_fmadd_ps(gk, _mm256_loadu_ps(r + k * padded + v * kLanes), acc[v]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < WV; ++v) {
+      const __m256 zv = load_layer_vector(z + layer * w + v * kLanes, masks[v], whole[v]);
+      acc[v] = times_activation_grad<kAct>(acc[v], zv, plan.negative_slope);
+      store_layer_vector(grad_z + plan.layout.layer_column[layer] + v * kLanes, masks[v], whole[v], acc[v]);
+      _mm256_store_ps(next + v * kLanes, acc[v]);
+    }
+    if (grad_recurrent && layer > 0) {
+      __m256 h_previous[WV];
+#pragma GCC unroll 4
+      for (int v = 0; v < WV; ++v) {
+        h_previous[v] = load_layer_vector(hidden + (layer - 1) * w + v * kLanes, masks[v], whole[v]);
+      }
+      float* d = grad_recurrent + (layer - 1) * w * padded;
+      for (int64_t j = 0; j < w; ++j) {
+        const __m256 gj = _mm256_broadcast_ss(next + j);
+#pragma GCC unroll 4
+        for (int v = 0; v < WV; ++v) {
+          float* dv = d + j * padded + v * kLanes;
+          _mm256_storeu_ps(dv, _mm256_fmadd_ps(gj, h_previous[v], _mm256_loadu_ps(dv)));
+        }
+      }
+    }
+  }
+}
+
+// A tile of up to kTileRows rows (first_row.. of the block starting at block_row): dH, the row
+// recurrences, and dx = sum over groups of dZ_g @ A_g added into the window's columns.
+template <Activation kAct>
+SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int64_t first_row, int64_t rows,
+                               BlockBuffers& buffers, float* partial) {
+  const SpinalShape& shape = plan.shape;
+  const int64_t n = shape.in_features, s = shape.split_size, w = shape.layer_width, columns = plan.layout.columns;
+  const int64_t out_width = plan.grad_out_width(), hidden_width = shape.hidden();
+  const int64_t row0 = block_row + first_row;  // global row of the tile's first row
+  const float* grad_hidden_rows[kTileRows];
+  if (plan.projection()) {
+    std::fill(buffers.grad_hidden.begin(), buffers.grad_hidden.end(), 0.f);
+    const float* a[kTileRows];
+    for (int64_t r = 0; r < kTileRows; ++r) a[r] = plan.grad_out + (row0 + std::min(r, rows - 1)) * out_width;
+    tile_product(a, 1, shape.out_features, plan.output_weights.data(), plan.hidden_padded, plan.hidden_padded,
+                 buffers.grad_hidden.data(), plan.hidden_padded);
+    for (int64_t r = 0; r < kTileRows; ++r) grad_hidden_rows[r] = buffers.grad_hidden.data() + r * plan.hidden_padded;
+  } else {
+    for (int64_t r = 0; r < kTileRows; ++r) grad_hidden_rows[r] = plan.grad_out + (row0 + std::min(r, rows - 1)) * hidden_width;
+  }
+  float* grad_recurrent = plan.mask[kWeightHidden] ? partial + plan.partial.weight_hidden : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t block_r = first_row + r;
+    const float* z = plan.z + (row0 + r) * hidden_width;
+    float* grad_z = buffers.grad_z.data() + block_r * columns;
+    float* hidden = buffers.hidden.data() + block_r * plan.hidden_padded;
+    switch (plan.width_padded / kLanes) {
+      case 1: backward_row<kAct, 1>(plan, grad_hidden_rows[r], z, grad_z, hidden, grad_recurrent); break;
+      case 2: backward_row<kAct, 2>(plan, grad_hidden_rows[r], z, grad_z, hidden, grad_recurrent); break;
+      case 3: backward_row<kAct, 3>(plan, grad_hidden_rows[r], z, grad_z, hidden, grad_recurrent); break;
+      default: backward_row<kAct, 4>(plan, grad_hidden_rows[r], z, grad_z, hidden, grad_recurrent); break;
+    }
+  }
+  if (!plan.mask[kX]) return;
+  // dx = sum over groups of dZ_g @ A_g in the window's columns: straight into dx where the window
+  // is whole vectors that do not wrap and the tile is full, else through a scratch row.
+  for (int64_t r = 0; r < rows; ++r) std::fill_n(plan.grad_x + (row0 + r) * n, n, 0.f);
+  for (const WindowGroup& group : plan.layout.groups) {
+    const float* a[kTileRows];
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      a[r] = buffers.grad_z.data() + (first_row + std::min(r, rows - 1)) * columns + group.tile_column;
+    }
+    const float* weights = plan.input_weights.data() + group.tile_column * plan.split_padded;
+    if (rows == kTileRows && window_is_whole_vectors(shape, group)) {
+      tile_product(a, 1, group.num_layers * w, weights, plan.split_padded, s, plan.grad_x + row0 * n + group.start, n);
+      continue;
+    }
+    float* product = buffers.product.data();
+    std::fill(buffers.product.begin(), buffers.product.end(), 0.f);
+    tile_product(a, 1, group.num_layers * w, weights, plan.split_padded, plan.split_padded, product,
+                 plan.split_padded);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* dx = plan.grad_x + (row0 + r) * n;
+      const float* p = product + r * plan.split_padded;
+      for (int64_t k = 0; k < group.head; ++k) dx[group.start + k] += p[k];
+      for (int64_t k = group.head; k < s; ++k) dx[k - group.head] += p[k];
+    }
+  }
+}
+
+// The weight and bias gradients of a block of rows, added into the chunk's partial: dW_in_g +=
+// dZ_g^T @ x_window and dW_out += G^T @ H as panel products over the block's rows (A read by
+// columns), db += column sums of dZ, db_out += column sums of G.
+SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row, int64_t rows, BlockBuffers& buffers,
+                                    float* partial) {
+  const SpinalShape& shape = plan.shape;
+  const int64_t n = shape.in_features, s = shape.split_size, columns = plan.layout.columns;
+  const int64_t out_width = plan.grad_out_width();
+  if (plan.mask[kWeightIn]) {
+    // dW_in_g^T [s, group columns] += x_window^T @ dZ_g: the window's columns of x are broadcast
+    // (one pointer per column: a wrapped window needs no copy), dZ_g's rows are the vectors.
+    const float* x_block = plan.x + block_row * n;
+    const float* grad_z = buffers.grad_z.data();
+    float* grad_in = partial + plan.partial.weight_in;
+    for (const WindowGroup& group : plan.layout.groups) {
+      for (int64_t j = 0; j < s; j += kTileRows) {
+        const float* a[kTileRows];
+        for (int64_t i = 0; i < kTileRows; ++i) {  // columns past s (rows of the padding) read column j
+          const int64_t column = j + i < s ? j + i : j;
+          a[i] = x_block + (column < group.head ? group.start + column : column - group.head);
+        }
+        tile_product(a, n, rows, grad_z + group.tile_column, columns, group.columns,
+                     grad_in + j * columns + group.tile_column, columns);
+      }
+    }
+  }
+  if (plan.mask[kBias]) {
+    float* db = partial + plan.partial.bias;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* g = buffers.grad_z.data() + r * columns;
+      for (int64_t c = 0; c < columns; ++c) db[c] += g[c];
+    }
+  }
+  if (!plan.projection()) return;
+  const float* grad_out = plan.grad_out + block_row * out_width;
+  if (plan.mask[kWeightOut]) {
+    // G's block, its rows padded to out_rows columns (zeros): dW_out's rows past M read those.
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(grad_out + r * out_width, shape.out_features, buffers.grad_out.begin() + r * plan.out_rows);
+    }
+    transposed_product(buffers.grad_out.data(), plan.out_rows, plan.out_rows, rows, buffers.hidden.data(),
+                       plan.hidden_padded, plan.hidden_padded, partial + plan.partial.weight_out,
+                       plan.hidden_padded);
+  }
+  if (plan.mask[kBiasOut]) {
+    float* db_out = partial + plan.partial.bias_out;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t m = 0; m < shape.out_features; ++m) db_out[m] += grad_out[r * out_width + m];
+    }
+  }
+}
+
+template <Activation kAct>
+void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<float>& partials) {
+  const int64_t batch = plan.shape.batch, chunks = (batch + chunk_rows - 1) / chunk_rows;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    BlockBuffers buffers(plan);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      float* partial = partials.data() + chunk * plan.partial.size;
+      const int64_t chunk_end_row = std::min(batch, (chunk + 1) * chunk_rows);
+      for (int64_t block_row = chunk * chunk_rows; block_row < chunk_end_row; block_row += kBlockRows) {
+        const int64_t block = std::min(kBlockRows, chunk_end_row - block_row);
+        for (int64_t first = 0; first < block; first += kTileRows) {
+          backward_tile<kAct>(plan, block_row, first, std::min(kTileRows, block - first), buffers, partial);
+        }
+        block_weight_grads(plan, block_row, block, buffers, partial);
+      }
+    }
+  });
+}
+
+#endif  // SPINAL_HAVE_AVX2_PATH
+
+// The summed partials, unpadded and in layer order, into the gradient tensors the mask asks for.
+void write_weight_grads(const BackwardPlan& plan, const float* total, std::array<at::Tensor, 6>& grads) {
+  const SpinalShape& shape = plan.shape;
+  const int64_t s = shape.split_size, w = shape.layer_width, num_layers = shape.num_layers;
+  if (plan.mask[kWeightIn]) {
+    float* out = grads[kWeightIn].mutable_data_ptr<float>();
+    for (int64_t layer = 0; layer < num_layers; ++layer) {
+      for (int64_t c = 0; c < w; ++c) {
+        const float* column = total + plan.partial.weight_in + plan.layout.layer_column[layer] + c;  // of dW_in^T
+        float* row = out + (layer * w + c) * s;
+        for (int64_t k = 0; k < s; ++k) row[k] = column[k * plan.layout.columns];
+      }
+    }
+  }
+  if (plan.mask[kWeightHidden]) {
+    float* out = grads[kWeightHidden].mutable_data_ptr<float>();
+    for (int64_t row = 0; row < (num_layers - 1) * w; ++row) {
+      std::copy_n(total + plan.partial.weight_hidden + row * plan.width_padded, w, out + row * w);
+    }
+  }
+  if (plan.mask[kBias]) {
+    float* out = grads[kBias].mutable_data_ptr<float>();
+    for (int64_t layer = 0; layer < num_layers; ++layer) {
+      std::copy_n(total + plan.partial.bias + plan.layout.layer_column[layer], w, out + layer * w);
+    }
+  }
+  if (plan.projection() && plan.mask[kWeightOut]) {
+    float* out = grads[kWeightOut].mutable_data_ptr<float>();
+    for (int64_t m = 0; m < shape.out_features; ++m) {
+      std::copy_n(total + plan.partial.weight_out + m * plan.hidden_padded, shape.hidden(), out + m * shape.hidden());
+    }
+  }
+  if (plan.projection() && plan.mask[kBiasOut]) {
+    std::copy_n(total + plan.partial.bias_out, shape.out_features, grads[kBiasOut].mutable_data_ptr<float>());
+  }
+}
+
+}  // namespace
+
+std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const at::Tensor& grad_out,
+                                                const at::Tensor& x, const at::Tensor& pre_activation,
+                                                const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+                                                const std::optional<at::Tensor>& weight_out, Activation act,
+                                                double negative_slope, const std::array<bool, 6>& mask) {
+  TORCH_CHECK(uses_fused_narrow_chain(shape, x), "spinal_ops: the fused narrow backward needs float32, w <= ",
+              text(kNarrowMaxWidth), " and a CPU with AVX2 and FMA");
+  const auto options = x.options();
+  const bool projection = weight_out.has_value();
+  std::array<at::Tensor, 6> grads;
+  const at::Tensor* likes[6] = {&x, &weight_in, &weight_hidden, nullptr, projection ? &*weight_out : nullptr, nullptr};
+  for (int slot = 0; slot < 6; ++slot) {
+    const bool wanted = mask[slot] && (slot < kWeightOut || projection);
+    if (!wanted) {
+      grads[slot] = at::empty({0}, options);
+    } else if (slot == kBias) {
+      grads[slot] = at::empty({shape.num_layers, shape.layer_width}, options);
+    } else if (slot == kBiasOut) {
+      grads[slot] = at::empty({shape.out_features}, options);
+    } else {
+      grads[slot] = at::empty_like(*likes[slot]);
+    }
+  }
+  std::array<bool, 6> wanted_mask = mask;
+  if (!projection) wanted_mask[kWeightOut] = wanted_mask[kBiasOut] = false;
+  BackwardPlan plan(shape, weight_in, weight_hidden, weight_out, wanted_mask);
+  const int64_t chunk_rows = backward_chunk_rows(shape.batch);
+  const int64_t chunks = (shape.batch + chunk_rows - 1) / chunk_rows;
+  std::vector<float> partials(chunks * plan.partial.size, 0.f);
+#if SPINAL_HAVE_AVX2_PATH
+  if (shape.batch > 0) {
+    plan.grad_out = grad_out.const_data_ptr<float>();
+    plan.x = x.const_data_ptr<float>();
+    plan.z = pre_activation.const_data_ptr<float>();
+    plan.grad_x = mask[kX] ? grads[kX].mutable_data_ptr<float>() : nullptr;
+    plan.negative_slope = static_cast<float>(negative_slope);
+    with_activation(act, [&](auto kAct) { backward_chunks<decltype(kAct)::value>(plan, chunk_rows, partials); });
+  }
+#endif
+  // Chunks added in chunk order: the same bits whatever the thread count.
+  std::vector<float> total(plan.partial.size, 0.f);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const float* part = partials.data() + chunk * plan.partial.size;
+    for (int64_t i = 0; i < plan.partial.size; ++i) total[i] += part[i];
+  }
+  write_weight_grads(plan, total.data(), grads);
+  return grads;
+}
+
+}  // namespace spinal_ops::cpu

@@ -1,0 +1,220 @@
+// Fused forward of narrow layers on AVX2 (scheme in narrow_chain.h).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../message_text.h"
+#include "narrow_chain.h"
+#include "narrow_layout.h"
+
+namespace spinal_ops::cpu {
+namespace {
+
+constexpr int64_t kTileGrain = 16;  // tiles per parallel task: 64 rows
+
+// Everything a tile reads: the packed weights and the tensors' data pointers.
+struct Plan {
+  SpinalShape shape;
+  NarrowLayout layout;
+  int64_t width_padded;               // w rounded up to 8: the recurrence's vector width
+  int64_t out_padded = 0;             // M rounded up to 8 (0 without projection)
+  std::vector<float> input_panels;    // per group [s, group.columns] at s * group.tile_column: A^T side by side
+  std::vector<float> input_bias;      // [layout.columns], zero where there is no bias
+  std::vector<float> recurrent_t;     // [L-1, w, width_padded]: R_l^T, rows zero-padded
+  std::vector<float> output_panel;    // [L*w, out_padded]: W_out^T
+  std::vector<float> output_bias;     // [out_padded]
+  const float* x = nullptr;
+  float* out = nullptr;
+  float* pre_activation = nullptr;    // Z, when training
+  float negative_slope = 0;
+
+  Plan(const SpinalShape& shape_, const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight_out,
+       const std::optional<at::Tensor>& bias_out)
+      : shape(shape_), layout(shape_), width_padded(round_up(shape_.layer_width, kLanes)) {
+    const int64_t s = shape.split_size, w = shape.layer_width, hidden = shape.hidden();
+    input_panels.assign(s * layout.columns, 0.f);
+    input_bias.assign(layout.columns, 0.f);
+    const float* a = weight_in.const_data_ptr<float>();
+    const float* b = bias ? bias->const_data_ptr<float>() : nullptr;
+    for (const WindowGroup& group : layout.groups) {
+      float* panel = input_panels.data() + s * group.tile_column;
+      for (int64_t j = 0; j < group.num_layers; ++j) {
+        const int64_t layer = layout.layer(group, j);
+        for (int64_t c = 0; c < w; ++c) {
+          const float* a_row = a + (layer * w + c) * s;
+          for (int64_t k = 0; k < s; ++k) panel[k * group.columns + j * w + c] = a_row[k];
+          if (b) input_bias[layout.layer_column[layer] + c] = b[layer * w + c];
+        }
+      }
+    }
+    recurrent_t.assign((shape.num_layers - 1) * w * width_padded, 0.f);
+    const float* r = weight_hidden.const_data_ptr<float>();
+    for (int64_t layer = 0; layer + 1 < shape.num_layers; ++layer) {
+      for (int64_t j = 0; j < w; ++j) {
+        for (int64_t k = 0; k < w; ++k) recurrent_t[(layer * w + k) * width_padded + j] = r[(layer * w + j) * w + k];
+      }
+    }
+    if (weight_out) {
+      const int64_t m = shape.out_features;
+      out_padded = round_up(m, kLanes);
+      output_panel.assign(hidden * out_padded, 0.f);
+      const float* wo = weight_out->const_data_ptr<float>();
+      for (int64_t o = 0; o < m; ++o) {
+        for (int64_t k = 0; k < hidden; ++k) output_panel[k * out_padded + o] = wo[o * hidden + k];
+      }
+      output_bias.assign(out_padded, 0.f);
+      if (bias_out) std::copy_n(bias_out->const_data_ptr<float>(), m, output_bias.begin());
+    }
+  }
+};
+
+#if SPINAL_HAVE_AVX2_PATH
+
+// One row's recurrence: z_l = P_l + h_{l-1} @ R_{l-1}^T, h_l = phi(z_l), for l = 0..L-1, with z_l in
+// WV vector registers (lanes past w are padding: computed, never stored). h_l goes to h[l*w:],
+// z_l to z[l*w:] when z is given.
+template <Activation kAct, int WV>
+SPINAL_AVX2 void recurrence_row(const Plan& plan, const float* products, float* h, float* z) {
+  const int64_t w = plan.shape.layer_width, padded = plan.width_padded;
+  const __m256i last_mask = first_lanes(w - (WV - 1) * kLanes);
+  const bool last_whole = w % kLanes == 0;
+  alignas(32) float previous[WV * kLanes];  // h_{l-1}, read back lane by lane for the broadcasts
+  for (int64_t layer = 0; layer < plan.shape.num_layers; ++layer) {
+    __m256 acc[WV];
+    const float* p = products + plan.layout.layer_column[layer];
+#pragma GCC unroll 4
+    for (int v = 0; v < WV; ++v) acc[v] = _mm256_loadu_ps(p + v * kLanes);
+    if (layer > 0) {
+      const float* rt = plan.recurrent_t.data() + (layer - 1) * w * padded;
+      for (int64_t k = 0; k < w; ++k) {
+        const __m256 hk = _mm256_broadcast_ss(previous + k);
+#pragma GCC unroll 4
+        for (int v = 0; v < WV; ++v) acc[v] = _mm256_fmadd_ps(hk, _mm256_loadu_ps(rt + k * padded + v * kLanes), acc[v]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < WV; ++v) {
+      const bool whole = v < WV - 1 || last_whole;
+      if (z) store_layer_vector(z + layer * w + v * kLanes, last_mask, whole, acc[v]);
+      const __m256 hv = activate_vector<kAct>(acc[v], plan.negative_slope);
+      store_layer_vector(h + layer * w + v * kLanes, last_mask, whole, hv);
+      _mm256_store_ps(previous + v * kLanes, hv);
+    }
+  }
+}
+
+// Scratch of one parallel task: the tile's products, hidden activations and outputs.
+struct TileBuffers {
+  std::vector<float> products;  // [kTileRows, layout.columns]
+  std::vector<float> hidden;    // [kTileRows, L*w]
+  std::vector<float> outputs;   // [kTileRows, out_padded]
+  explicit TileBuffers(const Plan& plan)
+      // kLanes more: the recurrence loads whole vectors from a layer's w columns.
+      : products(kTileRows * plan.layout.columns + kLanes),
+        hidden(kTileRows * plan.shape.hidden()),
+        outputs(kTileRows * plan.out_padded) {}
+};
+
+template <Activation kAct>
+SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& buffers) {
+  const SpinalShape& shape = plan.shape;
+  const int64_t n = shape.in_features, hidden_width = shape.hidden(), columns = plan.layout.columns;
+  const int64_t rows = std::min(kTileRows, shape.batch - first_row);
+  const bool projection = plan.out_padded > 0;
+  const float* x_rows[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) x_rows[r] = plan.x + (first_row + std::min(r, rows - 1)) * n;
+
+  // 1. P = bias + x[:, window] @ A^T, one panel product per window group (two where it wraps).
+  float* products = buffers.products.data();
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    std::memcpy(products + r * columns, plan.input_bias.data(), columns * sizeof(float));
+  }
+  for (const WindowGroup& group : plan.layout.groups) {
+    const float* panel = plan.input_panels.data() + shape.split_size * group.tile_column;
+    const float* a[kTileRows];
+    for (int64_t r = 0; r < kTileRows; ++r) a[r] = x_rows[r] + group.start;
+    tile_product(a, 1, group.head, panel, group.columns, group.columns, products + group.tile_column, columns);
+    if (group.head < shape.split_size) {
+      for (int64_t r = 0; r < kTileRows; ++r) a[r] = x_rows[r];
+      tile_product(a, 1, shape.split_size - group.head, panel + group.head * group.columns, group.columns,
+                   group.columns, products + group.tile_column, columns);
+    }
+  }
+
+  // 2. The recurrence, row by row; h_l lands in the tile's H (projection) or in out.
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = first_row + r;
+    float* h = projection ? buffers.hidden.data() + r * hidden_width : plan.out + row * hidden_width;
+    float* z = plan.pre_activation ? plan.pre_activation + row * hidden_width : nullptr;
+    const float* row_products = products + r * columns;
+    switch (plan.width_padded / kLanes) {
+      case 1: recurrence_row<kAct, 1>(plan, row_products, h, z); break;
+      case 2: recurrence_row<kAct, 2>(plan, row_products, h, z); break;
+      case 3: recurrence_row<kAct, 3>(plan, row_products, h, z); break;
+      default: recurrence_row<kAct, 4>(plan, row_products, h, z); break;
+    }
+  }
+  if (!projection) return;
+
+  // 3. y = b_out + H @ W_out^T.
+  float* outputs = buffers.outputs.data();
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    std::memcpy(outputs + r * plan.out_padded, plan.output_bias.data(), plan.out_padded * sizeof(float));
+  }
+  const float* a[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) a[r] = buffers.hidden.data() + std::min(r, rows - 1) * hidden_width;
+  tile_product(a, 1, hidden_width, plan.output_panel.data(), plan.out_padded, plan.out_padded, outputs,
+               plan.out_padded);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(plan.out + (first_row + r) * shape.out_features, outputs + r * plan.out_padded,
+                shape.out_features * sizeof(float));
+  }
+}
+
+template <Activation kAct>
+void forward_tiles(const Plan& plan) {
+  const int64_t tiles = (plan.shape.batch + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, tiles, kTileGrain, [&](int64_t begin, int64_t end) {
+    TileBuffers buffers(plan);
+    for (int64_t tile = begin; tile < end; ++tile) forward_tile<kAct>(plan, tile * kTileRows, buffers);
+  });
+}
+
+#endif  // SPINAL_HAVE_AVX2_PATH
+
+}  // namespace
+
+bool fused_narrow_kernels_run() { return cpu_has_avx2_fma(); }
+
+bool uses_fused_narrow_chain(const SpinalShape& shape, const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && shape.layer_width <= kNarrowMaxWidth && cpu_has_avx2_fma();
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_narrow_forward(const SpinalShape& shape, const at::Tensor& x,
+                                                        const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const std::optional<at::Tensor>& weight_out,
+                                                        const std::optional<at::Tensor>& bias_out, Activation act,
+                                                        double negative_slope, bool keep_pre_activation) {
+  TORCH_CHECK(uses_fused_narrow_chain(shape, x), "spinal_ops: the fused narrow forward needs float32, w <= ",
+              text(kNarrowMaxWidth), " and a CPU with AVX2 and FMA");
+  const auto options = x.options();
+  at::Tensor out = at::empty({shape.batch, shape.output_width()}, options);
+  at::Tensor pre_activation = keep_pre_activation ? at::empty({shape.batch, shape.hidden()}, options)
+                                                  : at::empty({0}, options);
+  if (shape.batch == 0) return {out, pre_activation};
+#if SPINAL_HAVE_AVX2_PATH
+  Plan plan(shape, weight_in, weight_hidden, bias, weight_out, bias_out);
+  plan.x = x.const_data_ptr<float>();
+  plan.out = out.mutable_data_ptr<float>();
+  plan.pre_activation = keep_pre_activation ? pre_activation.mutable_data_ptr<float>() : nullptr;
+  plan.negative_slope = static_cast<float>(negative_slope);
+  with_activation(act, [&](auto kAct) { forward_tiles<decltype(kAct)::value>(plan); });
+#endif
+  return {out, pre_activation};
+}
+
+}  // namespace spinal_ops::cpu
