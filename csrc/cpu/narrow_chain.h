@@ -1,4 +1,4 @@
-// A narrow spinal layer (w <= kNarrowMaxWidth, float32) forward and backward, each as one pass
+// A narrow spinal layer (w <= kFusedMaxWidth, float32) forward and backward, each as one pass
 // over row tiles vectorised for AVX2+FMA: no ATen call between reading the inputs and writing
 // the results.
 //
@@ -13,8 +13,9 @@
 //
 // Forward (narrow_chain_forward.cpp), per tile:
 //   1. P[rows, group] = bias + x[rows, window] @ A_group^T, A^T packed once per call as [s, columns];
-//   2. the recurrence row by row, z_l in registers: z_l = P_l + h_{l-1} @ R_{l-1}^T, h_l = phi(z_l)
-//      (Z written out when training);
+//   2. the recurrence a layer at a time: z_l = P_l + h_{l-1} @ R_{l-1}^T as a product over the
+//      tile's rows (four independent rows hide the FMA latency), then Z (when training) and
+//      h_l = phi(z_l) row by row;
 //   3. y[rows, M] = b_out + H[rows, L*w] @ W_out^T (W_out^T packed [L*w, M rounded up to 8]);
 //      without projection h_l goes straight to out.
 //   Launch: at::parallel_for over tiles, 16 tiles per task at least.
@@ -22,10 +23,10 @@
 // Backward (narrow_chain_backward.cpp), over chunks of rows fixed by the batch
 // (backward_chunk_rows: the weight gradients are per-chunk partial sums added in chunk order, so
 // the bits do not depend on the thread count), each in blocks of 64 rows:
-//   per tile: dH = G @ W_out; per row, from the last layer down, dz_l = (dH_l + dz_{l+1} @ R_{l+1})
-//   * phi'(z_l) in registers, dR_{l-1} += dz_l^T h_{l-1}; dx[rows, window] += dZ_g @ A_g per group;
+//   per tile: dH = G @ W_out; h = phi(Z) where a weight gradient needs it; from the last layer
+//   down, dz_l = (dH_l + dz_{l+1} @ R_{l+1}) * phi'(z_l); dx[rows, window] += dZ_g @ A_g per group;
 //   per block: dW_in_g^T += x_window^T @ dZ_g (x's window columns broadcast, dZ rows the
-//   vectors), dW_out += G^T @ H, db and db_out as column sums.
+//   vectors), dR_{l-1} += dz_l^T @ h_{l-1}, dW_out += G^T @ H, db and db_out as column sums.
 //   Only what output_mask asks for is computed.
 //
 // Register tiling of every product (avx2_tiles.h, panel_product): 4 rows by up to 3 vectors of 8
@@ -49,6 +50,11 @@
 #include "narrow_recurrence.h"
 
 namespace spinal_ops::cpu {
+
+// Widest layer the fused kernels take. Measured on vgg5 (w = 128), 1 thread: at batch 64 the
+// fused pass is slower than the chain (E 2.4 vs 1.4 inference: repacking 0.5 MB of weights per
+// call), at 4096 no faster; w <= 32 is where it wins (mnist, w = 8: 2x).
+constexpr int64_t kFusedMaxWidth = 32;
 
 // Whether this machine runs the fused narrow kernels (AVX2 and FMA, and PyTorch's own kernels use them).
 bool fused_narrow_kernels_run();

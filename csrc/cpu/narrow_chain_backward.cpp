@@ -18,7 +18,7 @@ constexpr int64_t kBlockRows = 64;  // rows per block of a chunk: bounds the blo
 enum Slot : int { kX, kWeightIn, kWeightHidden, kBias, kWeightOut, kBiasOut };
 
 // Offsets of the gradients in one chunk's partial sums (a single float array per chunk): dW_in^T
-// [split_rows, layout.columns] (group-major columns), dW_hidden [L-1, w, width_padded], db
+// [split_rows, layout.columns] (group-major columns), dW_hidden [L-1, width_rows, width_padded], db
 // [layout.columns], dW_out [out_rows, hidden_padded], db_out [M].
 struct PartialLayout {
   int64_t weight_in, weight_hidden, bias, weight_out, bias_out, size;
@@ -32,6 +32,7 @@ struct BackwardPlan {
   bool need_dz;                      // any of dx, dW_in, dW_hidden, db
   bool need_hidden;                  // h = phi(z) for dW_hidden or dW_out
   int64_t width_padded;              // w rounded up to 8
+  int64_t width_rows;                // w rounded up to kTileRows (rows of dW_hidden's partial)
   int64_t split_padded;              // s rounded up to 8
   int64_t split_rows;                // s rounded up to kTileRows (rows of dW_in^T's partial)
   int64_t hidden_padded;             // L*w rounded up to 8
@@ -54,6 +55,7 @@ struct BackwardPlan {
         need_dz(mask_[kX] || mask_[kWeightIn] || mask_[kWeightHidden] || mask_[kBias]),
         need_hidden((mask_[kWeightHidden] && shape_.num_layers > 1) || (weight_out && mask_[kWeightOut])),
         width_padded(round_up(shape_.layer_width, kLanes)),
+        width_rows(round_up(shape_.layer_width, kTileRows)),
         split_padded(round_up(shape_.split_size, kLanes)),
         split_rows(round_up(shape_.split_size, kTileRows)),
         hidden_padded(round_up(shape_.hidden(), kLanes)),
@@ -82,7 +84,7 @@ struct BackwardPlan {
     }
     partial.weight_in = 0;
     partial.weight_hidden = partial.weight_in + (mask[kWeightIn] ? split_rows * layout.columns : 0);
-    partial.bias = partial.weight_hidden + (mask[kWeightHidden] ? (shape.num_layers - 1) * w * width_padded : 0);
+    partial.bias = partial.weight_hidden + (mask[kWeightHidden] ? (shape.num_layers - 1) * width_rows * width_padded : 0);
     partial.weight_out = partial.bias + (mask[kBias] ? layout.columns : 0);
     const bool projection = weight_out.has_value();
     partial.bias_out = partial.weight_out + (projection && mask[kWeightOut] ? out_rows * hidden_padded : 0);
@@ -106,89 +108,30 @@ struct BlockBuffers {
   std::vector<float> grad_z;       // [kBlockRows, layout.columns], group-major; padding columns stay 0
   std::vector<float> hidden;       // [kBlockRows, hidden_padded]: h = phi(z), layer order
   std::vector<float> grad_hidden;  // [kTileRows, hidden_padded]: dH = G @ W_out of a tile
+  std::vector<float> grad_z_tile;  // [kTileRows, width_padded]: one layer's dz of a tile
   std::vector<float> product;      // [kTileRows, split_padded]: dZ_g @ A_g of a tile (dx)
   std::vector<float> grad_out;     // [kBlockRows, out_rows]: G of a block, zero-padded (dW_out)
   explicit BlockBuffers(const BackwardPlan& plan)
       : grad_z(kBlockRows * plan.layout.columns + kLanes, 0.f),
         hidden(kBlockRows * plan.hidden_padded + kLanes, 0.f),
         grad_hidden(kTileRows * plan.hidden_padded + kLanes, 0.f),
+        grad_z_tile(kTileRows * plan.width_padded),
         product(kTileRows * plan.split_padded),
         grad_out(kBlockRows * plan.out_rows, 0.f) {}
 };
 
-// One row, from the last layer down: dz_l = (dH_l + dz_{l+1} @ R_{l+1}) * phi'(z_l), with dz in WV
-// vector registers (lanes past w masked off on every load and store); dR_{l-1} += dz_l^T h_{l-1}
-// into the chunk's partial. h (this row's phi(Z), layer order) is written first when needed.
-template <Activation kAct, int WV>
-SPINAL_AVX2 void backward_row(const BackwardPlan& plan, const float* grad_hidden, const float* z, float* grad_z,
-                              float* hidden, float* grad_recurrent) {
-  const int64_t w = plan.shape.layer_width, padded = plan.width_padded, num_layers = plan.shape.num_layers;
-  __m256i masks[WV];
-  bool whole[WV];
-#pragma GCC unroll 4
-  for (int v = 0; v < WV; ++v) {
-    masks[v] = first_lanes(w - v * kLanes);
-    whole[v] = w - v * kLanes >= kLanes;
-  }
-  if (plan.need_hidden) {
-    for (int64_t layer = 0; layer < num_layers; ++layer) {
-#pragma GCC unroll 4
-      for (int v = 0; v < WV; ++v) {
-        const __m256 zv = load_layer_vector(z + layer * w + v * kLanes, masks[v], whole[v]);
-        store_layer_vector(hidden + layer * w + v * kLanes, masks[v], whole[v],
-                           activate_vector<kAct>(zv, plan.negative_slope));
-      }
-    }
-  }
-  if (!plan.need_dz) return;
-  alignas(32) float next[WV * kLanes];  // dz_{l+1}, read back lane by lane for the broadcasts
-  for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
-    __m256 acc[WV];
-#pragma GCC unroll 4
-    for (int v = 0; v < WV; ++v) acc[v] = load_layer_vector(grad_hidden + layer * w + v * kLanes, masks[v], whole[v]);
-    if (layer + 1 < num_layers) {
-      const float* r = plan.recurrent.data() + layer * w * padded;  // R_{l+1} = weight_hidden[l]
-      for (int64_t k = 0; k < w; ++k) {
-        const __m256 gk = _mm256_broadcast_ss(next + k);
-#pragma GCC unroll 4
-        for (int v = 0; v < WV; ++v) acc[v] = _mm256_fmadd_ps(gk, _mm256_loadu_ps(r + k * padded + v * kLanes), acc[v]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int v = 0; v < WV; ++v) {
-      const __m256 zv = load_layer_vector(z + layer * w + v * kLanes, masks[v], whole[v]);
-      acc[v] = times_activation_grad<kAct>(acc[v], zv, plan.negative_slope);
-      store_layer_vector(grad_z + plan.layout.layer_column[layer] + v * kLanes, masks[v], whole[v], acc[v]);
-      _mm256_store_ps(next + v * kLanes, acc[v]);
-    }
-    if (grad_recurrent && layer > 0) {
-      __m256 h_previous[WV];
-#pragma GCC unroll 4
-      for (int v = 0; v < WV; ++v) {
-        h_previous[v] = load_layer_vector(hidden + (layer - 1) * w + v * kLanes, masks[v], whole[v]);
-      }
-      float* d = grad_recurrent + (layer - 1) * w * padded;
-      for (int64_t j = 0; j < w; ++j) {
-        const __m256 gj = _mm256_broadcast_ss(next + j);
-#pragma GCC unroll 4
-        for (int v = 0; v < WV; ++v) {
-          float* dv = d + j * padded + v * kLanes;
-          _mm256_storeu_ps(dv, _mm256_fmadd_ps(gj, h_previous[v], _mm256_loadu_ps(dv)));
-        }
-      }
-    }
-  }
-}
-
-// A tile of up to kTileRows rows (first_row.. of the block starting at block_row): dH, the row
-// recurrences, and dx = sum over groups of dZ_g @ A_g added into the window's columns.
+// A tile of up to kTileRows rows (first_row.. of the block starting at block_row): dH, h = phi(Z)
+// where needed, the recurrence a layer at a time from the last one down (dz_l = (dH_l + dz_{l+1}
+// @ R_{l+1}) * phi'(z_l): the product over the tile's rows, the rest row by row), and dx = sum over
+// groups of dZ_g @ A_g added into the window's columns. Lanes past w are computed, never stored.
 template <Activation kAct>
 SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int64_t first_row, int64_t rows,
-                               BlockBuffers& buffers, float* partial) {
+                               BlockBuffers& buffers) {
   const SpinalShape& shape = plan.shape;
   const int64_t n = shape.in_features, s = shape.split_size, w = shape.layer_width, columns = plan.layout.columns;
-  const int64_t out_width = plan.grad_out_width(), hidden_width = shape.hidden();
+  const int64_t out_width = plan.grad_out_width(), hidden_width = shape.hidden(), padded = plan.width_padded;
   const int64_t row0 = block_row + first_row;  // global row of the tile's first row
+  const __m256i last_mask = first_lanes(w - (padded - kLanes));
   const float* grad_hidden_rows[kTileRows];
   if (plan.projection()) {
     std::fill(buffers.grad_hidden.begin(), buffers.grad_hidden.end(), 0.f);
@@ -200,17 +143,43 @@ SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int6
   } else {
     for (int64_t r = 0; r < kTileRows; ++r) grad_hidden_rows[r] = plan.grad_out + (row0 + std::min(r, rows - 1)) * hidden_width;
   }
-  float* grad_recurrent = plan.mask[kWeightHidden] ? partial + plan.partial.weight_hidden : nullptr;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t block_r = first_row + r;
-    const float* z = plan.z + (row0 + r) * hidden_width;
-    float* grad_z = buffers.grad_z.data() + block_r * columns;
-    float* hidden = buffers.hidden.data() + block_r * plan.hidden_padded;
-    switch (plan.width_padded / kLanes) {
-      case 1: backward_row<kAct, 1>(plan, grad_hidden_rows[r], z, grad_z, hidden, grad_recurrent); break;
-      case 2: backward_row<kAct, 2>(plan, grad_hidden_rows[r], z, grad_z, hidden, grad_recurrent); break;
-      case 3: backward_row<kAct, 3>(plan, grad_hidden_rows[r], z, grad_z, hidden, grad_recurrent); break;
-      default: backward_row<kAct, 4>(plan, grad_hidden_rows[r], z, grad_z, hidden, grad_recurrent); break;
+  if (plan.need_hidden) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* z = plan.z + (row0 + r) * hidden_width;
+      float* hidden = buffers.hidden.data() + (first_row + r) * plan.hidden_padded;
+      for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+        for (int64_t v = 0; v < padded; v += kLanes) {
+          const bool whole = v + kLanes <= w;
+          const __m256 zv = load_layer_vector(z + layer * w + v, last_mask, whole);
+          store_layer_vector(hidden + layer * w + v, last_mask, whole, activate_vector<kAct>(zv, plan.negative_slope));
+        }
+      }
+    }
+  }
+  if (!plan.need_dz) return;
+  float* grad_z_tile = buffers.grad_z_tile.data();
+  float* grad_z_rows[kTileRows];  // this tile's rows of the block's dZ (group-major)
+  for (int64_t r = 0; r < kTileRows; ++r) grad_z_rows[r] = buffers.grad_z.data() + (first_row + std::min(r, rows - 1)) * columns;
+  for (int64_t layer = shape.num_layers - 1; layer >= 0; --layer) {
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      for (int64_t v = 0; v < padded; v += kLanes) {
+        const __m256 dh = load_layer_vector(grad_hidden_rows[r] + layer * w + v, last_mask, v + kLanes <= w);
+        _mm256_storeu_ps(grad_z_tile + r * padded + v, dh);
+      }
+    }
+    if (layer + 1 < shape.num_layers) {  // + dz_{l+1} @ R_{l+1}, R_{l+1} = weight_hidden[l]
+      const float* a[kTileRows];
+      for (int64_t r = 0; r < kTileRows; ++r) a[r] = grad_z_rows[r] + plan.layout.layer_column[layer + 1];
+      tile_product(a, 1, w, plan.recurrent.data() + layer * w * padded, padded, padded, grad_z_tile, padded);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* z = plan.z + (row0 + r) * hidden_width + layer * w;
+      for (int64_t v = 0; v < padded; v += kLanes) {
+        const bool whole = v + kLanes <= w;
+        const __m256 dz = times_activation_grad<kAct>(_mm256_loadu_ps(grad_z_tile + r * padded + v),
+                                                      load_layer_vector(z + v, last_mask, whole), plan.negative_slope);
+        store_layer_vector(grad_z_rows[r] + plan.layout.layer_column[layer] + v, last_mask, whole, dz);
+      }
     }
   }
   if (!plan.mask[kX]) return;
@@ -266,6 +235,17 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
       }
     }
   }
+  if (plan.mask[kWeightHidden]) {
+    // dR_{l-1} += dz_l^T @ h_{l-1} over the block's rows (rows of the partial past w, and columns
+    // past w, hold products of neighbouring columns: never read).
+    for (int64_t layer = 1; layer < shape.num_layers; ++layer) {
+      transposed_product(buffers.grad_z.data() + plan.layout.layer_column[layer], columns, plan.width_rows, rows,
+                         buffers.hidden.data() + (layer - 1) * shape.layer_width, plan.hidden_padded,
+                         plan.width_padded,
+                         partial + plan.partial.weight_hidden + (layer - 1) * plan.width_rows * plan.width_padded,
+                         plan.width_padded);
+    }
+  }
   if (plan.mask[kBias]) {
     float* db = partial + plan.partial.bias;
     for (int64_t r = 0; r < rows; ++r) {
@@ -303,7 +283,7 @@ void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<f
       for (int64_t block_row = chunk * chunk_rows; block_row < chunk_end_row; block_row += kBlockRows) {
         const int64_t block = std::min(kBlockRows, chunk_end_row - block_row);
         for (int64_t first = 0; first < block; first += kTileRows) {
-          backward_tile<kAct>(plan, block_row, first, std::min(kTileRows, block - first), buffers, partial);
+          backward_tile<kAct>(plan, block_row, first, std::min(kTileRows, block - first), buffers);
         }
         block_weight_grads(plan, block_row, block, buffers, partial);
       }
@@ -329,8 +309,11 @@ void write_weight_grads(const BackwardPlan& plan, const float* total, std::array
   }
   if (plan.mask[kWeightHidden]) {
     float* out = grads[kWeightHidden].mutable_data_ptr<float>();
-    for (int64_t row = 0; row < (num_layers - 1) * w; ++row) {
-      std::copy_n(total + plan.partial.weight_hidden + row * plan.width_padded, w, out + row * w);
+    for (int64_t layer = 0; layer + 1 < num_layers; ++layer) {
+      for (int64_t j = 0; j < w; ++j) {
+        std::copy_n(total + plan.partial.weight_hidden + (layer * plan.width_rows + j) * plan.width_padded, w,
+                    out + (layer * w + j) * w);
+      }
     }
   }
   if (plan.mask[kBias]) {
@@ -358,7 +341,7 @@ std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const 
                                                 const std::optional<at::Tensor>& weight_out, Activation act,
                                                 double negative_slope, const std::array<bool, 6>& mask) {
   TORCH_CHECK(uses_fused_narrow_chain(shape, x), "spinal_ops: the fused narrow backward needs float32, w <= ",
-              text(kNarrowMaxWidth), " and a CPU with AVX2 and FMA");
+              text(kFusedMaxWidth), " and a CPU with AVX2 and FMA");
   const auto options = x.options();
   const bool projection = weight_out.has_value();
   std::array<at::Tensor, 6> grads;

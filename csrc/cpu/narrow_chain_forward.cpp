@@ -73,47 +73,16 @@ struct Plan {
 
 #if SPINAL_HAVE_AVX2_PATH
 
-// One row's recurrence: z_l = P_l + h_{l-1} @ R_{l-1}^T, h_l = phi(z_l), for l = 0..L-1, with z_l in
-// WV vector registers (lanes past w are padding: computed, never stored). h_l goes to h[l*w:],
-// z_l to z[l*w:] when z is given.
-template <Activation kAct, int WV>
-SPINAL_AVX2 void recurrence_row(const Plan& plan, const float* products, float* h, float* z) {
-  const int64_t w = plan.shape.layer_width, padded = plan.width_padded;
-  const __m256i last_mask = first_lanes(w - (WV - 1) * kLanes);
-  const bool last_whole = w % kLanes == 0;
-  alignas(32) float previous[WV * kLanes];  // h_{l-1}, read back lane by lane for the broadcasts
-  for (int64_t layer = 0; layer < plan.shape.num_layers; ++layer) {
-    __m256 acc[WV];
-    const float* p = products + plan.layout.layer_column[layer];
-#pragma GCC unroll 4
-    for (int v = 0; v < WV; ++v) acc[v] = _mm256_loadu_ps(p + v * kLanes);
-    if (layer > 0) {
-      const float* rt = plan.recurrent_t.data() + (layer - 1) * w * padded;
-      for (int64_t k = 0; k < w; ++k) {
-        const __m256 hk = _mm256_broadcast_ss(previous + k);
-#pragma GCC unroll 4
-        for (int v = 0; v < WV; ++v) acc[v] = _mm256_fmadd_ps(hk, _mm256_loadu_ps(rt + k * padded + v * kLanes), acc[v]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int v = 0; v < WV; ++v) {
-      const bool whole = v < WV - 1 || last_whole;
-      if (z) store_layer_vector(z + layer * w + v * kLanes, last_mask, whole, acc[v]);
-      const __m256 hv = activate_vector<kAct>(acc[v], plan.negative_slope);
-      store_layer_vector(h + layer * w + v * kLanes, last_mask, whole, hv);
-      _mm256_store_ps(previous + v * kLanes, hv);
-    }
-  }
-}
-
-// Scratch of one parallel task: the tile's products, hidden activations and outputs.
+// Scratch of one parallel task: the tile's products, z of one layer, hidden activations, outputs.
 struct TileBuffers {
   std::vector<float> products;  // [kTileRows, layout.columns]
+  std::vector<float> z;         // [kTileRows, width_padded]
   std::vector<float> hidden;    // [kTileRows, L*w]
   std::vector<float> outputs;   // [kTileRows, out_padded]
   explicit TileBuffers(const Plan& plan)
-      // kLanes more: the recurrence loads whole vectors from a layer's w columns.
+      // kLanes more: whole vectors are read from a layer's w columns.
       : products(kTileRows * plan.layout.columns + kLanes),
+        z(kTileRows * plan.width_padded),
         hidden(kTileRows * plan.shape.hidden()),
         outputs(kTileRows * plan.out_padded) {}
 };
@@ -144,17 +113,34 @@ SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& 
     }
   }
 
-  // 2. The recurrence, row by row; h_l lands in the tile's H (projection) or in out.
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = first_row + r;
-    float* h = projection ? buffers.hidden.data() + r * hidden_width : plan.out + row * hidden_width;
-    float* z = plan.pre_activation ? plan.pre_activation + row * hidden_width : nullptr;
-    const float* row_products = products + r * columns;
-    switch (plan.width_padded / kLanes) {
-      case 1: recurrence_row<kAct, 1>(plan, row_products, h, z); break;
-      case 2: recurrence_row<kAct, 2>(plan, row_products, h, z); break;
-      case 3: recurrence_row<kAct, 3>(plan, row_products, h, z); break;
-      default: recurrence_row<kAct, 4>(plan, row_products, h, z); break;
+  // 2. The recurrence a layer at a time: z_l = P_l + h_{l-1} @ R_{l-1}^T as a panel product over
+  //    the tile's rows (four independent rows hide the FMA latency), then Z and h_l = phi(z_l) row by
+  //    row; h_l lands in the tile's H (projection) or in out. Lanes past w are computed, never stored.
+  const int64_t w = shape.layer_width, padded = plan.width_padded;
+  const __m256i last_mask = first_lanes(w - (padded - kLanes));
+  float* h_rows[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    const int64_t row = std::min(r, rows - 1);
+    h_rows[r] = projection ? buffers.hidden.data() + row * hidden_width : plan.out + (first_row + row) * hidden_width;
+  }
+  float* z_tile = buffers.z.data();
+  for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      std::memcpy(z_tile + r * padded, products + r * columns + plan.layout.layer_column[layer], padded * sizeof(float));
+    }
+    if (layer > 0) {
+      const float* a[kTileRows];
+      for (int64_t r = 0; r < kTileRows; ++r) a[r] = h_rows[r] + (layer - 1) * w;
+      tile_product(a, 1, w, plan.recurrent_t.data() + (layer - 1) * w * padded, padded, padded, z_tile, padded);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* z_out = plan.pre_activation ? plan.pre_activation + (first_row + r) * hidden_width + layer * w : nullptr;
+      for (int64_t v = 0; v < padded; v += kLanes) {
+        const bool whole = v + kLanes <= w;
+        const __m256 z = _mm256_loadu_ps(z_tile + r * padded + v);
+        if (z_out) store_layer_vector(z_out + v, last_mask, whole, z);
+        store_layer_vector(h_rows[r] + layer * w + v, last_mask, whole, activate_vector<kAct>(z, plan.negative_slope));
+      }
     }
   }
   if (!projection) return;
@@ -190,7 +176,7 @@ void forward_tiles(const Plan& plan) {
 bool fused_narrow_kernels_run() { return cpu_has_avx2_fma(); }
 
 bool uses_fused_narrow_chain(const SpinalShape& shape, const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && shape.layer_width <= kNarrowMaxWidth && cpu_has_avx2_fma();
+  return x.scalar_type() == at::kFloat && shape.layer_width <= kFusedMaxWidth && cpu_has_avx2_fma();
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_narrow_forward(const SpinalShape& shape, const at::Tensor& x,
@@ -200,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> fused_narrow_forward(const SpinalShape& shape
                                                         const std::optional<at::Tensor>& bias_out, Activation act,
                                                         double negative_slope, bool keep_pre_activation) {
   TORCH_CHECK(uses_fused_narrow_chain(shape, x), "spinal_ops: the fused narrow forward needs float32, w <= ",
-              text(kNarrowMaxWidth), " and a CPU with AVX2 and FMA");
+              text(kFusedMaxWidth), " and a CPU with AVX2 and FMA");
   const auto options = x.options();
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, options);
   at::Tensor pre_activation = keep_pre_activation ? at::empty({shape.batch, shape.hidden()}, options)
