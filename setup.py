@@ -48,16 +48,21 @@ def _cuda_decision() -> tuple[bool, str]:
 
 def _extension():
     # No -std flag: torch's cpp_extension adds the standard its headers need (C++17 or C++20).
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template whose OpenMP pragma is compiled into this
+    # library; without the flag every parallel region of the CPU op runs on one thread. The
+    # runtime is the libgomp torch itself loads (same soname), so torch.set_num_threads applies.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", *openmp]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _cuda_decision()[0]:
-        return CppExtension("spinal_ops._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("spinal_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DSPINAL_OPS_WITH_CUDA"]
     return CUDAExtension(
         "spinal_ops._C",
         sources + _sources("csrc/cuda/*.cu"),
         extra_compile_args={"cxx": cxx_flags + ["-DSPINAL_OPS_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=openmp,
     )
 
 

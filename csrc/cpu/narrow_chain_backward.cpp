@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../aten_chain.h"
 #include "../message_text.h"
 #include "narrow_chain.h"
 #include "narrow_layout.h"
@@ -14,8 +15,12 @@ namespace {
 
 constexpr int64_t kBlockRows = 64;  // rows per block of a chunk: bounds the block buffers
 
-// Gradient slots of fused_backward, in schema order.
-enum Slot : int { kX, kWeightIn, kWeightHidden, kBias, kWeightOut, kBiasOut };
+using chain::kGradBias;
+using chain::kGradBiasOut;
+using chain::kGradWeightHidden;
+using chain::kGradWeightIn;
+using chain::kGradWeightOut;
+using chain::kGradX;
 
 // Offsets of the gradients in one chunk's partial sums (a single float array per chunk): dW_in^T
 // [split_rows, layout.columns] (group-major columns), dW_hidden [L-1, width_rows, width_padded], db
@@ -52,8 +57,8 @@ struct BackwardPlan {
       : shape(shape_),
         layout(shape_),
         mask(mask_),
-        need_dz(mask_[kX] || mask_[kWeightIn] || mask_[kWeightHidden] || mask_[kBias]),
-        need_hidden((mask_[kWeightHidden] && shape_.num_layers > 1) || (weight_out && mask_[kWeightOut])),
+        need_dz(mask_[kGradX] || mask_[kGradWeightIn] || mask_[kGradWeightHidden] || mask_[kGradBias]),
+        need_hidden((mask_[kGradWeightHidden] && shape_.num_layers > 1) || (weight_out && mask_[kGradWeightOut])),
         width_padded(round_up(shape_.layer_width, kLanes)),
         width_rows(round_up(shape_.layer_width, kTileRows)),
         split_padded(round_up(shape_.split_size, kLanes)),
@@ -73,7 +78,7 @@ struct BackwardPlan {
     for (int64_t row = 0; row < (shape.num_layers - 1) * w; ++row) {
       std::copy_n(r + row * w, w, recurrent.begin() + row * width_padded);
     }
-    if (mask[kX]) {
+    if (mask[kGradX]) {
       input_weights.assign(layout.columns * split_padded, 0.f);
       const float* a = weight_in.const_data_ptr<float>();
       for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
@@ -83,25 +88,25 @@ struct BackwardPlan {
       }
     }
     partial.weight_in = 0;
-    partial.weight_hidden = partial.weight_in + (mask[kWeightIn] ? split_rows * layout.columns : 0);
-    partial.bias = partial.weight_hidden + (mask[kWeightHidden] ? (shape.num_layers - 1) * width_rows * width_padded : 0);
-    partial.weight_out = partial.bias + (mask[kBias] ? layout.columns : 0);
+    partial.weight_hidden = partial.weight_in + (mask[kGradWeightIn] ? split_rows * layout.columns : 0);
+    partial.bias = partial.weight_hidden + (mask[kGradWeightHidden] ? (shape.num_layers - 1) * width_rows * width_padded : 0);
+    partial.weight_out = partial.bias + (mask[kGradBias] ? layout.columns : 0);
     const bool projection = weight_out.has_value();
-    partial.bias_out = partial.weight_out + (projection && mask[kWeightOut] ? out_rows * hidden_padded : 0);
-    partial.size = partial.bias_out + (projection && mask[kBiasOut] ? shape.out_features : 0);
+    partial.bias_out = partial.weight_out + (projection && mask[kGradWeightOut] ? out_rows * hidden_padded : 0);
+    partial.size = partial.bias_out + (projection && mask[kGradBiasOut] ? shape.out_features : 0);
   }
 
   bool projection() const { return !output_weights.empty(); }
   int64_t grad_out_width() const { return shape.output_width(); }
 };
 
-// Whether a group's window is whole vectors of x that do not wrap: then the products read and
-// write x's rows in place (s a multiple of 8 and the window within [0, N)).
+#if SPINAL_HAVE_AVX2_PATH
+
+// Whether a group's window is whole vectors of x that do not wrap (s a multiple of 8, the window
+// within [0, N)): then a full tile's dZ_g @ A_g is added into dx's rows in place.
 bool window_is_whole_vectors(const SpinalShape& shape, const WindowGroup& group) {
   return group.head == shape.split_size && shape.split_size % kLanes == 0;
 }
-
-#if SPINAL_HAVE_AVX2_PATH
 
 // Buffers of one parallel task, for a block of up to kBlockRows rows.
 struct BlockBuffers {
@@ -182,7 +187,7 @@ SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int6
       }
     }
   }
-  if (!plan.mask[kX]) return;
+  if (!plan.mask[kGradX]) return;
   // dx = sum over groups of dZ_g @ A_g in the window's columns: straight into dx where the window
   // is whole vectors that do not wrap and the tile is full, else through a scratch row.
   for (int64_t r = 0; r < rows; ++r) std::fill_n(plan.grad_x + (row0 + r) * n, n, 0.f);
@@ -217,7 +222,7 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
   const SpinalShape& shape = plan.shape;
   const int64_t n = shape.in_features, s = shape.split_size, columns = plan.layout.columns;
   const int64_t out_width = plan.grad_out_width();
-  if (plan.mask[kWeightIn]) {
+  if (plan.mask[kGradWeightIn]) {
     // dW_in_g^T [s, group columns] += x_window^T @ dZ_g: the window's columns of x are broadcast
     // (one pointer per column: a wrapped window needs no copy), dZ_g's rows are the vectors.
     const float* x_block = plan.x + block_row * n;
@@ -235,7 +240,7 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
       }
     }
   }
-  if (plan.mask[kWeightHidden]) {
+  if (plan.mask[kGradWeightHidden]) {
     // dR_{l-1} += dz_l^T @ h_{l-1} over the block's rows (rows of the partial past w, and columns
     // past w, hold products of neighbouring columns: never read).
     for (int64_t layer = 1; layer < shape.num_layers; ++layer) {
@@ -246,7 +251,7 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
                          plan.width_padded);
     }
   }
-  if (plan.mask[kBias]) {
+  if (plan.mask[kGradBias]) {
     float* db = partial + plan.partial.bias;
     for (int64_t r = 0; r < rows; ++r) {
       const float* g = buffers.grad_z.data() + r * columns;
@@ -255,7 +260,7 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
   }
   if (!plan.projection()) return;
   const float* grad_out = plan.grad_out + block_row * out_width;
-  if (plan.mask[kWeightOut]) {
+  if (plan.mask[kGradWeightOut]) {
     // G's block, its rows padded to out_rows columns (zeros): dW_out's rows past M read those.
     for (int64_t r = 0; r < rows; ++r) {
       std::copy_n(grad_out + r * out_width, shape.out_features, buffers.grad_out.begin() + r * plan.out_rows);
@@ -264,7 +269,7 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
                        plan.hidden_padded, plan.hidden_padded, partial + plan.partial.weight_out,
                        plan.hidden_padded);
   }
-  if (plan.mask[kBiasOut]) {
+  if (plan.mask[kGradBiasOut]) {
     float* db_out = partial + plan.partial.bias_out;
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t m = 0; m < shape.out_features; ++m) db_out[m] += grad_out[r * out_width + m];
@@ -297,8 +302,8 @@ void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<f
 void write_weight_grads(const BackwardPlan& plan, const float* total, std::array<at::Tensor, 6>& grads) {
   const SpinalShape& shape = plan.shape;
   const int64_t s = shape.split_size, w = shape.layer_width, num_layers = shape.num_layers;
-  if (plan.mask[kWeightIn]) {
-    float* out = grads[kWeightIn].mutable_data_ptr<float>();
+  if (plan.mask[kGradWeightIn]) {
+    float* out = grads[kGradWeightIn].mutable_data_ptr<float>();
     for (int64_t layer = 0; layer < num_layers; ++layer) {
       for (int64_t c = 0; c < w; ++c) {
         const float* column = total + plan.partial.weight_in + plan.layout.layer_column[layer] + c;  // of dW_in^T
@@ -307,8 +312,8 @@ void write_weight_grads(const BackwardPlan& plan, const float* total, std::array
       }
     }
   }
-  if (plan.mask[kWeightHidden]) {
-    float* out = grads[kWeightHidden].mutable_data_ptr<float>();
+  if (plan.mask[kGradWeightHidden]) {
+    float* out = grads[kGradWeightHidden].mutable_data_ptr<float>();
     for (int64_t layer = 0; layer + 1 < num_layers; ++layer) {
       for (int64_t j = 0; j < w; ++j) {
         std::copy_n(total + plan.partial.weight_hidden + (layer * plan.width_rows + j) * plan.width_padded, w,
@@ -316,20 +321,20 @@ void write_weight_grads(const BackwardPlan& plan, const float* total, std::array
       }
     }
   }
-  if (plan.mask[kBias]) {
-    float* out = grads[kBias].mutable_data_ptr<float>();
+  if (plan.mask[kGradBias]) {
+    float* out = grads[kGradBias].mutable_data_ptr<float>();
     for (int64_t layer = 0; layer < num_layers; ++layer) {
       std::copy_n(total + plan.partial.bias + plan.layout.layer_column[layer], w, out + layer * w);
     }
   }
-  if (plan.projection() && plan.mask[kWeightOut]) {
-    float* out = grads[kWeightOut].mutable_data_ptr<float>();
+  if (plan.projection() && plan.mask[kGradWeightOut]) {
+    float* out = grads[kGradWeightOut].mutable_data_ptr<float>();
     for (int64_t m = 0; m < shape.out_features; ++m) {
       std::copy_n(total + plan.partial.weight_out + m * plan.hidden_padded, shape.hidden(), out + m * shape.hidden());
     }
   }
-  if (plan.projection() && plan.mask[kBiasOut]) {
-    std::copy_n(total + plan.partial.bias_out, shape.out_features, grads[kBiasOut].mutable_data_ptr<float>());
+  if (plan.projection() && plan.mask[kGradBiasOut]) {
+    std::copy_n(total + plan.partial.bias_out, shape.out_features, grads[kGradBiasOut].mutable_data_ptr<float>());
   }
 }
 
@@ -347,19 +352,19 @@ std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const 
   std::array<at::Tensor, 6> grads;
   const at::Tensor* likes[6] = {&x, &weight_in, &weight_hidden, nullptr, projection ? &*weight_out : nullptr, nullptr};
   for (int slot = 0; slot < 6; ++slot) {
-    const bool wanted = mask[slot] && (slot < kWeightOut || projection);
+    const bool wanted = mask[slot] && (slot < kGradWeightOut || projection);
     if (!wanted) {
       grads[slot] = at::empty({0}, options);
-    } else if (slot == kBias) {
+    } else if (slot == kGradBias) {
       grads[slot] = at::empty({shape.num_layers, shape.layer_width}, options);
-    } else if (slot == kBiasOut) {
+    } else if (slot == kGradBiasOut) {
       grads[slot] = at::empty({shape.out_features}, options);
     } else {
       grads[slot] = at::empty_like(*likes[slot]);
     }
   }
   std::array<bool, 6> wanted_mask = mask;
-  if (!projection) wanted_mask[kWeightOut] = wanted_mask[kBiasOut] = false;
+  if (!projection) wanted_mask[kGradWeightOut] = wanted_mask[kGradBiasOut] = false;
   BackwardPlan plan(shape, weight_in, weight_hidden, weight_out, wanted_mask);
   const int64_t chunk_rows = backward_chunk_rows(shape.batch);
   const int64_t chunks = (shape.batch + chunk_rows - 1) / chunk_rows;
@@ -369,7 +374,7 @@ std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const 
     plan.grad_out = grad_out.const_data_ptr<float>();
     plan.x = x.const_data_ptr<float>();
     plan.z = pre_activation.const_data_ptr<float>();
-    plan.grad_x = mask[kX] ? grads[kX].mutable_data_ptr<float>() : nullptr;
+    plan.grad_x = mask[kGradX] ? grads[kGradX].mutable_data_ptr<float>() : nullptr;
     plan.negative_slope = static_cast<float>(negative_slope);
     with_activation(act, [&](auto kAct) { backward_chunks<decltype(kAct)::value>(plan, chunk_rows, partials); });
   }
