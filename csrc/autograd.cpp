@@ -109,8 +109,10 @@ struct SpinalFunction : torch::autograd::Function<SpinalFunction<P>> {
     ctx->saved_data["allow_tf32"] = allow_tf32;
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["has_bias_out"] = bias_out.has_value();
-    // Z is never differentiated: no gradient buffer is made for it.
+    // Z is never differentiated: no gradient buffer is made for it, and its undefined gradient
+    // is not materialised as a [B, L*w] tensor of zeros before every backward.
     ctx->mark_non_differentiable({pre_activation});
+    ctx->set_materialize_grads(false);
     return {out, pre_activation};
   }
 

@@ -48,8 +48,9 @@ def select_backend(name: str, config: SpinalConfig, dtype: torch.dtype, device: 
     """The backend that runs this call; for ``auto`` the first usable one in preference order."""
     check_backend_name(name)
     if name == "auto":
+        # Unavailable backends are skipped before any reason is formatted: this runs on every call.
         for backend in _BACKENDS.values():
-            if backend.auto_eligible(device) and _usable(backend, config, dtype, device):
+            if _AVAILABILITY[backend.name] and backend.auto_eligible(device) and backend.supports(config, dtype, device):
                 return backend
         raise AssertionError("the reference backend supports every call")
     backend = _BACKENDS[name]

@@ -10,7 +10,8 @@ from .dispatch import select_backend
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    # One query for "any autocast region at all" first: it spares the common call two.
+    if torch._C._is_any_autocast_enabled() and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -49,7 +49,8 @@ inline bool cpu_has_avx2_fma() {
 // accumulators in registers for the whole k loop (V <= 3: 12 of the 16 ymm registers), one
 // broadcast per row and one load per vector for every k. a_step = 1 reads rows of a row-major A;
 // a_step = lda reads its columns (A^T: the weight-gradient products, summed over rows).
-template <int V>
+// With kAccumulate false, c is overwritten instead (c = A @ b): no need to zero it first.
+template <int V, bool kAccumulate = true>
 SPINAL_AVX2 inline void panel_product(const float* const* a, int64_t a_step, int64_t depth, const float* b,
                                       int64_t ldb, float* c, int64_t ldc) {
   // Loops over r and v are unrolled so that the accumulators are registers, not stack slots.
@@ -57,7 +58,7 @@ SPINAL_AVX2 inline void panel_product(const float* const* a, int64_t a_step, int
 #pragma GCC unroll 4
   for (int r = 0; r < kTileRows; ++r) {
 #pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_loadu_ps(c + r * ldc + v * kLanes);
+    for (int v = 0; v < V; ++v) acc[r][v] = kAccumulate ? _mm256_loadu_ps(c + r * ldc + v * kLanes) : _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < depth; ++k) {
     __m256 bk[V];
@@ -89,22 +90,39 @@ SPINAL_AVX2 inline void tile_product(const float* const* a, int64_t a_step, int6
   if (columns - column == kLanes) panel_product<1>(a, a_step, depth, b + column, ldb, c + column, ldc);
 }
 
-// c[i, 0:columns) += sum_k A[i, k] * b[k, 0:columns) for i < out_rows (a multiple of kTileRows),
-// A[i, k] = a[i + k * lda] (A^T read from a row-major [depth, lda] array): a weight gradient, the
-// sum over the rows of a block. Column panels outer, so that each panel of b (depth x 24 floats)
-// stays in L1 while every group of kTileRows output rows reads it.
-SPINAL_AVX2 inline void transposed_product(const float* a, int64_t lda, int64_t out_rows, int64_t depth,
-                                           const float* b, int64_t ldb, int64_t columns, float* c, int64_t ldc) {
+// The products over a block of rows, column panels outer: each panel of b (depth x 24 floats) stays
+// in L1 while every group of kTileRows output rows reads it. row_pointer(i) is A's row i, its
+// elements a_step apart; out_rows is a multiple of kTileRows. c[i, 0:columns) (+)= A[i, :] @ b.
+template <bool kAccumulate, typename RowPointer>
+SPINAL_AVX2 inline void panels_over_rows(RowPointer row_pointer, int64_t a_step, int64_t out_rows, int64_t depth,
+                                         const float* b, int64_t ldb, int64_t columns, float* c, int64_t ldc) {
   for (int64_t column = 0; column < columns; column += 3 * kLanes) {
     const int64_t vectors = std::min<int64_t>(3, (columns - column) / kLanes);
     for (int64_t i = 0; i < out_rows; i += kTileRows) {
-      const float* rows[kTileRows] = {a + i, a + i + 1, a + i + 2, a + i + 3};
+      const float* rows[kTileRows] = {row_pointer(i), row_pointer(i + 1), row_pointer(i + 2), row_pointer(i + 3)};
       float* out = c + i * ldc + column;
-      if (vectors == 3) panel_product<3>(rows, lda, depth, b + column, ldb, out, ldc);
-      if (vectors == 2) panel_product<2>(rows, lda, depth, b + column, ldb, out, ldc);
-      if (vectors == 1) panel_product<1>(rows, lda, depth, b + column, ldb, out, ldc);
+      if (vectors == 3) panel_product<3, kAccumulate>(rows, a_step, depth, b + column, ldb, out, ldc);
+      if (vectors == 2) panel_product<2, kAccumulate>(rows, a_step, depth, b + column, ldb, out, ldc);
+      if (vectors == 1) panel_product<1, kAccumulate>(rows, a_step, depth, b + column, ldb, out, ldc);
     }
   }
+}
+
+// c[i, 0:columns) += sum_k A[i, k] * b[k, 0:columns) for i < out_rows (a multiple of kTileRows),
+// A[i, k] = a[i + k * lda] (A^T read from a row-major [depth, lda] array): a weight gradient, the
+// sum over the rows of a block.
+SPINAL_AVX2 inline void transposed_product(const float* a, int64_t lda, int64_t out_rows, int64_t depth,
+                                           const float* b, int64_t ldb, int64_t columns, float* c, int64_t ldc) {
+  panels_over_rows<true>([a](int64_t i) { return a + i; }, lda, out_rows, depth, b, ldb, columns, c, ldc);
+}
+
+// c[0:rows, 0:columns) (+)= a[0:rows, 0:depth) @ b[depth, columns] for a row-major a (rows lda
+// apart, rows a multiple of kTileRows): a product over a block of rows.
+template <bool kAccumulate>
+SPINAL_AVX2 inline void block_product(const float* a, int64_t lda, int64_t rows, int64_t depth, const float* b,
+                                      int64_t ldb, int64_t columns, float* c, int64_t ldc) {
+  panels_over_rows<kAccumulate>([a, lda](int64_t i) { return a + i * lda; }, 1, rows, depth, b, ldb, columns, c,
+                                ldc);
 }
 
 // Lanes [0, count) set (count may exceed 8: all set): the mask of masked loads and stores of a

@@ -36,6 +36,7 @@ struct BackwardPlan {
   std::array<bool, 6> mask;
   bool need_dz;                      // any of dx, dW_in, dW_hidden, db
   bool need_hidden;                  // h = phi(z) for dW_hidden or dW_out
+  bool windows_partition_input;      // N = (number of windows) * s: every column of x read by one group
   int64_t width_padded;              // w rounded up to 8
   int64_t width_rows;                // w rounded up to kTileRows (rows of dW_hidden's partial)
   int64_t split_padded;              // s rounded up to 8
@@ -59,6 +60,7 @@ struct BackwardPlan {
         mask(mask_),
         need_dz(mask_[kGradX] || mask_[kGradWeightIn] || mask_[kGradWeightHidden] || mask_[kGradBias]),
         need_hidden((mask_[kGradWeightHidden] && shape_.num_layers > 1) || (weight_out && mask_[kGradWeightOut])),
+        windows_partition_input(static_cast<int64_t>(layout.groups.size()) * shape_.split_size == shape_.in_features),
         width_padded(round_up(shape_.layer_width, kLanes)),
         width_rows(round_up(shape_.layer_width, kTileRows)),
         split_padded(round_up(shape_.split_size, kLanes)),
@@ -114,26 +116,26 @@ struct BlockBuffers {
   std::vector<float> hidden;       // [kBlockRows, hidden_padded]: h = phi(z), layer order
   std::vector<float> grad_hidden;  // [kTileRows, hidden_padded]: dH = G @ W_out of a tile
   std::vector<float> grad_z_tile;  // [kTileRows, width_padded]: one layer's dz of a tile
-  std::vector<float> product;      // [kTileRows, split_padded]: dZ_g @ A_g of a tile (dx)
+  std::vector<float> product;      // [kBlockRows, split_padded]: dZ_g @ A_g of a block's rows (dx)
   std::vector<float> grad_out;     // [kBlockRows, out_rows]: G of a block, zero-padded (dW_out)
   explicit BlockBuffers(const BackwardPlan& plan)
       : grad_z(kBlockRows * plan.layout.columns + kLanes, 0.f),
         hidden(kBlockRows * plan.hidden_padded + kLanes, 0.f),
         grad_hidden(kTileRows * plan.hidden_padded + kLanes, 0.f),
         grad_z_tile(kTileRows * plan.width_padded),
-        product(kTileRows * plan.split_padded),
+        product(kBlockRows * plan.split_padded),
         grad_out(kBlockRows * plan.out_rows, 0.f) {}
 };
 
 // A tile of up to kTileRows rows (first_row.. of the block starting at block_row): dH, h = phi(Z)
 // where needed, the recurrence a layer at a time from the last one down (dz_l = (dH_l + dz_{l+1}
-// @ R_{l+1}) * phi'(z_l): the product over the tile's rows, the rest row by row), and dx = sum over
-// groups of dZ_g @ A_g added into the window's columns. Lanes past w are computed, never stored.
+// @ R_{l+1}) * phi'(z_l): the product over the tile's rows, the rest row by row), written into the
+// block's dZ. Lanes past w are computed, never stored.
 template <Activation kAct>
 SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int64_t first_row, int64_t rows,
                                BlockBuffers& buffers) {
   const SpinalShape& shape = plan.shape;
-  const int64_t n = shape.in_features, s = shape.split_size, w = shape.layer_width, columns = plan.layout.columns;
+  const int64_t w = shape.layer_width, columns = plan.layout.columns;
   const int64_t out_width = plan.grad_out_width(), hidden_width = shape.hidden(), padded = plan.width_padded;
   const int64_t row0 = block_row + first_row;  // global row of the tile's first row
   const __m256i last_mask = first_lanes(w - (padded - kLanes));
@@ -187,29 +189,50 @@ SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int6
       }
     }
   }
-  if (!plan.mask[kGradX]) return;
-  // dx = sum over groups of dZ_g @ A_g in the window's columns: straight into dx where the window
-  // is whole vectors that do not wrap and the tile is full, else through a scratch row.
-  for (int64_t r = 0; r < rows; ++r) std::fill_n(plan.grad_x + (row0 + r) * n, n, 0.f);
+}
+
+// dx of a block's rows = sum over groups of dZ_g @ A_g in the window's columns, after the block's
+// dZ is complete: a block product (column panels outer) keeps each panel of A_g in L1 for all the
+// block's rows. Where the windows partition x's columns (N = k*s: each column read by one group)
+// the products overwrite dx's rows, else the rows are zeroed and every group adds into them. A
+// window of whole vectors that does not wrap is written in place; the rest (a wrapped or ragged
+// window, a last tile of fewer than kTileRows rows) goes through the scratch block.
+SPINAL_AVX2 void block_input_grad(const BackwardPlan& plan, int64_t block_row, int64_t rows, BlockBuffers& buffers) {
+  const SpinalShape& shape = plan.shape;
+  const int64_t n = shape.in_features, s = shape.split_size, columns = plan.layout.columns;
+  const bool partitioned = plan.windows_partition_input;
+  float* dx = plan.grad_x + block_row * n;
+  if (!partitioned) {
+    for (int64_t r = 0; r < rows; ++r) std::fill_n(dx + r * n, n, 0.f);
+  }
+  const int64_t full_rows = rows / kTileRows * kTileRows;
   for (const WindowGroup& group : plan.layout.groups) {
-    const float* a[kTileRows];
-    for (int64_t r = 0; r < kTileRows; ++r) {
-      a[r] = buffers.grad_z.data() + (first_row + std::min(r, rows - 1)) * columns + group.tile_column;
-    }
+    const float* grad_z = buffers.grad_z.data() + group.tile_column;
     const float* weights = plan.input_weights.data() + group.tile_column * plan.split_padded;
-    if (rows == kTileRows && window_is_whole_vectors(shape, group)) {
-      tile_product(a, 1, group.num_layers * w, weights, plan.split_padded, s, plan.grad_x + row0 * n + group.start, n);
-      continue;
+    const int64_t depth = group.num_layers * shape.layer_width;
+    int64_t first_scratch_row = 0;
+    if (window_is_whole_vectors(shape, group)) {
+      if (partitioned) {
+        block_product<false>(grad_z, columns, full_rows, depth, weights, plan.split_padded, s, dx + group.start, n);
+      } else {
+        block_product<true>(grad_z, columns, full_rows, depth, weights, plan.split_padded, s, dx + group.start, n);
+      }
+      first_scratch_row = full_rows;
     }
+    if (first_scratch_row == rows) continue;
+    // Rows past `rows` of the rounded-up tile read stale dZ rows of the buffer: computed, never stored.
     float* product = buffers.product.data();
-    std::fill(buffers.product.begin(), buffers.product.end(), 0.f);
-    tile_product(a, 1, group.num_layers * w, weights, plan.split_padded, plan.split_padded, product,
-                 plan.split_padded);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* dx = plan.grad_x + (row0 + r) * n;
-      const float* p = product + r * plan.split_padded;
-      for (int64_t k = 0; k < group.head; ++k) dx[group.start + k] += p[k];
-      for (int64_t k = group.head; k < s; ++k) dx[k - group.head] += p[k];
+    block_product<false>(grad_z + first_scratch_row * columns, columns, round_up(rows - first_scratch_row, kTileRows),
+                         depth, weights, plan.split_padded, plan.split_padded, product, plan.split_padded);
+    for (int64_t r = first_scratch_row; r < rows; ++r) {
+      const float* p = product + (r - first_scratch_row) * plan.split_padded;
+      float* dx_row = dx + r * n;
+      if (partitioned) {
+        std::copy_n(p, s, dx_row + group.start);
+        continue;
+      }
+      for (int64_t k = 0; k < group.head; ++k) dx_row[group.start + k] += p[k];
+      for (int64_t k = group.head; k < s; ++k) dx_row[k - group.head] += p[k];
     }
   }
 }
@@ -290,6 +313,7 @@ void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<f
         for (int64_t first = 0; first < block; first += kTileRows) {
           backward_tile<kAct>(plan, block_row, first, std::min(kTileRows, block - first), buffers);
         }
+        if (plan.mask[kGradX]) block_input_grad(plan, block_row, block, buffers);
         block_weight_grads(plan, block_row, block, buffers, partial);
       }
     }
