@@ -120,6 +120,26 @@ def test_narrow_layers_take_the_vector_kernels_where_torch_uses_avx2():
     assert cpu_vector_kernels() == (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
 
 
+# The narrow backward's dx regimes (csrc/cpu/narrow_chain_backward.cpp, block_input_grad): windows of
+# whole vectors written in place, ragged or wrapped windows through a scratch block, with and without
+# a zero fill (the windows partition x's columns, or overlap, or leave columns unread); batches with a
+# last tile of fewer than 4 rows, in one block of 64 rows and across blocks.
+DX_REGIMES = {
+    "partition_whole_vectors": dict(in_features=32, layer_width=8, num_layers=3, split_size=16),
+    "partition_ragged": dict(in_features=24, layer_width=5, num_layers=4, split_size=12),
+    "unread_columns_whole_vectors": dict(in_features=48, layer_width=8, num_layers=2, split_size=16),
+    "wrapped_and_whole": dict(in_features=40, layer_width=8, num_layers=5, split_size=16),
+}
+
+
+@pytest.mark.parametrize("batch", [37, 133])
+@pytest.mark.parametrize("name", DX_REGIMES)
+def test_narrow_input_gradient_regimes(name, batch):
+    config = make_config(out_features=6, **DX_REGIMES[name])
+    check_backend("cpu", config, torch.float32, batch_shape=(batch,))
+    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float32)
+
+
 PORTABLE_CHAIN_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
