@@ -1,7 +1,10 @@
 // The hoisted spinal chain in ATen calls (scheme in aten_chain.h).
 #include "aten_chain.h"
 
+#include <c10/util/accumulate.h>
+
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -61,9 +64,33 @@ struct LayerGroups {
   }
 };
 
+// Copies the layer dimension `dim` (size L) of src into dst, from layer order to group-major order
+// (to_group_major) or back, on contiguous CPU tensors of equal shape: one memcpy per layer block.
+// (at::cat of the strided layer slices costs ~10 µs of fixed overhead per call on a CPU, more
+// than all the copies of a small layer; vgg5 at batch 64 spent ~10 % of a training step in it.)
+void permute_layers_cpu(at::Tensor& dst, const at::Tensor& src, int64_t dim, const LayerGroups& groups,
+                        bool to_group_major) {
+  const int64_t outer = c10::multiply_integers(src.sizes().begin(), src.sizes().begin() + dim);
+  const size_t block_bytes = static_cast<size_t>(src.stride(dim)) * src.element_size();
+  const auto* from = static_cast<const char*>(src.const_data_ptr());
+  auto* to = static_cast<char*>(dst.mutable_data_ptr());
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t layer = 0; layer < groups.num_layers; ++layer) {
+      const int64_t slot = o * groups.num_layers + groups.slot(layer), index = o * groups.num_layers + layer;
+      const int64_t src_block = to_group_major ? index : slot, dst_block = to_group_major ? slot : index;
+      std::memcpy(to + dst_block * block_bytes, from + src_block * block_bytes, block_bytes);
+    }
+  }
+}
+
 // The layer dimension `dim` (size L) of t in group-major order (t itself when that is layer order).
 at::Tensor to_group_major(const at::Tensor& t, int64_t dim, const LayerGroups& groups) {
   if (groups.is_layer_order()) return t;
+  if (t.is_cpu() && t.is_contiguous()) {
+    at::Tensor grouped = at::empty_like(t, at::MemoryFormat::Contiguous);
+    permute_layers_cpu(grouped, t, dim, groups, true);
+    return grouped;
+  }
   std::vector<at::Tensor> parts;
   parts.reserve(groups.count);
   for (int64_t g = 0; g < groups.count; ++g) parts.push_back(t.slice(dim, g, groups.num_layers, groups.period));
@@ -74,6 +101,10 @@ at::Tensor to_group_major(const at::Tensor& t, int64_t dim, const LayerGroups& g
 void copy_from_group_major(at::Tensor dst, const at::Tensor& src, int64_t dim, const LayerGroups& groups) {
   if (groups.is_layer_order()) {
     dst.copy_(src);
+    return;
+  }
+  if (dst.is_cpu() && dst.is_contiguous() && src.is_contiguous() && dst.scalar_type() == src.scalar_type()) {
+    permute_layers_cpu(dst, src, dim, groups, false);
     return;
   }
   for (int64_t g = 0; g < groups.count; ++g) {
