@@ -9,11 +9,14 @@ from .config import SpinalConfig, SpinalParams
 from .dispatch import select_backend
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    # One query for "any autocast region at all" first: it spares the common call two.
-    if torch._C._is_any_autocast_enabled() and device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+def _cast_for_autocast(x: torch.Tensor, params: SpinalParams) -> tuple[torch.Tensor, SpinalParams]:
+    """Input and parameters in the autocast dtype where an autocast region covers x's device, as
+    ``nn.Linear`` computes in it; unchanged elsewhere."""
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type) or not x.is_floating_point():
+        return x, params
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), SpinalParams(*(None if p is None else p.to(dtype) for p in params))
 
 
 def _onnx_exporting() -> bool:
@@ -30,10 +33,9 @@ def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, ba
     Under ``torch.autocast`` the input and parameters are cast to the autocast dtype first,
     as ``nn.Linear`` computes in it.
     """
-    autocast_dtype = _autocast_dtype(x.device.type)
-    if autocast_dtype is not None and x.is_floating_point():
-        x = x.to(autocast_dtype)
-        params = SpinalParams(*(None if p is None else p.to(autocast_dtype) for p in params))
+    # One query for "any autocast region at all" first: it spares every other call the per-device ones.
+    if torch._C._is_any_autocast_enabled():
+        x, params = _cast_for_autocast(x, params)
     config.check_input(x, params)
     impl = select_backend("reference" if _onnx_exporting() else backend, config, x.dtype, x.device)
     if x.dim() == 2:

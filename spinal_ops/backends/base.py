@@ -78,8 +78,9 @@ class Backend(abc.ABC):
         return Support.yes()
 
     def auto_eligible(self, device: torch.device) -> bool:
-        """Whether ``auto`` may pick this backend for tensors on ``device``."""
-        return True
+        """Whether ``auto`` may pick this backend for tensors on ``device`` (checked before
+        ``supports``, whose reasons are not formatted for backends of another device type)."""
+        return self.device_types is None or device.type in self.device_types
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
