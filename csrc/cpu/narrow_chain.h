@@ -24,9 +24,12 @@
 // (backward_chunk_rows: the weight gradients are per-chunk partial sums added in chunk order, so
 // the bits do not depend on the thread count), each in blocks of 64 rows:
 //   per tile: dH = G @ W_out; h = phi(Z) where a weight gradient needs it; from the last layer
-//   down, dz_l = (dH_l + dz_{l+1} @ R_{l+1}) * phi'(z_l); dx[rows, window] += dZ_g @ A_g per group;
-//   per block: dW_in_g^T += x_window^T @ dZ_g (x's window columns broadcast, dZ rows the
-//   vectors), dR_{l-1} += dz_l^T @ h_{l-1}, dW_out += G^T @ H, db and db_out as column sums.
+//   down, dz_l = (dH_l + dz_{l+1} @ R_{l+1}) * phi'(z_l) into the block's dZ;
+//   per block: dx[rows, window] = dZ_g @ A_g per group as a block product (column panels of A_g
+//   outer, so each stays in L1 for the block's 64 rows; written in place without a zero fill
+//   where the windows partition x's columns, N = k*s); dW_in_g^T += x_window^T @ dZ_g (x's
+//   window columns broadcast, dZ rows the vectors), dR_{l-1} += dz_l^T @ h_{l-1}, dW_out += G^T
+//   @ H, db and db_out as column sums.
 //   Only what output_mask asks for is computed.
 //
 // Register tiling of every product (avx2_tiles.h, panel_product): 4 rows by up to 3 vectors of 8
