@@ -29,6 +29,12 @@ struct PartialLayout {
   int64_t weight_in, weight_hidden, bias, weight_out, bias_out, size;
 };
 
+// Whether a group's window is whole vectors of x that do not wrap (s a multiple of 8, the window
+// within [0, N)): then dZ_g @ A_g of a block's full tiles goes into dx's rows in place.
+bool window_is_whole_vectors(const SpinalShape& shape, const WindowGroup& group) {
+  return group.head == shape.split_size && shape.split_size % kLanes == 0;
+}
+
 // The packed weights, the tensors' data pointers and what to compute.
 struct BackwardPlan {
   SpinalShape shape;
@@ -37,6 +43,7 @@ struct BackwardPlan {
   bool need_dz;                      // any of dx, dW_in, dW_hidden, db
   bool need_hidden;                  // h = phi(z) for dW_hidden or dW_out
   bool windows_partition_input;      // N = (number of windows) * s: every column of x read by one group
+  bool every_window_in_place;        // every group's dx is written in place (whole vectors, no wrap)
   int64_t width_padded;              // w rounded up to 8
   int64_t width_rows;                // w rounded up to kTileRows (rows of dW_hidden's partial)
   int64_t split_padded;              // s rounded up to 8
@@ -61,6 +68,8 @@ struct BackwardPlan {
         need_dz(mask_[kGradX] || mask_[kGradWeightIn] || mask_[kGradWeightHidden] || mask_[kGradBias]),
         need_hidden((mask_[kGradWeightHidden] && shape_.num_layers > 1) || (weight_out && mask_[kGradWeightOut])),
         windows_partition_input(static_cast<int64_t>(layout.groups.size()) * shape_.split_size == shape_.in_features),
+        every_window_in_place(std::all_of(layout.groups.begin(), layout.groups.end(),
+                                          [&](const WindowGroup& g) { return window_is_whole_vectors(shape_, g); })),
         width_padded(round_up(shape_.layer_width, kLanes)),
         width_rows(round_up(shape_.layer_width, kTileRows)),
         split_padded(round_up(shape_.split_size, kLanes)),
@@ -104,26 +113,21 @@ struct BackwardPlan {
 
 #if SPINAL_HAVE_AVX2_PATH
 
-// Whether a group's window is whole vectors of x that do not wrap (s a multiple of 8, the window
-// within [0, N)): then a full tile's dZ_g @ A_g is added into dx's rows in place.
-bool window_is_whole_vectors(const SpinalShape& shape, const WindowGroup& group) {
-  return group.head == shape.split_size && shape.split_size % kLanes == 0;
-}
-
 // Buffers of one parallel task, for a block of up to kBlockRows rows.
 struct BlockBuffers {
   std::vector<float> grad_z;       // [kBlockRows, layout.columns], group-major; padding columns stay 0
   std::vector<float> hidden;       // [kBlockRows, hidden_padded]: h = phi(z), layer order
   std::vector<float> grad_hidden;  // [kTileRows, hidden_padded]: dH = G @ W_out of a tile
   std::vector<float> grad_z_tile;  // [kTileRows, width_padded]: one layer's dz of a tile
-  std::vector<float> product;      // [kBlockRows, split_padded]: dZ_g @ A_g of a block's rows (dx)
+  std::vector<float> product;      // dZ_g @ A_g of a block's rows (dx) that are not written in place: [kBlockRows
+                                   // or, when every window is, kTileRows (a last tile), split_padded]
   std::vector<float> grad_out;     // [kBlockRows, out_rows]: G of a block, zero-padded (dW_out)
   explicit BlockBuffers(const BackwardPlan& plan)
       : grad_z(kBlockRows * plan.layout.columns + kLanes, 0.f),
         hidden(kBlockRows * plan.hidden_padded + kLanes, 0.f),
         grad_hidden(kTileRows * plan.hidden_padded + kLanes, 0.f),
         grad_z_tile(kTileRows * plan.width_padded),
-        product(kBlockRows * plan.split_padded),
+        product((plan.every_window_in_place ? kTileRows : kBlockRows) * plan.split_padded),
         grad_out(kBlockRows * plan.out_rows, 0.f) {}
 };
 
@@ -392,7 +396,8 @@ std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const 
   BackwardPlan plan(shape, weight_in, weight_hidden, weight_out, wanted_mask);
   const int64_t chunk_rows = backward_chunk_rows(shape.batch);
   const int64_t chunks = (shape.batch + chunk_rows - 1) / chunk_rows;
-  std::vector<float> partials(chunks * plan.partial.size, 0.f);
+  // At least one partial: an empty batch's weight gradients are its zeros.
+  std::vector<float> partials(std::max<int64_t>(chunks, 1) * plan.partial.size, 0.f);
 #if SPINAL_HAVE_AVX2_PATH
   if (shape.batch > 0) {
     plan.grad_out = grad_out.const_data_ptr<float>();
@@ -403,13 +408,14 @@ std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const 
     with_activation(act, [&](auto kAct) { backward_chunks<decltype(kAct)::value>(plan, chunk_rows, partials); });
   }
 #endif
-  // Chunks added in chunk order: the same bits whatever the thread count.
-  std::vector<float> total(plan.partial.size, 0.f);
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+  // Chunks added in chunk order: the same bits whatever the thread count. (The first chunk's
+  // partial is the running total: a batch of one chunk, every batch up to 256 rows, adds nothing.)
+  float* total = partials.data();
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
     const float* part = partials.data() + chunk * plan.partial.size;
     for (int64_t i = 0; i < plan.partial.size; ++i) total[i] += part[i];
   }
-  write_weight_grads(plan, total.data(), grads);
+  write_weight_grads(plan, total, grads);
   return grads;
 }
 
