@@ -46,8 +46,9 @@ def _usable(backend: Backend, config: SpinalConfig, dtype: torch.dtype, device: 
 
 # Selections already made, by (name, config, dtype, device). What decides a selection (availability,
 # device properties) is resolved at import, so it never changes; looking it up again costs ~10 µs
-# of Python per call at small batch, as much as the op on mnist's layer at batch 64. (Not used
-# inside a torch.compile trace, which selects once per compiled graph.)
+# of Python per call at small batch, as much as the op on mnist's layer at batch 64. One entry per
+# distinct layer shape, dtype and device; refusals raise and are not kept. (Not used inside a
+# torch.compile trace, which selects once per compiled graph.)
 _SELECTED: dict[tuple[str, SpinalConfig, torch.dtype, torch.device], Backend] = {}
 
 

@@ -71,6 +71,24 @@ def test_requested_backend_that_does_not_support_the_call_names_its_reason():
     assert issubclass(BackendUnavailableError, RuntimeError)
 
 
+def test_selection_is_remembered_and_a_refusal_is_not(monkeypatch):
+    """A call's backend is selected once per (name, config, dtype, device) and then looked up; a
+    backend that cannot run the call raises every time it is asked, not only the first."""
+    cpu = get_backend("cpu")
+    asked = []
+    supports = cpu.supports
+    monkeypatch.setattr(cpu, "supports", lambda *args: asked.append(args) or supports(*args))
+    config = make_config(in_features=13, layer_width=4)  # a shape no other test selects for
+    assert select_backend("auto", config, torch.float32, CPU).name == "cpu"
+    assert len(asked) == 1
+    assert select_backend("auto", make_config(in_features=13, layer_width=4), torch.float32, CPU).name == "cpu"
+    assert len(asked) == 1, "an equal config, dtype and device must not be selected again"
+    assert select_backend("auto", config, torch.float16, CPU).name == "reference"
+    for _ in range(2):
+        with pytest.raises(BackendUnavailableError, match="dtype torch.float16 not supported"):
+            select_backend("cpu", make_config(), torch.float16, CPU)
+
+
 @pytest.mark.skipif(not spinal_ops.available_backends()["triton"],
                     reason=f"triton backend unavailable: {spinal_ops.available_backends()['triton'].reason}")
 def test_requested_triton_too_wide_names_the_register_budget():
