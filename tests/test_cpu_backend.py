@@ -140,6 +140,21 @@ def test_narrow_input_gradient_regimes(name, batch):
     check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float32)
 
 
+# The narrow forward packs A^T, R^T and W_out^T by 8x8 register transposes with element-wise edges:
+# w and s whole blocks, s with an edge, w with an edge, M < 8 (all edge).
+PACKING_SHAPES = {
+    "whole_blocks": dict(in_features=32, out_features=16, layer_width=8, num_layers=3, split_size=16),
+    "split_edge": dict(in_features=33, out_features=10, layer_width=16, num_layers=4, split_size=12),
+    "width_edge": dict(in_features=40, out_features=9, layer_width=12, num_layers=3, split_size=20),
+    "small_projection": dict(in_features=16, out_features=3, layer_width=24, num_layers=2, split_size=8),
+}
+
+
+@pytest.mark.parametrize("name", PACKING_SHAPES)
+def test_narrow_weight_packing_edges(name):
+    check_backend("cpu", make_config(**PACKING_SHAPES[name]), torch.float32, batch_shape=(9,))
+
+
 PORTABLE_CHAIN_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})

@@ -14,6 +14,8 @@ namespace {
 
 constexpr int64_t kTileGrain = 16;  // tiles per parallel task: 64 rows
 
+#if SPINAL_HAVE_AVX2_PATH
+
 // Everything a tile reads: the packed weights and the tensors' data pointers.
 struct Plan {
   SpinalShape shape;
@@ -43,35 +45,27 @@ struct Plan {
       float* panel = input_panels.data() + s * group.tile_column;
       for (int64_t j = 0; j < group.num_layers; ++j) {
         const int64_t layer = layout.layer(group, j);
-        for (int64_t c = 0; c < w; ++c) {
-          const float* a_row = a + (layer * w + c) * s;
-          for (int64_t k = 0; k < s; ++k) panel[k * group.columns + j * w + c] = a_row[k];
-          if (b) input_bias[layout.layer_column[layer] + c] = b[layer * w + c];
-        }
+        // panel[k, j*w + c] = A_layer[c, k]
+        transpose(a + layer * w * s, w, s, s, panel + j * w, group.columns);
+        if (b) std::copy_n(b + layer * w, w, input_bias.begin() + layout.layer_column[layer]);
       }
     }
     recurrent_t.assign((shape.num_layers - 1) * w * width_padded, 0.f);
     const float* r = weight_hidden.const_data_ptr<float>();
     for (int64_t layer = 0; layer + 1 < shape.num_layers; ++layer) {
-      for (int64_t j = 0; j < w; ++j) {
-        for (int64_t k = 0; k < w; ++k) recurrent_t[(layer * w + k) * width_padded + j] = r[(layer * w + j) * w + k];
-      }
+      transpose(r + layer * w * w, w, w, w, recurrent_t.data() + layer * w * width_padded, width_padded);
     }
     if (weight_out) {
       const int64_t m = shape.out_features;
       out_padded = round_up(m, kLanes);
       output_panel.assign(hidden * out_padded, 0.f);
       const float* wo = weight_out->const_data_ptr<float>();
-      for (int64_t o = 0; o < m; ++o) {
-        for (int64_t k = 0; k < hidden; ++k) output_panel[k * out_padded + o] = wo[o * hidden + k];
-      }
+      transpose(wo, m, hidden, hidden, output_panel.data(), out_padded);
       output_bias.assign(out_padded, 0.f);
       if (bias_out) std::copy_n(bias_out->const_data_ptr<float>(), m, output_bias.begin());
     }
   }
 };
-
-#if SPINAL_HAVE_AVX2_PATH
 
 // Scratch of one parallel task: the tile's products, z of one layer, hidden activations, outputs.
 struct TileBuffers {
