@@ -155,6 +155,15 @@ def test_narrow_weight_packing_edges(name):
     check_backend("cpu", make_config(**PACKING_SHAPES[name]), torch.float32, batch_shape=(9,))
 
 
+# Without projection the chain's dZ starts as G regrouped by window (a copy of G in layer order):
+# grouped layers (k = 2, L = 4: two groups of two) through the narrow recurrence (float64) and the
+# grouped GEMMs (w = 40, float32).
+@pytest.mark.parametrize("dtype, layer_width", [(torch.float64, 3), (torch.float32, 40)])
+def test_chain_without_projection_regroups_the_output_gradient(dtype, layer_width):
+    config = make_config(in_features=8, out_features=None, layer_width=layer_width, num_layers=4)
+    check_backend("cpu", config, dtype, batch_shape=(7,))
+
+
 PORTABLE_CHAIN_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
