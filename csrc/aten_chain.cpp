@@ -97,19 +97,19 @@ at::Tensor to_group_major(const at::Tensor& t, int64_t dim, const LayerGroups& g
   return at::cat(parts, dim);
 }
 
-// dst (layer order) = src (group-major), along dimension `dim` of size L.
-void copy_from_group_major(at::Tensor dst, const at::Tensor& src, int64_t dim, const LayerGroups& groups) {
-  if (groups.is_layer_order()) {
-    dst.copy_(src);
-    return;
-  }
-  if (dst.is_cpu() && dst.is_contiguous() && src.is_contiguous() && dst.scalar_type() == src.scalar_type()) {
-    permute_layers_cpu(dst, src, dim, groups, false);
-    return;
+// t (group-major along dimension `dim`, of size L) in layer order: t itself when that is layer
+// order, else a new contiguous tensor.
+at::Tensor to_layer_order(const at::Tensor& t, int64_t dim, const LayerGroups& groups) {
+  if (groups.is_layer_order()) return t;
+  at::Tensor ordered = at::empty_like(t, at::MemoryFormat::Contiguous);
+  if (t.is_cpu() && t.is_contiguous()) {
+    permute_layers_cpu(ordered, t, dim, groups, false);
+    return ordered;
   }
   for (int64_t g = 0; g < groups.count; ++g) {
-    dst.slice(dim, g, groups.num_layers, groups.period).copy_(src.narrow(dim, groups.first_slot(g), groups.size(g)));
+    ordered.slice(dim, g, groups.num_layers, groups.period).copy_(t.narrow(dim, groups.first_slot(g), groups.size(g)));
   }
+  return ordered;
 }
 
 // One contiguous run of a window: input columns [input_start, +length) meet weight_in columns
@@ -167,21 +167,25 @@ bool uses_narrow_recurrence(const SpinalShape& shape, const at::Tensor& x) {
   return x.is_cpu() && compute_dtype && shape.layer_width <= cpu::kNarrowMaxWidth;
 }
 
-// The forward on `rows` (x rows, out rows and, when training, Z rows), through `buffer`
-// [rows, L*w]: the group GEMMs fill it with the input products (group-major), the recurrence
-// turns each layer's slot into z_l (in place when Z is not kept) and then h_l.
+// The forward on `rows` of x and out. The group GEMMs write the input products into `products`
+// [rows, L*w] (group-major, bias included); the recurrence turns slot l into z_l and h_l.
+// * ATen recurrence (wide layers): z_l is computed in place in its slot, so `products` ends as Z
+//   (group-major); h_l goes to `hidden`'s slot (which may be `products` itself when Z is not
+//   kept) or, without projection, to out's layer columns. With Z kept in the buffer the GEMMs
+//   write, no layer pays a copy of its products into Z.
+// * narrow recurrence: one pass over the rows writes z_l to `pre_activation` (when defined, at
+//   the same slot offsets) and h_l over its own slot of `products` (or into out).
+// The projection reads H from `hidden` (or `products` on the narrow path).
 void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const GroupedParams& grouped,
                   const at::Tensor& x, const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias_out,
-                  Activation act, double negative_slope, at::Tensor buffer, const at::Tensor& pre_activation,
-                  at::Tensor out) {
+                  Activation act, double negative_slope, const at::Tensor& products, const at::Tensor& hidden,
+                  const at::Tensor& pre_activation, at::Tensor out) {
   const int64_t w = shape.layer_width;
   const bool projection = grouped.weight_out.defined();
-  const bool keep = pre_activation.defined();
-  const auto slot_columns = [&](int64_t layer) { return buffer.narrow(1, groups.slot(layer) * w, w); };
 
   for (int64_t g = 0; g < groups.count; ++g) {
     const int64_t first = groups.first_slot(g) * w, width = groups.size(g) * w;
-    const at::Tensor columns = buffer.narrow(1, first, width);
+    const at::Tensor columns = products.narrow(1, first, width);
     const at::Tensor weights = grouped.weight_in.narrow(0, first, width);
     const auto bias = grouped.bias ? std::optional<at::Tensor>(grouped.bias->narrow(0, first, width)) : std::nullopt;
     bool first_piece = true;
@@ -192,38 +196,27 @@ void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const Gro
     }
   }
 
+  const std::vector<int64_t> slots = groups.slot_offsets(w);
   if (uses_narrow_recurrence(shape, x)) {
-    const std::vector<int64_t> slots = groups.slot_offsets(w);
     // h_l goes to its slot (group-major H for the projection) or, without projection, to out.
     std::vector<int64_t> hidden_offsets = slots;
     if (!projection) {
       for (int64_t layer = 0; layer < shape.num_layers; ++layer) hidden_offsets[layer] = layer * w;
     }
-    cpu::narrow_forward_recurrence(buffer, slots, weight_hidden, act, negative_slope, pre_activation,
-                                   projection ? buffer : out, hidden_offsets);
-    if (projection) add_product(out, true, bias_out, buffer, grouped.weight_out.t());
+    cpu::narrow_forward_recurrence(products, slots, weight_hidden, act, negative_slope, pre_activation,
+                                   projection ? products : out, hidden_offsets);
+    if (projection) add_product(out, true, bias_out, products, grouped.weight_out.t());
     return;
   }
   at::Tensor previous_hidden;  // h_{l-1}: each view is made once (at small batch the views cost as much as the math)
   for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
-    const at::Tensor products = slot_columns(layer);
-    at::Tensor z = keep ? pre_activation.narrow(1, layer * w, w) : products;
-    if (layer > 0) {
-      const at::Tensor recurrent = weight_hidden[layer - 1].t();
-      if (keep) {
-        at::addmm_out(z, products, previous_hidden, recurrent);
-      } else {
-        z.addmm_(previous_hidden, recurrent);
-      }
-    } else if (keep) {
-      z.copy_(products);
-    }
-    // h_l lives in its slot (group-major H for the projection) or, without projection, in out.
-    at::Tensor hidden = projection ? products : out.narrow(1, layer * w, w);
-    apply_activation(hidden, z, act, negative_slope);
-    previous_hidden = hidden;
+    at::Tensor z = products.narrow(1, slots[layer], w);
+    if (layer > 0) z.addmm_(previous_hidden, weight_hidden[layer - 1].t());
+    at::Tensor h = projection ? hidden.narrow(1, slots[layer], w) : out.narrow(1, layer * w, w);
+    apply_activation(h, z, act, negative_slope);
+    previous_hidden = h;
   }
-  if (projection) add_product(out, true, bias_out, buffer, grouped.weight_out.t());
+  if (projection) add_product(out, true, bias_out, hidden, grouped.weight_out.t());
 }
 
 bool uses_activation_output(Activation act) { return act == Activation::Tanh || act == Activation::Sigmoid; }
@@ -273,10 +266,20 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, con
   const auto options = x.options();
   at::Tensor out = at::empty({batch, shape.output_width()}, options);
   if (keep_pre_activation) {
+    // Z in group-major order (the backward reads it so). The ATen recurrence computes Z in the
+    // products buffer itself, with H beside it when there is a projection; the narrow
+    // recurrence writes Z from a scratch products buffer that then holds H.
     at::Tensor pre_activation = at::empty({batch, hidden}, options);
     if (batch > 0) {
-      forward_rows(shape, groups, grouped, x, weight_hidden, bias_out, act, negative_slope,
-                   at::empty({batch, hidden}, options), pre_activation, out);
+      if (uses_narrow_recurrence(shape, x)) {
+        const at::Tensor products = at::empty({batch, hidden}, options);
+        forward_rows(shape, groups, grouped, x, weight_hidden, bias_out, act, negative_slope, products, products,
+                     pre_activation, out);
+      } else {
+        const at::Tensor hidden_act = grouped.weight_out.defined() ? at::empty({batch, hidden}, options) : at::Tensor();
+        forward_rows(shape, groups, grouped, x, weight_hidden, bias_out, act, negative_slope, pre_activation,
+                     hidden_act, at::Tensor(), out);
+      }
     }
     return {out, pre_activation};
   }
@@ -286,8 +289,9 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, con
     at::Tensor buffer = at::empty({block, hidden}, options);
     for (int64_t row = 0; row < batch; row += block) {
       const int64_t rows = std::min(block, batch - row);
+      const at::Tensor block_buffer = buffer.narrow(0, 0, rows);  // products, then Z and H in place
       forward_rows(shape, groups, grouped, x.narrow(0, row, rows), weight_hidden, bias_out, act, negative_slope,
-                   buffer.narrow(0, 0, rows), at::Tensor(), out.narrow(0, row, rows));
+                   block_buffer, block_buffer, at::Tensor(), out.narrow(0, row, rows));
     }
   }
   return {out, at::empty({0}, options)};
@@ -305,8 +309,12 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   const bool need_dz = mask[kGradX] || mask[kGradWeightIn] || mask[kGradWeightHidden] || mask[kGradBias];
   const int64_t batch = shape.batch, w = shape.layer_width, num_layers = shape.num_layers, hidden = shape.hidden();
 
-  // H = phi(Z), in layer order: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does (the
-  // narrow recurrence rebuilds h from Z for both itself).
+  // Z, dZ and H = phi(Z) are in group-major order: each layer's z_l, dz_l and h_l in its slot.
+  const LayerGroups groups(shape, x.is_cpu());
+  const auto slot_columns = [&](const at::Tensor& t, int64_t layer) { return t.narrow(1, groups.slot(layer) * w, w); };
+
+  // H: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does (the narrow recurrence rebuilds
+  // h from Z for both itself).
   const bool narrow = uses_narrow_recurrence(shape, x);
   const bool need_hidden = (mask[kGradWeightHidden] && !narrow) || (projection && mask[kGradWeightOut]) ||
                            (need_dz && uses_activation_output(act) && !narrow);
@@ -315,13 +323,15 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     hidden_act = at::empty({batch, hidden}, options);
     apply_activation(hidden_act, pre_activation, act, negative_slope);
   }
-  if (projection && mask[kGradWeightOut]) grads[kGradWeightOut] = at::mm(grad_out.t(), hidden_act);
+  if (projection && mask[kGradWeightOut]) {
+    const int64_t m = shape.out_features;
+    grads[kGradWeightOut] =
+        to_layer_order(at::mm(grad_out.t(), hidden_act).view({m, num_layers, w}), 1, groups).view({m, hidden});
+  }
   if (projection && mask[kGradBiasOut]) grads[kGradBiasOut] = grad_out.sum(0);
   if (!need_dz) return grads;
 
-  // dZ in group-major order, starting from dH = G @ W_out (or G itself without projection).
-  const LayerGroups groups(shape, x.is_cpu());
-  const auto slot_columns = [&](const at::Tensor& t, int64_t layer) { return t.narrow(1, groups.slot(layer) * w, w); };
+  // dZ, starting from dH = G @ W_out (or G itself without projection).
   at::Tensor grad_z;
   if (projection) {
     const at::Tensor by_layer = weight_out->view({shape.out_features, num_layers, w});
@@ -342,8 +352,8 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
       at::Tensor dz = slot_columns(grad_z, layer);
       if (next_dz.defined()) dz.addmm_(next_dz, weight_hidden[layer]);
-      const at::Tensor h = need_hidden ? hidden_act.narrow(1, layer * w, w) : at::Tensor();
-      multiply_by_activation_grad(dz, pre_activation.narrow(1, layer * w, w), h, act, negative_slope);
+      const at::Tensor h = need_hidden ? slot_columns(hidden_act, layer) : at::Tensor();
+      multiply_by_activation_grad(dz, slot_columns(pre_activation, layer), h, act, negative_slope);
       next_dz = dz;
     }
   }
@@ -351,12 +361,11 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   if (mask[kGradWeightHidden] && !narrow) {
     for (int64_t layer = 1; layer < num_layers; ++layer) {
       at::Tensor grad_r = grads[kGradWeightHidden][layer - 1];
-      at::mm_out(grad_r, slot_columns(grad_z, layer).t(), hidden_act.narrow(1, (layer - 1) * w, w));
+      at::mm_out(grad_r, slot_columns(grad_z, layer).t(), slot_columns(hidden_act, layer - 1));
     }
   }
   if (mask[kGradBias]) {
-    grads[kGradBias] = at::empty({num_layers, w}, options);
-    copy_from_group_major(grads[kGradBias], grad_z.sum(0).view({num_layers, w}), 0, groups);
+    grads[kGradBias] = to_layer_order(grad_z.sum(0).view({num_layers, w}), 0, groups);
   }
   if (mask[kGradWeightIn]) {
     const at::Tensor grouped = at::empty({hidden, shape.split_size}, options);
@@ -368,8 +377,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
         at::mm_out(target, dz, x.narrow(1, piece.input_start, piece.length));
       }
     }
-    grads[kGradWeightIn] = at::empty_like(weight_in);
-    copy_from_group_major(grads[kGradWeightIn], grouped.view({num_layers, w, shape.split_size}), 0, groups);
+    grads[kGradWeightIn] = to_layer_order(grouped.view({num_layers, w, shape.split_size}), 0, groups);
   }
   if (mask[kGradX]) {
     // When s divides N and every group is present, the windows tile x exactly once: each column

@@ -11,8 +11,10 @@
 //     the window wraps past column N-1.
 //   * The group GEMMs write a [B, L*w] buffer in "group-major" column order (group 0's layers,
 //     then group 1's, ...). Weights are permuted into that order once per call (weight-sized
-//     copies, cheap next to the B-sized work); activations stay in layer order where they leave
-//     the op (Z = [z_0, ..., z_{L-1}] and y/H), so every backend's backward reads the same Z.
+//     copies, cheap next to the B-sized work). The recurrence then computes each z_l in place in
+//     its slot: that buffer is the Z the forward returns and the backward reads, in group-major
+//     order (a copy into layer order would cost a pass over [B, L*w] per call). Only y, or H
+//     without projection, and the gradients leave the pair in layer order.
 //     On a CPU, layers of w >= 256 are not grouped (a GEMM that wide is efficient alone, and
 //     the copies would cost more than grouping gains): one GEMM per layer, in layer order.
 //   * The output projection is one GEMM on H; its gradients dW_out = G^T H and dH = G W_out are

@@ -41,7 +41,7 @@ void forward_rows(const at::Tensor& products, const std::vector<int64_t>& slot_o
           }
         }
         if (z_data) {
-          T* z_row = z_data + row * z_stride + layer * w;
+          T* z_row = z_data + row * z_stride + slot_offsets[layer];
           for (int64_t j = 0; j < w; ++j) z_row[j] = z[j];
         }
         T* h = hidden_data + row * hidden_stride + hidden_offsets[layer];
@@ -74,7 +74,7 @@ void backward_rows(const at::Tensor& grad_z, const std::vector<int64_t>& slot_of
       for (int64_t row = chunk * chunk_rows; row < std::min(rows, (chunk + 1) * chunk_rows); ++row) {
         for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
           T* dz = grad_data + row * grad_stride + slot_offsets[layer];
-          const T* z = z_data + row * z_stride + layer * w;
+          const T* z = z_data + row * z_stride + slot_offsets[layer];
           if (layer < num_layers - 1) {
             const T* r = recurrent + layer * w * w;  // R_{l+1} = weight_hidden[l]: dz_l += dz_{l+1} @ R_{l+1}
             for (int64_t k = 0; k < w; ++k) {
@@ -84,7 +84,7 @@ void backward_rows(const at::Tensor& grad_z, const std::vector<int64_t>& slot_of
           }
           for (int64_t j = 0; j < w; ++j) next[j] = dz[j] *= activate_grad(kAct, z[j], negative_slope);
           if (dr && layer > 0) {
-            const T* z_prev = z - w;
+            const T* z_prev = z_data + row * z_stride + slot_offsets[layer - 1];
             for (int64_t k = 0; k < w; ++k) h_prev[k] = activate(kAct, z_prev[k], negative_slope);
             T* d = dr + (layer - 1) * w * w;
             for (int64_t j = 0; j < w; ++j) {

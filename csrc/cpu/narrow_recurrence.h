@@ -13,8 +13,8 @@
 // summed in chunk order: deterministic whatever the thread count. The input products (one GEMM
 // per window group) and the output projection stay on BLAS, which runs them well.
 //
-// Column layouts: `products` / `grad_z` hold layer l at column slot_offsets[l] (the chain's
-// group-major order); Z, and H where it is written separately, are in layer order.
+// Column layouts: `products`, `grad_z` and Z hold layer l at column slot_offsets[l] (the chain's
+// group-major order); H, where it is written separately, at hidden_offsets[l].
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,7 +42,7 @@ inline int64_t backward_chunk_rows(int64_t rows) {
 }
 
 // For every row r: z_l = products[r, slot_l] + h_{l-1} @ R_{l-1}^T (l > 0), h_l = phi(z_l).
-// z_l goes to pre_activation[r, l*w:] when it is defined (training), h_l to
+// z_l goes to pre_activation[r, slot_l] when it is defined (training), h_l to
 // hidden[r, hidden_offsets[l]:] (hidden may be `products` itself: slot l is read before it is
 // overwritten).
 void narrow_forward_recurrence(const at::Tensor& products, const std::vector<int64_t>& slot_offsets,
