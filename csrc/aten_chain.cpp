@@ -219,7 +219,21 @@ void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const Gro
   if (projection) add_product(out, true, bias_out, hidden, grouped.weight_out.t());
 }
 
-bool uses_activation_output(Activation act) { return act == Activation::Tanh || act == Activation::Sigmoid; }
+// Activations whose derivative is a function of their output (PyTorch's own backward of these
+// reads the output): relu' = [h > 0] (exactly where z > 0, NaN passing as for z), tanh' = 1 - h^2,
+// sigmoid' = h (1 - h), identity' = 1.
+bool derivative_from_output(Activation act) {
+  return act == Activation::ReLU || act == Activation::Tanh || act == Activation::Sigmoid ||
+         act == Activation::Identity;
+}
+
+// Whether the chain keeps H = phi(Z) for the backward instead of Z: on the ATen recurrence with a
+// projection, for an activation whose derivative is a function of H. The forward then computes
+// the products, z_l and h_l in place in one [B, L*w] buffer (as inference does) and keeps it;
+// the backward needs H for dW_out and dW_hidden anyway, so it neither allocates nor recomputes it.
+bool keeps_hidden(const SpinalShape& shape, const at::Tensor& x, Activation act, bool projection) {
+  return projection && !uses_narrow_recurrence(shape, x) && derivative_from_output(act);
+}
 
 }  // namespace
 
@@ -266,22 +280,27 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, con
   const auto options = x.options();
   at::Tensor out = at::empty({batch, shape.output_width()}, options);
   if (keep_pre_activation) {
-    // Z in group-major order (the backward reads it so). The ATen recurrence computes Z in the
-    // products buffer itself, with H beside it when there is a projection; the narrow
-    // recurrence writes Z from a scratch products buffer that then holds H.
-    at::Tensor pre_activation = at::empty({batch, hidden}, options);
+    // What the backward reads, in group-major order: H where the chain keeps it (keeps_hidden),
+    // computed in place in the buffer the group GEMMs write; else Z. The ATen recurrence computes
+    // Z in that buffer itself, with H beside it when there is a projection; the narrow recurrence
+    // writes Z from a scratch products buffer that then holds H.
+    at::Tensor saved = at::empty({batch, hidden}, options);
     if (batch > 0) {
+      const bool projection = grouped.weight_out.defined();
       if (uses_narrow_recurrence(shape, x)) {
         const at::Tensor products = at::empty({batch, hidden}, options);
         forward_rows(shape, groups, grouped, x, weight_hidden, bias_out, act, negative_slope, products, products,
-                     pre_activation, out);
+                     saved, out);
+      } else if (keeps_hidden(shape, x, act, projection)) {
+        forward_rows(shape, groups, grouped, x, weight_hidden, bias_out, act, negative_slope, saved, saved,
+                     at::Tensor(), out);
       } else {
-        const at::Tensor hidden_act = grouped.weight_out.defined() ? at::empty({batch, hidden}, options) : at::Tensor();
-        forward_rows(shape, groups, grouped, x, weight_hidden, bias_out, act, negative_slope, pre_activation,
-                     hidden_act, at::Tensor(), out);
+        const at::Tensor hidden_act = projection ? at::empty({batch, hidden}, options) : at::Tensor();
+        forward_rows(shape, groups, grouped, x, weight_hidden, bias_out, act, negative_slope, saved, hidden_act,
+                     at::Tensor(), out);
       }
     }
-    return {out, pre_activation};
+    return {out, saved};
   }
   const int64_t block_elements = x.is_cpu() ? kCpuInferenceBlockElements : kGpuInferenceBlockElements;
   const int64_t block = std::min(batch, std::max(kMinBlockRows, block_elements / hidden));
@@ -314,12 +333,15 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   const auto slot_columns = [&](const at::Tensor& t, int64_t layer) { return t.narrow(1, groups.slot(layer) * w, w); };
 
   // H: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does (the narrow recurrence rebuilds
-  // h from Z for both itself).
+  // h from Z for both itself). Where the forward kept H (keeps_hidden), `pre_activation` is H.
   const bool narrow = uses_narrow_recurrence(shape, x);
+  const bool saved_hidden = keeps_hidden(shape, x, act, projection);
   const bool need_hidden = (mask[kGradWeightHidden] && !narrow) || (projection && mask[kGradWeightOut]) ||
-                           (need_dz && uses_activation_output(act) && !narrow);
+                           (need_dz && (act == Activation::Tanh || act == Activation::Sigmoid) && !narrow);
   at::Tensor hidden_act;
-  if (need_hidden) {
+  if (saved_hidden) {
+    hidden_act = pre_activation;
+  } else if (need_hidden) {
     hidden_act = at::empty({batch, hidden}, options);
     apply_activation(hidden_act, pre_activation, act, negative_slope);
   }
@@ -352,8 +374,10 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
       at::Tensor dz = slot_columns(grad_z, layer);
       if (next_dz.defined()) dz.addmm_(next_dz, weight_hidden[layer]);
-      const at::Tensor h = need_hidden ? slot_columns(hidden_act, layer) : at::Tensor();
-      multiply_by_activation_grad(dz, slot_columns(pre_activation, layer), h, act, negative_slope);
+      const at::Tensor h = hidden_act.defined() ? slot_columns(hidden_act, layer) : at::Tensor();
+      // With H kept, relu's phi' reads h in place of z: the same mask (derivative_from_output).
+      const at::Tensor z = saved_hidden ? h : slot_columns(pre_activation, layer);
+      multiply_by_activation_grad(dz, z, h, act, negative_slope);
       next_dz = dz;
     }
   }

@@ -15,6 +15,11 @@
 //     its slot: that buffer is the Z the forward returns and the backward reads, in group-major
 //     order (a copy into layer order would cost a pass over [B, L*w] per call). Only y, or H
 //     without projection, and the gradients leave the pair in layer order.
+//   * With a projection and an activation whose derivative is a function of its output (relu,
+//     tanh, sigmoid, identity), the forward keeps H = phi(Z) instead of Z: h_l is computed in
+//     place over z_l, so the forward uses one [B, L*w] buffer, and the backward, which needs H
+//     for dW_out and dW_hidden anyway, neither allocates nor recomputes it. (Not on the narrow
+//     recurrence, which rebuilds h from Z row by row.)
 //     On a CPU, layers of w >= 256 are not grouped (a GEMM that wide is efficient alone, and
 //     the copies would cost more than grouping gains): one GEMM per layer, in layer order.
 //   * The output projection is one GEMM on H; its gradients dW_out = G^T H and dH = G W_out are
@@ -52,8 +57,9 @@ void apply_activation(at::Tensor h, const at::Tensor& z, Activation act, double 
 void multiply_by_activation_grad(at::Tensor dz, const at::Tensor& z, const at::Tensor& h, Activation act,
                                  double negative_slope);
 
-// (out, pre_activation): out is y [B, M] (H [B, L*w] without projection); pre_activation is
-// Z [B, L*w] when keep_pre_activation, else an empty [0] tensor.
+// (out, pre_activation): out is y [B, M] (H [B, L*w] without projection); pre_activation is what
+// hoisted_backward reads, Z or H [B, L*w] in group-major order (see above), when
+// keep_pre_activation, else an empty [0] tensor.
 std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, const at::Tensor& x,
                                                    const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                                    const std::optional<at::Tensor>& bias,

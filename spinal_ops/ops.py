@@ -12,9 +12,10 @@ csrc/ops.cpp must match, and a test checks that they do):
 
 ``forward`` returns ``(out, pre_activation)``: ``out`` is y (or H when there is no output
 projection) and ``pre_activation`` is Z, the L pre-activations z_l (B x L*w), which is all the
-backward needs besides the inputs (it recomputes h = phi(z) on the fly). Z's column order
-belongs to the op pair: layer order from the fused kernels, the hoisted chain's group-major
-order from the chain (csrc/aten_chain.h); only the pair's own backward reads it. With
+backward needs besides the inputs (it recomputes h = phi(z) on the fly). What the
+tensor holds belongs to the op pair, and only the pair's own backward reads it: Z in layer order
+from the fused kernels; from the hoisted chain (csrc/aten_chain.h) Z, or H = phi(Z) for
+activations whose derivative is a function of their output, in the chain's group-major order. With
 ``keep_pre_activation=False`` (no gradient will be needed) Z is neither kept nor, where the
 backend can avoid it, computed, and an empty tensor is returned in its place. ``allow_tf32`` is
 the forward's TF32 choice, passed to the backward too. ``backward`` returns the gradients

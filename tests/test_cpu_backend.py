@@ -51,11 +51,27 @@ def test_contract_against_float64_reference(name, activation, dtype):
 WIDE_CASES = ("medium_grouped", "medium_grouped_M_None", "wide_k2_overlap", "wide_tiles_once", "wide_wraps")
 
 
+# gelu's derivative reads Z; relu's, tanh's, sigmoid's and identity's read H, which the chain then
+# keeps instead of Z where there is a projection (csrc/aten_chain.h).
+@pytest.mark.parametrize("activation", ["gelu", "relu", "tanh", "sigmoid", "identity"])
 @pytest.mark.parametrize("name", WIDE_CASES)
-def test_wide_layers_one_gemm_per_layer(name):
-    config = build(name, "gelu")
+def test_wide_layers_one_gemm_per_layer(name, activation):
+    config = build(name, activation)
     check_backend("cpu", config, torch.float32, batch_shape=(5,))
     check_gradient_masks("cpu", config, "spinal_ops::fused_backward")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu"])
+def test_wide_layers_propagate_nan_and_inf_like_the_reference(activation):
+    """relu's gradient from the kept H passes a NaN as the reference's does (its mask is h > 0)."""
+    config = build("medium_grouped", activation)
+    x = torch.randn(6, config.in_features, dtype=torch.float64)
+    x[1, 2] = float("nan")
+    x[3, 5] = float("inf")
+    x[4, 0] = -float("inf")
+    check_backend("cpu", config, torch.float32, x=x)
+    check_backend("cpu", config, torch.bfloat16, batch_shape=(5,))
 
 
 @pytest.mark.parametrize("batch", [300, 5000])
