@@ -21,7 +21,8 @@
 //     for dW_out and dW_hidden anyway, neither allocates nor recomputes it. (Not on the narrow
 //     recurrence, which rebuilds h from Z row by row.)
 //     On a CPU, layers of w >= 256 are not grouped (a GEMM that wide is efficient alone, and
-//     the copies would cost more than grouping gains): one GEMM per layer, in layer order.
+//     the copies would cost more than grouping gains), nor are layers of w >= 128 below batch
+//     512: one GEMM per layer, in layer order.
 //   * The output projection is one GEMM on H; its gradients dW_out = G^T H and dH = G W_out are
 //     one GEMM each; dx and dW_in are one GEMM per group (and window piece).
 //

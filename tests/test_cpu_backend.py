@@ -46,8 +46,9 @@ def test_contract_against_float64_reference(name, activation, dtype):
 
 
 # The CPU chain's three regimes by width (the edge cases are all narrow, w <= 32: recurrence in one
-# loop over rows). 32 < w < 256: layers grouped by window, recurrence as ATen GEMMs. w >= 256: one
-# GEMM per layer, no grouping: windows read by several layers, tiling x once, wrapping.
+# loop over rows). 32 < w < 256: layers grouped by window (w >= 128 only from batch 512), recurrence
+# as ATen GEMMs. w >= 256: one GEMM per layer, no grouping: windows read by several layers, tiling x
+# once, wrapping.
 WIDE_CASES = ("medium_grouped", "medium_grouped_M_None", "wide_k2_overlap", "wide_tiles_once", "wide_wraps")
 
 
@@ -59,6 +60,13 @@ def test_wide_layers_one_gemm_per_layer(name, activation):
     config = build(name, activation)
     check_backend("cpu", config, torch.float32, batch_shape=(5,))
     check_gradient_masks("cpu", config, "spinal_ops::fused_backward")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("batch", [5, 600], ids=["ungrouped", "grouped"])
+def test_layers_of_width_128_group_from_batch_512(batch, activation):
+    config = make_config(10, 3, layer_width=128, num_layers=4, num_splits=2, activation=activation)
+    check_backend("cpu", config, torch.float32, batch_shape=(batch,))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
