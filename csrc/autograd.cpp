@@ -89,10 +89,9 @@ Gradients backward_autograd(const at::Tensor& grad_out, const at::Tensor& x, con
                             c10::string_view activation, double negative_slope, bool allow_tf32) {
   // A backward outside create_graph (grad mode off) needs no node to refuse a double backward:
   // call the op directly (a few µs per training step).
-  const bool differentiable = grad_out.requires_grad() || x.requires_grad() || pre_activation.requires_grad() ||
-                              weight_in.requires_grad() || weight_hidden.requires_grad() ||
-                              (weight_out.has_value() && weight_out->requires_grad());
-  if (!at::GradMode::is_enabled() || !differentiable) {
+  if (!at::GradMode::is_enabled() ||
+      !(grad_out.requires_grad() || x.requires_grad() || pre_activation.requires_grad() || weight_in.requires_grad() ||
+        weight_hidden.requires_grad() || (weight_out.has_value() && weight_out->requires_grad()))) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return backward_op<P>().call(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask,
                                  activation, negative_slope, allow_tf32);
