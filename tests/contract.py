@@ -274,14 +274,14 @@ def check_tf32_choice_reaches_backward(backend: str, config: SpinalConfig, forwa
 
 
 def check_gradient_masks(backend: str, config: SpinalConfig, backward_op: str, dtype=torch.float64,
-                         device="cpu") -> None:
+                         device="cpu", batch: int = 5) -> None:
     """For every combination of requires_grad on x and the parameters: the backend's gradients
     equal the reference's where they exist, are None where they do not, and the backward op is
     asked (output_mask) for exactly the gradients autograd needs."""
     generator = torch.Generator().manual_seed(7)
     params = random_params(config, generator)
-    x = torch.randn(5, config.in_features, generator=generator, dtype=torch.float64)
-    grad_out = torch.randn(5, config.output_features, generator=generator, dtype=torch.float64)
+    x = torch.randn(batch, config.in_features, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(batch, config.output_features, generator=generator, dtype=torch.float64)
     present = [x, *params]
     slots = [i for i, t in enumerate(present) if t is not None]
     for pattern in range(1, 2 ** len(slots)):

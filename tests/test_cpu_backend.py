@@ -164,6 +164,15 @@ def test_narrow_input_gradient_regimes(name, batch):
     check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float32)
 
 
+# From 4 MB of x the narrow backward's dW_in reads each block of x transposed (x read in place
+# below that, as above): windows that wrap and a ragged one, a last block of 12 rows.
+def test_narrow_weight_gradient_of_a_large_input():
+    config = make_config(in_features=1001, out_features=6, layer_width=8, num_layers=5, split_size=300)
+    assert 1100 * config.in_features * 4 >= 4 << 20
+    check_backend("cpu", config, torch.float32, batch_shape=(1100,))
+    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float32, batch=1100)
+
+
 # The narrow forward packs A^T, R^T and W_out^T by 8x8 register transposes with element-wise edges:
 # w and s whole blocks, s with an edge, w with an edge, M < 8 (all edge).
 PACKING_SHAPES = {

@@ -15,6 +15,13 @@ namespace {
 
 constexpr int64_t kBlockRows = 64;  // rows per block of a chunk: bounds the block buffers
 
+// dW_in broadcasts x's window columns. Read in place, a tile walks one cache line per row, N floats
+// apart: fine while x stays cached from the forward, but from 4 MB on (mnist, 1 thread: batch 4096)
+// those walks come from memory, which the prefetchers do not follow, and the product ran 2.5x
+// slower per row than at batch 1024. From that size each block of x is transposed first and read
+// row by row; below it the transpose would cost more than it saves.
+constexpr int64_t kTransposedInputMinBytes = int64_t{4} << 20;
+
 using chain::kGradBias;
 using chain::kGradBiasOut;
 using chain::kGradWeightHidden;
@@ -44,6 +51,7 @@ struct BackwardPlan {
   bool need_hidden;                  // h = phi(z) for dW_hidden or dW_out
   bool windows_partition_input;      // N = (number of windows) * s: every column of x read by one group
   bool every_window_in_place;        // every group's dx is written in place (whole vectors, no wrap)
+  bool transposes_input;             // dW_in reads x's blocks transposed (kTransposedInputMinBytes)
   int64_t width_padded;              // w rounded up to 8
   int64_t width_rows;                // w rounded up to kTileRows (rows of dW_hidden's partial)
   int64_t split_padded;              // s rounded up to 8
@@ -70,6 +78,8 @@ struct BackwardPlan {
         windows_partition_input(static_cast<int64_t>(layout.groups.size()) * shape_.split_size == shape_.in_features),
         every_window_in_place(std::all_of(layout.groups.begin(), layout.groups.end(),
                                           [&](const WindowGroup& g) { return window_is_whole_vectors(shape_, g); })),
+        transposes_input(mask_[kGradWeightIn] &&
+                         shape_.batch * shape_.in_features * static_cast<int64_t>(sizeof(float)) >= kTransposedInputMinBytes),
         width_padded(round_up(shape_.layer_width, kLanes)),
         width_rows(round_up(shape_.layer_width, kTileRows)),
         split_padded(round_up(shape_.split_size, kLanes)),
@@ -122,7 +132,7 @@ struct BlockBuffers {
   std::vector<float> product;      // dZ_g @ A_g of a block's rows (dx) that are not written in place: [kBlockRows
                                    // or, when every window is, kTileRows (a last tile), split_padded]
   std::vector<float> grad_out;     // [kBlockRows, out_rows]: G of a block, zero-padded (dW_out)
-  std::vector<float> input_t;      // [N, kBlockRows]: x's block transposed (dW_in), when asked for
+  std::vector<float> input_t;      // [N, kBlockRows]: x's block transposed (plan.transposes_input)
   explicit BlockBuffers(const BackwardPlan& plan)
       : grad_z(kBlockRows * plan.layout.columns + kLanes, 0.f),
         hidden(kBlockRows * plan.hidden_padded + kLanes, 0.f),
@@ -130,7 +140,7 @@ struct BlockBuffers {
         grad_z_tile(kTileRows * plan.width_padded),
         product((plan.every_window_in_place ? kTileRows : kBlockRows) * plan.split_padded),
         grad_out(kBlockRows * plan.out_rows, 0.f),
-        input_t(plan.mask[chain::kGradWeightIn] ? plan.shape.in_features * kBlockRows : 0) {}
+        input_t(plan.transposes_input ? plan.shape.in_features * kBlockRows : 0) {}
 };
 
 // A tile of up to kTileRows rows (first_row.. of the block starting at block_row): dH, h = phi(Z)
@@ -254,12 +264,16 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
   if (plan.mask[kGradWeightIn]) {
     // dW_in_g^T [s, group columns] += x_window^T @ dZ_g: the window's columns of x are broadcast
     // (one pointer per column: a wrapped window needs no copy), dZ_g's rows are the vectors.
-    // x's block is transposed first, read row by row: broadcasting down x's columns in place
-    // walks one cache line per row at a stride of N floats, which the prefetchers do not follow
-    // (on mnist, 1 thread, that made the product 2.5x slower per row at batch 4096 than at 1024;
-    // transposed, the block is read once, row by row).
-    float* x_t = buffers.input_t.data();
-    transpose(plan.x + block_row * n, rows, n, n, x_t, kBlockRows);
+    // Column c of the block is at input + c * column_step, its rows row_step apart: x in place,
+    // or its transpose (plan.transposes_input).
+    const float* input = plan.x + block_row * n;
+    int64_t column_step = 1, row_step = n;
+    if (plan.transposes_input) {
+      transpose(input, rows, n, n, buffers.input_t.data(), kBlockRows);
+      input = buffers.input_t.data();
+      column_step = kBlockRows;
+      row_step = 1;
+    }
     const float* grad_z = buffers.grad_z.data();
     float* grad_in = partial + plan.partial.weight_in;
     for (const WindowGroup& group : plan.layout.groups) {
@@ -267,9 +281,9 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
         const float* a[kTileRows];
         for (int64_t i = 0; i < kTileRows; ++i) {  // columns past s (rows of the padding) read column j
           const int64_t column = j + i < s ? j + i : j;
-          a[i] = x_t + (column < group.head ? group.start + column : column - group.head) * kBlockRows;
+          a[i] = input + (column < group.head ? group.start + column : column - group.head) * column_step;
         }
-        tile_product(a, 1, rows, grad_z + group.tile_column, columns, group.columns,
+        tile_product(a, row_step, rows, grad_z + group.tile_column, columns, group.columns,
                      grad_in + j * columns + group.tile_column, columns);
       }
     }
