@@ -1,10 +1,10 @@
-"""The GEMM-only comparison (gemm_floor.py) times the products the FLOP counts describe: its spinal
+"""The GEMM-only comparison (gemms_alone.py) times the products the FLOP counts describe: its spinal
 sequence, per layer and by window, makes exactly SpinalConfig.step_flops, and its dense sequence
 dense_baseline_step_flops, in every mode."""
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-from gemm_floor import dense_gemms, spinal_gemms
+from gemms_alone import dense_gemms, spinal_gemms
 from spinal_ops.config import MODES, SpinalConfig
 
 CONFIGS = {

@@ -9,7 +9,7 @@ of the GEMMs alone. Where it is above the goal while the op's full E is close to
 is BLAS's speed on the chain's narrower matrices, not work around the GEMMs (compare the op's and
 the dense step's time beyond their GEMMs).
 
-    python benchmarks/gemm_floor.py --preset vgg5 --batch 64 4096 --mode train frozen infer
+    python benchmarks/gemms_alone.py --preset vgg5 --batch 64 4096 --mode train frozen infer
 
 A wrapped window is timed as one product (the chain makes two).
 """
