@@ -34,9 +34,10 @@ def spinal_gemms(config: SpinalConfig, batch: int, mode: str, grouped: bool) -> 
     columns side by side); the recurrence and its gradients one per layer; the projection's three."""
     n, s, w, layers = config.in_features, config.split_size, config.layer_width, config.num_layers
     m, hidden = config.out_features, config.hidden_features
-    starts = sorted({config.window_start(layer) for layer in range(layers)}) if grouped else list(range(layers))
-    groups = [[layer for layer in range(layers) if (config.window_start(layer) if grouped else layer) == start]
-              for start in starts]
+    by_key: dict[int, list[int]] = {}  # layers sharing a window start, in the op's group order
+    for layer in range(layers):
+        by_key.setdefault(config.window_start(layer) if grouped else layer, []).append(layer)
+    groups = list(by_key.values())
     slot = {layer: index for index, layer in enumerate(layer for group in groups for layer in group)}
     x, hid, grad_hid = torch.randn(batch, n), torch.randn(batch, hidden), torch.randn(batch, hidden)
     a = [torch.randn(len(group) * w, s) for group in groups]  # each group's A_l stacked
