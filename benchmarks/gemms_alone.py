@@ -4,7 +4,7 @@ For wide layers (w > 32) the CPU op is a chain of BLAS calls (csrc/aten_chain.h)
 times exactly the GEMMs that chain makes, the input products one per layer ("per layer") or one per
 window group ("by window", how the op runs layers of w < 128, and of w < 256 from batch 512), against
 the dense layer's GEMMs, each into buffers allocated once, with no activation, copy, Python or
-autograd work between them, alternating in rounds. Their time ratio over the FLOP ratio is the E
+autograd work between them, alternating in short blocks. Their time ratio over the FLOP ratio is the E
 of the GEMMs alone. Where it is above the goal while the op's full E is close to it, what is left
 is BLAS's speed on the chain's narrower matrices, not work around the GEMMs (compare the op's and
 the dense step's time beyond their GEMMs).
@@ -16,13 +16,12 @@ A wrapped window is timed as one product (the chain makes two).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
 
 from spinal_ops.bench.presets import PRESETS, parse_presets
+from spinal_ops.bench.timing import alternating_medians
 from spinal_ops.config import MODES, SpinalConfig
 
 Step = Callable[[], None]
@@ -102,33 +101,12 @@ def dense_gemms(config: SpinalConfig, batch: int, mode: str) -> Step:
     return step
 
 
-def time_alternating(steps: dict[str, Step], rounds: int, min_block_s: float = 0.02) -> dict[str, list[float]]:
-    """Seconds per call of each step, one block per step per round, the order alternating."""
-    calls = {}
-    for name, step in steps.items():
-        step()
-        start, count = time.perf_counter(), 0
-        while time.perf_counter() - start < min_block_s:
-            step()
-            count += 1
-        calls[name] = max(count, 1)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for index in range(rounds):
-        for name in names if index % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                steps[name]()
-            times[name].append((time.perf_counter() - start) / calls[name])
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", nargs="+", default=["vgg5"], help=f"names from {', '.join(PRESETS)}")
     parser.add_argument("--batch", nargs="+", type=int, default=[64, 4096])
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--min-run-time", type=float, default=0.3, metavar="S", help="seconds of measurement per step")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,7 +120,11 @@ def main() -> None:
                 steps = {"per layer": spinal_gemms(config, batch, mode, grouped=False),
                          "by window": spinal_gemms(config, batch, mode, grouped=True),
                          "dense": dense_gemms(config, batch, mode)}
-                median = {key: statistics.median(t) for key, t in time_alternating(steps, args.rounds).items()}
+                for step in steps.values():
+                    step()  # warm-up: allocates the buffers
+                median, failures = alternating_medians(steps, torch.device("cpu"), args.min_run_time)
+                if failures:
+                    raise SystemExit(f"{name} batch {batch} {mode}: {failures}")
                 flop_ratio = config.step_flops(batch, mode) / config.dense_baseline_step_flops(batch, mode)
                 e = [median[key] / median["dense"] / flop_ratio for key in ("per layer", "by window")]
                 print(f"| {name} | {batch} | {mode} | {median['per layer'] * 1e6:.0f} | {median['by window'] * 1e6:.0f} "

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from contract import make_config
-from spinal_ops.bench import PRESETS, main
+from spinal_ops.bench import PRESETS, main, timing
 from spinal_ops.bench.goals import E, SPEEDUP_OVER_REFERENCE, Goal, goal_lines
 from spinal_ops.bench.memory import peak_bytes
 from spinal_ops.bench.presets import parse_presets
@@ -225,3 +225,65 @@ def test_validate_document_rejects_other_shapes(mutate):
 def test_committed_results_have_the_current_shape(path):
     records = [Record.from_json(data) for data in read_json(path)["records"]]
     assert records and {record.mode for record in records} <= set(MODES)
+
+
+class FakeClock:
+    """time.perf_counter for the timing module: advances only when a step says it ran."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_clock(monkeypatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    return clock
+
+
+def test_alternating_medians_time_each_step_in_alternating_blocks(fake_clock):
+    calls: list[str] = []
+
+    def step(name: str, seconds: float):
+        def run() -> None:
+            calls.append(name)
+            fake_clock.now += seconds
+        return run
+
+    steps = {"fast": step("fast", 1e-4), "slow": step("slow", 3e-4), "slowest": step("slowest", 0.5)}
+    medians, failures = timing.alternating_medians(steps, torch.device("cpu"), min_run_time=0.3)
+    assert failures == {}
+    assert medians == pytest.approx({"fast": 1e-4, "slow": 3e-4, "slowest": 0.5})
+    timed = calls[len(steps):]  # after the one sizing call of each
+    # Each step timed for min_run_time, and the slowest for MIN_BLOCKS blocks of one call.
+    assert timed.count("fast") * 1e-4 >= 0.3 and timed.count("slow") * 3e-4 >= 0.3
+    assert timed.count("slowest") == timing.MIN_BLOCKS
+    # Blocks alternate, the order reversing every turn (F S X, X S F, ...): the other steps run
+    # between every other block of the slowest one, not all before or after it.
+    for other in ("fast", "slow"):
+        before = [timed[:index].count(other) for index, name in enumerate(timed) if name == "slowest"]
+        assert all(later > earlier for earlier, later in zip(before, before[2:]))
+        assert before[-1] < timed.count(other)
+
+
+def test_alternating_medians_report_a_failing_step_and_time_the_others(fake_clock):
+    runs = {"ok": 0, "fails": 0}
+
+    def ok() -> None:
+        runs["ok"] += 1
+        fake_clock.now += 1e-3
+
+    def fails_later() -> None:
+        runs["fails"] += 1
+        fake_clock.now += 1e-3
+        if runs["fails"] > 3:
+            raise RuntimeError("backend failed\nsecond line")
+
+    medians, failures = timing.alternating_medians({"ok": ok, "fails": fails_later}, torch.device("cpu"), 0.1)
+    assert failures == {"fails": "backend failed"}
+    assert medians == pytest.approx({"ok": 1e-3})
+    with pytest.raises(RuntimeError, match="backend failed"):
+        timing.median_seconds(fails_later, torch.device("cpu"), 0.1, warmup_calls=0)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import statistics
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,7 +13,7 @@ from ..config import SpinalConfig
 from . import roofline
 from .memory import peak_bytes
 from .results import Record, Skip, dtype_name
-from .timing import median_seconds
+from .timing import alternating_medians
 from .workloads import ImplUnavailable, build_impl, cost, make_step
 
 
@@ -32,12 +31,6 @@ class Matrix:
     def num_cases(self) -> int:
         return (len(self.threads) * len(self.presets) * len(self.dtypes) * len(self.impls) * len(self.batches)
                 * len(self.modes))
-
-
-# Each case is timed in rounds that alternate between the implementations, and each keeps the
-# median of its rounds: load drift on a shared machine then hits every implementation alike, so
-# the ratios of one run compare like with like.
-ROUNDS = 5
 
 
 def run_matrix(matrix: Matrix, progress: bool = True) -> tuple[list[Record], list[Skip]]:
@@ -90,27 +83,21 @@ def _measure_case(matrix: Matrix, models: dict[str, torch.nn.Module], config: Sp
     """({impl: (median seconds, peak bytes)}, {impl: first line of the error} for those that failed).
 
     The untimed peak-memory call comes after the warm-up (torch.compile's own allocations are not
-    the step's); the timed rounds alternate between the implementations."""
+    the step's); the implementations are then timed in alternating blocks (timing.py)."""
     steps: dict[str, Callable[[], object]] = {}
     peaks: dict[str, int] = {}
     failures: dict[str, str] = {}
     for impl, model in models.items():
         try:
-            steps[impl] = make_step(model, config, batch, mode, dtype, matrix.device)
-            steps[impl]()  # warm-up
-            peaks[impl] = peak_bytes(steps[impl], matrix.device)
+            step = make_step(model, config, batch, mode, dtype, matrix.device)
+            step()  # warm-up
+            peaks[impl] = peak_bytes(step, matrix.device)
+            steps[impl] = step
         except RuntimeError as error:
             failures[impl] = str(error).splitlines()[0]
-    rounds: dict[str, list[float]] = {impl: [] for impl in peaks}
-    for _ in range(ROUNDS):
-        for impl in list(rounds):
-            try:
-                rounds[impl].append(median_seconds(steps[impl], matrix.device, matrix.min_run_time / ROUNDS,
-                                                   warmup_calls=0))
-            except RuntimeError as error:
-                failures[impl] = str(error).splitlines()[0]
-                del rounds[impl]
-    return {impl: (statistics.median(seconds), peaks[impl]) for impl, seconds in rounds.items()}, failures
+    seconds, timing_failures = alternating_medians(steps, matrix.device, matrix.min_run_time)
+    failures.update(timing_failures)
+    return {impl: (seconds[impl], peaks[impl]) for impl in seconds}, failures
 
 
 def _record(matrix: Matrix, preset: str, config: SpinalConfig, dtype: torch.dtype, impl: str, batch: int,
