@@ -108,7 +108,7 @@ def register_fused_autograd(forward_op, backward_op) -> None:
         # weights no weight gradients.
         output_mask = list(ctx.needs_input_grad[:NUM_GRADS])
         grads = backward_op(
-            grad_out.contiguous(), x, pre_activation, weight_in, weight_hidden, weight_out,
+            grad_out, x, pre_activation, weight_in, weight_hidden, weight_out,
             output_mask, ctx.activation, ctx.negative_slope, ctx.allow_tf32,
         )
         trailing = (None,) * (len(ctx.needs_input_grad) - NUM_GRADS)

@@ -231,7 +231,6 @@ OP_ARG_CHANGES = {
     "x_dtype": lambda a: {**a, "x": a["x"].half()},
     "float16": lambda a: {**a, **{k: a[k].half() for k in _OP_TENSORS}},
     "x_3d": lambda a: {**a, "x": a["x"][None]},
-    "x_non_contiguous": lambda a: {**a, "x": a["x"].t().contiguous().t()},
     "activation": lambda a: {**a, "activation": "swish"},
 }
 # backend -> case -> (error, message) of a direct call of its forward op: the op checks its inputs
@@ -249,7 +248,6 @@ OP_ERRORS = {
     "triton": {
         "weight_hidden_shape": (ValueError, r"weight_hidden must have shape \(2, 5, 5\)"),
         "x_dtype": (TypeError, "dtype"),
-        "x_non_contiguous": (ValueError, "x must be contiguous"),
         "activation": (ValueError, "unknown activation 'swish'"),
     },
 }

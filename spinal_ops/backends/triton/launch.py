@@ -32,10 +32,9 @@ def _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, act
     return config
 
 
-def _check_contiguous(**tensors) -> None:
-    for name, tensor in tensors.items():
-        if tensor is not None and not tensor.is_contiguous():
-            raise ValueError(f"spinal_ops::triton ops: {name} must be contiguous")
+def _contiguous(*tensors):
+    """The kernels index row-major memory; like the compiled ops, these ops accept any strides."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
@@ -43,7 +42,7 @@ def forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation,
     from . import kernels
 
     _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
-    _check_contiguous(x=x, weight_in=weight_in, weight_hidden=weight_hidden, bias=bias, weight_out=weight_out, bias_out=bias_out)
+    x, weight_in, weight_hidden, bias, weight_out, bias_out = _contiguous(x, weight_in, weight_hidden, bias, weight_out, bias_out)
     with _device_guard(x):
         out, pre_activation = kernels.spinal_forward(
             x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope
@@ -66,8 +65,9 @@ def backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, 
                 f"spinal_ops::triton_backward: {name} must be {shape} {x.dtype} on {x.device}, "
                 f"got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
             )
-    _check_contiguous(grad_out=grad_out, x=x, pre_activation=pre_activation, weight_in=weight_in,
-                      weight_hidden=weight_hidden, weight_out=weight_out)
+    grad_out, x, pre_activation, weight_in, weight_hidden, weight_out = _contiguous(
+        grad_out, x, pre_activation, weight_in, weight_hidden, weight_out
+    )
     with _device_guard(x):
         # The kernels compute every weight gradient in one launch; the mask decides which bias
         # gradients exist (the rest are computed and dropped by autograd).
