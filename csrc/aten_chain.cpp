@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/narrow_recurrence.h"
+#include "matrix_block.h"
 
 namespace spinal_ops::chain {
 namespace {
@@ -138,19 +139,6 @@ std::vector<WindowPiece> window_pieces(const SpinalShape& shape, int64_t layer) 
   return pieces;
 }
 
-// out = start + a @ b, where start is out itself, or, for the first product of a sum, the
-// broadcast bias (zero without one): the sum is built in place without a zero-fill pass.
-void add_product(at::Tensor out, bool first, const std::optional<at::Tensor>& bias, const at::Tensor& a,
-                 const at::Tensor& b) {
-  if (!first) {
-    out.addmm_(a, b);
-  } else if (bias) {
-    at::addmm_out(out, *bias, a, b);
-  } else {
-    at::mm_out(out, a, b);
-  }
-}
-
 // The parameters the forward reads, with the layer dimension in group-major order.
 struct GroupedParams {
   at::Tensor weight_in;               // [L*w, s]
@@ -193,16 +181,21 @@ void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const Gro
                   const at::Tensor& pre_activation, at::Tensor out) {
   const int64_t w = shape.layer_width;
   const bool projection = grouped.weight_out.defined();
+  // Blocks, not views (matrix_block.h): at small batch the views would cost as much as the math.
+  const Block x_block = Block::of(x), products_block = Block::of(products), out_block = Block::of(out);
+  const Block weight_in_block = Block::of(grouped.weight_in);
+  const auto bias_out_block = bias_out ? std::optional<Block>(Block::row(*bias_out)) : std::nullopt;
 
   for (int64_t g = 0; g < groups.count; ++g) {
     const int64_t first = groups.first_slot(g) * w, width = groups.size(g) * w;
-    const at::Tensor columns = products.narrow(1, first, width);
-    const at::Tensor weights = grouped.weight_in.narrow(0, first, width);
-    const auto bias = grouped.bias ? std::optional<at::Tensor>(grouped.bias->narrow(0, first, width)) : std::nullopt;
+    const Block columns = products_block.columns(first, width);
+    const Block weights = weight_in_block.row_range(first, width);
+    const auto bias =
+        grouped.bias ? std::optional<Block>(Block::row(*grouped.bias).columns(first, width)) : std::nullopt;
     bool first_piece = true;
     for (const WindowPiece& piece : window_pieces(shape, g)) {
-      add_product(columns, first_piece, bias, x.narrow(1, piece.input_start, piece.length),
-                  weights.narrow(1, piece.weight_start, piece.length).t());
+      block_gemm(columns, !first_piece, bias, x_block.columns(piece.input_start, piece.length),
+                 weights.columns(piece.weight_start, piece.length).t());
       first_piece = false;
     }
   }
@@ -216,18 +209,19 @@ void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const Gro
     }
     cpu::narrow_forward_recurrence(products, slots, weight_hidden, act, negative_slope, pre_activation,
                                    projection ? products : out, hidden_offsets);
-    if (projection) add_product(out, true, bias_out, products, grouped.weight_out.t());
+    if (projection) block_gemm(out_block, false, bias_out_block, products_block, Block::of(grouped.weight_out).t());
     return;
   }
-  at::Tensor previous_hidden;  // h_{l-1}: each view is made once (at small batch the views cost as much as the math)
+  const Block hidden_block = projection ? Block::of(hidden) : out_block;
+  Block previous_hidden;  // h_{l-1}
   for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
-    at::Tensor z = products.narrow(1, slots[layer], w);
-    if (layer > 0) z.addmm_(previous_hidden, weight_hidden[layer - 1].t());
-    at::Tensor h = projection ? hidden.narrow(1, slots[layer], w) : out.narrow(1, layer * w, w);
-    apply_activation(h, z, act, negative_slope);
+    const Block z = products_block.columns(slots[layer], w);
+    if (layer > 0) block_gemm(z, true, std::nullopt, previous_hidden, Block::matrix(weight_hidden, layer - 1).t());
+    const Block h = hidden_block.columns(projection ? slots[layer] : layer * w, w);
+    block_activation(h, z, act, negative_slope);
     previous_hidden = h;
   }
-  if (projection) add_product(out, true, bias_out, hidden, grouped.weight_out.t());
+  if (projection) block_gemm(out_block, false, bias_out_block, hidden_block, Block::of(grouped.weight_out).t());
 }
 
 // Activations whose derivative is a function of their output (PyTorch's own backward of these
@@ -341,7 +335,8 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
 
   // Z, dZ and H = phi(Z) are in group-major order: each layer's z_l, dz_l and h_l in its slot.
   const LayerGroups groups(shape, x.is_cpu());
-  const auto slot_columns = [&](const at::Tensor& t, int64_t layer) { return t.narrow(1, groups.slot(layer) * w, w); };
+  // Blocks, not views (matrix_block.h).
+  const auto slot_columns = [&](const at::Tensor& t, int64_t layer) { return Block::of(t).columns(groups.slot(layer) * w, w); };
 
   // H: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does (the narrow recurrence rebuilds
   // h from Z for both itself). Where the forward kept H (keeps_hidden), `pre_activation` is H.
@@ -381,22 +376,22 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     cpu::narrow_backward_recurrence(grad_z, groups.slot_offsets(w), pre_activation, weight_hidden, act,
                                     negative_slope, mask[kGradWeightHidden] ? grads[kGradWeightHidden] : at::Tensor());
   } else {
-    at::Tensor next_dz;  // dz_{l+1}, carried so that each slot view is made once
+    Block next_dz;  // dz_{l+1}
     for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
-      at::Tensor dz = slot_columns(grad_z, layer);
-      if (next_dz.defined()) dz.addmm_(next_dz, weight_hidden[layer]);
-      const at::Tensor h = hidden_act.defined() ? slot_columns(hidden_act, layer) : at::Tensor();
+      const Block dz = slot_columns(grad_z, layer);
+      if (layer + 1 < num_layers) block_gemm(dz, true, std::nullopt, next_dz, Block::matrix(weight_hidden, layer));
+      const Block h = hidden_act.defined() ? slot_columns(hidden_act, layer) : Block();
       // With H kept, relu's phi' reads h in place of z: the same mask (derivative_from_output).
-      const at::Tensor z = saved_hidden ? h : slot_columns(pre_activation, layer);
-      multiply_by_activation_grad(dz, z, h, act, negative_slope);
+      const Block z = saved_hidden ? h : slot_columns(pre_activation, layer);
+      block_activation_grad(dz, z, h, act, negative_slope);
       next_dz = dz;
     }
   }
 
   if (mask[kGradWeightHidden] && !narrow) {
     for (int64_t layer = 1; layer < num_layers; ++layer) {
-      at::Tensor grad_r = grads[kGradWeightHidden][layer - 1];
-      at::mm_out(grad_r, slot_columns(grad_z, layer).t(), slot_columns(hidden_act, layer - 1));
+      block_gemm(Block::matrix(grads[kGradWeightHidden], layer - 1), false, std::nullopt,
+                 slot_columns(grad_z, layer).t(), slot_columns(hidden_act, layer - 1));
     }
   }
   if (mask[kGradBias]) {
@@ -404,12 +399,13 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   }
   if (mask[kGradWeightIn]) {
     const at::Tensor grouped = at::empty({hidden, shape.split_size}, options);
+    const Block x_block = Block::of(x), grad_z_block = Block::of(grad_z);
     for (int64_t g = 0; g < groups.count; ++g) {
       const int64_t first = groups.first_slot(g) * w, width = groups.size(g) * w;
-      const at::Tensor dz = grad_z.narrow(1, first, width).t();
+      const Block dz = grad_z_block.columns(first, width).t();
       for (const WindowPiece& piece : window_pieces(shape, g)) {
-        at::Tensor target = grouped.narrow(0, first, width).narrow(1, piece.weight_start, piece.length);
-        at::mm_out(target, dz, x.narrow(1, piece.input_start, piece.length));
+        block_gemm(Block::of(grouped).row_range(first, width).columns(piece.weight_start, piece.length), false,
+                   std::nullopt, dz, x_block.columns(piece.input_start, piece.length));
       }
     }
     grads[kGradWeightIn] = to_layer_order(grouped.view({num_layers, w, shape.split_size}), 0, groups);
@@ -421,13 +417,14 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     const bool tiles_once = groups.windows_tile_once(shape);
     at::Tensor grad_x = tiles_once ? at::empty_like(x) : at::zeros_like(x);
     const at::Tensor grouped_weight_in = to_group_major(weight_in, 0, groups).reshape({hidden, shape.split_size});
+    const Block grad_x_block = Block::of(grad_x), grad_z_block = Block::of(grad_z);
     for (int64_t g = 0; g < groups.count; ++g) {
       const int64_t first = groups.first_slot(g) * w, width = groups.size(g) * w;
-      const at::Tensor dz = grad_z.narrow(1, first, width);
-      const at::Tensor weights = grouped_weight_in.narrow(0, first, width);
+      const Block dz = grad_z_block.columns(first, width);
+      const Block weights = Block::of(grouped_weight_in).row_range(first, width);
       for (const WindowPiece& piece : window_pieces(shape, g)) {
-        at::Tensor target = grad_x.narrow(1, piece.input_start, piece.length);
-        add_product(target, tiles_once, std::nullopt, dz, weights.narrow(1, piece.weight_start, piece.length));
+        block_gemm(grad_x_block.columns(piece.input_start, piece.length), !tiles_once, std::nullopt, dz,
+                   weights.columns(piece.weight_start, piece.length));
       }
     }
     grads[kGradX] = grad_x;

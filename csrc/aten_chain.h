@@ -32,6 +32,9 @@
 // only when asked (training); inference runs row blocks through one reused buffer, so its
 // memory is O(B*M + block*L*w) instead of O(B*L*w).
 //
+// The GEMMs and activations work on blocks of the tensors (matrix_block.h): on a CPU they call
+// BLAS on pointers, with no view made per block.
+//
 // Tensors come in the compute dtype (the CPU op upcasts bfloat16 first; cuBLAS computes half
 // types with fp32 accumulation itself) and contiguous.
 #pragma once

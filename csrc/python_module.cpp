@@ -4,6 +4,7 @@
 // (csrc/ops.cpp) and kernels (csrc/cpu/, csrc/cuda/) with the dispatcher.
 #include <Python.h>
 
+#include "cpu/blas.h"
 #include "cpu/narrow_chain.h"
 
 namespace {
@@ -21,10 +22,17 @@ PyObject* cpu_vector_kernels(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+PyObject* cpu_direct_blas(PyObject*, PyObject*) {
+  if (spinal_ops::cpu::has_direct_gemm(c10::kFloat)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether the CUDA kernels were compiled into this build."},
     {"cpu_vector_kernels", cpu_vector_kernels, METH_NOARGS,
      "Whether the CPU op runs narrow float32 layers with its AVX2 kernels on this machine."},
+    {"cpu_direct_blas", cpu_direct_blas, METH_NOARGS,
+     "Whether the hoisted chain calls PyTorch's BLAS directly on CPU tensors (csrc/cpu/blas.h)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "spinal_ops compiled ops (registered with torch.library)", -1,

@@ -195,6 +195,14 @@ def cpu_vector_kernels() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_direct_blas() -> bool:
+    """Whether the CPU op's BLAS chain calls PyTorch's BLAS (sgemm_/dgemm_ of libtorch_cpu) on
+    pointers; where not (a PyTorch without those symbols, SPINAL_OPS_DIRECT_BLAS=0) it makes a
+    view per block and calls ATen's GEMMs."""
+    return bool(_EXTENSION) and bool(importlib.import_module("spinal_ops._C").cpu_direct_blas())
+
+
+@functools.lru_cache(maxsize=None)
 def cuda_kernels_compiled() -> bool:
     """Whether the extension was built with the CUDA kernels (nvcc present at build time)."""
     return bool(_EXTENSION) and bool(importlib.import_module("spinal_ops._C").cuda_compiled())

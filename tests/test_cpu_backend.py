@@ -19,7 +19,7 @@ from contract import (
 )
 
 from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
-from spinal_ops.ops import cpu_vector_kernels
+from spinal_ops.ops import cpu_direct_blas, cpu_vector_kernels
 
 # The edge-case matrix (tests/contract.py) with relu, and every activation on a case whose windows wrap.
 CPU_CASES = [pytest.param(name, "relu", id=name) for name in EDGE_CASES] + [
@@ -202,7 +202,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from contract import case_config, check_backend, check_gradient_masks
-from spinal_ops.ops import cpu_vector_kernels
+from spinal_ops.ops import cpu_direct_blas, cpu_vector_kernels
 
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
 assert not cpu_vector_kernels()
@@ -222,3 +222,38 @@ def test_portable_chain_where_torch_uses_no_avx2():
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "portable chain ok" in result.stdout
+
+
+ATEN_GEMM_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from contract import case_config, check_backend, check_gradient_masks, make_config
+from spinal_ops.ops import cpu_direct_blas
+
+assert not cpu_direct_blas()
+wide = [make_config(in_features=70, out_features=5, layer_width=40, num_layers=3, activation=activation)
+        for activation in ("relu", "leaky_relu", "tanh", "identity")]
+wide += [make_config(in_features=71, out_features=None, layer_width=40, num_layers=4, split_size=30, bias=False)]
+for config in wide + [case_config("odd_N_wraps", negative_slope=0.1)]:
+    for dtype in (torch.float32, torch.float64):
+        check_backend("cpu", config, dtype, batch_shape=(9,))
+    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float64)
+print("aten gemms ok")
+"""
+
+
+def test_blas_chain_on_aten_views():
+    """SPINAL_OPS_DIRECT_BLAS=0: the chain's GEMMs and activations go through ATen views, the path
+    CUDA tensors take, and meet the same contract (wide layers, wrapping windows, no bias, no
+    projection, every gradient mask)."""
+    env = {**os.environ, "SPINAL_OPS_DIRECT_BLAS": "0"}
+    script = ATEN_GEMM_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "aten gemms ok" in result.stdout
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="PyTorch without MKL: its BLAS may not export sgemm_")
+def test_blas_chain_calls_pytorchs_blas_directly():
+    assert cpu_direct_blas()

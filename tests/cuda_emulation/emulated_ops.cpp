@@ -33,6 +33,8 @@ void inject_fault(DataGradArgs<T>& args) {
 #include "../../csrc/cuda/backward.cu"
 #include "../../csrc/cuda/forward.cu"
 #include "../../csrc/aten_chain.cpp"  // host-only ATen code
+#include "../../csrc/matrix_block.cpp"
+#include "../../csrc/cpu/blas.cpp"
 #include "../../csrc/spinal_shape.cpp"
 #include "../../csrc/cpu/narrow_recurrence.cpp"
 

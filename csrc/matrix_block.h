@@ -1,0 +1,60 @@
+// A 2-D block of a tensor's memory, described by offset, sizes and strides without making a view,
+// and the chain's GEMMs and activations on such blocks (csrc/aten_chain.cpp).
+//
+// Why: every ATen call on a slice of a tensor needs a view of it, and each view is a TensorImpl
+// made through the dispatcher. At small batch the hoisted chain's views cost as much as its math
+// (vgg5, w = 128, batch 64: ~50 views per forward, ~15 % of its time). On CPU tensors of float32
+// or float64, block_gemm calls PyTorch's BLAS on the blocks' pointers (csrc/cpu/blas.h) and
+// block_activation and block_activation_grad run ReLU, leaky ReLU and identity as plain loops: no view is made. Everywhere
+// else (CUDA, bfloat16 storage, other activations, a PyTorch without the BLAS symbols) each block
+// becomes a view for the same ATen call the chain made before.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "activation.h"
+
+namespace spinal_ops::chain {
+
+struct Block {
+  const at::Tensor* base = nullptr;  // whose memory this is; outlives the block
+  int64_t offset = 0;                // elements past base's first element
+  int64_t rows = 0, cols = 0;
+  int64_t row_stride = 0, col_stride = 0;
+
+  // A 2-D tensor as a whole.
+  static Block of(const at::Tensor& t) { return {&t, 0, t.size(0), t.size(1), t.stride(0), t.stride(1)}; }
+  // Matrix `index` of a 3-D tensor.
+  static Block matrix(const at::Tensor& t, int64_t index) {
+    return {&t, index * t.stride(0), t.size(1), t.size(2), t.stride(1), t.stride(2)};
+  }
+  // A 1-D tensor as one row.
+  static Block row(const at::Tensor& t) { return {&t, 0, 1, t.size(0), t.size(0) * t.stride(0), t.stride(0)}; }
+
+  Block columns(int64_t first, int64_t count) const {
+    return {base, offset + first * col_stride, rows, count, row_stride, col_stride};
+  }
+  Block row_range(int64_t first, int64_t count) const {
+    return {base, offset + first * row_stride, count, cols, row_stride, col_stride};
+  }
+  Block t() const { return {base, offset, cols, rows, col_stride, row_stride}; }
+  // The ATen view of the block.
+  at::Tensor view() const {
+    return base->as_strided({rows, cols}, {row_stride, col_stride}, base->storage_offset() + offset);
+  }
+};
+
+// c = start + a @ b, where start is c itself (accumulate) or, for the first product of a sum, the
+// bias row broadcast over c's rows (zero without a bias): a sum is built in place without a
+// zero-fill pass.
+void block_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b);
+
+// h = phi(z) (h may be z itself), as chain::apply_activation computes it.
+void block_activation(const Block& h, const Block& z, Activation act, double negative_slope);
+
+// dz *= phi'(z) in place, as chain::multiply_by_activation_grad computes it (h = phi(z)).
+void block_activation_grad(const Block& dz, const Block& z, const Block& h, Activation act, double negative_slope);
+
+}  // namespace spinal_ops::chain
