@@ -3,7 +3,7 @@
 #   make test    - the test suite (pytest), a smoke run of the benchmark suite, the C++ test (CMake + ctest)
 #   make sanitize - compute-sanitizer memcheck + racecheck over the presets' CUDA forward/backward (GPU)
 #   make bench-suite    - the pytest-benchmark suite (benchmarks/)
-#   make bench-results  - re-measure the committed CPU results (benchmarks/results/; ~17 min: the goal presets, three modes)
+#   make bench-results  - re-measure the committed CPU results (benchmarks/results/; ~4 min: the goal presets, three modes)
 #   make dist           - the sdist and a wheel for the installed torch, under dist/
 #   make sdist-check    - build the sdist, install it (CPU-only) into a fresh venv, check the installed package
 PYTHON ?= python3
@@ -57,7 +57,7 @@ BENCH_THREADS ?= 1
 BENCH_PRESETS ?= mnist vgg5 cifar_vgg cnn_cifar resnet_head
 bench-results: setup
 	$(PY) -m spinal_ops.bench --preset $(BENCH_PRESETS) --batch 64 4096 --backends cpu reference dense \
-		--threads $(BENCH_THREADS) --json 'benchmarks/results/cpu-{device}.json' --plot 'benchmarks/results/cpu-{device}.png'
+		--threads $(BENCH_THREADS) --min-run-time 1 --json 'benchmarks/results/cpu-{device}.json' --plot 'benchmarks/results/cpu-{device}.png'
 	{ echo "# Committed benchmark results"; echo; echo "CPU: make bench-results. GPU: gpu-nvidia-h100.md."; echo; \
 	  $(PY) -m spinal_ops.bench.report benchmarks/results/cpu-*.json --note "CPU, $(BENCH_THREADS) thread(s)."; } \
 		> benchmarks/results/README.md
