@@ -336,7 +336,9 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   // Z, dZ and H = phi(Z) are in group-major order: each layer's z_l, dz_l and h_l in its slot.
   const LayerGroups groups(shape, x.is_cpu());
   // Blocks, not views (matrix_block.h).
-  const auto slot_columns = [&](const at::Tensor& t, int64_t layer) { return Block::of(t).columns(groups.slot(layer) * w, w); };
+  const auto slot_columns = [&](const at::Tensor& t, int64_t layer) {
+    return Block::of(t).columns(groups.slot(layer) * w, w);
+  };
 
   // H: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does (the narrow recurrence rebuilds
   // h from Z for both itself). Where the forward kept H (keeps_hidden), `pre_activation` is H.
