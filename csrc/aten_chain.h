@@ -30,7 +30,9 @@
 // weight_out, bias_out): a frozen backbone pays no dx, frozen spinal weights no weight
 // gradients; a gradient not asked for is returned as an empty [0] tensor. The forward keeps Z
 // only when asked (training); inference runs row blocks through one reused buffer, so its
-// memory is O(B*M + block*L*w) instead of O(B*L*w).
+// memory is O(B*M + block*L*w) instead of O(B*L*w). On a CPU, training runs the forward and the
+// backward's recurrence in smaller row blocks, so that each activation pass finds its slot
+// still cached from the GEMM that wrote it.
 //
 // The GEMMs and activations work on blocks of the tensors (matrix_block.h): on a CPU they call
 // BLAS on pointers, with no view made per block.

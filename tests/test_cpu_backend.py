@@ -69,6 +69,26 @@ def test_layers_of_width_128_group_from_batch_512(batch, activation):
     check_backend("cpu", config, torch.float32, batch_shape=(batch,))
 
 
+# Training runs the chain in row blocks (csrc/aten_chain.cpp, kCpuTrainingBlockElements): 256 rows
+# where L*w >= 512, so batch 600 is blocks of 256, 256 and 88 rows; 4096 rows at L*w = 32 (the narrow
+# recurrence, which float64 takes), so 5000 rows end in a block of 904. H kept in place (relu), Z
+# with H beside it (gelu), no projection, and the narrow recurrence.
+TRAINING_BLOCK_CASES = {
+    "grouped_keeps_H": (dict(layer_width=128, num_layers=4, activation="relu"), 10, torch.float32, 600),
+    "wide_Z_and_H": (dict(layer_width=256, num_layers=4, activation="gelu"), 10, torch.float32, 600),
+    "wide_M_None": (dict(layer_width=256, num_layers=2, activation="tanh"), None, torch.float32, 600),
+    "narrow_recurrence": (dict(layer_width=8, num_layers=4, activation="leaky_relu"), 3, torch.float64, 5000),
+}
+
+
+@pytest.mark.parametrize("name", TRAINING_BLOCK_CASES)
+def test_training_over_row_blocks(name):
+    kwargs, out_features, dtype, batch = TRAINING_BLOCK_CASES[name]
+    config = make_config(21, out_features, num_splits=3, negative_slope=0.1, **kwargs)
+    check_backend("cpu", config, dtype, batch_shape=(batch,))
+    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=dtype, batch=batch)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu"])
 def test_wide_layers_propagate_nan_and_inf_like_the_reference(activation):
