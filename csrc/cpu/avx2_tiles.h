@@ -155,6 +155,14 @@ SPINAL_AVX2 inline void transpose(const float* src, int64_t rows, int64_t cols, 
   }
 }
 
+// Asks for the cache lines of [first, first + count) into L1 ahead of their use.
+SPINAL_AVX2 inline void prefetch_floats(const float* first, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(first);
+  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(float)); offset += 64) {
+    _mm_prefetch(bytes + offset, _MM_HINT_T0);
+  }
+}
+
 // Lanes [0, count) set (count may exceed 8: all set): the mask of masked loads and stores of a
 // vector that holds the last columns of a w-wide row.
 SPINAL_AVX2 inline __m256i first_lanes(int64_t count) {

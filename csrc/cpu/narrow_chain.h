@@ -18,6 +18,7 @@
 //      h_l = phi(z_l) row by row;
 //   3. y[rows, M] = b_out + H[rows, L*w] @ W_out^T (W_out^T packed [L*w, M rounded up to 8]);
 //      without projection h_l goes straight to out.
+//   Each tile first prefetches the rows of x two tiles ahead (kPrefetchTilesAhead).
 //   Launch: at::parallel_for over tiles, 16 tiles per task at least.
 //
 // Backward (narrow_chain_backward.cpp), over chunks of rows fixed by the batch
