@@ -155,11 +155,19 @@ SPINAL_AVX2 inline void transpose(const float* src, int64_t rows, int64_t cols, 
   }
 }
 
-// Asks for the cache lines of [first, first + count) into L1 ahead of their use.
-SPINAL_AVX2 inline void prefetch_floats(const float* first, int64_t count) {
+// Ask for the cache lines of the floats [first, first + count) ahead of their use, into L1 or
+// into L2 only (for data read after other work, which would evict it from L1 first).
+SPINAL_AVX2 inline void prefetch_to_l1(const float* first, int64_t count) {
   const char* bytes = reinterpret_cast<const char*>(first);
   for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(float)); offset += 64) {
     _mm_prefetch(bytes + offset, _MM_HINT_T0);
+  }
+}
+
+SPINAL_AVX2 inline void prefetch_to_l2(const float* first, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(first);
+  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(float)); offset += 64) {
+    _mm_prefetch(bytes + offset, _MM_HINT_T1);
   }
 }
 
