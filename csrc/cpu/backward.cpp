@@ -22,8 +22,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       backward(shape, to_compute(grad_out), x_compute, to_compute(pre_activation), to_compute(weight_in),
                to_compute(weight_hidden), to_compute(weight_out), act, negative_slope, output_mask);
   const auto dtype = x.scalar_type();
-  return {grads[0].to(dtype), grads[1].to(dtype), grads[2].to(dtype),
-          grads[3].to(dtype), grads[4].to(dtype), grads[5].to(dtype)};
+  return {to_dtype(grads[0], dtype), to_dtype(grads[1], dtype), to_dtype(grads[2], dtype),
+          to_dtype(grads[3], dtype), to_dtype(grads[4], dtype), to_dtype(grads[5], dtype)};
 }
 
 }  // namespace

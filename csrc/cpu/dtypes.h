@@ -15,8 +15,14 @@ inline at::ScalarType compute_dtype(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? at::kFloat : dtype;
 }
 
+// A tensor already of its dtype is returned as it is, without a dispatcher call of .to() (a call
+// of the op passes up to 12 tensors through these; only bfloat16 ones are converted).
+inline at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 inline at::Tensor to_compute(const at::Tensor& t) {
-  return t.to(compute_dtype(t.scalar_type())).contiguous();
+  return to_dtype(t, compute_dtype(t.scalar_type())).contiguous();
 }
 
 inline std::optional<at::Tensor> to_compute(const std::optional<at::Tensor>& t) {

@@ -27,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
       forward(shape, x_compute, to_compute(weight_in), to_compute(weight_hidden), to_compute(bias),
               to_compute(weight_out), to_compute(bias_out), act, negative_slope, keep_pre_activation);
   const auto dtype = x.scalar_type();
-  return {out.to(dtype), pre_activation.to(dtype)};
+  return {to_dtype(out, dtype), to_dtype(pre_activation, dtype)};
 }
 
 }  // namespace
