@@ -155,19 +155,16 @@ SPINAL_AVX2 inline void transpose(const float* src, int64_t rows, int64_t cols, 
   }
 }
 
-// Ask for the cache lines of the floats [first, first + count) ahead of their use, into L1 or
-// into L2 only (for data read after other work, which would evict it from L1 first).
-SPINAL_AVX2 inline void prefetch_to_l1(const float* first, int64_t count) {
+// Ask for the cache lines of the floats [first, first + count) ahead of their use: kLevel 1 into
+// L1, 2 into L2 only (for data read after other work, which would evict it from L1 first).
+// Not SPINAL_AVX2: prefetches are baseline x86-64, and GCC drops the prefetches of an AVX2-target
+// function inlined into a caller compiled without that target (the backward's parallel loop).
+template <int kLevel>
+inline void prefetch_floats(const float* first, int64_t count) {
+  static_assert(kLevel == 1 || kLevel == 2, "prefetch into L1 or L2");
   const char* bytes = reinterpret_cast<const char*>(first);
   for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(float)); offset += 64) {
-    _mm_prefetch(bytes + offset, _MM_HINT_T0);
-  }
-}
-
-SPINAL_AVX2 inline void prefetch_to_l2(const float* first, int64_t count) {
-  const char* bytes = reinterpret_cast<const char*>(first);
-  for (int64_t offset = 0; offset < count * static_cast<int64_t>(sizeof(float)); offset += 64) {
-    _mm_prefetch(bytes + offset, _MM_HINT_T1);
+    __builtin_prefetch(bytes + offset, 0, kLevel == 1 ? 3 : 2);  // locality 3: prefetcht0, 2: prefetcht1
   }
 }
 

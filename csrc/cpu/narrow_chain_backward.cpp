@@ -21,8 +21,8 @@ constexpr int64_t kBlockRows = 64;  // rows per block of a chunk: bounds the blo
 // slower per row than at batch 1024. From that size each block of x is transposed first and read
 // row by row; below it the transpose would cost more than it saves. The transpose then reads x
 // from memory, as four-row streams the hardware prefetchers do not keep ahead of: each tile of
-// the block's backward asks for its rows of x into L2 first (mnist frozen at 4096, 1 thread:
-// 0.93-0.99 of the step's time in four A/B runs; prefetching the next block's rows gained nothing).
+// the block's backward asks for its rows of x into L2 first (mnist at 4096, 1 thread: frozen 0.93
+// of the step's time in two A/B runs, train 0.95; prefetching the next block's rows gained nothing).
 constexpr int64_t kTransposedInputMinBytes = int64_t{4} << 20;
 
 using chain::kGradBias;
@@ -342,7 +342,7 @@ void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<f
           const int64_t rows = std::min(kTileRows, block - first);
           // The block's x, which dW_in transposes after the tiles, from memory into L2 meanwhile.
           const int64_t n = plan.shape.in_features;
-          if (plan.transposes_input) prefetch_to_l2(plan.x + (block_row + first) * n, rows * n);
+          if (plan.transposes_input) prefetch_floats<2>(plan.x + (block_row + first) * n, rows * n);
           backward_tile<kAct>(plan, block_row, first, rows, buffers);
         }
         if (plan.mask[kGradX]) block_input_grad(plan, block_row, block, buffers);

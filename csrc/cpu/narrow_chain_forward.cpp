@@ -97,7 +97,7 @@ SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& 
   for (int64_t r = 0; r < kTileRows; ++r) x_rows[r] = plan.x + (first_row + std::min(r, rows - 1)) * n;
 
   const int64_t ahead = first_row + kPrefetchTilesAhead * kTileRows;
-  if (ahead < shape.batch) prefetch_to_l1(plan.x + ahead * n, std::min(kTileRows, shape.batch - ahead) * n);
+  if (ahead < shape.batch) prefetch_floats<1>(plan.x + ahead * n, std::min(kTileRows, shape.batch - ahead) * n);
 
   // 1. P = bias + x[:, window] @ A^T, one panel product per window group (two where it wraps).
   float* products = buffers.products.data();
