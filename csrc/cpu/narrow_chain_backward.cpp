@@ -21,8 +21,10 @@ constexpr int64_t kBlockRows = 64;  // rows per block of a chunk: bounds the blo
 // slower per row than at batch 1024. From that size each block of x is transposed first and read
 // row by row; below it the transpose would cost more than it saves. The transpose then reads x
 // from memory, as four-row streams the hardware prefetchers do not keep ahead of: each tile of
-// the block's backward asks for its rows of x into L2 first (mnist at 4096, 1 thread: frozen 0.93
-// of the step's time in two A/B runs, train 0.95; prefetching the next block's rows gained nothing).
+// the block's backward asks for its rows of x into L2 first. Measured at mnist 4096, 1 thread,
+// against the same code without the prefetch: train 0.97 and 0.98 of the step's time in two A/B
+// runs, frozen 1.00 and 1.01 (an earlier pair of runs gave 0.95 and 0.93: the noise of this
+// machine is of that size); prefetching the next block's rows gained nothing.
 constexpr int64_t kTransposedInputMinBytes = int64_t{4} << 20;
 
 using chain::kGradBias;

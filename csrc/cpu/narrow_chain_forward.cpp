@@ -15,9 +15,11 @@ namespace {
 constexpr int64_t kTileGrain = 16;  // tiles per parallel task: 64 rows
 // Each tile asks for the rows of x this many tiles ahead. A tile's rows are one contiguous run of
 // x, read as four interleaved streams that the hardware prefetchers did not keep ahead of: with x
-// from memory (mnist, batch 4096, 1 thread: 5 MB) inference takes ~0.87 of the time (A/B against
-// the build without it; one tile ahead measured less); training steps, whose backward takes
-// more time than the forward, measured 0.92-1.06; with x in cache (batch 64, 1024) even.
+// from memory (mnist, batch 4096, 1 thread: 5 MB) inference took ~0.87 of the time when first
+// measured (A/B against the build without it; one tile ahead measured less), training steps
+// 0.92-1.06. Re-measured in one build, the prefetch switched off in one of two alternating
+// processes, twice: without it inference took 0.97-0.99 and frozen steps 1.01-1.05 of the time
+// with it, i.e. even within this machine's noise. With x in cache (batch 64, 1024) even.
 constexpr int64_t kPrefetchTilesAhead = 2;
 
 #if SPINAL_HAVE_AVX2_PATH
