@@ -354,20 +354,16 @@ void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<f
   });
 }
 
-#endif  // SPINAL_HAVE_AVX2_PATH
-
 // The summed partials, unpadded and in layer order, into the gradient tensors the mask asks for.
 void write_weight_grads(const BackwardPlan& plan, const float* total, std::array<at::Tensor, 6>& grads) {
   const SpinalShape& shape = plan.shape;
   const int64_t s = shape.split_size, w = shape.layer_width, num_layers = shape.num_layers;
   if (plan.mask[kGradWeightIn]) {
+    // A layer's dW_in is the transpose of its w columns of dW_in^T [s, layout.columns].
     float* out = grads[kGradWeightIn].mutable_data_ptr<float>();
     for (int64_t layer = 0; layer < num_layers; ++layer) {
-      for (int64_t c = 0; c < w; ++c) {
-        const float* column = total + plan.partial.weight_in + plan.layout.layer_column[layer] + c;  // of dW_in^T
-        float* row = out + (layer * w + c) * s;
-        for (int64_t k = 0; k < s; ++k) row[k] = column[k * plan.layout.columns];
-      }
+      transpose(total + plan.partial.weight_in + plan.layout.layer_column[layer], s, w, plan.layout.columns,
+                out + layer * w * s, s);
     }
   }
   if (plan.mask[kGradWeightHidden]) {
@@ -395,6 +391,8 @@ void write_weight_grads(const BackwardPlan& plan, const float* total, std::array
     std::copy_n(total + plan.partial.bias_out, shape.out_features, grads[kGradBiasOut].mutable_data_ptr<float>());
   }
 }
+
+#endif  // SPINAL_HAVE_AVX2_PATH
 
 }  // namespace
 
@@ -437,7 +435,6 @@ std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const 
     plan.negative_slope = static_cast<float>(negative_slope);
     with_activation(act, [&](auto kAct) { backward_chunks<decltype(kAct)::value>(plan, chunk_rows, partials); });
   }
-#endif
   // Chunks added in chunk order: the same bits whatever the thread count. (The first chunk's
   // partial is the running total: a batch of one chunk, every batch up to 256 rows, adds nothing.)
   float* total = partials.data();
@@ -446,6 +443,7 @@ std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const 
     for (int64_t i = 0; i < plan.partial.size; ++i) total[i] += part[i];
   }
   write_weight_grads(plan, total, grads);
+#endif
   return grads;
 }
 
