@@ -30,8 +30,8 @@
 //   outer, so each stays in L1 for the block's 64 rows; written in place without a zero fill
 //   where the windows partition x's columns, N = k*s); dW_in_g^T += x_window^T @ dZ_g (x's
 //   window columns broadcast, dZ rows the vectors; from 4 MB of x each block of x is transposed
-//   first, its rows prefetched into L2 by the block's tiles, see kTransposedInputMinBytes), dR_{l-1} += dz_l^T @ h_{l-1}, dW_out += G^T
-//   @ H, db and db_out as column sums.
+//   first, its rows prefetched into L2 by the block's tiles, see kTransposedInputMinBytes),
+//   dR_{l-1} += dz_l^T @ h_{l-1}, dW_out += G^T @ H, db and db_out as column sums.
 //   Only what output_mask asks for is computed.
 //
 // Register tiling of every product (avx2_tiles.h, panel_product): 4 rows by up to 3 vectors of 8

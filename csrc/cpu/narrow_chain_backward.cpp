@@ -333,6 +333,7 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
 template <Activation kAct>
 void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<float>& partials) {
   const int64_t batch = plan.shape.batch, chunks = (batch + chunk_rows - 1) / chunk_rows;
+  const int64_t n = plan.shape.in_features;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     BlockBuffers buffers(plan);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -343,7 +344,6 @@ void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<f
         for (int64_t first = 0; first < block; first += kTileRows) {
           const int64_t rows = std::min(kTileRows, block - first);
           // The block's x, which dW_in transposes after the tiles, from memory into L2 meanwhile.
-          const int64_t n = plan.shape.in_features;
           if (plan.transposes_input) prefetch_floats<2>(plan.x + (block_row + first) * n, rows * n);
           backward_tile<kAct>(plan, block_row, first, rows, buffers);
         }
