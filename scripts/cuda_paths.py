@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from spinal_ops.backends.cuda import cuda_path, forced_path, fused_max_width
+from spinal_ops.backends.cuda import cuda_path, forced_path, fused_max_width, narrow_kernels_fit
 from spinal_ops.backends.cuda_cost import fused_seconds, hoisted_seconds, model_for
 from spinal_ops.bench.presets import PRESETS
 from spinal_ops.bench.timing import median_seconds
@@ -64,7 +64,8 @@ def main() -> int:
                         "preset": name, "dtype": dtype_name, "batch": batch, "mode": mode,
                         "fused_ms": times.get("fused", float("nan")) * 1e3, "hoisted_ms": times["hoisted"] * 1e3,
                         "dense_ms": times["dense"] * 1e3,
-                        "predicted_fused_ms": fused_seconds(config, batch, dtype, model, training) * 1e3,
+                        "predicted_fused_ms": fused_seconds(config, batch, dtype, model, training,
+                                                            narrow_kernels_fit(config)) * 1e3,
                         "predicted_hoisted_ms": hoisted_seconds(config, batch, dtype, model, training) * 1e3,
                         "choice": choice, "lost": times[choice] / fastest,
                     }

@@ -12,16 +12,19 @@
 #                   on first use: pytest-xdist spreads that over the cores)          -> pytest.log
 #   3. sanitize     compute-sanitizer on the fused kernels (forced): memcheck, racecheck (split-K
 #                   batch); initcheck of a torch matmul into a column block (does it see
-#                   cuBLAS's writes there?)
-#   4. bench        bfloat16 presets at B = 1, 64, 1024, 65536 in every mode against reference,
-#                   dense and triton                               -> bench.log, bench_bf16.json
+#                   cuBLAS's writes there?) and of the hoisted chain's weight-gradient matmuls
+#                   and copies in plain torch (scripts/initcheck_probe.py)
+#   4. bench        bfloat16 presets (BENCH_PRESETS, default all) at B = 1, 64, 1024, 65536 in
+#                   every mode against reference, dense and triton -> bench.log, bench_bf16.json
 #   5. profile      ncu's speed-of-light and occupancy sections for the fused kernels (vgg5, bf16,
-#                   B = 1024)                                                        -> sanitize.log
-#   6. the rest     torch.compile(reference) on two presets, float32 on three at B = 64, 65536
+#                   B = 1024) and for the narrow kernels (mnist, bf16, B = 65536)
+#                                                                                    -> sanitize.log
+#   6. the rest     the host's share of a batch-64 step (scripts/host_profile.py -> bench.log),
+#                   torch.compile(reference) on two presets, float32 on three at B = 64, 65536
 #                   (bench_compiled.json, bench_fp32.json); synccheck and initcheck of the fused
 #                   kernels, initcheck of the hoisted path                           -> sanitize.log
 # The timings of both CUDA paths per case (scripts/cuda_paths.py, which the cost model is fitted
-# to) run only when PATHS=1. session.log gets the device, versions, each stage's exit status and
+# to) run only when PATHS=1 (PATHS_ARGS: more arguments, e.g. "--preset mnist"). session.log gets the device, versions, each stage's exit status and
 # duration. SKIP_STAGES="a b" leaves out the stages of those names (a rerun of what failed, within
 # what device time is left). The script runs every stage that fits BUDGET_S and exits non-zero if
 # any failed.
@@ -116,12 +119,15 @@ sanitize racecheck "$(cap 30)" racecheck --racecheck-report all $SANITIZE --dtyp
 sanitize initcheck_cublas "$(cap 20)" initcheck $PY -c "import torch; a = torch.randn(37, 300, device='cuda', \
 dtype=torch.bfloat16); buf = torch.empty(300, 90, device='cuda', dtype=torch.bfloat16); \
 torch.mm(a.T, a[:, 10:50], out=buf[:, 20:60]); print(buf[:, 20:60].clone().float().sum().item())"
+# The hoisted chain's own weight-gradient matmuls and layer-order copies (mnist shapes): reports
+# here, and not from our code, mean initcheck misses those matmuls' writes.
+sanitize initcheck_probe "$(cap 20)" initcheck --print-limit 4 $PY scripts/initcheck_probe.py
 
 if [ "${PATHS:-0}" = 1 ]; then  # both CUDA paths per case: what the cost model is fitted to
   stage cuda_paths paths.log "$(cap 90)" $PY scripts/cuda_paths.py --json "$OUT/cuda_paths.json" \
-    --batch 1 64 1024 8192 65536
+    --batch 1 64 1024 8192 65536 ${PATHS_ARGS:-}
 fi
-bench bench_bf16 "$(cap 75)" --dtype bfloat16 --preset all --batch 1 64 1024 65536 \
+bench bench_bf16 "$(cap 75)" --dtype bfloat16 --preset ${BENCH_PRESETS:-all} --batch 1 64 1024 65536 \
   --backends cuda triton reference dense
 
 # where the fused kernels' time goes (no clock control: the card is left as found)
@@ -129,10 +135,17 @@ if [ -x "$NCU" ]; then
   stage ncu sanitize.log "$(cap 40)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
     -k regex:spinal_ --launch-skip 3 --launch-count 3 $PY scripts/sanitize.py --preset vgg5 --dtype bfloat16 \
     --path fused --batch 1024 1024
+  # the narrow kernels (one thread per row) where they matter: mnist, large batch (the first
+  # case's data-gradient launch, the second case's forward)
+  stage ncu_narrow sanitize.log "$(cap 40)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
+    -k regex:spinal_narrow --launch-skip 1 --launch-count 2 $PY scripts/sanitize.py --preset mnist --dtype bfloat16 \
+    --path fused --batch 65536 65536
 else
   log "SKIP ncu: not found (set NCU=/path/to/ncu)"
 fi
 
+# where a small batch's time goes on the host (torch.profiler's CPU table, cuda and dense)
+stage host_profile bench.log "$(cap 40)" $PY scripts/host_profile.py --preset mnist vgg5 --batch 64
 bench bench_compiled "$(cap 100)" --dtype bfloat16 --preset mnist vgg5 --batch 64 1024 65536 --mode train infer \
   --backends cuda compiled_reference dense
 bench bench_fp32 "$(cap 90)" --dtype float32 --preset mnist vgg5 resnet_head --batch 64 65536 --mode train infer \
@@ -140,7 +153,7 @@ bench bench_fp32 "$(cap 90)" --dtype float32 --preset mnist vgg5 resnet_head --b
 sanitize synccheck "$(cap 25)" synccheck $SANITIZE --dtype bfloat16 --batch 37 300
 sanitize initcheck "$(cap 25)" initcheck $SANITIZE --dtype bfloat16 --batch 37
 # the hoisted path (ATen and cuBLAS calls): its first reports, if any, with their stacks
-sanitize initcheck_hoisted "$(cap 30)" initcheck --print-limit 4 $PY scripts/sanitize.py --preset mnist --path hoisted \
+sanitize initcheck_hoisted "$(cap 30)" initcheck --print-limit 4 --show-backtrace yes $PY scripts/sanitize.py --preset mnist --path hoisted \
   --dtype bfloat16 --batch 37
 
 log "done in $((SECONDS - START))s, failed=$FAILED"

@@ -52,6 +52,16 @@ def test_choice_switches_once_as_the_batch_grows(model, dtype):
         assert paths == sorted(paths), f"{preset}: {paths}"  # "fused" < "hoisted": no switch back
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_narrow_kernels_keep_narrow_inference_fused_at_every_batch(model):
+    # One launch of the narrow forward kernel, bound by reading x, against the hoisted chain's ~24 calls.
+    config = PRESETS["mnist"]
+    for batch in (1, 64, 1024, 65536):
+        assert choose_path(config, batch, torch.bfloat16, model, False, FUSED_MAX_WIDTH, narrow=True).path == "fused"
+        narrow = fused_seconds(config, batch, torch.bfloat16, model, False, narrow=True)
+        assert narrow <= fused_seconds(config, batch, torch.bfloat16, model, False)
+
+
 def test_reason_names_the_path_and_the_predictions():
     choice = choose_path(PRESETS["mnist"], 64, torch.bfloat16, GPU_MODELS["h100"], True, FUSED_MAX_WIDTH)
     assert choice.reason.startswith("fused kernels: predicted") and "H100 model" in choice.reason
@@ -80,3 +90,17 @@ def test_h100_model_picks_the_measured_faster_path():
         measured = {"fused": record["fused_ms"], "hoisted": record["hoisted_ms"]}
         fastest = min(t for t in measured.values() if t == t)  # fused is NaN past the fused width
         assert measured[choice.path] <= 1.1 * fastest, (record, choice.reason)
+
+
+def test_narrow_kernels_fit_follows_the_op_limits(monkeypatch):
+    # The limits come from the op (cuda_narrow_limits(): w <= 16, M <= 16); no GPU needed here.
+    from spinal_ops.backends import cuda
+    from spinal_ops.config import SpinalConfig
+
+    monkeypatch.setattr(cuda, "NARROW_LIMITS", (16, 16))
+    assert cuda.narrow_kernels_fit(PRESETS["mnist"])  # w = 8, M = 10
+    assert not cuda.narrow_kernels_fit(PRESETS["vgg5"])  # w = 128
+    assert cuda.narrow_kernels_fit(SpinalConfig.build(40, None, layer_width=16, num_layers=3))  # M = None: H is out
+    assert not cuda.narrow_kernels_fit(SpinalConfig.build(40, 17, layer_width=16, num_layers=3))
+    monkeypatch.setattr(cuda, "NARROW_LIMITS", (0, 0))  # no kernels built: nothing fits
+    assert not cuda.narrow_kernels_fit(PRESETS["mnist"])

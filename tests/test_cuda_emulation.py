@@ -115,7 +115,7 @@ ATOL_TF32 = 2e-3
 
 def _emulated_run(ops, x, params, config, grad_out, policy, device):
     present = [p for p in params if p is not None]
-    out, pre_activation = ops.forward(x, *params, config.activation, config.negative_slope, policy, device)
+    out, pre_activation = ops.forward(x, *params, config.activation, config.negative_slope, policy, device, True)
     grads = ops.backward(grad_out, x, pre_activation, params.weight_in, params.weight_hidden, params.weight_out,
                          config.bias, config.activation, config.negative_slope, policy, device)
     names = [n for n, p in zip(GRAD_NAMES, [x, *params]) if p is not None]
@@ -201,6 +201,59 @@ def test_hoisted_chain_beyond_fused_width(emulated_ops, policy, bias):
     assert emulated_ops.launches() == launches
 
 
+# The narrow kernels (w <= 16, M <= 16: one thread per row) for the forward and backward launch 1,
+# then the tiled launch 2.
+# Its edges: both compiled widths (8 and 16) and their padding, w and M at the limits, windows
+# that wrap and chunks of 32 columns with a partial last one, no projection, no bias, L = 1.
+NARROW_CONFIGS = {
+    "odd_N_wraps": CASES["odd_N_wraps"],
+    "mnist_like_w8": dict(in_features=80, out_features=10, layer_width=8, num_layers=6),
+    "w16_M16_s_wraps_partial_chunk": dict(in_features=101, out_features=16, layer_width=16, num_layers=3,
+                                          split_size=70),
+    "w9_no_projection_no_bias": dict(in_features=40, out_features=None, layer_width=9, num_layers=4, bias=False),
+    "w1_single_layer": CONFIGS["w1_single_layer"],
+    "columns_no_window_reads": CASES["columns_no_window_reads"],
+}
+NARROW_POLICIES = {"fp32_narrow": torch.float32, "bf16_narrow": torch.bfloat16, "fp16_narrow": torch.float16}
+
+
+@pytest.mark.parametrize("policy", sorted(NARROW_POLICIES))
+@pytest.mark.parametrize("name", sorted(NARROW_CONFIGS))
+def test_narrow_kernels_match_reference(emulated_ops, name, policy):
+    # 300 rows: two full CTAs of 128 rows and a partial one.
+    dtype = NARROW_POLICIES[policy]
+    overrides = {} if dtype == torch.float32 else {"activation": "gelu"}  # see _policy_config
+    config = make_config(**{**NARROW_CONFIGS[name], **overrides})
+    _check(emulated_ops, config, dtype, "narrow", batch=300)
+    # Inference: no Z kept (none written) and the same output, bit for bit.
+    params = random_params(config, torch.Generator().manual_seed(2), dtype=dtype)
+    x = torch.randn(300, config.in_features).to(dtype)
+    kept = emulated_ops.forward(x, *params, config.activation, config.negative_slope, "narrow", SM90, True)
+    inferred = emulated_ops.forward(x, *params, config.activation, config.negative_slope, "narrow", SM90, False)
+    assert inferred[1].numel() == 0 and torch.equal(inferred[0], kept[0])
+
+
+def test_routing_runs_the_narrow_kernels_where_they_fit(emulated_ops):
+    # "auto" takes w <= 16 and M <= 16 to the narrow kernels: its outputs and gradients equal the
+    # "narrow" run's bit for bit; a layer one step wider (w = 17, or M = 17) runs the tiled kernels.
+    generator = torch.Generator().manual_seed(1)
+    for shape, narrow in ((dict(layer_width=16, out_features=16), True), (dict(layer_width=17, out_features=16), False),
+                          (dict(layer_width=16, out_features=17), False)):
+        config = make_config(in_features=50, num_layers=3, **shape)
+        params = random_params(config, generator, dtype=torch.float32)
+        x = torch.randn(40, config.in_features, generator=generator)
+        grad_out = torch.randn(40, config.output_features, generator=generator)
+
+        def run(policy):
+            out, pre = emulated_ops.forward(x, *params, "relu", 0.0, policy, SM90, True)
+            grads = emulated_ops.backward(grad_out, x, pre, params.weight_in, params.weight_hidden, params.weight_out,
+                                          True, "relu", 0.0, policy, SM90)
+            return [out, pre, *grads]
+
+        auto, forced = run("auto"), run("narrow" if narrow else "simt")
+        assert all(torch.equal(a, f) for a, f in zip(auto, forced)), shape
+
+
 # Widest fused w per target and policy: the kernels' shared memory (forward_kernel.cuh) against
 # the opt-in maximum per block; 99 KB parts lose 193..256 (fp16/bf16/TF32) and 225..256 (fp32).
 WIDTH_LIMITS = {
@@ -278,7 +331,7 @@ def test_empty_batch_launches_nothing(emulated_ops):
     params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
     x = torch.empty(0, config.in_features)
     launches = emulated_ops.launches()
-    out, pre = emulated_ops.forward(x, *params, "relu", 0.0, "auto", SM90)
+    out, pre = emulated_ops.forward(x, *params, "relu", 0.0, "auto", SM90, True)
     grads = emulated_ops.backward(torch.empty(0, config.output_features), x, pre, params.weight_in,
                                   params.weight_hidden, params.weight_out, True, "relu", 0.0, "auto", SM90)
     assert emulated_ops.launches() == launches
@@ -338,6 +391,36 @@ def test_every_removed_syncthreads_is_caught(emulated_ops, policy):
             for config, batch in configs:
                 try:
                     _check(emulated_ops, config, dtype, mma, batch=batch)
+                except RuntimeError as error:
+                    assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
+                    break
+                except AssertionError:  # a wrong or unwritten result
+                    break
+            else:
+                missed.append(os.path.relpath(site, os.path.dirname(HERE)))
+        finally:
+            emulated_ops.configure(SEED, "", False)
+    assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
+
+
+def test_every_removed_narrow_syncthreads_is_caught(emulated_ops):
+    # The narrow kernels' barriers (forward and data gradients), each removed in turn, on a shape
+    # with several chunks and layers and a column chunk that no window reads; the tiled launch 2's
+    # barriers are swept above.
+    config = make_config(**NARROW_CONFIGS["w16_M16_s_wraps_partial_chunk"])
+    gaps = make_config(**NARROW_CONFIGS["columns_no_window_reads"])
+    emulated_ops.configure(SEED, "", False)
+    for case in (config, gaps):
+        _check(emulated_ops, case, torch.float32, "narrow", batch=150)
+    sites = [s for s in emulated_ops.barrier_sites() if "narrow_kernels" in s]
+    assert len(sites) == 8, sites
+    missed = []
+    for site in sites:
+        emulated_ops.configure(SEED, site, False)
+        try:
+            for case in (config, gaps):
+                try:
+                    _check(emulated_ops, case, torch.float32, "narrow", batch=150)
                 except RuntimeError as error:
                     assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
                     break

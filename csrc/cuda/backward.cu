@@ -1,17 +1,31 @@
 // Host launcher of the two fused backward kernels (backward_kernels.cuh holds the kernels,
-// their tiling and smem budget): allocates the dZ workspace and the split-K workspace.
+// their tiling and smem budget; narrow_kernels.cuh the narrow layers' launch 1): allocates the dZ
+// workspace and the split-K workspace.
 #include "backward_kernels.cuh"
 #include "launch.cuh"
+#include "narrow_kernels.cuh"
 
 namespace spinal_ops {
 namespace cuda_kernels {
 namespace {
 
-// DataMma runs launch 1 (dZ, dx), GradMma launch 2 (weight and bias gradients); both tile kM rows.
+// Launch 1 for narrow layers: one thread per row (narrow_kernels.cuh).
+template <typename T>
+void launch_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T>& d) {
+  with_narrow_width(shape.layer_width, [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    const int64_t smem_bytes = NarrowSmem<W>::kBytes;
+    const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
+    launch_kernel<spinal_narrow_data_grad_kernel<T, W>>(blocks, smem_bytes, smem_bytes, d, kNarrowRows);
+  });
+}
+
+// DataMma runs launch 1 (dZ, dx; narrow layers: the narrow kernel where allowed), GradMma launch 2
+// (weight and bias gradients); both tile kM rows.
 template <class DataMma, class GradMma, typename T>
 void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation,
             const at::Tensor& weight_in, const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-            Activation act, float slope, const BackwardOutputs& grads) {
+            Activation act, float slope, const BackwardOutputs& grads, bool allow_narrow) {
   static_assert(DataMma::kTileM == GradMma::kTileM, "both launches split the rows alike");
   constexpr int kM = DataMma::kTileM;
   int sm_count = 0;
@@ -30,8 +44,12 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
   const DataGradArgs<T> d =
       make_data_grad_args<T>(shape, grad_out, pre_activation, weight_in, weight_hidden, weight_out, act, slope,
                              grad_pre, grads.grad_x, counters_data, plan.tiles.total);
-  launch_kernel<spinal_data_grad_kernel<DataMma, T>>(ceil_div(shape.batch, kM), fused_smem_bytes<DataMma, T>(d.w),
-                                                     fused_smem_bytes<DataMma, T>(kFusedMaxWidth), d);
+  if (allow_narrow && narrow_kernels_fit(shape)) {
+    launch_narrow_data_grad<T>(shape, d);
+  } else {
+    launch_kernel<spinal_data_grad_kernel<DataMma, T>>(ceil_div(shape.batch, kM), fused_smem_bytes<DataMma, T>(d.w),
+                                                       fused_smem_bytes<DataMma, T>(kFusedMaxWidth), d);
+  }
 
   const WeightGradArgs<T> g = make_weight_grad_args<T>(
       shape, plan, grad_out, x, pre_activation, grad_pre, act, slope, grads,
@@ -45,12 +63,14 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
 void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-                           Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads) {
+                           Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,
+                           bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA backward needs w <= ", kFusedMaxWidth);
   with_kernel_types(x.scalar_type(), allow_tf32, [&](auto types) {
     using Types = decltype(types);
     launch<typename Types::DataMma, typename Types::GradMma, typename Types::Element>(
-        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads);
+        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads,
+        allow_narrow);
   });
 }
 

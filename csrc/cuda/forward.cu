@@ -1,7 +1,9 @@
-// Host launcher of the fused forward kernel (forward_kernel.cuh holds the kernel, its tiling and
-// smem budget) and the routing between the fused kernels and the hoisted chain.
+// Host launcher of the fused forward kernels (forward_kernel.cuh: the tiled kernel, its tiling and
+// smem budget; narrow_kernels.cuh: one thread per row for narrow layers) and the routing
+// between the fused kernels and the hoisted chain.
 #include "forward_kernel.cuh"
 #include "launch.cuh"
+#include "narrow_kernels.cuh"
 
 namespace spinal_ops {
 namespace cuda_kernels {
@@ -16,6 +18,17 @@ void launch(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& wei
                                                 slope, out, pre_activation);
   launch_kernel<spinal_forward_kernel<Mma, T>>(ceil_div(shape.batch, Mma::kTileM), fused_smem_bytes<Mma, T>(p.w),
                                                fused_smem_bytes<Mma, T>(kFusedMaxWidth), p);
+}
+
+// The narrow forward kernel (narrow_kernels.cuh), compiled for w <= 8 and w <= 16.
+template <typename T>
+void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p) {
+  with_narrow_width(shape.layer_width, [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    const int64_t smem_bytes = NarrowSmem<W>::kBytes;
+    const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
+    launch_kernel<spinal_narrow_forward_kernel<T, W>>(blocks, smem_bytes, smem_bytes, p, kNarrowRows);
+  });
 }
 
 int64_t fused_smem_bytes_for(at::ScalarType dtype, bool tf32, int64_t w) {
@@ -36,6 +49,10 @@ int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device) {
   return w;
 }
 
+bool narrow_kernels_fit(const SpinalShape& shape) {
+  return shape.layer_width <= kNarrowMaxWidth && shape.out_features <= kNarrowMaxOut;
+}
+
 bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device) {
   return shape.layer_width <= fused_width_limit(dtype, allow_tf32, device);
 }
@@ -44,10 +61,16 @@ void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const a
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
-                          const at::Tensor& pre_activation) {
+                          const at::Tensor& pre_activation, bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA forward needs w <= ", kFusedMaxWidth);
   with_kernel_types(x.scalar_type(), allow_tf32, [&](auto types) {
     using Types = decltype(types);
+    using T = typename Types::Element;
+    if (allow_narrow && narrow_kernels_fit(shape)) {
+      launch_narrow<T>(shape, make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
+                                                   act, negative_slope, out, pre_activation));
+      return;
+    }
     launch<typename Types::DataMma, typename Types::Element>(shape, x, weight_in, weight_hidden, bias, weight_out,
                                                              bias_out, act, negative_slope, out, pre_activation);
   });

@@ -58,7 +58,7 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
   p.weight_out = optional_data<T>(weight_out);
   p.bias_out = optional_data<T>(bias_out);
   p.out = out.data_ptr<T>();
-  p.pre_activation = pre_activation.data_ptr<T>();
+  p.pre_activation = pre_activation.numel() > 0 ? pre_activation.data_ptr<T>() : nullptr;
 
   return p;
 }

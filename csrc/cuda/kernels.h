@@ -27,22 +27,29 @@ int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device);
 // the op's TF32 choice, the hoisted chain (csrc/aten_chain.h) otherwise.
 bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device);
 
-// One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0.
+// Whether this shape runs the narrow kernels (narrow_kernels.cuh: w <= 16, M <= 16; one thread per
+// row) for the forward and backward launch 1 rather than the tiled ones.
+bool narrow_kernels_fit(const SpinalShape& shape);
+
+// One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0. The narrow kernel
+// runs where it fits unless `allow_narrow` is false (the CPU model of CUDA tests both kernels).
 void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
-                          const at::Tensor& pre_activation);
+                          const at::Tensor& pre_activation, bool allow_narrow = true);
 
 struct BackwardOutputs {
   at::Tensor grad_x, grad_weight_in, grad_weight_hidden, grad_bias, grad_weight_out, grad_bias_out;
 };
 
-// Two launches: data gradients (dx, dZ), then every weight/bias gradient. B > 0.
+// Two launches: data gradients (dx, dZ), then every weight/bias gradient. B > 0. Launch 1 runs the
+// narrow kernel where it fits unless `allow_narrow` is false.
 void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-                           Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads);
+                           Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,
+                           bool allow_narrow = true);
 
 }  // namespace cuda_kernels
 }  // namespace spinal_ops

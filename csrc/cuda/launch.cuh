@@ -21,13 +21,14 @@ inline int64_t smem_optin(int device) {
   return bytes;
 }
 
-// Launches Kernel(args) on the current device and stream: `blocks` CTAs of kThreads threads with
+// Launches Kernel(args) on the current device and stream: `blocks` CTAs of `threads` threads with
 // `smem_bytes` of dynamic shared memory. The kernel's dynamic-smem limit is raised once per
 // device, to the most any launch of it needs (`max_smem_bytes`) within the device's opt-in
 // maximum: raising it to each launch's need would let two host threads interleave
 // set/set/launch and launch with the other's, smaller, limit.
 template <auto Kernel, typename Args>
-void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args) {
+void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args,
+                   int threads = kThreads) {
   TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "spinal_ops: ", text(blocks), " CTAs do not fit the CUDA grid");
   const int device = c10::cuda::current_device();
   TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "spinal_ops: CUDA device ", text(device),
@@ -43,7 +44,7 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
               " bytes of shared memory, device ", text(device), " allows ", text(limit[device]),
               " (use_fused_path() should have routed the call to the hoisted chain)");
   void* kernel_args[] = {const_cast<Args*>(&args)};
-  C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), kernel_args,
+  C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), kernel_args,
                                   static_cast<size_t>(smem_bytes), c10::cuda::getCurrentCUDAStream()));
 }
 

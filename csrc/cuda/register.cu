@@ -13,9 +13,11 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "../aten_chain.h"
 #include "kernels.h"
+#include "narrow_kernels.cuh"
 #include "tile_mma.cuh"
 
 namespace spinal_ops {
@@ -82,8 +84,10 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
                                   keep_pre_activation);
   }
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
-  // The fused kernel always writes Z; without keep_pre_activation it is scratch, freed on return.
-  at::Tensor pre_activation = at::empty({shape.batch, shape.hidden()}, x.options());
+  // The tiled kernel always writes Z (its projection reads it back): without keep_pre_activation it
+  // is scratch, freed on return. The narrow kernel writes Z only when it is kept.
+  const bool z_written = keep_pre_activation || !narrow_kernels_fit(shape);
+  at::Tensor pre_activation = at::empty({z_written ? shape.batch : 0, shape.hidden()}, x.options());
   if (shape.batch > 0) {
     launch_fused_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
                          static_cast<float>(negative_slope), allow_tf32, out, pre_activation);
@@ -170,6 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 int64_t fused_max_width() { return kFusedMaxWidth; }
 
+// [widest w, most outputs M] of the narrow forward kernel (narrow_kernels.cuh).
+std::vector<int64_t> narrow_limits() { return {kNarrowMaxWidth, kNarrowMaxOut}; }
+
 int64_t fused_width_limit_op(int64_t device, at::ScalarType dtype, bool allow_tf32) {
   return fused_width_limit(dtype, allow_tf32, static_cast<int>(device));
 }
@@ -182,6 +189,7 @@ TORCH_LIBRARY_FRAGMENT(spinal_ops, m) {
   m.def("cuda_fused_max_width() -> int", &spinal_ops::cuda_kernels::fused_max_width);
   m.def("cuda_fused_width_limit(int device, ScalarType dtype, bool allow_tf32) -> int",
         &spinal_ops::cuda_kernels::fused_width_limit_op);
+  m.def("cuda_narrow_limits() -> int[]", &spinal_ops::cuda_kernels::narrow_limits);
 }
 
 TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {

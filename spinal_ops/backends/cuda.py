@@ -38,10 +38,11 @@ class CudaDevice:
     width_limits: dict[tuple[torch.dtype, bool], int]
 
 
-def _probe_devices() -> tuple[int, dict[int, CudaDevice]]:
-    """(kFusedMaxWidth of csrc/cuda/tile_mma.cuh, every visible GPU); (0, {}) without kernels or GPU."""
+def _probe_devices() -> tuple[int, tuple[int, int], dict[int, CudaDevice]]:
+    """(kFusedMaxWidth of csrc/cuda/tile_mma.cuh, (widest w, most outputs M) of the narrow forward
+    kernel, every visible GPU); (0, (0, 0), {}) without kernels or GPU."""
     if not (cuda_kernels_compiled() and torch.cuda.is_available()):
-        return 0, {}
+        return 0, (0, 0), {}
     devices = {}
     for index in range(torch.cuda.device_count()):
         properties = torch.cuda.get_device_properties(index)
@@ -52,10 +53,11 @@ def _probe_devices() -> tuple[int, dict[int, CudaDevice]]:
                                 (torch.bfloat16, False)):
                 limits[(dtype, tf32)] = int(torch.ops.spinal_ops.cuda_fused_width_limit(index, dtype, tf32))
         devices[index] = CudaDevice(capability, model_for(properties.name, properties.multi_processor_count), limits)
-    return int(torch.ops.spinal_ops.cuda_fused_max_width()), devices
+    narrow_width, narrow_out = torch.ops.spinal_ops.cuda_narrow_limits()
+    return int(torch.ops.spinal_ops.cuda_fused_max_width()), (int(narrow_width), int(narrow_out)), devices
 
 
-FUSED_MAX_WIDTH, DEVICES = _probe_devices()
+FUSED_MAX_WIDTH, NARROW_LIMITS, DEVICES = _probe_devices()
 _forced_path: Optional[str] = None
 
 
@@ -96,13 +98,21 @@ def forced_path(path: str) -> Iterator[None]:
         _forced_path = previous
 
 
+def narrow_kernels_fit(config: SpinalConfig) -> bool:
+    """Whether the fused forward of ``config`` runs the narrow kernel (one thread per row; the op
+    decides the same from its own limits, csrc/cuda/narrow_kernels.cuh)."""
+    max_width, max_out = NARROW_LIMITS
+    return config.layer_width <= max_width and (config.out_features or 0) <= max_out
+
+
 def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torch.device,
               training: bool) -> PathChoice:
     """The path the cuda backend runs for this call, and why."""
     limit = _width_limit_for(device, dtype)
     if _forced_path is not None and (_forced_path == "hoisted" or config.layer_width <= limit):
         return PathChoice(_forced_path, f"{_forced_path} path forced")
-    return choose_path(config, batch, dtype, DEVICES[_device_index(device)].model, training, limit)
+    return choose_path(config, batch, dtype, DEVICES[_device_index(device)].model, training, limit,
+                       narrow_kernels_fit(config))
 
 
 class CudaBackend(FusedOpBackend):

@@ -7,6 +7,9 @@ so the cuda backend picks one per call, by predicted time. The model (seconds):
             One CTA per row tile (64 rows for half types, 32 for float32) walks the whole chain;
             waves = ceil(row tiles / SMs), so a small batch leaves SMs idle. A CTA's rate falls
             with narrow layers (its column tiles are 64 wide): fused_cta_flops * min(1, w / 64).
+            Narrow layers (w <= 16, M <= 16: the narrow kernels, one thread per row) replace the
+            forward's tile work by narrow = max(flops / narrow_flops, bytes / bandwidth) (x read
+            once, Z and y written), and the backward's launch 1 by twice that.
   hoisted = ops * OP + max(flops / gemm_flops, bytes / bandwidth)
             ops: the ATen calls of the chain (window GEMMs, three per layer, the output GEMM and
             bookkeeping); bytes: x read once, four [B, L*w] passes (products, Z, H written and
@@ -14,8 +17,8 @@ so the cuda backend picks one per call, by predicted time. The model (seconds):
             batch the hoisted chain's 20-90 ops lose to the fused kernels' 1-3 launches.
 
 Training calls (a backward will follow) add the backward of each path: the fused backward's two
-launches do twice the forward's tile work; the hoisted backward has ~3 ops per layer more and
-twice the forward's FLOPs. Layers wider than the fused limit always take the hoisted path.
+launches each do the forward's tile work (launch 1 on narrow layers: twice the narrow forward's);
+the hoisted backward has ~3 ops per layer more and twice the forward's FLOPs. Layers wider than the fused limit always take the hoisted path.
 
 The constants of each GPU live in GPU_MODELS and nowhere else; scripts/gpu_session.sh measures
 both paths on the presets (`spinal-bench --backends cuda_fused cuda_hoisted`), from which they
@@ -43,6 +46,7 @@ class GpuModel:
     fused_launch_seconds: float
     fused_layer_seconds: float  # per layer and row tile: the chain's barriers and staging
     fused_cta_flops: dict[torch.dtype, float]  # one CTA of the fused kernels on w >= 64
+    narrow_flops: dict[torch.dtype, float]  # the whole GPU running the narrow forward kernel
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -57,10 +61,12 @@ GPU_MODELS: dict[str, GpuModel] = {
     # GEMMs are skinny, hence a third of that. The per-op and per-launch times (host work
     # included: at small batch they decide) and the fused kernels' per-CTA rates are fitted to
     # scripts/cuda_paths.py on an H100 (benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json).
-    "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 16e-6, 60e-6, 5e-6, _rates(0.19e12, 0.10e12)),
+    "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 16e-6, 60e-6, 5e-6, _rates(0.19e12, 0.10e12),
+                     _rates(10e12, 10e12)),
     # A100 (108 SMs, 312 TFLOP/s bf16, 2.0 TB/s): the H100's fractions of the datasheet rates and
     # its host costs; the fused kernels' rates scaled by the SM clock and tensor-core ratio.
-    "a100": GpuModel("A100", 108, _rates(100e12, 16e12), 1.6e12, 16e-6, 60e-6, 5e-6, _rates(0.12e12, 0.08e12)),
+    "a100": GpuModel("A100", 108, _rates(100e12, 16e12), 1.6e12, 16e-6, 60e-6, 5e-6, _rates(0.12e12, 0.08e12),
+                     _rates(5e12, 5e12)),
 }
 
 
@@ -73,22 +79,31 @@ def model_for(name: str, sm_count: int) -> GpuModel:
         return GPU_MODELS["a100"]
     generic = GPU_MODELS["a100"]
     return GpuModel(name, sm_count, generic.gemm_flops, generic.bandwidth, generic.op_seconds,
-                    generic.fused_launch_seconds, generic.fused_layer_seconds, generic.fused_cta_flops)
+                    generic.fused_launch_seconds, generic.fused_layer_seconds, generic.fused_cta_flops,
+                    generic.narrow_flops)
 
 
 def _row_tile(dtype: torch.dtype) -> int:
     return 64 if dtype in _HALF else 32
 
 
-def fused_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool) -> float:
-    """Predicted time of the fused kernels (forward, plus backward when ``training``)."""
+def fused_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool,
+                  narrow: bool = False) -> float:
+    """Predicted time of the fused kernels (forward, plus backward when ``training``);
+    ``narrow``: the layer runs the narrow kernels."""
     tile = _row_tile(dtype)
     waves = math.ceil(math.ceil(max(batch, 1) / tile) / model.sm_count)
     tile_flops = config.forward_flops(tile)
     cta_flops = model.fused_cta_flops[dtype] * min(1.0, config.layer_width / 64)
-    tile_seconds = config.num_layers * model.fused_layer_seconds + tile_flops / cta_flops
-    work, launches = (3, 3) if training else (1, 1)
-    return launches * model.fused_launch_seconds + work * waves * tile_seconds
+    tiled_seconds = waves * (config.num_layers * model.fused_layer_seconds + tile_flops / cta_flops)
+    if narrow:
+        moved = dtype.itemsize * batch * (config.in_features + config.hidden_features + config.output_features)
+        forward = max(config.forward_flops(batch) / model.narrow_flops[dtype], moved / model.bandwidth)
+        data_grad = 2 * forward
+    else:
+        forward = data_grad = tiled_seconds
+    backward = 2 * model.fused_launch_seconds + data_grad + tiled_seconds if training else 0.0
+    return model.fused_launch_seconds + forward + backward
 
 
 def hoisted_ops(config: SpinalConfig, training: bool) -> int:
@@ -118,12 +133,13 @@ class PathChoice:
 
 
 def choose_path(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool,
-                fused_max_width: int) -> PathChoice:
-    """The faster path by the model (the fused kernels only up to ``fused_max_width``)."""
+                fused_max_width: int, narrow: bool = False) -> PathChoice:
+    """The faster path by the model (the fused kernels only up to ``fused_max_width``;
+    ``narrow``: the layer runs the narrow kernels)."""
     if config.layer_width > fused_max_width:
         return PathChoice("hoisted", f"hoisted cuBLAS chain: w={config.layer_width} > {fused_max_width} "
                                      "(the fused kernels' widest tile)")
-    fused = fused_seconds(config, batch, dtype, model, training)
+    fused = fused_seconds(config, batch, dtype, model, training, narrow)
     hoisted = hoisted_seconds(config, batch, dtype, model, training)
     path = "fused" if fused <= hoisted else "hoisted"
     label = "fused kernels" if path == "fused" else "hoisted cuBLAS chain"

@@ -60,7 +60,7 @@
 #define __forceinline__ inline
 #define __shared__
 #define __align__(n)
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 
 using std::max;
 using std::min;

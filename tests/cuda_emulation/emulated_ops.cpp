@@ -1,9 +1,11 @@
 // The CUDA op's host launchers (csrc/cuda/forward.cu, backward.cu) and fused kernels run on CPU
 // through cuda_shim.h and emulated_runtime.h, as torch ops spinal_emu::forward / backward with
 // the schemas of fused_forward / fused_backward plus the accumulator policy and the fake device
-// (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the fused kernels, which
-// the call must route to), "aten" (the hoisted chain, csrc/aten_chain.cpp), "auto" (the op's own
-// routing, use_fused_path). Every CPU allocation made during a call is poisoned.
+// (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the tiled fused kernels,
+// which the call must route to), "narrow" (the narrow kernels for the forward and backward launch
+// 1; launch 2 with the dtype's tiled policy: simt or wmma), "aten" (the hoisted chain, csrc/aten_chain.cpp), "auto"
+// (the op's own routing: use_fused_path, narrow_kernels_fit). Every CPU allocation made during a
+// call is poisoned.
 // Built by tests/test_cuda_emulation.py; never part of the package.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
@@ -94,9 +96,14 @@ bool fused(const SpinalShape& shape, const at::Tensor& x, c10::string_view polic
   const bool routed = use_fused_path(shape, x.scalar_type(), at::globalContext().allowTF32CuBLAS(), static_cast<int>(device));
   if (policy == "auto") return routed;
   if (policy == "aten") return false;
-  const bool fp32 = x.scalar_type() == at::kFloat;
-  TORCH_CHECK(fp32 ? policy == "simt" || policy == "tf32" : policy == "wmma", "policy ", policy, " does not fit ",
-              x.scalar_type());
+  if (policy == "narrow") {
+    TORCH_CHECK(narrow_kernels_fit(shape), "w = ", shape.layer_width, ", M = ", shape.out_features,
+                " does not fit the narrow kernels");
+  } else {
+    const bool fp32 = x.scalar_type() == at::kFloat;
+    TORCH_CHECK(fp32 ? policy == "simt" || policy == "tf32" : policy == "wmma", "policy ", policy, " does not fit ",
+                x.scalar_type());
+  }
   TORCH_CHECK(routed, "w = ", shape.layer_width, " is routed to the hoisted chain on ", emu::target(device).name,
               " (", x.scalar_type(), ", policy ", policy, ")");
   return true;
@@ -106,13 +113,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                                            const std::optional<at::Tensor>& weight_out,
                                            const std::optional<at::Tensor>& bias_out, c10::string_view activation,
-                                           double negative_slope, c10::string_view policy, int64_t device) {
+                                           double negative_slope, c10::string_view policy, int64_t device,
+                                           bool keep_pre_activation) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   const Activation act = parse_activation(activation);
   const Session session(policy, device);
-  // As register.cu: outputs from at::empty (poisoned here), nothing launched for an empty batch.
+  // As register.cu: outputs from at::empty (poisoned here), nothing launched for an empty batch,
+  // no Z for the narrow forward unless it is kept.
+  const bool narrow = policy == "narrow" || policy == "auto";  // the tiled policies test the tiled kernels
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
-  at::Tensor pre_activation = at::empty({shape.batch, shape.hidden()}, x.options());
+  const bool z_written = keep_pre_activation || !(narrow && narrow_kernels_fit(shape));
+  at::Tensor pre_activation = at::empty({z_written ? shape.batch : 0, shape.hidden()}, x.options());
   if (shape.batch == 0) return {out, pre_activation};
   if (!fused(shape, x, policy, device)) {
     return chain::hoisted_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
@@ -120,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   }
   launch_fused_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
                        bias_out, act, static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), out,
-                       pre_activation);
+                       pre_activation, narrow);
   return {out, pre_activation};
 }
 
@@ -156,7 +167,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   if (shape.batch > 0) {
     launch_fused_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
-                          static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads);
+                          static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads,
+                          policy == "narrow" || policy == "auto");
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
