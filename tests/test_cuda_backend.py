@@ -26,7 +26,8 @@ from contract import (
 )
 from spinal_ops.ops import cuda_kernels_compiled
 from spinal_ops.activations import ACTIVATIONS
-from spinal_ops.backends.cuda import CudaBackend, cuda_path, forced_path, fused_max_width, fused_width_limit
+from spinal_ops.backends.cuda import (CudaBackend, cuda_path, forced_path, fused_max_width, fused_width_limit,
+                                      narrow_kernels_fit)
 from spinal_ops.config import SpinalParams
 from spinal_ops.functional import apply_spinal
 
@@ -67,8 +68,9 @@ def test_matches_reference(name, dtype, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_backward_mask_and_inference(path):
-    config = _config("k2_groups_of_three")
+@pytest.mark.parametrize("name", ["k2_groups_of_three", "wrap_s12_N33"])  # tiled and narrow fused kernels
+def test_backward_mask_and_inference(path, name):
+    config = _config(name)
     with forced_path(path):
         check_gradient_masks("cuda", config, f"spinal_ops::{path}_backward", torch.float32, "cuda")
         check_inference_keeps_no_pre_activation("cuda", config, f"spinal_ops::{path}_forward", 300, torch.float32,
@@ -108,6 +110,26 @@ def test_batch_shapes(batch_shape, dtype, path):
         check_backend("cuda", _config("wrap_s12_N33", dtype), dtype, "cuda", batch_shape=batch_shape)
 
 
+@pytest.mark.parametrize("name, narrow", [("wrap_s12_N33", True), ("k2_groups_of_three", False)])
+def test_fused_path_launches_the_narrow_kernels_where_they_fit(name, narrow):
+    # w = 16, M = 10: the narrow forward and backward launch 1; w = 24: the tiled ones. Launch 2
+    # (weight gradients) is the tiled kernel either way.
+    from torch.profiler import ProfilerActivity, profile
+
+    config = _config(name)
+    assert narrow_kernels_fit(config) == narrow
+    with forced_path("fused"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _forward_backward(config, torch.float32, 300)
+        torch.cuda.synchronize()
+    names = " ".join(event.key for event in prof.key_averages())
+    expected = (["spinal_narrow_forward_kernel", "spinal_narrow_data_grad_kernel"] if narrow
+                else ["spinal_forward_kernel", "spinal_data_grad_kernel"])
+    for kernel in [*expected, "spinal_weight_grad_kernel"]:
+        assert kernel in names, f"{kernel} not launched: {names}"
+    assert ("spinal_narrow" in names) == narrow
+    assert ("spinal_forward_kernel" in names) == (not narrow)
+
+
 def test_tf32_allowed_stays_within_contract():
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -131,10 +153,11 @@ def _forward_backward(config, dtype, batch, seed=0):
     return [y.detach(), *grads]
 
 
+@pytest.mark.parametrize("name", ["two_chunks_wide", "wrap_s12_N33"])  # tiled and narrow fused kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", [300, 5000], ids=["split_k", "large"])
-def test_deterministic(dtype, batch):
-    config = _config("two_chunks_wide")
+def test_deterministic(dtype, batch, name):
+    config = _config(name)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
