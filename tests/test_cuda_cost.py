@@ -10,7 +10,7 @@ from spinal_ops.backends.cuda_cost import GPU_MODELS, choose_path, fused_seconds
 from spinal_ops.bench.presets import PRESETS
 
 FUSED_MAX_WIDTH = 256
-MODELS = [pytest.param(GPU_MODELS[name], id=name) for name in ("h100", "a100")]
+MODELS = [pytest.param(GPU_MODELS[name], id=name) for name in ("h100", "h200", "a100")]
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -69,7 +69,7 @@ def test_reason_names_the_path_and_the_predictions():
 
 def test_device_names_map_to_models():
     assert model_for("NVIDIA H100 80GB HBM3", 132) is GPU_MODELS["h100"]
-    assert model_for("NVIDIA H200", 132) is GPU_MODELS["h100"]
+    assert model_for("NVIDIA H200", 132) is GPU_MODELS["h200"]
     assert model_for("NVIDIA A100-SXM4-40GB", 108) is GPU_MODELS["a100"]
     other = model_for("NVIDIA L4", 58)
     assert other.sm_count == 58 and other.gemm_flops == GPU_MODELS["a100"].gemm_flops
@@ -78,15 +78,25 @@ def test_device_names_map_to_models():
 H100_TIMINGS = Path(__file__).resolve().parents[1] / "benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json"
 
 
-def test_h100_model_picks_the_measured_faster_path():
-    # Both paths timed by scripts/cuda_paths.py on an H100 (every preset, bf16 and fp32, batch 1
-    # to 65536, train and infer): the model's pick may cost at most 10% over the faster path.
-    document = json.loads(H100_TIMINGS.read_text())
+H200_TIMINGS = H100_TIMINGS.with_name("nvidia-h200.json")
+
+
+@pytest.mark.parametrize("timings, model, narrow_kernels", [
+    # every preset, bf16 and fp32, batch 1 to 65536, train and infer; timed before the narrow kernels
+    (H100_TIMINGS, "h100", False),
+    # mnist (which runs the narrow kernels) and vgg5, the same batches, dtypes and modes
+    (H200_TIMINGS, "h200", True),
+], ids=["h100", "h200"])
+def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels):
+    # Both paths timed by scripts/cuda_paths.py on the GPU: the model's pick may cost at most 10%
+    # over the faster path.
+    document = json.loads(timings.read_text())
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     for record in document["records"]:
-        training = record["mode"] == "train"
-        choice = choose_path(PRESETS[record["preset"]], record["batch"], dtypes[record["dtype"]], GPU_MODELS["h100"],
-                             training, FUSED_MAX_WIDTH)
+        config = PRESETS[record["preset"]]
+        narrow = narrow_kernels and config.layer_width <= 16 and (config.out_features or 0) <= 16
+        choice = choose_path(config, record["batch"], dtypes[record["dtype"]], GPU_MODELS[model],
+                             record["mode"] == "train", FUSED_MAX_WIDTH, narrow)
         measured = {"fused": record["fused_ms"], "hoisted": record["hoisted_ms"]}
         fastest = min(t for t in measured.values() if t == t)  # fused is NaN past the fused width
         assert measured[choice.path] <= 1.1 * fastest, (record, choice.reason)

@@ -9,7 +9,7 @@ so the cuda backend picks one per call, by predicted time. The model (seconds):
             with narrow layers (its column tiles are 64 wide): fused_cta_flops * min(1, w / 64).
             Narrow layers (w <= 16, M <= 16: the narrow kernels, one thread per row) replace the
             forward's tile work by narrow = max(flops / narrow_flops, bytes / bandwidth) (x read
-            once, Z and y written), and the backward's launch 1 by twice that.
+            once, Z and y written), and the backward's launch 1 by as much again.
   hoisted = ops * OP + max(flops / gemm_flops, bytes / bandwidth)
             ops: the ATen calls of the chain (window GEMMs, three per layer, the output GEMM and
             bookkeeping); bytes: x read once, four [B, L*w] passes (products, Z, H written and
@@ -17,12 +17,12 @@ so the cuda backend picks one per call, by predicted time. The model (seconds):
             batch the hoisted chain's 20-90 ops lose to the fused kernels' 1-3 launches.
 
 Training calls (a backward will follow) add the backward of each path: the fused backward's two
-launches each do the forward's tile work (launch 1 on narrow layers: twice the narrow forward's);
+launches each do the forward's tile work (launch 1 on narrow layers: the narrow forward's);
 the hoisted backward has ~3 ops per layer more and twice the forward's FLOPs. Layers wider than the fused limit always take the hoisted path.
 
-The constants of each GPU live in GPU_MODELS and nowhere else; scripts/gpu_session.sh measures
-both paths on the presets (`spinal-bench --backends cuda_fused cuda_hoisted`), from which they
-are calibrated.
+The constants of each GPU live in GPU_MODELS and nowhere else; scripts/cuda_paths.py (run by
+scripts/gpu_session.sh with PATHS=1) times both paths on the presets, and they are calibrated
+from its JSON (benchmarks/results/cuda-paths/), which tests/test_cuda_cost.py checks them against.
 """
 from __future__ import annotations
 
@@ -60,9 +60,15 @@ GPU_MODELS: dict[str, GpuModel] = {
     # H100 SXM (132 SMs): ~3.0 TB/s copy bandwidth, ~790 TFLOP/s bf16 on large GEMMs; the chain's
     # GEMMs are skinny, hence a third of that. The per-op and per-launch times (host work
     # included: at small batch they decide) and the fused kernels' per-CTA rates are fitted to
-    # scripts/cuda_paths.py on an H100 (benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json).
+    # scripts/cuda_paths.py on an H100 (benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json,
+    # timed before the narrow kernels existed: their rate is the H200's, the same SMs).
     "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 16e-6, 60e-6, 5e-6, _rates(0.19e12, 0.10e12),
-                     _rates(10e12, 10e12)),
+                     _rates(5e12, 5e12)),
+    # H200 (the H100's SMs, 4.3 TB/s): the H100's constants but for the narrow kernels' rate and the
+    # fused launches' host time, fitted to scripts/cuda_paths.py on an H200 machine whose host was
+    # slower (benchmarks/results/cuda-paths/nvidia-h200.json: mnist, vgg5).
+    "h200": GpuModel("H200", 132, _rates(250e12, 40e12), 4.3e12, 16e-6, 120e-6, 5e-6, _rates(0.19e12, 0.10e12),
+                     _rates(5e12, 5e12)),
     # A100 (108 SMs, 312 TFLOP/s bf16, 2.0 TB/s): the H100's fractions of the datasheet rates and
     # its host costs; the fused kernels' rates scaled by the SM clock and tensor-core ratio.
     "a100": GpuModel("A100", 108, _rates(100e12, 16e12), 1.6e12, 16e-6, 60e-6, 5e-6, _rates(0.12e12, 0.08e12),
@@ -73,7 +79,9 @@ GPU_MODELS: dict[str, GpuModel] = {
 def model_for(name: str, sm_count: int) -> GpuModel:
     """The constants for a device by its name; an unknown GPU gets the A100's rates and its own SM count."""
     lowered = name.lower()
-    if "h100" in lowered or "h200" in lowered or "gh200" in lowered:
+    if "h200" in lowered:  # GH200 too
+        return GPU_MODELS["h200"]
+    if "h100" in lowered:
         return GPU_MODELS["h100"]
     if "a100" in lowered:
         return GPU_MODELS["a100"]
@@ -99,7 +107,7 @@ def fused_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: G
     if narrow:
         moved = dtype.itemsize * batch * (config.in_features + config.hidden_features + config.output_features)
         forward = max(config.forward_flops(batch) / model.narrow_flops[dtype], moved / model.bandwidth)
-        data_grad = 2 * forward
+        data_grad = forward  # ncu on an H200 (mnist, B = 65536): launch 1 took 0.64x the forward's time
     else:
         forward = data_grad = tiled_seconds
     backward = 2 * model.fused_launch_seconds + data_grad + tiled_seconds if training else 0.0
