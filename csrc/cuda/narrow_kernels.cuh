@@ -8,26 +8,27 @@
 // Why: the tiled kernels' tensor-core tiles are 128 columns wide; at w = 8 they multiply 94 %
 // zeros, and one 64-row CTA walks the whole chain behind two barriers per 32-column K-chunk. The
 // chain's arithmetic per row is tiny (w*(s+w) + M*w multiply-adds per layer), so here one thread
-// owns one row and keeps its z_l, h_{l-1} (dz_{l+1}) and y (g) in registers.
+// owns one row and keeps its z_l, h_{l-1} (dz_{l+1}) and g in registers.
 //
 // Tiling and launch scheme (both kernels)
 //   grid  = ceil(B / kNarrowRows) CTAs; block = kNarrowRows = 128 threads, thread t <-> row
 //   row0 + t; dynamic smem NarrowSmem (~22 KB: several CTAs per SM). Register arrays are indexed
 //   by unrolled loops only (W, kNarrowChunk, kNarrowMaxOut are compile-time), so they stay in
-//   registers; the cap of 128 registers (4 CTAs per SM) costs the forward 12-32 bytes of spills
-//   (ptxas, sm_90).
+//   registers (the register caps: k*MinBlocksPerSm below).
 //   Operands every thread reads alike (weights) are staged in smem and read at one address by the
 //   whole CTA (a broadcast); row data goes through a [128][33] fp32 tile, written or read by one
 //   warp per row (coalesced global access) and read or written by thread t in its own row (the
 //   odd row stride makes that conflict-free).
 // Forward, per layer l:
-//   for each kNarrowChunk = 32-column chunk of the window (K = s): stage x[rows, chunk] and A_l's
-//   chunk transposed [32][W]; acc[j] += A_l[j, k] x[t, k];
+//   for each kNarrowChunk = 32-column chunk of the window (K = s): stage x[rows, chunk] (loaded
+//   into registers one chunk ahead, 16 bytes per load where the chunk allows: XChunk) and A_l's
+//   chunk transposed [32][W] (also one chunk ahead); acc[j] += A_l[j, k] x[t, k];
 //   the layer's first chunk also stages R_l [W][W], b_l and W_out's layer columns [16][W]
 //   (zero-padded past w and M);
 //   z = acc + R_l h_{l-1} + b_l -> Z (rounded to T once; not written when the op keeps no Z, whose
 //   pointer is then null), h_l = T(phi(float(Z))) (as the tiled
-//   kernel: the backward's recomputation of h is bit-identical); y[m] += W_out[m, l*w + j] h_l[j],
+//   kernel: the backward's recomputation of h is bit-identical); y[m] += W_out[m, l*w + j] h_l[j]
+//   (y in the thread's own row of a shared-memory tile: registers are the scarcer),
 //   or, without projection, h_l -> out = H.
 // Data gradients:
 //   recurrence, l = L-1 .. 0: stage W_out's layer columns and R_{l+1};
@@ -41,6 +42,7 @@
 // Offsets into x, Z, dZ, dx and out are 64-bit.
 #pragma once
 
+#include <cstdint>
 #include <type_traits>
 
 #include "backward_kernels.cuh"
@@ -53,9 +55,12 @@ constexpr int kNarrowRows = 128;  // rows per CTA = threads per CTA
 constexpr int kNarrowChunk = 32;  // window columns staged per step
 constexpr int kNarrowMaxWidth = 16;
 constexpr int kNarrowMaxOut = 16;  // y (forward) or g (backward) values per thread
-// CTAs per SM the register budget is capped for (65536 / (128 * 4) = 128 registers per thread):
-// more warps in flight to hide the staging loads' latency.
-constexpr int kNarrowMinBlocksPerSm = 4;
+// CTAs per SM each kernel's register budget is capped for (65536 / (128 * CTAs) registers per
+// thread): more warps in flight hide the global loads' latency, as long as nothing spills in bulk.
+// The forward holds x's next chunk in registers: at 4 CTAs (128 registers) ptxas spilled up to
+// 1.5 KB per thread, at 3 (168 registers) nothing in half types (sm_90); launch 1 fits 128.
+constexpr int kNarrowForwardMinBlocksPerSm = 3;
+constexpr int kNarrowDataGradMinBlocksPerSm = 4;
 
 // Calls f(std::integral_constant<int, W>{}) for the width W the kernels are compiled for that holds
 // w (8 or 16; the weights are zero-padded to W).
@@ -77,17 +82,66 @@ struct NarrowSmem {
   static constexpr int kR = kA + kNarrowChunk * W;    // [W][W]
   static constexpr int kOut = kR + W * W;             // [kNarrowMaxOut][W]
   static constexpr int kBias = kOut + kNarrowMaxOut * W;
-  static constexpr int64_t kBytes = static_cast<int64_t>(kBias + W) * sizeof(float);
+  static constexpr int kYLd = kNarrowMaxOut + 1;  // odd: thread t's row y_tile[t] is conflict-free
+  static constexpr int kY = kBias + W;            // [kNarrowRows][kYLd] (forward: y, each thread its row)
+  static constexpr int64_t kBytes = static_cast<int64_t>(kY + kNarrowRows * kYLd) * sizeof(float);
+};
+
+// One chunk of x (kNarrowRows rows x kNarrowChunk window columns) in flight in registers: thread t
+// holds kGroups groups of kGroup consecutive columns (16 bytes), group i = t + i * kNarrowRows
+// being row i / kGroups, columns (i % kGroups) * kGroup... of the chunk. A warp's loads cover
+// whole 64- or 128-byte row segments; a chunk of 32 whole columns that are contiguous in x and
+// 16-byte aligned is read with 16-byte loads, any other (a wrapping window, its partial last
+// chunk, an odd N) element by element.
+template <typename T>
+struct XChunk {
+  static constexpr int kGroup = 16 / sizeof(T);
+  static constexpr int kGroups = kNarrowChunk / kGroup;  // per row, and per thread
+  uint4 raw[kGroups];
+
+  __device__ __forceinline__ void load(const T* x, int64_t batch, int n, int s, const Window& window, int64_t row0,
+                                       int k0, bool aligned_rows) {
+    const int c0 = window.column(k0);
+    const bool whole = aligned_rows && k0 + kNarrowChunk <= s && c0 + kNarrowChunk <= n && c0 % kGroup == 0;
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      const int group = threadIdx.x + i * kNarrowRows;
+      const int64_t row = row0 + group / kGroups;
+      const int k = (group % kGroups) * kGroup;
+      if (whole) {
+        raw[i] = row < batch ? *reinterpret_cast<const uint4*>(x + row * n + c0 + k) : make_uint4(0, 0, 0, 0);
+      } else {
+        T* elements = reinterpret_cast<T*>(&raw[i]);
+#pragma unroll
+        for (int q = 0; q < kGroup; ++q) {
+          elements[q] = row < batch && k0 + k + q < s ? x[row * n + window.column(k0 + k + q)] : T(0);
+        }
+      }
+    }
+  }
+
+  // Into the fp32 row tile [kNarrowRows][ld]: a warp writes 32 distinct banks per store (ld = 33).
+  __device__ __forceinline__ void store(SmemPtr<float> tile, int ld) const {
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      const int group = threadIdx.x + i * kNarrowRows;
+      const int r = group / kGroups, k = (group % kGroups) * kGroup;
+      const T* elements = reinterpret_cast<const T*>(&raw[i]);
+#pragma unroll
+      for (int q = 0; q < kGroup; ++q) tile[r * ld + k + q] = static_cast<float>(elements[q]);
+    }
+  }
 };
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kNarrowRows, kNarrowMinBlocksPerSm)
+__global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
     spinal_narrow_forward_kernel(const ForwardArgs<T> p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
   const SmemPtr<float> base = reinterpret_cast<float*>(smem);
   const SmemPtr<float> x_tile = base + Smem::kX, a_tile = base + Smem::kA, r_tile = base + Smem::kR;
   const SmemPtr<float> out_tile = base + Smem::kOut, bias_tile = base + Smem::kBias;
+  const SmemPtr<float> y_row = base + Smem::kY + threadIdx.x * Smem::kYLd;  // y of this thread's row
 
   const int t = threadIdx.x;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kNarrowRows, row = row0 + t;
@@ -95,31 +149,42 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowMinBlocksPerSm)
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
 
-  float y[kNarrowMaxOut];
   float h_prev[W];
-#pragma unroll
-  for (int m = 0; m < kNarrowMaxOut; ++m) y[m] = 0.f;
+  for (int m = 0; m < m_count; ++m) y_row[m] = 0.f;
 #pragma unroll
   for (int j = 0; j < W; ++j) h_prev[j] = 0.f;
 
-  for (int layer = 0; layer < p.num_layers; ++layer) {
-    const Window window = window_of(layer, p.n, p.s);
+  // The chunks of x and of A_l are loaded one step ahead: the next chunk's loads are in flight
+  // while this one is multiplied (software pipelining through registers).
+  const bool aligned_rows =
+      reinterpret_cast<uintptr_t>(p.x) % 16 == 0 && static_cast<int64_t>(p.n) * sizeof(T) % 16 == 0;
+  XChunk<T> chunk;
+  constexpr int kAPerThread = (kNarrowChunk * W + kNarrowRows - 1) / kNarrowRows;
+  float a_chunk[kAPerThread];  // element i: a_tile entry t + i * kNarrowRows, as (j, k) = divmod(., 32)
+  const auto load = [&](int layer, int k0) {
+    chunk.load(p.x, p.batch, p.n, p.s, window_of(layer, p.n, p.s), row0, k0, aligned_rows);
     const T* a_l = p.weight_in + static_cast<int64_t>(layer) * w * p.s;
+#pragma unroll
+    for (int i = 0; i < kAPerThread; ++i) {
+      const int idx = t + i * kNarrowRows, j = idx / kNarrowChunk, k = idx % kNarrowChunk;
+      const bool in = idx < kNarrowChunk * W && j < w && k0 + k < p.s;
+      a_chunk[i] = in ? static_cast<float>(a_l[static_cast<int64_t>(j) * p.s + k0 + k]) : 0.f;
+    }
+  };
+  load(0, 0);
+
+  for (int layer = 0; layer < p.num_layers; ++layer) {
     float acc[W];
 #pragma unroll
     for (int j = 0; j < W; ++j) acc[j] = 0.f;
 
     for (int k0 = 0; k0 < p.s; k0 += kNarrowChunk) {
       __syncthreads();  // the previous chunk's (and layer's) readers of the tiles are done
-      for (int idx = t; idx < kNarrowRows * kNarrowChunk; idx += kNarrowRows) {
-        const int r = idx / kNarrowChunk, k = idx % kNarrowChunk;
-        const bool in = row0 + r < p.batch && k0 + k < p.s;
-        x_tile[r * Smem::kXLd + k] = in ? static_cast<float>(p.x[(row0 + r) * p.n + window.column(k0 + k)]) : 0.f;
-      }
-      for (int idx = t; idx < kNarrowChunk * W; idx += kNarrowRows) {
-        const int j = idx / kNarrowChunk, k = idx % kNarrowChunk;
-        const bool in = j < w && k0 + k < p.s;
-        a_tile[k * W + j] = in ? static_cast<float>(a_l[static_cast<int64_t>(j) * p.s + k0 + k]) : 0.f;
+      chunk.store(x_tile, Smem::kXLd);
+#pragma unroll
+      for (int i = 0; i < kAPerThread; ++i) {
+        const int idx = t + i * kNarrowRows;
+        if (idx < kNarrowChunk * W) a_tile[(idx % kNarrowChunk) * W + idx / kNarrowChunk] = a_chunk[i];
       }
       if (k0 == 0) {  // the layer's small operands, read only after the last chunk
         const T* r_l = p.weight_hidden + static_cast<int64_t>(layer - 1) * w * w;  // used when layer >= 1
@@ -134,6 +199,12 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowMinBlocksPerSm)
         if (t < W) bias_tile[t] = p.bias && t < w ? static_cast<float>(p.bias[layer * w + t]) : 0.f;
       }
       __syncthreads();
+      const bool layer_done = k0 + kNarrowChunk >= p.s;  // next: this layer's next chunk or the next layer's first
+      if (!layer_done) {
+        load(layer, k0 + kNarrowChunk);
+      } else if (layer + 1 < p.num_layers) {
+        load(layer + 1, 0);
+      }
       const int k_end = min(kNarrowChunk, p.s - k0);
       for (int k = 0; k < k_end; ++k) {
         const float xv = x_tile[t * Smem::kXLd + k];
@@ -159,28 +230,24 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowMinBlocksPerSm)
         if (m_count == 0) p.out[offset] = h_stored;
       }
     }
+    for (int m = 0; m < m_count; ++m) {
+      float y = y_row[m];
 #pragma unroll
-    for (int m = 0; m < kNarrowMaxOut; ++m) {
-      if (m < m_count) {
-#pragma unroll
-        for (int j = 0; j < W; ++j) y[m] = fmaf(out_tile[m * W + j], h[j], y[m]);
-      }
+      for (int j = 0; j < W; ++j) y = fmaf(out_tile[m * W + j], h[j], y);
+      y_row[m] = y;
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) h_prev[j] = h[j];
   }
   if (m_count == 0 || !valid) return;
-#pragma unroll
-  for (int m = 0; m < kNarrowMaxOut; ++m) {
-    if (m < m_count) {
-      const float bias_out = p.bias_out ? static_cast<float>(p.bias_out[m]) : 0.f;
-      p.out[row * m_count + m] = static_cast<T>(y[m] + bias_out);
-    }
+  for (int m = 0; m < m_count; ++m) {
+    const float bias_out = p.bias_out ? static_cast<float>(p.bias_out[m]) : 0.f;
+    p.out[row * m_count + m] = static_cast<T>(y_row[m] + bias_out);
   }
 }
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kNarrowRows, kNarrowMinBlocksPerSm)
+__global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
     spinal_narrow_data_grad_kernel(const DataGradArgs<T> p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
