@@ -373,6 +373,28 @@ def _orders_global_memory_only(site):
     return "__threadfence" in lines[int(line) - 2]
 
 
+def _barriers_missed_by(ops, sites, runs):
+    """The barrier sites of `sites` whose removal no run of `runs` (config, dtype, policy, batch)
+    notices: a racecheck or initcheck failure, or a wrong or unwritten result, counts as noticed."""
+    missed = []
+    for site in sites:
+        ops.configure(SEED, site, False)
+        try:
+            for config, dtype, policy, batch in runs:
+                try:
+                    _check(ops, config, dtype, policy, batch=batch)
+                except RuntimeError as error:
+                    assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
+                    break
+                except AssertionError:  # a wrong or unwritten result
+                    break
+            else:
+                missed.append(os.path.relpath(site, os.path.dirname(HERE)))
+        finally:
+            ops.configure(SEED, "", False)
+    return missed
+
+
 @pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
 def test_every_removed_syncthreads_is_caught(emulated_ops, policy):
     # Each __syncthreads the kernels reach, removed in turn from every CTA, must fail a run.
@@ -384,22 +406,7 @@ def test_every_removed_syncthreads_is_caught(emulated_ops, policy):
         _check(emulated_ops, config, dtype, mma, batch=batch)
     sites = [s for s in emulated_ops.barrier_sites() if not _orders_global_memory_only(s)]
     assert len(sites) >= 12, sites
-    missed = []
-    for site in sites:
-        emulated_ops.configure(SEED, site, False)
-        try:
-            for config, batch in configs:
-                try:
-                    _check(emulated_ops, config, dtype, mma, batch=batch)
-                except RuntimeError as error:
-                    assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
-                    break
-                except AssertionError:  # a wrong or unwritten result
-                    break
-            else:
-                missed.append(os.path.relpath(site, os.path.dirname(HERE)))
-        finally:
-            emulated_ops.configure(SEED, "", False)
+    missed = _barriers_missed_by(emulated_ops, sites, [(config, dtype, mma, batch) for config, batch in configs])
     assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
 
 
@@ -414,22 +421,8 @@ def test_every_removed_narrow_syncthreads_is_caught(emulated_ops):
         _check(emulated_ops, case, torch.float32, "narrow", batch=150)
     sites = [s for s in emulated_ops.barrier_sites() if "narrow_kernels" in s]
     assert len(sites) == 8, sites
-    missed = []
-    for site in sites:
-        emulated_ops.configure(SEED, site, False)
-        try:
-            for case in (config, gaps):
-                try:
-                    _check(emulated_ops, case, torch.float32, "narrow", batch=150)
-                except RuntimeError as error:
-                    assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
-                    break
-                except AssertionError:  # a wrong or unwritten result
-                    break
-            else:
-                missed.append(os.path.relpath(site, os.path.dirname(HERE)))
-        finally:
-            emulated_ops.configure(SEED, "", False)
+    missed = _barriers_missed_by(emulated_ops, sites,
+                                     [(case, torch.float32, "narrow", 150) for case in (config, gaps)])
     assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
 
 
