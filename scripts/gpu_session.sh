@@ -19,12 +19,14 @@
 #   5. profile      ncu's speed-of-light and occupancy sections for the fused kernels (vgg5, bf16,
 #                   B = 1024) and for the narrow kernels (mnist, bf16, B = 65536)
 #                                                                                    -> sanitize.log
-#   6. the rest     the host's share of a batch-64 step (scripts/host_profile.py -> bench.log),
+#   6. the rest     the host's share of a batch-64 step and of one op call
+#                   (scripts/host_profile.py -> bench.log),
 #                   torch.compile(reference) on two presets, float32 on three at B = 64, 65536
 #                   (bench_compiled.json, bench_fp32.json); synccheck and initcheck of the fused
 #                   kernels, initcheck of the hoisted path                           -> sanitize.log
 # The timings of both CUDA paths per case (scripts/cuda_paths.py, which the cost model is fitted
-# to) run only when PATHS=1 (PATHS_ARGS: more arguments, e.g. "--preset mnist"). session.log gets the device, versions, each stage's exit status and
+# to) run only when PATHS=1 (PATHS_ARGS: more arguments, e.g. "--preset mnist"); they add two
+# files (paths.log, cuda_paths.json), so skip two JSON stages then to stay within 8. session.log gets the device, versions, each stage's exit status and
 # duration. SKIP_STAGES="a b" leaves out the stages of those names (a rerun of what failed, within
 # what device time is left). The script runs every stage that fits BUDGET_S and exits non-zero if
 # any failed.

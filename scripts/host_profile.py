@@ -1,15 +1,22 @@
-"""Where a small batch's step time goes on the host: torch.profiler's CPU table for the cuda
-backend and the dense layer at batch 64 (the calls whose time the host, not the GPU, decides).
+"""Where a small batch's step time goes on the host: torch.profiler's CPU table for the spinal
+layer and the dense layer at batch 64 (the calls whose time the host, not the GPU, decides), then
+the host time of one forward op call split into its parts.
 
-    python scripts/host_profile.py [--preset mnist vgg5] [--batch 64] [--steps 50]
+    python scripts/host_profile.py [--preset mnist vgg5] [--batch 64] [--steps 50] [--device cuda]
 
 Per preset and mode: the median step time (spinal_ops.bench's timer) and the operators with the
-most CPU time over `--steps` profiled steps, self and total, per step.
+most CPU time over `--steps` profiled steps, self and total. Then, per preset, host microseconds
+per call (time to return, the device's work not waited for) of: a trivial op of ours (an
+extension built with the CUDA kernels), an empty tensor, the fused forward op on an empty batch (checks, routing, allocation; no launch), on
+`--batch` rows without and with Z kept, and the whole module call. `--device cpu` runs the cpu
+backend (a check of the script without a GPU).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -18,6 +25,68 @@ from spinal_ops.bench.presets import PRESETS
 from spinal_ops.bench.timing import median_seconds
 from spinal_ops.bench.workloads import dense_baseline, make_step, spinal_layer
 
+DTYPE = torch.bfloat16
+
+
+def host_microseconds(fn: Callable[[], object], device: torch.device, calls: int = 2000) -> float:
+    """Mean host time per call of ``fn`` (the device's queue is drained before, not after)."""
+    for _ in range(50):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return elapsed / calls * 1e6
+
+
+def split_forward_call(name: str, batch: int, device: torch.device) -> None:
+    config = PRESETS[name]
+    layer = spinal_layer(config, device.type, DTYPE, device)
+    weights = [p.detach() for p in (layer.weight_in, layer.weight_hidden, layer.bias, layer.weight_out,
+                                    layer.bias_out)]
+    fused_forward = torch.ops.spinal_ops.fused_forward.default
+    empty = torch.randn(0, config.in_features, device=device, dtype=DTYPE)
+    rows = torch.randn(batch, config.in_features, device=device, dtype=DTYPE)
+
+    def forward(x: torch.Tensor, keep: bool) -> Callable[[], object]:
+        return lambda: fused_forward(x, *weights, config.activation, config.negative_slope, False, keep)
+
+    cases = {
+        "a trivial op of ours (cuda_fused_max_width)": torch.ops.spinal_ops.cuda_fused_max_width,
+        f"torch.empty({batch}, {config.output_features})": (
+            lambda: torch.empty(batch, config.output_features, device=device, dtype=DTYPE)),
+        "fused_forward, empty batch": forward(empty, False),
+        f"fused_forward, {batch} rows": forward(rows, False),
+        f"fused_forward, {batch} rows, Z kept": forward(rows, True),
+        f"layer(x), {batch} rows": lambda: layer(rows),
+    }
+    print(f"\n=== {name}: host time per call ({device.type}, {DTYPE}, no_grad)", flush=True)
+    with torch.no_grad():
+        for label, fn in cases.items():
+            print(f"  {label:60s} {host_microseconds(fn, device):8.1f} us", flush=True)
+
+
+def profile_steps(name: str, batch: int, steps: int, rows: int, device: torch.device) -> None:
+    config = PRESETS[name]
+    models = {device.type: spinal_layer(config, device.type, DTYPE, device),
+              "dense": dense_baseline(config, DTYPE, device)}
+    for mode in ("infer", "train"):
+        for impl, model in models.items():
+            step = make_step(model, config, batch, mode, DTYPE, device)
+            seconds = median_seconds(step, device, 0.2)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            print(f"\n=== {name} {mode} {impl} batch {batch}: median step {seconds * 1e6:.1f} us "
+                  f"(CPU times below are totals over {steps} profiled steps)", flush=True)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,23 +94,13 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rows", type=int, default=12, help="operators listed per case")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
-    device = torch.device("cuda")
-    dtype = torch.bfloat16
+    device = torch.device(args.device)
     for name in args.preset:
-        config = PRESETS[name]
-        models = {"cuda": spinal_layer(config, "cuda", dtype, device), "dense": dense_baseline(config, dtype, device)}
-        for mode in ("infer", "train"):
-            for impl, model in models.items():
-                step = make_step(model, config, args.batch, mode, dtype, device)
-                seconds = median_seconds(step, device, 0.2)
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    for _ in range(args.steps):
-                        step()
-                    torch.cuda.synchronize()
-                print(f"\n=== {name} {mode} {impl} batch {args.batch}: median step {seconds * 1e6:.1f} us "
-                      f"(CPU times below are totals over {args.steps} profiled steps)", flush=True)
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows), flush=True)
+        profile_steps(name, args.batch, args.steps, args.rows, device)
+    for name in args.preset:
+        split_forward_call(name, args.batch, device)
     return 0
 
 
