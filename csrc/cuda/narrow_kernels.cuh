@@ -12,7 +12,7 @@
 //
 // Tiling and launch scheme (both kernels)
 //   grid  = ceil(B / kNarrowRows) CTAs; block = kNarrowRows = 128 threads, thread t <-> row
-//   row0 + t; dynamic smem NarrowSmem (~22 KB: several CTAs per SM). Register arrays are indexed
+//   row0 + t; dynamic smem NarrowSmem (~30 KB: several CTAs per SM). Register arrays are indexed
 //   by unrolled loops only (W, kNarrowChunk, kNarrowMaxOut are compile-time), so they stay in
 //   registers (the register caps: k*MinBlocksPerSm below).
 //   Operands every thread reads alike (weights) are staged in smem and read at one address by the
@@ -26,10 +26,9 @@
 //   the layer's first chunk also stages R_l [W][W], b_l and W_out's layer columns [16][W]
 //   (zero-padded past w and M);
 //   z = acc + R_l h_{l-1} + b_l -> Z (rounded to T once; not written when the op keeps no Z, whose
-//   pointer is then null), h_l = T(phi(float(Z))) (as the tiled
-//   kernel: the backward's recomputation of h is bit-identical); y[m] += W_out[m, l*w + j] h_l[j]
-//   (y in the thread's own row of a shared-memory tile: registers are the scarcer),
-//   or, without projection, h_l -> out = H.
+//   pointer is then null), h_l = T(phi(float(Z))) (as the tiled kernel: the backward's
+//   recomputation of h is bit-identical); y[m] += W_out[m, l*w + j] h_l[j] (y in the thread's own
+//   row of a shared-memory tile: registers are the scarcer), or, without projection, h_l -> out.
 // Data gradients:
 //   recurrence, l = L-1 .. 0: stage W_out's layer columns and R_{l+1};
 //     dz_l = (g W_out[:, l*w:(l+1)*w] + dz_{l+1} R_{l+1}) * phi'(Z_l) -> dZ (rounded to T; the
@@ -54,11 +53,12 @@ namespace cuda_kernels {
 constexpr int kNarrowRows = 128;  // rows per CTA = threads per CTA
 constexpr int kNarrowChunk = 32;  // window columns staged per step
 constexpr int kNarrowMaxWidth = 16;
-constexpr int kNarrowMaxOut = 16;  // y (forward) or g (backward) values per thread
+constexpr int kNarrowMaxOut = 16;  // M: the backward's g values per thread, the forward's y columns
 // CTAs per SM each kernel's register budget is capped for (65536 / (128 * CTAs) registers per
 // thread): more warps in flight hide the global loads' latency, as long as nothing spills in bulk.
 // The forward holds x's next chunk in registers: at 4 CTAs (128 registers) ptxas spilled up to
-// 1.5 KB per thread, at 3 (168 registers) nothing in half types (sm_90); launch 1 fits 128.
+// 1.5 KB per thread, at 3 (168 registers) at most 92 bytes in half types and 192 in float32
+// (sm_90); launch 1 fits 128 without spills.
 constexpr int kNarrowForwardMinBlocksPerSm = 3;
 constexpr int kNarrowDataGradMinBlocksPerSm = 4;
 
