@@ -26,7 +26,11 @@
 #                   kernels, initcheck of the hoisted path                           -> sanitize.log
 # The timings of both CUDA paths per case (scripts/cuda_paths.py, which the cost model is fitted
 # to) run only when PATHS=1 (PATHS_ARGS: more arguments, e.g. "--preset mnist"); they add two
-# files (paths.log, cuda_paths.json), so skip two JSON stages then to stay within 8. session.log gets the device, versions, each stage's exit status and
+# files (paths.log, cuda_paths.json), so skip two JSON stages then to stay within 8.
+# AB_BASE=dir times a kernel change against the build before it on the same machine: dir holds a
+# copy of spinal_ops/ with that build's library (e.g. `cp -r spinal_ops .ab/base/` before
+# rebuilding; carry it), and scripts/cuda_paths.py (AB_ARGS, default mnist at 8192 and 65536)
+# runs on both builds in turn, twice                                                -> ab.log session.log gets the device, versions, each stage's exit status and
 # duration. SKIP_STAGES="a b" leaves out the stages of those names (a rerun of what failed, within
 # what device time is left). The script runs every stage that fits BUDGET_S and exits non-zero if
 # any failed.
@@ -128,6 +132,14 @@ sanitize initcheck_probe "$(cap 20)" initcheck --print-limit 4 $PY scripts/initc
 if [ "${PATHS:-0}" = 1 ]; then  # both CUDA paths per case: what the cost model is fitted to
   stage cuda_paths paths.log "$(cap 90)" $PY scripts/cuda_paths.py --json "$OUT/cuda_paths.json" \
     --batch 1 64 1024 8192 65536 ${PATHS_ARGS:-}
+fi
+if [ -n "${AB_BASE:-}" ]; then  # a kernel change against the build before it, alternating, same machine
+  for round in 1 2; do
+    for build in "$AB_BASE" "$PWD"; do
+      stage "ab_round${round}" ab.log "$(cap 40)" env PYTHONPATH="$build" $PY scripts/cuda_paths.py \
+        --json "/tmp/ab_round${round}_$(basename "$build").json" ${AB_ARGS:---preset mnist --batch 8192 65536}
+    done
+  done
 fi
 bench bench_bf16 "$(cap 75)" --dtype bfloat16 --preset ${BENCH_PRESETS:-all} --batch 1 64 1024 65536 \
   --backends cuda triton reference dense
