@@ -87,16 +87,18 @@ H200_TIMINGS = H100_TIMINGS.with_name("nvidia-h200.json")
     # mnist (which runs the narrow kernels) and vgg5, the same batches, dtypes and modes
     (H200_TIMINGS, "h200", True),
 ], ids=["h100", "h200"])
-def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels):
+def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels, monkeypatch):
     # Both paths timed by scripts/cuda_paths.py on the GPU: the model's pick may cost at most 10%
     # over the faster path.
+    from spinal_ops.backends import cuda
+
+    monkeypatch.setattr(cuda, "NARROW_LIMITS", (16, 16) if narrow_kernels else (0, 0))  # the op's limits
     document = json.loads(timings.read_text())
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     for record in document["records"]:
         config = PRESETS[record["preset"]]
-        narrow = narrow_kernels and config.layer_width <= 16 and (config.out_features or 0) <= 16
         choice = choose_path(config, record["batch"], dtypes[record["dtype"]], GPU_MODELS[model],
-                             record["mode"] == "train", FUSED_MAX_WIDTH, narrow)
+                             record["mode"] == "train", FUSED_MAX_WIDTH, cuda.narrow_kernels_fit(config))
         measured = {"fused": record["fused_ms"], "hoisted": record["hoisted_ms"]}
         fastest = min(t for t in measured.values() if t == t)  # fused is NaN past the fused width
         assert measured[choice.path] <= 1.1 * fastest, (record, choice.reason)

@@ -87,6 +87,21 @@ struct NarrowSmem {
   static constexpr int64_t kBytes = static_cast<int64_t>(kY + kNarrowRows * kYLd) * sizeof(float);
 };
 
+// The tiles of NarrowSmem<W> in a kernel's dynamic shared memory.
+template <int W>
+struct NarrowTiles {
+  using Smem = NarrowSmem<W>;
+  SmemPtr<float> rows;  // [kNarrowRows][kXLd]: x's chunk (forward) or dx's (data gradients)
+  SmemPtr<float> a, r, out, bias, y;
+  __device__ explicit NarrowTiles(unsigned char* smem)
+      : rows(reinterpret_cast<float*>(smem) + Smem::kX),
+        a(reinterpret_cast<float*>(smem) + Smem::kA),
+        r(reinterpret_cast<float*>(smem) + Smem::kR),
+        out(reinterpret_cast<float*>(smem) + Smem::kOut),
+        bias(reinterpret_cast<float*>(smem) + Smem::kBias),
+        y(reinterpret_cast<float*>(smem) + Smem::kY) {}
+};
+
 // One chunk of x (kNarrowRows rows x kNarrowChunk window columns) in flight in registers: thread t
 // holds kGroups groups of kGroup consecutive columns (16 bytes), group i = t + i * kNarrowRows
 // being row i / kGroups, columns (i % kGroups) * kGroup... of the chunk. A warp's loads cover
@@ -138,10 +153,9 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
     spinal_narrow_forward_kernel(const ForwardArgs<T> p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const SmemPtr<float> base = reinterpret_cast<float*>(smem);
-  const SmemPtr<float> x_tile = base + Smem::kX, a_tile = base + Smem::kA, r_tile = base + Smem::kR;
-  const SmemPtr<float> out_tile = base + Smem::kOut, bias_tile = base + Smem::kBias;
-  const SmemPtr<float> y_row = base + Smem::kY + threadIdx.x * Smem::kYLd;  // y of this thread's row
+  const NarrowTiles<W> tiles(smem);
+  const SmemPtr<float> x_tile = tiles.rows, a_tile = tiles.a, r_tile = tiles.r, out_tile = tiles.out;
+  const SmemPtr<float> bias_tile = tiles.bias, y_row = tiles.y + threadIdx.x * Smem::kYLd;  // y: this row's
 
   const int t = threadIdx.x;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kNarrowRows, row = row0 + t;
@@ -251,9 +265,8 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
     spinal_narrow_data_grad_kernel(const DataGradArgs<T> p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const SmemPtr<float> base = reinterpret_cast<float*>(smem);
-  const SmemPtr<float> dx_tile = base + Smem::kX, a_tile = base + Smem::kA, r_tile = base + Smem::kR;
-  const SmemPtr<float> out_tile = base + Smem::kOut;
+  const NarrowTiles<W> tiles(smem);
+  const SmemPtr<float> dx_tile = tiles.rows, a_tile = tiles.a, r_tile = tiles.r, out_tile = tiles.out;
 
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kNarrowRows + threadIdx.x; i < p.num_counters;
        i += static_cast<int64_t>(gridDim.x) * kNarrowRows) {

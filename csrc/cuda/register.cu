@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 int64_t fused_max_width() { return kFusedMaxWidth; }
 
-// [widest w, most outputs M] of the narrow forward kernel (narrow_kernels.cuh).
+// [widest w, most outputs M] of the narrow kernels (narrow_kernels.cuh).
 std::vector<int64_t> narrow_limits() { return {kNarrowMaxWidth, kNarrowMaxOut}; }
 
 int64_t fused_width_limit_op(int64_t device, at::ScalarType dtype, bool allow_tf32) {

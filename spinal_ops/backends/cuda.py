@@ -39,8 +39,8 @@ class CudaDevice:
 
 
 def _probe_devices() -> tuple[int, tuple[int, int], dict[int, CudaDevice]]:
-    """(kFusedMaxWidth of csrc/cuda/tile_mma.cuh, (widest w, most outputs M) of the narrow forward
-    kernel, every visible GPU); (0, (0, 0), {}) without kernels or GPU."""
+    """(kFusedMaxWidth of csrc/cuda/tile_mma.cuh, (widest w, most outputs M) of the narrow kernels,
+    every visible GPU); (0, (0, 0), {}) without kernels or GPU."""
     if not (cuda_kernels_compiled() and torch.cuda.is_available()):
         return 0, (0, 0), {}
     devices = {}
@@ -99,8 +99,9 @@ def forced_path(path: str) -> Iterator[None]:
 
 
 def narrow_kernels_fit(config: SpinalConfig) -> bool:
-    """Whether the fused forward of ``config`` runs the narrow kernel (one thread per row; the op
-    decides the same from its own limits, csrc/cuda/narrow_kernels.cuh)."""
+    """Whether the fused path of ``config`` runs the narrow kernels (one thread per row, for the
+    forward and backward launch 1; the op decides the same from its own limits,
+    csrc/cuda/narrow_kernels.cuh)."""
     max_width, max_out = NARROW_LIMITS
     return config.layer_width <= max_width and (config.out_features or 0) <= max_out
 
