@@ -7,8 +7,11 @@ multiple of the reference's scale.
 """
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.utils._python_dispatch
+import torch.utils.checkpoint
 
 from spinal_ops.config import SpinalConfig, SpinalParams
 from spinal_ops.functional import apply_spinal, spinal_linear
@@ -304,6 +307,73 @@ def check_gradient_masks(backend: str, config: SpinalConfig, backward_op: str, d
                 assert got is None, f"{label}: got a gradient nobody asked for"
                 continue
             torch.testing.assert_close(got.double().cpu(), ref.double().cpu(), msg=label, **_same_values(dtype))
+
+
+def check_autograd_node(backend: str, node_name: str, dtype=torch.float64, device="cpu") -> None:
+    """The compiled pairs' autograd node behaves as a built-in op's: saved-tensor hooks pack and
+    unpack what it saves (a checkpoint recomputes through it), a retained graph gives the same
+    gradients twice and a freed one raises, an input changed in place after the forward raises,
+    its edges are one per tensor argument (None for an absent one), and forward-mode AD raises."""
+    config = make_config(layer_width=4, num_layers=3, bias=False)
+    generator = torch.Generator().manual_seed(11)
+    params = random_params(config, generator)
+    x = torch.randn(6, config.in_features, generator=generator, dtype=torch.float64)
+    grad_out = torch.randn(6, config.output_features, generator=generator, dtype=torch.float64)
+
+    def leaves(target_device=device, target_dtype=dtype):
+        return [None if t is None else t.to(target_device, target_dtype, copy=True).requires_grad_()
+                for t in (x, *params)]
+
+    def run(name: str, inputs: list) -> torch.Tensor:
+        return apply_spinal(inputs[0], SpinalParams(*inputs[1:]), config, name)
+
+    def assert_gradients(got: list[torch.Tensor]) -> None:
+        for g, want in zip(got, expected):
+            torch.testing.assert_close(g.double().cpu(), want, **_same_values(dtype))
+
+    reference_inputs = leaves("cpu", torch.float64)
+    run("reference", reference_inputs).backward(grad_out)
+    expected = [t.grad for t in reference_inputs if t is not None]
+    grad_out = grad_out.to(device, dtype)
+
+    # Saved tensors go through the hooks: packed as copies, the copies are what the backward reads.
+    packed = []
+    inputs = leaves()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+        y = run(backend, inputs)
+    assert y.grad_fn.name() == node_name
+    assert len(packed) >= 4, f"{backend}: {len(packed)} saved tensors went through the hooks"
+    grads = torch.autograd.grad(y, [t for t in inputs if t is not None], grad_out, retain_graph=True)
+    assert_gradients(grads)
+    # A retained graph: the same gradients again; then freed, a third backward raises.
+    again = torch.autograd.grad(y, [t for t in inputs if t is not None], grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(again, grads))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.backward(grad_out)
+    # One edge per tensor argument, in schema order; bias and bias_out are absent here.
+    edges = [function for function, _ in y.grad_fn.next_functions]
+    assert len(edges) == 6 and edges[3] is None and edges[5] is None and all(edges[i] is not None for i in (0, 1, 2, 4))
+
+    # Checkpointing recomputes the forward through the saved-tensor hooks.
+    inputs = leaves()
+    torch.utils.checkpoint.checkpoint(lambda *a: run(backend, list(a)), *inputs, use_reentrant=False).backward(
+        grad_out)
+    assert_gradients([t.grad for t in inputs if t is not None])
+
+    # The input changed in place after the forward saved it.
+    inputs = leaves()
+    shifted = inputs[0] * 1
+    y = run(backend, [shifted, *inputs[1:]])
+    shifted.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(grad_out)
+
+    # Forward-mode AD is refused before any kernel runs (it is not silently dropped).
+    with forward_ad.dual_level():
+        primal = x.to(device, dtype)
+        dual = forward_ad.make_dual(primal, torch.ones_like(primal))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            run(backend, [dual, *(None if p is None else p.to(device, dtype) for p in params)])
 
 
 def _same_values(dtype: torch.dtype) -> dict[str, float]:

@@ -10,6 +10,7 @@ import torch
 from contract import (
     EDGE_CASES,
     case_config,
+    check_autograd_node,
     check_backend,
     check_gradient_masks,
     check_inference_keeps_no_pre_activation,
@@ -156,6 +157,10 @@ def test_double_backward_raises_a_clear_error():
     (grad_x,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported by the fused"):
         grad_x.sum().backward()
+
+
+def test_autograd_node_behaves_like_a_builtin_ops():
+    check_autograd_node("cpu", "SpinalFusedBackward")
 
 
 # Narrow float32 layers (w <= 32, every edge case above) run the CPU op's AVX2 kernels

@@ -18,6 +18,7 @@ import torch
 from contract import (
     RecordedOps,
     case_config,
+    check_autograd_node,
     check_backend,
     check_gradient_masks,
     check_inference_keeps_no_pre_activation,
@@ -77,6 +78,12 @@ def test_backward_mask_and_inference(path, name):
                                                 "cuda")
         check_tf32_choice_reaches_backward("cuda", config, f"spinal_ops::{path}_forward", f"spinal_ops::{path}_backward",
                                            "cuda")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_autograd_node_behaves_like_a_builtin_ops(path):
+    with forced_path(path):
+        check_autograd_node("cuda", f"Spinal{path.capitalize()}Backward", torch.float32, "cuda")
 
 
 def test_auto_runs_the_path_the_cost_model_names():
