@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "aten_chain.h"
 #include "cpu/blas.h"
+#include "cpu/skinny_product.h"
 
 namespace spinal_ops::chain {
 namespace {
@@ -33,12 +35,29 @@ void aten_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias
   }
 }
 
+// c = bias + a @ b with few columns (b the transpose of a row-major [n, k] matrix: the output
+// projection's W_out^T) on the AVX2 kernel of cpu/skinny_product.h, where BLAS is slow (MKL: 29
+// GFLOP/s at [64, 512] @ [512, 10]). vgg5 inference at batch 64 took 0.95 of its time with it, a
+// training step 0.97 (1 thread, alternating processes). False where it does not apply.
+bool skinny_block_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a,
+                       const Block& b) {
+  if (accumulate || c.cols > cpu::kSkinnyMaxColumns || !unit_column_stride(c) || !unit_column_stride(a) ||
+      b.row_stride != 1 || (bias && !unit_column_stride(*bias))) {
+    return false;
+  }
+  return cpu::skinny_product(data<float>(a), a.row_stride, c.rows, a.cols, data<float>(b), b.col_stride, c.cols,
+                             bias ? data<float>(*bias) : nullptr, data<float>(c), c.row_stride);
+}
+
 template <typename T>
 bool direct_block_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a,
                        const Block& b) {
   if (!unit_column_stride(c) || (bias && !unit_column_stride(*bias))) return false;
   if (!(unit_column_stride(a) || unit_row_stride(a)) || !(unit_column_stride(b) || unit_row_stride(b))) return false;
   if (!cpu::has_direct_gemm(c.base->scalar_type())) return false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (skinny_block_gemm(c, accumulate, bias, a, b)) return true;
+  }
   const bool a_transposed = !unit_column_stride(a), b_transposed = !unit_column_stride(b);
   const int64_t lda = a_transposed ? std::max(a.col_stride, a.rows) : std::max(a.row_stride, a.cols);
   const int64_t ldb = b_transposed ? std::max(b.col_stride, b.rows) : std::max(b.row_stride, b.cols);

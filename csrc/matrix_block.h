@@ -4,10 +4,12 @@
 // Why: every ATen call on a slice of a tensor needs a view of it, and each view is a TensorImpl
 // made through the dispatcher. At small batch the hoisted chain's views cost as much as its math
 // (vgg5, w = 128, batch 64: ~50 views per forward, ~15 % of its time). On CPU tensors of float32
-// or float64, block_gemm calls PyTorch's BLAS on the blocks' pointers (csrc/cpu/blas.h), and
-// block_activation and block_activation_grad run ReLU, leaky ReLU and identity as plain loops: no
-// view is made. Everywhere else (CUDA tensors, other activations, a PyTorch without the BLAS
-// symbols, SPINAL_OPS_DIRECT_BLAS=0) each block becomes a view for the same ATen call.
+// or float64, block_gemm calls PyTorch's BLAS on the blocks' pointers (csrc/cpu/blas.h), or, for
+// a float32 product of at most 16 columns by a transposed weight (the output projection), the
+// AVX2 kernel of csrc/cpu/skinny_product.h; block_activation and block_activation_grad run ReLU,
+// leaky ReLU and identity as plain loops: no view is made. Everywhere else (CUDA tensors, other
+// activations, a PyTorch without the BLAS symbols, SPINAL_OPS_DIRECT_BLAS=0) each block becomes a
+// view for the same ATen call.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -90,6 +90,16 @@ def test_training_over_row_blocks(name):
     check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=dtype, batch=batch)
 
 
+# The wide chain's output projection of at most 16 columns runs the AVX2 kernel of
+# csrc/cpu/skinny_product.h (one or two vectors of columns); 17 columns run BLAS. Batch 37 ends in
+# a partial tile of rows.
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("out_features", [1, 8, 9, 16, 17])
+def test_output_projection_of_few_columns(out_features, bias):
+    config = make_config(in_features=20, out_features=out_features, layer_width=40, num_layers=3, bias=bias)
+    check_backend("cpu", config, torch.float32, batch_shape=(37,))
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu"])
 def test_wide_layers_propagate_nan_and_inf_like_the_reference(activation):

@@ -37,6 +37,7 @@ void inject_fault(DataGradArgs<T>& args) {
 #include "../../csrc/aten_chain.cpp"  // host-only ATen code
 #include "../../csrc/matrix_block.cpp"
 #include "../../csrc/cpu/blas.cpp"
+#include "../../csrc/cpu/skinny_product.cpp"
 #include "../../csrc/spinal_shape.cpp"
 #include "../../csrc/cpu/narrow_recurrence.cpp"
 
