@@ -14,10 +14,10 @@
 //
 // The forward's node is a torch::autograd::Node of its own (SpinalBackward), made as PyTorch's
 // generated code makes the built-in ops' nodes, not a torch::autograd::Function: the Function
-// machinery (metadata copied per input and output, the saved_data map, output wrapping, a mutex
-// per backward) cost ~14 % of a training step of mnist's layer at batch 64 (1 thread: 112 -> 97 us
-// frozen, 136 -> 118 us with dx, alternating processes). The double-backward refusal keeps a
-// Function: it runs only under create_graph.
+// machinery (metadata copied per input and output, the saved_data map, output wrapping) cost
+// ~14 % of a training step of mnist's layer at batch 64 (1 thread: 112 -> 97 us frozen, 136 ->
+// 118 us with dx, alternating processes). The double-backward refusal keeps a Function: it runs
+// only under create_graph.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -25,6 +25,7 @@
 
 #include <array>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -126,7 +127,10 @@ struct SpinalBackward : torch::autograd::Node {
 
   std::string name() const override { return P == Pair::kFused ? "SpinalFusedBackward" : "SpinalHoistedBackward"; }
 
+  // Both lock the node's mutex, as the built-in nodes do (Note [Thread Safety on Autograd Node] in
+  // PyTorch): backward calls on one retained graph from several threads may run this node at once.
   void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
     x.reset_data();
     pre_activation.reset_data();
     weight_in.reset_data();
@@ -135,6 +139,7 @@ struct SpinalBackward : torch::autograd::Node {
   }
 
   variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     variable_list result(6);
     const at::Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return result;  // only Z was used downstream: no gradient flows

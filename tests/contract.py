@@ -7,6 +7,8 @@ multiple of the reference's scale.
 """
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -312,7 +314,7 @@ def check_gradient_masks(backend: str, config: SpinalConfig, backward_op: str, d
 def check_autograd_node(backend: str, node_name: str, dtype=torch.float64, device="cpu") -> None:
     """The compiled pairs' autograd node behaves as a built-in op's: saved-tensor hooks pack and
     unpack what it saves (a checkpoint recomputes through it), a retained graph gives the same
-    gradients twice and a freed one raises, an input changed in place after the forward raises,
+    gradients again, also to backward calls from two threads at once, and a freed one raises, an input changed in place after the forward raises,
     its edges are one per tensor argument (None for an absent one), and forward-mode AD raises."""
     config = make_config(layer_width=4, num_layers=3, bias=False)
     generator = torch.Generator().manual_seed(11)
@@ -345,6 +347,12 @@ def check_autograd_node(backend: str, node_name: str, dtype=torch.float64, devic
     assert len(packed) >= 4, f"{backend}: {len(packed)} saved tensors went through the hooks"
     grads = torch.autograd.grad(y, [t for t in inputs if t is not None], grad_out, retain_graph=True)
     assert_gradients(grads)
+    # Backward calls on one retained graph from two threads at once: the same gradients each time.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        concurrent_grads = list(pool.map(
+            lambda _: torch.autograd.grad(y, [t for t in inputs if t is not None], grad_out, retain_graph=True),
+            range(4)))
+    assert all(torch.equal(a, b) for result in concurrent_grads for a, b in zip(result, grads))
     # A retained graph: the same gradients again; then freed, a third backward raises.
     again = torch.autograd.grad(y, [t for t in inputs if t is not None], grad_out)
     assert all(torch.equal(a, b) for a, b in zip(again, grads))
