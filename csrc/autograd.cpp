@@ -159,8 +159,8 @@ struct SpinalBackward : torch::autograd::Node {
 };
 
 // A new node of type T, held the way the installed PyTorch holds nodes: std::shared_ptr (with
-// PyTorch's deleter, which frees long chains of nodes without deep recursion) up to 2.11,
-// c10::intrusive_ptr in later versions.
+// PyTorch's deleter, which frees long chains of nodes without deep recursion) in 2.11, the GPU
+// image's version, and before; c10::intrusive_ptr in later ones (2.14 here).
 template <typename T>
 auto make_node() {
   if constexpr (std::is_same_v<decltype(torch::autograd::Edge::function), std::shared_ptr<torch::autograd::Node>>) {
