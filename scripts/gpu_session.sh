@@ -30,7 +30,8 @@
 # AB_BASE=dir times a kernel change against the build before it on the same machine: dir holds a
 # copy of spinal_ops/ with that build's library (e.g. `cp -r spinal_ops .ab/base/` before
 # rebuilding; carry it), and scripts/cuda_paths.py (AB_ARGS, default mnist at 8192 and 65536)
-# runs on both builds in turn, twice                                                -> ab.log session.log gets the device, versions, each stage's exit status and
+# runs on both builds in turn, twice                                               -> bench.log
+# session.log gets the device, versions, each stage's exit status and
 # duration. SKIP_STAGES="a b" leaves out the stages of those names (a rerun of what failed, within
 # what device time is left). The script runs every stage that fits BUDGET_S and exits non-zero if
 # any failed.
@@ -136,7 +137,7 @@ fi
 if [ -n "${AB_BASE:-}" ]; then  # a kernel change against the build before it, alternating, same machine
   for round in 1 2; do
     for build in "$AB_BASE" "$PWD"; do
-      stage "ab_round${round}" ab.log "$(cap 40)" env PYTHONPATH="$build" $PY scripts/cuda_paths.py \
+      stage "ab_round${round}" bench.log "$(cap 40)" env PYTHONPATH="$build" $PY scripts/cuda_paths.py \
         --json "/tmp/ab_round${round}_$(basename "$build").json" ${AB_ARGS:---preset mnist --batch 8192 65536}
     done
   done

@@ -7,9 +7,10 @@ the host time of one forward op call split into its parts.
 Per preset and mode: the median step time (spinal_ops.bench's timer) and the operators with the
 most CPU time over `--steps` profiled steps, self and total. Then, per preset, host microseconds
 per call (time to return, the device's work not waited for) of: a trivial op of ours (an
-extension built with the CUDA kernels), an empty tensor, the fused forward op on an empty batch (checks, routing, allocation; no launch), on
-`--batch` rows without and with Z kept, and the whole module call. `--device cpu` runs the cpu
-backend (a check of the script without a GPU).
+extension built with the CUDA kernels), an empty tensor, the fused forward op on an empty batch
+(checks, routing, allocation; no launch), on `--batch` rows without and with Z kept, the whole
+module call and, on a GPU, the hoisted forward op and a trivial op that reads a device attribute.
+`--device cpu` runs the cpu backend (a check of the script without a GPU).
 """
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ def split_forward_call(name: str, batch: int, device: torch.device) -> None:
         f"fused_forward, {batch} rows, Z kept": forward(rows, True),
         f"layer(x), {batch} rows": lambda: layer(rows),
     }
+    if device.type == "cuda":  # the other path's host cost, and one device-attribute query
+        hoisted_forward = torch.ops.spinal_ops.hoisted_forward.default
+        cases[f"hoisted_forward, {batch} rows"] = (
+            lambda: hoisted_forward(rows, *weights, config.activation, config.negative_slope, False, False))
+        cases["cuda_fused_width_limit (a device attribute query)"] = (
+            lambda: torch.ops.spinal_ops.cuda_fused_width_limit(0, DTYPE, False))
     print(f"\n=== {name}: host time per call ({device.type}, {DTYPE}, no_grad)", flush=True)
     with torch.no_grad():
         for label, fn in cases.items():

@@ -90,6 +90,7 @@ H200_TIMINGS = H100_TIMINGS.with_name("nvidia-h200.json")
 def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels, monkeypatch):
     # Both paths timed by scripts/cuda_paths.py on the GPU: the model's pick may cost at most 10%
     # over the faster path.
+    import spinal_ops  # noqa: F401  (loads the ops)
     from spinal_ops.backends import cuda
 
     monkeypatch.setattr(cuda, "NARROW_LIMITS", (16, 16) if narrow_kernels else (0, 0))  # the op's limits
@@ -106,6 +107,7 @@ def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels, mo
 
 def test_narrow_kernels_fit_follows_the_op_limits(monkeypatch):
     # The limits come from the op (cuda_narrow_limits(): w <= 16, M <= 16); no GPU needed here.
+    import spinal_ops  # noqa: F401  (loads the ops)
     from spinal_ops.backends import cuda
     from spinal_ops.config import SpinalConfig
 
@@ -116,3 +118,33 @@ def test_narrow_kernels_fit_follows_the_op_limits(monkeypatch):
     assert not cuda.narrow_kernels_fit(SpinalConfig.build(40, 17, layer_width=16, num_layers=3))
     monkeypatch.setattr(cuda, "NARROW_LIMITS", (0, 0))  # no kernels built: nothing fits
     assert not cuda.narrow_kernels_fit(PRESETS["mnist"])
+
+
+def test_the_backend_remembers_each_calls_path(monkeypatch):
+    # CudaBackend.forward_op runs the cost model once per (config, batch, dtype, device, training,
+    # forced path, TF32) and then reuses its pick; a forced path still wins. No GPU: a model
+    # H200 as device 0 and meta tensors.
+    import spinal_ops  # noqa: F401  (loads the ops)
+    from spinal_ops.backends import cuda
+
+    monkeypatch.setattr(cuda, "FUSED_MAX_WIDTH", FUSED_MAX_WIDTH)
+    monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((9, 0), GPU_MODELS["h200"], {})})
+    monkeypatch.setattr(cuda, "_device_index", lambda device: 0)
+    monkeypatch.setattr(cuda, "_FORWARD_OPS", {})
+    asked = []
+    model_pick = cuda.cuda_path
+    monkeypatch.setattr(cuda, "cuda_path", lambda *args: asked.append(args) or model_pick(*args))
+    backend, config, ops = cuda.CudaBackend(), PRESETS["mnist"], torch.ops.spinal_ops
+    picks = set()
+    for batch in (64, 65536):
+        x = torch.empty(batch, config.in_features, dtype=torch.bfloat16, device="meta")
+        for training in (True, False):
+            expected = getattr(ops, model_pick(config, batch, x.dtype, x.device, training).path + "_forward").default
+            for _ in range(3):
+                assert backend.forward_op(config, x, training) is expected
+            picks.add(expected)
+    assert len(asked) == 4  # the model once per case
+    assert picks == {ops.fused_forward.default, ops.hoisted_forward.default}
+    for path in cuda.PATHS:
+        with cuda.forced_path(path):
+            assert backend.forward_op(config, x, True) is getattr(ops, path + "_forward").default

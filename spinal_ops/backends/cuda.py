@@ -10,7 +10,7 @@ in the same layout and compute the same function.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,6 +59,11 @@ def _probe_devices() -> tuple[int, tuple[int, int], dict[int, CudaDevice]]:
 
 FUSED_MAX_WIDTH, NARROW_LIMITS, DEVICES = _probe_devices()
 _forced_path: Optional[str] = None
+# (config, batch, dtype, device, training, forced path, TF32) -> the forward op of that call's path:
+# the cost model's arithmetic and its reason string cost ~5-10 us of host time per call, which a
+# small batch's step on a GPU is made of. Bounded: a workload of ever-new batch sizes recomputes.
+_FORWARD_OPS: dict[tuple, Callable] = {}
+_FORWARD_OPS_MAX = 1024
 
 
 def fused_max_width() -> int:
@@ -142,6 +147,18 @@ class CudaBackend(FusedOpBackend):
             return Support.yes(f"hoisted cuBLAS chain: w={config.layer_width} > {limit}{why}")
         return Support.yes("fused kernels or hoisted cuBLAS chain, per call by the cost model")
 
-    def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool):
-        choice = cuda_path(config, x.shape[0], x.dtype, x.device, training)
-        return getattr(torch.ops.spinal_ops, f"{choice.path}_forward").default
+    def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
+        if torch.compiler.is_compiling():  # the batch may be symbolic: no cache key
+            return _path_forward_op(config, x, training)
+        key = (config, x.shape[0], x.dtype, x.device, training, _forced_path, tf32_allowed(x.dtype))
+        op = _FORWARD_OPS.get(key)
+        if op is None:
+            if len(_FORWARD_OPS) >= _FORWARD_OPS_MAX:
+                _FORWARD_OPS.clear()
+            op = _FORWARD_OPS[key] = _path_forward_op(config, x, training)
+        return op
+
+
+def _path_forward_op(config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
+    choice = cuda_path(config, x.shape[0], x.dtype, x.device, training)
+    return getattr(torch.ops.spinal_ops, f"{choice.path}_forward").default
