@@ -102,9 +102,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rows", type=int, default=12, help="operators listed per case")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--split-only", action="store_true", help="skip the profiled steps (for A/B runs)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    for name in args.preset:
+    for name in args.preset if not args.split_only else ():
         profile_steps(name, args.batch, args.steps, args.rows, device)
     for name in args.preset:
         split_forward_call(name, args.batch, device)

@@ -79,6 +79,7 @@ H100_TIMINGS = Path(__file__).resolve().parents[1] / "benchmarks/results/cuda-pa
 
 
 H200_TIMINGS = H100_TIMINGS.with_name("nvidia-h200.json")
+H200_WIDE_TIMINGS = H100_TIMINGS.with_name("nvidia-h200-wide.json")
 
 
 @pytest.mark.parametrize("timings, model, narrow_kernels", [
@@ -86,7 +87,9 @@ H200_TIMINGS = H100_TIMINGS.with_name("nvidia-h200.json")
     (H100_TIMINGS, "h100", False),
     # mnist (which runs the narrow kernels) and vgg5, the same batches, dtypes and modes
     (H200_TIMINGS, "h200", True),
-], ids=["h100", "h200"])
+    # cifar_vgg, cnn_cifar, resnet_head, vgg_head (w = 256, 512), the same batches, dtypes and modes
+    (H200_WIDE_TIMINGS, "h200", True),
+], ids=["h100", "h200", "h200-wide"])
 def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels, monkeypatch):
     # Both paths timed by scripts/cuda_paths.py on the GPU: the model's pick may cost at most 10%
     # over the faster path.
