@@ -10,7 +10,8 @@ per call (time to return, the device's work not waited for) of: a trivial op of 
 extension built with the CUDA kernels), an empty tensor, the fused forward op on an empty batch
 (checks, routing, allocation; no launch), on `--batch` rows without and with Z kept, the whole
 module call and, on a GPU, the hoisted forward op and a trivial op that reads a device attribute.
-`--device cpu` runs the cpu backend (a check of the script without a GPU).
+`--split-only` leaves out the profiled steps (for A/B runs of two builds). `--device cpu` runs the
+cpu backend (a check of the script without a GPU).
 """
 from __future__ import annotations
 
