@@ -313,9 +313,10 @@ def check_gradient_masks(backend: str, config: SpinalConfig, backward_op: str, d
 
 def check_autograd_node(backend: str, node_name: str, dtype=torch.float64, device="cpu") -> None:
     """The compiled pairs' autograd node behaves as a built-in op's: saved-tensor hooks pack and
-    unpack what it saves (a checkpoint recomputes through it), a retained graph gives the same
-    gradients again, also to backward calls from two threads at once, and a freed one raises, an input changed in place after the forward raises,
-    its edges are one per tensor argument (None for an absent one), and forward-mode AD raises."""
+    unpack what it saves (a checkpoint recomputes through it); a retained graph gives the same
+    gradients again, also to backward calls from two threads at once, and a freed one raises; an
+    input changed in place after the forward raises; its edges are one per tensor argument (None
+    for an absent one); forward-mode AD raises."""
     config = make_config(layer_width=4, num_layers=3, bias=False)
     generator = torch.Generator().manual_seed(11)
     params = random_params(config, generator)

@@ -93,7 +93,6 @@ H200_WIDE_TIMINGS = H100_TIMINGS.with_name("nvidia-h200-wide.json")
 def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels, monkeypatch):
     # Both paths timed by scripts/cuda_paths.py on the GPU: the model's pick may cost at most 10%
     # over the faster path.
-    import spinal_ops  # noqa: F401  (loads the ops)
     from spinal_ops.backends import cuda
 
     monkeypatch.setattr(cuda, "NARROW_LIMITS", (16, 16) if narrow_kernels else (0, 0))  # the op's limits
@@ -110,7 +109,6 @@ def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels, mo
 
 def test_narrow_kernels_fit_follows_the_op_limits(monkeypatch):
     # The limits come from the op (cuda_narrow_limits(): w <= 16, M <= 16); no GPU needed here.
-    import spinal_ops  # noqa: F401  (loads the ops)
     from spinal_ops.backends import cuda
     from spinal_ops.config import SpinalConfig
 
@@ -127,7 +125,6 @@ def test_the_backend_remembers_each_calls_path(monkeypatch):
     # CudaBackend.forward_op runs the cost model once per (config, batch, dtype, device, training,
     # forced path, TF32) and then reuses its pick; a forced path still wins. No GPU: a model
     # H200 as device 0 and meta tensors.
-    import spinal_ops  # noqa: F401  (loads the ops)
     from spinal_ops.backends import cuda
 
     monkeypatch.setattr(cuda, "FUSED_MAX_WIDTH", FUSED_MAX_WIDTH)
