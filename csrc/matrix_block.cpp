@@ -8,6 +8,7 @@
 #include "aten_chain.h"
 #include "cpu/blas.h"
 #include "cpu/skinny_product.h"
+#include "cpu/tile_gemm.h"
 
 namespace spinal_ops::chain {
 namespace {
@@ -47,6 +48,17 @@ bool skinny_block_gemm(const Block& c, bool accumulate, const std::optional<Bloc
                              bias ? data<float>(*bias) : nullptr, data<float>(c), c.row_stride);
 }
 
+// c = start + a @ b on the register-tiled kernel of cpu/tile_gemm.h, for the products small
+// enough that BLAS's packing of both operands costs more than it saves (tile_gemm_fits). False
+// where it does not apply. Called by direct_block_gemm, which has checked c's and the bias's strides.
+bool tile_block_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a,
+                     const Block& b) {
+  if (!cpu::tile_gemm_fits(c.rows, c.cols, a.cols)) return false;
+  return cpu::tile_gemm(c.rows, c.cols, a.cols, {data<float>(a), a.row_stride, a.col_stride},
+                        {data<float>(b), b.row_stride, b.col_stride}, data<float>(c), c.row_stride, accumulate,
+                        bias ? data<float>(*bias) : nullptr);
+}
+
 template <typename T>
 bool direct_block_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a,
                        const Block& b) {
@@ -55,6 +67,7 @@ bool direct_block_gemm(const Block& c, bool accumulate, const std::optional<Bloc
   if (!cpu::has_direct_gemm(c.base->scalar_type())) return false;
   if constexpr (std::is_same_v<T, float>) {
     if (skinny_block_gemm(c, accumulate, bias, a, b)) return true;
+    if (tile_block_gemm(c, accumulate, bias, a, b)) return true;
   }
   const bool a_transposed = !unit_column_stride(a), b_transposed = !unit_column_stride(b);
   const int64_t lda = a_transposed ? std::max(a.col_stride, a.rows) : std::max(a.row_stride, a.cols);

@@ -90,6 +90,26 @@ def test_training_over_row_blocks(name):
     check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=dtype, batch=batch)
 
 
+# The chain's float32 products of up to 2^24 multiply-adds run on register tiles
+# (csrc/cpu/tile_gemm.h): 4 rows by 3 or 2 vectors of 8 columns, the depth in chunks of 128, b read
+# in place or packed. Cases at its edges, batch 37 (a last tile of 1 row): w = 100 (panels of 24,
+# 24, 24, 16 and 16 columns, the last with 4 past c's edge); w = 300 with s = 350 (depths of
+# several chunks; one GEMM per layer) and N = 700 (x's rows far apart: its panels are packed).
+TILE_GEMM_CASES = {
+    "ragged_panels": (200, 10, dict(layer_width=100, num_layers=3, activation="relu")),
+    "ragged_panels_M_None": (200, None, dict(layer_width=100, num_layers=2, activation="leaky_relu")),
+    "deep_chunks_far_rows": (700, 5, dict(layer_width=300, num_layers=3, activation="gelu", bias=False)),
+}
+
+
+@pytest.mark.parametrize("name", TILE_GEMM_CASES)
+def test_register_tiled_products(name):
+    in_features, out_features, kwargs = TILE_GEMM_CASES[name]
+    config = make_config(in_features, out_features, num_splits=2, negative_slope=0.1, **kwargs)
+    check_backend("cpu", config, torch.float32, batch_shape=(37,))
+    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", batch=37)
+
+
 # The wide chain's output projection of at most 16 columns runs the AVX2 kernel of
 # csrc/cpu/skinny_product.h (one or two vectors of columns); 17 columns run BLAS. Batch 37 ends in
 # a partial tile of rows.

@@ -49,16 +49,19 @@ inline bool cpu_has_avx2_fma() {
 // accumulators in registers for the whole k loop (V <= 3: 12 of the 16 ymm registers), one
 // broadcast per row and one load per vector for every k. a_step = 1 reads rows of a row-major A;
 // a_step = lda reads its columns (A^T: the weight-gradient products, summed over rows).
-// With kAccumulate false, c is overwritten instead (c = A @ b): no need to zero it first.
+// The sum starts from zero and c is added once at the end, as BLAS adds beta * c: a long product
+// built as a few such sums rounds like a blocked sum, not like one chain through all of k.
+// With kAccumulate false, c is overwritten instead (c = start + A @ b, start the row `start`
+// broadcast over the rows, or zero where it is null): no need to fill c first.
 template <int V, bool kAccumulate = true>
 SPINAL_AVX2 inline void panel_product(const float* const* a, int64_t a_step, int64_t depth, const float* b,
-                                      int64_t ldb, float* c, int64_t ldc) {
+                                      int64_t ldb, float* c, int64_t ldc, const float* start = nullptr) {
   // Loops over r and v are unrolled so that the accumulators are registers, not stack slots.
   __m256 acc[kTileRows][V];
 #pragma GCC unroll 4
   for (int r = 0; r < kTileRows; ++r) {
 #pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) acc[r][v] = kAccumulate ? _mm256_loadu_ps(c + r * ldc + v * kLanes) : _mm256_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[r][v] = start && !kAccumulate ? _mm256_loadu_ps(start + v * kLanes) : _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < depth; ++k) {
     __m256 bk[V];
@@ -74,7 +77,10 @@ SPINAL_AVX2 inline void panel_product(const float* const* a, int64_t a_step, int
 #pragma GCC unroll 4
   for (int r = 0; r < kTileRows; ++r) {
 #pragma GCC unroll 3
-    for (int v = 0; v < V; ++v) _mm256_storeu_ps(c + r * ldc + v * kLanes, acc[r][v]);
+    for (int v = 0; v < V; ++v) {
+      float* out = c + r * ldc + v * kLanes;
+      _mm256_storeu_ps(out, kAccumulate ? _mm256_add_ps(_mm256_loadu_ps(out), acc[r][v]) : acc[r][v]);
+    }
   }
 }
 

@@ -1,0 +1,170 @@
+// The chain's float32 GEMMs on AVX2 register tiles (scheme in tile_gemm.h).
+#include "tile_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "avx2_tiles.h"
+
+namespace spinal_ops::cpu {
+namespace {
+
+constexpr int64_t kPanelColumns = 3 * kLanes;  // columns of c per task: one panel_product<3>
+constexpr int64_t kRowBlock = 128;             // rows of c per task
+constexpr int64_t kDepthChunk = 128;
+// b's panel is read in place only when its rows are at most this many floats apart: rows 4 KB
+// apart fall into the same L1 sets, and a panel of 64 such rows evicts itself (a [64, 1024] @
+// [1024, 256] product ran at 0.75 of MKL's speed in place, at 1.05 packed).
+constexpr int64_t kInPlaceMaxRowStride = 256;
+// The largest products (multiply-adds) tile_gemm takes: up to here it ran at 0.9-1.0 of MKL's
+// time on the presets' shapes (1 thread); beyond, MKL's cache blocking of both operands pays off.
+constexpr int64_t kMaxMultiplyAdds = int64_t{1} << 24;
+
+#if SPINAL_HAVE_AVX2_PATH
+
+// c's columns in panels of 3 vectors (24 columns), the last ones of 2: a panel of 1 vector keeps
+// only 4 accumulators in flight, half of what the FMA units' latency needs (w = 128 has 16
+// vectors: 3+3+3+3+2+2, not 3+3+3+3+3+1).
+struct Panels {
+  int64_t vectors;  // ceil(n / 8)
+  int64_t triples;  // panels of 3 vectors, then `pairs` of 2 (or one of 1 where n <= 8)
+  int64_t pairs;
+
+  explicit Panels(int64_t n) : vectors((n + kLanes - 1) / kLanes) {
+    triples = vectors % 3 == 1 && vectors > 1 ? (vectors - 4) / 3 : vectors / 3;
+    pairs = (vectors - 3 * triples) / 2;
+  }
+  int64_t count() const { return vectors == 1 ? 1 : triples + pairs; }
+  int64_t first_vector(int64_t panel) const { return panel <= triples ? 3 * panel : 3 * triples + 2 * (panel - triples); }
+  int vector_count(int64_t panel) const { return vectors == 1 ? 1 : panel < triples ? 3 : 2; }
+};
+
+struct Product {
+  int64_t m, n, k;
+  MatrixOperand a, b;
+  bool b_rows_contiguous;  // b[k, :] contiguous (else its columns are)
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+  const float* bias;
+};
+
+template <bool kAccumulate>
+SPINAL_AVX2 void tile(int vectors, const float* const* a_rows, int64_t a_step, int64_t depth, const float* panel,
+                      int64_t ldp, float* out, int64_t ldo, const float* start) {
+  if (vectors == 3) return panel_product<3, kAccumulate>(a_rows, a_step, depth, panel, ldp, out, ldo, start);
+  if (vectors == 2) return panel_product<2, kAccumulate>(a_rows, a_step, depth, panel, ldp, out, ldo, start);
+  panel_product<1, kAccumulate>(a_rows, a_step, depth, panel, ldp, out, ldo, start);
+}
+
+// packed[kk, 0:padded) = b[k0 + kk, col0 : col0 + columns), zero past `columns`.
+SPINAL_AVX2 void pack_panel(const Product& p, int64_t k0, int64_t depth, int64_t col0, int64_t columns,
+                            int64_t padded, float* packed) {
+  const MatrixOperand& b = p.b;
+  if (p.b_rows_contiguous) {
+    for (int64_t kk = 0; kk < depth; ++kk) {
+      std::memcpy(packed + kk * padded, b.data + (k0 + kk) * b.row_stride + col0, columns * sizeof(float));
+    }
+  } else {  // b's columns are rows of a row-major [n, k] array: transpose a [columns, depth] block of it
+    transpose(b.data + col0 * b.col_stride + k0, columns, depth, b.col_stride, packed, padded);
+  }
+  if (columns < padded) {
+    for (int64_t kk = 0; kk < depth; ++kk) std::fill(packed + kk * padded + columns, packed + (kk + 1) * padded, 0.f);
+  }
+}
+
+// c[row0 : row0 + rows, col0 : col0 + 8 vectors) of the product (fewer columns at c's right edge).
+SPINAL_AVX2 void run_block(const Product& p, int64_t row0, int64_t rows, int64_t col0, int vectors) {
+  alignas(32) float packed[kDepthChunk * kPanelColumns];
+  alignas(32) float edge[kTileRows * kPanelColumns];
+  alignas(32) float bias_row[kPanelColumns] = {};
+  const int64_t padded = vectors * kLanes, columns = std::min(padded, p.n - col0);
+  const bool whole_panel = columns == padded;
+  const float* start = nullptr;
+  if (p.bias) {
+    std::memcpy(bias_row, p.bias + col0, columns * sizeof(float));
+    start = bias_row;
+  }
+  const MatrixOperand& a = p.a;
+  for (int64_t k0 = 0; k0 < p.k; k0 += kDepthChunk) {
+    const int64_t depth = std::min(kDepthChunk, p.k - k0);
+    const float* panel = p.b.data + k0 * p.b.row_stride + col0;
+    int64_t ldp = p.b.row_stride;
+    if (!(p.b_rows_contiguous && whole_panel && p.b.row_stride <= kInPlaceMaxRowStride)) {
+      pack_panel(p, k0, depth, col0, columns, padded, packed);
+      panel = packed;
+      ldp = padded;
+    }
+    const bool first = k0 == 0 && !p.accumulate;
+    for (int64_t i = row0; i < row0 + rows; i += kTileRows) {
+      const int64_t valid = std::min(kTileRows, row0 + rows - i);
+      const float* a_rows[kTileRows];
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        a_rows[r] = a.data + (i + std::min(r, valid - 1)) * a.row_stride + k0 * a.col_stride;
+      }
+      // Whole tiles write c in place; edge tiles go through a scratch tile.
+      const bool in_place = valid == kTileRows && whole_panel;
+      float* out = in_place ? p.c + i * p.ldc + col0 : edge;
+      const int64_t ldo = in_place ? p.ldc : kPanelColumns;
+      if (!in_place && !first) {
+        for (int64_t r = 0; r < valid; ++r) std::memcpy(edge + r * kPanelColumns, p.c + (i + r) * p.ldc + col0, columns * sizeof(float));
+      }
+      if (first) {
+        tile<false>(vectors, a_rows, a.col_stride, depth, panel, ldp, out, ldo, start);
+      } else {
+        tile<true>(vectors, a_rows, a.col_stride, depth, panel, ldp, out, ldo, nullptr);
+      }
+      if (!in_place) {
+        for (int64_t r = 0; r < valid; ++r) std::memcpy(p.c + (i + r) * p.ldc + col0, edge + r * kPanelColumns, columns * sizeof(float));
+      }
+    }
+  }
+}
+
+#endif  // SPINAL_HAVE_AVX2_PATH
+
+}  // namespace
+
+bool tile_gemm_fits(int64_t m, int64_t n, int64_t k) {
+  return m * n * k <= kMaxMultiplyAdds;
+}
+
+bool tile_gemm(int64_t m, int64_t n, int64_t k, MatrixOperand a, MatrixOperand b, float* c, int64_t ldc,
+               bool accumulate, const float* bias) {
+#if SPINAL_HAVE_AVX2_PATH
+  if (!cpu_has_avx2_fma()) return false;
+  const bool b_rows_contiguous = b.col_stride == 1 || n == 1;
+  if (!b_rows_contiguous && !(b.row_stride == 1 || k == 1)) return false;
+  if (m == 0 || n == 0) return true;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) {
+        float* row = c + i * ldc;
+        if (bias) {
+          std::memcpy(row, bias, n * sizeof(float));
+        } else {
+          std::fill(row, row + n, 0.f);
+        }
+      }
+    }
+    return true;
+  }
+  const Product product{m, n, k, a, b, b_rows_contiguous, c, ldc, accumulate, bias};
+  const Panels panels(n);
+  const int64_t panel_count = panels.count(), row_blocks = (m + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, panel_count * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row0 = task / panel_count * kRowBlock, panel = task % panel_count;
+      run_block(product, row0, std::min(kRowBlock, m - row0), panels.first_vector(panel) * kLanes,
+                panels.vector_count(panel));
+    }
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace spinal_ops::cpu
