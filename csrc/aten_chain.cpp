@@ -378,8 +378,9 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   }
   if (projection && mask[kGradWeightOut]) {
     const int64_t m = shape.out_features;
-    grads[kGradWeightOut] =
-        to_layer_order(at::mm(grad_out.t(), hidden_act).view({m, num_layers, w}), 1, groups).view({m, hidden});
+    const at::Tensor grad_weight_out = at::empty({m, hidden}, options);  // group-major columns
+    block_gemm(Block::of(grad_weight_out), false, std::nullopt, Block::of(grad_out).t(), Block::of(hidden_act));
+    grads[kGradWeightOut] = to_layer_order(grad_weight_out.view({m, num_layers, w}), 1, groups).view({m, hidden});
   }
   if (projection && mask[kGradBiasOut]) grads[kGradBiasOut] = grad_out.sum(0);
   if (!need_dz) return grads;
@@ -388,7 +389,9 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   at::Tensor grad_z;
   if (projection) {
     const at::Tensor by_layer = weight_out->view({shape.out_features, num_layers, w});
-    grad_z = at::mm(grad_out, to_group_major(by_layer, 1, groups).reshape({shape.out_features, hidden}));
+    const at::Tensor grouped_weight_out = to_group_major(by_layer, 1, groups).reshape({shape.out_features, hidden});
+    grad_z = at::empty({batch, hidden}, options);
+    block_gemm(Block::of(grad_z), false, std::nullopt, Block::of(grad_out), Block::of(grouped_weight_out));
   } else {
     // dZ is built in place: a copy of G (to_group_major returns a new tensor unless the order is
     // already layer order, and then G itself).
