@@ -87,10 +87,10 @@ struct LayerGroups {
   }
   // One group, or one layer per group: group-major order is layer order.
   bool is_layer_order() const { return count == 1 || count == num_layers; }
-  // Whether the groups' windows cover x exactly once (s divides N and each window is read by
-  // exactly one group).
+  // Whether groups 0 .. window_period-1 cover x exactly once (s divides N, and there are that many
+  // groups): grouped, each window is one group's; ungrouped, the first window_period layers'.
   bool windows_tile_once(const SpinalShape& shape) const {
-    return shape.in_features % shape.split_size == 0 && count == window_period;
+    return shape.in_features % shape.split_size == 0 && count >= window_period;
   }
 };
 
@@ -446,9 +446,9 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     grads[kGradWeightIn] = to_layer_order(grouped.view({num_layers, w, shape.split_size}), 0, groups);
   }
   if (mask[kGradX]) {
-    // When s divides N and every group is present, the windows tile x exactly once: each column
-    // of dx is written by one GEMM and needs no zero fill. Otherwise windows overlap or leave
-    // columns unread, and the GEMMs accumulate into zeros.
+    // When the first window_period groups' windows tile x exactly once, their GEMMs write dx
+    // (no zero fill) and later groups' (ungrouped layers reading a window again) add to it.
+    // Otherwise windows overlap or leave columns unread, and every GEMM adds into zeros.
     const bool tiles_once = groups.windows_tile_once(shape);
     at::Tensor grad_x = tiles_once ? at::empty_like(x) : at::zeros_like(x);
     const at::Tensor grouped_weight_in = to_group_major(weight_in, 0, groups).reshape({hidden, shape.split_size});
@@ -458,8 +458,8 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
       const Block dz = grad_z_block.columns(first, width);
       const Block weights = Block::of(grouped_weight_in).row_range(first, width);
       for (const WindowPiece& piece : window_pieces(shape, g)) {
-        block_gemm(grad_x_block.columns(piece.input_start, piece.length), !tiles_once, std::nullopt, dz,
-                   weights.columns(piece.weight_start, piece.length));
+        block_gemm(grad_x_block.columns(piece.input_start, piece.length), !tiles_once || g >= groups.window_period,
+                   std::nullopt, dz, weights.columns(piece.weight_start, piece.length));
       }
     }
     grads[kGradX] = grad_x;
