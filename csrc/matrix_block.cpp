@@ -83,11 +83,15 @@ bool direct_block_gemm(const Block& c, bool accumulate, const std::optional<Bloc
                              ldb, beta, out, std::max(c.row_stride, c.cols));
 }
 
+// (The data pointers are read once: data_ptr checks the dtype on every call, ~1 % of a vgg5
+// training step at batch 64 when read per row.)
 template <typename T>
 void activation_rows(const Block& h, const Block& z, Activation act, T slope) {
+  const T* z_data = data<T>(z);
+  T* h_data = data<T>(h);
   for (int64_t i = 0; i < z.rows; ++i) {
-    const T* in = data<T>(z) + i * z.row_stride;
-    T* out = data<T>(h) + i * h.row_stride;
+    const T* in = z_data + i * z.row_stride;
+    T* out = h_data + i * h.row_stride;
     switch (act) {
       // NaN passes through both, as through ATen's clamp_min and leaky_relu.
       case Activation::ReLU:
@@ -104,9 +108,11 @@ void activation_rows(const Block& h, const Block& z, Activation act, T slope) {
 
 template <typename T>
 void activation_grad_rows(const Block& dz, const Block& z, Activation act, T slope) {
+  const T* z_data = data<T>(z);
+  T* dz_data = data<T>(dz);
   for (int64_t i = 0; i < z.rows; ++i) {
-    const T* in = data<T>(z) + i * z.row_stride;
-    T* grad = data<T>(dz) + i * dz.row_stride;
+    const T* in = z_data + i * z.row_stride;
+    T* grad = dz_data + i * dz.row_stride;
     // As ATen's threshold_backward (zero where z <= 0: a NaN z passes the gradient) and
     // leaky_relu_backward (the slope where z > 0 is false: NaN too).
     if (act == Activation::ReLU) {
