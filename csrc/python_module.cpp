@@ -6,6 +6,7 @@
 
 #include "cpu/blas.h"
 #include "cpu/narrow_chain.h"
+#include "cpu/tile_gemm.h"
 
 namespace {
 
@@ -27,12 +28,20 @@ PyObject* cpu_direct_blas(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+PyObject* cpu_tile_gemm(PyObject*, PyObject*) {
+  const char* instructions = spinal_ops::cpu::tile_gemm_instructions();
+  if (instructions == nullptr) Py_RETURN_NONE;
+  return PyUnicode_FromString(instructions);
+}
+
 PyMethodDef methods[] = {
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether the CUDA kernels were compiled into this build."},
     {"cpu_vector_kernels", cpu_vector_kernels, METH_NOARGS,
      "Whether the CPU op runs narrow float32 layers with its AVX2 kernels on this machine."},
     {"cpu_direct_blas", cpu_direct_blas, METH_NOARGS,
      "Whether the hoisted chain calls PyTorch's BLAS directly on CPU tensors (csrc/cpu/blas.h)."},
+    {"cpu_tile_gemm", cpu_tile_gemm, METH_NOARGS,
+     "The instruction set of the hoisted chain's register-tiled float32 GEMMs here (csrc/cpu/tile_gemm.h), or None."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "spinal_ops compiled ops (registered with torch.library)", -1,

@@ -84,12 +84,15 @@ def report() -> str:
             cuda = "built" if stamp.CUDA_BUILT else f"not built: {stamp.CUDA_NOTE}"
             lines.append(f"  C++ CPU op: built; CUDA kernels: {cuda}")
             if not extension_torch_mismatch():
-                from .ops import cpu_direct_blas, cpu_vector_kernels
+                from .ops import cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
 
                 narrow = "AVX2 kernels" if cpu_vector_kernels() else "portable ATen chain (no AVX2+FMA in use)"
                 lines.append(f"  CPU op on narrow float32 layers (w <= 32): {narrow}")
                 blas = "PyTorch's BLAS on pointers" if cpu_direct_blas() else "ATen GEMMs on views"
                 lines.append(f"  CPU op's BLAS chain (wider layers, float64): {blas}")
+                tiles = cpu_tile_gemm()
+                tiled = f"{tiles} register tiles" if tiles else "BLAS (no AVX2+FMA in use)"
+                lines.append(f"  its float32 products up to 2^24 multiply-adds: {tiled}")
         else:
             lines.append(f"  compiled extension: not built: {stamp.EXTENSION_NOTE}")
     lines.append("backends:")

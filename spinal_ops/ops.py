@@ -195,6 +195,14 @@ def cpu_vector_kernels() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_tile_gemm() -> str | None:
+    """The instruction set ("AVX-512" or "AVX2") of the register-tiled kernel that runs the CPU
+    op's float32 products of up to 2^24 multiply-adds on wider layers, or None where BLAS runs
+    them all (no AVX2+FMA in use, e.g. ``ATEN_CPU_CAPABILITY=default``)."""
+    return importlib.import_module("spinal_ops._C").cpu_tile_gemm() if _EXTENSION else None
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_direct_blas() -> bool:
     """Whether the CPU op's BLAS chain calls PyTorch's BLAS (sgemm_/dgemm_ of libtorch_cpu) on
     pointers; where not (a PyTorch without those symbols, SPINAL_OPS_DIRECT_BLAS=0) it makes a

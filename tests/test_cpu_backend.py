@@ -20,7 +20,7 @@ from contract import (
 )
 
 from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
-from spinal_ops.ops import cpu_direct_blas, cpu_vector_kernels
+from spinal_ops.ops import cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
 
 # The edge-case matrix (tests/contract.py) with relu, and every activation on a case whose windows wrap.
 CPU_CASES = [pytest.param(name, "relu", id=name) for name in EDGE_CASES] + [
@@ -102,12 +102,42 @@ TILE_GEMM_CASES = {
 }
 
 
+def tile_gemm_config(name: str) -> SpinalConfig:
+    in_features, out_features, kwargs = TILE_GEMM_CASES[name]
+    return make_config(in_features, out_features, num_splits=2, negative_slope=0.1, **kwargs)
+
+
 @pytest.mark.parametrize("name", TILE_GEMM_CASES)
 def test_register_tiled_products(name):
-    in_features, out_features, kwargs = TILE_GEMM_CASES[name]
-    config = make_config(in_features, out_features, num_splits=2, negative_slope=0.1, **kwargs)
+    config = tile_gemm_config(name)
     check_backend("cpu", config, torch.float32, batch_shape=(37,))
     check_gradient_masks("cpu", config, "spinal_ops::fused_backward", batch=37)
+
+
+TILE_GEMM_AVX2_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from contract import check_backend
+from test_cpu_backend import TILE_GEMM_CASES, tile_gemm_config
+from spinal_ops.ops import cpu_tile_gemm
+
+assert cpu_tile_gemm() == "AVX2", cpu_tile_gemm()
+for name in TILE_GEMM_CASES:
+    check_backend("cpu", tile_gemm_config(name), torch.float32, batch_shape=(37,))
+print("avx2 tiles ok")
+"""
+
+
+@pytest.mark.skipif(cpu_tile_gemm() != "AVX-512", reason="the AVX-512 tiles do not run here: the test above ran these")
+def test_register_tiled_products_on_avx2():
+    """ATEN_CPU_CAPABILITY=avx2 (PyTorch's switch) turns the AVX-512 tiles off: the AVX2 tiles,
+    of other panel widths, run the same cases within the contract."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    script = TILE_GEMM_AVX2_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "avx2 tiles ok" in result.stdout
 
 
 # The wide chain's output projection of at most 16 columns runs the AVX2 kernel of
@@ -257,10 +287,11 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from contract import case_config, check_backend, check_gradient_masks
-from spinal_ops.ops import cpu_direct_blas, cpu_vector_kernels
+from spinal_ops.ops import cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
 
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
 assert not cpu_vector_kernels()
+assert cpu_tile_gemm() is None
 for name in ("k2_groups", "odd_N_wraps", "M_None", "w1"):
     config = case_config(name, activation="gelu", negative_slope=0.1)
     check_backend("cpu", config, torch.float32, batch_shape=(37,))

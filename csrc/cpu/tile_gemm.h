@@ -27,14 +27,18 @@ struct MatrixOperand {
   int64_t col_stride;
 };
 
+// The instruction set tile_gemm's tiles use here ("AVX-512" or "AVX2"), or null where it does
+// not run (no AVX2+FMA, or PyTorch's own kernels use neither: ATEN_CPU_CAPABILITY).
+const char* tile_gemm_instructions();
+
 // Whether tile_gemm runs a product of these sizes faster than PyTorch's BLAS (measured; see the
 // rule in tile_gemm.cpp).
 bool tile_gemm_fits(int64_t m, int64_t n, int64_t k);
 
 // c[m, n] = start + a[m, k] @ b[k, n], c's rows ldc apart and its columns contiguous; start is c
 // itself (accumulate), else the row `bias` [n] broadcast over the rows, or zero where bias is
-// null. Returns false, having done nothing, where the CPU lacks AVX2+FMA or neither b's rows nor
-// its columns are contiguous.
+// null. Returns false, having done nothing, where tile_gemm_instructions() is null or neither b's
+// rows nor its columns are contiguous.
 bool tile_gemm(int64_t m, int64_t n, int64_t k, MatrixOperand a, MatrixOperand b, float* c, int64_t ldc,
                bool accumulate, const float* bias);
 
