@@ -38,6 +38,7 @@ void inject_fault(DataGradArgs<T>& args) {
 #include "../../csrc/matrix_block.cpp"
 #include "../../csrc/cpu/blas.cpp"
 #include "../../csrc/cpu/skinny_product.cpp"
+#include "../../csrc/cpu/tile_gemm.cpp"
 #include "../../csrc/spinal_shape.cpp"
 #include "../../csrc/cpu/narrow_recurrence.cpp"
 
