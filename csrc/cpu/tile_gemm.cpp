@@ -12,7 +12,8 @@ namespace spinal_ops::cpu {
 namespace {
 
 constexpr int64_t kMaxPanelColumns = 48;  // 3 vectors of 16 floats (AVX-512) or of 8 (AVX2: 24)
-constexpr int64_t kRowBlock = 128;        // rows of c per task
+constexpr int64_t kRowBlock = 128;        // rows of c per task, at most
+constexpr int64_t kMinRowBlock = 16;      // ... and at least, where tasks are split for threads
 constexpr int64_t kDepthChunk = 128;      // depth per b panel: at most 24 KB, within a 32 KB L1
 // b's panel is read in place only when its rows are at most this many floats apart: rows 4 KB
 // apart fall into the same L1 sets, and a panel of 64 such rows evicts itself (a [64, 1024] @
@@ -108,6 +109,16 @@ struct Panels {
   int64_t first_vector(int64_t panel) const { return panel <= triples ? 3 * panel : 3 * triples + 2 * (panel - triples); }
   int vector_count(int64_t panel) const { return vectors == 1 ? 1 : panel < triples ? 3 : 2; }
 };
+
+// Rows per task: kRowBlock, halved while there are fewer than two tasks per thread (vgg5's
+// [64, 128] products make 3 panels of one row block: with 2 threads one thread would do two of
+// the three). One thread keeps whole blocks: smaller ones would pack b's panels more often.
+int64_t rows_per_task(int64_t m, int64_t panel_count) {
+  const int64_t threads = at::get_num_threads();
+  int64_t rows = kRowBlock;
+  while (threads > 1 && rows > kMinRowBlock && (m + rows - 1) / rows * panel_count < 2 * threads) rows /= 2;
+  return rows;
+}
 
 struct Product {
   int64_t m, n, k;
@@ -224,11 +235,12 @@ bool tile_gemm(int64_t m, int64_t n, int64_t k, MatrixOperand a, MatrixOperand b
   const bool wide = cpu_has_avx512();
   const int64_t lanes = wide ? Avx512Tiles::kVectorLanes : Avx2Tiles::kVectorLanes;
   const Panels panels(n, lanes);
-  const int64_t panel_count = panels.count(), row_blocks = (m + kRowBlock - 1) / kRowBlock;
+  const int64_t panel_count = panels.count(), block = rows_per_task(m, panel_count);
+  const int64_t row_blocks = (m + block - 1) / block;
   at::parallel_for(0, panel_count * row_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t row0 = task / panel_count * kRowBlock, panel = task % panel_count;
-      const int64_t rows = std::min(kRowBlock, m - row0), col0 = panels.first_vector(panel) * lanes;
+      const int64_t row0 = task / panel_count * block, panel = task % panel_count;
+      const int64_t rows = std::min(block, m - row0), col0 = panels.first_vector(panel) * lanes;
       if (wide) {
         run_block<Avx512Tiles>(product, row0, rows, col0, panels.vector_count(panel));
       } else {
