@@ -19,8 +19,9 @@ constexpr int64_t kDepthChunk = 128;      // depth per b panel: at most 24 KB, w
 // apart fall into the same L1 sets, and a panel of 64 such rows evicts itself (a [64, 1024] @
 // [1024, 256] product ran at 0.75 of MKL's speed in place, at 1.05 packed).
 constexpr int64_t kInPlaceMaxRowStride = 256;
-// The largest products (multiply-adds) tile_gemm takes: up to here it ran at 0.9-1.0 of MKL's
-// time on the presets' shapes (1 thread); beyond, MKL's cache blocking of both operands pays off.
+// The largest products (multiply-adds) tile_gemm takes: up to here the AVX2 tiles ran at 0.9-1.0
+// of MKL's time on the presets' shapes (1 thread); beyond, MKL's cache blocking of both operands
+// paid off (the AVX-512 tiles ran those at 0.89-1.09: benchmarks/tile_gemm_vs_blas.py).
 constexpr int64_t kMaxMultiplyAdds = int64_t{1} << 24;
 
 #if SPINAL_HAVE_AVX2_PATH
