@@ -209,7 +209,8 @@ const char* tile_gemm_instructions() {
 }
 
 bool tile_gemm_fits(int64_t m, int64_t n, int64_t k) {
-  return m * n * k <= kMaxMultiplyAdds;
+  if (m == 0 || n == 0 || k == 0) return true;
+  return m <= kMaxMultiplyAdds / n / k;  // m * n * k <= the limit, without overflowing
 }
 
 bool tile_gemm(int64_t m, int64_t n, int64_t k, MatrixOperand a, MatrixOperand b, float* c, int64_t ldc,
