@@ -29,8 +29,9 @@ PyObject* cpu_direct_blas(PyObject*, PyObject*) {
 }
 
 PyObject* cpu_tile_gemm(PyObject*, PyObject*) {
+  // The tiles run on the chain's direct path only (with SPINAL_OPS_DIRECT_BLAS=0 every GEMM is ATen's).
   const char* instructions = spinal_ops::cpu::tile_gemm_instructions();
-  if (instructions == nullptr) Py_RETURN_NONE;
+  if (instructions == nullptr || !spinal_ops::cpu::has_direct_gemm(c10::kFloat)) Py_RETURN_NONE;
   return PyUnicode_FromString(instructions);
 }
 

@@ -91,7 +91,7 @@ def report() -> str:
                 blas = "PyTorch's BLAS on pointers" if cpu_direct_blas() else "ATen GEMMs on views"
                 lines.append(f"  CPU op's BLAS chain (wider layers, float64): {blas}")
                 tiles = cpu_tile_gemm()
-                tiled = f"{tiles} register tiles" if tiles else "BLAS (no AVX2+FMA in use)"
+                tiled = f"{tiles} register tiles" if tiles else "as the rest (no AVX2+FMA in use, or direct BLAS off)"
                 lines.append(f"  its float32 products up to 2^24 multiply-adds: {tiled}")
         else:
             lines.append(f"  compiled extension: not built: {stamp.EXTENSION_NOTE}")

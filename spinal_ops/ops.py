@@ -197,8 +197,9 @@ def cpu_vector_kernels() -> bool:
 @functools.lru_cache(maxsize=None)
 def cpu_tile_gemm() -> str | None:
     """The instruction set ("AVX-512" or "AVX2") of the register-tiled kernel that runs the CPU
-    op's float32 products of up to 2^24 multiply-adds on wider layers, or None where BLAS runs
-    them all (no AVX2+FMA in use, e.g. ``ATEN_CPU_CAPABILITY=default``)."""
+    op's float32 products of up to 2^24 multiply-adds on wider layers, or None where BLAS or ATen
+    runs them all (no AVX2+FMA in use, e.g. ``ATEN_CPU_CAPABILITY=default``, or
+    ``SPINAL_OPS_DIRECT_BLAS=0``)."""
     return importlib.import_module("spinal_ops._C").cpu_tile_gemm() if _EXTENSION else None
 
 

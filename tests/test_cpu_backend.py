@@ -315,9 +315,10 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from contract import case_config, check_backend, check_gradient_masks, make_config
-from spinal_ops.ops import cpu_direct_blas
+from spinal_ops.ops import cpu_direct_blas, cpu_tile_gemm
 
 assert not cpu_direct_blas()
+assert cpu_tile_gemm() is None
 wide = [make_config(in_features=70, out_features=5, layer_width=40, num_layers=3, activation=activation)
         for activation in ("relu", "leaky_relu", "tanh", "identity")]
 wide += [make_config(in_features=71, out_features=None, layer_width=40, num_layers=4, split_size=30, bias=False)]
