@@ -79,6 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<const std::vector<std::tuple<bool, bool, bool, int64_t, int64_t, int64_t>>&>())
       .def("time", &Sequence::time)
       .def("max_difference", &Sequence::max_difference);
+  m.def("op_runs_tiles", &spinal_ops::cpu::tile_gemm_fits, "Whether the op runs a product of these sizes on the tiles");
   m.def("instructions", [] {
     const char* name = spinal_ops::cpu::tile_gemm_instructions();
     return std::string(name ? name : "");

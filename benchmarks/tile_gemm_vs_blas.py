@@ -23,7 +23,6 @@ from spinal_ops.bench.timing import alternating_medians
 from spinal_ops.config import SpinalConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TILE_GEMM_MAX_MULTIPLY_ADDS = 1 << 24  # csrc/cpu/tile_gemm.cpp: larger products go to BLAS
 
 # (a transposed, b transposed, accumulate, m, n, k)
 Product = tuple[bool, bool, bool, int, int, int]
@@ -91,7 +90,7 @@ def main() -> None:
                 _, _, _, m, n, k = products[0]
                 flops = 2 * m * n * k * len(products)
                 step_flops += flops
-                runs = "tiles" if m * n * k <= TILE_GEMM_MAX_MULTIPLY_ADDS else "BLAS"
+                runs = "tiles" if module.op_runs_tiles(m, n, k) else "BLAS"
                 for key in totals:
                     totals[key] += median[key]
                 print(f"| {name} | {batch} | {len(products)} x {kind} | {m} x {n} x {k} | {runs} "
