@@ -56,12 +56,6 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
-void check_like_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "spinal_ops: ", name, " has dtype ", t.scalar_type(),
-              " but x has ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "spinal_ops: ", name, " is on ", t.device(), " but x is on ", x.device());
-}
-
 std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in_in,
                                                       const at::Tensor& weight_hidden_in,
                                                       const std::optional<at::Tensor>& bias_in,
