@@ -181,7 +181,7 @@ GroupedParams group_params(const SpinalShape& shape, const LayerGroups& groups, 
 // (csrc/cpu/narrow_recurrence.h) instead of two ATen calls per layer.
 bool uses_narrow_recurrence(const SpinalShape& shape, const at::Tensor& x) {
   const bool compute_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  return x.is_cpu() && compute_dtype && shape.layer_width <= cpu::kNarrowMaxWidth;
+  return x.is_cpu() && compute_dtype && shape.layer_width <= cpu::kNarrowRecurrenceMaxWidth;
 }
 
 // The forward on `rows` of x and out. The group GEMMs write the input products into `products`

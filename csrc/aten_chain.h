@@ -52,7 +52,7 @@
 
 namespace spinal_ops::chain {
 
-// Gradient slots of fused_backward, in schema order.
+// Gradient slots of native_backward, in schema order.
 enum GradSlot : int { kGradX, kGradWeightIn, kGradWeightHidden, kGradBias, kGradWeightOut, kGradBiasOut };
 using GradMask = std::array<bool, 6>;
 

@@ -1,4 +1,4 @@
-// Autograd of the compiled op pairs (fused_*, hoisted_*), registered at the Autograd key.
+// Autograd of the compiled op pairs (native_*, hoisted_*), registered at the Autograd key.
 //
 // In C++ so that a training step runs no Python between the dispatcher and the kernels (the
 // Python registration, torch.library.register_autograd, cost ~0.5 ms per forward+backward on
@@ -47,9 +47,9 @@ using BackwardSignature = Gradients(const at::Tensor&, const at::Tensor&, const 
                                     const at::Tensor&, const OptionalTensor&, std::array<bool, 6>, c10::string_view,
                                     double, bool);
 
-enum class Pair { kFused, kHoisted };
+enum class Pair { kNative, kHoisted };
 
-constexpr const char* pair_name(Pair pair) { return pair == Pair::kFused ? "fused" : "hoisted"; }
+constexpr const char* pair_name(Pair pair) { return pair == Pair::kNative ? "native" : "hoisted"; }
 
 // The op spinal_ops::<pair><suffix>, looked up once per (pair, direction) by the callers' statics.
 template <typename Signature>
@@ -72,7 +72,7 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
 
 OptionalTensor present(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
-// The backward op's node: a double backward through a fused backend raises instead of returning
+// The backward op's node: a double backward through an op pair raises instead of returning
 // a wrong number.
 template <Pair P>
 struct NoDoubleBackward : torch::autograd::Function<NoDoubleBackward<P>> {
@@ -89,7 +89,7 @@ struct NoDoubleBackward : torch::autograd::Function<NoDoubleBackward<P>> {
   }
 
   static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
-    TORCH_CHECK(false, "spinal_ops: double backward is not supported by the fused ops (spinal_ops::", pair_name(P),
+    TORCH_CHECK(false, "spinal_ops: double backward is not supported by the op pairs (spinal_ops::", pair_name(P),
                 "_backward); use backend='reference' for higher-order gradients");
   }
 };
@@ -125,7 +125,7 @@ struct SpinalBackward : torch::autograd::Node {
   // bias_out) were given; an absent optional one has an empty edge and gets no gradient.
   std::array<bool, 6> given{};
 
-  std::string name() const override { return P == Pair::kFused ? "SpinalFusedBackward" : "SpinalHoistedBackward"; }
+  std::string name() const override { return P == Pair::kNative ? "SpinalNativeBackward" : "SpinalHoistedBackward"; }
 
   // Both lock the node's mutex, as the built-in nodes do (Note [Thread Safety on Autograd Node] in
   // PyTorch): backward calls on one retained graph from several threads may run this node at once.
@@ -181,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& x, const a
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(isFwGradDefined(x) || isFwGradDefined(weight_in) || isFwGradDefined(weight_hidden) || isFwGradDefined(bias) ||
         isFwGradDefined(weight_out) || isFwGradDefined(bias_out)),
-      "spinal_ops: forward-mode AD (dual tensors) is not supported by the fused ops (spinal_ops::", pair_name(P),
+      "spinal_ops: forward-mode AD (dual tensors) is not supported by the op pairs (spinal_ops::", pair_name(P),
       "_forward); use backend='reference'");
   std::tuple<at::Tensor, at::Tensor> outputs;
   {
@@ -213,8 +213,8 @@ std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& x, const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(spinal_ops, Autograd, m) {
-  m.impl("fused_forward", &forward_autograd<Pair::kFused>);
-  m.impl("fused_backward", &backward_autograd<Pair::kFused>);
+  m.impl("native_forward", &forward_autograd<Pair::kNative>);
+  m.impl("native_backward", &backward_autograd<Pair::kNative>);
   m.impl("hoisted_forward", &forward_autograd<Pair::kHoisted>);
   m.impl("hoisted_backward", &backward_autograd<Pair::kHoisted>);
 }

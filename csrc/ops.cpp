@@ -2,7 +2,7 @@
 //
 // The schemas must match spinal_ops/ops.py (FORWARD_SCHEMA, BACKWARD_SCHEMA; tests/test_ops.py checks).
 // Kernels register separately: csrc/cpu/ (CPU) and csrc/cuda/ (CUDA, when built with nvcc; the
-// hoisted pair has CUDA kernels only: on CPU the fused op is that chain already);
+// hoisted pair has CUDA kernels only: on CPU the native op runs that chain already);
 // the Python module spinal_ops._C is in csrc/python_module.cpp.
 #include <torch/library.h>
 
@@ -15,11 +15,11 @@
   "bool[6] output_mask, str activation, float negative_slope, bool allow_tf32=False) "                           \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
-// fused_*: the CPU op (csrc/cpu/) and the CUDA kernels (csrc/cuda/). hoisted_*: the hoisted ATen
+// native_*: the CPU op (csrc/cpu/) and the CUDA kernels (csrc/cuda/). hoisted_*: the hoisted ATen
 // chain (csrc/aten_chain.h) as its own op pair, so that the cuda backend can pick it per call.
 TORCH_LIBRARY(spinal_ops, m) {
-  m.def("fused_forward" SPINAL_FORWARD_ARGS);
-  m.def("fused_backward" SPINAL_BACKWARD_ARGS);
+  m.def("native_forward" SPINAL_FORWARD_ARGS);
+  m.def("native_backward" SPINAL_BACKWARD_ARGS);
   m.def("hoisted_forward" SPINAL_FORWARD_ARGS);
   m.def("hoisted_backward" SPINAL_BACKWARD_ARGS);
 }

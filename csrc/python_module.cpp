@@ -19,7 +19,7 @@ PyObject* cuda_compiled(PyObject*, PyObject*) {
 }
 
 PyObject* cpu_vector_kernels(PyObject*, PyObject*) {
-  if (spinal_ops::cpu::fused_narrow_kernels_run()) Py_RETURN_TRUE;
+  if (spinal_ops::cpu::narrow_chain_kernels_run()) Py_RETURN_TRUE;
   Py_RETURN_FALSE;
 }
 

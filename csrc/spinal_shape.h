@@ -33,12 +33,12 @@ struct SpinalShape {
   }
 };
 
-// Checks the tensors of fused_forward / fused_backward against each other and returns the shape.
+// Checks the tensors of native_forward / native_backward against each other and returns the shape.
 SpinalShape check_spinal_shape(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& weight_out,
                                const std::optional<at::Tensor>& bias_out);
 
-// Checks the tensors of fused_backward (grad_out [B, M or L*w] and pre_activation [B, L*w] beside
+// Checks the tensors of native_backward (grad_out [B, M or L*w] and pre_activation [B, L*w] beside
 // the forward's x and weights) and returns the shape. has_bias and has_bias_out are left false:
 // the backward's output mask says which bias gradients are wanted.
 SpinalShape check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation,

@@ -1,4 +1,4 @@
-"""Check an installed spinal_ops (not this checkout): it imports, reports itself, and its fused
+"""Check an installed spinal_ops (not this checkout): it imports, reports itself, and its native
 CPU op meets contract §4 forward and backward. Run by `make sdist-check` inside the fresh
 environment that the sdist was installed into."""
 import os
@@ -20,4 +20,4 @@ if not support:
     sys.exit(f"the installed package has no CPU op: {support.reason}")
 # N = 7, s = 4, three layers: two of the windows wrap around the end of x.
 check_backend("cpu", make_config(in_features=7, out_features=3, layer_width=5, num_layers=3))
-print("installed spinal_ops: fused CPU forward+backward within contract §4 of the float64 reference")
+print("installed spinal_ops: native CPU forward+backward within contract §4 of the float64 reference")

@@ -1,4 +1,4 @@
-"""Times the cuda backend's two paths (fused kernels, hoisted cuBLAS chain), its automatic choice
+"""Times the cuda backend's two paths (native kernels, hoisted cuBLAS chain), its automatic choice
 and the dense layer on the presets: the data the cost model of spinal_ops/backends/cuda_cost.py
 is calibrated from, and a check of its choices.
 
@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from spinal_ops.backends.cuda import cuda_path, forced_path, fused_max_width, narrow_kernels_fit
-from spinal_ops.backends.cuda_cost import fused_seconds, hoisted_seconds, model_for
+from spinal_ops.backends.cuda import cuda_path, forced_path, tile_kernel_max_width, narrow_kernels_fit
+from spinal_ops.backends.cuda_cost import native_seconds, hoisted_seconds, model_for
 from spinal_ops.bench.presets import PRESETS
 from spinal_ops.bench.timing import median_seconds
 from spinal_ops.bench.workloads import dense_baseline, make_step, spinal_layer
@@ -37,7 +37,7 @@ def main() -> int:
     properties = torch.cuda.get_device_properties(device)
     model = model_for(properties.name, properties.multi_processor_count)
     records = []
-    print(f"{'preset':>11} {'dtype':>8} {'batch':>6} {'mode':>5} {'fused':>9} {'hoisted':>9} {'dense':>9} "
+    print(f"{'preset':>11} {'dtype':>8} {'batch':>6} {'mode':>5} {'native':>9} {'hoisted':>9} {'dense':>9} "
           f"{'pred f':>9} {'pred h':>9} {'choice':>7} {'lost':>5}")
     for name in args.preset:
         config = PRESETS[name]
@@ -50,8 +50,8 @@ def main() -> int:
                 for mode in MODES:
                     training = mode == "train"
                     times = {}
-                    for path in ("fused", "hoisted"):
-                        if path == "fused" and config.layer_width > fused_max_width():
+                    for path in ("native", "hoisted"):
+                        if path == "native" and config.layer_width > tile_kernel_max_width():
                             continue
                         with forced_path(path):
                             step = make_step(layer, config, batch, mode, dtype, device)
@@ -59,19 +59,19 @@ def main() -> int:
                     times["dense"] = median_seconds(make_step(dense, config, batch, mode, dtype, device), device,
                                                     args.min_run_time)
                     choice = cuda_path(config, batch, dtype, device, training).path
-                    fastest = min(times[p] for p in ("fused", "hoisted") if p in times)
+                    fastest = min(times[p] for p in ("native", "hoisted") if p in times)
                     record = {
                         "preset": name, "dtype": dtype_name, "batch": batch, "mode": mode,
-                        "fused_ms": times.get("fused", float("nan")) * 1e3, "hoisted_ms": times["hoisted"] * 1e3,
+                        "native_ms": times.get("native", float("nan")) * 1e3, "hoisted_ms": times["hoisted"] * 1e3,
                         "dense_ms": times["dense"] * 1e3,
-                        "predicted_fused_ms": fused_seconds(config, batch, dtype, model, training,
+                        "predicted_native_ms": native_seconds(config, batch, dtype, model, training,
                                                             narrow_kernels_fit(config)) * 1e3,
                         "predicted_hoisted_ms": hoisted_seconds(config, batch, dtype, model, training) * 1e3,
                         "choice": choice, "lost": times[choice] / fastest,
                     }
                     records.append(record)
-                    print(f"{name:>11} {dtype_name:>8} {batch:>6} {mode:>5} {record['fused_ms']:9.4f} "
-                          f"{record['hoisted_ms']:9.4f} {record['dense_ms']:9.4f} {record['predicted_fused_ms']:9.4f} "
+                    print(f"{name:>11} {dtype_name:>8} {batch:>6} {mode:>5} {record['native_ms']:9.4f} "
+                          f"{record['hoisted_ms']:9.4f} {record['dense_ms']:9.4f} {record['predicted_native_ms']:9.4f} "
                           f"{record['predicted_hoisted_ms']:9.4f} {choice:>7} {record['lost']:5.2f}", flush=True)
     with open(args.json, "w") as handle:
         json.dump({"device": properties.name, "torch": torch.__version__, "records": records}, handle, indent=1)

@@ -10,19 +10,19 @@
 #                   else pip install -e . for sm_90                                  -> build.log
 #   2. tests        pytest of the cuda backend, then of the triton backend (its kernels compile
 #                   on first use: pytest-xdist spreads that over the cores)          -> pytest.log
-#   3. sanitize     compute-sanitizer on the fused kernels (forced): memcheck, racecheck (split-K
+#   3. sanitize     compute-sanitizer on the native kernels (forced): memcheck, racecheck (split-K
 #                   batch); initcheck of a torch matmul into a column block (does it see
 #                   cuBLAS's writes there?) and of the hoisted chain's weight-gradient matmuls
 #                   and copies in plain torch (scripts/initcheck_probe.py)
 #   4. bench        bfloat16 presets (BENCH_PRESETS, default all) at B = 1, 64, 1024, 65536 in
 #                   every mode against reference, dense and triton -> bench.log, bench_bf16.json
-#   5. profile      ncu's speed-of-light and occupancy sections for the fused kernels (vgg5, bf16,
+#   5. profile      ncu's speed-of-light and occupancy sections for the native kernels (vgg5, bf16,
 #                   B = 1024) and for the narrow kernels (mnist, bf16, B = 65536)
 #                                                                                    -> sanitize.log
 #   6. the rest     the host's share of a batch-64 step and of one op call
 #                   (scripts/host_profile.py -> bench.log),
 #                   torch.compile(reference) on two presets, float32 on three at B = 64, 65536
-#                   (bench_compiled.json, bench_fp32.json); synccheck and initcheck of the fused
+#                   (bench_compiled.json, bench_fp32.json); synccheck and initcheck of the native
 #                   kernels, initcheck of the hoisted path                           -> sanitize.log
 # The timings of both CUDA paths per case (scripts/cuda_paths.py, which the cost model is fitted
 # to) run only when PATHS=1 (PATHS_ARGS: more arguments, e.g. "--preset mnist"); they add two
@@ -97,10 +97,10 @@ stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tes
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_backends.py -k triton
 
 # 3.-5. sanitizer, benchmark, profile: ordered so that what a short run leaves out is what
-# passed before on unchanged kernels (synccheck, initcheck of the fused kernels) --------------------
+# passed before on unchanged kernels (synccheck, initcheck of the native kernels) --------------------
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}
 NCU=${NCU:-$(command -v ncu || echo "${CUDA_HOME:-/usr/local/cuda}/bin/ncu")}
-SANITIZE="$PY scripts/sanitize.py --preset mnist vgg5 --path fused"  # the hoisted path is cuBLAS
+SANITIZE="$PY scripts/sanitize.py --preset mnist vgg5 --path native"  # the hoisted path is cuBLAS
 sanitize() {  # sanitize NAME LIMIT TOOL ARGS...
   if [ -x "$SANITIZER" ]; then
     local name=$1 limit=$2 tool=$3
@@ -145,16 +145,16 @@ fi
 bench bench_bf16 "$(cap 75)" --dtype bfloat16 --preset ${BENCH_PRESETS:-all} --batch 1 64 1024 65536 \
   --backends cuda triton reference dense
 
-# where the fused kernels' time goes (no clock control: the card is left as found)
+# where the native kernels' time goes (no clock control: the card is left as found)
 if [ -x "$NCU" ]; then
   stage ncu sanitize.log "$(cap 40)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
     -k regex:spinal_ --launch-skip 3 --launch-count 3 $PY scripts/sanitize.py --preset vgg5 --dtype bfloat16 \
-    --path fused --batch 1024 1024
+    --path native --batch 1024 1024
   # the narrow kernels (one thread per row) where they matter: mnist, large batch (the first
   # case's data-gradient launch, the second case's forward)
   stage ncu_narrow sanitize.log "$(cap 40)" "$NCU" --clock-control none --section SpeedOfLight --section Occupancy \
     -k regex:spinal_narrow --launch-skip 1 --launch-count 2 $PY scripts/sanitize.py --preset mnist --dtype bfloat16 \
-    --path fused --batch 65536 65536
+    --path native --batch 65536 65536
 else
   log "SKIP ncu: not found (set NCU=/path/to/ncu)"
 fi

@@ -7,7 +7,7 @@ the host time of one forward op call split into its parts.
 Per preset and mode: the median step time (spinal_ops.bench's timer) and the operators with the
 most CPU time over `--steps` profiled steps, self and total. Then, per preset, host microseconds
 per call (time to return, the device's work not waited for) of: a trivial op of ours (an
-extension built with the CUDA kernels), an empty tensor, the fused forward op on an empty batch
+extension built with the CUDA kernels), an empty tensor, the native forward op on an empty batch
 (checks, routing, allocation; no launch), on `--batch` rows without and with Z kept, the whole
 module call and, on a GPU, the hoisted forward op and a trivial op that reads a device attribute.
 `--split-only` leaves out the profiled steps (for A/B runs of two builds). `--device cpu` runs the
@@ -50,28 +50,28 @@ def split_forward_call(name: str, batch: int, device: torch.device) -> None:
     layer = spinal_layer(config, device.type, DTYPE, device)
     weights = [p.detach() for p in (layer.weight_in, layer.weight_hidden, layer.bias, layer.weight_out,
                                     layer.bias_out)]
-    fused_forward = torch.ops.spinal_ops.fused_forward.default
+    native_forward = torch.ops.spinal_ops.native_forward.default
     empty = torch.randn(0, config.in_features, device=device, dtype=DTYPE)
     rows = torch.randn(batch, config.in_features, device=device, dtype=DTYPE)
 
     def forward(x: torch.Tensor, keep: bool) -> Callable[[], object]:
-        return lambda: fused_forward(x, *weights, config.activation, config.negative_slope, False, keep)
+        return lambda: native_forward(x, *weights, config.activation, config.negative_slope, False, keep)
 
     cases = {
-        "a trivial op of ours (cuda_fused_max_width)": torch.ops.spinal_ops.cuda_fused_max_width,
+        "a trivial op of ours (cuda_tile_kernel_max_width)": torch.ops.spinal_ops.cuda_tile_kernel_max_width,
         f"torch.empty({batch}, {config.output_features})": (
             lambda: torch.empty(batch, config.output_features, device=device, dtype=DTYPE)),
-        "fused_forward, empty batch": forward(empty, False),
-        f"fused_forward, {batch} rows": forward(rows, False),
-        f"fused_forward, {batch} rows, Z kept": forward(rows, True),
+        "native_forward, empty batch": forward(empty, False),
+        f"native_forward, {batch} rows": forward(rows, False),
+        f"native_forward, {batch} rows, Z kept": forward(rows, True),
         f"layer(x), {batch} rows": lambda: layer(rows),
     }
     if device.type == "cuda":  # the other path's host cost, and one device-attribute query
         hoisted_forward = torch.ops.spinal_ops.hoisted_forward.default
         cases[f"hoisted_forward, {batch} rows"] = (
             lambda: hoisted_forward(rows, *weights, config.activation, config.negative_slope, False, False))
-        cases["cuda_fused_width_limit (a device attribute query)"] = (
-            lambda: torch.ops.spinal_ops.cuda_fused_width_limit(0, DTYPE, False))
+        cases["cuda_tile_kernel_width_limit (a device attribute query)"] = (
+            lambda: torch.ops.spinal_ops.cuda_tile_kernel_width_limit(0, DTYPE, False))
     print(f"\n=== {name}: host time per call ({device.type}, {DTYPE}, no_grad)", flush=True)
     with torch.no_grad():
         for label, fn in cases.items():

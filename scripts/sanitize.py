@@ -44,8 +44,8 @@ def main() -> int:
     parser.add_argument("--preset", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--batch", nargs="+", type=int, default=[37, 1, 300])
-    parser.add_argument("--path", choices=["auto", "fused", "hoisted"], default="auto",
-                        help="CUDA path: the cost model's choice, or forced (fused applies where w fits)")
+    parser.add_argument("--path", choices=["auto", "native", "hoisted"], default="auto",
+                        help="CUDA path: the cost model's choice, or forced (native applies where w fits)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("sanitize.py: no CUDA device", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Activation functions of contract §1, by name, for the reference backend and for validation.
 
-The fused backends receive the activation as its name (a string in the op schema) and
+The op-pair backends receive the activation as its name (a string in the op schema) and
 implement the same formulas in their kernels.
 """
 from __future__ import annotations

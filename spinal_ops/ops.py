@@ -3,8 +3,8 @@
 Three op pairs share one pair of schemas (FORWARD_SCHEMA, BACKWARD_SCHEMA; the C++ copies in
 csrc/ops.cpp must match, and a test checks that they do):
 
-* ``fused_forward`` / ``fused_backward``: the compiled extension ``spinal_ops._C`` (the CPU op,
-  csrc/cpu/, and the fused CUDA kernels, csrc/cuda/). Loading ``_C`` defines them.
+* ``native_forward`` / ``native_backward``: the compiled extension ``spinal_ops._C`` (the CPU op,
+  csrc/cpu/, and the CUDA tile and narrow kernels, csrc/cuda/). Loading ``_C`` defines them.
 * ``hoisted_forward`` / ``hoisted_backward``: the hoisted ATen chain on cuBLAS (csrc/aten_chain.h),
   also from ``_C``; the cuda backend picks between the two CUDA pairs per call.
 * ``triton_forward`` / ``triton_backward``: defined here in Python; their kernels
@@ -14,7 +14,7 @@ csrc/ops.cpp must match, and a test checks that they do):
 projection) and ``pre_activation`` is Z, the L pre-activations z_l (B x L*w), which is all the
 backward needs besides the inputs (it recomputes h = phi(z) on the fly). What the
 tensor holds belongs to the op pair, and only the pair's own backward reads it: Z in layer order
-from the fused kernels; from the hoisted chain (csrc/aten_chain.h) Z, or H = phi(Z) for
+from the native kernels; from the hoisted chain (csrc/aten_chain.h) Z, or H = phi(Z) for
 activations whose derivative is a function of their output, in the chain's group-major order. With
 ``keep_pre_activation=False`` (no gradient will be needed) Z is neither kept nor, where the
 backend can avoid it, computed, and an empty tensor is returned in its place. ``allow_tf32`` is
@@ -22,7 +22,7 @@ the forward's TF32 choice, passed to the backward too. ``backward`` returns the 
 ``output_mask`` asks for in one call; the others are empty tensors.
 
 Each pair gets its fake (meta) kernels here. The triton pair gets its autograd here too
-(``register_fused_autograd``); the compiled pairs have the same autograd in C++
+(``register_op_pair_autograd``); the compiled pairs have the same autograd in C++
 (csrc/autograd.cpp), which spares a training step the Python between dispatcher and kernels.
 If ``_C`` is missing or was built
 for another torch, ``spinal_ops`` still works with the reference (and triton) backends and
@@ -82,11 +82,11 @@ def fake_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_
     return tuple(x.new_empty(shape) for shape in gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask))
 
 
-def register_fused_autograd(forward_op, backward_op) -> None:
+def register_op_pair_autograd(forward_op, backward_op) -> None:
     """Make ``forward_op`` differentiable through one call of ``backward_op`` (the triton pair; the
     compiled pairs register the same in C++, csrc/autograd.cpp).
 
-    Double backward through a fused backend raises instead of returning a wrong number.
+    Double backward through an op pair raises instead of returning a wrong number.
     """
 
     def setup_context(ctx, inputs, output):
@@ -116,7 +116,7 @@ def register_fused_autograd(forward_op, backward_op) -> None:
 
     def no_double_backward(ctx, *grads):
         raise RuntimeError(
-            f"spinal_ops: double backward is not supported by the fused ops ({backward_op.name()}); "
+            f"spinal_ops: double backward is not supported by the op pairs ({backward_op.name()}); "
             "use backend='reference' for higher-order gradients"
         )
 
@@ -130,7 +130,7 @@ def compiled_schema_mismatches(forward_schema: str = FORWARD_SCHEMA, backward_sc
     expected = {"forward": forward_schema, "backward": backward_schema}
     return [
         f"{pair}_{direction}"
-        for pair in ("fused", "hoisted")
+        for pair in ("native", "hoisted")
         for direction, schema in expected.items()
         if getattr(torch.ops.spinal_ops, f"{pair}_{direction}").default._schema
         != torch._C.parse_schema(f"spinal_ops::{pair}_{direction}{schema}")
@@ -147,7 +147,7 @@ def _load_extension() -> Support:
         warnings.warn(f"spinal_ops: {mismatch}; only the reference backend runs", RuntimeWarning, stacklevel=3)
         return Support.no(mismatch)
     try:
-        importlib.import_module("spinal_ops._C")  # defines the fused_* and hoisted_* ops
+        importlib.import_module("spinal_ops._C")  # defines the native_* and hoisted_* ops
     except ModuleNotFoundError:
         return Support.no(
             "compiled extension spinal_ops._C is not built (pip install --no-build-isolation -e . builds it)"
@@ -160,7 +160,7 @@ def _load_extension() -> Support:
             f"compiled extension spinal_ops._C was built from other sources (op schemas differ: {', '.join(stale)}); "
             "rebuild it (pip install --no-build-isolation -e .)"
         )
-    for pair in ("fused", "hoisted"):  # their autograd is registered by _C (csrc/autograd.cpp)
+    for pair in ("native", "hoisted"):  # their autograd is registered by _C (csrc/autograd.cpp)
         torch.library.register_fake(f"spinal_ops::{pair}_forward")(fake_forward)
         torch.library.register_fake(f"spinal_ops::{pair}_backward")(fake_backward)
     return Support.yes()
@@ -175,7 +175,7 @@ def _define_triton_ops() -> None:
         torch.library.define(qualname, schema)
         torch.library.register_kernel(qualname, ("cpu", "cuda"), kernel)
         torch.library.register_fake(qualname)(fake)
-    register_fused_autograd(torch.ops.spinal_ops.triton_forward.default, torch.ops.spinal_ops.triton_backward.default)
+    register_op_pair_autograd(torch.ops.spinal_ops.triton_forward.default, torch.ops.spinal_ops.triton_backward.default)
 
 
 _EXTENSION: Support = _load_extension()

@@ -96,8 +96,8 @@ CASES: dict[str, dict] = {
     "wide_tiles_once": dict(in_features=8, out_features=None, layer_width=256, num_layers=2),
     # w = 300 with s = 3 not dividing N: wide and wrapping.
     "wide_wraps": dict(in_features=7, out_features=2, layer_width=300, num_layers=4, split_size=3),
-    # w = 256: the widest layer of the fused CUDA kernels.
-    "w_at_fused_limit": dict(in_features=40, out_features=7, layer_width=256, num_layers=2),
+    # w = 256: the widest layer of the CUDA tile kernels.
+    "w_at_tile_limit": dict(in_features=40, out_features=7, layer_width=256, num_layers=2),
     # w = 300 > 256: the cuda backend runs the hoisted cuBLAS chain only.
     "hoisted_w300": dict(in_features=20, out_features=5, layer_width=300, num_layers=2),
     # w = 260, hoisted, without projection and bias.

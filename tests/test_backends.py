@@ -1,5 +1,5 @@
 """What every backend must do (docs/contract.md §3-§5), each backend in turn: torch.compile(fullgraph=True)
-matches eager, the fused ops pass torch.library.opcheck, non-contiguous input, leading dimensions
+matches eager, the op pairs pass torch.library.opcheck, non-contiguous input, leading dimensions
 and an empty batch, NaN and Inf propagate as in the reference, bad input raises a clear error.
 
 Each backend runs on its device: ``cuda`` on a GPU; ``triton`` on a GPU, else on CPU tensors through
@@ -24,9 +24,9 @@ DEVICES = {
     "triton": "cuda" if torch.cuda.is_available() else "cpu",
     "cuda": "cuda",
 }
-# The op pairs (spinal_ops::<pair>_forward, <pair>_backward) behind each fused backend; the cuda
+# The op pairs (spinal_ops::<pair>_forward, <pair>_backward) behind each op-pair backend; the cuda
 # backend has one per path.
-OP_PAIRS = {"cpu": ("fused",), "triton": ("triton",), "cuda": ("fused", "hoisted")}
+OP_PAIRS = {"cpu": ("native",), "triton": ("triton",), "cuda": ("native", "hoisted")}
 # The dtypes each backend's tests here run in: the CUDA kernels have a path per dtype.
 DTYPES = {
     "reference": (torch.float32,),
@@ -91,7 +91,7 @@ def test_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(got, expected)
 
 
-# ---- torch.library.opcheck of the fused ops ---------------------------------------------------------
+# ---- torch.library.opcheck of the op pairs ---------------------------------------------------------
 
 OPCHECK_CASES = {
     "cpu": ("odd_N_wraps", "M_None_no_bias", "L1"),
@@ -110,7 +110,7 @@ def op_args(config, batch: int, device: str, requires_grad: bool) -> tuple:
 
 
 @pytest.mark.parametrize("backend, case", backend_cases(OPCHECK_CASES))
-def test_opcheck_fused_ops(backend, case):
+def test_opcheck_op_pairs(backend, case):
     config = case_config(case, activation="gelu")
     device, batch = DEVICES[backend], batch_of(backend)
     for pair in OP_PAIRS[backend]:

@@ -1,4 +1,4 @@
-"""The fused C++ CPU op (backend="cpu") against the float64 reference (docs/contract.md §3, §4, §5):
+"""The native C++ CPU op (backend="cpu") against the float64 reference (docs/contract.md §3, §4, §5):
 what is the cpu backend's own (gradcheck, bfloat16, the chain's width regimes, inference row blocks,
 output masks, double backward). What every backend must do is in tests/test_backends.py."""
 import os
@@ -60,7 +60,7 @@ WIDE_CASES = ("medium_grouped", "medium_grouped_M_None", "wide_k2_overlap", "wid
 def test_wide_layers_one_gemm_per_layer(name, activation):
     config = build(name, activation)
     check_backend("cpu", config, torch.float32, batch_shape=(5,))
-    check_gradient_masks("cpu", config, "spinal_ops::fused_backward")
+    check_gradient_masks("cpu", config, "spinal_ops::native_backward")
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -87,7 +87,7 @@ def test_training_over_row_blocks(name):
     kwargs, out_features, dtype, batch = TRAINING_BLOCK_CASES[name]
     config = make_config(21, out_features, num_splits=3, negative_slope=0.1, **kwargs)
     check_backend("cpu", config, dtype, batch_shape=(batch,))
-    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=dtype, batch=batch)
+    check_gradient_masks("cpu", config, "spinal_ops::native_backward", dtype=dtype, batch=batch)
 
 
 # The chain's float32 products of up to 2^24 multiply-adds run on register tiles
@@ -111,7 +111,7 @@ def tile_gemm_config(name: str) -> SpinalConfig:
 def test_register_tiled_products(name):
     config = tile_gemm_config(name)
     check_backend("cpu", config, torch.float32, batch_shape=(37,))
-    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", batch=37)
+    check_gradient_masks("cpu", config, "spinal_ops::native_backward", batch=37)
 
 
 TILE_GEMM_AVX2_SCRIPT = """
@@ -194,12 +194,12 @@ MASK_CASES = ("k1", "k2_groups", "k3", "odd_N_wraps", "M_None", "no_bias")
 
 @pytest.mark.parametrize("name", MASK_CASES)
 def test_backward_computes_only_what_autograd_asks_for(name):
-    check_gradient_masks("cpu", build(name, "tanh"), "spinal_ops::fused_backward")
+    check_gradient_masks("cpu", build(name, "tanh"), "spinal_ops::native_backward")
 
 
 def test_tf32_choice_reaches_backward():
-    check_tf32_choice_reaches_backward("cpu", build("no_bias", "relu"), "spinal_ops::fused_forward",
-                                       "spinal_ops::fused_backward")
+    check_tf32_choice_reaches_backward("cpu", build("no_bias", "relu"), "spinal_ops::native_forward",
+                                       "spinal_ops::native_backward")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -208,19 +208,19 @@ def test_tf32_choice_reaches_backward():
 def test_inference_keeps_no_pre_activation(batch, out_features, dtype):
     # L*w = 1024: inference runs row blocks of 1024 rows, so batch 3000 ends in a partial block.
     config = make_config(12, out_features, layer_width=256, num_layers=4, num_splits=3, activation="gelu")
-    check_inference_keeps_no_pre_activation("cpu", config, "spinal_ops::fused_forward", batch, dtype)
+    check_inference_keeps_no_pre_activation("cpu", config, "spinal_ops::native_forward", batch, dtype)
 
 
 def test_double_backward_raises_a_clear_error():
     layer = SpinalLinear(7, 3, layer_width=4, num_layers=3, activation="tanh", backend="cpu", dtype=torch.float64)
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     (grad_x,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward is not supported by the fused"):
+    with pytest.raises(RuntimeError, match="double backward is not supported by the op pairs"):
         grad_x.sum().backward()
 
 
 def test_autograd_node_behaves_like_a_builtin_ops():
-    check_autograd_node("cpu", "SpinalFusedBackward")
+    check_autograd_node("cpu", "SpinalNativeBackward")
 
 
 # Narrow float32 layers (w <= 32, every edge case above) run the CPU op's AVX2 kernels
@@ -246,7 +246,7 @@ DX_REGIMES = {
 def test_narrow_input_gradient_regimes(name, batch):
     config = make_config(out_features=6, **DX_REGIMES[name])
     check_backend("cpu", config, torch.float32, batch_shape=(batch,))
-    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float32)
+    check_gradient_masks("cpu", config, "spinal_ops::native_backward", dtype=torch.float32)
 
 
 # From 4 MB of x the narrow backward's dW_in reads each block of x transposed (x read in place
@@ -255,7 +255,7 @@ def test_narrow_weight_gradient_of_a_large_input():
     config = make_config(in_features=1001, out_features=6, layer_width=8, num_layers=5, split_size=300)
     assert 1100 * config.in_features * 4 >= 4 << 20
     check_backend("cpu", config, torch.float32, batch_shape=(1100,))
-    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float32, batch=1100)
+    check_gradient_masks("cpu", config, "spinal_ops::native_backward", dtype=torch.float32, batch=1100)
 
 
 # The narrow forward packs A^T, R^T and W_out^T by 8x8 register transposes with element-wise edges:
@@ -295,7 +295,7 @@ assert cpu_tile_gemm() is None
 for name in ("k2_groups", "odd_N_wraps", "M_None", "w1"):
     config = case_config(name, activation="gelu", negative_slope=0.1)
     check_backend("cpu", config, torch.float32, batch_shape=(37,))
-    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float32)
+    check_gradient_masks("cpu", config, "spinal_ops::native_backward", dtype=torch.float32)
 print("portable chain ok")
 """
 
@@ -325,7 +325,7 @@ wide += [make_config(in_features=71, out_features=None, layer_width=40, num_laye
 for config in wide + [case_config("odd_N_wraps", negative_slope=0.1)]:
     for dtype in (torch.float32, torch.float64):
         check_backend("cpu", config, dtype, batch_shape=(9,))
-    check_gradient_masks("cpu", config, "spinal_ops::fused_backward", dtype=torch.float64)
+    check_gradient_masks("cpu", config, "spinal_ops::native_backward", dtype=torch.float64)
 print("aten gemms ok")
 """
 

@@ -27,7 +27,7 @@ from contract import (
 )
 from spinal_ops.ops import cuda_kernels_compiled
 from spinal_ops.activations import ACTIVATIONS
-from spinal_ops.backends.cuda import (CudaBackend, cuda_path, forced_path, fused_max_width, fused_width_limit,
+from spinal_ops.backends.cuda import (CudaBackend, cuda_path, forced_path, tile_kernel_max_width, tile_kernel_width_limit,
                                       narrow_kernels_fit)
 from spinal_ops.config import SpinalParams
 from spinal_ops.functional import apply_spinal
@@ -42,9 +42,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The cases of the edge-case matrix (tests/contract.py) that reach the CUDA code paths.
 CUDA_CASES = (
     "odd_N_wraps", "wrap_s12_N33", "M_None_s32", "w1", "L1", "no_bias_w10", "s_equals_N", "s1", "two_chunks_wide",
-    "columns_no_window_reads", "w_at_fused_limit", "hoisted_w300", "hoisted_no_projection", "k2_groups_of_three",
+    "columns_no_window_reads", "w_at_tile_limit", "hoisted_w300", "hoisted_no_projection", "k2_groups_of_three",
 )
-PATHS = ("fused", "hoisted")
+PATHS = ("native", "hoisted")
 
 
 # ReLU-like kinks: in fp16/bf16 the rounding of h (eager rounds too) can move a z within ~1e-3 of 0
@@ -64,12 +64,12 @@ def _config(name: str, dtype: torch.dtype = torch.float32, **overrides):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", sorted(CUDA_CASES))
 def test_matches_reference(name, dtype, path):
-    with forced_path(path):  # configs wider than the fused kernels run hoisted either way
+    with forced_path(path):  # configs wider than the native kernels run hoisted either way
         check_backend("cuda", _config(name, dtype), dtype, "cuda", batch_shape=(37,))
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", ["k2_groups_of_three", "wrap_s12_N33"])  # tiled and narrow fused kernels
+@pytest.mark.parametrize("name", ["k2_groups_of_three", "wrap_s12_N33"])  # tile and narrow kernels
 def test_backward_mask_and_inference(path, name):
     config = _config(name)
     with forced_path(path):
@@ -118,14 +118,14 @@ def test_batch_shapes(batch_shape, dtype, path):
 
 
 @pytest.mark.parametrize("name, narrow", [("wrap_s12_N33", True), ("k2_groups_of_three", False)])
-def test_fused_path_launches_the_narrow_kernels_where_they_fit(name, narrow):
+def test_native_path_launches_the_narrow_kernels_where_they_fit(name, narrow):
     # w = 16, M = 10: the narrow forward and backward launch 1; w = 24: the tiled ones. Launch 2
     # (weight gradients) is the tiled kernel either way.
     from torch.profiler import ProfilerActivity, profile
 
     config = _config(name)
     assert narrow_kernels_fit(config) == narrow
-    with forced_path("fused"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
         _forward_backward(config, torch.float32, 300)
         torch.cuda.synchronize()
     names = " ".join(event.key for event in prof.key_averages())
@@ -160,7 +160,7 @@ def _forward_backward(config, dtype, batch, seed=0):
     return [y.detach(), *grads]
 
 
-@pytest.mark.parametrize("name", ["two_chunks_wide", "wrap_s12_N33"])  # tiled and narrow fused kernels
+@pytest.mark.parametrize("name", ["two_chunks_wide", "wrap_s12_N33"])  # tile and narrow kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", [300, 5000], ids=["split_k", "large"])
 def test_deterministic(dtype, batch, name):
@@ -190,17 +190,17 @@ def test_non_default_stream():
 
 def test_supports_reports_the_path():
     backend = CudaBackend()
-    limit = fused_max_width()
+    limit = tile_kernel_max_width()
     assert limit == 256
-    # 99 KB of opt-in shared memory per block (sm_86/89/120) keeps w <= 192 fused in bf16.
+    # 99 KB of opt-in shared memory per block (sm_86/89/120) keeps w <= 192 on the native kernels in bf16.
     device = torch.cuda.current_device()
     optin_99k = torch.cuda.get_device_capability(device) in ((8, 6), (8, 9), (12, 0))
-    assert fused_width_limit(device, torch.bfloat16) == (192 if optin_99k else 256)
-    fused = backend.supports(_config("w_at_fused_limit"), torch.bfloat16, torch.device("cuda"))
+    assert tile_kernel_width_limit(device, torch.bfloat16) == (192 if optin_99k else 256)
+    native = backend.supports(_config("w_at_tile_limit"), torch.bfloat16, torch.device("cuda"))
     if optin_99k:
-        assert fused and fused.reason.startswith("hoisted cuBLAS chain: w=256 > 192 (the fused kernels' shared memory")
+        assert native and native.reason.startswith("hoisted cuBLAS chain: w=256 > 192 (the native kernels' shared memory")
     else:
-        assert fused and "cost model" in fused.reason
+        assert native and "cost model" in native.reason
     wide = backend.supports(_config("hoisted_w300"), torch.bfloat16, torch.device("cuda"))
     assert wide and wide.reason == f"hoisted cuBLAS chain: w=300 > {limit}"
     assert not backend.supports(_config("w1"), torch.float64, torch.device("cuda"))

@@ -6,35 +6,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinal_ops.backends.cuda_cost import GPU_MODELS, choose_path, fused_seconds, hoisted_seconds, model_for
+from spinal_ops.backends.cuda_cost import GPU_MODELS, choose_path, native_seconds, hoisted_seconds, model_for
 from spinal_ops.bench.presets import PRESETS
 
-FUSED_MAX_WIDTH = 256
+TILE_KERNEL_MAX_WIDTH = 256
 MODELS = [pytest.param(GPU_MODELS[name], id=name) for name in ("h100", "h200", "a100")]
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
-def test_small_narrow_layers_take_the_fused_kernels(model, training):
+def test_small_narrow_layers_take_the_native_kernels(model, training):
     # 1-3 launches against the hoisted chain's 20-90 ATen calls: at small batch launches decide
-    # (measured on an H100: the fused kernels 2.3x to 5x faster at batch 64).
+    # (measured on an H100: the native kernels 2.3x to 5x faster at batch 64).
     for preset in ("mnist", "vgg5"):
-        choice = choose_path(PRESETS[preset], 64, torch.bfloat16, model, training, FUSED_MAX_WIDTH)
-        assert choice.path == "fused", (preset, choice.reason)
+        choice = choose_path(PRESETS[preset], 64, torch.bfloat16, model, training, TILE_KERNEL_MAX_WIDTH)
+        assert choice.path == "native", (preset, choice.reason)
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("preset", ["mnist", "vgg5", "cnn_cifar", "resnet_head"])
 def test_large_batches_take_the_hoisted_chain(model, preset):
-    # Measured on an H100: at batch 65536 the fused kernels ran these 1.4x to 27x slower than cuBLAS.
-    choice = choose_path(PRESETS[preset], 65536, torch.bfloat16, model, True, FUSED_MAX_WIDTH)
+    # Measured on an H100: at batch 65536 the native kernels ran these 1.4x to 27x slower than cuBLAS.
+    choice = choose_path(PRESETS[preset], 65536, torch.bfloat16, model, True, TILE_KERNEL_MAX_WIDTH)
     assert choice.path == "hoisted", choice.reason
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_layers_past_the_fused_limit_always_take_the_hoisted_chain(model):
+def test_layers_past_the_tile_limit_always_take_the_hoisted_chain(model):
     for batch in (1, 64, 65536):
-        choice = choose_path(PRESETS["cifar_vgg"], batch, torch.float32, model, False, FUSED_MAX_WIDTH)
+        choice = choose_path(PRESETS["cifar_vgg"], batch, torch.float32, model, False, TILE_KERNEL_MAX_WIDTH)
         assert choice.path == "hoisted" and "w=512 > 256" in choice.reason
 
 
@@ -45,26 +45,26 @@ def test_choice_switches_once_as_the_batch_grows(model, dtype):
     for preset in ("mnist", "vgg5", "resnet_head"):
         config = PRESETS[preset]
         batches = [2**e for e in range(18)]
-        fused = [fused_seconds(config, b, dtype, model, True) for b in batches]
+        native = [native_seconds(config, b, dtype, model, True) for b in batches]
         hoisted = [hoisted_seconds(config, b, dtype, model, True) for b in batches]
-        assert fused == sorted(fused) and hoisted == sorted(hoisted)
-        paths = [choose_path(config, b, dtype, model, True, FUSED_MAX_WIDTH).path for b in batches]
-        assert paths == sorted(paths), f"{preset}: {paths}"  # "fused" < "hoisted": no switch back
+        assert native == sorted(native) and hoisted == sorted(hoisted)
+        paths = [choose_path(config, b, dtype, model, True, TILE_KERNEL_MAX_WIDTH).path for b in batches]
+        assert paths == sorted(paths, key=("native", "hoisted").index), f"{preset}: {paths}"  # no switch back
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_narrow_kernels_keep_narrow_inference_fused_at_every_batch(model):
+def test_narrow_kernels_keep_narrow_inference_native_at_every_batch(model):
     # One launch of the narrow forward kernel, bound by reading x, against the hoisted chain's ~24 calls.
     config = PRESETS["mnist"]
     for batch in (1, 64, 1024, 65536):
-        assert choose_path(config, batch, torch.bfloat16, model, False, FUSED_MAX_WIDTH, narrow=True).path == "fused"
-        narrow = fused_seconds(config, batch, torch.bfloat16, model, False, narrow=True)
-        assert narrow <= fused_seconds(config, batch, torch.bfloat16, model, False)
+        assert choose_path(config, batch, torch.bfloat16, model, False, TILE_KERNEL_MAX_WIDTH, narrow=True).path == "native"
+        narrow = native_seconds(config, batch, torch.bfloat16, model, False, narrow=True)
+        assert narrow <= native_seconds(config, batch, torch.bfloat16, model, False)
 
 
 def test_reason_names_the_path_and_the_predictions():
-    choice = choose_path(PRESETS["mnist"], 64, torch.bfloat16, GPU_MODELS["h100"], True, FUSED_MAX_WIDTH)
-    assert choice.reason.startswith("fused kernels: predicted") and "H100 model" in choice.reason
+    choice = choose_path(PRESETS["mnist"], 64, torch.bfloat16, GPU_MODELS["h100"], True, TILE_KERNEL_MAX_WIDTH)
+    assert choice.reason.startswith("native kernels: predicted") and "H100 model" in choice.reason
 
 
 def test_device_names_map_to_models():
@@ -101,9 +101,9 @@ def test_model_picks_the_measured_faster_path(timings, model, narrow_kernels, mo
     for record in document["records"]:
         config = PRESETS[record["preset"]]
         choice = choose_path(config, record["batch"], dtypes[record["dtype"]], GPU_MODELS[model],
-                             record["mode"] == "train", FUSED_MAX_WIDTH, cuda.narrow_kernels_fit(config))
-        measured = {"fused": record["fused_ms"], "hoisted": record["hoisted_ms"]}
-        fastest = min(t for t in measured.values() if t == t)  # fused is NaN past the fused width
+                             record["mode"] == "train", TILE_KERNEL_MAX_WIDTH, cuda.narrow_kernels_fit(config))
+        measured = {"native": record["native_ms"], "hoisted": record["hoisted_ms"]}
+        fastest = min(t for t in measured.values() if t == t)  # native is NaN past the tile kernels' width
         assert measured[choice.path] <= 1.1 * fastest, (record, choice.reason)
 
 
@@ -127,7 +127,7 @@ def test_the_backend_remembers_each_calls_path(monkeypatch):
     # H200 as device 0 and meta tensors.
     from spinal_ops.backends import cuda
 
-    monkeypatch.setattr(cuda, "FUSED_MAX_WIDTH", FUSED_MAX_WIDTH)
+    monkeypatch.setattr(cuda, "TILE_KERNEL_MAX_WIDTH", TILE_KERNEL_MAX_WIDTH)
     monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((9, 0), GPU_MODELS["h200"], {})})
     monkeypatch.setattr(cuda, "_device_index", lambda device: 0)
     monkeypatch.setattr(cuda, "_FORWARD_OPS", {})
@@ -144,7 +144,7 @@ def test_the_backend_remembers_each_calls_path(monkeypatch):
                 assert backend.forward_op(config, x, training) is expected
             picks.add(expected)
     assert len(asked) == 4  # the model once per case
-    assert picks == {ops.fused_forward.default, ops.hoisted_forward.default}
+    assert picks == {ops.native_forward.default, ops.hoisted_forward.default}
     for path in cuda.PATHS:
         with cuda.forced_path(path):
             assert backend.forward_op(config, x, True) is getattr(ops, path + "_forward").default

@@ -1,4 +1,4 @@
-"""The CUDA op's own source - fused kernels and host launchers - run on CPU through a model of
+"""The CUDA op's own source - tile and narrow kernels and host launchers - run on CPU through a model of
 CUDA (tests/cuda_emulation/) as strict as compute-sanitizer and the hardware, against the
 float64 reference (contract §4 criterion). What the model checks (details in cuda_shim.h and
 emulated_runtime.h):
@@ -15,7 +15,7 @@ emulated_runtime.h):
 - the launches of forward.cu/backward.cu go through a fake CUDA runtime that holds them to the
   hardware's rules on each target (sm_80: 163 KB opt-in shared memory, sm_86/89/120: 99 KB,
   sm_90: 227 KB): grid limits, dynamic shared memory against the kernel's attribute and the
-  attribute against the opt-in maximum, the current stream; the op's routing (use_fused_path)
+  attribute against the opt-in maximum, the current stream; the op's routing (use_native_kernels)
   sends what does not fit to the hoisted chain, and B = 0 launches nothing.
 
 Seeded bugs the model must catch keep it honest: a removed __syncthreads (each barrier of the
@@ -192,7 +192,7 @@ def test_activations(emulated_ops, activation):
 
 @pytest.mark.parametrize("policy", ["fp32_hoisted", "bf16_hoisted"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_hoisted_chain_beyond_fused_width(emulated_ops, policy, bias):
+def test_hoisted_chain_beyond_tile_width(emulated_ops, policy, bias):
     # The op's own routing ("auto") takes w > 256 to the hoisted chain on every target.
     dtype, _ = POLICIES[policy]
     config = make_config(**WIDE, bias=bias, activation="relu" if dtype == torch.float32 else "gelu")
@@ -254,7 +254,7 @@ def test_routing_runs_the_narrow_kernels_where_they_fit(emulated_ops):
         assert all(torch.equal(a, f) for a, f in zip(auto, forced)), shape
 
 
-# Widest fused w per target and policy: the kernels' shared memory (forward_kernel.cuh) against
+# Widest native-kernel w per target and policy: the kernels' shared memory (forward_kernel.cuh) against
 # the opt-in maximum per block; 99 KB parts lose 193..256 (fp16/bf16/TF32) and 225..256 (fp32).
 WIDTH_LIMITS = {
     "sm_80": {"fp32_simt": 256, "fp32_tf32": 256, "fp16_wmma": 256, "bf16_wmma": 256},
@@ -267,12 +267,12 @@ WIDTH_LIMITS = {
 
 @pytest.mark.parametrize("policy", ["fp32_simt", "fp32_tf32", "fp16_wmma", "bf16_wmma"])
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_widest_fused_layer_fits_each_target(emulated_ops, target, policy):
-    # The launches at the widest w the routing keeps fused pass the target's smem rules, and one
+def test_widest_native_layer_fits_each_target(emulated_ops, target, policy):
+    # The launches at the widest w the routing keeps on the native kernels pass the target's smem rules, and one
     # step wider takes the hoisted chain instead of raising.
     dtype, mma = POLICIES[policy]
     device = TARGETS[target]
-    limit = emulated_ops.fused_width_limit(dtype, mma == "tf32", device)
+    limit = emulated_ops.tile_kernel_width_limit(dtype, mma == "tf32", device)
     assert limit == WIDTH_LIMITS[target][policy]
     config = dict(in_features=9, out_features=3, num_layers=2, split_size=5)
     _check(emulated_ops, _policy_config("odd_N_wraps", policy, **config, layer_width=limit), dtype, mma, batch=20,
@@ -286,7 +286,7 @@ def test_widest_fused_layer_fits_each_target(emulated_ops, target, policy):
             _check(emulated_ops, wider, dtype, "auto", batch=20, device=device)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32_before
-        assert emulated_ops.launches() == launches, "a layer too wide for the target was launched fused"
+        assert emulated_ops.launches() == launches, "a layer too wide for the target was launched on the native kernels"
 
 
 def test_smem_attribute_is_set_once_per_device_and_kernel(emulated_ops):
@@ -307,10 +307,10 @@ def test_supports_reports_the_device_limit(emulated_ops, monkeypatch):
     from spinal_ops.backends.cuda_cost import model_for
 
     device = TARGETS["sm_86"]
-    limits = {(dtype, tf32): emulated_ops.fused_width_limit(dtype, tf32, device)
+    limits = {(dtype, tf32): emulated_ops.tile_kernel_width_limit(dtype, tf32, device)
               for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
                                   (torch.bfloat16, False))}
-    monkeypatch.setattr(cuda, "FUSED_MAX_WIDTH", 256)
+    monkeypatch.setattr(cuda, "TILE_KERNEL_MAX_WIDTH", 256)
     monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((8, 6), model_for("NVIDIA GeForce RTX 3090", 82), limits)})
     backend, gpu = cuda.CudaBackend(), torch.device("cuda", 0)
     config = make_config(in_features=40, out_features=7, layer_width=200, num_layers=2)
@@ -319,7 +319,7 @@ def test_supports_reports_the_device_limit(emulated_ops, monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = False
         assert "cost model" in backend.supports(config, torch.float32, gpu).reason
         assert backend.supports(config, torch.bfloat16, gpu).reason == (
-            "hoisted cuBLAS chain: w=200 > 192 (the fused kernels' shared memory does not fit device 0)")
+            "hoisted cuBLAS chain: w=200 > 192 (the native kernels' shared memory does not fit device 0)")
         torch.backends.cuda.matmul.allow_tf32 = True
         assert backend.supports(config, torch.float32, gpu).reason.startswith("hoisted cuBLAS chain: w=200 > 192")
     finally:

@@ -52,7 +52,7 @@ def assert_matches_reference(model: Model, x: torch.Tensor, got: torch.Tensor, l
 def test_no_spinal_op_has_a_global_decomposition():
     # Inductor refuses (under CI=1) to fall back to an op that has one, and would otherwise
     # decompose it: the fused ops must stay single calls in torch.compile and AOTInductor.
-    for name in ("fused_forward", "fused_backward", "hoisted_forward", "hoisted_backward", "triton_forward", "triton_backward"):
+    for name in ("native_forward", "native_backward", "hoisted_forward", "hoisted_backward", "triton_forward", "triton_backward"):
         if hasattr(torch.ops.spinal_ops, name):
             assert not torch._decomp.get_decompositions([getattr(torch.ops.spinal_ops, name).default]), name
 
@@ -61,8 +61,8 @@ def test_torch_export_keeps_the_fused_op_and_its_numbers():
     model = make_model()
     x = torch.randn(4, 5)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: BATCH},))
-    assert "spinal_ops.fused_forward" in program.graph_module.code
-    assert "spinal_ops.fused_forward" in program.run_decompositions().graph_module.code
+    assert "spinal_ops.native_forward" in program.graph_module.code
+    assert "spinal_ops.native_forward" in program.run_decompositions().graph_module.code
     other = torch.randn(9, 5)
     with torch.no_grad():
         got = program.module()(other)
@@ -147,10 +147,10 @@ def test_torchscript_onnx_exporter_also_gives_standard_ops(tmp_path):
 
 
 def test_onnx_export_of_an_exported_program_names_the_fused_op(tmp_path):
-    """What cannot be exported says so: an ExportedProgram already holds spinal_ops::fused_forward,
+    """What cannot be exported says so: an ExportedProgram already holds spinal_ops::native_forward,
     which has no ONNX translation (the module itself exports, above)."""
     if not available_backends()["cpu"]:
         pytest.skip(f"cpu backend: {available_backends()['cpu'].reason}")
     program = torch.export.export(make_model(backend="cpu"), (torch.randn(4, 5),))
-    with pytest.raises(torch.onnx.OnnxExporterError, match=r"spinal_ops\.fused_forward"):
+    with pytest.raises(torch.onnx.OnnxExporterError, match=r"spinal_ops\.native_forward"):
         torch.onnx.export(program, (torch.randn(4, 5),), str(tmp_path / "model.onnx"), dynamo=True, verbose=False)

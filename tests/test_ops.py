@@ -4,7 +4,7 @@ import torch
 
 from spinal_ops import ops
 
-PAIRS = ("fused", "hoisted", "triton")
+PAIRS = ("native", "hoisted", "triton")
 
 
 @pytest.mark.parametrize("pair", PAIRS)
@@ -26,4 +26,4 @@ def test_a_stale_extension_is_recognised():
         pytest.skip(f"compiled extension: {ops.extension_status().reason}")
     assert ops.compiled_schema_mismatches() == []
     older = ops.FORWARD_SCHEMA.replace("bool allow_tf32=False, ", "")
-    assert ops.compiled_schema_mismatches(forward_schema=older) == ["fused_forward", "hoisted_forward"]
+    assert ops.compiled_schema_mismatches(forward_schema=older) == ["native_forward", "hoisted_forward"]

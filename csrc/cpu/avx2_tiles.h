@@ -1,4 +1,4 @@
-// AVX2+FMA building blocks of the fused narrow-layer kernels (narrow_chain_forward.cpp,
+// AVX2+FMA building blocks of the narrow-chain kernels (narrow_chain_forward.cpp,
 // narrow_chain_backward.cpp): a register-tiled small-matrix product and vectorised activations.
 //
 // Only functions marked SPINAL_AVX2 are compiled for AVX2 and FMA; the rest of the extension stays

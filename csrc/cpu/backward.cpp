@@ -1,4 +1,4 @@
-// CPU kernel of spinal_ops::fused_backward: narrow float32 layers on an AVX2 CPU run the fused
+// CPU kernel of spinal_ops::native_backward: narrow float32 layers on an AVX2 CPU run the narrow
 // row-tile pass (narrow_chain.h), everything else the hoisted chain's backward (csrc/aten_chain.h);
 // both compute only the gradients output_mask asks for.
 #include <torch/library.h>
@@ -9,7 +9,7 @@
 namespace spinal_ops::cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation, const at::Tensor& weight_in,
     const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out, std::array<bool, 6> output_mask,
     c10::string_view activation, double negative_slope, bool /*allow_tf32: no TF32 on CPU*/) {
@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
   const at::Tensor x_compute = to_compute(x);
-  const auto backward = uses_fused_narrow_chain(shape, x_compute) ? &fused_narrow_backward : &chain::hoisted_backward;
+  const auto backward = uses_narrow_chain(shape, x_compute) ? &narrow_chain_backward : &chain::hoisted_backward;
   const std::array<at::Tensor, 6> grads =
       backward(shape, to_compute(grad_out), x_compute, to_compute(pre_activation), to_compute(weight_in),
                to_compute(weight_hidden), to_compute(weight_out), act, negative_slope, output_mask);
@@ -28,6 +28,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) { m.impl("fused_backward", &fused_backward_cpu); }
+TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) { m.impl("native_backward", &native_backward_cpu); }
 
 }  // namespace spinal_ops::cpu

@@ -1,4 +1,4 @@
-// CPU kernel of spinal_ops::fused_forward: narrow float32 layers on an AVX2 CPU run the fused
+// CPU kernel of spinal_ops::native_forward: narrow float32 layers on an AVX2 CPU run the narrow
 // row-tile pass (narrow_chain.h); everything else the hoisted chain (csrc/aten_chain.h) on BLAS.
 //
 // bfloat16 is upcast to float32 on entry and rounded once on exit. Every ATen call inside is a
@@ -11,7 +11,7 @@
 namespace spinal_ops::cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const at::Tensor& weight_in,
+std::tuple<at::Tensor, at::Tensor> native_forward_cpu(const at::Tensor& x, const at::Tensor& weight_in,
                                                      const at::Tensor& weight_hidden,
                                                      const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& weight_out,
@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
   const at::Tensor x_compute = to_compute(x);
-  const auto forward = uses_fused_narrow_chain(shape, x_compute) ? &fused_narrow_forward : &chain::hoisted_forward;
+  const auto forward = uses_narrow_chain(shape, x_compute) ? &narrow_chain_forward : &chain::hoisted_forward;
   auto [out, pre_activation] =
       forward(shape, x_compute, to_compute(weight_in), to_compute(weight_hidden), to_compute(bias),
               to_compute(weight_out), to_compute(bias_out), act, negative_slope, keep_pre_activation);
@@ -32,6 +32,6 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cpu(const at::Tensor& x, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) { m.impl("fused_forward", &fused_forward_cpu); }
+TORCH_LIBRARY_IMPL(spinal_ops, CPU, m) { m.impl("native_forward", &native_forward_cpu); }
 
 }  // namespace spinal_ops::cpu

@@ -1,4 +1,4 @@
-// A narrow spinal layer (w <= kFusedMaxWidth, float32) forward and backward, each as one pass
+// A narrow spinal layer (w <= kNarrowChainMaxWidth, float32) forward and backward, each as one pass
 // over row tiles vectorised for AVX2+FMA: no ATen call between reading the inputs and writing
 // the results.
 //
@@ -56,20 +56,20 @@
 
 namespace spinal_ops::cpu {
 
-// Widest layer the fused kernels take. Measured on vgg5 (w = 128), 1 thread: at batch 64 the
-// fused pass is slower than the chain (E 2.4 vs 1.4 inference: repacking 0.5 MB of weights per
+// Widest layer the narrow-chain kernels take. Measured on vgg5 (w = 128), 1 thread: at batch 64 the
+// narrow-chain pass is slower than the chain (E 2.4 vs 1.4 inference: repacking 0.5 MB of weights per
 // call), at 4096 no faster; w <= 32 is where it wins (mnist, w = 8: 2x).
-constexpr int64_t kFusedMaxWidth = 32;
+constexpr int64_t kNarrowChainMaxWidth = 32;
 
-// Whether this machine runs the fused narrow kernels (AVX2 and FMA, and PyTorch's own kernels use them).
-bool fused_narrow_kernels_run();
+// Whether this machine runs the narrow-chain kernels (AVX2 and FMA, and PyTorch's own kernels use them).
+bool narrow_chain_kernels_run();
 
-// Whether the fused narrow kernels run this call (dtype, width, CPU features).
-bool uses_fused_narrow_chain(const SpinalShape& shape, const at::Tensor& x);
+// Whether the narrow-chain kernels run this call (dtype, width, CPU features).
+bool uses_narrow_chain(const SpinalShape& shape, const at::Tensor& x);
 
 // (out, pre_activation) as chain::hoisted_forward returns them; x and the parameters are
 // contiguous float32.
-std::tuple<at::Tensor, at::Tensor> fused_narrow_forward(const SpinalShape& shape, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> narrow_chain_forward(const SpinalShape& shape, const at::Tensor& x,
                                                         const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                                         const std::optional<at::Tensor>& bias,
                                                         const std::optional<at::Tensor>& weight_out,
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> fused_narrow_forward(const SpinalShape& shape
 
 // The gradients as chain::hoisted_backward returns them (an empty [0] tensor where mask is false);
 // every tensor contiguous float32.
-std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const at::Tensor& grad_out,
+std::array<at::Tensor, 6> narrow_chain_backward(const SpinalShape& shape, const at::Tensor& grad_out,
                                                 const at::Tensor& x, const at::Tensor& pre_activation,
                                                 const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                                 const std::optional<at::Tensor>& weight_out, Activation act,

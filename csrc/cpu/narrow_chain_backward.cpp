@@ -1,4 +1,4 @@
-// Fused backward of narrow layers on AVX2 (scheme in narrow_chain.h).
+// Narrow-chain backward on AVX2 (scheme in narrow_chain.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -396,13 +396,13 @@ void write_weight_grads(const BackwardPlan& plan, const float* total, std::array
 
 }  // namespace
 
-std::array<at::Tensor, 6> fused_narrow_backward(const SpinalShape& shape, const at::Tensor& grad_out,
+std::array<at::Tensor, 6> narrow_chain_backward(const SpinalShape& shape, const at::Tensor& grad_out,
                                                 const at::Tensor& x, const at::Tensor& pre_activation,
                                                 const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                                 const std::optional<at::Tensor>& weight_out, Activation act,
                                                 double negative_slope, const std::array<bool, 6>& mask) {
-  TORCH_CHECK(uses_fused_narrow_chain(shape, x), "spinal_ops: the fused narrow backward needs float32, w <= ",
-              text(kFusedMaxWidth), " and a CPU with AVX2 and FMA");
+  TORCH_CHECK(uses_narrow_chain(shape, x), "spinal_ops: the narrow-chain backward needs float32, w <= ",
+              text(kNarrowChainMaxWidth), " and a CPU with AVX2 and FMA");
   const auto options = x.options();
   const bool projection = weight_out.has_value();
   std::array<at::Tensor, 6> grads;

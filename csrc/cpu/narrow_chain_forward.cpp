@@ -1,4 +1,4 @@
-// Fused forward of narrow layers on AVX2 (scheme in narrow_chain.h).
+// Narrow-chain forward on AVX2 (scheme in narrow_chain.h).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -178,20 +178,20 @@ void forward_tiles(const Plan& plan) {
 
 }  // namespace
 
-bool fused_narrow_kernels_run() { return cpu_has_avx2_fma(); }
+bool narrow_chain_kernels_run() { return cpu_has_avx2_fma(); }
 
-bool uses_fused_narrow_chain(const SpinalShape& shape, const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && shape.layer_width <= kFusedMaxWidth && cpu_has_avx2_fma();
+bool uses_narrow_chain(const SpinalShape& shape, const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && shape.layer_width <= kNarrowChainMaxWidth && cpu_has_avx2_fma();
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_narrow_forward(const SpinalShape& shape, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> narrow_chain_forward(const SpinalShape& shape, const at::Tensor& x,
                                                         const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                                         const std::optional<at::Tensor>& bias,
                                                         const std::optional<at::Tensor>& weight_out,
                                                         const std::optional<at::Tensor>& bias_out, Activation act,
                                                         double negative_slope, bool keep_pre_activation) {
-  TORCH_CHECK(uses_fused_narrow_chain(shape, x), "spinal_ops: the fused narrow forward needs float32, w <= ",
-              text(kFusedMaxWidth), " and a CPU with AVX2 and FMA");
+  TORCH_CHECK(uses_narrow_chain(shape, x), "spinal_ops: the narrow-chain forward needs float32, w <= ",
+              text(kNarrowChainMaxWidth), " and a CPU with AVX2 and FMA");
   const auto options = x.options();
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, options);
   at::Tensor pre_activation = keep_pre_activation ? at::empty({shape.batch, shape.hidden()}, options)

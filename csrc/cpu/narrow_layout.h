@@ -1,4 +1,4 @@
-// Column layout shared by the fused narrow-layer kernels (narrow_chain.h): layers grouped by the
+// Column layout shared by the narrow-chain kernels (narrow_chain.h): layers grouped by the
 // input window they read, each group's columns side by side and rounded up to a whole vector.
 #pragma once
 

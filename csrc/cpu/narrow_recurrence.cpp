@@ -27,8 +27,8 @@ void forward_rows(const at::Tensor& products, const std::vector<int64_t>& slot_o
   const int64_t z_stride = z_data ? pre_activation.stride(0) : 0;
 
   at::parallel_for(0, rows, kNarrowRowGrain, [&](int64_t begin, int64_t end) {
-    T previous[kNarrowMaxWidth];
-    T z[kNarrowMaxWidth];
+    T previous[kNarrowRecurrenceMaxWidth];
+    T z[kNarrowRecurrenceMaxWidth];
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t layer = 0; layer < num_layers; ++layer) {
         const T* p = product_data + row * product_stride + slot_offsets[layer];
@@ -67,8 +67,8 @@ void backward_rows(const at::Tensor& grad_z, const std::vector<int64_t>& slot_of
   std::vector<T> partials(want_dr ? chunks * dr_size : 0, T(0));
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    T next[kNarrowMaxWidth];    // dz_{l+1}
-    T h_prev[kNarrowMaxWidth];  // h_{l-1} = phi(z_{l-1}), for dR_{l-1} += dz_l^T h_{l-1}
+    T next[kNarrowRecurrenceMaxWidth];    // dz_{l+1}
+    T h_prev[kNarrowRecurrenceMaxWidth];  // h_{l-1} = phi(z_{l-1}), for dR_{l-1} += dz_l^T h_{l-1}
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       T* dr = want_dr ? partials.data() + chunk * dr_size : nullptr;
       for (int64_t row = chunk * chunk_rows; row < std::min(rows, (chunk + 1) * chunk_rows); ++row) {
@@ -107,8 +107,8 @@ void backward_rows(const at::Tensor& grad_z, const std::vector<int64_t>& slot_of
 }
 
 void check_narrow(const at::Tensor& weight_hidden, const std::vector<int64_t>& slot_offsets) {
-  TORCH_CHECK(weight_hidden.size(-1) <= kNarrowMaxWidth, "spinal_ops: narrow recurrence needs w <= ",
-              text(kNarrowMaxWidth));
+  TORCH_CHECK(weight_hidden.size(-1) <= kNarrowRecurrenceMaxWidth, "spinal_ops: narrow recurrence needs w <= ",
+              text(kNarrowRecurrenceMaxWidth));
   TORCH_CHECK(weight_hidden.is_contiguous() && weight_hidden.size(0) + 1 == static_cast<int64_t>(slot_offsets.size()),
               "spinal_ops: narrow recurrence needs contiguous [L-1, w, w] weights");
 }

@@ -1,6 +1,6 @@
 // The sequential part of the hoisted chain (csrc/aten_chain.h) for narrow layers on a CPU.
 //
-// With w <= kNarrowMaxWidth the recurrence as ATen calls is one [rows, w] x [w, w] GEMM and one
+// With w <= kNarrowRecurrenceMaxWidth the recurrence as ATen calls is one [rows, w] x [w, w] GEMM and one
 // activation call per layer: BLAS runs a GEMM that small at a few GFLOP/s, and at small batch
 // the calls' own overhead is most of the op's time. These loops do the whole recurrence in one
 // pass over the rows instead.
@@ -27,7 +27,7 @@
 namespace spinal_ops::cpu {
 
 // Widest layer the loops handle (the per-row arrays live on the stack).
-constexpr int64_t kNarrowMaxWidth = 32;
+constexpr int64_t kNarrowRecurrenceMaxWidth = 32;
 
 // Rows per parallel task: enough work (rows * L * w^2 multiply-adds) to outweigh a task's start.
 constexpr int64_t kNarrowRowGrain = 64;

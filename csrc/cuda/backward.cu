@@ -1,4 +1,4 @@
-// Host launcher of the two fused backward kernels (backward_kernels.cuh holds the kernels,
+// Host launcher of the two tile backward kernels (backward_kernels.cuh holds the kernels,
 // their tiling and smem budget; narrow_kernels.cuh the narrow layers' launch 1): allocates the dZ
 // workspace and the split-K workspace.
 #include "backward_kernels.cuh"
@@ -47,8 +47,8 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
   if (allow_narrow && narrow_kernels_fit(shape)) {
     launch_narrow_data_grad<T>(shape, d);
   } else {
-    launch_kernel<spinal_data_grad_kernel<DataMma, T>>(ceil_div(shape.batch, kM), fused_smem_bytes<DataMma, T>(d.w),
-                                                       fused_smem_bytes<DataMma, T>(kFusedMaxWidth), d);
+    launch_kernel<spinal_data_grad_kernel<DataMma, T>>(ceil_div(shape.batch, kM), tile_smem_bytes<DataMma, T>(d.w),
+                                                       tile_smem_bytes<DataMma, T>(kTileKernelMaxWidth), d);
   }
 
   const WeightGradArgs<T> g = make_weight_grad_args<T>(
@@ -60,12 +60,12 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
 
 }  // namespace
 
-void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,
                            bool allow_narrow) {
-  TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA backward needs w <= ", kFusedMaxWidth);
+  TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile backward needs w <= ", kTileKernelMaxWidth);
   with_kernel_types(x.scalar_type(), allow_tf32, [&](auto types) {
     using Types = decltype(types);
     launch<typename Types::DataMma, typename Types::GradMma, typename Types::Element>(

@@ -1,4 +1,4 @@
-// Fused backward kernels of the spinal layer (launched by backward.cu): TWO launches whatever L is.
+// Tile backward kernels of the spinal layer (launched by backward.cu): TWO launches whatever L is.
 //
 // Launch 1, spinal_data_grad_kernel (data gradients, one CTA per tile of kTileM rows, 256 threads):
 //   walks the chain backwards with dz_{l+1} kept on chip (two smem state buffers, as in forward):

@@ -1,6 +1,6 @@
-// Host launcher of the fused forward kernels (forward_kernel.cuh: the tiled kernel, its tiling and
+// Host launcher of the tile forward kernels (forward_kernel.cuh: the tiled kernel, its tiling and
 // smem budget; narrow_kernels.cuh: one thread per row for narrow layers) and the routing
-// between the fused kernels and the hoisted chain.
+// between the tile kernels and the hoisted chain.
 #include "forward_kernel.cuh"
 #include "launch.cuh"
 #include "narrow_kernels.cuh"
@@ -16,8 +16,8 @@ void launch(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& wei
             float slope, const at::Tensor& out, const at::Tensor& pre_activation) {
   const ForwardArgs<T> p = make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
                                                 slope, out, pre_activation);
-  launch_kernel<spinal_forward_kernel<Mma, T>>(ceil_div(shape.batch, Mma::kTileM), fused_smem_bytes<Mma, T>(p.w),
-                                               fused_smem_bytes<Mma, T>(kFusedMaxWidth), p);
+  launch_kernel<spinal_forward_kernel<Mma, T>>(ceil_div(shape.batch, Mma::kTileM), tile_smem_bytes<Mma, T>(p.w),
+                                               tile_smem_bytes<Mma, T>(kTileKernelMaxWidth), p);
 }
 
 // The narrow forward kernel (narrow_kernels.cuh), compiled for w <= 8 and w <= 16.
@@ -31,38 +31,38 @@ void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p) {
   });
 }
 
-int64_t fused_smem_bytes_for(at::ScalarType dtype, bool tf32, int64_t w) {
+int64_t tile_smem_bytes_for(at::ScalarType dtype, bool tf32, int64_t w) {
   return with_kernel_types(dtype, tf32, [&](auto types) {
     using Types = decltype(types);
-    return fused_smem_bytes<typename Types::DataMma, typename Types::Element>(w);
+    return tile_smem_bytes<typename Types::DataMma, typename Types::Element>(w);
   });
 }
 
 }  // namespace
 
-int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device) {
+int64_t tile_kernel_width_limit(at::ScalarType dtype, bool allow_tf32, int device) {
   const bool tf32 = dtype == at::kFloat && allow_tf32;
   const int64_t optin = smem_optin(device);
-  // The smem need grows with round_up(w, kTileK): try kFusedMaxWidth, then each kTileK step below.
-  int64_t w = kFusedMaxWidth;
-  while (w > 0 && fused_smem_bytes_for(dtype, tf32, w) > optin) w = round_up(w, kTileK) - kTileK;
+  // The smem need grows with round_up(w, kTileK): try kTileKernelMaxWidth, then each kTileK step below.
+  int64_t w = kTileKernelMaxWidth;
+  while (w > 0 && tile_smem_bytes_for(dtype, tf32, w) > optin) w = round_up(w, kTileK) - kTileK;
   return w;
 }
 
 bool narrow_kernels_fit(const SpinalShape& shape) {
-  return shape.layer_width <= kNarrowMaxWidth && shape.out_features <= kNarrowMaxOut;
+  return shape.layer_width <= kNarrowKernelMaxWidth && shape.out_features <= kNarrowKernelMaxOut;
 }
 
-bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device) {
-  return shape.layer_width <= fused_width_limit(dtype, allow_tf32, device);
+bool use_native_kernels(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device) {
+  return shape.layer_width <= tile_kernel_width_limit(dtype, allow_tf32, device);
 }
 
-void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
+void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
                           const at::Tensor& pre_activation, bool allow_narrow) {
-  TORCH_CHECK(shape.layer_width <= kFusedMaxWidth, "spinal_ops: fused CUDA forward needs w <= ", kFusedMaxWidth);
+  TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile forward needs w <= ", kTileKernelMaxWidth);
   with_kernel_types(x.scalar_type(), allow_tf32, [&](auto types) {
     using Types = decltype(types);
     using T = typename Types::Element;

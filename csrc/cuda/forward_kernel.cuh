@@ -1,4 +1,4 @@
-// Fused forward kernel of the spinal layer (launched by forward.cu): ONE launch computes every
+// Tile forward kernel of the spinal layer (launched by forward.cu): ONE launch computes every
 // layer and the output projection.
 //
 // Tiling and launch scheme
@@ -17,7 +17,7 @@
 //   Without M, the epilogue writes h_l directly into out = H.
 // Smem budget (w = 256): bf16/fp16 2*64*264*2 + 64*40*2 + 128*40*2 + 64*132*4 = 117 KB;
 //   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB)
-//   and sm90 (227 KB); on 99 KB parts (sm86/89/120) use_fused_path() sends w > 192 (fp16/bf16/TF32)
+//   and sm90 (227 KB); on 99 KB parts (sm86/89/120) use_native_kernels() sends w > 192 (fp16/bf16/TF32)
 //   and w > 224 (fp32) to the hoisted chain (csrc/aten_chain.h). The launch is launch_kernel() (launch.cuh).
 // Numerics: fp32 accumulation; z is rounded to the storage dtype once (that is Z) and
 //   h = dtype(phi(float(Z))), so backward's recomputation of h from Z is bit-identical.

@@ -18,14 +18,14 @@ T* optional_data(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
-// Widest layer the fused kernels run on `device` for this dtype (and, for float32, TF32 policy):
-// kFusedMaxWidth (tile_mma.cuh), or less where their shared memory exceeds the device's opt-in
+// Widest layer the tile kernels run on `device` for this dtype (and, for float32, TF32 policy):
+// kTileKernelMaxWidth (tile_mma.cuh), or less where their shared memory exceeds the device's opt-in
 // maximum per block (99 KB on sm_86/89/120). 0: none fits.
-int64_t fused_width_limit(at::ScalarType dtype, bool allow_tf32, int device);
+int64_t tile_kernel_width_limit(at::ScalarType dtype, bool allow_tf32, int device);
 
-// The routing decision of the CUDA op: the fused kernels when w <= fused_width_limit(...) under
+// The routing decision of the CUDA op: the tile kernels when w <= tile_kernel_width_limit(...) under
 // the op's TF32 choice, the hoisted chain (csrc/aten_chain.h) otherwise.
-bool use_fused_path(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device);
+bool use_native_kernels(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device);
 
 // Whether this shape runs the narrow kernels (narrow_kernels.cuh: w <= 16, M <= 16; one thread per
 // row) for the forward and backward launch 1 rather than the tiled ones.
@@ -33,7 +33,7 @@ bool narrow_kernels_fit(const SpinalShape& shape);
 
 // One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0. The narrow kernel
 // runs where it fits unless `allow_narrow` is false (the CPU model of CUDA tests both kernels).
-void launch_fused_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
+void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
@@ -45,7 +45,7 @@ struct BackwardOutputs {
 
 // Two launches: data gradients (dx, dZ), then every weight/bias gradient. B > 0. Launch 1 runs the
 // narrow kernel where it fits unless `allow_narrow` is false.
-void launch_fused_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,

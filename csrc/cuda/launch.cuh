@@ -1,4 +1,4 @@
-// Host side of every fused-kernel launch (forward.cu, backward.cu): the dynamic shared-memory
+// Host side of every native-kernel launch (forward.cu, backward.cu): the dynamic shared-memory
 // limit per device and kernel, the grid check and the launch on the current stream.
 #pragma once
 
@@ -40,9 +40,9 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
     C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     limit[device] = bytes;
   });
-  TORCH_CHECK(smem_bytes <= limit[device], "spinal_ops: the fused kernel needs ", text(smem_bytes),
+  TORCH_CHECK(smem_bytes <= limit[device], "spinal_ops: the tile kernel needs ", text(smem_bytes),
               " bytes of shared memory, device ", text(device), " allows ", text(limit[device]),
-              " (use_fused_path() should have routed the call to the hoisted chain)");
+              " (use_native_kernels() should have routed the call to the hoisted chain)");
   void* kernel_args[] = {const_cast<Args*>(&args)};
   C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), kernel_args,
                                   static_cast<size_t>(smem_bytes), c10::cuda::getCurrentCUDAStream()));
@@ -51,7 +51,7 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
 // Dynamic shared memory of the forward and data-gradient kernels at layer width w (the
 // weight-gradient kernel needs less).
 template <class Mma, typename T>
-int64_t fused_smem_bytes(int64_t w) {
+int64_t tile_smem_bytes(int64_t w) {
   return SmemLayout<Mma, T>(static_cast<int>(round_up(w, kTileK))).total;
 }
 

@@ -1,4 +1,4 @@
-// Kernels for narrow layers (w <= kNarrowMaxWidth, M <= kNarrowMaxOut), one thread per row:
+// Kernels for narrow layers (w <= kNarrowKernelMaxWidth, M <= kNarrowKernelMaxOut), one thread per row:
 //   spinal_narrow_forward_kernel    in place of the tiled forward kernel (forward_kernel.cuh);
 //   spinal_narrow_data_grad_kernel  in place of backward launch 1 (backward_kernels.cuh); launch 2
 //                                   (the weight gradients) follows it unchanged.
@@ -13,7 +13,7 @@
 // Tiling and launch scheme (both kernels)
 //   grid  = ceil(B / kNarrowRows) CTAs; block = kNarrowRows = 128 threads, thread t <-> row
 //   row0 + t; dynamic smem NarrowSmem (~30 KB: several CTAs per SM). Register arrays are indexed
-//   by unrolled loops only (W, kNarrowChunk, kNarrowMaxOut are compile-time), so they stay in
+//   by unrolled loops only (W, kNarrowChunk, kNarrowKernelMaxOut are compile-time), so they stay in
 //   registers (the register caps: k*MinBlocksPerSm below).
 //   Operands every thread reads alike (weights) are staged in smem and read at one address by the
 //   whole CTA (a broadcast); row data goes through a [128][33] fp32 tile, written or read by one
@@ -52,8 +52,8 @@ namespace cuda_kernels {
 
 constexpr int kNarrowRows = 128;  // rows per CTA = threads per CTA
 constexpr int kNarrowChunk = 32;  // window columns staged per step
-constexpr int kNarrowMaxWidth = 16;
-constexpr int kNarrowMaxOut = 16;  // M: the backward's g values per thread, the forward's y columns
+constexpr int kNarrowKernelMaxWidth = 16;
+constexpr int kNarrowKernelMaxOut = 16;  // M: the backward's g values per thread, the forward's y columns
 // CTAs per SM each kernel's register budget is capped for (65536 / (128 * CTAs) registers per
 // thread): more warps in flight hide the global loads' latency, as long as nothing spills in bulk.
 // The forward holds x's next chunk in registers: at 4 CTAs (128 registers) ptxas spilled up to
@@ -80,9 +80,9 @@ struct NarrowSmem {
   static constexpr int kX = 0;
   static constexpr int kA = kX + kNarrowRows * kXLd;  // [kNarrowChunk][W] (forward), [W][kNarrowChunk] (dx)
   static constexpr int kR = kA + kNarrowChunk * W;    // [W][W]
-  static constexpr int kOut = kR + W * W;             // [kNarrowMaxOut][W]
-  static constexpr int kBias = kOut + kNarrowMaxOut * W;
-  static constexpr int kYLd = kNarrowMaxOut + 1;  // odd: thread t's row y_tile[t] is conflict-free
+  static constexpr int kOut = kR + W * W;             // [kNarrowKernelMaxOut][W]
+  static constexpr int kBias = kOut + kNarrowKernelMaxOut * W;
+  static constexpr int kYLd = kNarrowKernelMaxOut + 1;  // odd: thread t's row y_tile[t] is conflict-free
   static constexpr int kY = kBias + W;            // [kNarrowRows][kYLd] (forward: y, each thread its row)
   static constexpr int64_t kBytes = static_cast<int64_t>(kY + kNarrowRows * kYLd) * sizeof(float);
 };
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
           const int i = idx / W, j = idx % W;
           r_tile[idx] = layer > 0 && i < w && j < w ? static_cast<float>(r_l[i * w + j]) : 0.f;
         }
-        for (int idx = t; idx < kNarrowMaxOut * W; idx += kNarrowRows) {
+        for (int idx = t; idx < kNarrowKernelMaxOut * W; idx += kNarrowRows) {
           const int m = idx / W, j = idx % W;
           out_tile[idx] = m < m_count && j < w ? static_cast<float>(p.weight_out[m * hidden + layer * w + j]) : 0.f;
         }
@@ -279,9 +279,9 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
 
-  float g[kNarrowMaxOut];
+  float g[kNarrowKernelMaxOut];
 #pragma unroll
-  for (int m = 0; m < kNarrowMaxOut; ++m) {
+  for (int m = 0; m < kNarrowKernelMaxOut; ++m) {
     g[m] = valid && m < m_count ? static_cast<float>(p.grad_out[row * m_count + m]) : 0.f;
   }
   float dz_next[W];
@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
       const int i = idx / W, j = idx % W;
       r_tile[idx] = layer + 1 < p.num_layers && i < w && j < w ? static_cast<float>(r_next[i * w + j]) : 0.f;
     }
-    for (int idx = t; idx < kNarrowMaxOut * W; idx += kNarrowRows) {
+    for (int idx = t; idx < kNarrowKernelMaxOut * W; idx += kNarrowRows) {
       const int m = idx / W, j = idx % W;
       out_tile[idx] = m < m_count && j < w ? static_cast<float>(p.weight_out[m * hidden + layer * w + j]) : 0.f;
     }
@@ -304,7 +304,7 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
 #pragma unroll
     for (int j = 0; j < W; ++j) dh[j] = 0.f;
 #pragma unroll
-    for (int m = 0; m < kNarrowMaxOut; ++m) {
+    for (int m = 0; m < kNarrowKernelMaxOut; ++m) {
       if (m < m_count) {
 #pragma unroll
         for (int j = 0; j < W; ++j) dh[j] = fmaf(g[m], out_tile[m * W + j], dh[j]);

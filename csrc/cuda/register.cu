@@ -1,11 +1,11 @@
-// CUDA implementations of spinal_ops::fused_forward / fused_backward (schemas in csrc/ops.cpp).
+// CUDA implementations of spinal_ops::native_forward / native_backward (schemas in csrc/ops.cpp).
 //
 // Checks every argument before anything runs, guards x's device, makes inputs contiguous,
-// allocates the outputs and routes the call (use_fused_path, forward.cu): fused kernels
-// (forward.cu, backward.cu) when w <= kFusedMaxWidth and their shared memory fits the device,
+// allocates the outputs and routes the call (use_native_kernels, forward.cu): the tile or narrow kernels
+// (forward.cu, backward.cu) when w <= kTileKernelMaxWidth and their shared memory fits the device,
 // the hoisted ATen chain (csrc/aten_chain.h, cuBLAS) otherwise. An empty batch launches no
 // kernel. The hoisted_* ops run that chain directly (the cuda backend's cost model picks them per
-// call). Also defines spinal_ops::cuda_fused_max_width() and cuda_fused_width_limit(device,
+// call). Also defines spinal_ops::cuda_tile_kernel_max_width() and cuda_tile_kernel_width_limit(device,
 // dtype, allow_tf32), the thresholds Python's CudaBackend.supports() reports, so they live in one
 // place.
 #include <ATen/ATen.h>
@@ -56,7 +56,7 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
-std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in_in,
+std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in_in,
                                                       const at::Tensor& weight_hidden_in,
                                                       const std::optional<at::Tensor>& bias_in,
                                                       const std::optional<at::Tensor>& weight_out_in,
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
   const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
-  if (!use_fused_path(shape, x.scalar_type(), allow_tf32, x.get_device())) {  // too wide for this device's tiles
+  if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {  // too wide for this device's tiles
     const CublasTf32Scope tf32(allow_tf32);
     return chain::hoisted_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope,
                                   keep_pre_activation);
@@ -83,13 +83,13 @@ std::tuple<at::Tensor, at::Tensor> fused_forward_cuda(const at::Tensor& x_in, co
   const bool z_written = keep_pre_activation || !narrow_kernels_fit(shape);
   at::Tensor pre_activation = at::empty({z_written ? shape.batch : 0, shape.hidden()}, x.options());
   if (shape.batch > 0) {
-    launch_fused_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
+    launch_native_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
                          static_cast<float>(negative_slope), allow_tf32, out, pre_activation);
   }
   return {out, keep_pre_activation ? pre_activation : at::empty({0}, x.options())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& pre_activation_in,
     const at::Tensor& weight_in_in, const at::Tensor& weight_hidden_in, const std::optional<at::Tensor>& weight_out_in,
     std::array<bool, 6> output_mask, c10::string_view activation, double negative_slope, bool allow_tf32) {
@@ -105,13 +105,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pre_activation = pre_activation_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto weight_out = contiguous(weight_out_in);
-  if (!use_fused_path(shape, x.scalar_type(), allow_tf32, x.get_device())) {
+  if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const CublasTf32Scope tf32(allow_tf32);
     const auto grads = chain::hoisted_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden,
                                                weight_out, act, negative_slope, output_mask);
     return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
   }
-  // The fused kernels compute every gradient in their two launches; the mask only decides which
+  // The tile and narrow kernels compute every gradient in their two launches; the mask only decides which
   // bias gradients exist.
   const auto options = x.options();
   // With an empty batch every weight gradient is a sum over no rows: zero.
@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   grads.grad_weight_out = weight_out ? alloc(weight_out->sizes()) : at::empty({0}, options);
   grads.grad_bias_out = shape.has_bias_out ? alloc({shape.out_features}) : at::empty({0}, options);
   if (shape.batch > 0) {
-    launch_fused_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
+    launch_native_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
                           static_cast<float>(negative_slope), allow_tf32, grads);
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
@@ -166,13 +166,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
 }
 
-int64_t fused_max_width() { return kFusedMaxWidth; }
+int64_t tile_kernel_max_width() { return kTileKernelMaxWidth; }
 
 // [widest w, most outputs M] of the narrow kernels (narrow_kernels.cuh).
-std::vector<int64_t> narrow_limits() { return {kNarrowMaxWidth, kNarrowMaxOut}; }
+std::vector<int64_t> narrow_limits() { return {kNarrowKernelMaxWidth, kNarrowKernelMaxOut}; }
 
-int64_t fused_width_limit_op(int64_t device, at::ScalarType dtype, bool allow_tf32) {
-  return fused_width_limit(dtype, allow_tf32, static_cast<int>(device));
+int64_t tile_kernel_width_limit_op(int64_t device, at::ScalarType dtype, bool allow_tf32) {
+  return tile_kernel_width_limit(dtype, allow_tf32, static_cast<int>(device));
 }
 
 }  // namespace
@@ -180,15 +180,15 @@ int64_t fused_width_limit_op(int64_t device, at::ScalarType dtype, bool allow_tf
 }  // namespace spinal_ops
 
 TORCH_LIBRARY_FRAGMENT(spinal_ops, m) {
-  m.def("cuda_fused_max_width() -> int", &spinal_ops::cuda_kernels::fused_max_width);
-  m.def("cuda_fused_width_limit(int device, ScalarType dtype, bool allow_tf32) -> int",
-        &spinal_ops::cuda_kernels::fused_width_limit_op);
+  m.def("cuda_tile_kernel_max_width() -> int", &spinal_ops::cuda_kernels::tile_kernel_max_width);
+  m.def("cuda_tile_kernel_width_limit(int device, ScalarType dtype, bool allow_tf32) -> int",
+        &spinal_ops::cuda_kernels::tile_kernel_width_limit_op);
   m.def("cuda_narrow_limits() -> int[]", &spinal_ops::cuda_kernels::narrow_limits);
 }
 
 TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {
-  m.impl("fused_forward", &spinal_ops::cuda_kernels::fused_forward_cuda);
-  m.impl("fused_backward", &spinal_ops::cuda_kernels::fused_backward_cuda);
+  m.impl("native_forward", &spinal_ops::cuda_kernels::native_forward_cuda);
+  m.impl("native_backward", &spinal_ops::cuda_kernels::native_backward_cuda);
   m.impl("hoisted_forward", &spinal_ops::cuda_kernels::hoisted_forward_cuda);
   m.impl("hoisted_backward", &spinal_ops::cuda_kernels::hoisted_backward_cuda);
 }

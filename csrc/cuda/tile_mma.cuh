@@ -40,10 +40,10 @@ constexpr int kTileN = 128;  // output columns per CTA tile
 constexpr int kTileK = 32;   // K-chunk staged in shared memory per step
 constexpr int kAccLd = kTileN + 4;  // leading dimension of the fp32 accumulator tile in smem
 
-// Widest layer (w) the fused kernels keep on chip; wider layers take the hoisted chain, and so
-// do narrower ones whose shared memory exceeds the device's opt-in maximum (fused_width_limit).
-// Python reads it through torch.ops.spinal_ops.cuda_fused_max_width() (one source of truth).
-constexpr int64_t kFusedMaxWidth = 256;
+// Widest layer (w) the tile kernels keep on chip; wider layers take the hoisted chain, and so
+// do narrower ones whose shared memory exceeds the device's opt-in maximum (tile_kernel_width_limit).
+// Python reads it through torch.ops.spinal_ops.cuda_tile_kernel_max_width() (one source of truth).
+constexpr int64_t kTileKernelMaxWidth = 256;
 
 enum class Layout { Row, Col };
 
@@ -263,11 +263,11 @@ inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slop
   // The kernels index within a row in int: N, s, M and L*w (+ 1, the bias column) must fit, and
   // Window's sums (start + j, c + N - start, both < 2N) too.
   TORCH_CHECK(shape.in_features <= INT32_MAX / 2, "spinal_ops: N = ", text(shape.in_features),
-              " is too large for the fused CUDA kernels");
+              " is too large for the CUDA tile kernels");
   TORCH_CHECK(shape.split_size <= INT32_MAX && shape.out_features <= INT32_MAX && shape.hidden() < INT32_MAX,
               "spinal_ops: s = ", text(shape.split_size), ", M = ", text(shape.out_features), " or L*w = ",
               text(shape.hidden()),
-              " is too large for the fused CUDA kernels");
+              " is too large for the CUDA tile kernels");
   ChainDims d{};
   d.batch = shape.batch;
   d.n = static_cast<int>(shape.in_features);

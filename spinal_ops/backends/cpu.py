@@ -1,4 +1,4 @@
-"""The ``cpu`` backend: the fused C++ op (csrc/cpu/) computing the whole chain in one call."""
+"""The ``cpu`` backend: the native C++ op (csrc/cpu/) computing the whole chain in one call."""
 from __future__ import annotations
 
 import torch
@@ -6,10 +6,10 @@ import torch
 from ..config import SpinalConfig
 from ..ops import extension_status
 from .base import Support
-from .fused import FusedOpBackend
+from .op_pair import OpPairBackend
 
 
-class CpuBackend(FusedOpBackend):
+class CpuBackend(OpPairBackend):
     name = "cpu"
     device_types = ("cpu",)
     dtypes = (torch.float32, torch.float64, torch.bfloat16)
@@ -18,4 +18,4 @@ class CpuBackend(FusedOpBackend):
         return extension_status()
 
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool):
-        return torch.ops.spinal_ops.fused_forward.default
+        return torch.ops.spinal_ops.native_forward.default

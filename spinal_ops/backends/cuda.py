@@ -1,8 +1,8 @@
 """The ``cuda`` backend: hand-written CUDA kernels (csrc/cuda/) and the hoisted cuBLAS chain.
 
 Each call runs one of two op pairs, chosen by the cost model of cuda_cost.py from the call's
-shape, batch and device: ``fused_forward``/``fused_backward`` (the fused kernels: one forward
-launch, two backward launches, for layers up to ``fused_width_limit()`` wide: ``fused_max_width()``,
+shape, batch and device: ``native_forward``/``native_backward`` (the native kernels: one forward
+launch, two backward launches, for layers up to ``tile_kernel_width_limit()`` wide: ``tile_kernel_max_width()``,
 or less on devices whose shared memory per block is smaller) or ``hoisted_forward``/
 ``hoisted_backward`` (csrc/aten_chain.h on cuBLAS: large batches and wide layers). Both keep Z
 in the same layout and compute the same function.
@@ -20,11 +20,11 @@ from ..config import SpinalConfig
 from ..ops import cuda_kernels_compiled, extension_status
 from .base import Support
 from .cuda_cost import GpuModel, PathChoice, choose_path, model_for
-from .fused import FusedOpBackend, tf32_allowed
+from .op_pair import OpPairBackend, tf32_allowed
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core WMMA; the build targets sm80 and sm90
-PATHS = ("fused", "hoisted")
+PATHS = ("native", "hoisted")
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class CudaDevice:
 
     capability: tuple[int, int]
     model: GpuModel
-    # (dtype, TF32 allowed) -> widest fused w on this device, from the op's own routing
+    # (dtype, TF32 allowed) -> widest native-kernel w on this device, from the op's own routing
     width_limits: dict[tuple[torch.dtype, bool], int]
 
 
 def _probe_devices() -> tuple[int, tuple[int, int], dict[int, CudaDevice]]:
-    """(kFusedMaxWidth of csrc/cuda/tile_mma.cuh, (widest w, most outputs M) of the narrow kernels,
+    """(kTileKernelMaxWidth of csrc/cuda/tile_mma.cuh, (widest w, most outputs M) of the narrow kernels,
     every visible GPU); (0, (0, 0), {}) without kernels or GPU."""
     if not (cuda_kernels_compiled() and torch.cuda.is_available()):
         return 0, (0, 0), {}
@@ -51,13 +51,13 @@ def _probe_devices() -> tuple[int, tuple[int, int], dict[int, CudaDevice]]:
         if capability >= MIN_COMPUTE_CAPABILITY:
             for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
                                 (torch.bfloat16, False)):
-                limits[(dtype, tf32)] = int(torch.ops.spinal_ops.cuda_fused_width_limit(index, dtype, tf32))
+                limits[(dtype, tf32)] = int(torch.ops.spinal_ops.cuda_tile_kernel_width_limit(index, dtype, tf32))
         devices[index] = CudaDevice(capability, model_for(properties.name, properties.multi_processor_count), limits)
     narrow_width, narrow_out = torch.ops.spinal_ops.cuda_narrow_limits()
-    return int(torch.ops.spinal_ops.cuda_fused_max_width()), (int(narrow_width), int(narrow_out)), devices
+    return int(torch.ops.spinal_ops.cuda_tile_kernel_max_width()), (int(narrow_width), int(narrow_out)), devices
 
 
-FUSED_MAX_WIDTH, NARROW_LIMITS, DEVICES = _probe_devices()
+TILE_KERNEL_MAX_WIDTH, NARROW_LIMITS, DEVICES = _probe_devices()
 _forced_path: Optional[str] = None
 # (config, batch, dtype, device, training, forced path, TF32) -> the forward op of that call's path:
 # the cost model's arithmetic and its reason string cost ~5-10 us of host time per call, which a
@@ -66,19 +66,19 @@ _FORWARD_OPS: dict[tuple, Callable] = {}
 _FORWARD_OPS_MAX = 1024
 
 
-def fused_max_width() -> int:
-    """Widest layer (w) the fused kernels run on any device; wider layers take the hoisted path."""
-    return FUSED_MAX_WIDTH
+def tile_kernel_max_width() -> int:
+    """Widest layer (w) the native kernels run on any device; wider layers take the hoisted path."""
+    return TILE_KERNEL_MAX_WIDTH
 
 
-def fused_width_limit(device: int, dtype: torch.dtype, allow_tf32: bool = False) -> int:
-    """Widest layer the fused kernels run on CUDA device ``device`` for ``dtype`` (TF32 policy for
-    float32 when ``allow_tf32``): ``fused_max_width()``, or less where the device's opt-in shared
+def tile_kernel_width_limit(device: int, dtype: torch.dtype, allow_tf32: bool = False) -> int:
+    """Widest layer the native kernels run on CUDA device ``device`` for ``dtype`` (TF32 policy for
+    float32 when ``allow_tf32``): ``tile_kernel_max_width()``, or less where the device's opt-in shared
     memory per block is smaller than the kernels need."""
     known = DEVICES.get(device)
     if known is None:
-        return FUSED_MAX_WIDTH
-    return known.width_limits.get((dtype, allow_tf32 and dtype == torch.float32), FUSED_MAX_WIDTH)
+        return TILE_KERNEL_MAX_WIDTH
+    return known.width_limits.get((dtype, allow_tf32 and dtype == torch.float32), TILE_KERNEL_MAX_WIDTH)
 
 
 def _device_index(device: torch.device) -> int:
@@ -86,12 +86,12 @@ def _device_index(device: torch.device) -> int:
 
 
 def _width_limit_for(device: torch.device, dtype: torch.dtype) -> int:
-    return fused_width_limit(_device_index(device), dtype, tf32_allowed(dtype))
+    return tile_kernel_width_limit(_device_index(device), dtype, tf32_allowed(dtype))
 
 
 @contextlib.contextmanager
 def forced_path(path: str) -> Iterator[None]:
-    """Run every cuda-backend call inside the block on one path ("fused" or "hoisted"; the fused
+    """Run every cuda-backend call inside the block on one path ("native" or "hoisted"; the native
     kernels only where the layer fits them): for benchmarks that calibrate the cost model."""
     global _forced_path
     if path not in PATHS:
@@ -104,7 +104,7 @@ def forced_path(path: str) -> Iterator[None]:
 
 
 def narrow_kernels_fit(config: SpinalConfig) -> bool:
-    """Whether the fused path of ``config`` runs the narrow kernels (one thread per row, for the
+    """Whether the native path of ``config`` runs the narrow kernels (one thread per row, for the
     forward and backward launch 1; the op decides the same from its own limits,
     csrc/cuda/narrow_kernels.cuh)."""
     max_width, max_out = NARROW_LIMITS
@@ -121,7 +121,7 @@ def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torc
                        narrow_kernels_fit(config))
 
 
-class CudaBackend(FusedOpBackend):
+class CudaBackend(OpPairBackend):
     name = "cuda"
     device_types = ("cuda",)
     dtypes = CUDA_DTYPES
@@ -143,9 +143,9 @@ class CudaBackend(FusedOpBackend):
             return Support.no(f"needs compute capability >= 8.0, device {index} has {capability[0]}.{capability[1]}")
         limit = _width_limit_for(device, dtype)
         if config.layer_width > limit:
-            why = "" if limit == fused_max_width() else f" (the fused kernels' shared memory does not fit device {index})"
+            why = "" if limit == tile_kernel_max_width() else f" (the native kernels' shared memory does not fit device {index})"
             return Support.yes(f"hoisted cuBLAS chain: w={config.layer_width} > {limit}{why}")
-        return Support.yes("fused kernels or hoisted cuBLAS chain, per call by the cost model")
+        return Support.yes("native kernels or hoisted cuBLAS chain, per call by the cost model")
 
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
         if torch.compiler.is_compiling():  # the batch may be symbolic: no cache key

@@ -1,12 +1,12 @@
-"""Which CUDA path runs a call: the fused kernels or the hoisted cuBLAS chain.
+"""Which CUDA path runs a call: the native kernels or the hoisted cuBLAS chain.
 
 Both paths compute the same function from the same parameters and keep Z in the same layout,
 so the cuda backend picks one per call, by predicted time. The model (seconds):
 
-  fused   = launches * FUSED_LAUNCH + work * waves * (L * FUSED_LAYER + tile_flops / fused_cta_flops)
+  native  = launches * NATIVE_LAUNCH + work * waves * (L * TILE_LAYER + tile_flops / tile_cta_flops)
             One CTA per row tile (64 rows for half types, 32 for float32) walks the whole chain;
             waves = ceil(row tiles / SMs), so a small batch leaves SMs idle. A CTA's rate falls
-            with narrow layers (its column tiles are 64 wide): fused_cta_flops * min(1, w / 64).
+            with narrow layers (its column tiles are 64 wide): tile_cta_flops * min(1, w / 64).
             Narrow layers (w <= 16, M <= 16: the narrow kernels, one thread per row) replace the
             forward's tile work by narrow = max(flops / narrow_flops, bytes / bandwidth) (x read
             once, Z and y written), and the backward's launch 1 by as much again.
@@ -14,12 +14,12 @@ so the cuda backend picks one per call, by predicted time. The model (seconds):
             ops: the ATen calls of the chain (window GEMMs, three per layer, the output GEMM and
             bookkeeping); bytes: x read once, four [B, L*w] passes (products, Z, H written and
             read), y written. On an H100 one op costs ~16 us of host and launch time, so at small
-            batch the hoisted chain's 20-90 ops lose to the fused kernels' 1-3 launches.
+            batch the hoisted chain's 20-90 ops lose to the native kernels' 1-3 launches.
 
-Training calls (a backward will follow) add the backward of each path: the fused backward's two
+Training calls (a backward will follow) add the backward of each path: the native backward's two
 launches each do the forward's tile work (launch 1 on narrow layers: the narrow forward's);
 the hoisted backward has ~3 ops per layer more and twice the forward's FLOPs. Layers wider than
-the fused limit always take the hoisted path.
+the tile kernels' width limit always take the hoisted path.
 
 The constants of each GPU live in GPU_MODELS and nowhere else; scripts/cuda_paths.py (run by
 scripts/gpu_session.sh with PATHS=1) times both paths on the presets, and they are calibrated
@@ -44,9 +44,9 @@ class GpuModel:
     gemm_flops: dict[torch.dtype, float]  # what cuBLAS sustains on the hoisted chain's GEMMs
     bandwidth: float  # device memory, bytes read + written per second
     op_seconds: float  # host + launch cost of one ATen call of the hoisted chain
-    fused_launch_seconds: float
-    fused_layer_seconds: float  # per layer and row tile: the chain's barriers and staging
-    fused_cta_flops: dict[torch.dtype, float]  # one CTA of the fused kernels on w >= 64
+    native_launch_seconds: float
+    tile_layer_seconds: float  # per layer and row tile: the chain's barriers and staging
+    tile_cta_flops: dict[torch.dtype, float]  # one CTA of the native kernels on w >= 64
     narrow_flops: dict[torch.dtype, float]  # the whole GPU running the narrow forward kernel
 
 
@@ -60,18 +60,18 @@ def _rates(half: float, single: float) -> dict[torch.dtype, float]:
 GPU_MODELS: dict[str, GpuModel] = {
     # H100 SXM (132 SMs): ~3.0 TB/s copy bandwidth, ~790 TFLOP/s bf16 on large GEMMs; the chain's
     # GEMMs are skinny, hence a third of that. The per-op and per-launch times (host work
-    # included: at small batch they decide) and the fused kernels' per-CTA rates are fitted to
+    # included: at small batch they decide) and the native kernels' per-CTA rates are fitted to
     # scripts/cuda_paths.py on an H100 (benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json,
     # timed before the narrow kernels existed: their rate is the H200's, the same SMs).
     "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 16e-6, 60e-6, 5e-6, _rates(0.19e12, 0.10e12),
                      _rates(5e12, 5e12)),
     # H200 (the H100's SMs, 4.3 TB/s): the H100's constants but for the narrow kernels' rate and the
-    # fused launches' host time, fitted to scripts/cuda_paths.py on an H200 machine whose host was
+    # native launches' host time, fitted to scripts/cuda_paths.py on an H200 machine whose host was
     # slower (benchmarks/results/cuda-paths/nvidia-h200.json: mnist, vgg5).
     "h200": GpuModel("H200", 132, _rates(250e12, 40e12), 4.3e12, 16e-6, 120e-6, 5e-6, _rates(0.19e12, 0.10e12),
                      _rates(5e12, 5e12)),
     # A100 (108 SMs, 312 TFLOP/s bf16, 2.0 TB/s): the H100's fractions of the datasheet rates and
-    # its host costs; the fused kernels' rates scaled by the SM clock and tensor-core ratio.
+    # its host costs; the native kernels' rates scaled by the SM clock and tensor-core ratio.
     "a100": GpuModel("A100", 108, _rates(100e12, 16e12), 1.6e12, 16e-6, 60e-6, 5e-6, _rates(0.12e12, 0.08e12),
                      _rates(5e12, 5e12)),
 }
@@ -88,7 +88,7 @@ def model_for(name: str, sm_count: int) -> GpuModel:
         return GPU_MODELS["a100"]
     generic = GPU_MODELS["a100"]
     return GpuModel(name, sm_count, generic.gemm_flops, generic.bandwidth, generic.op_seconds,
-                    generic.fused_launch_seconds, generic.fused_layer_seconds, generic.fused_cta_flops,
+                    generic.native_launch_seconds, generic.tile_layer_seconds, generic.tile_cta_flops,
                     generic.narrow_flops)
 
 
@@ -96,23 +96,23 @@ def _row_tile(dtype: torch.dtype) -> int:
     return 64 if dtype in _HALF else 32
 
 
-def fused_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool,
+def native_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool,
                   narrow: bool = False) -> float:
-    """Predicted time of the fused kernels (forward, plus backward when ``training``);
+    """Predicted time of the native kernels (forward, plus backward when ``training``);
     ``narrow``: the layer runs the narrow kernels."""
     tile = _row_tile(dtype)
     waves = math.ceil(math.ceil(max(batch, 1) / tile) / model.sm_count)
     tile_flops = config.forward_flops(tile)
-    cta_flops = model.fused_cta_flops[dtype] * min(1.0, config.layer_width / 64)
-    tiled_seconds = waves * (config.num_layers * model.fused_layer_seconds + tile_flops / cta_flops)
+    cta_flops = model.tile_cta_flops[dtype] * min(1.0, config.layer_width / 64)
+    tiled_seconds = waves * (config.num_layers * model.tile_layer_seconds + tile_flops / cta_flops)
     if narrow:
         moved = dtype.itemsize * batch * (config.in_features + config.hidden_features + config.output_features)
         forward = max(config.forward_flops(batch) / model.narrow_flops[dtype], moved / model.bandwidth)
         data_grad = forward  # ncu on an H200 (mnist, B = 65536): launch 1 156 us, the forward 182-243 us
     else:
         forward = data_grad = tiled_seconds
-    backward = 2 * model.fused_launch_seconds + data_grad + tiled_seconds if training else 0.0
-    return model.fused_launch_seconds + forward + backward
+    backward = 2 * model.native_launch_seconds + data_grad + tiled_seconds if training else 0.0
+    return model.native_launch_seconds + forward + backward
 
 
 def hoisted_ops(config: SpinalConfig, training: bool) -> int:
@@ -137,20 +137,20 @@ def hoisted_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model:
 
 @dataclass(frozen=True)
 class PathChoice:
-    path: str  # "fused" or "hoisted"
+    path: str  # "native" or "hoisted"
     reason: str
 
 
 def choose_path(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool,
-                fused_max_width: int, narrow: bool = False) -> PathChoice:
-    """The faster path by the model (the fused kernels only up to ``fused_max_width``;
+                tile_kernel_max_width: int, narrow: bool = False) -> PathChoice:
+    """The faster path by the model (the native kernels only up to ``tile_kernel_max_width``;
     ``narrow``: the layer runs the narrow kernels)."""
-    if config.layer_width > fused_max_width:
-        return PathChoice("hoisted", f"hoisted cuBLAS chain: w={config.layer_width} > {fused_max_width} "
-                                     "(the fused kernels' widest tile)")
-    fused = fused_seconds(config, batch, dtype, model, training, narrow)
+    if config.layer_width > tile_kernel_max_width:
+        return PathChoice("hoisted", f"hoisted cuBLAS chain: w={config.layer_width} > {tile_kernel_max_width} "
+                                     "(the native kernels' widest tile)")
+    native = native_seconds(config, batch, dtype, model, training, narrow)
     hoisted = hoisted_seconds(config, batch, dtype, model, training)
-    path = "fused" if fused <= hoisted else "hoisted"
-    label = "fused kernels" if path == "fused" else "hoisted cuBLAS chain"
-    return PathChoice(path, f"{label}: predicted {fused * 1e3:.3f} ms fused vs {hoisted * 1e3:.3f} ms hoisted "
+    path = "native" if native <= hoisted else "hoisted"
+    label = "native kernels" if path == "native" else "hoisted cuBLAS chain"
+    return PathChoice(path, f"{label}: predicted {native * 1e3:.3f} ms native vs {hoisted * 1e3:.3f} ms hoisted "
                             f"({model.name} model, batch {batch}, {'training' if training else 'inference'})")

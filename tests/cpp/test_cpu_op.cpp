@@ -1,4 +1,4 @@
-// ctest: the CPU kernels of spinal_ops::fused_forward / fused_backward, called through the
+// ctest: the CPU kernels of spinal_ops::native_forward / native_backward, called through the
 // dispatcher, against a naive loop implementation of contract §1 written independently of them
 // (its own column formula (l*s + j) mod N, its own activations and derivatives).
 #include <ATen/ATen.h>
@@ -48,7 +48,7 @@ struct Tensors {
   OptTensor bias, weight_out, bias_out;
 };
 
-// out, then the gradients in fused_backward's order (absent ones are empty [0]), then Z.
+// out, then the gradients in native_backward's order (absent ones are empty [0]), then Z.
 std::vector<at::Tensor> naive(const Case& c, const Tensors& t) {
   const int64_t B = c.batch, N = c.in_features, w = c.layer_width, L = c.num_layers, s = c.split_size;
   const int64_t M = c.out_features, hidden = L * w;
@@ -158,10 +158,10 @@ OptTensor cast(const OptTensor& t, at::ScalarType dtype) {
 // Runs both ops in `dtype` and compares every result with the naive float64 loops.
 bool check(const Case& c, at::ScalarType dtype, double rtol, double atol) {
   static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("spinal_ops::fused_forward", "")
+                                  .findSchemaOrThrow("spinal_ops::native_forward", "")
                                   .typed<ForwardFn>();
   static const auto backward = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("spinal_ops::fused_backward", "")
+                                   .findSchemaOrThrow("spinal_ops::native_backward", "")
                                    .typed<BackwardFn>();
   const Tensors t = random_tensors(c);
   const std::vector<at::Tensor> expected = naive(c, t);

@@ -1,10 +1,10 @@
-// The CUDA op's host launchers (csrc/cuda/forward.cu, backward.cu) and fused kernels run on CPU
+// The CUDA op's host launchers (csrc/cuda/forward.cu, backward.cu) and kernels run on CPU
 // through cuda_shim.h and emulated_runtime.h, as torch ops spinal_emu::forward / backward with
-// the schemas of fused_forward / fused_backward plus the accumulator policy and the fake device
-// (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the tiled fused kernels,
+// the schemas of native_forward / native_backward plus the accumulator policy and the fake device
+// (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the tile kernels,
 // which the call must route to), "narrow" (the narrow kernels for the forward and backward launch
 // 1; launch 2 with the dtype's tiled policy: simt or wmma), "aten" (the hoisted chain, csrc/aten_chain.cpp), "auto"
-// (the op's own routing: use_fused_path, narrow_kernels_fit). Every CPU allocation made during a
+// (the op's own routing: use_native_kernels, narrow_kernels_fit). Every CPU allocation made during a
 // call is poisoned.
 // Built by tests/test_cuda_emulation.py; never part of the package.
 #include <ATen/ATen.h>
@@ -93,9 +93,9 @@ class Session {
   PoisonAllocator poison_;
 };
 
-// Whether the call runs the fused kernels: the op's routing for "auto", forced otherwise.
-bool fused(const SpinalShape& shape, const at::Tensor& x, c10::string_view policy, int64_t device) {
-  const bool routed = use_fused_path(shape, x.scalar_type(), at::globalContext().allowTF32CuBLAS(), static_cast<int>(device));
+// Whether the call runs the tile kernels: the op's routing for "auto", forced otherwise.
+bool native_kernels(const SpinalShape& shape, const at::Tensor& x, c10::string_view policy, int64_t device) {
+  const bool routed = use_native_kernels(shape, x.scalar_type(), at::globalContext().allowTF32CuBLAS(), static_cast<int>(device));
   if (policy == "auto") return routed;
   if (policy == "aten") return false;
   if (policy == "narrow") {
@@ -127,11 +127,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   const bool z_written = keep_pre_activation || !(narrow && narrow_kernels_fit(shape));
   at::Tensor pre_activation = at::empty({z_written ? shape.batch : 0, shape.hidden()}, x.options());
   if (shape.batch == 0) return {out, pre_activation};
-  if (!fused(shape, x, policy, device)) {
+  if (!native_kernels(shape, x, policy, device)) {
     return chain::hoisted_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
                                   weight_out, bias_out, act, negative_slope, /*keep_pre_activation=*/true);
   }
-  launch_fused_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
+  launch_native_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
                        bias_out, act, static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), out,
                        pre_activation, narrow);
   return {out, pre_activation};
@@ -159,7 +159,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   grads.grad_bias = has_bias ? alloc({shape.num_layers, shape.layer_width}) : at::empty({0}, options);
   grads.grad_weight_out = weight_out ? alloc(weight_out->sizes()) : at::empty({0}, options);
   grads.grad_bias_out = has_bias && weight_out ? alloc({shape.out_features}) : at::empty({0}, options);
-  if (shape.batch > 0 && !fused(shape, x, policy, device)) {
+  if (shape.batch > 0 && !native_kernels(shape, x, policy, device)) {
     const chain::GradMask mask = {true, true, true, has_bias, weight_out.has_value(), shape.has_bias_out};
     const auto hoisted =
         chain::hoisted_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
@@ -167,7 +167,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
     return {hoisted.begin(), hoisted.end()};
   }
   if (shape.batch > 0) {
-    launch_fused_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+    launch_native_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
                           static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads,
                           policy == "narrow" || policy == "auto");
@@ -178,7 +178,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
 
 int64_t width_limit(at::ScalarType dtype, bool allow_tf32, int64_t device) {
   emu::target(static_cast<int>(device));
-  return fused_width_limit(dtype, allow_tf32, static_cast<int>(device));
+  return tile_kernel_width_limit(dtype, allow_tf32, static_cast<int>(device));
 }
 
 // seed: CTA order and fragment element orders; removed_barrier: the "file:line" of a
@@ -258,7 +258,7 @@ std::string seeded_bug(c10::string_view name) {
 TORCH_LIBRARY(spinal_emu, m) {
   m.def("forward", &spinal_ops::cuda_kernels::forward);
   m.def("backward", &spinal_ops::cuda_kernels::backward);
-  m.def("fused_width_limit", &spinal_ops::cuda_kernels::width_limit);
+  m.def("tile_kernel_width_limit", &spinal_ops::cuda_kernels::width_limit);
   m.def("configure", &spinal_ops::cuda_kernels::configure);
   m.def("launches", &spinal_ops::cuda_kernels::launches);
   m.def("attribute_sets", &spinal_ops::cuda_kernels::attribute_sets);

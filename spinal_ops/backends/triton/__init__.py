@@ -16,7 +16,7 @@ import torch
 
 from ...config import SpinalConfig
 from ..base import Support
-from ..fused import FusedOpBackend
+from ..op_pair import OpPairBackend
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The widest layer whose [w, w] hidden weight and [BLOCK_B, w] state fit one program's registers.
@@ -28,7 +28,7 @@ MAX_LAYER_WIDTH = 128
 INTERPRETER_ENABLED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-class TritonBackend(FusedOpBackend):
+class TritonBackend(OpPairBackend):
     name = "triton"
     device_types = ("cuda", "cpu")  # CPU tensors through the Triton interpreter only
     dtypes = TRITON_DTYPES

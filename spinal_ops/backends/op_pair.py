@@ -1,4 +1,4 @@
-"""What the fused backends (cpu, cuda, triton) share: the Backend wrapper around a
+"""What the op-pair backends (cpu, cuda, triton) share: the Backend wrapper around a
 (forward, backward) op pair (spinal_ops/ops.py registers the ops, their schemas, fake kernels
 and autograd).
 """
@@ -31,8 +31,8 @@ def needs_pre_activation(x: torch.Tensor, params) -> bool:
     return False
 
 
-class FusedOpBackend(Backend):
-    """A backend whose forward is one call of a fused op with FORWARD_SCHEMA."""
+class OpPairBackend(Backend):
+    """A backend whose forward is one call of an op pair's forward op (FORWARD_SCHEMA)."""
 
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
         """The forward op (an OpOverload with FORWARD_SCHEMA) that runs this call."""
