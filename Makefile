@@ -77,7 +77,7 @@ sdist-check: setup
 	$(PY) -m venv $(SDIST_VENV)
 	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
 		> "$$($(SDIST_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/project-torch.pth"
-	$(SDIST_PIP) install ninja 'setuptools>=64' wheel
+	$(SDIST_PIP) install ninja 'setuptools>=77' wheel
 	SPINAL_OPS_CPU_ONLY=1 $(SDIST_PIP) wheel --no-build-isolation --no-deps -w dist dist/spinal_ops-*.tar.gz
 	$(SDIST_PIP) install --force-reinstall --no-deps dist/spinal_ops-*.whl
 	cd $(SDIST_VENV) && bin/python $(abspath scripts/check_install.py)

@@ -10,13 +10,48 @@ Environment:
 
 Every build writes spinal_ops/_build_info.py beside the extension: the torch version it was
 compiled against (checked at import before _C is loaded) and what was built, or why not.
+
+The extension only loads into the torch release it was compiled against, so the package depends
+on exactly that release, and a build whose torch differs from the one already installed where the
+package goes (pip's default isolated build environment fetches its own torch) stops with a message
+instead of installing a package that would run reference-only.
 """
 import glob
+import importlib.metadata
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
+
+
+def _installed_torch_outside_build_env() -> str:
+    """The torch release installed in the environment being installed into, or "" if none. pip's
+    isolated build overlays its build environment on this interpreter through PYTHONPATH; `-I`
+    ignores that overlay, so the probe sees what the package will run with."""
+    probe = subprocess.run(
+        [sys.executable, "-I", "-c", "import importlib.metadata as m; print(m.version('torch'))"],
+        capture_output=True, text=True,
+    )
+    return probe.stdout.strip() if probe.returncode == 0 else ""
+
+
+def _check_build_torch() -> str:
+    """The torch release this build compiles against; exits with a message if the environment the
+    package installs into has another one."""
+    building = importlib.metadata.version("torch")
+    installed = _installed_torch_outside_build_env()
+    if installed and installed != building:
+        sys.exit(
+            f"spinal_ops: this build compiles against torch {building} (pip's isolated build environment), "
+            f"but torch {installed} is installed where spinal_ops goes, and the compiled extension only loads "
+            "into the torch it was built against. Install with: pip install --no-build-isolation <this package>"
+        )
+    return building
+
+
+BUILD_TORCH = _check_build_torch()
 
 # A `nvcc` wrapper on PATH (e.g. /usr/local/bin/nvcc) makes torch guess CUDA_HOME wrongly;
 # prefer the toolkit directory when it exists.
@@ -114,6 +149,8 @@ class BuildExtensionWithInfo(BuildExtension):
 
 
 setup(
+    # The public release (no +cuXY label): pip matches it to whichever build of that release it finds.
+    install_requires=[f"torch=={BUILD_TORCH.split('+')[0]}", "numpy"],
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtensionWithInfo.with_options(use_ninja=True)},
 )

@@ -1,16 +1,14 @@
 """spinal_ops: fast SpinalNet layers for PyTorch (one fused op, forward and backward)."""
-from . import ops  # registers every spinal_ops op (first: the backends use them)
-from .about import info, version
+from ._version import __version__
+from .about import info
 from .activations import ACTIVATIONS
 from .authors import from_spinalnet
-from .backends.base import Support
 from .config import SpinalConfig, SpinalParams
 from .dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends, select_backend
 from .functional import spinal_linear
 from .module import SpinalLinear
 from .spinalize import spinalize
-
-__version__ = version()
+from .support import Support
 
 __all__ = [
     "ACTIVATIONS",

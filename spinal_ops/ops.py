@@ -1,44 +1,34 @@
-"""Every op of the ``spinal_ops`` namespace is registered here, at ``import spinal_ops``.
+"""What every op pair of the ``spinal_ops`` namespace shares: the schemas, the fake (meta)
+kernels, and the Python autograd of an op pair defined in Python.
 
-Three op pairs share one pair of schemas (FORWARD_SCHEMA, BACKWARD_SCHEMA; the C++ copies in
-csrc/ops.cpp must match, and a test checks that they do):
+Three op pairs have these schemas (FORWARD_SCHEMA, BACKWARD_SCHEMA; the C++ copies in
+csrc/ops.cpp must match, and ``spinal_ops._extension`` refuses a ``_C`` whose schemas differ):
 
-* ``native_forward`` / ``native_backward``: the compiled extension ``spinal_ops._C`` (the CPU op,
-  csrc/cpu/, and the CUDA tile and narrow kernels, csrc/cuda/). Loading ``_C`` defines them.
-* ``hoisted_forward`` / ``hoisted_backward``: the hoisted ATen chain on cuBLAS (csrc/aten_chain.h),
-  also from ``_C``; the cuda backend picks between the two CUDA pairs per call.
-* ``triton_forward`` / ``triton_backward``: defined here in Python; their kernels
-  (backends/triton/launch.py) import triton only on the first call.
+* ``native_forward`` / ``native_backward``: the compiled extension's own kernels per device (the
+  CPU op, csrc/cpu/; the CUDA tile and narrow kernels, csrc/cuda/). Loading ``_C`` defines them
+  (``spinal_ops._extension``).
+* ``hoisted_forward`` / ``hoisted_backward``: the hoisted chain (csrc/chain/), also from ``_C``;
+  the cuda backend picks between the two compiled pairs per call.
+* ``triton_forward`` / ``triton_backward``: defined in Python (``backends/triton/op_pair.py``);
+  their kernels import triton only on the first call.
 
 ``forward`` returns ``(out, pre_activation)``: ``out`` is y (or H when there is no output
 projection) and ``pre_activation`` is Z, the L pre-activations z_l (B x L*w), which is all the
-backward needs besides the inputs (it recomputes h = phi(z) on the fly). What the
-tensor holds belongs to the op pair, and only the pair's own backward reads it: Z in layer order
-from the native kernels; from the hoisted chain (csrc/aten_chain.h) Z, or H = phi(Z) for
-activations whose derivative is a function of their output, in the chain's group-major order. With
-``keep_pre_activation=False`` (no gradient will be needed) Z is neither kept nor, where the
-backend can avoid it, computed, and an empty tensor is returned in its place. ``allow_tf32`` is
-the forward's TF32 choice, passed to the backward too. ``backward`` returns the gradients
-``output_mask`` asks for in one call; the others are empty tensors.
+backward needs besides the inputs (it recomputes h = phi(z) on the fly). What the tensor holds
+belongs to the op pair, and only the pair's own backward reads it: Z in layer order from the
+native kernels; from the hoisted chain Z, or H = phi(Z) for activations whose derivative is a
+function of their output, in the chain's group-major order. With ``keep_pre_activation=False``
+(no gradient will be needed) Z is neither kept nor, where the backend can avoid it, computed,
+and an empty tensor is returned in its place. ``allow_tf32`` is the forward's TF32 choice, passed
+to the backward too. ``backward`` returns the gradients ``output_mask`` asks for in one call; the
+others are empty tensors.
 
-Each pair gets its fake (meta) kernels here. The triton pair gets its autograd here too
-(``register_op_pair_autograd``); the compiled pairs have the same autograd in C++
-(csrc/autograd.cpp), which spares a training step the Python between dispatcher and kernels.
-If ``_C`` is missing or was built
-for another torch, ``spinal_ops`` still works with the reference (and triton) backends and
-``extension_status()`` says why.
+The compiled pairs' autograd is in C++ (csrc/autograd.cpp), which spares a training step the
+Python between dispatcher and kernels; ``register_op_pair_autograd`` gives the triton pair the same.
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import warnings
-
 import torch
-
-from .about import extension_not_built, extension_torch_mismatch
-from .backends.base import Support
-from .backends.triton import launch as triton_launch
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, "
@@ -122,96 +112,3 @@ def register_op_pair_autograd(forward_op, backward_op) -> None:
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
     torch.library.register_autograd(backward_op, no_double_backward)
-
-
-def compiled_schema_mismatches(forward_schema: str = FORWARD_SCHEMA, backward_schema: str = BACKWARD_SCHEMA) -> list[str]:
-    """The compiled ops whose schemas differ from these strings (an in-place build left over from
-    other sources would otherwise fail on its first call)."""
-    expected = {"forward": forward_schema, "backward": backward_schema}
-    return [
-        f"{pair}_{direction}"
-        for pair in ("native", "hoisted")
-        for direction, schema in expected.items()
-        if getattr(torch.ops.spinal_ops, f"{pair}_{direction}").default._schema
-        != torch._C.parse_schema(f"spinal_ops::{pair}_{direction}{schema}")
-    ]
-
-
-def _load_extension() -> Support:
-    not_built = extension_not_built()
-    if not_built:
-        return Support.no(not_built)
-    # Checked before loading _C: a _C built against another torch fails with undefined symbols.
-    mismatch = extension_torch_mismatch()
-    if mismatch:
-        warnings.warn(f"spinal_ops: {mismatch}; only the reference backend runs", RuntimeWarning, stacklevel=3)
-        return Support.no(mismatch)
-    try:
-        importlib.import_module("spinal_ops._C")  # defines the native_* and hoisted_* ops
-    except ModuleNotFoundError:
-        return Support.no(
-            "compiled extension spinal_ops._C is not built (pip install --no-build-isolation -e . builds it)"
-        )
-    except ImportError as error:
-        return Support.no(f"compiled extension spinal_ops._C failed to load: {error}")
-    stale = compiled_schema_mismatches()
-    if stale:
-        return Support.no(
-            f"compiled extension spinal_ops._C was built from other sources (op schemas differ: {', '.join(stale)}); "
-            "rebuild it (pip install --no-build-isolation -e .)"
-        )
-    for pair in ("native", "hoisted"):  # their autograd is registered by _C (csrc/autograd.cpp)
-        torch.library.register_fake(f"spinal_ops::{pair}_forward")(fake_forward)
-        torch.library.register_fake(f"spinal_ops::{pair}_backward")(fake_backward)
-    return Support.yes()
-
-
-def _define_triton_ops() -> None:
-    for name, schema, kernel, fake in (
-        ("triton_forward", FORWARD_SCHEMA, triton_launch.forward, fake_forward),
-        ("triton_backward", BACKWARD_SCHEMA, triton_launch.backward, fake_backward),
-    ):
-        qualname = f"spinal_ops::{name}"
-        torch.library.define(qualname, schema)
-        torch.library.register_kernel(qualname, ("cpu", "cuda"), kernel)
-        torch.library.register_fake(qualname)(fake)
-    register_op_pair_autograd(torch.ops.spinal_ops.triton_forward.default, torch.ops.spinal_ops.triton_backward.default)
-
-
-_EXTENSION: Support = _load_extension()
-_define_triton_ops()
-
-
-def extension_status() -> Support:
-    """Whether the compiled extension loaded (its ops exist), and why not."""
-    return _EXTENSION
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_vector_kernels() -> bool:
-    """Whether the CPU op runs narrow float32 layers (w <= 32) with its AVX2+FMA kernels on this
-    machine; elsewhere (no AVX2, ``ATEN_CPU_CAPABILITY=default``) it runs the portable ATen chain."""
-    return bool(_EXTENSION) and bool(importlib.import_module("spinal_ops._C").cpu_vector_kernels())
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_tile_gemm() -> str | None:
-    """The instruction set ("AVX-512" or "AVX2") of the register-tiled kernel that runs the CPU
-    op's float32 products of up to 2^24 multiply-adds on wider layers, or None where BLAS or ATen
-    runs them all (no AVX2+FMA in use, e.g. ``ATEN_CPU_CAPABILITY=default``, or
-    ``SPINAL_OPS_DIRECT_BLAS=0``)."""
-    return importlib.import_module("spinal_ops._C").cpu_tile_gemm() if _EXTENSION else None
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_direct_blas() -> bool:
-    """Whether the CPU op's BLAS chain calls PyTorch's BLAS (sgemm_/dgemm_ of libtorch_cpu) on
-    pointers; where not (a PyTorch without those symbols, SPINAL_OPS_DIRECT_BLAS=0) it makes a
-    view per block and calls ATen's GEMMs."""
-    return bool(_EXTENSION) and bool(importlib.import_module("spinal_ops._C").cpu_direct_blas())
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_kernels_compiled() -> bool:
-    """Whether the extension was built with the CUDA kernels (nvcc present at build time)."""
-    return bool(_EXTENSION) and bool(importlib.import_module("spinal_ops._C").cuda_compiled())

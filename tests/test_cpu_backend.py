@@ -20,7 +20,7 @@ from contract import (
 )
 
 from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
-from spinal_ops.ops import cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
+from spinal_ops._extension import cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
 
 # The edge-case matrix (tests/contract.py) with relu, and every activation on a case whose windows wrap.
 CPU_CASES = [pytest.param(name, "relu", id=name) for name in EDGE_CASES] + [
@@ -120,7 +120,7 @@ sys.path.insert(0, {tests!r})
 import torch
 from contract import check_backend
 from test_cpu_backend import TILE_GEMM_CASES, tile_gemm_config
-from spinal_ops.ops import cpu_tile_gemm
+from spinal_ops._extension import cpu_tile_gemm
 
 assert cpu_tile_gemm() == "AVX2", cpu_tile_gemm()
 for name in TILE_GEMM_CASES:
@@ -287,7 +287,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from contract import case_config, check_backend, check_gradient_masks
-from spinal_ops.ops import cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
+from spinal_ops._extension import cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
 
 assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
 assert not cpu_vector_kernels()
@@ -315,7 +315,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from contract import case_config, check_backend, check_gradient_masks, make_config
-from spinal_ops.ops import cpu_direct_blas, cpu_tile_gemm
+from spinal_ops._extension import cpu_direct_blas, cpu_tile_gemm
 
 assert not cpu_direct_blas()
 assert cpu_tile_gemm() is None

@@ -25,7 +25,7 @@ from contract import (
     check_tf32_choice_reaches_backward,
     random_params,
 )
-from spinal_ops.ops import cuda_kernels_compiled
+from spinal_ops._extension import cuda_kernels_compiled
 from spinal_ops.activations import ACTIVATIONS
 from spinal_ops.backends.cuda import (CudaBackend, cuda_path, forced_path, tile_kernel_max_width, tile_kernel_width_limit,
                                       narrow_kernels_fit)

@@ -4,6 +4,7 @@ compiler installs reference-only, the build stamp guards against another torch, 
 
 (Compiling the sdist in a fresh venv is `make sdist-check`, run by CI: it takes minutes.)
 """
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -16,11 +17,11 @@ import pytest
 import torch
 
 import spinal_ops
-from spinal_ops.about import torch_mismatch
+from spinal_ops._extension import torch_mismatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-with open(os.path.join(ROOT, "pyproject.toml")) as _pyproject:
-    VERSION = re.search(r'^version = "([^"]+)"', _pyproject.read(), re.MULTILINE).group(1)
+with open(os.path.join(ROOT, "spinal_ops", "_version.py")) as _version:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', _version.read(), re.MULTILINE).group(1)
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -80,6 +81,36 @@ def test_wheel_without_a_compiler_is_reference_only(sdist, tmp_path):
     assert f"TORCH_VERSION = {torch.__version__!r}" in stamp
 
 
+def run_setup_py(*args: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "setup.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_isolated_build_with_another_torch_stops_with_a_message(tmp_path):
+    # pip's isolated build puts its own environment (with the torch it fetched) before this one
+    # through PYTHONPATH; a torch of another release there must stop the build, naming the cure.
+    dist_info = tmp_path / "torch-0.0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 0.0.1\n")
+    result = run_setup_py("--version", PYTHONPATH=str(tmp_path))
+    installed = importlib.metadata.version("torch")
+    assert result.returncode != 0
+    assert "torch 0.0.1" in result.stderr and f"torch {installed} is installed" in result.stderr, result.stderr
+    assert "pip install --no-build-isolation" in result.stderr
+
+
+def test_build_against_the_installed_torch_depends_on_that_release():
+    result = run_setup_py("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == VERSION
+    try:
+        requirements = importlib.metadata.requires("spinal_ops") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("spinal_ops is not installed here (only its metadata records the pin)")
+    release = importlib.metadata.version("torch").split("+")[0]
+    assert f"torch=={release}" in requirements, requirements
+
+
 def test_torch_mismatch_names_both_versions():
     assert torch_mismatch("2.14.1+cu130", "2.14.1+cu130") == ""
     message = torch_mismatch("2.13.0+cpu", "2.14.1+cu130")
@@ -90,8 +121,7 @@ def test_an_extension_built_for_this_torch_loads():
     # Where setup.py stamped a build of the extension (and of the CUDA kernels) for the installed
     # torch, both must load: a library that fails to (an undefined symbol, say) would otherwise
     # only turn the compiled backends' tests into skips.
-    from spinal_ops.about import build_info, extension_torch_mismatch
-    from spinal_ops.ops import cuda_kernels_compiled, extension_status
+    from spinal_ops._extension import build_info, cuda_kernels_compiled, extension_status, extension_torch_mismatch
 
     stamp = build_info()
     if stamp is None or not stamp.EXTENSION_BUILT or extension_torch_mismatch():

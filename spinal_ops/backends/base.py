@@ -2,32 +2,12 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..config import SpinalConfig, SpinalParams
-
-
-@dataclass(frozen=True)
-class Support:
-    """A yes, or a no with the reason (shown to users in errors and available_backends())."""
-
-    ok: bool
-    reason: str = ""
-
-    @classmethod
-    def yes(cls, reason: str = "") -> "Support":
-        """A yes; ``reason`` may say how the call runs (e.g. which kernel path)."""
-        return cls(True, reason)
-
-    @classmethod
-    def no(cls, reason: str) -> "Support":
-        return cls(False, reason)
-
-    def __bool__(self) -> bool:
-        return self.ok
+from ..support import Support
 
 
 def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:

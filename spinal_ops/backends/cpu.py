@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..config import SpinalConfig
-from ..ops import extension_status
-from .base import Support
+from .._extension import extension_status
+from ..support import Support
 from .op_pair import OpPairBackend
 
 

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from ..config import SpinalConfig
-from ..ops import cuda_kernels_compiled, extension_status
-from .base import Support
+from .._extension import cuda_kernels_compiled, extension_status
+from ..support import Support
 from .cuda_cost import GpuModel, PathChoice, choose_path, model_for
 from .op_pair import OpPairBackend, tf32_allowed
 

@@ -62,7 +62,7 @@ GPU_MODELS: dict[str, GpuModel] = {
     # GEMMs are skinny, hence a third of that. The per-op and per-launch times (host work
     # included: at small batch they decide) and the native kernels' per-CTA rates are fitted to
     # scripts/cuda_paths.py on an H100 (benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json,
-    # timed before the narrow kernels existed: their rate is the H200's, the same SMs).
+    # which has no narrow-kernel timings: their rate is the H200's, on the same SMs).
     "h100": GpuModel("H100", 132, _rates(250e12, 40e12), 3.0e12, 16e-6, 60e-6, 5e-6, _rates(0.19e12, 0.10e12),
                      _rates(5e12, 5e12)),
     # H200 (the H100's SMs, 4.3 TB/s): the H100's constants but for the narrow kernels' rate and the

@@ -1,6 +1,6 @@
 """What the op-pair backends (cpu, cuda, triton) share: the Backend wrapper around a
-(forward, backward) op pair (spinal_ops/ops.py registers the ops, their schemas, fake kernels
-and autograd).
+(forward, backward) op pair (spinal_ops/ops.py has their schemas and fake kernels;
+spinal_ops/_extension.py loads the compiled pairs, backends/triton/op_pair.py defines the triton pair).
 """
 from __future__ import annotations
 

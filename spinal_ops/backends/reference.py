@@ -7,7 +7,8 @@ import torch
 
 from ..config import SpinalConfig, SpinalParams
 from ..reference import spinal_forward
-from .base import Backend, Support
+from ..support import Support
+from .base import Backend
 
 
 class ReferenceBackend(Backend):

@@ -230,11 +230,11 @@ def terminal_report(records: Sequence[Record], skips: Sequence[Skip], device: st
 
 
 def markdown_report(document: dict[str, Any], note: str = "") -> str:
-    """The README section for one results file: caption with device and commit (and ``note``), then the tables."""
+    """The results page section for one results file: caption with the device and software (and
+    ``note``), then the tables."""
     records = [Record.from_json(data) for data in document["records"]]
     caption = (
-        f"Measured on **{document['device']}** (torch {document['torch']}, triton {document['triton']}), "
-        f"commit `{document['commit'][:12]}`, {document['created']}. Median latency; "
+        f"Measured on **{document['device']}** (torch {document['torch']}, triton {document['triton']}). Median latency; "
         "E = (spinal time / dense time) / (spinal FLOPs / dense FLOPs); "
         "ratios are measured in the same run." + (f" {note}" if note else "")
     )

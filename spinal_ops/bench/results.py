@@ -4,7 +4,7 @@
      "records": [{"preset", "batch", "dtype", "impl", "mode", "threads", "median_ms", "rows_per_s",
                   "tflops", "flops", "params", "peak_mb"}]}
 
-"mode" is train, frozen or infer; "peak_mb" is null for results measured before peak memory was.
+"mode" is train, frozen or infer; "peak_mb" is null where a run did not measure peak memory.
 """
 from __future__ import annotations
 

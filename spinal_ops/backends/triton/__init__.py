@@ -1,6 +1,6 @@
 """The ``triton`` backend: the Triton kernels of kernels.py, run through the
-``spinal_ops::triton_forward`` / ``triton_backward`` ops (spinal_ops/ops.py defines them; their
-kernels are in launch.py).
+``spinal_ops::triton_forward`` / ``triton_backward`` op pair (op_pair.py defines it; its kernels
+are in launch.py).
 
 The ops are plain custom ops (schema + CPU/CUDA kernels + fake kernels + autograd), so
 ``torch.compile(fullgraph=True)`` traces them as single nodes. On CPU tensors the kernels run
@@ -15,8 +15,9 @@ import os
 import torch
 
 from ...config import SpinalConfig
-from ..base import Support
+from ...support import Support
 from ..op_pair import OpPairBackend
+from . import op_pair as _op_pair  # noqa: F401  (defines the triton op pair)
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The widest layer whose [w, w] hidden weight and [BLOCK_B, w] state fit one program's registers.

@@ -1,4 +1,4 @@
-"""The kernels of the ``triton_forward`` / ``triton_backward`` ops (registered by spinal_ops/ops.py):
+"""The kernels of the ``triton_forward`` / ``triton_backward`` ops (defined by op_pair.py):
 argument checks, the device guard, and the calls into kernels.py.
 
 kernels.py (and with it triton) is imported on the first call, which keeps ``import spinal_ops``

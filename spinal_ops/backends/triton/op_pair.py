@@ -1,0 +1,24 @@
+"""Defines the ``spinal_ops::triton_forward`` / ``triton_backward`` op pair: the schemas every op
+pair shares, the kernels of launch.py for CPU (through the Triton interpreter) and CUDA tensors,
+fake kernels, and autograd through one call of the backward op."""
+from __future__ import annotations
+
+import torch
+
+from ...ops import BACKWARD_SCHEMA, FORWARD_SCHEMA, fake_backward, fake_forward, register_op_pair_autograd
+from . import launch
+
+
+def _define() -> None:
+    for name, schema, kernel, fake in (
+        ("triton_forward", FORWARD_SCHEMA, launch.forward, fake_forward),
+        ("triton_backward", BACKWARD_SCHEMA, launch.backward, fake_backward),
+    ):
+        qualname = f"spinal_ops::{name}"
+        torch.library.define(qualname, schema)
+        torch.library.register_kernel(qualname, ("cpu", "cuda"), kernel)
+        torch.library.register_fake(qualname)(fake)
+    register_op_pair_autograd(torch.ops.spinal_ops.triton_forward.default, torch.ops.spinal_ops.triton_backward.default)
+
+
+_define()
