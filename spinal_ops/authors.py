@@ -1,7 +1,7 @@
 """Convert the SpinalNet authors' trained models (dipuk0506/SpinalNet) to ``SpinalLinear`` (contract §7).
 
 Each helper reads one naming scheme from a ``state_dict`` (or a module) and returns layers that
-compute what the authors' forward computes, in eval mode:
+compute what the authors' forward computes in eval mode, and train as their heads train:
 
 * ``from_mnist_script`` - ``SpinalNet_MNIST.py``: ``fc1``, ``fc1_1`` ... ``fc1_5``, output ``fc2``.
   The forward alternates the two halves of the 320 conv features: N = 2*s.
@@ -10,8 +10,10 @@ compute what the authors' forward computes, in eval mode:
 * ``from_customizable`` - ``spinalnettorch.py``: ``fc1`` ... ``fcN``, output ``fcx``; the
   forward tiles ``x`` so layer l reads columns ``(l*s + j) mod N``: the windows of docs/contract.md exactly.
 * ``from_spinal_head`` - the VGG / transfer-learning heads: ``fc_spinal_layerI`` and ``fc_out``
-  are ``nn.Sequential`` holding a Linear (and a BatchNorm1d in the VGG heads, folded into the
-  weights; Dropout is the identity in eval mode), over the two halves of the features.
+  are ``nn.Sequential`` holding Dropout, a Linear and, in the VGG heads, a BatchNorm1d, over the
+  two halves of the features. The batch norm becomes the layer's own (``norm="batch"``); the
+  dropout probability is read from a module's Dropout children (a state_dict holds none: pass
+  ``dropout=``).
 
 ``from_spinalnet`` picks the scheme from the keys. Activations are not stored in a state_dict:
 pass the one the model used (the authors' scripts use ReLU, the default).
@@ -85,20 +87,28 @@ def from_spinal_head(
     batchnorm_eps: float = 1e-5,
     **kwargs,
 ) -> SpinalLinear:
-    """``SpinalLinear`` equal to an authors' VGG / transfer-learning head in eval mode.
+    """``SpinalLinear`` computing an authors' VGG / transfer-learning head, with its dropout and
+    batch norm.
 
     Reads ``fc_spinal_layer1``, ``fc_spinal_layer2``, ... and ``fc_out`` (``nn.Sequential``; the
     Linear and an optional BatchNorm1d are found by their keys at whatever index they sit).
     The head reads ``x[:, 0:s]`` and ``x[:, s:2s]`` alternately, so ``in_features`` must be
-    ``2*s`` (the default); ``batchnorm_eps`` is BatchNorm1d's eps (not stored in a state_dict).
+    ``2*s`` (the default); ``batchnorm_eps`` is BatchNorm1d's eps (not stored in a state_dict; a
+    module's own eps and momentum are used). From a module the dropout probability is that of
+    its Dropout children; ``dropout=`` overrides it (and gives it for a state_dict).
     """
     state = _state(state_dict, prefix)
     blocks = _numbered_names(state, prefix, "fc_spinal_layer", first=1)
     if not blocks:
         raise KeyError(f"spinal_ops: no '{prefix}fc_spinal_layer1.*' keys in the state_dict")
+    if isinstance(state_dict, nn.Module) and "dropout" not in kwargs:
+        kwargs["dropout"] = _head_dropout(state_dict, prefix, [*blocks, "fc_out"])
     layers, batchnorms = [], []
     for block in blocks:
         linear, batchnorm = _sequential_block(state, prefix, block, batchnorm_eps)
+        if batchnorm is not None and isinstance(state_dict, nn.Module):
+            module_norm = state_dict.get_submodule(f"{prefix}{block}.{_child_index(state, prefix, block)}")
+            batchnorm.eps, batchnorm.momentum = module_norm.eps, module_norm.momentum
         layers.append(linear)
         batchnorms.append(batchnorm)
     output, output_batchnorm = _sequential_block(state, prefix, "fc_out", batchnorm_eps)
@@ -120,7 +130,7 @@ def from_spinalnet(state_dict: StateOrModule, *, prefix: str = "", **kwargs) -> 
     """
     state = _state(state_dict, prefix)
     if f"{prefix}fc_spinal_layer1" in _module_names(state):
-        return from_spinal_head(state, prefix=prefix, **kwargs)
+        return from_spinal_head(state_dict, prefix=prefix, **kwargs)  # a module: its dropout too
     if f"{prefix}fcx.weight" in state:
         return from_customizable(state, prefix=prefix, **kwargs)
     if f"{prefix}fcp.weight" in state:
@@ -234,10 +244,33 @@ def _sequential_block(
         mean.shape[0], eps=batchnorm_eps, affine=f"{key}.weight" in state, device=mean.device, dtype=mean.dtype
     )
     with torch.no_grad():
-        for name in ("running_mean", "running_var", "weight", "bias"):
-            if getattr(batchnorm, name) is not None:
+        for name in ("running_mean", "running_var", "weight", "bias", "num_batches_tracked"):
+            if getattr(batchnorm, name) is not None and f"{key}.{name}" in state:
                 getattr(batchnorm, name).copy_(state[f"{key}.{name}"])
     return linear, batchnorm.eval()
+
+
+def _child_index(state: StateDict, prefix: str, block: str) -> int:
+    """Index of the BatchNorm1d inside ``nn.Sequential`` ``block`` (the child with running_mean)."""
+    base = f"{prefix}{block}."
+    (index,) = {key[len(base):].split(".")[0] for key in state if key.startswith(base) and key.endswith(".running_mean")}
+    return int(index)
+
+
+def _head_dropout(module: nn.Module, prefix: str, blocks: list[str]) -> float:
+    """The one dropout probability of the head's blocks (0 where they have no Dropout)."""
+    found = {
+        child.p
+        for block in blocks
+        for child in module.get_submodule(f"{prefix}{block}".rstrip(".")).children()
+        if isinstance(child, nn.Dropout)
+    }
+    if len(found) > 1:
+        raise ValueError(
+            f"spinal_ops: the head's Dropout modules differ ({sorted(found)}); SpinalLinear has one dropout "
+            "probability: pass dropout=p"
+        )
+    return found.pop() if found else 0.0
 
 
 def _halves_model(

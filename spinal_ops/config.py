@@ -6,7 +6,7 @@ shapes, column windows, validation and analytic cost from here (docs/contract.md
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -35,6 +35,9 @@ def _mode_flops(mode: str, forward: int, input_products: int) -> int:
     raise ValueError(f"spinal_ops: unknown mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
+NORMS: tuple[str, ...] = ("batch",)
+
+
 class SpinalParams(NamedTuple):
     """The packed parameters of contract §2, in schema order. Absent ones are None."""
 
@@ -43,6 +46,26 @@ class SpinalParams(NamedTuple):
     bias: Optional[torch.Tensor]  # [L, w]
     weight_out: Optional[torch.Tensor]  # [M, L*w]
     bias_out: Optional[torch.Tensor]  # [M]
+
+
+class SpinalNorm(NamedTuple):
+    """Batch-norm state of a layer with ``norm="batch"`` (contract §1), one row per spinal layer,
+    as ``nn.BatchNorm1d(w)`` holds it. Training mode normalises with the batch's statistics and
+    updates the running ones in place; eval mode folds the running ones into the weights."""
+
+    weight: Optional[torch.Tensor]  # [L, w] (gamma), None without affine
+    bias: Optional[torch.Tensor]  # [L, w] (beta), None without affine
+    running_mean: torch.Tensor  # [L, w]
+    running_var: torch.Tensor  # [L, w]
+    num_batches_tracked: torch.Tensor  # int64 scalar
+
+
+class TrainingStages(NamedTuple):
+    """What a training-mode call adds to the layer's math: the dropout seed (contract §1, drawn
+    once per call; None without dropout) and the batch-norm state (None without norm)."""
+
+    dropout_seed: Optional[torch.Tensor]
+    norm: Optional[SpinalNorm]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -63,6 +86,11 @@ class SpinalConfig:
     activation: str = "relu"
     negative_slope: float = 0.01
     bias: bool = True
+    dropout: float = 0.0  # p of the dropout on each layer's input and the projection's, in training
+    norm: Optional[str] = None  # "batch": BatchNorm1d on each layer's pre-activation
+    norm_eps: float = 1e-5
+    norm_momentum: Optional[float] = 0.1  # None: cumulative average, as nn.BatchNorm1d
+    norm_affine: bool = True
 
     def __post_init__(self) -> None:
         _check_positive_int("in_features", self.in_features)
@@ -83,6 +111,16 @@ class SpinalConfig:
             )
         if not math.isfinite(float(self.negative_slope)):
             raise ValueError(f"spinal_ops: negative_slope must be finite, got {self.negative_slope!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"spinal_ops: dropout must be a probability in [0, 1), got {self.dropout!r}")
+        if self.norm is not None and self.norm not in NORMS:
+            raise ValueError(f"spinal_ops: unknown norm {self.norm!r}; expected None or one of {', '.join(NORMS)}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ValueError(f"spinal_ops: norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.norm_momentum is not None and not (
+            isinstance(self.norm_momentum, (int, float)) and 0 <= self.norm_momentum <= 1
+        ):
+            raise ValueError(f"spinal_ops: norm_momentum must be in [0, 1] or None, got {self.norm_momentum!r}")
 
     @classmethod
     def build(
@@ -97,6 +135,11 @@ class SpinalConfig:
         activation: str = "relu",
         negative_slope: float = 0.01,
         bias: bool = True,
+        dropout: float = 0.0,
+        norm: Optional[str] = None,
+        norm_eps: float = 1e-5,
+        norm_momentum: Optional[float] = 0.1,
+        norm_affine: bool = True,
     ) -> "SpinalConfig":
         """Config from the user-facing arguments; ``split_size`` wins over ``num_splits``."""
         _check_positive_int("in_features", in_features)
@@ -112,6 +155,11 @@ class SpinalConfig:
             activation=activation,
             negative_slope=float(negative_slope),
             bias=bias,
+            dropout=dropout,
+            norm=norm,
+            norm_eps=norm_eps,
+            norm_momentum=norm_momentum,
+            norm_affine=norm_affine,
         )
 
     @classmethod
@@ -151,6 +199,36 @@ class SpinalConfig:
     # ---- derived sizes -------------------------------------------------------------------
 
     @property
+    def has_training_stages(self) -> bool:
+        """Whether training mode adds dropout or batch norm to the math (eval mode never does)."""
+        return self.dropout > 0 or self.norm is not None
+
+    def inference_config(self) -> "SpinalConfig":
+        """The config of what eval mode runs: no dropout, batch norm folded into the weights (which
+        then have biases whether or not the layer has)."""
+        if not self.has_training_stages:
+            return self
+        return replace(self, dropout=0.0, norm=None, bias=self.bias or self.norm is not None)
+
+    def dropout_sites(self) -> tuple[list[tuple[int, int]], int, int]:
+        """Where each dropout site of one row starts (contract §1): per layer (x window start,
+        h_{l-1} start or -1), the projection input's start (-1 without one), and D, the sites per row."""
+        starts, site = [], 0
+        for layer in range(self.num_layers):
+            window = site
+            site += self.split_size
+            hidden = -1
+            if layer > 0:
+                hidden = site
+                site += self.layer_width
+            starts.append((window, hidden))
+        projection = -1
+        if self.out_features is not None:
+            projection = site
+            site += self.hidden_features
+        return starts, projection, site
+
+    @property
     def hidden_features(self) -> int:
         """Width of the hidden concatenation H, L*w."""
         return self.num_layers * self.layer_width
@@ -187,7 +265,9 @@ class SpinalConfig:
         return self.split_size + (self.layer_width if layer > 0 else 0)
 
     def num_parameters(self) -> int:
-        return sum(math.prod(shape) for shape in self.parameter_shapes().values() if shape is not None)
+        """The layer's trainable parameters: contract §2's, plus batch norm's gamma and beta."""
+        affine = 2 * self.hidden_features if (self.norm is not None and self.norm_affine) else 0
+        return affine + sum(math.prod(shape) for shape in self.parameter_shapes().values() if shape is not None)
 
     def forward_flops(self, batch: int) -> int:
         """Matrix-multiply FLOPs of one forward pass (2 per multiply-add, as FlopCounterMode counts)."""

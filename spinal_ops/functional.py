@@ -5,8 +5,9 @@ from typing import Optional
 
 import torch
 
-from .config import SpinalConfig, SpinalParams
+from .config import SpinalConfig, SpinalNorm, SpinalParams, TrainingStages
 from .dispatch import select_backend
+from .dropout import draw_seed
 
 
 def _cast_for_autocast(x: torch.Tensor, params: SpinalParams) -> tuple[torch.Tensor, SpinalParams]:
@@ -27,21 +28,65 @@ def _onnx_exporting() -> bool:
     return tracing and torch.onnx.is_in_onnx_export()
 
 
-def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, backend: str = "auto") -> torch.Tensor:
+def folded_norm(params: SpinalParams, norm: SpinalNorm, config: SpinalConfig) -> SpinalParams:
+    """The parameters of eval mode's layer with batch norm folded in: BN(z) = scale * z + shift
+    with scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale, so each
+    layer's rows of weight_in and weight_hidden scale by ``scale`` and its bias becomes
+    bias * scale + shift. Differentiable in every parameter (eval-mode fine-tuning)."""
+    scale = torch.rsqrt(norm.running_var + config.norm_eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    bias = shift if params.bias is None else params.bias * scale + shift
+    bias_out = params.bias_out
+    if bias_out is None and params.weight_out is not None:  # the folded layer has biases throughout
+        bias_out = params.weight_out.new_zeros(params.weight_out.shape[0])
+    return SpinalParams(
+        params.weight_in * scale[:, :, None], params.weight_hidden * scale[1:, :, None], bias,
+        params.weight_out, bias_out,
+    )
+
+
+def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, backend: str = "auto", *,
+                 training: bool = False, norm: Optional[SpinalNorm] = None) -> torch.Tensor:
     """Run the layer described by ``config`` on ``x`` [..., N] -> [..., output_features].
 
     Under ``torch.autocast`` the input and parameters are cast to the autocast dtype first,
-    as ``nn.Linear`` computes in it.
+    as ``nn.Linear`` computes in it. A layer with dropout or batch norm (``norm``: its state) runs
+    them when ``training``; otherwise it runs without dropout and with batch norm folded into the
+    weights, on any backend.
     """
     # One query for "any autocast region at all" first: it spares every other call the per-device ones.
     if torch._C._is_any_autocast_enabled():
         x, params = _cast_for_autocast(x, params)
     config.check_input(x, params)
+    stages = None
+    if config.has_training_stages:
+        if (norm is None) != (config.norm is None):
+            raise ValueError(f"spinal_ops: norm={config.norm!r} needs its batch-norm state, and only it")
+        if training:
+            stages = TrainingStages(draw_seed() if config.dropout > 0 else None, norm)
+        else:
+            if norm is not None:
+                params = folded_norm(params, _norm_like(norm, x), config)
+            config = config.inference_config()
     impl = select_backend("reference" if _onnx_exporting() else backend, config, x.dtype, x.device)
-    if x.dim() == 2:
-        return impl.forward(x, params, config)  # not a view: FSDP2 warns about modules returning views
-    y = impl.forward(x.reshape(-1, config.in_features), params, config)
-    return y.reshape(*x.shape[:-1], config.output_features)
+    rows = x if x.dim() == 2 else x.reshape(-1, config.in_features)
+    # Only a training call passes stages: backends without them keep their plain signature's speed.
+    y = impl.forward(rows, params, config) if stages is None else impl.forward(rows, params, config, stages)
+    # A 2-D input returns y itself, not a view: FSDP2 warns about modules returning views.
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], config.output_features)
+
+
+def _norm_like(norm: SpinalNorm, x: torch.Tensor) -> SpinalNorm:
+    """The batch-norm state in the compute dtype (under autocast the weights are cast, the
+    float32 running statistics are not)."""
+    if norm.running_mean.dtype == x.dtype:
+        return norm
+    weight, bias, mean, var, count = norm
+    return SpinalNorm(*(None if t is None else t.to(x.dtype) for t in (weight, bias, mean, var)), count)
 
 
 def spinal_linear(

@@ -283,7 +283,7 @@ def test_spinal_head(style, dtype):
     randomize_batchnorms(head, torch.Generator().manual_seed(4))
     assert_matches(
         head,
-        lambda model: from_spinalnet(model.state_dict()),
+        lambda model: from_spinalnet(model.state_dict()).eval(),
         lambda model, spinal, x: spinal(x),
         (torch.randn(8, 24),),
         dtype,
@@ -297,11 +297,47 @@ def test_spinal_head_under_prefix_without_output_bias(dtype):
     randomize_batchnorms(model, torch.Generator().manual_seed(6))
     assert_matches(
         model,
-        lambda m: from_spinal_head(m.state_dict(), prefix="fc."),
+        lambda m: from_spinal_head(m.state_dict(), prefix="fc.").eval(),
         lambda m, spinal, x: spinal(x),
         (torch.randn(4, 18),),
         dtype,
     )
+
+
+def test_spinal_head_module_trains_like_the_authors_head():
+    # From a module the head keeps its Dropout's p and its batch norm (eps, momentum, affine,
+    # running statistics), so training steps match the authors' module step for step (with
+    # p = 0: their masks come from another generator).
+    torch.manual_seed(8)
+    model = TransferModel(SpinalHead(half=9, width=4, classes=3, style="vgg")).double()
+    randomize_batchnorms(model, torch.Generator().manual_seed(9))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.momentum = 0.3
+    assert from_spinal_head(model, prefix="fc.").dropout == 0.5
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    spinal = from_spinal_head(model, prefix="fc.")
+    assert spinal.norm == "batch" and spinal.config.norm_momentum == 0.3 and spinal.dropout == 0.0
+    for step in range(2):
+        x = torch.randn(16, 18, dtype=torch.float64, requires_grad=True)
+        expected, got = model(x), spinal(x)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+        (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+        torch.testing.assert_close(grad_got, grad_expected, rtol=1e-12, atol=1e-12)
+    norms = [model.fc.get_submodule(f"fc_spinal_layer{i}.2") for i in range(1, 5)]
+    torch.testing.assert_close(spinal.running_mean, torch.stack([n.running_mean for n in norms]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(spinal.running_var, torch.stack([n.running_var for n in norms]), rtol=1e-12, atol=1e-12)
+    assert int(spinal.num_batches_tracked) == int(norms[0].num_batches_tracked) == 2
+
+
+def test_spinal_head_with_two_dropout_probabilities_needs_one():
+    head = SpinalHead(half=6, width=3, classes=2, style="cnn_dropout")  # layers p = 0.1, output p = 0.5
+    with pytest.raises(ValueError, match="Dropout modules differ"):
+        from_spinalnet(head)
+    assert from_spinalnet(head, dropout=0.2).dropout == 0.2
 
 
 def test_spinal_head_bad_in_features_is_refused():

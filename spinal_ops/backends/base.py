@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..config import SpinalConfig, SpinalParams
+from ..config import SpinalConfig, SpinalParams, TrainingStages
 from ..support import Support
 
 
@@ -33,6 +33,9 @@ class Backend(abc.ABC):
     max_layer_width: Optional[int] = None
     # Why layers wider than max_layer_width do not run, for the error message.
     width_limit_reason: str = ""
+    # Whether forward() takes a training call's dropout and batch norm (``stages``); eval calls
+    # reach every backend with batch norm folded and no dropout.
+    runs_training_stages: bool = False
 
     @abc.abstractmethod
     def availability(self) -> Support:
@@ -45,6 +48,11 @@ class Backend(abc.ABC):
             return Support.no(f"runs on {kinds} tensors only, got a tensor on {device}")
         if self.dtypes is not None and dtype not in self.dtypes:
             return Support.no(f"dtype {dtype} not supported ({_dtype_names(self.dtypes)})")
+        if config.has_training_stages and not self.runs_training_stages:
+            return Support.no(
+                f"the {self.name} backend has no dropout or batch-norm stage; training with them runs on "
+                "the reference backend (eval mode runs here, batch norm folded into the weights)"
+            )
         if self.max_layer_width is not None and config.layer_width > self.max_layer_width:
             return Support.no(
                 f"layer_width {config.layer_width} is wider than the {self.name} backend runs "
@@ -63,5 +71,7 @@ class Backend(abc.ABC):
         return self.device_types is None or device.type in self.device_types
 
     @abc.abstractmethod
-    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
-        """The layer on a 2-D input."""
+    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
+                stages: Optional[TrainingStages] = None) -> torch.Tensor:
+        """The layer on a 2-D input; ``stages`` (a training call's dropout seed and batch-norm state)
+        only where ``runs_training_stages``."""

@@ -4,11 +4,11 @@ spinal_ops/_extension.py loads the compiled pairs, backends/triton/op_pair.py de
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from ..config import SpinalConfig, SpinalParams
+from ..config import SpinalConfig, SpinalParams, TrainingStages
 from .base import Backend
 
 
@@ -38,7 +38,8 @@ class OpPairBackend(Backend):
         """The forward op (an OpOverload with FORWARD_SCHEMA) that runs this call."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
+                stages: Optional[TrainingStages] = None) -> torch.Tensor:
         training = needs_pre_activation(x, params)
         op = self.forward_op(config, x, training)
         allow_tf32 = x.is_cuda and tf32_allowed(x.dtype)

@@ -3,9 +3,11 @@ autograd. Every dtype and device, double backward included; the ground truth the
 are tested against."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ..config import SpinalConfig, SpinalParams
+from ..config import SpinalConfig, SpinalParams, TrainingStages
 from ..reference import spinal_forward
 from ..support import Support
 from .base import Backend
@@ -13,9 +15,11 @@ from .base import Backend
 
 class ReferenceBackend(Backend):
     name = "reference"
+    runs_training_stages = True
 
     def availability(self) -> Support:
         return Support.yes()
 
-    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig) -> torch.Tensor:
-        return spinal_forward(x, params, config)
+    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
+                stages: Optional[TrainingStages] = None) -> torch.Tensor:
+        return spinal_forward(x, params, config, stages)
