@@ -46,7 +46,7 @@ struct DataGradArgs : ChainDims {
 };
 
 template <class Mma, typename T>
-__global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGradArgs<T> p) {
+__device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
   const SmemViews<Mma, T> sm(smem, p.state_width);
@@ -148,6 +148,15 @@ __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGr
   }
 }
 
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGradArgs<T> p) {
+  if constexpr (kRunsOnThisArch<Mma, T>) {
+    data_grad_tile<Mma, T>(p);
+  } else {
+    unsupported_arch();
+  }
+}
+
 // Tiles of the weight-gradient jobs, in launch order IN_0..IN_{L-1}, HID_1..HID_{L-1}, OUT.
 struct GradTiles {
   int64_t in_i, in_j, hid_i, hid_j, out_i, out_j;
@@ -201,7 +210,7 @@ __device__ GradJob decode_grad_job(const WeightGradArgs<T>& p, int64_t tile) {
 }
 
 template <class Mma, typename T>
-__global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
+__device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
   // No state buffers; a_stage [kTileK][kM] holds rows of P (A column-major), b_stage [kTileK][kTileN] rows of Q.
@@ -303,6 +312,15 @@ __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const Weig
     write(i0 + m, j0 + n, sum);
   }
   if (threadIdx.x == 0) p.tile_counters[tile] = 0;
+}
+
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
+  if constexpr (kRunsOnThisArch<Mma, T>) {
+    weight_grad_tile<Mma, T>(p);
+  } else {
+    unsupported_arch();
+  }
 }
 
 // How launch 2 splits its work: tiles of every job, and the row split (split-K).

@@ -64,7 +64,7 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
 }
 
 template <class Mma, typename T>
-__global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
+__device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
   const SmemViews<Mma, T> sm(smem, p.state_width);
@@ -159,6 +159,15 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
       const float y = sm.acc_tile[m * kAccLd + n] + (p.bias_out ? static_cast<float>(p.bias_out[n0 + n]) : 0.f);
       p.out[(row0 + m) * p.out_features + n0 + n] = static_cast<T>(y);
     }
+  }
+}
+
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
+  if constexpr (kRunsOnThisArch<Mma, T>) {
+    forward_tile<Mma, T>(p);
+  } else {
+    unsupported_arch();
   }
 }
 

@@ -149,8 +149,7 @@ struct XChunk {
 };
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
-    spinal_narrow_forward_kernel(const ForwardArgs<T> p) {
+__device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
   const NarrowTiles<W> tiles(smem);
@@ -261,8 +260,17 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
 }
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
-    spinal_narrow_data_grad_kernel(const DataGradArgs<T> p) {
+__global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
+    spinal_narrow_forward_kernel(const ForwardArgs<T> p) {
+  if constexpr (kRunsOnThisArch<void, T>) {
+    narrow_forward_rows<T, W>(p);
+  } else {
+    unsupported_arch();
+  }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
   const NarrowTiles<W> tiles(smem);
@@ -367,6 +375,16 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
         p.grad_x[(row0 + r) * p.n + c0 + k] = static_cast<T>(dx_tile[r * Smem::kXLd + k]);
       }
     }
+  }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
+    spinal_narrow_data_grad_kernel(const DataGradArgs<T> p) {
+  if constexpr (kRunsOnThisArch<void, T>) {
+    narrow_data_grad_rows<T, W>(p);
+  } else {
+    unsupported_arch();
   }
 }
 
