@@ -42,6 +42,10 @@ int64_t tile_smem_bytes_for(at::ScalarType dtype, bool tf32, int capability, int
 
 std::string native_kernels_refusal(at::ScalarType dtype, int device) {
   const int capability = compute_capability(device);
+  if (capability < kOldestCapability) {
+    return "compute capability " + text(capability / 10) + "." + text(capability % 10) +
+           " is older than the native kernels' oldest target, 7.5";
+  }
   if (dtype == at::kBFloat16 && capability < kSm80Capability) {
     return "compute capability " + text(capability / 10) + "." + text(capability % 10) +
            " has no bfloat16 tensor cores (the native kernels need 8.0)";

@@ -20,9 +20,9 @@ T* optional_data(const std::optional<at::Tensor>& t) {
 }
 
 // Why the native kernels run no layer of `dtype` on `device`, "" where they do: bfloat16 before
-// compute capability 8.0 (sm_75 has fp16 tensor cores but no bf16 ones), which the op routes to the
-// hoisted chain at every width. Python's CudaBackend.supports() reports it (the text names the
-// compute capability, not the device).
+// compute capability 8.0 (sm_75 has fp16 tensor cores but no bf16 ones), and every dtype before
+// 7.5 (no device code for it); the op routes those to the hoisted chain at every width. Python's
+// CudaBackend.supports() reports it (the text names the compute capability, not the device).
 std::string native_kernels_refusal(at::ScalarType dtype, int device);
 
 // Widest layer the tile kernels run on `device` for this dtype (and, for float32, TF32 policy):

@@ -32,6 +32,8 @@ inline int compute_capability(int device) {
 // bf16 and TF32 tensor cores, and the 64-row fp16 tiles' kernels, exist from compute capability 8.0
 // (tile_mma.cuh: MmaArchRange).
 constexpr int kSm80Capability = 80;
+// The oldest GPUs the build compiles the kernels for (setup.py's TORCH_CUDA_ARCH_LIST: sm_75, T4).
+constexpr int kOldestCapability = 75;
 
 // Launches Kernel(args) on the current device and stream: `blocks` CTAs of `threads` threads with
 // `smem_bytes` of dynamic shared memory. The kernel's dynamic-smem limit is raised once per

@@ -58,7 +58,11 @@ constexpr int kNarrowKernelMaxOut = 16;  // M: the backward's g values per threa
 // thread): more warps in flight hide the global loads' latency, as long as nothing spills in bulk.
 // The forward holds x's next chunk in registers: at 4 CTAs (128 registers) ptxas spilled up to
 // 1.5 KB per thread, at 3 (168 registers) at most 92 bytes in half types and 192 in float32
-// (sm_90); launch 1 fits 128 without spills.
+// (sm_90); launch 1 fits 128 without spills. sm_75 (T4) runs both kernels unchanged for fp32 and
+// fp16 (bf16 takes the hoisted chain there and its kernels are compiled to a trap, tile_mma.cuh):
+// ptxas spills 0..80 bytes in the forward at 168 registers, none in launch 1 (125..128); its
+// 64 KB of shared memory per SM holds 2 CTAs of NarrowSmem (27-29 KB), so there the smem, not
+// the register cap, bounds the CTAs per SM.
 constexpr int kNarrowForwardMinBlocksPerSm = 3;
 constexpr int kNarrowDataGradMinBlocksPerSm = 4;
 
