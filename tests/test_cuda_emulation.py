@@ -457,16 +457,16 @@ def _orders_global_memory_only(site):
     return "__threadfence" in lines[int(line) - 2]
 
 
-def _barriers_missed_by(ops, sites, runs):
-    """The barrier sites of `sites` whose removal no run of `runs` (config, dtype, policy, batch)
-    notices: a racecheck or initcheck failure, or a wrong or unwritten result, counts as noticed."""
+def _barriers_missed_by(ops, sites, runs, device=SM90):
+    """The barrier sites of `sites` whose removal no run of `runs` (config, dtype, policy, batch) on
+    `device` notices: a racecheck or initcheck failure, or a wrong or unwritten result, counts as noticed."""
     missed = []
     for site in sites:
         ops.configure(SEED, site, False)
         try:
             for config, dtype, policy, batch in runs:
                 try:
-                    _check(ops, config, dtype, policy, batch=batch)
+                    _check(ops, config, dtype, policy, batch=batch, device=device)
                 except RuntimeError as error:
                     assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
                     break
@@ -479,18 +479,21 @@ def _barriers_missed_by(ops, sites, runs):
     return missed
 
 
-@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
-def test_every_removed_syncthreads_is_caught(emulated_ops, policy):
+# fp32 (SimtMma) and bf16 (64-row WMMA tiles) on sm_90; fp16 in sm_75's 32-row WMMA tiles.
+@pytest.mark.parametrize("target, policy", [("sm_90", "fp32_simt"), ("sm_90", "bf16_wmma"), ("sm_75", "fp16_wmma")])
+def test_every_removed_syncthreads_is_caught(emulated_ops, target, policy):
     # Each __syncthreads the kernels reach, removed in turn from every CTA, must fail a run.
     dtype, mma = POLICIES[policy]
+    device = TARGETS[target]
     smooth = dtype != torch.float32  # see _policy_config
     configs = [(make_config(**shape, activation="gelu" if smooth else "relu"), batch) for shape, batch in BARRIER_SWEEP]
     emulated_ops.configure(SEED, "", False)
     for config, batch in configs:
-        _check(emulated_ops, config, dtype, mma, batch=batch)
+        _check(emulated_ops, config, dtype, mma, batch=batch, device=device)
     sites = [s for s in emulated_ops.barrier_sites() if not _orders_global_memory_only(s)]
     assert len(sites) >= 12, sites
-    missed = _barriers_missed_by(emulated_ops, sites, [(config, dtype, mma, batch) for config, batch in configs])
+    missed = _barriers_missed_by(emulated_ops, sites, [(config, dtype, mma, batch) for config, batch in configs],
+                                 device)
     assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
 
 
