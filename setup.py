@@ -3,7 +3,7 @@
 Environment:
   SPINAL_OPS_CPU_ONLY=1    skip the CUDA sources even where nvcc exists
   SPINAL_OPS_FORCE_CUDA=1  build the CUDA sources (fails clearly if nvcc is missing)
-  TORCH_CUDA_ARCH_LIST     GPU architectures; default "8.0;9.0+PTX" (A100, H100/H200, and PTX that
+  TORCH_CUDA_ARCH_LIST     GPU architectures; default "7.5;8.0;9.0+PTX" (T4, A100, H100/H200, and PTX that
                            newer GPUs compile at load instead of failing with "no kernel image")
   MAX_JOBS                 parallel compile jobs (ninja)
   CXX                      the C++ compiler (default c++); without one the package installs reference-only
@@ -91,7 +91,7 @@ def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _cuda_decision()[0]:
         return CppExtension("spinal_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;9.0+PTX")
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DSPINAL_OPS_WITH_CUDA"]
     return CUDAExtension(
         "spinal_ops._C",

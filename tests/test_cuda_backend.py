@@ -192,16 +192,29 @@ def test_supports_reports_the_path():
     backend = CudaBackend()
     limit = tile_kernel_max_width()
     assert limit == 256
-    # 99 KB of opt-in shared memory per block (sm_86/89/120) keeps w <= 192 on the native kernels in bf16.
     device = torch.cuda.current_device()
-    optin_99k = torch.cuda.get_device_capability(device) in ((8, 6), (8, 9), (12, 0))
-    assert tile_kernel_width_limit(device, torch.bfloat16) == (192 if optin_99k else 256)
-    native = backend.supports(_config("w_at_tile_limit"), torch.bfloat16, torch.device("cuda"))
+    capability = torch.cuda.get_device_capability(device)
+    # Before compute capability 8.0 (T4, sm_75) there are no bf16 tensor cores: every bf16 layer takes
+    # the hoisted chain, and supports() says why; fp16 runs 32-row tiles (all of w <= 256 in its
+    # 64 KB), float32 SimtMma up to w = 96.
+    half = torch.bfloat16 if capability >= (8, 0) else torch.float16
+    if capability < (8, 0):
+        assert tile_kernel_width_limit(device, torch.bfloat16) == 0
+        assert tile_kernel_width_limit(device, torch.float32) == tile_kernel_width_limit(device, torch.float32, True) == 96
+        for name in ("w1", "w_at_tile_limit"):
+            refused = backend.supports(_config(name), torch.bfloat16, torch.device("cuda"))
+            assert refused and refused.reason == (
+                f"hoisted cuBLAS chain: the native kernels do not run on device {device}: compute capability "
+                f"{capability[0]}.{capability[1]} has no bfloat16 tensor cores (the native kernels need 8.0)")
+    # 99 KB of opt-in shared memory per block (sm_86/89/120) keeps w <= 192 on the native kernels in bf16.
+    optin_99k = capability in ((8, 6), (8, 9), (12, 0))
+    assert tile_kernel_width_limit(device, half) == (192 if optin_99k else 256)
+    native = backend.supports(_config("w_at_tile_limit"), half, torch.device("cuda"))
     if optin_99k:
         assert native and native.reason.startswith("hoisted cuBLAS chain: w=256 > 192 (the native kernels' shared memory")
     else:
         assert native and "cost model" in native.reason
-    wide = backend.supports(_config("hoisted_w300"), torch.bfloat16, torch.device("cuda"))
+    wide = backend.supports(_config("hoisted_w300"), half, torch.device("cuda"))
     assert wide and wide.reason == f"hoisted cuBLAS chain: w=300 > {limit}"
     assert not backend.supports(_config("w1"), torch.float64, torch.device("cuda"))
     assert not backend.supports(_config("w1"), torch.float32, torch.device("cpu"))

@@ -14,9 +14,10 @@ emulated_runtime.h):
 - CTAs run in an order shuffled by the seed (several seeds for the split-K reduction);
 - the launches of forward.cu/backward.cu go through a fake CUDA runtime that holds them to the
   hardware's rules on each target (sm_80: 163 KB opt-in shared memory, sm_86/89/120: 99 KB,
-  sm_90: 227 KB): grid limits, dynamic shared memory against the kernel's attribute and the
+  sm_90: 227 KB, sm_75: 64 KB and no bf16/TF32 tensor cores): grid limits, dynamic shared memory against the kernel's attribute and the
   attribute against the opt-in maximum, the current stream; the op's routing (use_native_kernels)
-  sends what does not fit to the hoisted chain, and B = 0 launches nothing.
+  sends what does not fit, and bf16 before compute capability 8.0, to the hoisted chain, and B = 0
+  launches nothing.
 
 Seeded bugs the model must catch keep it honest: a removed __syncthreads (each barrier of the
 real kernels in turn), a fragment-order assumption, a misaligned ldm, a read of unwritten
@@ -42,8 +43,9 @@ pytestmark = pytest.mark.slow  # ~1 min to build the harness, ~1 min to run on 2
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = int(os.environ.get("SPINAL_EMU_SEED", random.SystemRandom().randrange(1, 2**31)))
 # The fake devices of tests/cuda_emulation/emulated_runtime.h, by index.
-TARGETS = {"sm_80": 0, "sm_86": 1, "sm_89": 2, "sm_90": 3, "sm_120": 4}
+TARGETS = {"sm_80": 0, "sm_86": 1, "sm_89": 2, "sm_90": 3, "sm_120": 4, "sm_75": 5}
 SM90 = TARGETS["sm_90"]
+SM75 = TARGETS["sm_75"]  # T4: 64 KB opt-in shared memory, fp16 tensor cores, no bf16 or TF32 ones
 
 
 def _cuda_include() -> str | None:
@@ -163,12 +165,39 @@ def _policy_config(name, policy, **overrides):
     return make_config(**{**CONFIGS[name], **overrides})
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_kernels_match_reference(emulated_ops, name, policy):
+# Widest native-kernel w per target and policy: the kernels' shared memory (forward_kernel.cuh) against
+# the opt-in maximum per block; 99 KB parts lose 193..256 (fp16/bf16/TF32) and 225..256 (fp32). sm_75
+# (64 KB) runs fp16 in 32-row tiles (all of 1..256), float32 on SimtMma whatever the TF32 setting
+# (1..96) and no bf16 at all (0: the hoisted chain, native_kernels_refusal).
+WIDTH_LIMITS = {
+    "sm_80": {"fp32_simt": 256, "fp32_tf32": 256, "fp16_wmma": 256, "bf16_wmma": 256},
+    "sm_86": {"fp32_simt": 224, "fp32_tf32": 192, "fp16_wmma": 192, "bf16_wmma": 192},
+    "sm_89": {"fp32_simt": 224, "fp32_tf32": 192, "fp16_wmma": 192, "bf16_wmma": 192},
+    "sm_90": {"fp32_simt": 256, "fp32_tf32": 256, "fp16_wmma": 256, "bf16_wmma": 256},
+    "sm_120": {"fp32_simt": 224, "fp32_tf32": 192, "fp16_wmma": 192, "bf16_wmma": 192},
+    "sm_75": {"fp32_simt": 96, "fp32_tf32": 96, "fp16_wmma": 256, "bf16_wmma": 0},
+}
+
+
+def _fits(target, name, policy):
+    """Whether CONFIGS[name] runs the native kernels of `policy` on `target` (the hoisted policies: always)."""
+    limit = WIDTH_LIMITS[target].get(policy, 256)
+    return CONFIGS[name]["layer_width"] <= limit
+
+
+# sm_90 for every policy; sm_75 for those it runs natively (fp16 in 32-row tiles, float32 on
+# SimtMma also under "tf32"), at the widths its shared memory holds.
+REFERENCE_CASES = [(target, name, policy) for target in ("sm_90", "sm_75") for name in sorted(CONFIGS)
+                   for policy in sorted(POLICIES)
+                   if target == "sm_90" or (policy in WIDTH_LIMITS["sm_75"] and _fits(target, name, policy))]
+
+
+@pytest.mark.parametrize("target, name, policy", REFERENCE_CASES)
+def test_kernels_match_reference(emulated_ops, target, name, policy):
     dtype, mma = POLICIES[policy]
-    # 70 rows: two full and a partial row tile for fp32 (32 rows), a full and a partial for fp16/bf16 (64).
-    _check(emulated_ops, _policy_config(name, policy), dtype, mma, batch=70)
+    # 70 rows: two full and a partial row tile for fp32 and for fp16 on sm_75 (32 rows), a full and a
+    # partial for fp16/bf16 on sm_90 (64).
+    _check(emulated_ops, _policy_config(name, policy), dtype, mma, batch=70, device=TARGETS[target])
 
 
 @pytest.mark.parametrize("seed", [SEED, SEED + 1, SEED + 2])
@@ -217,14 +246,20 @@ NARROW_CONFIGS = {
 NARROW_POLICIES = {"fp32_narrow": torch.float32, "bf16_narrow": torch.bfloat16, "fp16_narrow": torch.float16}
 
 
-@pytest.mark.parametrize("policy", sorted(NARROW_POLICIES))
-@pytest.mark.parametrize("name", sorted(NARROW_CONFIGS))
-def test_narrow_kernels_match_reference(emulated_ops, name, policy):
+# sm_90 for every case; sm_75 (the narrow kernels as they are, launch 2 in fp16's 32-row tiles) for
+# fp32 and fp16, on the shapes at the narrow limits.
+NARROW_CASES = [("sm_90", name, policy) for name in sorted(NARROW_CONFIGS) for policy in sorted(NARROW_POLICIES)]
+NARROW_CASES += [("sm_75", name, policy) for name in ("mnist_like_w8", "w16_M16_s_wraps_partial_chunk")
+                 for policy in ("fp16_narrow", "fp32_narrow")]
+
+
+@pytest.mark.parametrize("target, name, policy", NARROW_CASES)
+def test_narrow_kernels_match_reference(emulated_ops, target, name, policy):
     # 300 rows: two full CTAs of 128 rows and a partial one.
     dtype = NARROW_POLICIES[policy]
     overrides = {} if dtype == torch.float32 else {"activation": "gelu"}  # see _policy_config
     config = make_config(**{**NARROW_CONFIGS[name], **overrides})
-    _check(emulated_ops, config, dtype, "narrow", batch=300)
+    _check(emulated_ops, config, dtype, "narrow", batch=300, device=TARGETS[target])
     # Inference: no Z kept (none written) and the same output, bit for bit.
     params = random_params(config, torch.Generator().manual_seed(2), dtype=dtype)
     x = torch.randn(300, config.in_features).to(dtype)
@@ -254,29 +289,19 @@ def test_routing_runs_the_narrow_kernels_where_they_fit(emulated_ops):
         assert all(torch.equal(a, f) for a, f in zip(auto, forced)), shape
 
 
-# Widest native-kernel w per target and policy: the kernels' shared memory (forward_kernel.cuh) against
-# the opt-in maximum per block; 99 KB parts lose 193..256 (fp16/bf16/TF32) and 225..256 (fp32).
-WIDTH_LIMITS = {
-    "sm_80": {"fp32_simt": 256, "fp32_tf32": 256, "fp16_wmma": 256, "bf16_wmma": 256},
-    "sm_86": {"fp32_simt": 224, "fp32_tf32": 192, "fp16_wmma": 192, "bf16_wmma": 192},
-    "sm_89": {"fp32_simt": 224, "fp32_tf32": 192, "fp16_wmma": 192, "bf16_wmma": 192},
-    "sm_90": {"fp32_simt": 256, "fp32_tf32": 256, "fp16_wmma": 256, "bf16_wmma": 256},
-    "sm_120": {"fp32_simt": 224, "fp32_tf32": 192, "fp16_wmma": 192, "bf16_wmma": 192},
-}
-
-
 @pytest.mark.parametrize("policy", ["fp32_simt", "fp32_tf32", "fp16_wmma", "bf16_wmma"])
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_widest_native_layer_fits_each_target(emulated_ops, target, policy):
     # The launches at the widest w the routing keeps on the native kernels pass the target's smem rules, and one
-    # step wider takes the hoisted chain instead of raising.
+    # step wider takes the hoisted chain instead of raising (limit 0, bf16 on sm_75: every w does).
     dtype, mma = POLICIES[policy]
     device = TARGETS[target]
     limit = emulated_ops.tile_kernel_width_limit(dtype, mma == "tf32", device)
     assert limit == WIDTH_LIMITS[target][policy]
     config = dict(in_features=9, out_features=3, num_layers=2, split_size=5)
-    _check(emulated_ops, _policy_config("odd_N_wraps", policy, **config, layer_width=limit), dtype, mma, batch=20,
-           device=device)
+    if limit > 0:
+        _check(emulated_ops, _policy_config("odd_N_wraps", policy, **config, layer_width=limit), dtype, mma,
+               batch=20, device=device)
     if limit < 256:
         launches = emulated_ops.launches()
         wider = _policy_config("odd_N_wraps", policy, **config, layer_width=limit + 1)
@@ -326,6 +351,65 @@ def test_supports_reports_the_device_limit(emulated_ops, monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = tf32_before
 
 
+BF16_SM75_REFUSAL = "compute capability 7.5 has no bfloat16 tensor cores (the native kernels need 8.0)"
+
+
+@pytest.mark.parametrize("name", ["w1_single_layer", "odd_N_wraps", "wrap_s40_N70_two_k_chunks"])
+def test_bf16_takes_the_hoisted_chain_before_sm80(emulated_ops, name):
+    # sm_75 has no bf16 tensor cores: the op's routing ("auto") sends bf16 to the hoisted chain at every
+    # width, narrow layers included (their launch 2 is a bf16 tensor-core kernel), says why, and a forced
+    # native run is refused; fp16 and float32 of the same shape run natively there.
+    assert emulated_ops.native_kernels_refusal(torch.bfloat16, SM75) == BF16_SM75_REFUSAL
+    assert emulated_ops.native_kernels_refusal(torch.float16, SM75) == ""
+    assert emulated_ops.native_kernels_refusal(torch.float32, SM75) == ""
+    assert all(emulated_ops.native_kernels_refusal(torch.bfloat16, TARGETS[t]) == "" for t in TARGETS if t != "sm_75")
+    config = _policy_config(name, "bf16_wmma")
+    launches = emulated_ops.launches()
+    _check(emulated_ops, config, torch.bfloat16, "auto", batch=70, device=SM75)
+    assert emulated_ops.launches() == launches
+    for policy in ("wmma", "narrow") if config.layer_width <= 16 else ("wmma",):
+        with pytest.raises(RuntimeError, match="routed to the hoisted chain on sm_75"):
+            _check(emulated_ops, config, torch.bfloat16, policy, batch=70, device=SM75)
+    for dtype in (torch.float16, torch.float32):
+        _check(emulated_ops, config, dtype, "auto", batch=70, device=SM75)
+        assert emulated_ops.launches() > launches
+        launches = emulated_ops.launches()
+
+
+def test_supports_reports_bf16_before_sm80(emulated_ops, monkeypatch):
+    # What CudaBackend.supports() and the path choice say on a T4 (sm_75), from the op's own limits and
+    # reasons (no GPU needed).
+    from spinal_ops.backends import cuda
+    from spinal_ops.backends.cuda_cost import model_for
+
+    limits = {(dtype, tf32): emulated_ops.tile_kernel_width_limit(dtype, tf32, SM75)
+              for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                  (torch.bfloat16, False))}
+    refusals = {dtype: emulated_ops.native_kernels_refusal(dtype, SM75) for dtype in cuda.CUDA_DTYPES}
+    refusals = {dtype: reason for dtype, reason in refusals.items() if reason}
+    monkeypatch.setattr(cuda, "TILE_KERNEL_MAX_WIDTH", 256)
+    monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((7, 5), model_for("Tesla T4", 40), limits, refusals)})
+    backend, gpu = cuda.CudaBackend(), torch.device("cuda", 0)
+    narrow = make_config(in_features=40, out_features=7, layer_width=8, num_layers=2)
+    mid = make_config(in_features=40, out_features=7, layer_width=120, num_layers=2)
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True  # no TF32 tensor cores on sm_75: float32's limit is SimtMma's
+        for config in (narrow, mid):
+            support = backend.supports(config, torch.bfloat16, gpu)
+            assert support and support.reason == (
+                f"hoisted cuBLAS chain: the native kernels do not run on device 0: {BF16_SM75_REFUSAL}")
+            assert cuda.cuda_path(config, 64, torch.bfloat16, gpu, True).path == "hoisted"
+            assert "cost model" in backend.supports(config, torch.float16, gpu).reason
+        assert "cost model" in backend.supports(narrow, torch.float32, gpu).reason
+        assert backend.supports(mid, torch.float32, gpu).reason == (
+            "hoisted cuBLAS chain: w=120 > 96 (the native kernels' shared memory does not fit device 0)")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((7, 0), model_for("Tesla V100", 80), {}, {})})
+    assert backend.supports(narrow, torch.float16, gpu).reason == "needs compute capability >= 7.5, device 0 has 7.0"
+
+
 def test_empty_batch_launches_nothing(emulated_ops):
     config = make_config(**CONFIGS["odd_N_wraps"])
     params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
@@ -373,16 +457,16 @@ def _orders_global_memory_only(site):
     return "__threadfence" in lines[int(line) - 2]
 
 
-def _barriers_missed_by(ops, sites, runs):
-    """The barrier sites of `sites` whose removal no run of `runs` (config, dtype, policy, batch)
-    notices: a racecheck or initcheck failure, or a wrong or unwritten result, counts as noticed."""
+def _barriers_missed_by(ops, sites, runs, device=SM90):
+    """The barrier sites of `sites` whose removal no run of `runs` (config, dtype, policy, batch) on
+    `device` notices: a racecheck or initcheck failure, or a wrong or unwritten result, counts as noticed."""
     missed = []
     for site in sites:
         ops.configure(SEED, site, False)
         try:
             for config, dtype, policy, batch in runs:
                 try:
-                    _check(ops, config, dtype, policy, batch=batch)
+                    _check(ops, config, dtype, policy, batch=batch, device=device)
                 except RuntimeError as error:
                     assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
                     break
@@ -395,18 +479,21 @@ def _barriers_missed_by(ops, sites, runs):
     return missed
 
 
-@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
-def test_every_removed_syncthreads_is_caught(emulated_ops, policy):
+# fp32 (SimtMma) and bf16 (64-row WMMA tiles) on sm_90; fp16 in sm_75's 32-row WMMA tiles.
+@pytest.mark.parametrize("target, policy", [("sm_90", "fp32_simt"), ("sm_90", "bf16_wmma"), ("sm_75", "fp16_wmma")])
+def test_every_removed_syncthreads_is_caught(emulated_ops, target, policy):
     # Each __syncthreads the kernels reach, removed in turn from every CTA, must fail a run.
     dtype, mma = POLICIES[policy]
+    device = TARGETS[target]
     smooth = dtype != torch.float32  # see _policy_config
     configs = [(make_config(**shape, activation="gelu" if smooth else "relu"), batch) for shape, batch in BARRIER_SWEEP]
     emulated_ops.configure(SEED, "", False)
     for config, batch in configs:
-        _check(emulated_ops, config, dtype, mma, batch=batch)
+        _check(emulated_ops, config, dtype, mma, batch=batch, device=device)
     sites = [s for s in emulated_ops.barrier_sites() if not _orders_global_memory_only(s)]
     assert len(sites) >= 12, sites
-    missed = _barriers_missed_by(emulated_ops, sites, [(config, dtype, mma, batch) for config, batch in configs])
+    missed = _barriers_missed_by(emulated_ops, sites, [(config, dtype, mma, batch) for config, batch in configs],
+                                 device)
     assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
 
 

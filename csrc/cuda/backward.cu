@@ -66,7 +66,8 @@ void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out
                            Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,
                            bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile backward needs w <= ", kTileKernelMaxWidth);
-  with_kernel_types(x.scalar_type(), allow_tf32, [&](auto types) {
+  const int capability = compute_capability(c10::cuda::current_device());
+  with_kernel_types(x.scalar_type(), allow_tf32, capability, [&](auto types) {
     using Types = decltype(types);
     launch<typename Types::DataMma, typename Types::GradMma, typename Types::Element>(
         shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads,

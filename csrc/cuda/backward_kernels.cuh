@@ -1,6 +1,7 @@
 // Tile backward kernels of the spinal layer (launched by backward.cu): TWO launches whatever L is.
 //
-// Launch 1, spinal_data_grad_kernel (data gradients, one CTA per tile of kTileM rows, 256 threads):
+// Launch 1, spinal_data_grad_kernel (data gradients, one CTA per tile of kTileM rows, 256 threads;
+//   kTileM as in forward_kernel.cuh: 64 for fp16/bf16 on sm_80+, 32 for fp32 and for fp16 on sm_75):
 //   walks the chain backwards with dz_{l+1} kept on chip (two smem state buffers, as in forward):
 //     dh_l = g * W_out[:, l*w:(l+1)*w]   (K = M, g staged from grad_out; or dh_l = g[:, l] without M)
 //          + dz_{l+1} * R_{l+1}          (K = w, A operand = the on-chip state buffer)
@@ -21,6 +22,10 @@
 //   partials in split order 0..splits-1: the result does not depend on arrival order, so it is
 //   deterministic without float atomics.
 // Smem: the same SmemLayout as forward (tile_mma.cuh): <= 117 KB (launch 1), <= 52 KB (launch 2).
+//   sm_75 (T4, 64 KB): fp16 in 32-row tiles, <= 62 KB (launch 1) and 29 KB (launch 2); fp32 on
+//   SimtMma, w <= 96 (launch 1) and 37 KB (launch 2); bf16 and TF32 are not run there (forward_kernel.cuh).
+//   ptxas -v, sm_75: launch 1 SimtMma<32> 79 registers, WmmaMma<32, half> 71; launch 2 63 and 64;
+//   no spills.
 // Offsets into x, grad_out, Z, dZ and dx are 64-bit.
 #pragma once
 
@@ -46,7 +51,7 @@ struct DataGradArgs : ChainDims {
 };
 
 template <class Mma, typename T>
-__global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGradArgs<T> p) {
+__device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
   const SmemViews<Mma, T> sm(smem, p.state_width);
@@ -148,6 +153,15 @@ __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGr
   }
 }
 
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGradArgs<T> p) {
+  if constexpr (kRunsOnThisArch<Mma, T>) {
+    data_grad_tile<Mma, T>(p);
+  } else {
+    unsupported_arch();
+  }
+}
+
 // Tiles of the weight-gradient jobs, in launch order IN_0..IN_{L-1}, HID_1..HID_{L-1}, OUT.
 struct GradTiles {
   int64_t in_i, in_j, hid_i, hid_j, out_i, out_j;
@@ -201,7 +215,7 @@ __device__ GradJob decode_grad_job(const WeightGradArgs<T>& p, int64_t tile) {
 }
 
 template <class Mma, typename T>
-__global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
+__device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
   // No state buffers; a_stage [kTileK][kM] holds rows of P (A column-major), b_stage [kTileK][kTileN] rows of Q.
@@ -303,6 +317,15 @@ __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const Weig
     write(i0 + m, j0 + n, sum);
   }
   if (threadIdx.x == 0) p.tile_counters[tile] = 0;
+}
+
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
+  if constexpr (kRunsOnThisArch<Mma, T>) {
+    weight_grad_tile<Mma, T>(p);
+  } else {
+    unsupported_arch();
+  }
 }
 
 // How launch 2 splits its work: tiles of every job, and the row split (split-K).

@@ -31,8 +31,8 @@ void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p) {
   });
 }
 
-int64_t tile_smem_bytes_for(at::ScalarType dtype, bool tf32, int64_t w) {
-  return with_kernel_types(dtype, tf32, [&](auto types) {
+int64_t tile_smem_bytes_for(at::ScalarType dtype, bool tf32, int capability, int64_t w) {
+  return with_kernel_types(dtype, tf32, capability, [&](auto types) {
     using Types = decltype(types);
     return tile_smem_bytes<typename Types::DataMma, typename Types::Element>(w);
   });
@@ -40,12 +40,27 @@ int64_t tile_smem_bytes_for(at::ScalarType dtype, bool tf32, int64_t w) {
 
 }  // namespace
 
+std::string native_kernels_refusal(at::ScalarType dtype, int device) {
+  const int capability = compute_capability(device);
+  if (capability < kOldestCapability) {
+    return "compute capability " + text(capability / 10) + "." + text(capability % 10) +
+           " is older than the native kernels' oldest target, 7.5";
+  }
+  if (dtype == at::kBFloat16 && capability < kSm80Capability) {
+    return "compute capability " + text(capability / 10) + "." + text(capability % 10) +
+           " has no bfloat16 tensor cores (the native kernels need 8.0)";
+  }
+  return "";
+}
+
 int64_t tile_kernel_width_limit(at::ScalarType dtype, bool allow_tf32, int device) {
+  if (!native_kernels_refusal(dtype, device).empty()) return 0;
   const bool tf32 = dtype == at::kFloat && allow_tf32;
+  const int capability = compute_capability(device);
   const int64_t optin = smem_optin(device);
   // The smem need grows with round_up(w, kTileK): try kTileKernelMaxWidth, then each kTileK step below.
   int64_t w = kTileKernelMaxWidth;
-  while (w > 0 && tile_smem_bytes_for(dtype, tf32, w) > optin) w = round_up(w, kTileK) - kTileK;
+  while (w > 0 && tile_smem_bytes_for(dtype, tf32, capability, w) > optin) w = round_up(w, kTileK) - kTileK;
   return w;
 }
 
@@ -54,6 +69,8 @@ bool narrow_kernels_fit(const SpinalShape& shape) {
 }
 
 bool use_native_kernels(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device) {
+  // bf16 before compute capability 8.0 (no bf16 tensor cores): the hoisted chain at every width.
+  if (!native_kernels_refusal(dtype, device).empty()) return false;
   return shape.layer_width <= tile_kernel_width_limit(dtype, allow_tf32, device);
 }
 
@@ -63,7 +80,8 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
                           const at::Tensor& pre_activation, bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile forward needs w <= ", kTileKernelMaxWidth);
-  with_kernel_types(x.scalar_type(), allow_tf32, [&](auto types) {
+  const int capability = compute_capability(c10::cuda::current_device());
+  with_kernel_types(x.scalar_type(), allow_tf32, capability, [&](auto types) {
     using Types = decltype(types);
     using T = typename Types::Element;
     if (allow_narrow && narrow_kernels_fit(shape)) {

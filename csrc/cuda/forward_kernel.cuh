@@ -2,7 +2,8 @@
 // layer and the output projection.
 //
 // Tiling and launch scheme
-//   grid  = ceil(B / kTileM) CTAs, one per tile of kTileM rows (64 for fp16/bf16, 32 for fp32);
+//   grid  = ceil(B / kTileM) CTAs, one per tile of kTileM rows (64 for fp16/bf16 on sm_80+, 32 for
+//   fp32 and for fp16 on sm_75; launch.cuh's with_kernel_types picks the policy per device);
 //   block = 256 threads (8 warps); dynamic smem (SmemLayout in tile_mma.cuh).
 //   For each layer l, for each 128-column chunk of z_l (w <= 256: at most 2 chunks):
 //     acc  = x[rows, window_l] * A_l^T   K = s in chunks of 32: the window is read straight
@@ -19,6 +20,12 @@
 //   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB)
 //   and sm90 (227 KB); on 99 KB parts (sm86/89/120) use_native_kernels() sends w > 192 (fp16/bf16/TF32)
 //   and w > 224 (fp32) to the hoisted chain (csrc/aten_chain.h). The launch is launch_kernel() (launch.cuh).
+// sm_75 (T4: 64 KB opt-in smem, fp16 tensor cores only): fp16 runs 32-row tiles,
+//   2*32*264*2 + 32*40*2 + 128*40*2 + 32*132*4 = 62 KB at w = 256, so every w <= 256 fits; fp32 runs
+//   SimtMma (no TF32 before sm_80, whatever allow_tf32 says), w <= 96 (2*32*97*4 + 37 KB = 61 KB);
+//   bf16 never launches there (use_native_kernels: the hoisted chain), and the bf16/TF32 kernels
+//   and the 64-row fp16 ones are compiled to a trap for sm_75 (kRunsOnThisArch, tile_mma.cuh).
+//   ptxas -v, sm_75: SimtMma<32> fp32 128 registers, WmmaMma<32, half> 80 (12 bytes spilled).
 // Numerics: fp32 accumulation; z is rounded to the storage dtype once (that is Z) and
 //   h = dtype(phi(float(Z))), so backward's recomputation of h from Z is bit-identical.
 // Offsets into x, Z and out are 64-bit (B * N may pass 2^31).
@@ -64,7 +71,7 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
 }
 
 template <class Mma, typename T>
-__global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
+__device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
   const SmemViews<Mma, T> sm(smem, p.state_width);
@@ -159,6 +166,15 @@ __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardA
       const float y = sm.acc_tile[m * kAccLd + n] + (p.bias_out ? static_cast<float>(p.bias_out[n0 + n]) : 0.f);
       p.out[(row0 + m) * p.out_features + n0 + n] = static_cast<T>(y);
     }
+  }
+}
+
+template <class Mma, typename T>
+__global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
+  if constexpr (kRunsOnThisArch<Mma, T>) {
+    forward_tile<Mma, T>(p);
+  } else {
+    unsupported_arch();
   }
 }
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 
 #include "../activation.h"
 #include "../spinal_shape.h"
@@ -18,13 +19,21 @@ T* optional_data(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
+// Why the native kernels run no layer of `dtype` on `device`, "" where they do: bfloat16 before
+// compute capability 8.0 (sm_75 has fp16 tensor cores but no bf16 ones), and every dtype before
+// 7.5 (no device code for it); the op routes those to the hoisted chain at every width. Python's
+// CudaBackend.supports() reports it (the text names the compute capability, not the device).
+std::string native_kernels_refusal(at::ScalarType dtype, int device);
+
 // Widest layer the tile kernels run on `device` for this dtype (and, for float32, TF32 policy):
 // kTileKernelMaxWidth (tile_mma.cuh), or less where their shared memory exceeds the device's opt-in
-// maximum per block (99 KB on sm_86/89/120). 0: none fits.
+// maximum per block (99 KB on sm_86/89/120, 64 KB on sm_75). 0: none fits, or the dtype has no
+// native kernels on the device (native_kernels_refusal).
 int64_t tile_kernel_width_limit(at::ScalarType dtype, bool allow_tf32, int device);
 
-// The routing decision of the CUDA op: the tile kernels when w <= tile_kernel_width_limit(...) under
-// the op's TF32 choice, the hoisted chain (csrc/aten_chain.h) otherwise.
+// The routing decision of the CUDA op: the tile kernels when the dtype runs on the device
+// (native_kernels_refusal) and w <= tile_kernel_width_limit(...) under the op's TF32 choice, the
+// hoisted chain (csrc/aten_chain.h) otherwise.
 bool use_native_kernels(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device);
 
 // Whether this shape runs the narrow kernels (narrow_kernels.cuh: w <= 16, M <= 16; one thread per

@@ -21,6 +21,20 @@ inline int64_t smem_optin(int device) {
   return bytes;
 }
 
+// The device's compute capability as 10 * major + minor (75 on a T4, 80 on an A100).
+inline int compute_capability(int device) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return 10 * major + minor;
+}
+
+// bf16 and TF32 tensor cores, and the 64-row fp16 tiles' kernels, exist from compute capability 8.0
+// (tile_mma.cuh: MmaArchRange).
+constexpr int kSm80Capability = 80;
+// The oldest GPUs the build compiles the kernels for (setup.py's TORCH_CUDA_ARCH_LIST: sm_75, T4).
+constexpr int kOldestCapability = 75;
+
 // Launches Kernel(args) on the current device and stream: `blocks` CTAs of `threads` threads with
 // `smem_bytes` of dynamic shared memory. The kernel's dynamic-smem limit is raised once per
 // device, to the most any launch of it needs (`max_smem_bytes`) within the device's opt-in
@@ -64,21 +78,32 @@ struct KernelTypes {
   using GradMma = GradMmaT;
 };
 
-// The one dtype dispatch of the CUDA launches: calls f(KernelTypes<...>{}) for x's dtype and the
-// call's TF32 choice. TF32 runs the products on TF32 tensor cores and launch 2 in exact fp32:
-// its bias gradients are column sums, which eager computes in fp32, and TF32-rounding the summed
-// rows would cost ~1e-3 relative error there.
+// The one dtype dispatch of the CUDA launches: calls f(KernelTypes<...>{}) for x's dtype, the
+// call's TF32 choice and the device's compute capability (compute_capability()). TF32 runs the
+// products on TF32 tensor cores and launch 2 in exact fp32: its bias gradients are column sums,
+// which eager computes in fp32, and TF32-rounding the summed rows would cost ~1e-3 relative error
+// there. Before compute capability 8.0 (sm_75) there are no TF32 or bf16 tensor cores: float32
+// runs SimtMma whatever the TF32 choice (exact, so within TF32's tolerance too), fp16 runs
+// 32-row tiles (whose shared memory fits 64 KB per block at w = 256), and bf16 never gets here
+// (use_native_kernels sends it to the hoisted chain).
 template <typename F>
-auto with_kernel_types(at::ScalarType dtype, bool allow_tf32, F&& f) {
-  using Tf32 = WmmaMma<32, nvcuda::wmma::precision::tf32>;
+auto with_kernel_types(at::ScalarType dtype, bool allow_tf32, int capability, F&& f) {
+  using Tf32Mma = WmmaMma<32, Tf32>;
+  const bool sm80 = capability >= kSm80Capability;
   switch (dtype) {
     case at::kFloat:
-      if (allow_tf32) return f(KernelTypes<float, Tf32, SimtMma<32>>{});
+      if (allow_tf32 && sm80) return f(KernelTypes<float, Tf32Mma, SimtMma<32>>{});
       return f(KernelTypes<float, SimtMma<32>, SimtMma<32>>{});
     case at::kHalf:
-      return f(KernelTypes<at::Half, WmmaMma<64, __half>, WmmaMma<64, __half>>{});
+      if (!sm80) {
+        return f(KernelTypes<at::Half, WmmaMma<kHalfTileMSm75, __half>, WmmaMma<kHalfTileMSm75, __half>>{});
+      }
+      return f(KernelTypes<at::Half, WmmaMma<kHalfTileM, __half>, WmmaMma<kHalfTileM, __half>>{});
     case at::kBFloat16:
-      return f(KernelTypes<at::BFloat16, WmmaMma<64, __nv_bfloat16>, WmmaMma<64, __nv_bfloat16>>{});
+      TORCH_CHECK(sm80, "spinal_ops: the CUDA kernels' bfloat16 tensor-core code needs compute capability 8.0, "
+                  "this device has ", text(capability / 10), ".", text(capability % 10),
+                  " (use_native_kernels() should have routed the call to the hoisted chain)");
+      return f(KernelTypes<at::BFloat16, WmmaMma<kHalfTileM, __nv_bfloat16>, WmmaMma<kHalfTileM, __nv_bfloat16>>{});
     default:
       TORCH_CHECK(false, "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
   }

@@ -58,7 +58,11 @@ constexpr int kNarrowKernelMaxOut = 16;  // M: the backward's g values per threa
 // thread): more warps in flight hide the global loads' latency, as long as nothing spills in bulk.
 // The forward holds x's next chunk in registers: at 4 CTAs (128 registers) ptxas spilled up to
 // 1.5 KB per thread, at 3 (168 registers) at most 92 bytes in half types and 192 in float32
-// (sm_90); launch 1 fits 128 without spills.
+// (sm_90); launch 1 fits 128 without spills. sm_75 (T4) runs both kernels unchanged for fp32 and
+// fp16 (bf16 takes the hoisted chain there and its kernels are compiled to a trap, tile_mma.cuh):
+// ptxas spills 0..80 bytes in the forward at 168 registers, none in launch 1 (125..128); its
+// 64 KB of shared memory per SM holds 2 CTAs of NarrowSmem (27-29 KB), so there the smem, not
+// the register cap, bounds the CTAs per SM.
 constexpr int kNarrowForwardMinBlocksPerSm = 3;
 constexpr int kNarrowDataGradMinBlocksPerSm = 4;
 
@@ -149,8 +153,7 @@ struct XChunk {
 };
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
-    spinal_narrow_forward_kernel(const ForwardArgs<T> p) {
+__device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
   const NarrowTiles<W> tiles(smem);
@@ -261,8 +264,17 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
 }
 
 template <typename T, int W>
-__global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
-    spinal_narrow_data_grad_kernel(const DataGradArgs<T> p) {
+__global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
+    spinal_narrow_forward_kernel(const ForwardArgs<T> p) {
+  if constexpr (kRunsOnThisArch<void, T>) {
+    narrow_forward_rows<T, W>(p);
+  } else {
+    unsupported_arch();
+  }
+}
+
+template <typename T, int W>
+__device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
   const NarrowTiles<W> tiles(smem);
@@ -367,6 +379,16 @@ __global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
         p.grad_x[(row0 + r) * p.n + c0 + k] = static_cast<T>(dx_tile[r * Smem::kXLd + k]);
       }
     }
+  }
+}
+
+template <typename T, int W>
+__global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
+    spinal_narrow_data_grad_kernel(const DataGradArgs<T> p) {
+  if constexpr (kRunsOnThisArch<void, T>) {
+    narrow_data_grad_rows<T, W>(p);
+  } else {
+    unsupported_arch();
   }
 }
 

@@ -1,17 +1,19 @@
 // CUDA implementations of spinal_ops::native_forward / native_backward (schemas in csrc/ops.cpp).
 //
 // Checks every argument before anything runs, guards x's device, makes inputs contiguous,
-// allocates the outputs and routes the call (use_native_kernels, forward.cu): the tile or narrow kernels
-// (forward.cu, backward.cu) when w <= kTileKernelMaxWidth and their shared memory fits the device,
-// the hoisted ATen chain (csrc/aten_chain.h, cuBLAS) otherwise. An empty batch launches no
-// kernel. The hoisted_* ops run that chain directly (the cuda backend's cost model picks them per
-// call). Also defines spinal_ops::cuda_tile_kernel_max_width() and cuda_tile_kernel_width_limit(device,
-// dtype, allow_tf32), the thresholds Python's CudaBackend.supports() reports, so they live in one
-// place.
+// allocates the outputs and routes the call (use_native_kernels, forward.cu): the tile or narrow
+// kernels (forward.cu, backward.cu) when w <= kTileKernelMaxWidth, their shared memory fits the
+// device and the device has the dtype's tensor cores (bf16: compute capability 8.0), the hoisted
+// ATen chain (csrc/aten_chain.h, cuBLAS) otherwise. An empty batch launches no kernel. The
+// hoisted_* ops run that chain directly (the cuda backend's cost model picks them per call). Also
+// defines spinal_ops::cuda_tile_kernel_max_width(), cuda_tile_kernel_width_limit(device, dtype,
+// allow_tf32) and cuda_native_kernels_refusal(device, dtype) (bf16 before compute capability 8.0),
+// the thresholds and reasons Python's CudaBackend.supports() reports, so they live in one place.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -175,6 +177,10 @@ int64_t tile_kernel_width_limit_op(int64_t device, at::ScalarType dtype, bool al
   return tile_kernel_width_limit(dtype, allow_tf32, static_cast<int>(device));
 }
 
+std::string native_kernels_refusal_op(int64_t device, at::ScalarType dtype) {
+  return native_kernels_refusal(dtype, static_cast<int>(device));
+}
+
 }  // namespace
 }  // namespace cuda_kernels
 }  // namespace spinal_ops
@@ -183,6 +189,8 @@ TORCH_LIBRARY_FRAGMENT(spinal_ops, m) {
   m.def("cuda_tile_kernel_max_width() -> int", &spinal_ops::cuda_kernels::tile_kernel_max_width);
   m.def("cuda_tile_kernel_width_limit(int device, ScalarType dtype, bool allow_tf32) -> int",
         &spinal_ops::cuda_kernels::tile_kernel_width_limit_op);
+  m.def("cuda_native_kernels_refusal(int device, ScalarType dtype) -> str",
+        &spinal_ops::cuda_kernels::native_kernels_refusal_op);
   m.def("cuda_narrow_limits() -> int[]", &spinal_ops::cuda_kernels::narrow_limits);
 }
 

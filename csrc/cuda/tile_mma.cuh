@@ -6,12 +6,19 @@
 //
 //   acc[kTileM x kTileN] += A[kTileM x K] * B[K x kTileN]
 //
-// Three interchangeable accumulator policies (template parameter `Mma`) do the math:
+// Interchangeable accumulator policies (template parameter `Mma`) do the math:
 //   SimtMma<32>          fp32, exact FMA (no TF32). Thread t owns rows warp + 8*i, columns lane + 32*j.
-//   WmmaMma<32, tf32>    fp32 inputs rounded to TF32 on tensor cores (only when the user allows TF32).
-//   WmmaMma<64, half/bf16>  tensor cores (WMMA m16n16k16), fp32 accumulation.
+//   WmmaMma<32, Tf32>    fp32 inputs rounded to TF32 on tensor cores (only when the user allows TF32;
+//                        sm_80 and newer).
+//   WmmaMma<64, half/bf16>  tensor cores (WMMA m16n16k16), fp32 accumulation (sm_80 and newer).
+//   WmmaMma<32, half>    the fp16 policy of sm_75 (T4): 32-row tiles, so that the widest layer's
+//                        shared memory (62 KB at w = 256) fits its 64 KB per block.
 // The WMMA policies arrange the 8 warps as 2 (rows) x 4 (columns); each warp owns a
 // (kTileM/2) x 32 sub-tile, i.e. (kTileM/32) x 2 fragments of 16x16.
+// Architectures: bf16 and TF32 have no tensor cores before sm_80 (mma.h declares neither their
+// fragments nor __float_to_tf32 there), so the kernels of those policies, and every bf16 kernel,
+// hold device code only for sm_80+ (kRunsOnThisArch); the op routes bf16 on older GPUs to the
+// hoisted chain and runs float32 there on SimtMma whatever the TF32 setting (launch.cuh).
 // Policies expose: kTileM, kPad (row padding of staged operands, in elements), zero(), mma(), store().
 // All operand pointers handed to mma() must be 32-byte aligned and their leading dimensions
 // multiples of kPad (WMMA: 16-byte multiples); the smem layouts below guarantee it.
@@ -60,6 +67,16 @@ __device__ __forceinline__ U* smem_cast(T* p) {
   return reinterpret_cast<U*>(p);
 }
 #endif
+
+// Whether this compilation pass's device code has sm_80's bf16/TF32 tensor-core operations: the
+// host pass and the CPU model of CUDA (no __CUDA_ARCH__) see every type.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define SPINAL_SM80_MMA 1
+#endif
+
+// The TF32 policy's element tag. One type in every pass (the kernels' mangled names must agree
+// between the host and device passes); mapped to mma.h's precision::tf32 where that exists.
+struct Tf32 {};
 
 // Element (m, k) of A: Row -> A[m * ld + k], Col -> A[k * ld + m].
 template <Layout L, typename P>
@@ -132,10 +149,27 @@ struct WmmaTraits<__nv_bfloat16> {
   static constexpr int kStep = 16;
 };
 template <>
-struct WmmaTraits<nvcuda::wmma::precision::tf32> {
+struct WmmaTraits<Tf32> {
   using Storage = float;
   static constexpr int kStep = 8;
 };
+
+// The element type of mma.h's fragments for a policy's element.
+template <typename Element>
+struct WmmaFragmentElement {
+  using type = Element;
+};
+#ifdef SPINAL_SM80_MMA
+template <>
+struct WmmaFragmentElement<Tf32> {
+  using type = nvcuda::wmma::precision::tf32;
+};
+#endif
+
+// Stand-in for a fragment type the architecture lacks (the TF32 accumulator, m16n16k8, before
+// sm_80): the host's shared-memory arithmetic still names the policy; its kernels are not
+// compiled there (kRunsOnThisArch).
+struct MissingFragment {};
 
 template <int TileM, typename Element>
 struct WmmaMma {
@@ -149,8 +183,17 @@ struct WmmaMma {
   using LoadType = std::conditional_t<std::is_same_v<Storage, float>, float, Element>;
   template <Layout L>
   using WmmaLayout = std::conditional_t<L == Layout::Row, nvcuda::wmma::row_major, nvcuda::wmma::col_major>;
+  using FragmentElement = typename WmmaFragmentElement<Element>::type;
+#ifdef SPINAL_SM80_MMA
+  static constexpr bool kFragmentsDeclared = true;
+#else
+  static constexpr bool kFragmentsDeclared = kStep == 16;  // m16n16k16 accumulators exist from sm_70
+#endif
+  using Accumulator = std::conditional_t<kFragmentsDeclared,
+                                         nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kStep, float>,
+                                         MissingFragment>;
 
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kStep, float> acc[kFragRows][kFragCols];
+  Accumulator acc[kFragRows][kFragCols];
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -168,8 +211,8 @@ struct WmmaMma {
     const int warp = threadIdx.x / 32;
     const int row0 = (warp / 4) * (TileM / 2), col0 = (warp % 4) * 32;
     for (int k = 0; k < k_extent; k += kStep) {
-      wmma::fragment<wmma::matrix_a, 16, 16, kStep, Element, WmmaLayout<LA>> af[kFragRows];
-      wmma::fragment<wmma::matrix_b, 16, 16, kStep, Element, WmmaLayout<LB>> bf[kFragCols];
+      wmma::fragment<wmma::matrix_a, 16, 16, kStep, FragmentElement, WmmaLayout<LA>> af[kFragRows];
+      wmma::fragment<wmma::matrix_b, 16, 16, kStep, FragmentElement, WmmaLayout<LB>> bf[kFragCols];
 #pragma unroll
       for (int i = 0; i < kFragRows; ++i) {
         const int m = row0 + 16 * i;
@@ -203,12 +246,63 @@ struct WmmaMma {
  private:
   template <typename Fragment>
   __device__ __forceinline__ static void round_if_tf32(Fragment& f) {
-    if constexpr (std::is_same_v<Element, nvcuda::wmma::precision::tf32>) {
+#ifdef SPINAL_SM80_MMA
+    if constexpr (std::is_same_v<Element, Tf32>) {
 #pragma unroll
       for (int t = 0; t < f.num_elements; ++t) f.x[t] = nvcuda::wmma::__float_to_tf32(f.x[t]);
     }
+#endif
   }
 };
+
+// Device code per architecture. __CUDA_ARCH__ of this pass (0 in the host pass and in the CPU
+// model, where every kernel is compiled).
+#ifdef __CUDA_ARCH__
+constexpr int kDeviceArch = __CUDA_ARCH__;
+#else
+constexpr int kDeviceArch = 0;
+#endif
+constexpr int kSm80 = 800;
+// Row tile of the fp16 policy on compute capability < 8.0 (sm_75) and on 8.0+.
+constexpr int kHalfTileMSm75 = 32;
+constexpr int kHalfTileM = 64;
+
+// The architectures [kMin, kMax] (as __CUDA_ARCH__) whose device code holds a policy's kernels:
+// SimtMma everywhere; bf16 and TF32 from sm_80 (their tensor cores); fp16 in 64-row tiles from
+// sm_80 and in 32-row tiles before (launch.cuh picks the same per device).
+template <class Mma>
+struct MmaArchRange {
+  static constexpr int kMin = 0, kMax = 1 << 30;
+};
+template <int TileM, typename Element>
+struct MmaArchRange<WmmaMma<TileM, Element>> {
+  static constexpr bool kHalf = std::is_same_v<Element, __half>;
+  static constexpr int kMin = kHalf && TileM == kHalfTileMSm75 ? 0 : kSm80;
+  static constexpr int kMax = kHalf && TileM == kHalfTileMSm75 ? kSm80 - 1 : 1 << 30;
+};
+
+// Whether this pass compiles the kernels of storage type T (bf16: sm_80+) with policy Mma (void:
+// no tile policy, the narrow kernels). Where false, the kernel's body is a trap: the op never
+// launches it there (use_native_kernels, with_kernel_types).
+template <class Mma, typename T>
+constexpr bool runs_on_this_arch() {
+  if (kDeviceArch == 0) return true;
+  if (std::is_same_v<T, at::BFloat16> && kDeviceArch < kSm80) return false;
+  if constexpr (std::is_void_v<Mma>) {
+    return true;
+  } else {
+    return kDeviceArch >= MmaArchRange<Mma>::kMin && kDeviceArch <= MmaArchRange<Mma>::kMax;
+  }
+}
+template <class Mma, typename T>
+constexpr bool kRunsOnThisArch = runs_on_this_arch<Mma, T>();
+
+// The body of a kernel compiled for an architecture that does not run it.
+__device__ __forceinline__ void unsupported_arch() {
+#ifdef __CUDA_ARCH__
+  __trap();
+#endif
+}
 
 // Cooperative fill of a rows x cols tile at dst (leading dimension ld) with value(r, c).
 template <typename T, typename F>

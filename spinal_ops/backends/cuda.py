@@ -4,14 +4,15 @@ Each call runs one of two op pairs, chosen by the cost model of cuda_cost.py fro
 shape, batch and device: ``native_forward``/``native_backward`` (the native kernels: one forward
 launch, two backward launches, for layers up to ``tile_kernel_width_limit()`` wide: ``tile_kernel_max_width()``,
 or less on devices whose shared memory per block is smaller) or ``hoisted_forward``/
-``hoisted_backward`` (csrc/aten_chain.h on cuBLAS: large batches and wide layers). Both keep Z
+``hoisted_backward`` (csrc/aten_chain.h on cuBLAS: large batches and wide layers, and bfloat16 on
+GPUs without bf16 tensor cores, compute capability < 8.0 such as the T4). Both keep Z
 in the same layout and compute the same function.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -23,7 +24,9 @@ from .cuda_cost import GpuModel, PathChoice, choose_path, model_for
 from .op_pair import OpPairBackend, tf32_allowed
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core WMMA; the build targets sm80 and sm90
+# fp16 tensor-core WMMA; the build targets sm_75 (T4), sm_80 and sm_90. Before 8.0 bf16 has no tensor
+# cores and takes the hoisted chain (the op's native_kernels_refusal says so), float32 runs exact fp32.
+MIN_COMPUTE_CAPABILITY = (7, 5)
 PATHS = ("native", "hoisted")
 
 
@@ -36,6 +39,9 @@ class CudaDevice:
     model: GpuModel
     # (dtype, TF32 allowed) -> widest native-kernel w on this device, from the op's own routing
     width_limits: dict[tuple[torch.dtype, bool], int]
+    # dtype -> why the native kernels run no layer of it on this device (bf16 before compute
+    # capability 8.0), from the op's own routing; absent where they run
+    refusals: dict[torch.dtype, str] = field(default_factory=dict)
 
 
 def _probe_devices() -> tuple[int, tuple[int, int], dict[int, CudaDevice]]:
@@ -47,12 +53,17 @@ def _probe_devices() -> tuple[int, tuple[int, int], dict[int, CudaDevice]]:
     for index in range(torch.cuda.device_count()):
         properties = torch.cuda.get_device_properties(index)
         capability = (properties.major, properties.minor)
-        limits = {}
+        limits, refusals = {}, {}
         if capability >= MIN_COMPUTE_CAPABILITY:
             for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
                                 (torch.bfloat16, False)):
                 limits[(dtype, tf32)] = int(torch.ops.spinal_ops.cuda_tile_kernel_width_limit(index, dtype, tf32))
-        devices[index] = CudaDevice(capability, model_for(properties.name, properties.multi_processor_count), limits)
+            for dtype in CUDA_DTYPES:
+                refusal = str(torch.ops.spinal_ops.cuda_native_kernels_refusal(index, dtype))
+                if refusal:
+                    refusals[dtype] = refusal
+        devices[index] = CudaDevice(capability, model_for(properties.name, properties.multi_processor_count), limits,
+                                    refusals)
     narrow_width, narrow_out = torch.ops.spinal_ops.cuda_narrow_limits()
     return int(torch.ops.spinal_ops.cuda_tile_kernel_max_width()), (int(narrow_width), int(narrow_out)), devices
 
@@ -89,6 +100,17 @@ def _width_limit_for(device: torch.device, dtype: torch.dtype) -> int:
     return tile_kernel_width_limit(_device_index(device), dtype, tf32_allowed(dtype))
 
 
+def native_kernels_refusal(device: int, dtype: torch.dtype) -> str:
+    """Why the native kernels run no layer of ``dtype`` on CUDA device ``device`` ("" where they
+    do): bfloat16 before compute capability 8.0 (T4), which the op sends to the hoisted chain."""
+    known = DEVICES.get(device)
+    return "" if known is None else known.refusals.get(dtype, "")
+
+
+def _refusal_reason(index: int, refusal: str) -> str:
+    return f"hoisted cuBLAS chain: the native kernels do not run on device {index}: {refusal}"
+
+
 @contextlib.contextmanager
 def forced_path(path: str) -> Iterator[None]:
     """Run every cuda-backend call inside the block on one path ("native" or "hoisted"; the native
@@ -114,6 +136,9 @@ def narrow_kernels_fit(config: SpinalConfig) -> bool:
 def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torch.device,
               training: bool) -> PathChoice:
     """The path the cuda backend runs for this call, and why."""
+    refusal = native_kernels_refusal(_device_index(device), dtype)
+    if refusal:
+        return PathChoice("hoisted", _refusal_reason(_device_index(device), refusal))
     limit = _width_limit_for(device, dtype)
     if _forced_path is not None and (_forced_path == "hoisted" or config.layer_width <= limit):
         return PathChoice(_forced_path, f"{_forced_path} path forced")
@@ -140,7 +165,11 @@ class CudaBackend(OpPairBackend):
         known = DEVICES.get(index)
         capability = known.capability if known is not None else (0, 0)
         if capability < MIN_COMPUTE_CAPABILITY:
-            return Support.no(f"needs compute capability >= 8.0, device {index} has {capability[0]}.{capability[1]}")
+            minimum = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+            return Support.no(f"needs compute capability >= {minimum}, device {index} has {capability[0]}.{capability[1]}")
+        refusal = native_kernels_refusal(index, dtype)
+        if refusal:
+            return Support.yes(_refusal_reason(index, refusal))
         limit = _width_limit_for(device, dtype)
         if config.layer_width > limit:
             why = "" if limit == tile_kernel_max_width() else f" (the native kernels' shared memory does not fit device {index})"

@@ -181,6 +181,11 @@ int64_t width_limit(at::ScalarType dtype, bool allow_tf32, int64_t device) {
   return tile_kernel_width_limit(dtype, allow_tf32, static_cast<int>(device));
 }
 
+std::string refusal(at::ScalarType dtype, int64_t device) {
+  emu::target(static_cast<int>(device));
+  return native_kernels_refusal(dtype, static_cast<int>(device));
+}
+
 // seed: CTA order and fragment element orders; removed_barrier: the "file:line" of a
 // __syncthreads that does nothing ("": none); drop_counter_reset: launch 1 leaves the split-K
 // counters as they are. Also forgets the barrier sites reached so far.
@@ -259,6 +264,7 @@ TORCH_LIBRARY(spinal_emu, m) {
   m.def("forward", &spinal_ops::cuda_kernels::forward);
   m.def("backward", &spinal_ops::cuda_kernels::backward);
   m.def("tile_kernel_width_limit", &spinal_ops::cuda_kernels::width_limit);
+  m.def("native_kernels_refusal", &spinal_ops::cuda_kernels::refusal);
   m.def("configure", &spinal_ops::cuda_kernels::configure);
   m.def("launches", &spinal_ops::cuda_kernels::launches);
   m.def("attribute_sets", &spinal_ops::cuda_kernels::attribute_sets);

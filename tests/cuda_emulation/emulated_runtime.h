@@ -1,6 +1,7 @@
 // The part of the CUDA runtime and of c10/cuda that the host launchers (csrc/cuda/forward.cu,
 // backward.cu, launch.cuh) call, modelled on CPU with the launch rules of the hardware.
-// The fake devices are GPU targets with their opt-in shared memory per block and an SM count;
+// The fake devices are GPU targets with their opt-in shared memory per block, an SM count and a
+// compute capability (sm_75: no bf16 or TF32 tensor cores, which the op's routing reads);
 // a launch the hardware would refuse, or one on another stream than the current one, raises:
 //   grid.x in [1, 2^31 - 1], grid.y/z in [1, 65535], 1..1024 threads per block;
 //   dynamic smem <= the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize on the device
@@ -13,6 +14,7 @@
 #include <driver_types.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <string>
 #include <utility>
@@ -30,14 +32,16 @@ struct Target {
   const char* name;
   int sm_count;
   int smem_optin;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  int major, minor;  // compute capability: cudaDevAttrComputeCapabilityMajor / Minor
 };
 // The fake device with index i is targets[i].
 inline const Target targets[] = {
-    {"sm_80", 108, 163 * 1024},  // A100
-    {"sm_86", 84, 99 * 1024},    // RTX 30xx, A10
-    {"sm_89", 58, 99 * 1024},    // L4, RTX 40xx, L40
-    {"sm_90", 132, 227 * 1024},  // H100, H200
-    {"sm_120", 170, 99 * 1024},  // RTX 50xx
+    {"sm_80", 108, 163 * 1024, 8, 0},   // A100
+    {"sm_86", 84, 99 * 1024, 8, 6},     // RTX 30xx, A10
+    {"sm_89", 58, 99 * 1024, 8, 9},     // L4, RTX 40xx, L40
+    {"sm_90", 132, 227 * 1024, 9, 0},   // H100, H200
+    {"sm_120", 170, 99 * 1024, 12, 0},  // RTX 50xx
+    {"sm_75", 40, 64 * 1024, 7, 5},     // T4: fp16 tensor cores, no bf16 or TF32 ones
 };
 constexpr int kDevices = sizeof(targets) / sizeof(targets[0]);
 inline int current_device = 3;
@@ -80,9 +84,27 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = t.smem_optin;
       break;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = t.major;
+      break;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = t.minor;
+      break;
     default:
       TORCH_CHECK(false, "emulated CUDA: device attribute ", attr, " is not modelled");
   }
+  return cudaSuccess;
+}
+
+// The fields of cudaDeviceProp the model knows (the others zero), as cudaDeviceGetAttribute has them.
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* properties, int device) {
+  const emu::Target& t = emu::target(device);
+  *properties = cudaDeviceProp{};
+  std::snprintf(properties->name, sizeof(properties->name), "emulated %s", t.name);
+  properties->multiProcessorCount = t.sm_count;
+  properties->sharedMemPerBlockOptin = static_cast<size_t>(t.smem_optin);
+  properties->major = t.major;
+  properties->minor = t.minor;
   return cudaSuccess;
 }
 
