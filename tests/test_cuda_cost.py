@@ -73,6 +73,18 @@ def test_device_names_map_to_models():
     assert model_for("NVIDIA A100-SXM4-40GB", 108) is GPU_MODELS["a100"]
     other = model_for("NVIDIA L4", 58)
     assert other.sm_count == 58 and other.gemm_flops == GPU_MODELS["a100"].gemm_flops
+    assert other.half_row_tile == 64
+
+
+def test_t4_model_counts_the_32_row_half_tiles():
+    # Before sm_80 the op runs fp16 in 32-row tiles (csrc/cuda/launch.cuh): twice the CTAs, so twice
+    # the waves once the grid fills the GPU.
+    t4 = model_for("Tesla T4", 40, (7, 5))
+    assert t4.half_row_tile == 32
+    config = PRESETS["vgg5"]
+    sm80 = model_for("Tesla T4", 40, (8, 0))
+    batch = 64 * 40 * 4  # four waves of 64-row tiles on 40 SMs
+    assert native_seconds(config, batch, torch.float16, t4, False) > native_seconds(config, batch, torch.float16, sm80, False)
 
 
 H100_TIMINGS = Path(__file__).resolve().parents[1] / "benchmarks/results/cuda-paths/nvidia-h100-80gb-hbm3.json"

@@ -62,7 +62,7 @@ def _probe_devices() -> tuple[int, tuple[int, int], dict[int, CudaDevice]]:
                 refusal = str(torch.ops.spinal_ops.cuda_native_kernels_refusal(index, dtype))
                 if refusal:
                     refusals[dtype] = refusal
-        devices[index] = CudaDevice(capability, model_for(properties.name, properties.multi_processor_count), limits,
+        devices[index] = CudaDevice(capability, model_for(properties.name, properties.multi_processor_count, capability), limits,
                                     refusals)
     narrow_width, narrow_out = torch.ops.spinal_ops.cuda_narrow_limits()
     return int(torch.ops.spinal_ops.cuda_tile_kernel_max_width()), (int(narrow_width), int(narrow_out)), devices

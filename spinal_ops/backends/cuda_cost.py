@@ -48,6 +48,7 @@ class GpuModel:
     tile_layer_seconds: float  # per layer and row tile: the chain's barriers and staging
     tile_cta_flops: dict[torch.dtype, float]  # one CTA of the native kernels on w >= 64
     narrow_flops: dict[torch.dtype, float]  # the whole GPU running the narrow forward kernel
+    half_row_tile: int = 64  # rows per CTA of the half-type tile kernels: 32 before sm_80 (64 KB of shared memory)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -77,8 +78,9 @@ GPU_MODELS: dict[str, GpuModel] = {
 }
 
 
-def model_for(name: str, sm_count: int) -> GpuModel:
-    """The constants for a device by its name; an unknown GPU gets the A100's rates and its own SM count."""
+def model_for(name: str, sm_count: int, capability: tuple[int, int] = (9, 0)) -> GpuModel:
+    """The constants for a device by its name; an unknown GPU gets the A100's rates (uncalibrated
+    there) with its own SM count and, before sm_80, the 32-row half-type tiles the op launches."""
     lowered = name.lower()
     if "h200" in lowered:  # GH200 too
         return GPU_MODELS["h200"]
@@ -89,18 +91,19 @@ def model_for(name: str, sm_count: int) -> GpuModel:
     generic = GPU_MODELS["a100"]
     return GpuModel(name, sm_count, generic.gemm_flops, generic.bandwidth, generic.op_seconds,
                     generic.native_launch_seconds, generic.tile_layer_seconds, generic.tile_cta_flops,
-                    generic.narrow_flops)
+                    generic.narrow_flops, 64 if capability >= (8, 0) else 32)
 
 
-def _row_tile(dtype: torch.dtype) -> int:
-    return 64 if dtype in _HALF else 32
+def _row_tile(dtype: torch.dtype, model: GpuModel) -> int:
+    """Rows per CTA of the tile kernels (with_kernel_types in csrc/cuda/launch.cuh)."""
+    return model.half_row_tile if dtype in _HALF else 32
 
 
 def native_seconds(config: SpinalConfig, batch: int, dtype: torch.dtype, model: GpuModel, training: bool,
                   narrow: bool = False) -> float:
     """Predicted time of the native kernels (forward, plus backward when ``training``);
     ``narrow``: the layer runs the narrow kernels."""
-    tile = _row_tile(dtype)
+    tile = _row_tile(dtype, model)
     waves = math.ceil(math.ceil(max(batch, 1) / tile) / model.sm_count)
     tile_flops = config.forward_flops(tile)
     cta_flops = model.tile_cta_flops[dtype] * min(1.0, config.layer_width / 64)
