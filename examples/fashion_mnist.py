@@ -258,8 +258,11 @@ def page(document: dict[str, Any], json_name: str) -> str:
         f"features). {document['optimizer']}, batch {document['batch_size']}; every head of a seed starts "
         "from the same backbone weights and sees the batches in the same order. Test accuracy after the "
         "last epoch; FLOPs are the head's forward matrix-multiply FLOPs per image (2 per multiply-add); "
-        "time per epoch is the whole model's training pass on this CPU, a machine other jobs shared, "
-        "so it is indicative only.",
+        "time per epoch is the whole model's training pass (the convolutions dominate it) on a machine "
+        "shared with other work, so it is indicative only.",
+        "As in the authors' scripts, the dense heads apply Dropout (p = 0.5) to their hidden layer and the "
+        "spinal head has none. The two spinal rows train the same layer from the same weights on two "
+        "backends: they differ only by float32 rounding, which compounds over the steps.",
         table(document),
         "Per seed:",
         per_seed_table(document),

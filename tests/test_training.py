@@ -129,3 +129,50 @@ def test_learning_check_can_fail(data):
     model = digits_train.build_model("spinal", "reference")
     digits_train.train(model, data, 1, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
     assert digits_train.accuracy(model, data) < min(LEARNED, 3 * CHANCE)
+
+
+# ---- examples/fashion_mnist.py: its reader, its cost columns, and its committed page ------------
+
+_fashion_spec = importlib.util.spec_from_file_location("fashion_mnist", EXAMPLES / "fashion_mnist.py")
+fashion_mnist = sys.modules["fashion_mnist"] = importlib.util.module_from_spec(_fashion_spec)
+_fashion_spec.loader.exec_module(fashion_mnist)
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_read_idx(tmp_path, compressed):
+    import gzip
+
+    import numpy as np
+
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    payload = bytes([0, 0, 0x08, 3]) + b"".join(n.to_bytes(4, "big") for n in images.shape) + images.tobytes()
+    path = tmp_path / "images-idx3-ubyte"
+    path.write_bytes(gzip.compress(payload) if compressed else payload)
+    np.testing.assert_array_equal(fashion_mnist.read_idx(path), images)
+    path.write_bytes(payload[:-1])
+    with pytest.raises(ValueError, match="values for shape"):
+        fashion_mnist.read_idx(path)
+
+
+def test_fashion_heads_costs():
+    # hand-computed: weights + biases; 2 FLOPs per multiply-add of one row's forward
+    assert fashion_mnist.head_costs("dense-authors")[:2] == (320 * 50 + 50 + 50 * 10 + 10, 2 * (320 * 50 + 50 * 10))
+    assert fashion_mnist.head_costs("dense-equal")[:2] == (320 * 48 + 48 + 48 * 10 + 10, 2 * (320 * 48 + 48 * 10))
+    spinal = (6 * 8 * 160 + 5 * 8 * 8 + 6 * 8 + 10 * 48 + 10, 2 * (6 * 8 * 160 + 5 * 8 * 8 + 10 * 48))
+    assert fashion_mnist.head_costs("spinal-reference")[:2] == fashion_mnist.head_costs("spinal-auto")[:2] == spinal
+    for head in fashion_mnist.HEADS:  # the model that trains has the counted parameters
+        model = fashion_mnist.build_model(head, seed=0)
+        assert sum(p.numel() for p in model.head.parameters()) == fashion_mnist.head_costs(head)[0]
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("page", sorted(RESULTS.glob("accuracy-*.md")), ids=lambda path: path.name)
+def test_accuracy_pages_are_renderings_of_their_results_files(page):
+    """Every figure on a committed accuracy page comes from the results file it links."""
+    json_path = RESULTS / "accuracy" / page.name.removeprefix("accuracy-").replace(".md", ".json")
+    document = __import__("json").loads(json_path.read_text())
+    assert fashion_mnist.page(document, json_path.name) == page.read_text()
+    for head in document["heads"].values():
+        assert [run["seed"] for run in head["runs"]] == document["seeds"]
+        assert all(len(run["epoch_seconds"]) == document["epochs"] for run in head["runs"])
