@@ -12,11 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from contract import make_config
 from spinal_ops.bench import PRESETS, main, timing
 from spinal_ops.bench.goals import E, SPEEDUP_OVER_REFERENCE, Goal, goal_lines
+from spinal_ops.bench.heads import AUTHORS_HEADS, AUTHORS_IMPL, DenseHead, authors_head, baseline_impl
 from spinal_ops.bench.memory import peak_bytes
+from spinal_ops.bench.metrics import baseline_record, efficiency
 from spinal_ops.bench.presets import parse_presets
-from spinal_ops.bench.report import markdown_report, thread_table
+from spinal_ops.bench.report import latency_table, markdown_report, model_table, thread_table
 from spinal_ops.bench.results import DOCUMENT_FIELDS, RECORD_FIELDS, Record, read_json, validate_document
-from spinal_ops.bench.workloads import build_impl, dense_baseline, make_step
+from spinal_ops.bench.workloads import build_impl, cost, dense_baseline, make_step
 from spinal_ops.config import MODES
 from spinal_ops.dispatch import available_backends
 
@@ -171,7 +173,10 @@ def test_markdown_report_efficiency_speedups_memory_and_caption():
                 "created": "2026-01-01T00:00:00+00:00",
                 "records": [_record("reference", 4.0), _record("cpu", 2.0), _record("dense", 1.0)]}
     text = markdown_report(document)
-    assert "Test CPU" in text and "`0123456789ab`" in text
+    # the caption names the device and the software, not the commit
+    assert "**Test CPU** (torch 2.x, triton 3.x)" in text and "0123456789ab" not in text
+    assert "E = (spinal time / dense time) / (spinal FLOPs / dense FLOPs)" in text
+    assert "Dense baselines" not in text  # the equal-width layer needs no list of heads
     assert "| preset | batch | dtype | mode | reference ms | cpu ms | dense ms | E reference | E cpu | cpu vs reference |" in text
     # E = (time / dense time) / (FLOPs / dense FLOPs): cpu (2 / 1) / (1 / 2) = 4, reference (4 / 1) / (1 / 2) = 8
     assert "| mnist | 64 | float32 | train | 4 | 2 | 1 | 8.00 | 4.00 | 2.00x |" in text
@@ -287,3 +292,125 @@ def test_alternating_medians_report_a_failing_step_and_time_the_others(fake_cloc
     assert medians == pytest.approx({"ok": 1e-3})
     with pytest.raises(RuntimeError, match="backend failed"):
         timing.median_seconds(fails_later, torch.device("cpu"), 0.1, warmup_calls=0)
+
+
+# ---- the authors' dense heads (--baseline authors) ---------------------------------------------
+
+# Hand-computed: weights + biases of each Linear, and 2 FLOPs per multiply-add of a forward row.
+AUTHORS_COUNTS = {
+    "mnist": (320 * 50 + 50 + 50 * 10 + 10, 2 * (320 * 50 + 50 * 10)),
+    "vgg5": (256 * 512 + 512 + 512 * 10 + 10, 2 * (256 * 512 + 512 * 10)),
+    "cifar_vgg": (512 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 10 + 10, 2 * (512 * 4096 + 4096 * 4096 + 4096 * 10)),
+    "cnn_cifar": (4096 * 1024 + 1024 + 1024 * 512 + 512 + 512 * 10 + 10, 2 * (4096 * 1024 + 1024 * 512 + 512 * 10)),
+    "resnet_head": (2048 * 1000 + 1000, 2 * 2048 * 1000),
+    "vgg_head": (25088 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000,
+                 2 * (25088 * 4096 + 4096 * 4096 + 4096 * 1000)),
+}
+
+
+def test_authors_heads_cover_every_preset_with_its_shape():
+    assert set(AUTHORS_HEADS) == set(AUTHORS_COUNTS) == set(PRESETS)
+    for preset, head in AUTHORS_HEADS.items():
+        config = PRESETS[preset]
+        assert (head.widths[0], head.widths[-1]) == (config.in_features, config.out_features)
+        assert authors_head(preset, config) is head
+    assert AUTHORS_HEADS["mnist"].num_parameters() == 16_560
+    assert AUTHORS_HEADS["cifar_vgg"].num_parameters() == 18_923_530  # VGG's ~18.9 M-parameter classifier
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("preset", list(AUTHORS_COUNTS))
+def test_authors_head_parameters_and_flops(preset, mode):
+    params, flops_per_row = AUTHORS_COUNTS[preset]
+    config, batch = PRESETS[preset], 3
+    assert cost(AUTHORS_IMPL, config, batch, "infer", preset) == (batch * flops_per_row, params)
+    # the module that is timed has those parameters, and FlopCounterMode sees the analytic FLOPs
+    model = build_impl(AUTHORS_IMPL, config, torch.float32, torch.device("meta"), preset)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert counted_flops(model, config.in_features, batch, mode) == cost(AUTHORS_IMPL, config, batch, mode, preset)[0]
+
+
+def test_dense_head_rejects_too_few_widths_and_describes_itself():
+    with pytest.raises(ValueError, match="two positive widths"):
+        DenseHead((320,))
+    assert DenseHead((320, 50, 10)).describe() == "Linear(320, 50) -> phi -> Linear(50, 10)"
+
+
+def test_custom_presets_fall_back_to_equal_width():
+    custom = parse_presets(["12,4,3,10"])["12,4,3,10"]
+    assert authors_head("12,4,3,10", custom) is None
+    assert baseline_impl("authors", "12,4,3,10", custom) == "dense"
+    assert baseline_impl("authors", "mnist", PRESETS["mnist"]) == AUTHORS_IMPL
+    assert baseline_impl("equal-width", "mnist", PRESETS["mnist"]) == "dense"
+    # a shape that is not the preset's (e.g. another M) has no authors' head either
+    assert authors_head("mnist", make_config(in_features=320, out_features=7)) is None
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_impl("paper", "mnist", PRESETS["mnist"])
+    with pytest.raises(ValueError, match="no dense head from the paper"):
+        cost(AUTHORS_IMPL, custom, 3, "infer", "12,4,3,10")
+
+
+def test_cli_authors_baseline_end_to_end(tmp_path, capsys):
+    json_path = tmp_path / "r.json"
+    main(["--quick", "--preset", "mnist", "12,4,3,10", "--baseline", "authors", "--batch", "5",
+          "--backends", "reference", "dense", "--mode", "train", "infer", "--threads", "1", "--min-run-time", "0.001",
+          "--json", str(json_path), "--plot", str(tmp_path / "r.png"), "--no-progress"])
+    document = read_json(json_path)  # the schema of every results file, unchanged
+    records = {(r["preset"], r["impl"], r["mode"]): r for r in document["records"]}
+    assert sorted(records) == sorted((preset, impl, mode) for preset, impl in [
+        ("mnist", "reference"), ("mnist", AUTHORS_IMPL), ("12,4,3,10", "reference"), ("12,4,3,10", "dense")]
+        for mode in ("train", "infer"))
+    authors = records[("mnist", AUTHORS_IMPL, "infer")]
+    assert (authors["params"], authors["flops"]) == (16_560, 5 * 33_000)
+    assert records[("mnist", AUTHORS_IMPL, "train")]["flops"] == 3 * 5 * 33_000
+    custom = parse_presets(["12,4,3,10"])["12,4,3,10"]
+    assert records[("12,4,3,10", "dense", "infer")]["params"] == custom.dense_baseline_parameters()
+    printed = capsys.readouterr().out
+    assert "dense baseline (authors):" in printed
+    assert "12,4,3,10: no dense head from the paper for this shape" in printed
+    assert "mnist: Linear(320, 50) -> phi -> Linear(50, 10) (16,560 parameters)" in printed
+    assert "params saved" in printed and "48%" in printed  # 1 - 8,538 / 16,560 parameters
+
+
+def test_cli_help_names_the_baseline_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--baseline {equal-width,authors}" in capsys.readouterr().out
+
+
+def _authors_document() -> dict:
+    # the authors' head does 4x the spinal layer's FLOPs and takes as long as the cpu backend
+    records = [_record("reference", 4.0), _record("cpu", 2.0),
+               {**_record(AUTHORS_IMPL, 2.0), "flops": 4 * 10**9, "params": 16_560}]
+    return {"device": "Test CPU", "torch": "2.x", "triton": "3.x", "commit": "c", "created": "x", "records": records}
+
+
+def test_efficiency_uses_the_chosen_baseline():
+    records = [Record.from_json(data) for data in _authors_document()["records"]]
+    case = {r.impl: r for r in records}
+    assert baseline_record(case).impl == AUTHORS_IMPL
+    # E = (2 / 2) / (1e9 / 4e9) = 4: the authors' head's FLOPs, not the equal-width layer's
+    assert efficiency(case["cpu"], baseline_record(case)) == pytest.approx(4.0)
+    equal_width = Record.from_json(_record("dense", 1.0))  # 2e9 FLOPs: E would be (2 / 1) / (1 / 2) = 4 too
+    equal_width.median_ms = 0.5  # -> 8 against the equal-width layer
+    assert baseline_record({**case, "dense": equal_width}).impl == AUTHORS_IMPL
+    assert baseline_record({"cpu": case["cpu"], "dense": equal_width}) is equal_width
+    assert baseline_record({"cpu": case["cpu"]}) is None
+    table = latency_table(records, markdown=True)
+    assert ("| preset | batch | dtype | mode | reference ms | cpu ms | authors_dense ms | E reference | E cpu | "
+            "cpu vs reference | reference vs authors_dense | cpu vs authors_dense |") in table
+    # E reference = (4 / 2) / (1 / 4) = 8; cpu 2x faster than reference, as fast as the authors' head
+    assert "| mnist | 64 | float32 | train | 4 | 2 | 2 | 8.00 | 4.00 | 2.00x | 0.50x | 1.00x |" in table
+
+
+def test_markdown_report_names_the_authors_heads_and_savings():
+    text = markdown_report(_authors_document())
+    assert "E = (spinal time / authors_dense time) / (spinal FLOPs / authors_dense FLOPs)" in text
+    assert "- mnist: Linear(320, 50) -> phi -> Linear(50, 10), 16,560 parameters" in text
+    # no infer records in this document: the model table needs them
+    infer = [Record.from_json({**_record("cpu", 1.0, mode="infer"), "params": 8_538}),
+             Record.from_json({**_record(AUTHORS_IMPL, 1.0, mode="infer"), "flops": 4 * 10**9, "params": 16_560})]
+    table = model_table(infer, markdown=True)
+    assert ("| preset | baseline | spinal params | authors_dense params | authors_dense/spinal | spinal FLOP/row | "
+            "authors_dense FLOP/row | params saved | FLOPs saved |") in table
+    assert "| mnist | 320-50-10 | 8.54k | 16.6k | 1.9x | 15.6M | 62.5M | 48% | 75% |" in table

@@ -3,6 +3,8 @@
     python -m spinal_ops.bench.report benchmarks/results/<device>.json   # markdown for the README
 
 Every ratio compares two records of the same (preset, batch, dtype, mode, threads) from one run.
+The dense baseline of a case is the authors' head (``authors_dense``) where the run measured it
+(``spinal-bench --baseline authors``), else the dense layer of equal hidden width (``dense``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .goals import goal_lines
-from .metrics import by_case, case_key, efficiency, speedup
+from .heads import AUTHORS_IMPL, BASELINE_IMPLS, EQUAL_WIDTH_IMPL, authors_head
+from .metrics import baseline_record, by_case, case_key, efficiency, speedup
 from .results import Record, Skip, read_json
 from .workloads import SPINAL_IMPLS
 
@@ -53,6 +56,22 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown
     return "\n".join(lines)
 
 
+def _saved(spinal: float, baseline: float) -> str:
+    """How much of the baseline's count the spinal layer saves (negative: it needs more)."""
+    return f"{100 * (1 - spinal / baseline):.0f}%"
+
+
+def baseline_label(records: Sequence[Record]) -> str:
+    """What the tables call the dense baseline: ``dense`` (equal width), ``authors_dense``, or
+    ``baseline`` when the run has both kinds (presets without an authors' head keep ``dense``)."""
+    kinds = {r.impl for r in records if r.impl in BASELINE_IMPLS}
+    return kinds.pop() if len(kinds) == 1 else ("baseline" if kinds else EQUAL_WIDTH_IMPL)
+
+
+def _has_authors(records: Sequence[Record]) -> bool:
+    return any(r.impl == AUTHORS_IMPL for r in records)
+
+
 def _spinal_impls(records: Sequence[Record]) -> list[str]:
     return [impl for impl in dict.fromkeys(r.impl for r in records) if impl in SPINAL_IMPLS]
 
@@ -70,19 +89,27 @@ def _case_columns(records: Sequence[Record]) -> tuple[list[str], Callable[[Recor
 
 
 def model_table(records: Sequence[Record], markdown: bool = False) -> str:
-    """FC vs spinal per preset: parameters and forward FLOPs per row, from the infer records."""
+    """Dense baseline vs spinal per preset: parameters and forward FLOPs per row, from the infer
+    records; with the authors' heads also the baseline's shape and the share of parameters and
+    FLOPs the spinal layer saves."""
+    label, authors = baseline_label(records), _has_authors(records)
     rows = []
     for preset in dict.fromkeys(r.preset for r in records):
         infer = [r for r in records if r.preset == preset and r.mode == "infer"]
         spinal = next((r for r in infer if r.impl in SPINAL_IMPLS), None)
-        dense = next((r for r in infer if r.impl == "dense"), None)
+        dense = baseline_record({r.impl: r for r in infer})
         if spinal is None or dense is None:
             continue
-        rows.append([
-            preset, _count(spinal.params), _count(dense.params), f"{dense.params / spinal.params:.1f}x",
-            _count(spinal.flops / spinal.batch), _count(dense.flops / dense.batch),
-        ])
-    headers = ["preset", "spinal params", "dense params", "dense/spinal", "spinal FLOP/row", "dense FLOP/row"]
+        row = [preset, _count(spinal.params), _count(dense.params), f"{dense.params / spinal.params:.1f}x",
+               _count(spinal.flops / spinal.batch), _count(dense.flops / dense.batch)]
+        if authors:
+            head = authors_head(preset) if dense.impl == AUTHORS_IMPL else None
+            shape = "-".join(map(str, head.widths)) if head else "equal width"
+            row = [preset, shape] + row[1:] + [_saved(spinal.params, dense.params), _saved(spinal.flops, dense.flops)]
+        rows.append(row)
+    headers = ["preset", "spinal params", f"{label} params", f"{label}/spinal", "spinal FLOP/row", f"{label} FLOP/row"]
+    if authors:
+        headers = ["preset", "baseline"] + headers[1:] + ["params saved", "FLOPs saved"]
     return format_table(headers, rows, markdown) if rows else ""
 
 
@@ -91,13 +118,14 @@ def case_table(records: Sequence[Record], markdown: bool = False) -> str:
     cases = by_case(records)
     with_extras = any(record.extras for record in records)
     key_headers, key_cells = _case_columns(records)
-    headers = key_headers + ["impl", "median ms", "rows/s", "TFLOP/s", "peak MB", "E", "vs reference", "vs dense"]
+    headers = key_headers + ["impl", "median ms", "rows/s", "TFLOP/s", "peak MB", "E", "vs reference",
+                             f"vs {baseline_label(records)}"]
     if with_extras:
         headers += ["% of GEMM", "% of copy BW"]
     rows = []
     for record in records:
         same_case = cases[case_key(record)]
-        dense = same_case.get("dense")
+        dense = baseline_record(same_case)
         row = key_cells(record) + [
             record.impl, f"{record.median_ms:.4g}", _count(record.rows_per_s), f"{record.tflops:.3g}",
             _mb(record.peak_mb), _e(efficiency(record, dense) if record.impl in SPINAL_IMPLS else None),
@@ -111,21 +139,27 @@ def case_table(records: Sequence[Record], markdown: bool = False) -> str:
 
 def latency_table(records: Sequence[Record], markdown: bool = False) -> str:
     """One row per case: each implementation's median ms, each spinal implementation's E, and each
-    fused implementation's speed-up over the eager reference (the README's table)."""
+    fused implementation's speed-up over the eager reference (the README's table); with the
+    authors' heads also each spinal implementation's speed-up over that head."""
     impls = list(dict.fromkeys(r.impl for r in records))
     spinal = _spinal_impls(records)
     faster = [impl for impl in spinal if impl != "reference"]
+    authors, label = _has_authors(records), baseline_label(records)
     key_headers, key_cells = _case_columns(records)
     headers = key_headers + [f"{impl} ms" for impl in impls] + [f"E {impl}" for impl in spinal]
     headers += [f"{impl} vs reference" for impl in faster]
+    if authors:
+        headers += [f"{impl} vs {label}" for impl in spinal]
     rows = []
     for same_case in by_case(records).values():
+        dense = baseline_record(same_case)
         row = key_cells(next(iter(same_case.values())))
         row += [f"{same_case[impl].median_ms:.4g}" if impl in same_case else "-" for impl in impls]
-        row += [_e(efficiency(same_case[impl], same_case.get("dense"))) if impl in same_case else "-"
-                for impl in spinal]
+        row += [_e(efficiency(same_case[impl], dense)) if impl in same_case else "-" for impl in spinal]
         row += [_ratio(speedup(same_case[impl], same_case.get("reference"))) if impl in same_case else "-"
                 for impl in faster]
+        if authors:
+            row += [_ratio(speedup(same_case[impl], dense)) if impl in same_case else "-" for impl in spinal]
         rows.append(row)
     return format_table(headers, rows, markdown)
 
@@ -167,7 +201,7 @@ def batch_summary(records: Sequence[Record], value: Callable[[Record, dict[str, 
 def efficiency_summary(records: Sequence[Record], markdown: bool = False) -> str:
     """E of each spinal implementation in every mode, by batch."""
     modes = list(dict.fromkeys(r.mode for r in records))
-    return batch_summary(records, lambda r, case: efficiency(r, case.get("dense")), _e,
+    return batch_summary(records, lambda r, case: efficiency(r, baseline_record(case)), _e,
                          _spinal_impls(records), modes, markdown)
 
 
@@ -213,14 +247,36 @@ def _titled(title: str, table: str) -> str:
     return f"{title}\n{table}" if table else ""
 
 
+def _e_definition(records: Sequence[Record]) -> str:
+    label = baseline_label(records)
+    return f"E = (spinal time / {label} time) / (spinal FLOPs / {label} FLOPs)"
+
+
+def baseline_lines(records: Sequence[Record]) -> str:
+    """Under the authors' baseline: which head each preset was compared with ("" otherwise)."""
+    if not _has_authors(records):
+        return ""
+    lines = []
+    for preset in dict.fromkeys(r.preset for r in records):
+        impls = {r.impl for r in records if r.preset == preset}
+        head = authors_head(preset) if AUTHORS_IMPL in impls else None
+        if head is not None:
+            lines.append(f"- {preset}: {head.describe()}, {head.num_parameters():,} parameters; {head.source}")
+        elif EQUAL_WIDTH_IMPL in impls:
+            lines.append(f"- {preset}: no dense head from the paper; the equal-width dense layer")
+    return "\n".join(lines)
+
+
 def terminal_report(records: Sequence[Record], skips: Sequence[Skip], device: str) -> str:
-    """Everything a run prints; ``device`` (cpu or cuda) selects the goals that apply."""
+    """Everything a run prints; ``device`` (cpu or cuda) selects the goals that apply (they are
+    set against the equal-width dense layer, so a run under the authors' baseline has none)."""
     goals = goal_lines(records, device)
     parts = [
+        _titled("Dense baselines (phi between the Linear layers; Dropout and BatchNorm1d are not timed):",
+                baseline_lines(records)),
         model_table(records),
         case_table(records),
-        _titled("E = (spinal time / dense time) / (spinal FLOPs / dense FLOPs), by batch (same run):",
-                efficiency_summary(records)),
+        _titled(f"{_e_definition(records)}, by batch (same run):", efficiency_summary(records)),
         _titled("Speed-up over the eager reference, train (same run):", speedup_summary(records)),
         _titled("Thread scaling (same run):", thread_table(records)),
         _titled("Goals:", "\n".join(goals)),
@@ -235,11 +291,13 @@ def markdown_report(document: dict[str, Any], note: str = "") -> str:
     records = [Record.from_json(data) for data in document["records"]]
     caption = (
         f"Measured on **{document['device']}** (torch {document['torch']}, triton {document['triton']}). Median latency; "
-        "E = (spinal time / dense time) / (spinal FLOPs / dense FLOPs); "
+        f"{_e_definition(records)}; "
         "ratios are measured in the same run." + (f" {note}" if note else "")
     )
     parts = [
         caption,
+        _titled("Dense baselines (phi between the Linear layers; Dropout and BatchNorm1d are not timed):\n",
+                baseline_lines(records)),
         model_table(records, markdown=True),
         latency_table(records, markdown=True),
         _titled("Peak memory of one step (MB the step allocates at its peak):\n", memory_table(records, markdown=True)),

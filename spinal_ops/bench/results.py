@@ -5,6 +5,10 @@
                   "tflops", "flops", "params", "peak_mb"}]}
 
 "mode" is train, frozen or infer; "peak_mb" is null where a run did not measure peak memory.
+"impl" is a spinal backend, compiled_reference, dense (the equal-width dense layer) or
+authors_dense (the authors' dense head of the preset, ``--baseline authors``): a record's
+"flops" and "params" are its own implementation's, so E against either baseline comes from the
+file alone.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..config import SpinalConfig
 from . import roofline
+from .heads import EQUAL_WIDTH_IMPL, baseline_impl
 from .memory import peak_bytes
 from .results import Record, Skip, dtype_name
 from .timing import alternating_medians
@@ -27,6 +28,13 @@ class Matrix:
     threads: tuple[int, ...]  # torch's CPU thread counts; the whole matrix runs once per count
     device: torch.device
     min_run_time: float  # seconds of measurement per case (after warm-up)
+    baseline: str = "equal-width"  # which dense head "dense" in impls stands for (heads.BASELINES)
+
+    def impls_for(self, preset: str, config: SpinalConfig) -> tuple[str, ...]:
+        """``impls`` with the dense baseline resolved for ``preset``: under ``--baseline authors``
+        the authors' head where the preset has one, the equal-width dense layer otherwise."""
+        chosen = baseline_impl(self.baseline, preset, config)
+        return tuple(chosen if impl == EQUAL_WIDTH_IMPL else impl for impl in self.impls)
 
     def num_cases(self) -> int:
         return (len(self.threads) * len(self.presets) * len(self.dtypes) * len(self.impls) * len(self.batches)
@@ -53,9 +61,9 @@ def _run(matrix: Matrix, progress: bool) -> tuple[list[Record], list[Skip]]:
         torch.set_num_threads(threads)
         for (preset, config), dtype in itertools.product(matrix.presets.items(), matrix.dtypes):
             models: dict[str, torch.nn.Module] = {}
-            for impl in matrix.impls:
+            for impl in matrix.impls_for(preset, config):
                 try:
-                    models[impl] = build_impl(impl, config, dtype, matrix.device)
+                    models[impl] = build_impl(impl, config, dtype, matrix.device, preset)
                 except ImplUnavailable as error:
                     skips.append(Skip(preset, dtype_name(dtype), impl, str(error)))
                     bar.update(len(cases))
@@ -102,7 +110,7 @@ def _measure_case(matrix: Matrix, models: dict[str, torch.nn.Module], config: Sp
 
 def _record(matrix: Matrix, preset: str, config: SpinalConfig, dtype: torch.dtype, impl: str, batch: int,
             mode: str, threads: int, seconds: float, peak: int, bandwidth: float | None) -> Record:
-    flops, params = cost(impl, config, batch, mode)
+    flops, params = cost(impl, config, batch, mode, preset)
     record = Record(preset, batch, dtype_name(dtype), impl, mode, threads, seconds * 1e3, flops, params, peak / 1e6)
     if bandwidth is not None:
         gemm = roofline.gemm_tflops(flops, batch, dtype, matrix.device, matrix.min_run_time)

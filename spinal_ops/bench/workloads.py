@@ -4,6 +4,7 @@ Implementations (``--backends``):
   cuda, triton, cpu, reference  the spinal layer through ``SpinalLinear(backend=...)``
   compiled_reference            ``torch.compile`` of ``SpinalLinear(backend="reference")``
   dense                         the dense layer of equal hidden width, Linear(N, L*w) -> phi -> Linear(L*w, M)
+  authors_dense                 the dense head of the preset's source model (heads.py; ``--baseline authors``)
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..activations import apply_activation
 from ..config import MODES, SpinalConfig
 from ..dispatch import BackendUnavailableError, select_backend
 from ..module import SpinalLinear
+from .heads import AUTHORS_IMPL, authors_head
 
 SPINAL_BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 SPINAL_IMPLS: tuple[str, ...] = SPINAL_BACKENDS + ("compiled_reference",)
@@ -65,10 +67,21 @@ def spinal_layer(config: SpinalConfig, backend: str, dtype: torch.dtype, device:
     )
 
 
-def build_impl(impl: str, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The module that computes ``impl``; ImplUnavailable (with the reason) when it cannot run here."""
+def _authors_head(preset: str | None, config: SpinalConfig):
+    head = None if preset is None else authors_head(preset, config)
+    if head is None:
+        raise ValueError(f"{AUTHORS_IMPL}: preset {preset!r} has no dense head from the paper (heads.AUTHORS_HEADS)")
+    return head
+
+
+def build_impl(impl: str, config: SpinalConfig, dtype: torch.dtype, device: torch.device,
+               preset: str | None = None) -> nn.Module:
+    """The module that computes ``impl``; ImplUnavailable (with the reason) when it cannot run here.
+    ``preset`` names the preset for ``authors_dense`` (its head depends on the source model)."""
     if impl == "dense":
         return dense_baseline(config, dtype, device)
+    if impl == AUTHORS_IMPL:
+        return _authors_head(preset, config).build(Activation(config), dtype, device)
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r}; expected one of {', '.join(IMPLS)}")
     backend = "reference" if impl == "compiled_reference" else impl
@@ -85,10 +98,13 @@ def build_impl(impl: str, config: SpinalConfig, dtype: torch.dtype, device: torc
     return torch.compile(layer)
 
 
-def cost(impl: str, config: SpinalConfig, batch: int, mode: str) -> tuple[int, int]:
+def cost(impl: str, config: SpinalConfig, batch: int, mode: str, preset: str | None = None) -> tuple[int, int]:
     """(analytic matmul FLOPs of the case, parameters of the implementation)."""
     if impl == "dense":
         return config.dense_baseline_step_flops(batch, mode), config.dense_baseline_parameters()
+    if impl == AUTHORS_IMPL:
+        head = _authors_head(preset, config)
+        return head.step_flops(batch, mode), head.num_parameters()
     return config.step_flops(batch, mode), config.num_parameters()
 
 
