@@ -58,7 +58,7 @@ BENCH_PRESETS ?= mnist vgg5 cifar_vgg cnn_cifar resnet_head
 bench-results: setup
 	$(PY) -m spinal_ops.bench --preset $(BENCH_PRESETS) --batch 64 4096 --backends cpu reference dense \
 		--threads $(BENCH_THREADS) --min-run-time 1 --json 'benchmarks/results/cpu-{device}.json' --plot 'benchmarks/results/cpu-{device}.png'
-	{ echo "# Benchmark results: CPU"; echo; echo 'Command: `make bench-results` (= `python -m spinal_ops.bench --preset $(BENCH_PRESETS) --batch 64 4096 --backends cpu reference dense --threads $(BENCH_THREADS) --min-run-time 1`). GPU results: [NVIDIA H200](gpu-nvidia-h200.md), [NVIDIA H100](gpu-nvidia-h100.md).'; echo; \
+	{ echo "# Benchmark results: CPU"; echo; echo 'Command: `make bench-results` (= `python -m spinal_ops.bench --preset $(BENCH_PRESETS) --batch 64 4096 --backends cpu reference dense --threads $(BENCH_THREADS) --min-run-time 1`). GPU results: [NVIDIA H200](gpu-nvidia-h200.md), [NVIDIA H100](gpu-nvidia-h100.md). Against the authors'\'' dense heads: [CPU](authors-baseline-cpu-amd-epyc.md). Accuracy: [Fashion-MNIST](accuracy-fashion-mnist-amd-epyc.md).'; echo; \
 	  $(PY) -m spinal_ops.bench.report benchmarks/results/cpu-*.json --note "CPU, $(BENCH_THREADS) thread(s)."; } \
 		> benchmarks/results/README.md
 

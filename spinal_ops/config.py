@@ -20,7 +20,7 @@ from .activations import ACTIVATIONS
 MODES: tuple[str, ...] = ("train", "frozen", "infer")
 
 
-def _mode_flops(mode: str, forward: int, input_products: int) -> int:
+def mode_flops(mode: str, forward: int, input_products: int) -> int:
     """Step FLOPs from the forward's and those of the products that read the input x.
 
     Every product C = A @ B of the forward costs the same again for each gradient (dA, dB): train
@@ -281,7 +281,7 @@ class SpinalConfig:
         """Matrix-multiply FLOPs of one step in ``mode`` (one of MODES); in frozen mode the L
         input products need no gradient w.r.t. x, but dH and the recurrence's dh still do."""
         input_products = 2 * batch * self.num_layers * self.layer_width * self.split_size
-        return _mode_flops(mode, self.forward_flops(batch), input_products)
+        return mode_flops(mode, self.forward_flops(batch), input_products)
 
     def dense_baseline_parameters(self) -> int:
         """Parameters of Linear(N, L*w) -> phi -> Linear(L*w, M), the dense layer of equal hidden width."""
@@ -300,7 +300,7 @@ class SpinalConfig:
     def dense_baseline_step_flops(self, batch: int, mode: str) -> int:
         """The dense baseline's FLOPs of one step in ``mode``; frozen skips Linear(N, L*w)'s dx."""
         input_product = 2 * batch * self.in_features * self.hidden_features
-        return _mode_flops(mode, self.dense_baseline_forward_flops(batch), input_product)
+        return mode_flops(mode, self.dense_baseline_forward_flops(batch), input_product)
 
     # ---- validation (contract §5) -----------------------------------------------------------
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import SpinalConfig, _mode_flops
+from ..config import SpinalConfig, mode_flops
 
 BASELINES: tuple[str, ...] = ("equal-width", "authors")
 EQUAL_WIDTH_IMPL = "dense"  # the implementation name of the equal-width dense layer in the records
@@ -54,7 +54,7 @@ class DenseHead:
     def step_flops(self, batch: int, mode: str) -> int:
         """FLOPs of one step in ``mode``; frozen skips the first Linear's gradient w.r.t. x."""
         first = 2 * batch * self.widths[0] * self.widths[1]
-        return _mode_flops(mode, self.forward_flops(batch), first)
+        return mode_flops(mode, self.forward_flops(batch), first)
 
     def build(self, activation: nn.Module, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> nn.Sequential:
