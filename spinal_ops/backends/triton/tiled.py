@@ -55,37 +55,48 @@ import triton.language as tl
 from .kernels import _activate, _activate_grad, _activation_id, _hidden_block
 
 # ---- block sizes per GPU generation ------------------------------------------------------------------
-# UNMEASURED: seeded from the register budget (a [64, 64] fp32 accumulator is 32 registers per thread
-# at 4 warps) and the SM counts, not from timings. A GPU run of scripts/gpu_session.sh's triton stage
-# (triton-tiled against triton-default and cuda) is to choose them; until then the tiled kernels run
-# only behind the switch of settings.py. Keyed by compute capability major; "interpreter" is for CPU
-# tensors under TRITON_INTERPRET=1 (small blocks, so that tests run every loop more than once).
+# UNMEASURED: not chosen from timings. Seeded so that `python scripts/triton_aot.py 90` reports no
+# spills on sm_90 (fp32's tl.dot on CUDA cores holds both operands in registers, hence its narrower
+# unit chunks), with about 4 weight-gradient programs per SM. A GPU run of scripts/gpu_session.sh's
+# triton stage (triton-tiled against triton-default and cuda) is to choose them; until then the
+# tiled kernels run only behind the switch of settings.py. Keyed by compute capability major (a newer
+# GPU takes the newest older row), then "half" (float16, bfloat16) or "float32"; "interpreter" is
+# for CPU tensors under TRITON_INTERPRET=1 (small blocks, so that tests run every loop more than once).
 #   BLOCK_B   rows per program of the forward and the data-gradient launch
 #   BLOCK_N   units per output chunk; BLOCK_K: depth of each product chunk; BLOCK_M: outputs per chunk
 #   BLOCK_WB  rows per step of the weight-gradient programs; BLOCK_R: elements per reduction program
-#   target_programs   weight-gradient programs to aim for (about 4 per SM)
-#   min_rows_per_split  fewest rows a split of the weight gradients sums
-#   max_workspace     most fp32 elements of the split workspace
+#   target_programs     weight-gradient programs to aim for (about 4 per SM)
+#   min_rows_per_split  fewest rows one split of the weight gradients sums
+#   max_workspace       most fp32 elements of the split workspace (splits x gradients' elements)
+
+
+def _generation(sms: int) -> dict:
+    common = dict(BLOCK_R=1024, target_programs=4 * sms, min_rows_per_split=1024, max_workspace=1 << 26)
+    return {
+        "half": dict(BLOCK_B=64, BLOCK_N=64, BLOCK_K=32, BLOCK_M=64, BLOCK_WB=64, num_warps=8, **common),
+        "float32": dict(BLOCK_B=64, BLOCK_N=32, BLOCK_K=32, BLOCK_M=32, BLOCK_WB=64, num_warps=8, **common),
+    }
+
+
 TILED_BLOCKS: dict = {
-    8: dict(BLOCK_B=64, BLOCK_N=64, BLOCK_K=32, BLOCK_M=64, BLOCK_WB=64, BLOCK_R=1024, num_warps=4,
-            target_programs=4 * 108, min_rows_per_split=1024, max_workspace=1 << 26),
-    9: dict(BLOCK_B=64, BLOCK_N=64, BLOCK_K=64, BLOCK_M=64, BLOCK_WB=64, BLOCK_R=1024, num_warps=4,
-            target_programs=4 * 132, min_rows_per_split=1024, max_workspace=1 << 26),
+    8: _generation(sms=108),  # A100-like
+    9: _generation(sms=132),  # H100, H200
     "interpreter": dict(BLOCK_B=16, BLOCK_N=16, BLOCK_K=16, BLOCK_M=16, BLOCK_WB=16, BLOCK_R=256, num_warps=4,
                         target_programs=256, min_rows_per_split=16, max_workspace=1 << 20),
 }
 LAUNCH_KEYS = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_M", "num_warps")
 
 
-def block_table(device: torch.device) -> dict:
-    """The TILED_BLOCKS row for this device: its compute capability's, the nearest older one's for
-    a newer GPU, the oldest's for an older one."""
+def block_table(device: torch.device, dtype: torch.dtype) -> dict:
+    """The TILED_BLOCKS row for this device and dtype: its compute capability's, the newest older
+    one's for a newer GPU, the oldest's for an older one."""
     if device.type != "cuda":
         return TILED_BLOCKS["interpreter"]
     major = torch.cuda.get_device_capability(device)[0]
     known = sorted(key for key in TILED_BLOCKS if isinstance(key, int))
     older = [key for key in known if key <= major]
-    return TILED_BLOCKS[older[-1] if older else known[0]]
+    generation = TILED_BLOCKS[older[-1] if older else known[0]]
+    return generation["float32" if dtype == torch.float32 else "half"]
 
 
 def row_splits(num_rows: int, num_tiles: int, workspace_per_split: int, table: dict) -> tuple[int, int]:
@@ -433,8 +444,8 @@ def _reduce_splits_kernel(
 # ---- host side -------------------------------------------------------------------------------------
 
 
-def launch_blocks(device: torch.device) -> dict:
-    table = block_table(device)
+def launch_blocks(device: torch.device, dtype: torch.dtype) -> dict:
+    table = block_table(device, dtype)
     return {key: table[key] for key in LAUNCH_KEYS}
 
 
@@ -457,7 +468,7 @@ def spinal_forward(
     z = x.new_empty(num_rows, num_layers * width)
     if num_rows == 0:
         return out, z
-    blocks = launch_blocks(x.device)
+    blocks = launch_blocks(x.device, x.dtype)
     grid = (triton.cdiv(num_rows, blocks["BLOCK_B"]),)
     _tiled_forward_kernel[grid](
         x, weight_in, weight_hidden if weight_hidden.numel() else weight_in,
@@ -498,7 +509,7 @@ def spinal_backward(
     num_layers, width, split_size = weight_in.shape
     has_out = weight_out is not None
     out_features = weight_out.shape[0] if has_out else num_layers * width
-    table = block_table(x.device)
+    table = block_table(x.device, x.dtype)
     blocks = {key: table[key] for key in LAUNCH_KEYS}
     common = (num_rows, in_features, split_size, width, num_layers, out_features, float(negative_slope))
     act = _activation_id(activation)
