@@ -21,8 +21,28 @@ def _device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+# Checked configs by the arguments' shapes, dtypes and devices (all that the checks read): building
+# and checking a SpinalConfig costs ~4x the key, twice per training step. Only calls that passed the
+# checks are kept; a full cache is emptied (a process sees few shapes).
+_CONFIG_CACHE: dict = {}
+_CONFIG_CACHE_SIZE = 256
+
+
 def _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope) -> SpinalConfig:
     """Direct op calls get SpinalConfig's shape/dtype/device errors before any kernel runs."""
+    key = (activation, negative_slope) + tuple(
+        None if t is None else (t.shape, t.dtype, t.device) for t in (x, weight_in, weight_hidden, bias, weight_out, bias_out)
+    )
+    config = _CONFIG_CACHE.get(key)
+    if config is None:
+        config = _check_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
+        if len(_CONFIG_CACHE) >= _CONFIG_CACHE_SIZE:
+            _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[key] = config
+    return config
+
+
+def _check_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope) -> SpinalConfig:
     if x.dim() != 2 or weight_in.dim() != 3:
         raise ValueError(
             f"spinal_ops::triton ops: x must be [B, N] and weight_in [L, w, s], got {tuple(x.shape)} and {tuple(weight_in.shape)}"

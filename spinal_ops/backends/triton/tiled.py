@@ -46,6 +46,7 @@ the gradients are stored in the input dtype. Row offsets are int64 (B*N may pass
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -87,12 +88,17 @@ TILED_BLOCKS: dict = {
 LAUNCH_KEYS = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_M", "num_warps")
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def block_table(device: torch.device, dtype: torch.dtype) -> dict:
     """The TILED_BLOCKS row for this device and dtype: its compute capability's, the newest older
     one's for a newer GPU, the oldest's for an older one."""
     if device.type != "cuda":
         return TILED_BLOCKS["interpreter"]
-    major = torch.cuda.get_device_capability(device)[0]
+    major = _capability_major(device.index if device.index is not None else torch.cuda.current_device())
     known = sorted(key for key in TILED_BLOCKS if isinstance(key, int))
     older = [key for key in known if key <= major]
     generation = TILED_BLOCKS[older[-1] if older else known[0]]
