@@ -121,6 +121,14 @@ def test_split_weight_gradients_within_contract(monkeypatch, splits):
     check_backend("triton", make_config(**SPLIT_CONFIG), torch.float32, DEVICE, batch_shape=(80,))
 
 
+@pytest.mark.parametrize("changes", [dict(out_features=None, bias=False), dict(num_layers=1, out_features=None)],
+                         ids=["M_None_no_bias", "L1_M_None"])
+def test_split_weight_gradients_with_absent_gradients(monkeypatch, changes):
+    # The workspace holds only the gradients that exist (no bias, no projection, no hidden weight).
+    force_splits(monkeypatch, 3)
+    check_backend("triton", make_config(**{**SPLIT_CONFIG, **changes}), torch.float32, DEVICE, batch_shape=(40,))
+
+
 def backward_once(config, rows: int, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     args = op_args(config, rows)
