@@ -6,7 +6,7 @@ a GPU. Imported lazily, like kernels.py, whose activation helpers they share.
 Tiling and launch scheme
 ------------------------
 Every tensor is row-major contiguous. B rows, N inputs, layer width w, L layers, split size s,
-M outputs, hidden = L*w. Block sizes come from TILED_BLOCKS (per GPU generation, below). Nothing
+M outputs, hidden = L*w. Block sizes come from TILED_BLOCKS (per GPU generation and dtype, below). Nothing
 holds a whole layer: every product loops over K-chunks (BLOCK_K) and output-column chunks
 (BLOCK_N units, BLOCK_M outputs), so w, s, M and N are unbounded. h_{l-1} and dZ_{l+1} for a row
 tile are read back from the Z / dZ buffer that the same program wrote (global memory, in L1/L2),
@@ -43,6 +43,10 @@ backward launch 3 (only with splits > 1): grid (cdiv(T, BLOCK_R),), each program
 
 Accumulation is fp32 (tl.dot with input_precision="ieee"; half inputs on tensor cores). Z, dZ and
 the gradients are stored in the input dtype. Row offsets are int64 (B*N may pass 2^31).
+
+What a GPU must still measure: each unit chunk rereads the layer's window of x (w / BLOCK_N times
+per layer, from L2 at best); the projection recomputes phi(Z) once per output chunk; at small B
+few row tiles means few programs (B = 64: one), each walking the whole chain.
 """
 from __future__ import annotations
 
