@@ -202,7 +202,7 @@ def test_supports_refuses_wide_layers_without_the_switch(monkeypatch):
     assert backend.supports(make_config(layer_width=128), torch.float32, device)
     too_wide = backend.supports(make_config(layer_width=129), torch.float32, device)
     assert not too_wide
-    for part in ("layer_width 129", "layers wider than 128 need the tiled Triton kernels",
+    for part in ("layer_width 129", "layers wider than 128", "need the tiled Triton kernels",
                  "not yet measured on a GPU", "SPINAL_OPS_TRITON_TILED=1"):
         assert part in too_wide.reason
     # A direct op call cannot reach the one-block kernels with a layer they cannot hold.

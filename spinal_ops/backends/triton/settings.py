@@ -30,8 +30,8 @@ def _env_flag(name: str) -> bool:
 TILED: bool = _env_flag(TILED_ENV)
 
 WIDTH_REASON = (
-    f"layers wider than {MAX_LAYER_WIDTH} need the tiled Triton kernels, not yet measured on a GPU: "
-    f"set {TILED_ENV}=1"
+    f"layers wider than {MAX_LAYER_WIDTH} (the register budget of the one-block kernels) need the tiled "
+    f"Triton kernels, not yet measured on a GPU: set {TILED_ENV}=1"
 )
 
 
