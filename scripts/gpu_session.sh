@@ -15,7 +15,8 @@
 #                   cifar_vgg; B = 64, 65536): the one-block kernels (w <= 128) against cuda, then
 #                   the tiled kernels against cuda in a second process (the switch is read at
 #                   import); the ratios to cuda in the two tables decide whether the tiled kernels
-#                   may become the default            -> pytest.log, bench.log (JSON in /tmp only)
+#                   may become the default; SKIP_STAGES="pytest_triton_tiled triton_default
+#                   triton_tiled" leaves it out                -> pytest.log, bench.log (JSON in /tmp only)
 #   3. sanitize     compute-sanitizer on the native kernels (forced): memcheck, racecheck (split-K
 #                   batch); initcheck of a torch matmul into a column block (does it see
 #                   cuBLAS's writes there?) and of the hoisted chain's weight-gradient matmuls
@@ -112,10 +113,10 @@ triton_bench() {  # triton_bench NAME LIMIT TILED PRESETS...
     --dtype bfloat16 --preset "$@" --batch 64 65536 --mode train infer --backends triton cuda \
     --min-run-time 0.05 --no-progress --json "/tmp/$name.json" --plot "/tmp/$name.png"
 }
-stage pytest_triton_tiled pytest.log "$(cap 120)" env SPINAL_OPS_TRITON_TILED=1 $PYTEST tests/test_triton_tiled.py \
+stage pytest_triton_tiled pytest.log "$(cap 100)" env SPINAL_OPS_TRITON_TILED=1 $PYTEST tests/test_triton_tiled.py \
   tests/test_triton_backend.py tests/test_backends.py -k triton
-triton_bench triton_default "$(cap 50)" 0 mnist vgg5  # the one-block kernels run w <= 128 only
-triton_bench triton_tiled "$(cap 90)" 1 ${TRITON_PRESETS:-mnist vgg5 resnet_head cifar_vgg}
+triton_bench triton_default "$(cap 40)" 0 mnist vgg5  # the one-block kernels run w <= 128 only
+triton_bench triton_tiled "$(cap 80)" 1 ${TRITON_PRESETS:-mnist vgg5 resnet_head cifar_vgg}
 
 # 3.-5. sanitizer, benchmark, profile: ordered so that what a short run leaves out is what
 # passed before on unchanged kernels (synccheck, initcheck of the native kernels) --------------------
