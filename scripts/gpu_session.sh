@@ -12,7 +12,7 @@
 #                   on first use: pytest-xdist spreads that over the cores)          -> pytest.log
 #      triton       the Triton tests again with the tiled kernels switched on (SPINAL_OPS_TRITON_TILED=1),
 #                   then bfloat16 train/infer timings (TRITON_PRESETS, default mnist vgg5 resnet_head
-#                   cifar_vgg; B = 64, 65536): the one-block kernels (w <= 128) against cuda, then
+#                   cifar_vgg; B = 64, 65536, with dense for E): the one-block kernels (w <= 128) against cuda, then
 #                   the tiled kernels against cuda in a second process (the switch is read at
 #                   import); the ratios to cuda in the two tables decide whether the tiled kernels
 #                   may become the default; SKIP_STAGES="pytest_triton_tiled triton_default
@@ -110,7 +110,7 @@ triton_bench() {  # triton_bench NAME LIMIT TILED PRESETS...
   local name=$1 limit=$2 tiled=$3
   shift 3
   stage "$name" bench.log "$limit" env SPINAL_OPS_TRITON_TILED="$tiled" $PY -m spinal_ops.bench --device cuda \
-    --dtype bfloat16 --preset "$@" --batch 64 65536 --mode train infer --backends triton cuda \
+    --dtype bfloat16 --preset "$@" --batch 64 65536 --mode train infer --backends triton cuda dense \
     --min-run-time 0.05 --no-progress --json "/tmp/$name.json" --plot "/tmp/$name.png"
 }
 stage pytest_triton_tiled pytest.log "$(cap 100)" env SPINAL_OPS_TRITON_TILED=1 $PYTEST tests/test_triton_tiled.py \
