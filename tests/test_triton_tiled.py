@@ -89,13 +89,25 @@ def test_half_types(dtype, activation):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU every test runs the GPU's own table row")
+@pytest.mark.parametrize("row_tile", ["BLOCK_B", "BLOCK_B_SMALL"])
 @pytest.mark.parametrize("kind", ["float32", "half"])
-def test_gpu_block_sizes_in_the_interpreter(monkeypatch, kind):
-    # The sm_90 row's blocks (64 rows, 32-64 units) on a layer narrower than one of them: masks only.
+def test_gpu_block_sizes_in_the_interpreter(monkeypatch, kind, row_tile):
+    # The sm_90 row's blocks (64 or 16 rows, 32-64 units) on a layer narrower than one of them.
     tiled = tiled_module()
-    monkeypatch.setitem(tiled.TILED_BLOCKS, "interpreter", tiled.TILED_BLOCKS[9][kind])
+    row = dict(tiled.TILED_BLOCKS[9][kind])
+    if row_tile == "BLOCK_B":
+        row["sms"] = 1  # 70 rows: two row tiles of 64 are "enough programs"
+    monkeypatch.setitem(tiled.TILED_BLOCKS, "interpreter", row)
+    assert tiled.launch_blocks(row, 70)["BLOCK_B"] == row[row_tile]
     dtype = torch.float32 if kind == "float32" else torch.float16
     check_backend("triton", case_config("odd_N_wraps"), dtype, DEVICE, batch_shape=(70,))
+
+
+def test_small_batches_take_smaller_row_tiles():
+    tiled = tiled_module()
+    row = tiled.TILED_BLOCKS[9]["half"]
+    assert tiled.launch_blocks(row, 64)["BLOCK_B"] == row["BLOCK_B_SMALL"] < row["BLOCK_B"]
+    assert tiled.launch_blocks(row, 65536)["BLOCK_B"] == row["BLOCK_B"]
 
 
 def force_splits(monkeypatch, splits: int):

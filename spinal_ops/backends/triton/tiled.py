@@ -12,7 +12,8 @@ holds a whole layer: every product loops over K-chunks (BLOCK_K) and output-colu
 tile are read back from the Z / dZ buffer that the same program wrote (global memory, in L1/L2),
 with a CTA barrier (tl.debug_barrier) between the layer that writes and the layer that reads.
 
-forward  grid (cdiv(B, BLOCK_B),), one program per tile of BLOCK_B rows.
+forward  grid (cdiv(B, BLOCK_B),), one program per tile of BLOCK_B rows (BLOCK_B_SMALL rows when
+  that gives fewer programs than SMs).
   phase 1, the chain: for l in 0..L-1, barrier, then for each chunk n of BLOCK_N units:
       acc[BLOCK_B, BLOCK_N]  = sum_j x[:, (l*s + j) % N] @ A_l[n, j]^T      j in BLOCK_K chunks
       acc                   += sum_k phi(Z[:, (l-1)*w + k]) @ R_l[n, k]^T  k in BLOCK_K chunks
@@ -60,14 +61,15 @@ import triton.language as tl
 from .kernels import _activate, _activate_grad, _activation_id, _hidden_block
 
 # ---- block sizes per GPU generation ------------------------------------------------------------------
-# UNMEASURED: not chosen from timings. Seeded so that `python scripts/triton_aot.py 90` reports no
-# spills on sm_90 (fp32's tl.dot on CUDA cores holds both operands in registers, hence its narrower
+# UNMEASURED: not chosen from timings. Seeded so that `python scripts/triton_aot.py 90` (and 80)
+# reports no spills (fp32's tl.dot on CUDA cores holds both operands in registers, hence its narrower
 # unit chunks), with about 4 weight-gradient programs per SM. A GPU run of scripts/gpu_session.sh's
 # triton stage (triton-tiled against triton-default and cuda) is to choose them; until then the
 # tiled kernels run only behind the switch of settings.py. Keyed by compute capability major (a newer
 # GPU takes the newest older row), then "half" (float16, bfloat16) or "float32"; "interpreter" is
 # for CPU tensors under TRITON_INTERPRET=1 (small blocks, so that tests run every loop more than once).
-#   BLOCK_B   rows per program of the forward and the data-gradient launch
+#   BLOCK_B   rows per program of the forward and the data-gradient launch; BLOCK_B_SMALL when
+#             BLOCK_B would leave SMs idle (fewer row tiles than sms): more programs walk the chain
 #   BLOCK_N   units per output chunk; BLOCK_K: depth of each product chunk; BLOCK_M: outputs per chunk
 #   BLOCK_WB  rows per step of the weight-gradient programs; BLOCK_R: elements per reduction program
 #   target_programs     weight-gradient programs to aim for (about 4 per SM)
@@ -75,19 +77,21 @@ from .kernels import _activate, _activate_grad, _activation_id, _hidden_block
 #   max_workspace       most fp32 elements of the split workspace (splits x gradients' elements)
 
 
-def _generation(sms: int) -> dict:
-    common = dict(BLOCK_R=1024, target_programs=4 * sms, min_rows_per_split=1024, max_workspace=1 << 26)
+def _generation(sms: int, float32_rows: int) -> dict:
+    common = dict(BLOCK_R=1024, BLOCK_B_SMALL=16, sms=sms, target_programs=4 * sms, min_rows_per_split=1024,
+                  max_workspace=1 << 26)
     return {
         "half": dict(BLOCK_B=64, BLOCK_N=64, BLOCK_K=32, BLOCK_M=64, BLOCK_WB=64, num_warps=8, **common),
-        "float32": dict(BLOCK_B=64, BLOCK_N=32, BLOCK_K=32, BLOCK_M=32, BLOCK_WB=64, num_warps=8, **common),
+        "float32": dict(BLOCK_B=float32_rows, BLOCK_N=32, BLOCK_K=32, BLOCK_M=32, BLOCK_WB=float32_rows, num_warps=8,
+                        **common),
     }
 
 
 TILED_BLOCKS: dict = {
-    8: _generation(sms=108),  # A100-like
-    9: _generation(sms=132),  # H100, H200
+    8: _generation(sms=108, float32_rows=32),  # A100-like (sm_80 spills fp32 at 64 rows)
+    9: _generation(sms=132, float32_rows=64),  # H100, H200
     "interpreter": dict(BLOCK_B=16, BLOCK_N=16, BLOCK_K=16, BLOCK_M=16, BLOCK_WB=16, BLOCK_R=256, num_warps=4,
-                        target_programs=256, min_rows_per_split=16, max_workspace=1 << 20),
+                        BLOCK_B_SMALL=16, sms=1, target_programs=256, min_rows_per_split=16, max_workspace=1 << 20),
 }
 LAUNCH_KEYS = ("BLOCK_B", "BLOCK_N", "BLOCK_K", "BLOCK_M", "num_warps")
 
@@ -454,9 +458,13 @@ def _reduce_splits_kernel(
 # ---- host side -------------------------------------------------------------------------------------
 
 
-def launch_blocks(device: torch.device, dtype: torch.dtype) -> dict:
-    table = block_table(device, dtype)
-    return {key: table[key] for key in LAUNCH_KEYS}
+def launch_blocks(table: dict, num_rows: int) -> dict:
+    """Block sizes of the forward and data-gradient launches: smaller row tiles when the table's
+    would give fewer programs than SMs."""
+    blocks = {key: table[key] for key in LAUNCH_KEYS}
+    if triton.cdiv(num_rows, blocks["BLOCK_B"]) < table["sms"]:
+        blocks["BLOCK_B"] = table["BLOCK_B_SMALL"]
+    return blocks
 
 
 def spinal_forward(
@@ -478,7 +486,7 @@ def spinal_forward(
     z = x.new_empty(num_rows, num_layers * width)
     if num_rows == 0:
         return out, z
-    blocks = launch_blocks(x.device, x.dtype)
+    blocks = launch_blocks(block_table(x.device, x.dtype), num_rows)
     grid = (triton.cdiv(num_rows, blocks["BLOCK_B"]),)
     _tiled_forward_kernel[grid](
         x, weight_in, weight_hidden if weight_hidden.numel() else weight_in,
@@ -520,7 +528,7 @@ def spinal_backward(
     has_out = weight_out is not None
     out_features = weight_out.shape[0] if has_out else num_layers * width
     table = block_table(x.device, x.dtype)
-    blocks = {key: table[key] for key in LAUNCH_KEYS}
+    blocks = launch_blocks(table, num_rows)
     common = (num_rows, in_features, split_size, width, num_layers, out_features, float(negative_slope))
     act = _activation_id(activation)
     stand_in = weight_in  # pointer for absent tensors, never read or written
