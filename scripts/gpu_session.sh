@@ -10,6 +10,13 @@
 #                   else pip install -e . for sm_90                                  -> build.log
 #   2. tests        pytest of the cuda backend, then of the triton backend (its kernels compile
 #                   on first use: pytest-xdist spreads that over the cores)          -> pytest.log
+#      triton       the Triton tests again with the tiled kernels switched on (SPINAL_OPS_TRITON_TILED=1),
+#                   then bfloat16 train/infer timings (TRITON_PRESETS, default mnist vgg5 resnet_head
+#                   cifar_vgg; B = 64, 65536, with dense for E): the one-block kernels (w <= 128) against cuda, then
+#                   the tiled kernels against cuda in a second process (the switch is read at
+#                   import); the ratios to cuda in the two tables decide whether the tiled kernels
+#                   may become the default; SKIP_STAGES="pytest_triton_tiled triton_default
+#                   triton_tiled" leaves it out                -> pytest.log, bench.log (JSON in /tmp only)
 #   3. sanitize     compute-sanitizer on the native kernels (forced): memcheck, racecheck (split-K
 #                   batch); initcheck of a torch matmul into a column block (does it see
 #                   cuBLAS's writes there?) and of the hoisted chain's weight-gradient matmuls
@@ -95,6 +102,21 @@ PYTEST="$PY -m pytest -q -rfEs -p no:cacheprovider --durations=5 -n ${PYTEST_WOR
 stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tests/test_backends.py \
   -k "cuda or rejects_bad_input"  # -k: the cuda cases of test_backends.py, and every op's input checks
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_backends.py -k triton
+
+# triton: the tiled kernels (not yet measured; behind SPINAL_OPS_TRITON_TILED=1): their tests on
+# CUDA, then their timings against the one-block kernels and cuda. Within the 8-file cap: logs go
+# to pytest.log and bench.log, the JSON to /tmp.
+triton_bench() {  # triton_bench NAME LIMIT TILED PRESETS...
+  local name=$1 limit=$2 tiled=$3
+  shift 3
+  stage "$name" bench.log "$limit" env SPINAL_OPS_TRITON_TILED="$tiled" $PY -m spinal_ops.bench --device cuda \
+    --dtype bfloat16 --preset "$@" --batch 64 65536 --mode train infer --backends triton cuda dense \
+    --min-run-time 0.05 --no-progress --json "/tmp/$name.json" --plot "/tmp/$name.png"
+}
+stage pytest_triton_tiled pytest.log "$(cap 100)" env SPINAL_OPS_TRITON_TILED=1 $PYTEST tests/test_triton_tiled.py \
+  tests/test_triton_backend.py tests/test_backends.py -k triton
+triton_bench triton_default "$(cap 40)" 0 mnist vgg5  # the one-block kernels run w <= 128 only
+triton_bench triton_tiled "$(cap 80)" 1 ${TRITON_PRESETS:-mnist vgg5 resnet_head cifar_vgg}
 
 # 3.-5. sanitizer, benchmark, profile: ordered so that what a short run leaves out is what
 # passed before on unchanged kernels (synccheck, initcheck of the native kernels) --------------------

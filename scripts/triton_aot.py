@@ -1,7 +1,8 @@
 """Ahead-of-time compile of the Triton kernels for a GPU target, on a machine without a GPU.
 
 Runs Triton's real compiler (frontend, TTGIR, LLVM, ptxas) on every kernel for the block
-shapes the backend launches, and reports registers and spills from ptxas. Used by
+shapes the backend launches (the one-block kernels of kernels.py and the tiled kernels of
+tiled.py with their TILED_BLOCKS row for the target), and reports registers and spills from ptxas. Used by
 tests/test_triton_backend.py (in a subprocess: it needs TRITON_INTERPRET unset) and by hand:
 
     PYTHONPATH=$PWD python scripts/triton_aot.py [ARCH] [--quick]   # one line per compiled variant
@@ -21,8 +22,11 @@ from triton.compiler import ASTSource
 
 from spinal_ops.activations import ACTIVATIONS
 from spinal_ops.backends.triton import kernels as triton_kernels
+from spinal_ops.backends.triton import tiled as tiled_kernels
 
 KERNELS = ("_forward_kernel", "_backward_data_kernel", "_backward_weights_kernel")
+TILED_KERNELS = ("_tiled_forward_kernel", "_tiled_backward_data_kernel", "_tiled_backward_weights_kernel",
+                 "_reduce_splits_kernel")
 TRITON_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -31,6 +35,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "workspace_ptr":  # the split weight gradients' fp32 partial sums
+            signature[name] = "*fp32"
         elif name.endswith("_ptr"):
             signature[name] = f"*{TRITON_TYPE[dtype]}"
         elif name == "negative_slope":
@@ -55,14 +61,37 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     return registers, spills
 
 
-def compile_variant(kernel_name: str, dtype: str, layer_width: int, has_out: bool, activation: str, arch: int):
-    """Compile one kernel for sm_<arch>; returns (registers, spill bytes)."""
-    kernel = getattr(triton_kernels, kernel_name)
-    blocks = triton_kernels.launch_config(layer_width)
+def _tiled_blocks(kernel_name: str, dtype: str, arch: int) -> dict:
+    """The launch's block sizes from the TILED_BLOCKS row of the target's generation and dtype."""
+    known = sorted(key for key in tiled_kernels.TILED_BLOCKS if isinstance(key, int))
+    generation = tiled_kernels.TILED_BLOCKS[max([k for k in known if k <= arch // 10] or known[:1])]
+    table = generation["float32" if dtype == "float32" else "half"]
+    if kernel_name == "_reduce_splits_kernel":
+        return dict(BLOCK_R=table["BLOCK_R"], num_warps=4)
+    blocks = {key: table[key] for key in tiled_kernels.LAUNCH_KEYS}
+    if kernel_name == "_tiled_backward_weights_kernel":
+        blocks["BLOCK_WB"] = table["BLOCK_WB"]
+        blocks.pop("BLOCK_B")
+    return blocks
+
+
+def compile_variant(kernel_name: str, dtype: str, layer_width: int, has_out: bool, activation: str, arch: int,
+                    split: bool = True):
+    """Compile one kernel for sm_<arch>; returns (registers, spill bytes). ``split``: the tiled
+    weight-gradient kernel's variant that writes partial sums."""
+    tiled = kernel_name in TILED_KERNELS
+    kernel = getattr(tiled_kernels if tiled else triton_kernels, kernel_name)
+    blocks = _tiled_blocks(kernel_name, dtype, arch) if tiled else triton_kernels.launch_config(layer_width)
     num_warps = blocks.pop("num_warps")
-    constexprs = dict(HAS_OUT=has_out, ACTIVATION=ACTIVATIONS.index(activation), **blocks)
+    constexprs = dict(blocks)
+    if "HAS_OUT" in kernel.arg_names:
+        constexprs.update(HAS_OUT=has_out, ACTIVATION=ACTIVATIONS.index(activation))
     if "HAS_BIAS" in kernel.arg_names:
         constexprs["HAS_BIAS"] = True
+    if "HAS_BIAS_OUT" in kernel.arg_names:
+        constexprs["HAS_BIAS_OUT"] = has_out
+    if "SPLIT" in kernel.arg_names:
+        constexprs["SPLIT"] = split
     source = ASTSource(kernel, _signature(kernel, dtype, constexprs), constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
     return _ptxas_usage(compiled.asm["ptx"], arch)
@@ -75,18 +104,28 @@ QUICK_VARIANTS = [
     for kernel in KERNELS
     for dtype, width, activation in (("float32", 24, "gelu_tanh"), ("bfloat16", 128, "gelu"))
 ]
+# The tiled kernels' block sizes do not depend on the width: fp32 and bfloat16, every kernel.
+QUICK_TILED_VARIANTS = [
+    (kernel, dtype, 512, True, activation)
+    for kernel in TILED_KERNELS
+    for dtype, activation in (("float32", "gelu_tanh"), ("bfloat16", "relu"))
+]
 
 
 def main(argv: list[str]) -> None:
     quick = "--quick" in argv
     arch = next((int(a) for a in argv[1:] if a.isdigit()), 90)
-    variants = QUICK_VARIANTS if quick else [
+    variants = QUICK_VARIANTS + QUICK_TILED_VARIANTS if quick else [
         (kernel, dtype, width, has_out, "gelu")
         for kernel, dtype, width, has_out in itertools.product(KERNELS, TRITON_TYPE, (8, 64, 128), (True, False))
+    ] + [
+        (kernel, dtype, 512, has_out, "gelu")
+        for kernel, dtype, has_out in itertools.product(TILED_KERNELS, TRITON_TYPE, (True, False))
     ]
     for kernel, dtype, width, has_out, activation in variants:
         registers, spills = compile_variant(kernel, dtype, width, has_out, activation, arch)
-        print(f"sm_{arch} {kernel} {dtype} w={width} has_out={has_out} {activation}: "
+        shape = "tiled" if kernel in TILED_KERNELS else f"w={width}"
+        print(f"sm_{arch} {kernel} {dtype} {shape} has_out={has_out} {activation}: "
               f"{registers} registers, {spills} bytes spilled")
 
 

@@ -5,6 +5,7 @@ import torch
 from contract import make_config
 
 import spinal_ops
+from spinal_ops.backends.triton import settings as triton_settings
 from spinal_ops import BackendUnavailableError, SpinalLinear
 from spinal_ops.dispatch import BACKEND_NAMES, get_backend, select_backend
 
@@ -91,7 +92,8 @@ def test_selection_is_remembered_and_a_refusal_is_not(monkeypatch):
 
 @pytest.mark.skipif(not spinal_ops.available_backends()["triton"],
                     reason=f"triton backend unavailable: {spinal_ops.available_backends()['triton'].reason}")
-def test_requested_triton_too_wide_names_the_register_budget():
+def test_requested_triton_too_wide_names_the_register_budget(monkeypatch):
+    monkeypatch.setattr(triton_settings, "TILED", False)  # the one-block kernels' limit
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(BackendUnavailableError, match="register budget"):
         select_backend("triton", make_config(layer_width=200), torch.float32, device)

@@ -2,7 +2,9 @@
 present, else on CPU tensors through the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1). Sizes are small: the interpreter runs every program in Python. What is the
 triton backend's own: its cases of the edge-case matrix, half types, the launch budget, supports(),
-the interpreter, the ahead-of-time compile. What every backend must do is in tests/test_backends.py."""
+the interpreter, the ahead-of-time compile. What every backend must do is in tests/test_backends.py.
+With SPINAL_OPS_TRITON_TILED=1 in the environment the same tests run the tiled kernels (except the
+two that pin the one-block kernels); tests/test_triton_tiled.py tests those on their own."""
 import os
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from contract import (
     make_config,
 )
 from spinal_ops import ACTIVATIONS, available_backends
-from spinal_ops.backends.triton import INTERPRETER_ENABLED
+from spinal_ops.backends.triton import INTERPRETER_ENABLED, settings
 from spinal_ops.dispatch import get_backend
 
 pytestmark = pytest.mark.skipif(
@@ -67,6 +69,8 @@ def test_half_types(dtype, activation):
 def test_launch_budget_one_forward_two_backward(monkeypatch):
     from spinal_ops.backends.triton import kernels as triton_kernels
 
+    monkeypatch.setattr(settings, "TILED", False)  # the one-block kernels
+
     launches = []
 
     class CountingKernel:
@@ -84,7 +88,8 @@ def test_launch_budget_one_forward_two_backward(monkeypatch):
     assert launches == ["_forward_kernel", "_backward_data_kernel", "_backward_weights_kernel"]
 
 
-def test_supports_gives_reasons():
+def test_supports_gives_reasons(monkeypatch):
+    monkeypatch.setattr(settings, "TILED", False)  # the one-block kernels' width limit
     backend = get_backend("triton")
     device = torch.device(DEVICE)
     assert backend.supports(make_config(), torch.float32, device)
@@ -129,4 +134,5 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     script = repo / "scripts" / "triton_aot.py"
     result = subprocess.run([sys.executable, str(script), "90", "--quick"], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("registers") == 6, result.stdout
+    # 3 one-block kernels x 2 variants, 4 tiled kernels x 2 variants
+    assert result.stdout.count("registers") == 14, result.stdout

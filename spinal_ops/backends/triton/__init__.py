@@ -6,6 +6,10 @@ The ops are plain custom ops (schema + CPU/CUDA kernels + fake kernels + autogra
 ``torch.compile(fullgraph=True)`` traces them as single nodes. On CPU tensors the kernels run
 through the Triton interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before
 spinal_ops is imported.
+
+Layers of width <= 128 run the one-block kernels (kernels.py). The tiled kernels (tiled.py) run
+any width but are not yet measured on a GPU: they run, for every width, only with the switch of
+settings.py on (``SPINAL_OPS_TRITON_TILED=1`` at import); without it wider layers are refused.
 """
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ from ...config import SpinalConfig
 from ...support import Support
 from ..op_pair import OpPairBackend
 from . import op_pair as _op_pair  # noqa: F401  (defines the triton op pair)
+from . import settings
+from .settings import MAX_LAYER_WIDTH, set_tiled  # noqa: F401  (the one-block kernels' widest layer)
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The widest layer whose [w, w] hidden weight and [BLOCK_B, w] state fit one program's registers.
-MAX_LAYER_WIDTH = 128
 
 
 # Read once, as triton reads it when the kernels are defined (and so that selection inside a
@@ -33,8 +37,8 @@ class TritonBackend(OpPairBackend):
     name = "triton"
     device_types = ("cuda", "cpu")  # CPU tensors through the Triton interpreter only
     dtypes = TRITON_DTYPES
-    max_layer_width = MAX_LAYER_WIDTH
-    width_limit_reason = "the register budget of the Triton kernels: one program holds a whole layer and its hidden weight"
+    # No declared limit: the width check depends on the switch (settings.TILED), in supports_call.
+    max_layer_width = None
 
     def availability(self) -> Support:
         if importlib.util.find_spec("triton") is None:
@@ -49,6 +53,8 @@ class TritonBackend(OpPairBackend):
         if device.type == "cpu" and dtype == torch.bfloat16:
             # triton 3.8's interpreter multiplies bfloat16 tl.dot operands as their raw uint16 bits.
             return Support.no("bfloat16 runs on CUDA tensors only (the Triton interpreter's bfloat16 tl.dot is wrong)")
+        if config.layer_width > MAX_LAYER_WIDTH and not settings.TILED:
+            return Support.no(f"layer_width {config.layer_width}: {settings.WIDTH_REASON}")
         return Support.yes()
 
     def auto_eligible(self, device: torch.device) -> bool:

@@ -1,4 +1,6 @@
-"""Triton kernels of the spinal layer: one launch forward, two launches backward.
+"""The one-block Triton kernels of the spinal layer: one launch forward, two launches backward,
+w <= 128. The default kernels of the triton backend; tiled.py holds the tiled kernels (any width,
+weight gradients split over rows), which run instead when the switch of settings.py is on.
 
 Imported lazily (on the first Triton op call) so that ``import spinal_ops`` neither needs nor
 waits for triton. ``TRITON_INTERPRET=1`` must be set before this module is imported for the
@@ -9,7 +11,8 @@ Tiling and launch scheme
 Every tensor is row-major contiguous. B rows, N inputs, layer width w, L layers, split size s,
 M outputs. BLOCK_W = next power of two >= max(w, 16): one layer's units, masked past w; a
 program holds a [BLOCK_W, BLOCK_W] hidden weight in registers, hence w <= 128
-(MAX_LAYER_WIDTH in backends/triton/__init__.py, checked by TritonBackend.supports).
+(MAX_LAYER_WIDTH in backends/triton/settings.py; TritonBackend.supports refuses wider layers
+unless the tiled kernels are switched on).
 
 forward  grid (cdiv(B, BLOCK_B),), one program per tile of BLOCK_B rows.
   phase 1, the chain: for l in 0..L-1

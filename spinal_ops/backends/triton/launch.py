@@ -1,8 +1,10 @@
 """The kernels of the ``triton_forward`` / ``triton_backward`` ops (defined by op_pair.py):
-argument checks, the device guard, and the calls into kernels.py.
+argument checks, the device guard, and the calls into kernels.py (the one-block kernels, w <= 128)
+or tiled.py (the tiled kernels, any width, behind the switch of settings.py).
 
-kernels.py (and with it triton) is imported on the first call, which keeps ``import spinal_ops``
-fast and working without triton.
+kernels.py and tiled.py (and with them triton) are imported on the first call, which keeps
+``import spinal_ops`` fast and working without triton. Both write Z in the same layout, so a
+backward runs whichever kernels the switch says, whatever ran the forward.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import contextlib
 import torch
 
 from ...config import SpinalConfig, SpinalParams
+from . import settings
 
 
 def _device_guard(tensor: torch.Tensor):
@@ -18,8 +21,28 @@ def _device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
+# Checked configs by the arguments' shapes, dtypes and devices (all that the checks read): building
+# and checking a SpinalConfig costs ~4x the key, twice per training step. Only calls that passed the
+# checks are kept; a full cache is emptied (a process sees few shapes).
+_CONFIG_CACHE: dict = {}
+_CONFIG_CACHE_SIZE = 256
+
+
 def _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope) -> SpinalConfig:
     """Direct op calls get SpinalConfig's shape/dtype/device errors before any kernel runs."""
+    key = (activation, negative_slope) + tuple(
+        None if t is None else (t.shape, t.dtype, t.device) for t in (x, weight_in, weight_hidden, bias, weight_out, bias_out)
+    )
+    config = _CONFIG_CACHE.get(key)
+    if config is None:
+        config = _check_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
+        if len(_CONFIG_CACHE) >= _CONFIG_CACHE_SIZE:
+            _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[key] = config
+    return config
+
+
+def _check_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope) -> SpinalConfig:
     if x.dim() != 2 or weight_in.dim() != 3:
         raise ValueError(
             f"spinal_ops::triton ops: x must be [B, N] and weight_in [L, w, s], got {tuple(x.shape)} and {tuple(weight_in.shape)}"
@@ -37,11 +60,21 @@ def _contiguous(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-def forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
-                    allow_tf32=False, keep_pre_activation=True):
+def _kernels(layer_width: int):
+    """The module whose kernels run a call of this width (the switch of settings.py)."""
+    if settings.use_tiled(layer_width):
+        from . import tiled
+
+        return tiled
     from . import kernels
 
-    _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
+    return kernels
+
+
+def forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
+                    allow_tf32=False, keep_pre_activation=True):
+    config = _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
+    kernels = _kernels(config.layer_width)
     x, weight_in, weight_hidden, bias, weight_out, bias_out = _contiguous(x, weight_in, weight_hidden, bias, weight_out, bias_out)
     with _device_guard(x):
         out, pre_activation = kernels.spinal_forward(
@@ -52,9 +85,8 @@ def forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation,
 
 def backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
                      negative_slope, allow_tf32=False):
-    from . import kernels
-
     config = _checked_config(x, weight_in, weight_hidden, None, weight_out, None, activation, negative_slope)
+    kernels = _kernels(config.layer_width)
     rows = x.shape[0]
     for name, tensor, shape in (
         ("grad_out", grad_out, (rows, config.output_features)),
@@ -69,7 +101,7 @@ def backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, 
         grad_out, x, pre_activation, weight_in, weight_hidden, weight_out
     )
     with _device_guard(x):
-        # The kernels compute every weight gradient in one launch; the mask decides which bias
+        # The kernels compute every weight gradient in one launch (or one per row split and a sum); the mask decides which bias
         # gradients exist (the rest are computed and dropped by autograd).
         return kernels.spinal_backward(
             grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask[3], output_mask[5],
