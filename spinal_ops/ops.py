@@ -5,7 +5,7 @@ csrc/ops.cpp must match, and a test checks that they do):
 
 * ``native_forward`` / ``native_backward``: the compiled extension ``spinal_ops._C`` (the CPU op,
   csrc/cpu/, and the CUDA tile and narrow kernels, csrc/cuda/). Loading ``_C`` defines them.
-* ``hoisted_forward`` / ``hoisted_backward``: the hoisted ATen chain on cuBLAS (csrc/aten_chain.h),
+* ``hoisted_forward`` / ``hoisted_backward``: the hoisted ATen chain on cuBLAS (csrc/chain/hoisted_chain.h),
   also from ``_C``; the cuda backend picks between the two CUDA pairs per call.
 * ``triton_forward`` / ``triton_backward``: defined here in Python; their kernels
   (backends/triton/launch.py) import triton only on the first call.
@@ -14,7 +14,7 @@ csrc/ops.cpp must match, and a test checks that they do):
 projection) and ``pre_activation`` is Z, the L pre-activations z_l (B x L*w), which is all the
 backward needs besides the inputs (it recomputes h = phi(z) on the fly). What the
 tensor holds belongs to the op pair, and only the pair's own backward reads it: Z in layer order
-from the native kernels; from the hoisted chain (csrc/aten_chain.h) Z, or H = phi(Z) for
+from the native kernels; from the hoisted chain (csrc/chain/hoisted_chain.h) Z, or H = phi(Z) for
 activations whose derivative is a function of their output, in the chain's group-major order. With
 ``keep_pre_activation=False`` (no gradient will be needed) Z is neither kept nor, where the
 backend can avoid it, computed, and an empty tensor is returned in its place. ``allow_tf32`` is

@@ -6,8 +6,8 @@
 
 #include <optional>
 
-#include "../activation.h"
-#include "../spinal_shape.h"
+#include "../common/activation.h"
+#include "../common/spinal_shape.h"
 
 namespace spinal_ops {
 namespace cuda_kernels {
