@@ -24,7 +24,7 @@ T* optional_data(const std::optional<at::Tensor>& t) {
 int64_t tile_kernel_width_limit(at::ScalarType dtype, bool allow_tf32, int device);
 
 // The routing decision of the CUDA op: the tile kernels when w <= tile_kernel_width_limit(...) under
-// the op's TF32 choice, the hoisted chain (csrc/aten_chain.h) otherwise.
+// the op's TF32 choice, the hoisted chain (csrc/chain/hoisted_chain.h) otherwise.
 bool use_native_kernels(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device);
 
 // Whether this shape runs the narrow kernels (narrow_kernels.cuh: w <= 16, M <= 16; one thread per
