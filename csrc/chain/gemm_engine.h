@@ -39,8 +39,15 @@ struct GemmEngine {
 
   // ---- the sequential recurrence as one loop of the engine's own ----
   // Whether the engine runs the whole recurrence of this call itself (narrow layers). Where it
-  // does, the chain calls forward_recurrence / backward_recurrence instead of one GEMM and one
-  // activation per layer. The contracts are csrc/cpu/narrow_recurrence.h's.
+  // does, the chain calls these two instead of one GEMM and one activation per layer. Columns:
+  // `products`, `grad_z` and Z hold layer l at slot_offsets[l] (group-major); H, where it is
+  // written separately, at hidden_offsets[l].
+  //   forward_recurrence, every row: z_l = products[slot_l] + h_{l-1} @ R_{l-1}^T (l > 0),
+  //     h_l = phi(z_l); z_l to pre_activation when it is defined, h_l to `hidden` (which may be
+  //     `products` itself: slot l is read before it is overwritten).
+  //   backward_recurrence, every row from the last layer down: grad_z[slot_l] holds dH_l on entry
+  //     and dz_l = (dH_l + dz_{l+1} @ R_l) * phi'(z_l) on return, z_l from pre_activation; when
+  //     grad_weight_hidden is defined it gets dR_{l-1} = sum over rows of dz_l^T h_{l-1}.
   bool (*runs_recurrence)(const SpinalShape& shape, at::ScalarType dtype) = nullptr;
   void (*forward_recurrence)(const at::Tensor& products, const std::vector<int64_t>& slot_offsets,
                              const at::Tensor& weight_hidden, Activation act, double negative_slope,
