@@ -88,7 +88,8 @@ def _extension():
     # runtime is the libgomp torch itself loads (same soname), so torch.set_num_threads applies.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", *openmp]
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = [*_sources("csrc/*.cpp"), *_sources("csrc/common/*.cpp"), *_sources("csrc/chain/*.cpp"),
+               *_sources("csrc/cpu/*.cpp")]
     if not _cuda_decision()[0]:
         return CppExtension("spinal_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;9.0+PTX")

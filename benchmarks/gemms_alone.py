@@ -1,6 +1,6 @@
 """E of the matrix products alone: the spinal chain's BLAS GEMMs against the dense layer's.
 
-For wide layers (w > 32) the CPU op is a chain of BLAS calls (csrc/aten_chain.h). This program
+For wide layers (w > 32) the CPU op is a chain of BLAS calls (csrc/chain/hoisted_chain.h). This program
 times exactly the GEMMs that chain makes, the input products one per layer ("per layer") or one per
 window group ("by window", how the op runs layers of w < 128, and of w < 256 from batch 512), against
 the dense layer's GEMMs, each into buffers allocated once, with no activation, copy, Python or

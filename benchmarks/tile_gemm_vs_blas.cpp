@@ -1,5 +1,6 @@
 // Times a sequence of float32 products on the chain's register-tiled kernel (csrc/cpu/tile_gemm.h)
-// and on PyTorch's BLAS called as the chain calls it (csrc/cpu/blas.h), on the same buffers.
+// and on PyTorch's BLAS called as the chain's CPU engine calls it (csrc/cpu/blas.h,
+// csrc/cpu/chain_engine.cpp), on the same buffers.
 // Built by benchmarks/tile_gemm_vs_blas.py with torch.utils.cpp_extension.load.
 #include <torch/extension.h>
 

@@ -16,7 +16,7 @@
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 // native_*: the CPU op (csrc/cpu/) and the CUDA kernels (csrc/cuda/). hoisted_*: the hoisted ATen
-// chain (csrc/aten_chain.h) as its own op pair, so that the cuda backend can pick it per call.
+// chain (csrc/chain/hoisted_chain.h) as its own op pair, so that the cuda backend can pick it per call.
 TORCH_LIBRARY(spinal_ops, m) {
   m.def("native_forward" SPINAL_FORWARD_ARGS);
   m.def("native_backward" SPINAL_BACKWARD_ARGS);

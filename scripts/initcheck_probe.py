@@ -3,7 +3,7 @@ compute-sanitizer's initcheck:
 
     compute-sanitizer --tool initcheck python scripts/initcheck_probe.py
 
-Same shapes and writes as csrc/aten_chain.cpp's backward on the mnist preset (N = 320, s = 160,
+Same shapes and writes as csrc/chain/hoisted_chain.cpp's backward on the mnist preset (N = 320, s = 160,
 w = 8, L = 6: two window groups of three layers) at batch 37, bfloat16: each group's dW_in block
 written by a matmul into rows of a group-major buffer, dW_out by one matmul, then copied into
 layer order. Each stage prints its name after a synchronize, so a report lands between the names

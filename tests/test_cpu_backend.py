@@ -54,7 +54,7 @@ WIDE_CASES = ("medium_grouped", "medium_grouped_M_None", "wide_k2_overlap", "wid
 
 
 # gelu's derivative reads Z; relu's, tanh's, sigmoid's and identity's read H, which the chain then
-# keeps instead of Z where there is a projection (csrc/aten_chain.h).
+# keeps instead of Z where there is a projection (csrc/chain/hoisted_chain.h).
 @pytest.mark.parametrize("activation", ["gelu", "relu", "tanh", "sigmoid", "identity"])
 @pytest.mark.parametrize("name", WIDE_CASES)
 def test_wide_layers_one_gemm_per_layer(name, activation):
@@ -70,7 +70,7 @@ def test_layers_of_width_128_group_from_batch_512(batch, activation):
     check_backend("cpu", config, torch.float32, batch_shape=(batch,))
 
 
-# Training runs the chain in row blocks (csrc/aten_chain.cpp, kCpuTrainingBlockElements): 256 rows
+# Training runs the chain in row blocks (csrc/chain/hoisted_chain.cpp, kCpuTrainingBlockElements): 256 rows
 # where L*w >= 512, so batch 600 is blocks of 256, 256 and 88 rows; 4096 rows at L*w = 32 (the narrow
 # recurrence, which float64 takes), so 5000 rows end in a block of 904. H kept in place (relu), Z
 # with H beside it (gelu), no projection, and the narrow recurrence.

@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <string>
 
-#include "../activation.h"
+#include "../common/activation.h"
 
 namespace spinal_ops::cpu {
 

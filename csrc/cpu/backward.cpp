@@ -1,8 +1,10 @@
 // CPU kernel of spinal_ops::native_backward: narrow float32 layers on an AVX2 CPU run the narrow
-// row-tile pass (narrow_chain.h), everything else the hoisted chain's backward (csrc/aten_chain.h);
-// both compute only the gradients output_mask asks for.
+// row-tile pass (narrow_chain.h), everything else the hoisted chain's backward
+// (csrc/chain/hoisted_chain.h) on the CPU's GEMM engine (chain_engine.h); both compute only the
+// gradients output_mask asks for.
 #include <torch/library.h>
 
+#include "chain_engine.h"
 #include "dtypes.h"
 #include "narrow_chain.h"
 
@@ -17,10 +19,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
   const at::Tensor x_compute = to_compute(x);
-  const auto backward = uses_narrow_chain(shape, x_compute) ? &narrow_chain_backward : &chain::hoisted_backward;
+  const at::Tensor grad_out_c = to_compute(grad_out), pre_activation_c = to_compute(pre_activation);
+  const at::Tensor weight_in_c = to_compute(weight_in), weight_hidden_c = to_compute(weight_hidden);
+  const auto weight_out_c = to_compute(weight_out);
   const std::array<at::Tensor, 6> grads =
-      backward(shape, to_compute(grad_out), x_compute, to_compute(pre_activation), to_compute(weight_in),
-               to_compute(weight_hidden), to_compute(weight_out), act, negative_slope, output_mask);
+      uses_narrow_chain(shape, x_compute)
+          ? narrow_chain_backward(shape, grad_out_c, x_compute, pre_activation_c, weight_in_c, weight_hidden_c,
+                                  weight_out_c, act, negative_slope, output_mask)
+          : chain::hoisted_backward(chain_engine(x_compute.scalar_type()), shape, grad_out_c, x_compute,
+                                    pre_activation_c, weight_in_c, weight_hidden_c, weight_out_c, act,
+                                    negative_slope, output_mask);
   const auto dtype = x.scalar_type();
   return {to_dtype(grads[0], dtype), to_dtype(grads[1], dtype), to_dtype(grads[2], dtype),
           to_dtype(grads[3], dtype), to_dtype(grads[4], dtype), to_dtype(grads[5], dtype)};

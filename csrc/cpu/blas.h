@@ -1,5 +1,5 @@
 // Direct calls of the BLAS that PyTorch itself runs on a CPU (MKL in the x86-64 wheels), for the
-// hoisted chain's GEMMs on CPU tensors (csrc/aten_chain.cpp).
+// hoisted chain's GEMMs on CPU tensors (csrc/chain/hoisted_chain.cpp), through chain_engine.h.
 //
 // Why: an ATen GEMM on a block of a tensor needs a view of each operand, and at small batch the
 // views cost as much as the math (vgg5, w = 128, batch 64: ~50 views per forward, ~15 % of its

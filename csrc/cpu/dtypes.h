@@ -1,11 +1,11 @@
 // The CPU ops' dtypes (csrc/cpu/forward.cpp, backward.cpp): the checks and the
-// bfloat16 upcast. The computation itself is the device-generic hoisted chain (csrc/aten_chain.h).
+// bfloat16 upcast. The computation itself is the device-generic hoisted chain (csrc/chain/hoisted_chain.h).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/types.h>
 
-#include "../aten_chain.h"
+#include "../chain/hoisted_chain.h"
 
 namespace spinal_ops::cpu {
 

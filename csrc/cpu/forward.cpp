@@ -1,10 +1,12 @@
 // CPU kernel of spinal_ops::native_forward: narrow float32 layers on an AVX2 CPU run the narrow
-// row-tile pass (narrow_chain.h); everything else the hoisted chain (csrc/aten_chain.h) on BLAS.
+// row-tile pass (narrow_chain.h); everything else the hoisted chain (csrc/chain/hoisted_chain.h)
+// on the CPU's GEMM engine (chain_engine.h).
 //
 // bfloat16 is upcast to float32 on entry and rounded once on exit. Every ATen call inside is a
 // parallel region over torch.get_num_threads() threads.
 #include <torch/library.h>
 
+#include "chain_engine.h"
 #include "dtypes.h"
 #include "narrow_chain.h"
 
@@ -22,10 +24,15 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cpu(const at::Tensor& x, const
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
   const at::Tensor x_compute = to_compute(x);
-  const auto forward = uses_narrow_chain(shape, x_compute) ? &narrow_chain_forward : &chain::hoisted_forward;
+  const at::Tensor weight_in_c = to_compute(weight_in), weight_hidden_c = to_compute(weight_hidden);
+  const auto bias_c = to_compute(bias), weight_out_c = to_compute(weight_out), bias_out_c = to_compute(bias_out);
   auto [out, pre_activation] =
-      forward(shape, x_compute, to_compute(weight_in), to_compute(weight_hidden), to_compute(bias),
-              to_compute(weight_out), to_compute(bias_out), act, negative_slope, keep_pre_activation);
+      uses_narrow_chain(shape, x_compute)
+          ? narrow_chain_forward(shape, x_compute, weight_in_c, weight_hidden_c, bias_c, weight_out_c, bias_out_c,
+                                 act, negative_slope, keep_pre_activation)
+          : chain::hoisted_forward(chain_engine(x_compute.scalar_type()), shape, x_compute, weight_in_c,
+                                   weight_hidden_c, bias_c, weight_out_c, bias_out_c, act, negative_slope,
+                                   keep_pre_activation);
   const auto dtype = x.scalar_type();
   return {to_dtype(out, dtype), to_dtype(pre_activation, dtype)};
 }

@@ -8,7 +8,7 @@
 // rows goes through every stage while it is in L1.
 //
 // Column layout (narrow_layout.h): layers g, g+p, ... read the same window (p = N / gcd(N, s), as
-// in csrc/aten_chain.h) and form a group; a row's per-layer values (P, dZ) are kept group-major,
+// in csrc/chain/hoisted_chain.h) and form a group; a row's per-layer values (P, dZ) are kept group-major,
 // each group's columns rounded up to a whole vector, so that a group is one panel product.
 //
 // Forward (narrow_chain_forward.cpp), per tile:
@@ -18,7 +18,6 @@
 //      h_l = phi(z_l) row by row;
 //   3. y[rows, M] = b_out + H[rows, L*w] @ W_out^T (W_out^T packed [L*w, M rounded up to 8]);
 //      without projection h_l goes straight to out.
-//   Each tile first prefetches the rows of x two tiles ahead (kPrefetchTilesAhead).
 //   Launch: at::parallel_for over tiles, 16 tiles per task at least.
 //
 // Backward (narrow_chain_backward.cpp), over chunks of rows fixed by the batch
@@ -50,15 +49,17 @@
 #include <optional>
 #include <tuple>
 
-#include "../activation.h"
-#include "../spinal_shape.h"
+#include "../common/activation.h"
+#include "../common/spinal_shape.h"
 #include "narrow_recurrence.h"
 
 namespace spinal_ops::cpu {
 
-// Widest layer the narrow-chain kernels take. Measured on vgg5 (w = 128), 1 thread: at batch 64 the
-// narrow-chain pass is slower than the chain (E 2.4 vs 1.4 inference: repacking 0.5 MB of weights per
-// call), at 4096 no faster; w <= 32 is where it wins (mnist, w = 8: 2x).
+// Widest layer the narrow-chain kernels take: they win for w <= 32 (mnist, w = 8: 2x the hoisted
+// chain's speed), while at vgg5's w = 128 repacking 0.5 MB of weights per call makes them slower
+// at batch 64 (E 2.4 against 1.4 in inference) and no faster at 4096. Reproduce: `spinal-bench
+// --preset mnist vgg5 --batch 64 4096 --backends cpu --threads 1` against a build with this set
+// to 128.
 constexpr int64_t kNarrowChainMaxWidth = 32;
 
 // Whether this machine runs the narrow-chain kernels (AVX2 and FMA, and PyTorch's own kernels use them).

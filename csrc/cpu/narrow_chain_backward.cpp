@@ -5,8 +5,8 @@
 #include <cstring>
 #include <vector>
 
-#include "../aten_chain.h"
-#include "../message_text.h"
+#include "../chain/hoisted_chain.h"
+#include "../common/message_text.h"
 #include "narrow_chain.h"
 #include "narrow_layout.h"
 
@@ -16,15 +16,14 @@ namespace {
 constexpr int64_t kBlockRows = 64;  // rows per block of a chunk: bounds the block buffers
 
 // dW_in broadcasts x's window columns. Read in place, a tile walks one cache line per row, N floats
-// apart: fine while x stays cached from the forward, but from 4 MB on (mnist, 1 thread: batch 4096)
-// those walks come from memory, which the prefetchers do not follow, and the product ran 2.5x
-// slower per row than at batch 1024. From that size each block of x is transposed first and read
-// row by row; below it the transpose would cost more than it saves. The transpose then reads x
-// from memory, as four-row streams the hardware prefetchers do not keep ahead of: each tile of
-// the block's backward asks for its rows of x into L2 first. Measured at mnist 4096, 1 thread,
-// against the same code without the prefetch: train 0.97 and 0.98 of the step's time in two A/B
-// runs, frozen 1.00 and 1.01 (an earlier pair of runs gave 0.95 and 0.93: the noise of this
-// machine is of that size); prefetching the next block's rows gained nothing.
+// apart, which the hardware prefetchers do not follow once x no longer stays cached from the
+// forward (from 4 MB: mnist at batch 4096, 1 thread, ran the product 2.5x slower per row than at
+// batch 1024). From that size each block of x is transposed first and read row by row; below it
+// the transpose would cost more than it saves. The transpose reads x from memory as four-row
+// streams the prefetchers do not keep ahead of, so each tile of the block's backward first asks
+// for its rows of x into L2 (a training step takes ~0.97 of the time it takes without). Reproduce:
+// `spinal-bench --preset mnist --batch 1024 4096 --mode train frozen --backends cpu --threads 1`
+// against a build with kTransposedInputMinBytes raised (or the prefetch in backward_chunks removed).
 constexpr int64_t kTransposedInputMinBytes = int64_t{4} << 20;
 
 using chain::kGradBias;

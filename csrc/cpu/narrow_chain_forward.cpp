@@ -5,7 +5,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../message_text.h"
+#include "../common/message_text.h"
 #include "narrow_chain.h"
 #include "narrow_layout.h"
 
@@ -13,14 +13,6 @@ namespace spinal_ops::cpu {
 namespace {
 
 constexpr int64_t kTileGrain = 16;  // tiles per parallel task: 64 rows
-// Each tile asks for the rows of x this many tiles ahead. A tile's rows are one contiguous run of
-// x, read as four interleaved streams that the hardware prefetchers did not keep ahead of: with x
-// from memory (mnist, batch 4096, 1 thread: 5 MB) inference took ~0.87 of the time when first
-// measured (A/B against the build without it; one tile ahead measured less), training steps
-// 0.92-1.06. Re-measured in one build, the prefetch switched off in one of two alternating
-// processes, twice: without it inference took 0.97-0.99 and frozen steps 1.01-1.05 of the time
-// with it, i.e. even within this machine's noise. With x in cache (batch 64, 1024) even.
-constexpr int64_t kPrefetchTilesAhead = 2;
 
 #if SPINAL_HAVE_AVX2_PATH
 
@@ -97,9 +89,6 @@ SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& 
   const bool projection = plan.out_padded > 0;
   const float* x_rows[kTileRows];
   for (int64_t r = 0; r < kTileRows; ++r) x_rows[r] = plan.x + (first_row + std::min(r, rows - 1)) * n;
-
-  const int64_t ahead = first_row + kPrefetchTilesAhead * kTileRows;
-  if (ahead < shape.batch) prefetch_floats<1>(plan.x + ahead * n, std::min(kTileRows, shape.batch - ahead) * n);
 
   // 1. P = bias + x[:, window] @ A^T, one panel product per window group (two where it wraps).
   float* products = buffers.products.data();

@@ -7,13 +7,13 @@
 #include <numeric>
 #include <vector>
 
-#include "../spinal_shape.h"
+#include "../common/spinal_shape.h"
 #include "avx2_tiles.h"
 
 namespace spinal_ops::cpu {
 
 // Layers first, first+period, ... read the window starting at column (first*s) mod N (period =
-// N / gcd(N, s), as in csrc/aten_chain.cpp): their input products are one panel product.
+// N / gcd(N, s), as in csrc/chain/hoisted_chain.cpp): their input products are one panel product.
 struct WindowGroup {
   int64_t first_layer;
   int64_t num_layers;

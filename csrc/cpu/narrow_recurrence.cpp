@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#include "../message_text.h"
+#include "../common/message_text.h"
 
 namespace spinal_ops::cpu {
 namespace {

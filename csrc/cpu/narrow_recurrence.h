@@ -1,4 +1,4 @@
-// The sequential part of the hoisted chain (csrc/aten_chain.h) for narrow layers on a CPU.
+// The sequential part of the hoisted chain (csrc/chain/hoisted_chain.h) for narrow layers on a CPU.
 //
 // With w <= kNarrowRecurrenceMaxWidth the recurrence as ATen calls is one [rows, w] x [w, w] GEMM and one
 // activation call per layer: BLAS runs a GEMM that small at a few GFLOP/s, and at small batch
@@ -22,7 +22,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "../activation.h"
+#include "../common/activation.h"
 
 namespace spinal_ops::cpu {
 

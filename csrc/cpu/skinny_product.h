@@ -3,7 +3,8 @@
 //
 // Why: BLAS runs a product with 10 output columns far below its speed (MKL, 1 thread, [64, 512] @
 // [512, 10]: 29 GFLOP/s where [64, 128] @ [128, 128] runs at 91): ~11 % of vgg5's inference
-// forward at batch 64.
+// forward at batch 64 (`spinal-bench --preset vgg5 --batch 64 --mode infer --backends cpu
+// --threads 1` against a build with kSkinnyMaxColumns = 0).
 //
 // Scheme: W_out^T is packed once per call as [k, 16] (columns past M zero), then every tile of
 // kTileRows rows is one register-tiled panel product (avx2_tiles.h: 4 rows x 1 or 2 vectors of

@@ -17,11 +17,13 @@ constexpr int64_t kMinRowBlock = 16;      // ... and at least, where tasks are s
 constexpr int64_t kDepthChunk = 128;      // depth per b panel: at most 24 KB, within a 32 KB L1
 // b's panel is read in place only when its rows are at most this many floats apart: rows 4 KB
 // apart fall into the same L1 sets, and a panel of 64 such rows evicts itself (a [64, 1024] @
-// [1024, 256] product ran at 0.75 of MKL's speed in place, at 1.05 packed).
+// [1024, 256] product ran at 0.75 of MKL's speed in place, at 1.05 packed: `python
+// benchmarks/tile_gemm_vs_blas.py --preset resnet_head --batch 64` against a build with this raised).
 constexpr int64_t kInPlaceMaxRowStride = 256;
-// The largest products (multiply-adds) tile_gemm takes: up to here the AVX2 tiles ran at 0.9-1.0
-// of MKL's time on the presets' shapes (1 thread); beyond, MKL's cache blocking of both operands
-// paid off (the AVX-512 tiles ran those at 0.89-1.09: benchmarks/tile_gemm_vs_blas.py).
+// The largest products (multiply-adds) tile_gemm takes: up to here the AVX2 tiles take 0.9-1.0 of
+// MKL's time on the presets' shapes (1 thread); beyond, MKL's cache blocking of both operands
+// pays off. Reproduce: `python benchmarks/tile_gemm_vs_blas.py --preset vgg5 cifar_vgg resnet_head
+// cnn_cifar --batch 64 256 --min-run-time 0.5` (it reports both kernels on every product).
 constexpr int64_t kMaxMultiplyAdds = int64_t{1} << 24;
 
 #if SPINAL_HAVE_AVX2_PATH
@@ -37,7 +39,9 @@ bool cpu_has_avx512() {
 
 // panel_product (avx2_tiles.h) on 16-float vectors. On a core that runs 512-bit FMAs at the rate
 // of 256-bit ones (AMD Zen 4), a 4 x 32 tile still needs half the loads and broadcasts per FMA of
-// the 4 x 24 AVX2 tile: [64, 128] @ [128, 128] ran at ~110 GFLOP/s against ~105 (1 thread).
+// the 4 x 24 AVX2 tile: [64, 128] @ [128, 128] runs at ~110 GFLOP/s against ~105 (1 thread;
+// `python benchmarks/tile_gemm_vs_blas.py --preset vgg5 --batch 64` with ATEN_CPU_CAPABILITY=avx2
+// for the AVX2 tiles).
 template <int V, bool kAccumulate>
 SPINAL_AVX512 void wide_panel_product(const float* const* a, int64_t a_step, int64_t depth, const float* b,
                                       int64_t ldb, float* c, int64_t ldc, const float* start) {

@@ -19,7 +19,7 @@
 // Smem budget (w = 256): bf16/fp16 2*64*264*2 + 64*40*2 + 128*40*2 + 64*132*4 = 117 KB;
 //   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB)
 //   and sm90 (227 KB); on 99 KB parts (sm86/89/120) use_native_kernels() sends w > 192 (fp16/bf16/TF32)
-//   and w > 224 (fp32) to the hoisted chain (csrc/aten_chain.h). The launch is launch_kernel() (launch.cuh).
+//   and w > 224 (fp32) to the hoisted chain (csrc/chain/hoisted_chain.h). The launch is launch_kernel() (launch.cuh).
 // sm_75 (T4: 64 KB opt-in smem, fp16 tensor cores only): fp16 runs 32-row tiles,
 //   2*32*264*2 + 32*40*2 + 128*40*2 + 32*132*4 = 62 KB at w = 256, so every w <= 256 fits; fp32 runs
 //   SimtMma (no TF32 before sm_80, whatever allow_tf32 says), w <= 96 (2*32*97*4 + 37 KB = 61 KB);

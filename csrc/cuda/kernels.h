@@ -7,8 +7,8 @@
 #include <optional>
 #include <string>
 
-#include "../activation.h"
-#include "../spinal_shape.h"
+#include "../common/activation.h"
+#include "../common/spinal_shape.h"
 
 namespace spinal_ops {
 namespace cuda_kernels {
@@ -33,7 +33,7 @@ int64_t tile_kernel_width_limit(at::ScalarType dtype, bool allow_tf32, int devic
 
 // The routing decision of the CUDA op: the tile kernels when the dtype runs on the device
 // (native_kernels_refusal) and w <= tile_kernel_width_limit(...) under the op's TF32 choice, the
-// hoisted chain (csrc/aten_chain.h) otherwise.
+// hoisted chain (csrc/chain/hoisted_chain.h) otherwise.
 bool use_native_kernels(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device);
 
 // Whether this shape runs the narrow kernels (narrow_kernels.cuh: w <= 16, M <= 16; one thread per

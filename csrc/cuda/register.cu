@@ -4,7 +4,7 @@
 // allocates the outputs and routes the call (use_native_kernels, forward.cu): the tile or narrow
 // kernels (forward.cu, backward.cu) when w <= kTileKernelMaxWidth, their shared memory fits the
 // device and the device has the dtype's tensor cores (bf16: compute capability 8.0), the hoisted
-// ATen chain (csrc/aten_chain.h, cuBLAS) otherwise. An empty batch launches no kernel. The
+// ATen chain (csrc/chain/hoisted_chain.h, cuBLAS) otherwise. An empty batch launches no kernel. The
 // hoisted_* ops run that chain directly (the cuda backend's cost model picks them per call). Also
 // defines spinal_ops::cuda_tile_kernel_max_width(), cuda_tile_kernel_width_limit(device, dtype,
 // allow_tf32) and cuda_native_kernels_refusal(device, dtype) (bf16 before compute capability 8.0),
@@ -17,7 +17,8 @@
 #include <tuple>
 #include <vector>
 
-#include "../aten_chain.h"
+#include "../chain/hoisted_chain.h"
+#include "backward_outputs.h"
 #include "kernels.h"
 #include "narrow_kernels.cuh"
 #include "tile_mma.cuh"
@@ -76,8 +77,8 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
   if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {  // too wide for this device's tiles
     const CublasTf32Scope tf32(allow_tf32);
-    return chain::hoisted_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope,
-                                  keep_pre_activation);
+    return chain::hoisted_forward(chain::aten_engine(), shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
+                                  act, negative_slope, keep_pre_activation);
   }
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
   // The tiled kernel always writes Z (its projection reads it back): without keep_pre_activation it
@@ -109,24 +110,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto weight_out = contiguous(weight_out_in);
   if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const CublasTf32Scope tf32(allow_tf32);
-    const auto grads = chain::hoisted_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden,
-                                               weight_out, act, negative_slope, output_mask);
+    const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out, x, pre_activation, weight_in,
+                                               weight_hidden, weight_out, act, negative_slope, output_mask);
     return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
   }
   // The tile and narrow kernels compute every gradient in their two launches; the mask only decides which
   // bias gradients exist.
-  const auto options = x.options();
-  // With an empty batch every weight gradient is a sum over no rows: zero.
-  const auto alloc = [&](at::IntArrayRef sizes) {
-    return shape.batch == 0 ? at::zeros(sizes, options) : at::empty(sizes, options);
-  };
-  BackwardOutputs grads;
-  grads.grad_x = at::empty_like(x);
-  grads.grad_weight_in = alloc(weight_in.sizes());
-  grads.grad_weight_hidden = alloc(weight_hidden.sizes());
-  grads.grad_bias = shape.has_bias ? alloc({shape.num_layers, shape.layer_width}) : at::empty({0}, options);
-  grads.grad_weight_out = weight_out ? alloc(weight_out->sizes()) : at::empty({0}, options);
-  grads.grad_bias_out = shape.has_bias_out ? alloc({shape.out_features}) : at::empty({0}, options);
+  const BackwardOutputs grads = allocate_backward_outputs(shape, x, weight_in, weight_hidden, weight_out);
   if (shape.batch > 0) {
     launch_native_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
                           static_cast<float>(negative_slope), allow_tf32, grads);
@@ -148,9 +138,9 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward_cuda(const at::Tensor& x, con
   const Activation act = parse_activation(activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const CublasTf32Scope tf32(allow_tf32);
-  return chain::hoisted_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(),
-                                contiguous(bias), contiguous(weight_out), contiguous(bias_out), act, negative_slope,
-                                keep_pre_activation);
+  return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
+                                weight_hidden.contiguous(), contiguous(bias), contiguous(weight_out),
+                                contiguous(bias_out), act, negative_slope, keep_pre_activation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hoisted_backward_cuda(
@@ -162,9 +152,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Activation act = parse_activation(activation);
   const c10::cuda::CUDAGuard guard(x.device());
   const CublasTf32Scope tf32(allow_tf32);
-  const auto grads = chain::hoisted_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
-                                             weight_in.contiguous(), weight_hidden.contiguous(),
-                                             contiguous(weight_out), act, negative_slope, output_mask);
+  const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(),
+                                             pre_activation.contiguous(), weight_in.contiguous(),
+                                             weight_hidden.contiguous(), contiguous(weight_out), act, negative_slope,
+                                             output_mask);
   return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
 }
 

@@ -34,9 +34,9 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../activation.h"
-#include "../message_text.h"
-#include "../spinal_shape.h"
+#include "../common/activation.h"
+#include "../common/message_text.h"
+#include "../common/spinal_shape.h"
 
 namespace spinal_ops {
 namespace cuda_kernels {

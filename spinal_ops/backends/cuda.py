@@ -4,7 +4,7 @@ Each call runs one of two op pairs, chosen by the cost model of cuda_cost.py fro
 shape, batch and device: ``native_forward``/``native_backward`` (the native kernels: one forward
 launch, two backward launches, for layers up to ``tile_kernel_width_limit()`` wide: ``tile_kernel_max_width()``,
 or less on devices whose shared memory per block is smaller) or ``hoisted_forward``/
-``hoisted_backward`` (csrc/aten_chain.h on cuBLAS: large batches and wide layers, and bfloat16 on
+``hoisted_backward`` (csrc/chain/hoisted_chain.h on cuBLAS: large batches and wide layers, and bfloat16 on
 GPUs without bf16 tensor cores, compute capability < 8.0 such as the T4). Both keep Z
 in the same layout and compute the same function.
 """

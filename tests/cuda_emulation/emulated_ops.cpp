@@ -3,7 +3,8 @@
 // the schemas of native_forward / native_backward plus the accumulator policy and the fake device
 // (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the tile kernels,
 // which the call must route to), "narrow" (the narrow kernels for the forward and backward launch
-// 1; launch 2 with the dtype's tiled policy: simt or wmma), "aten" (the hoisted chain, csrc/aten_chain.cpp), "auto"
+// 1; launch 2 with the dtype's tiled policy: simt or wmma), "aten" (the hoisted chain on ATen's
+// engine, csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto"
 // (the op's own routing: use_native_kernels, narrow_kernels_fit). Every CPU allocation made during a
 // call is poisoned.
 // Built by tests/test_cuda_emulation.py; never part of the package.
@@ -33,14 +34,12 @@ void inject_fault(DataGradArgs<T>& args) {
 }  // namespace spinal_ops
 
 #include "../../csrc/cuda/backward.cu"
+#include "../../csrc/cuda/backward_outputs.h"
 #include "../../csrc/cuda/forward.cu"
-#include "../../csrc/aten_chain.cpp"  // host-only ATen code
-#include "../../csrc/matrix_block.cpp"
-#include "../../csrc/cpu/blas.cpp"
-#include "../../csrc/cpu/skinny_product.cpp"
-#include "../../csrc/cpu/tile_gemm.cpp"
-#include "../../csrc/spinal_shape.cpp"
-#include "../../csrc/cpu/narrow_recurrence.cpp"
+// host-only ATen code: the hoisted chain (run on ATen's engine, as register.cu runs it)
+#include "../../csrc/chain/hoisted_chain.cpp"
+#include "../../csrc/chain/matrix_block.cpp"
+#include "../../csrc/common/spinal_shape.cpp"
 
 namespace spinal_ops {
 namespace cuda_kernels {
@@ -128,8 +127,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   at::Tensor pre_activation = at::empty({z_written ? shape.batch : 0, shape.hidden()}, x.options());
   if (shape.batch == 0) return {out, pre_activation};
   if (!native_kernels(shape, x, policy, device)) {
-    return chain::hoisted_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
-                                  weight_out, bias_out, act, negative_slope, /*keep_pre_activation=*/true);
+    return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
+                                  weight_hidden.contiguous(), bias, weight_out, bias_out, act, negative_slope,
+                                  /*keep_pre_activation=*/true);
   }
   launch_native_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
                        bias_out, act, static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), out,
@@ -147,23 +147,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   shape.has_bias_out = has_bias && weight_out.has_value();
   const Activation act = parse_activation(activation);
   const Session session(policy, device);
-  const auto options = x.options();
-  // As register.cu: with an empty batch every weight gradient is a sum over no rows.
-  const auto alloc = [&](at::IntArrayRef sizes) {
-    return shape.batch == 0 ? at::zeros(sizes, options) : at::empty(sizes, options);
-  };
-  BackwardOutputs grads;
-  grads.grad_x = at::empty_like(x);
-  grads.grad_weight_in = alloc(weight_in.sizes());
-  grads.grad_weight_hidden = alloc(weight_hidden.sizes());
-  grads.grad_bias = has_bias ? alloc({shape.num_layers, shape.layer_width}) : at::empty({0}, options);
-  grads.grad_weight_out = weight_out ? alloc(weight_out->sizes()) : at::empty({0}, options);
-  grads.grad_bias_out = has_bias && weight_out ? alloc({shape.out_features}) : at::empty({0}, options);
+  // As register.cu (poisoned here).
+  const BackwardOutputs grads = allocate_backward_outputs(shape, x, weight_in, weight_hidden, weight_out);
   if (shape.batch > 0 && !native_kernels(shape, x, policy, device)) {
     const chain::GradMask mask = {true, true, true, has_bias, weight_out.has_value(), shape.has_bias_out};
     const auto hoisted =
-        chain::hoisted_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
-                                weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act, negative_slope, mask);
+        chain::hoisted_backward(chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(),
+                                pre_activation.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(),
+                                weight_out, act, negative_slope, mask);
     return {hoisted.begin(), hoisted.end()};
   }
   if (shape.batch > 0) {

@@ -67,7 +67,7 @@ _INV_SQRT_2PI = tl.constexpr(0.39894228040143267794)
 _GELU_TANH_CUBIC = tl.constexpr(0.044715)
 
 
-# ---- activations: the formulas of csrc/activation.h, on fp32 values --------------------------
+# ---- activations: the formulas of csrc/common/activation.h, on fp32 values --------------------------
 
 
 @triton.jit

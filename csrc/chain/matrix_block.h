@@ -1,24 +1,23 @@
 // A 2-D block of a tensor's memory, described by offset, sizes and strides without making a view,
-// and the chain's GEMMs and activations on such blocks (csrc/aten_chain.cpp).
+// and the chain's GEMMs and activations on such blocks (hoisted_chain.cpp).
 //
 // Why: every ATen call on a slice of a tensor needs a view of it, and each view is a TensorImpl
-// made through the dispatcher. At small batch the hoisted chain's views cost as much as its math
-// (vgg5, w = 128, batch 64: ~50 views per forward, ~15 % of its time). On CPU tensors of float32
-// or float64, block_gemm calls PyTorch's BLAS on the blocks' pointers (csrc/cpu/blas.h), or, for
-// a float32 product of at most 16 columns by a transposed weight (the output projection), the
-// AVX2 kernel of csrc/cpu/skinny_product.h; block_activation and block_activation_grad run ReLU,
-// leaky ReLU and identity as plain loops: no view is made. Everywhere else (CUDA tensors, other
-// activations, a PyTorch without the BLAS symbols, SPINAL_OPS_DIRECT_BLAS=0) each block becomes a
-// view for the same ATen call.
+// made through the dispatcher; at small batch the chain's views cost as much as its math (vgg5,
+// w = 128, batch 64: ~50 views per forward, ~15 % of its time). A device's engine (gemm_engine.h) can run a block's
+// product or activation on its pointers without a view; where it does not take the call, the
+// block becomes a view for ATen's call. The figure: `spinal-bench --preset vgg5 --batch 64
+// --backends cpu --threads 1` with SPINAL_OPS_DIRECT_BLAS=0 (every block a view) against without.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
 
-#include "activation.h"
+#include "../common/activation.h"
 
 namespace spinal_ops::chain {
+
+struct GemmEngine;  // gemm_engine.h
 
 struct Block {
   const at::Tensor* base = nullptr;  // whose memory this is; outlives the block
@@ -42,6 +41,11 @@ struct Block {
     return {base, offset + first * row_stride, count, cols, row_stride, col_stride};
   }
   Block t() const { return {base, offset, cols, rows, col_stride, row_stride}; }
+  // Pointer to the block's first element (base must hold T).
+  template <typename T>
+  T* data() const {
+    return base->data_ptr<T>() + offset;
+  }
   // The ATen view of the block.
   at::Tensor view() const {
     return base->as_strided({rows, cols}, {row_stride, col_stride}, base->storage_offset() + offset);
@@ -50,13 +54,16 @@ struct Block {
 
 // c = start + a @ b, where start is c itself (accumulate) or, for the first product of a sum, the
 // bias row broadcast over c's rows (zero without a bias): a sum is built in place without a
-// zero-fill pass.
-void block_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b);
+// zero-fill pass. On the engine's kernel where it takes the call, else at::mm_out / addmm_out.
+void block_gemm(const GemmEngine& engine, const Block& c, bool accumulate, const std::optional<Block>& bias,
+                const Block& a, const Block& b);
 
 // h = phi(z) (h may be z itself), as chain::apply_activation computes it.
-void block_activation(const Block& h, const Block& z, Activation act, double negative_slope);
+void block_activation(const GemmEngine& engine, const Block& h, const Block& z, Activation act,
+                      double negative_slope);
 
 // dz *= phi'(z) in place, as chain::multiply_by_activation_grad computes it (h = phi(z)).
-void block_activation_grad(const Block& dz, const Block& z, const Block& h, Activation act, double negative_slope);
+void block_activation_grad(const GemmEngine& engine, const Block& dz, const Block& z, const Block& h, Activation act,
+                           double negative_slope);
 
 }  // namespace spinal_ops::chain

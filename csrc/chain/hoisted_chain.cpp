@@ -1,5 +1,5 @@
-// The hoisted spinal chain in ATen calls (scheme in aten_chain.h).
-#include "aten_chain.h"
+// The hoisted spinal chain (scheme in hoisted_chain.h).
+#include "hoisted_chain.h"
 
 #include <c10/util/accumulate.h>
 
@@ -8,26 +8,15 @@
 #include <numeric>
 #include <vector>
 
-#include "cpu/narrow_recurrence.h"
 #include "matrix_block.h"
 
 namespace spinal_ops::chain {
 namespace {
 
-// Inference runs row blocks through one reused [rows, L*w] buffer of at most this many elements
-// (but at least kMinBlockRows rows, so that each GEMM still has rows to work with). On a CPU a
-// block of 1M elements stays in cache between the GEMMs that write and read it; on a GPU the
-// blocks are only a memory bound, large enough that a block fills the device.
-constexpr int64_t kCpuInferenceBlockElements = int64_t{1} << 20;
-constexpr int64_t kGpuInferenceBlockElements = int64_t{1} << 26;
+// Inference runs row blocks through one reused [rows, L*w] buffer of at most
+// GemmEngine::inference_block_elements elements, but at least this many rows, so that each GEMM
+// still has rows to work with.
 constexpr int64_t kMinBlockRows = 256;
-// Training on a CPU runs the forward and the backward's dz recurrence in row blocks too, each
-// block's slice of the kept [B, L*w] buffer at most this many elements (512 KB of float32): the
-// activation pass over a slot then reads what the GEMM before it has just written while it is
-// still cached. Over the whole batch, those passes were ~11 % of a vgg5 training step at batch
-// 4096 (1 thread), and blocks of 128 to 1024 rows made the step ~10 % faster; the presets with
-// wider GEMMs (cnn_cifar, resnet_head, cifar_vgg) were even. A GPU runs the whole batch at once.
-constexpr int64_t kCpuTrainingBlockElements = int64_t{1} << 17;
 
 // Rows per block: whole blocks of at most `elements` elements of a [rows, hidden] buffer, at
 // least kMinBlockRows rows, at most the batch.
@@ -35,41 +24,27 @@ int64_t block_rows(int64_t batch, int64_t hidden, int64_t elements) {
   return std::min(batch, std::max(kMinBlockRows, elements / hidden));
 }
 
-// Rows per block of the training forward and of the backward's recurrence.
-int64_t training_block_rows(const SpinalShape& shape, const at::Tensor& x) {
-  return x.is_cpu() ? block_rows(shape.batch, shape.hidden(), kCpuTrainingBlockElements) : shape.batch;
-}
-
-// On a CPU, a GEMM with this many output columns already runs near BLAS peak: grouping layers
-// that wide gains nothing and costs the weights' regrouping copies every call (resnet_head at
-// B = 64: ~25 % of the forward). Narrower layers are grouped (mnist, w = 8: 3x faster input
-// products). cuBLAS launches cost more than the copies, so a GPU always groups.
-constexpr int64_t kCpuWidestGroupedLayer = 255;
-// Layers of 128 <= w <= 255 are grouped from this batch on. Below it, the regrouping copies (the
-// size of W_in, three per training step) cost more than the wider GEMMs save: vgg5 (w = 128) at
-// batch 64 trains ~3 % faster ungrouped, at batch 256 to 1024 the two are even.
-constexpr int64_t kCpuWidestAlwaysGroupedLayer = 127;
-constexpr int64_t kCpuGroupingMinBatch = 512;
-
-// Whether a CPU groups the layers by window (a GPU always does).
-bool cpu_groups_layers(const SpinalShape& shape) {
-  const int64_t w = shape.layer_width;
-  return w <= kCpuWidestAlwaysGroupedLayer || (w <= kCpuWidestGroupedLayer && shape.batch >= kCpuGroupingMinBatch);
+// Rows per block of the training forward and of the backward's recurrence: the engine's
+// training blocks, or the whole batch.
+int64_t training_block_rows(const GemmEngine& engine, const SpinalShape& shape) {
+  return engine.training_block_elements > 0 ? block_rows(shape.batch, shape.hidden(), engine.training_block_elements)
+                                            : shape.batch;
 }
 
 // Layers grouped by the input window they read: group g holds layers g, g+p, g+2p, ... where
 // p = N / gcd(N, s) is the period of the window starts (l*s) mod N. "Slots" number the layers
-// in group-major order. Ungrouped, every layer is its own group (p taken as L): layer order.
+// in group-major order. Where the engine leaves the layers ungrouped, every layer is its own
+// group (p taken as L): layer order.
 struct LayerGroups {
   int64_t num_layers;
   int64_t window_period;  // N / gcd(N, s)
   int64_t period;         // the group stride: window_period, or L when layers are not grouped
   int64_t count;          // number of groups, min(period, L)
 
-  LayerGroups(const SpinalShape& shape, bool is_cpu)
+  LayerGroups(const SpinalShape& shape, const GemmEngine& engine)
       : num_layers(shape.num_layers),
         window_period(shape.in_features / std::gcd(shape.in_features, shape.split_size)),
-        period(is_cpu && !cpu_groups_layers(shape) ? shape.num_layers : window_period),
+        period(engine.groups_layers != nullptr && !engine.groups_layers(shape) ? shape.num_layers : window_period),
         count(std::min(period, shape.num_layers)) {}
 
   int64_t size(int64_t group) const { return (num_layers - group + period - 1) / period; }
@@ -97,7 +72,8 @@ struct LayerGroups {
 // Copies the layer dimension `dim` (size L) of src into dst, from layer order to group-major order
 // (to_group_major) or back, on contiguous CPU tensors of equal shape: one memcpy per layer block.
 // (at::cat of the strided layer slices costs ~10 µs of fixed overhead per call on a CPU, more
-// than all the copies of a small layer: ~4 % of vgg5's training step at batch 64.)
+// than all the copies of a small layer: ~4 % of vgg5's training step at batch 64, `spinal-bench
+// --preset vgg5 --batch 64 --mode train --backends cpu --threads 1` against a build without it.)
 void permute_layers_cpu(at::Tensor& dst, const at::Tensor& src, int64_t dim, const LayerGroups& groups,
                         bool to_group_major) {
   const int64_t outer = c10::multiply_integers(src.sizes().begin(), src.sizes().begin() + dim);
@@ -177,11 +153,10 @@ GroupedParams group_params(const SpinalShape& shape, const LayerGroups& groups, 
   return grouped;
 }
 
-// Narrow layers on a CPU (in the CPU op's compute dtypes): the recurrence as one loop over rows
-// (csrc/cpu/narrow_recurrence.h) instead of two ATen calls per layer.
-bool uses_narrow_recurrence(const SpinalShape& shape, const at::Tensor& x) {
-  const bool compute_dtype = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  return x.is_cpu() && compute_dtype && shape.layer_width <= cpu::kNarrowRecurrenceMaxWidth;
+// Whether the engine runs the whole recurrence as one loop of its own (narrow layers on a CPU:
+// csrc/cpu/narrow_recurrence.h) instead of one GEMM and one activation per layer.
+bool uses_narrow_recurrence(const GemmEngine& engine, const SpinalShape& shape, const at::Tensor& x) {
+  return engine.runs_recurrence != nullptr && engine.runs_recurrence(shape, x.scalar_type());
 }
 
 // The forward on `rows` of x and out. The group GEMMs write the input products into `products`
@@ -193,8 +168,9 @@ bool uses_narrow_recurrence(const SpinalShape& shape, const at::Tensor& x) {
 // * narrow recurrence: one pass over the rows writes z_l to `pre_activation` (when defined, at
 //   the same slot offsets) and h_l over its own slot of `products` (or into out).
 // The projection reads H from `hidden` (or `products` on the narrow path).
-void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const GroupedParams& grouped,
-                  const at::Tensor& x, const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias_out,
+void forward_rows(const GemmEngine& engine, const SpinalShape& shape, const LayerGroups& groups,
+                  const GroupedParams& grouped, const at::Tensor& x, const at::Tensor& weight_hidden,
+                  const std::optional<at::Tensor>& bias_out,
                   Activation act, double negative_slope, const at::Tensor& products, const at::Tensor& hidden,
                   const at::Tensor& pre_activation, at::Tensor out) {
   const int64_t w = shape.layer_width;
@@ -212,34 +188,38 @@ void forward_rows(const SpinalShape& shape, const LayerGroups& groups, const Gro
         grouped.bias ? std::optional<Block>(Block::row(*grouped.bias).columns(first, width)) : std::nullopt;
     bool first_piece = true;
     for (const WindowPiece& piece : window_pieces(shape, g)) {
-      block_gemm(columns, !first_piece, bias, x_block.columns(piece.input_start, piece.length),
+      block_gemm(engine, columns, !first_piece, bias, x_block.columns(piece.input_start, piece.length),
                  weights.columns(piece.weight_start, piece.length).t());
       first_piece = false;
     }
   }
 
   const std::vector<int64_t> slots = groups.slot_offsets(w);
-  if (uses_narrow_recurrence(shape, x)) {
+  if (uses_narrow_recurrence(engine, shape, x)) {
     // h_l goes to its slot (group-major H for the projection) or, without projection, to out.
     std::vector<int64_t> hidden_offsets = slots;
     if (!projection) {
       for (int64_t layer = 0; layer < shape.num_layers; ++layer) hidden_offsets[layer] = layer * w;
     }
-    cpu::narrow_forward_recurrence(products, slots, weight_hidden, act, negative_slope, pre_activation,
-                                   projection ? products : out, hidden_offsets);
-    if (projection) block_gemm(out_block, false, bias_out_block, products_block, Block::of(grouped.weight_out).t());
+    engine.forward_recurrence(products, slots, weight_hidden, act, negative_slope, pre_activation,
+                              projection ? products : out, hidden_offsets);
+    if (projection) {
+      block_gemm(engine, out_block, false, bias_out_block, products_block, Block::of(grouped.weight_out).t());
+    }
     return;
   }
   const Block hidden_block = projection ? Block::of(hidden) : out_block;
   Block previous_hidden;  // h_{l-1}
   for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
     const Block z = products_block.columns(slots[layer], w);
-    if (layer > 0) block_gemm(z, true, std::nullopt, previous_hidden, Block::matrix(weight_hidden, layer - 1).t());
+    if (layer > 0) {
+      block_gemm(engine, z, true, std::nullopt, previous_hidden, Block::matrix(weight_hidden, layer - 1).t());
+    }
     const Block h = hidden_block.columns(projection ? slots[layer] : layer * w, w);
-    block_activation(h, z, act, negative_slope);
+    block_activation(engine, h, z, act, negative_slope);
     previous_hidden = h;
   }
-  if (projection) block_gemm(out_block, false, bias_out_block, hidden_block, Block::of(grouped.weight_out).t());
+  if (projection) block_gemm(engine, out_block, false, bias_out_block, hidden_block, Block::of(grouped.weight_out).t());
 }
 
 // Activations whose derivative is a function of their output (PyTorch's own backward of these
@@ -254,8 +234,9 @@ bool derivative_from_output(Activation act) {
 // projection, for an activation whose derivative is a function of H. The forward then computes
 // the products, z_l and h_l in place in one [B, L*w] buffer (as inference does) and keeps it;
 // the backward needs H for dW_out and dW_hidden anyway, so it neither allocates nor recomputes it.
-bool keeps_hidden(const SpinalShape& shape, const at::Tensor& x, Activation act, bool projection) {
-  return projection && !uses_narrow_recurrence(shape, x) && derivative_from_output(act);
+bool keeps_hidden(const GemmEngine& engine, const SpinalShape& shape, const at::Tensor& x, Activation act,
+                  bool projection) {
+  return projection && !uses_narrow_recurrence(engine, shape, x) && derivative_from_output(act);
 }
 
 }  // namespace
@@ -291,13 +272,14 @@ void multiply_by_activation_grad(at::Tensor dz, const at::Tensor& z, const at::T
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, const at::Tensor& x,
-                                                   const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+std::tuple<at::Tensor, at::Tensor> hoisted_forward(const GemmEngine& engine, const SpinalShape& shape,
+                                                   const at::Tensor& x, const at::Tensor& weight_in,
+                                                   const at::Tensor& weight_hidden,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& weight_out,
                                                    const std::optional<at::Tensor>& bias_out, Activation act,
                                                    double negative_slope, bool keep_pre_activation) {
-  const LayerGroups groups(shape, x.is_cpu());
+  const LayerGroups groups(shape, engine);
   const GroupedParams grouped = group_params(shape, groups, weight_in, bias, weight_out);
   const int64_t batch = shape.batch, hidden = shape.hidden();
   const auto options = x.options();
@@ -309,42 +291,43 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, con
     // writes Z from a scratch products buffer that then holds H.
     at::Tensor saved = at::empty({batch, hidden}, options);
     const bool projection = grouped.weight_out.defined();
-    const bool narrow = uses_narrow_recurrence(shape, x), in_place = keeps_hidden(shape, x, act, projection);
+    const bool narrow = uses_narrow_recurrence(engine, shape, x);
+    const bool in_place = keeps_hidden(engine, shape, x, act, projection);
     // The buffers besides Z: the narrow recurrence's products (which end as H), or H beside Z.
     const at::Tensor products = narrow ? at::empty({batch, hidden}, options) : at::Tensor();
     const at::Tensor hidden_act =
         !narrow && !in_place && projection ? at::empty({batch, hidden}, options) : at::Tensor();
-    const int64_t block = training_block_rows(shape, x);
+    const int64_t block = training_block_rows(engine, shape);
     for (int64_t row = 0; row < batch; row += block) {
       const int64_t rows = std::min(block, batch - row);
       const auto part = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, row, rows) : t; };
       const at::Tensor x_part = part(x), out_part = part(out), saved_part = part(saved);
       if (narrow) {
         const at::Tensor products_part = part(products);
-        forward_rows(shape, groups, grouped, x_part, weight_hidden, bias_out, act, negative_slope, products_part,
-                     products_part, saved_part, out_part);
+        forward_rows(engine, shape, groups, grouped, x_part, weight_hidden, bias_out, act, negative_slope,
+                     products_part, products_part, saved_part, out_part);
       } else {
-        forward_rows(shape, groups, grouped, x_part, weight_hidden, bias_out, act, negative_slope, saved_part,
+        forward_rows(engine, shape, groups, grouped, x_part, weight_hidden, bias_out, act, negative_slope, saved_part,
                      in_place ? saved_part : part(hidden_act), at::Tensor(), out_part);
       }
     }
     return {out, saved};
   }
-  const int64_t block =
-      block_rows(batch, hidden, x.is_cpu() ? kCpuInferenceBlockElements : kGpuInferenceBlockElements);
+  const int64_t block = block_rows(batch, hidden, engine.inference_block_elements);
   if (batch > 0) {
     at::Tensor buffer = at::empty({block, hidden}, options);
     for (int64_t row = 0; row < batch; row += block) {
       const int64_t rows = std::min(block, batch - row);
       const at::Tensor block_buffer = buffer.narrow(0, 0, rows);  // products, then Z and H in place
-      forward_rows(shape, groups, grouped, x.narrow(0, row, rows), weight_hidden, bias_out, act, negative_slope,
+      forward_rows(engine, shape, groups, grouped, x.narrow(0, row, rows), weight_hidden, bias_out, act, negative_slope,
                    block_buffer, block_buffer, at::Tensor(), out.narrow(0, row, rows));
     }
   }
   return {out, at::empty({0}, options)};
 }
 
-std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const SpinalShape& shape,
+                                           const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                                            const at::Tensor& weight_hidden,
                                            const std::optional<at::Tensor>& weight_out, Activation act,
@@ -357,7 +340,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   const int64_t batch = shape.batch, w = shape.layer_width, num_layers = shape.num_layers, hidden = shape.hidden();
 
   // Z, dZ and H = phi(Z) are in group-major order: each layer's z_l, dz_l and h_l in its slot.
-  const LayerGroups groups(shape, x.is_cpu());
+  const LayerGroups groups(shape, engine);
   // Blocks, not views (matrix_block.h).
   const auto slot_columns = [&](const at::Tensor& t, int64_t layer) {
     return Block::of(t).columns(groups.slot(layer) * w, w);
@@ -365,8 +348,8 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
 
   // H: dW_out and dW_hidden read it, and tanh/sigmoid's phi' does (the narrow recurrence rebuilds
   // h from Z for both itself). Where the forward kept H (keeps_hidden), `pre_activation` is H.
-  const bool narrow = uses_narrow_recurrence(shape, x);
-  const bool saved_hidden = keeps_hidden(shape, x, act, projection);
+  const bool narrow = uses_narrow_recurrence(engine, shape, x);
+  const bool saved_hidden = keeps_hidden(engine, shape, x, act, projection);
   const bool need_hidden = (mask[kGradWeightHidden] && !narrow) || (projection && mask[kGradWeightOut]) ||
                            (need_dz && (act == Activation::Tanh || act == Activation::Sigmoid) && !narrow);
   at::Tensor hidden_act;
@@ -379,7 +362,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   if (projection && mask[kGradWeightOut]) {
     const int64_t m = shape.out_features;
     const at::Tensor grad_weight_out = at::empty({m, hidden}, options);  // group-major columns
-    block_gemm(Block::of(grad_weight_out), false, std::nullopt, Block::of(grad_out).t(), Block::of(hidden_act));
+    block_gemm(engine, Block::of(grad_weight_out), false, std::nullopt, Block::of(grad_out).t(), Block::of(hidden_act));
     grads[kGradWeightOut] = to_layer_order(grad_weight_out.view({m, num_layers, w}), 1, groups).view({m, hidden});
   }
   if (projection && mask[kGradBiasOut]) grads[kGradBiasOut] = grad_out.sum(0);
@@ -391,7 +374,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
     const at::Tensor by_layer = weight_out->view({shape.out_features, num_layers, w});
     const at::Tensor grouped_weight_out = to_group_major(by_layer, 1, groups).reshape({shape.out_features, hidden});
     grad_z = at::empty({batch, hidden}, options);
-    block_gemm(Block::of(grad_z), false, std::nullopt, Block::of(grad_out), Block::of(grouped_weight_out));
+    block_gemm(engine, Block::of(grad_z), false, std::nullopt, Block::of(grad_out), Block::of(grouped_weight_out));
   } else {
     // dZ is built in place: a copy of G (to_group_major returns a new tensor unless the order is
     // already layer order, and then G itself).
@@ -401,10 +384,10 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
   }
   if (mask[kGradWeightHidden]) grads[kGradWeightHidden] = at::empty_like(weight_hidden);
   if (narrow) {
-    cpu::narrow_backward_recurrence(grad_z, groups.slot_offsets(w), pre_activation, weight_hidden, act,
-                                    negative_slope, mask[kGradWeightHidden] ? grads[kGradWeightHidden] : at::Tensor());
+    engine.backward_recurrence(grad_z, groups.slot_offsets(w), pre_activation, weight_hidden, act, negative_slope,
+                               mask[kGradWeightHidden] ? grads[kGradWeightHidden] : at::Tensor());
   } else {
-    const int64_t block = training_block_rows(shape, x);
+    const int64_t block = training_block_rows(engine, shape);
     for (int64_t row = 0; row < batch; row += block) {
       const int64_t rows = std::min(block, batch - row);
       const auto slot_rows = [&](const at::Tensor& t, int64_t layer) {
@@ -413,11 +396,13 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
       Block next_dz;  // dz_{l+1}
       for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
         const Block dz = slot_rows(grad_z, layer);
-        if (layer + 1 < num_layers) block_gemm(dz, true, std::nullopt, next_dz, Block::matrix(weight_hidden, layer));
+        if (layer + 1 < num_layers) {
+          block_gemm(engine, dz, true, std::nullopt, next_dz, Block::matrix(weight_hidden, layer));
+        }
         const Block h = hidden_act.defined() ? slot_rows(hidden_act, layer) : Block();
         // With H kept, relu's phi' reads h in place of z: the same mask (derivative_from_output).
         const Block z = saved_hidden ? h : slot_rows(pre_activation, layer);
-        block_activation_grad(dz, z, h, act, negative_slope);
+        block_activation_grad(engine, dz, z, h, act, negative_slope);
         next_dz = dz;
       }
     }
@@ -425,7 +410,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
 
   if (mask[kGradWeightHidden] && !narrow) {
     for (int64_t layer = 1; layer < num_layers; ++layer) {
-      block_gemm(Block::matrix(grads[kGradWeightHidden], layer - 1), false, std::nullopt,
+      block_gemm(engine, Block::matrix(grads[kGradWeightHidden], layer - 1), false, std::nullopt,
                  slot_columns(grad_z, layer).t(), slot_columns(hidden_act, layer - 1));
     }
   }
@@ -439,7 +424,7 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
       const int64_t first = groups.first_slot(g) * w, width = groups.size(g) * w;
       const Block dz = grad_z_block.columns(first, width).t();
       for (const WindowPiece& piece : window_pieces(shape, g)) {
-        block_gemm(Block::of(grouped).row_range(first, width).columns(piece.weight_start, piece.length), false,
+        block_gemm(engine, Block::of(grouped).row_range(first, width).columns(piece.weight_start, piece.length), false,
                    std::nullopt, dz, x_block.columns(piece.input_start, piece.length));
       }
     }
@@ -458,8 +443,9 @@ std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::T
       const Block dz = grad_z_block.columns(first, width);
       const Block weights = Block::of(grouped_weight_in).row_range(first, width);
       for (const WindowPiece& piece : window_pieces(shape, g)) {
-        block_gemm(grad_x_block.columns(piece.input_start, piece.length), !tiles_once || g >= groups.window_period,
-                   std::nullopt, dz, weights.columns(piece.weight_start, piece.length));
+        block_gemm(engine, grad_x_block.columns(piece.input_start, piece.length),
+                   !tiles_once || g >= groups.window_period, std::nullopt, dz,
+                   weights.columns(piece.weight_start, piece.length));
       }
     }
     grads[kGradX] = grad_x;

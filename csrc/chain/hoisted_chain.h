@@ -1,5 +1,6 @@
-// The hoisted spinal chain in ATen calls: one implementation for every device (BLAS on CPU,
-// cuBLAS on CUDA).
+// The hoisted spinal chain: one device-generic implementation; each product runs on the GEMM
+// engine the calling op passes in (gemm_engine.h: ATen's by default, cuBLAS on CUDA; the CPU op's
+// engine calls BLAS and its own kernels on pointers).
 //
 // Only h_{l-1} @ R_l^T is sequential. Everything else is hoisted out of the layer loop into a
 // few large GEMMs:
@@ -20,9 +21,9 @@
 //     place over z_l, so the forward uses one [B, L*w] buffer, and the backward, which needs H
 //     for dW_out and dW_hidden anyway, neither allocates nor recomputes it. (Not on the narrow
 //     recurrence, which rebuilds h from Z row by row.)
-//     On a CPU, layers of w >= 256 are not grouped (a GEMM that wide is efficient alone, and
-//     the copies would cost more than grouping gains), nor are layers of w >= 128 below batch
-//     512: one GEMM per layer, in layer order.
+//     The engine may leave layers ungrouped (GemmEngine::groups_layers: the CPU's does for wide
+//     layers, where a GEMM is efficient alone and the copies would cost more than grouping
+//     gains): then one GEMM per layer, in layer order.
 //   * The output projection is one GEMM on H; its gradients dW_out = G^T H and dH = G W_out are
 //     one GEMM each; dx and dW_in are one GEMM per group (and window piece).
 //
@@ -30,15 +31,17 @@
 // weight_out, bias_out): a frozen backbone pays no dx, frozen spinal weights no weight
 // gradients; a gradient not asked for is returned as an empty [0] tensor. The forward keeps Z
 // only when asked (training); inference runs row blocks through one reused buffer, so its
-// memory is O(B*M + block*L*w) instead of O(B*L*w). On a CPU, training runs the forward and the
-// backward's recurrence in smaller row blocks, so that each activation pass finds its slot
-// still cached from the GEMM that wrote it.
+// memory is O(B*M + block*L*w) instead of O(B*L*w). Where the engine asks for it
+// (GemmEngine::training_block_elements), training runs the forward and the backward's recurrence
+// in row blocks too, so that each activation pass finds its slot still cached from the GEMM that
+// wrote it.
 //
-// The GEMMs and activations work on blocks of the tensors (matrix_block.h): on a CPU they call
-// BLAS on pointers, with no view made per block.
+// The GEMMs and activations work on blocks of the tensors (matrix_block.h), which the engine may
+// run on pointers with no view made per block.
 //
 // Tensors come in the compute dtype (the CPU op upcasts bfloat16 first; cuBLAS computes half
-// types with fp32 accumulation itself) and contiguous.
+// types with fp32 accumulation itself) and contiguous. "The narrow recurrence" below is an
+// engine's own loop for the whole recurrence of narrow layers (GemmEngine::runs_recurrence).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,8 +50,9 @@
 #include <optional>
 #include <tuple>
 
-#include "activation.h"
-#include "spinal_shape.h"
+#include "../common/activation.h"
+#include "../common/spinal_shape.h"
+#include "gemm_engine.h"
 
 namespace spinal_ops::chain {
 
@@ -66,8 +70,9 @@ void multiply_by_activation_grad(at::Tensor dz, const at::Tensor& z, const at::T
 // (out, pre_activation): out is y [B, M] (H [B, L*w] without projection); pre_activation is what
 // hoisted_backward reads, Z or H [B, L*w] in group-major order (see above), when
 // keep_pre_activation, else an empty [0] tensor.
-std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, const at::Tensor& x,
-                                                   const at::Tensor& weight_in, const at::Tensor& weight_hidden,
+std::tuple<at::Tensor, at::Tensor> hoisted_forward(const GemmEngine& engine, const SpinalShape& shape,
+                                                   const at::Tensor& x, const at::Tensor& weight_in,
+                                                   const at::Tensor& weight_hidden,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& weight_out,
                                                    const std::optional<at::Tensor>& bias_out, Activation act,
@@ -75,7 +80,8 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const SpinalShape& shape, con
 
 // (grad_x, grad_weight_in, grad_weight_hidden, grad_bias, grad_weight_out, grad_bias_out); a
 // slot whose mask entry is false holds an empty [0] tensor.
-std::array<at::Tensor, 6> hoisted_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const SpinalShape& shape,
+                                           const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                                            const at::Tensor& weight_hidden,
                                            const std::optional<at::Tensor>& weight_out, Activation act,

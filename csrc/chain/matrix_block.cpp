@@ -1,0 +1,45 @@
+// GEMMs and activations on blocks (see matrix_block.h): the engine's kernel where it takes the
+// call, else ATen's on views of the blocks.
+#include "matrix_block.h"
+
+#include "gemm_engine.h"
+#include "hoisted_chain.h"
+
+namespace spinal_ops::chain {
+namespace {
+
+// The ATen GEMM on views: what every device and dtype can run.
+void aten_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b) {
+  at::Tensor out = c.view();
+  const at::Tensor left = a.view(), right = b.view();
+  if (accumulate) {
+    out.addmm_(left, right);
+  } else if (bias) {
+    at::addmm_out(out, bias->view(), left, right);  // [1, n]: broadcast over the rows
+  } else {
+    at::mm_out(out, left, right);
+  }
+}
+
+}  // namespace
+
+void block_gemm(const GemmEngine& engine, const Block& c, bool accumulate, const std::optional<Block>& bias,
+                const Block& a, const Block& b) {
+  if (engine.gemm != nullptr && engine.gemm(c, accumulate, bias, a, b)) return;
+  aten_gemm(c, accumulate, bias, a, b);
+}
+
+void block_activation(const GemmEngine& engine, const Block& h, const Block& z, Activation act,
+                      double negative_slope) {
+  if (engine.activation != nullptr && engine.activation(h, z, act, negative_slope)) return;
+  apply_activation(h.view(), z.view(), act, negative_slope);
+}
+
+void block_activation_grad(const GemmEngine& engine, const Block& dz, const Block& z, const Block& h, Activation act,
+                           double negative_slope) {
+  if (act == Activation::Identity) return;
+  if (engine.activation_grad != nullptr && engine.activation_grad(dz, z, act, negative_slope)) return;
+  multiply_by_activation_grad(dz.view(), z.view(), h.base ? h.view() : at::Tensor(), act, negative_slope);
+}
+
+}  // namespace spinal_ops::chain

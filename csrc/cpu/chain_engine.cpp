@@ -1,0 +1,188 @@
+// The CPU's engine for the hoisted chain (see chain_engine.h).
+#include "chain_engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "blas.h"
+#include "narrow_recurrence.h"
+#include "skinny_product.h"
+#include "tile_gemm.h"
+
+namespace spinal_ops::cpu {
+namespace {
+
+using chain::Block;
+
+// Inference runs row blocks of a [rows, L*w] buffer of at most this many elements: 1M elements
+// (4 MB of float32) stay in cache between the GEMMs that write and read a block.
+constexpr int64_t kInferenceBlockElements = int64_t{1} << 20;
+// Training runs the forward and the backward's recurrence in row blocks of at most this many
+// elements (512 KB of float32), so that each activation pass reads its slot while it is still
+// cached from the GEMM that wrote it: vgg5 trains ~10 % faster than over the whole batch, the
+// wider presets are even (`spinal-bench --preset vgg5 cnn_cifar resnet_head cifar_vgg --batch 4096
+// --mode train --backends cpu --threads 1`, against a build with this set to 0).
+constexpr int64_t kTrainingBlockElements = int64_t{1} << 17;
+
+// Layers of w above kWidestGroupedLayer are never grouped by window: a GEMM that wide runs near
+// BLAS peak alone, and the weights' regrouping copies cost more than grouping gains (resnet_head,
+// batch 64: ~25 % of the forward). Layers of w up to kWidestAlwaysGroupedLayer are always grouped
+// (mnist, w = 8: 3x faster input products); in between only from batch kGroupingMinBatch on, where
+// the wider GEMMs save more than the copies cost (vgg5, w = 128, batch 64: ~3 % faster
+// ungrouped). Reproduce: `spinal-bench --preset resnet_head vgg5 mnist --batch 64 512 --backends
+// cpu --threads 1` against a build whose groups_layers returns true (or false); the GEMMs alone
+// in both arrangements: `python benchmarks/gemms_alone.py --preset resnet_head vgg5 --batch 64 512`.
+constexpr int64_t kWidestGroupedLayer = 255;
+constexpr int64_t kWidestAlwaysGroupedLayer = 127;
+constexpr int64_t kGroupingMinBatch = 512;
+
+bool groups_layers(const SpinalShape& shape) {
+  const int64_t w = shape.layer_width;
+  return w <= kWidestAlwaysGroupedLayer || (w <= kWidestGroupedLayer && shape.batch >= kGroupingMinBatch);
+}
+
+// Whether a block's rows are contiguous (row-major) or its columns are (a transposed row-major
+// matrix); BLAS reads either.
+bool unit_column_stride(const Block& b) { return b.col_stride == 1 || b.cols <= 1; }
+bool unit_row_stride(const Block& b) { return b.row_stride == 1 || b.rows <= 1; }
+
+// c = bias + a @ b with few columns (b the transpose of a row-major [n, k] matrix: the output
+// projection's W_out^T) on skinny_product.h's kernel, where BLAS is slow. False where it does not
+// apply. Called by direct_gemm_block, which has checked c's and the bias's strides.
+bool skinny_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b) {
+  if (accumulate || c.cols > kSkinnyMaxColumns || !unit_column_stride(a) || b.row_stride != 1) return false;
+  return skinny_product(a.data<float>(), a.row_stride, c.rows, a.cols, b.data<float>(), b.col_stride, c.cols,
+                        bias ? bias->data<float>() : nullptr, c.data<float>(), c.row_stride);
+}
+
+// c = start + a @ b on tile_gemm.h's kernel for the products it runs faster than BLAS
+// (tile_gemm_fits). False where it does not apply. Called by direct_gemm_block, which has checked
+// c's and the bias's strides.
+bool tile_gemm_block(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a,
+                     const Block& b) {
+  if (!tile_gemm_fits(c.rows, c.cols, a.cols)) return false;
+  return tile_gemm(c.rows, c.cols, a.cols, {a.data<float>(), a.row_stride, a.col_stride},
+                   {b.data<float>(), b.row_stride, b.col_stride}, c.data<float>(), c.row_stride, accumulate,
+                   bias ? bias->data<float>() : nullptr);
+}
+
+template <typename T>
+bool direct_gemm_block(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a,
+                       const Block& b) {
+  if (!unit_column_stride(c) || (bias && !unit_column_stride(*bias))) return false;
+  if (!(unit_column_stride(a) || unit_row_stride(a)) || !(unit_column_stride(b) || unit_row_stride(b))) return false;
+  if (!has_direct_gemm(c.base->scalar_type())) return false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (skinny_gemm(c, accumulate, bias, a, b)) return true;
+    if (tile_gemm_block(c, accumulate, bias, a, b)) return true;
+  }
+  const bool a_transposed = !unit_column_stride(a), b_transposed = !unit_column_stride(b);
+  const int64_t lda = a_transposed ? std::max(a.col_stride, a.rows) : std::max(a.row_stride, a.cols);
+  const int64_t ldb = b_transposed ? std::max(b.col_stride, b.rows) : std::max(b.row_stride, b.cols);
+  T* out = c.data<T>();
+  T beta = accumulate ? T(1) : T(0);
+  if (!accumulate && bias) {
+    const T* row = bias->data<T>();
+    for (int64_t i = 0; i < c.rows; ++i) std::memcpy(out + i * c.row_stride, row, c.cols * sizeof(T));
+    beta = T(1);
+  }
+  return direct_gemm<T>(a_transposed, b_transposed, c.rows, c.cols, a.cols, T(1), a.data<T>(), lda, b.data<T>(), ldb,
+                        beta, out, std::max(c.row_stride, c.cols));
+}
+
+bool gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b) {
+  if (!c.base->is_cpu()) return false;
+  switch (c.base->scalar_type()) {
+    case at::kFloat: return direct_gemm_block<float>(c, accumulate, bias, a, b);
+    case at::kDouble: return direct_gemm_block<double>(c, accumulate, bias, a, b);
+    default: return false;
+  }
+}
+
+// (The data pointers are read once: data_ptr checks the dtype on every call, ~1 % of a vgg5
+// training step at batch 64 when read per row.)
+template <typename T>
+void activation_rows(const Block& h, const Block& z, Activation act, T slope) {
+  const T* z_data = z.data<T>();
+  T* h_data = h.data<T>();
+  for (int64_t i = 0; i < z.rows; ++i) {
+    const T* in = z_data + i * z.row_stride;
+    T* out = h_data + i * h.row_stride;
+    switch (act) {
+      // NaN passes through both, as through ATen's clamp_min and leaky_relu.
+      case Activation::ReLU:
+        for (int64_t j = 0; j < z.cols; ++j) out[j] = in[j] < T(0) ? T(0) : in[j];
+        break;
+      case Activation::LeakyReLU:
+        for (int64_t j = 0; j < z.cols; ++j) out[j] = in[j] > T(0) ? in[j] : in[j] * slope;
+        break;
+      default:  // identity
+        if (out != in) std::memcpy(out, in, z.cols * sizeof(T));
+    }
+  }
+}
+
+template <typename T>
+void activation_grad_rows(const Block& dz, const Block& z, Activation act, T slope) {
+  const T* z_data = z.data<T>();
+  T* dz_data = dz.data<T>();
+  for (int64_t i = 0; i < z.rows; ++i) {
+    const T* in = z_data + i * z.row_stride;
+    T* grad = dz_data + i * dz.row_stride;
+    // As ATen's threshold_backward (zero where z <= 0: a NaN z passes the gradient) and
+    // leaky_relu_backward (the slope where z > 0 is false: NaN too).
+    if (act == Activation::ReLU) {
+      for (int64_t j = 0; j < z.cols; ++j) grad[j] = in[j] <= T(0) ? T(0) : grad[j];
+    } else {
+      for (int64_t j = 0; j < z.cols; ++j) grad[j] = in[j] > T(0) ? grad[j] : grad[j] * slope;
+    }
+  }
+}
+
+bool activation(const Block& h, const Block& z, Activation act, double negative_slope) {
+  const bool simple = act == Activation::ReLU || act == Activation::LeakyReLU || act == Activation::Identity;
+  if (!simple || !unit_column_stride(h) || !unit_column_stride(z) || !z.base->is_cpu()) return false;
+  switch (z.base->scalar_type()) {
+    case at::kFloat: activation_rows<float>(h, z, act, static_cast<float>(negative_slope)); return true;
+    case at::kDouble: activation_rows<double>(h, z, act, negative_slope); return true;
+    default: return false;
+  }
+}
+
+bool activation_grad(const Block& dz, const Block& z, Activation act, double negative_slope) {
+  const bool simple = act == Activation::ReLU || act == Activation::LeakyReLU;
+  if (!simple || !unit_column_stride(dz) || !unit_column_stride(z) || !z.base->is_cpu()) return false;
+  switch (z.base->scalar_type()) {
+    case at::kFloat: activation_grad_rows<float>(dz, z, act, static_cast<float>(negative_slope)); return true;
+    case at::kDouble: activation_grad_rows<double>(dz, z, act, negative_slope); return true;
+    default: return false;
+  }
+}
+
+bool runs_recurrence(const SpinalShape& shape, at::ScalarType dtype) {
+  return (dtype == at::kFloat || dtype == at::kDouble) && shape.layer_width <= kNarrowRecurrenceMaxWidth;
+}
+
+chain::GemmEngine make_engine() {
+  chain::GemmEngine engine;
+  engine.gemm = &gemm;
+  engine.activation = &activation;
+  engine.activation_grad = &activation_grad;
+  engine.runs_recurrence = &runs_recurrence;
+  engine.forward_recurrence = &narrow_forward_recurrence;
+  engine.backward_recurrence = &narrow_backward_recurrence;
+  engine.inference_block_elements = kInferenceBlockElements;
+  engine.training_block_elements = kTrainingBlockElements;
+  engine.groups_layers = &groups_layers;
+  return engine;
+}
+
+}  // namespace
+
+const chain::GemmEngine& chain_engine(at::ScalarType dtype) {
+  static const chain::GemmEngine engine = make_engine();
+  return dtype == at::kFloat || dtype == at::kDouble ? engine : chain::aten_engine();
+}
+
+}  // namespace spinal_ops::cpu
