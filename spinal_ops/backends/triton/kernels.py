@@ -409,6 +409,45 @@ def _activation_id(activation: str) -> int:
     return ACTIVATIONS.index(activation)
 
 
+def shape_arguments(x: torch.Tensor, weight_in: torch.Tensor, weight_out: Optional[torch.Tensor],
+                    negative_slope: float) -> tuple[tuple, bool]:
+    """The scalar arguments every kernel of both kernel sets takes, in their order (B, N, s, w, L,
+    M, negative_slope), and whether the layer has an output projection."""
+    num_rows, in_features = x.shape
+    num_layers, width, split_size = weight_in.shape
+    has_out = weight_out is not None
+    out_features = weight_out.shape[0] if has_out else num_layers * width
+    return (num_rows, in_features, split_size, width, num_layers, out_features, float(negative_slope)), has_out
+
+
+def data_gradients(kernel, blocks: dict, grad_out: torch.Tensor, x: torch.Tensor, pre_activation: torch.Tensor,
+                   weight_in: torch.Tensor, weight_hidden: torch.Tensor, weight_out: Optional[torch.Tensor],
+                   common: tuple, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dZ) from backward launch 1 of either kernel set (``kernel``: its data-gradient kernel,
+    one program per BLOCK_B rows)."""
+    stand_in = weight_in  # pointer for absent tensors, never read or written
+    grad_x = torch.empty_like(x)
+    grad_z = torch.empty_like(pre_activation)
+    if x.shape[0] > 0:
+        kernel[(triton.cdiv(x.shape[0], blocks["BLOCK_B"]),)](
+            grad_out, pre_activation, weight_in, weight_hidden if weight_hidden.numel() else stand_in,
+            weight_out if weight_out is not None else stand_in, grad_z, grad_x, *common,
+            HAS_OUT=weight_out is not None, ACTIVATION=act, **blocks,
+        )
+    return grad_x, grad_z
+
+
+def weight_gradient_outputs(x: torch.Tensor, weight_in: torch.Tensor, weight_hidden: torch.Tensor,
+                            weight_out: Optional[torch.Tensor], has_bias: bool,
+                            has_bias_out: bool) -> tuple[torch.Tensor, ...]:
+    """Uninitialised weight gradients (dW_in, dR, db, dW_out, db_out); the unwanted bias ones empty."""
+    num_layers, width, _ = weight_in.shape
+    grad_bias = x.new_empty((num_layers, width) if has_bias else (0,))
+    grad_w_out = torch.empty_like(weight_out) if weight_out is not None else x.new_empty(0)
+    grad_bias_out = x.new_empty(weight_out.shape[0] if has_bias_out else 0)
+    return torch.empty_like(weight_in), torch.empty_like(weight_hidden), grad_bias, grad_w_out, grad_bias_out
+
+
 def spinal_forward(
     x: torch.Tensor,
     weight_in: torch.Tensor,
@@ -456,30 +495,17 @@ def spinal_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Every gradient of the fused op in two launches (data, then weights); see the module docstring.
     ``has_bias`` / ``has_bias_out``: whether the layer-bias / output-bias gradients are wanted."""
-    num_rows, in_features = x.shape
     num_layers, width, split_size = weight_in.shape
-    has_out = weight_out is not None
-    out_features = weight_out.shape[0] if has_out else num_layers * width
+    common, has_out = shape_arguments(x, weight_in, weight_out, negative_slope)
+    out_features = common[5]
     blocks = launch_config(width)
-    common = (num_rows, in_features, split_size, width, num_layers, out_features, float(negative_slope))
     act = _activation_id(activation)
     stand_in = weight_in  # pointer for absent tensors, never read or written
-
-    grad_x = torch.empty_like(x)
-    grad_z = torch.empty_like(pre_activation)
-    if num_rows > 0:
-        _backward_data_kernel[(triton.cdiv(num_rows, blocks["BLOCK_B"]),)](
-            grad_out, pre_activation, weight_in, weight_hidden if weight_hidden.numel() else stand_in,
-            weight_out if has_out else stand_in, grad_z, grad_x, *common,
-            HAS_OUT=has_out, ACTIVATION=act, **blocks,
-        )
-
-    grad_w_in = torch.empty_like(weight_in)
-    grad_w_hidden = torch.empty_like(weight_hidden)
-    grad_bias = x.new_empty((num_layers, width) if has_bias else (0,))
-    grad_w_out = torch.empty_like(weight_out) if has_out else x.new_empty(0)
+    grad_x, grad_z = data_gradients(_backward_data_kernel, blocks, grad_out, x, pre_activation, weight_in,
+                                    weight_hidden, weight_out, common, act)
     has_bias_out = has_bias_out and has_out
-    grad_bias_out = x.new_empty(out_features if has_bias_out else 0)
+    grad_w_in, grad_w_hidden, grad_bias, grad_w_out, grad_bias_out = weight_gradient_outputs(
+        x, weight_in, weight_hidden, weight_out, has_bias, has_bias_out)
     num_tiles = num_layers * triton.cdiv(split_size, blocks["BLOCK_K"]) + num_layers - 1
     if has_out:
         num_tiles += num_layers * triton.cdiv(out_features, blocks["BLOCK_M"])

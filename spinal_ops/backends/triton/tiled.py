@@ -58,7 +58,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _activate, _activate_grad, _activation_id, _hidden_block
+from .kernels import (
+    _activate,
+    _activate_grad,
+    _activation_id,
+    _hidden_block,
+    data_gradients,
+    shape_arguments,
+    weight_gradient_outputs,
+)
 
 # ---- block sizes per GPU generation ------------------------------------------------------------------
 # UNMEASURED: not chosen from timings. Seeded so that `python scripts/triton_aot.py 90` (and 80)
@@ -523,31 +531,19 @@ def spinal_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Every gradient in two launches (data, weights), three when the weight gradients are split
     over rows. ``splits`` overrides row_splits() (tests)."""
-    num_rows, in_features = x.shape
+    num_rows = x.shape[0]
     num_layers, width, split_size = weight_in.shape
-    has_out = weight_out is not None
-    out_features = weight_out.shape[0] if has_out else num_layers * width
+    common, has_out = shape_arguments(x, weight_in, weight_out, negative_slope)
+    out_features = common[5]
     table = block_table(x.device, x.dtype)
     blocks = launch_blocks(table, num_rows)
-    common = (num_rows, in_features, split_size, width, num_layers, out_features, float(negative_slope))
     act = _activation_id(activation)
     stand_in = weight_in  # pointer for absent tensors, never read or written
-
-    grad_x = torch.empty_like(x)
-    grad_z = torch.empty_like(pre_activation)
-    if num_rows > 0:
-        _tiled_backward_data_kernel[(triton.cdiv(num_rows, blocks["BLOCK_B"]),)](
-            grad_out, pre_activation, weight_in, weight_hidden if weight_hidden.numel() else stand_in,
-            weight_out if has_out else stand_in, grad_z, grad_x, *common,
-            HAS_OUT=has_out, ACTIVATION=act, **blocks,
-        )
-
-    grad_w_in = torch.empty_like(weight_in)
-    grad_w_hidden = torch.empty_like(weight_hidden)
-    grad_bias = x.new_empty((num_layers, width) if has_bias else (0,))
-    grad_w_out = torch.empty_like(weight_out) if has_out else x.new_empty(0)
+    grad_x, grad_z = data_gradients(_tiled_backward_data_kernel, blocks, grad_out, x, pre_activation, weight_in,
+                                    weight_hidden, weight_out, common, act)
     has_bias_out = has_bias_out and has_out
-    grad_bias_out = x.new_empty(out_features if has_bias_out else 0)
+    grad_w_in, grad_w_hidden, grad_bias, grad_w_out, grad_bias_out = weight_gradient_outputs(
+        x, weight_in, weight_hidden, weight_out, has_bias, has_bias_out)
     # Workspace segments, one per gradient, in the order of the reduction kernel.
     hidden_segment = grad_w_in.numel()
     bias_segment = hidden_segment + grad_w_hidden.numel()
