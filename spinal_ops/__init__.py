@@ -3,7 +3,7 @@ from ._version import __version__
 from .about import info
 from .activations import ACTIVATIONS
 from .authors import from_spinalnet
-from .config import SpinalConfig, SpinalParams
+from .config import SpinalConfig, SpinalNorm, SpinalParams
 from .dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends, select_backend
 from .functional import spinal_linear
 from .module import SpinalLinear
@@ -16,6 +16,7 @@ __all__ = [
     "BackendUnavailableError",
     "SpinalConfig",
     "SpinalLinear",
+    "SpinalNorm",
     "SpinalParams",
     "Support",
     "available_backends",

@@ -171,6 +171,7 @@ class SpinalConfig:
         split_size: int,
         activation: str = "relu",
         negative_slope: float = 0.01,
+        dropout: float = 0.0,
     ) -> "SpinalConfig":
         """Config implied by packed parameters (functional form); checks every shape."""
         w_in = params.weight_in
@@ -192,6 +193,7 @@ class SpinalConfig:
             activation=activation,
             negative_slope=float(negative_slope),
             bias=params.bias is not None,
+            dropout=dropout,
         )
         config.check_params(params)
         return config

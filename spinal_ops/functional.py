@@ -65,7 +65,10 @@ def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, ba
     stages = None
     if config.has_training_stages:
         if (norm is None) != (config.norm is None):
-            raise ValueError(f"spinal_ops: norm={config.norm!r} needs its batch-norm state, and only it")
+            raise ValueError(
+                f"spinal_ops: a layer with norm={config.norm!r} needs its batch-norm state (SpinalNorm) "
+                "and a layer without norm takes none"
+            )
         if training:
             stages = TrainingStages(draw_seed() if config.dropout > 0 else None, norm)
         else:
@@ -100,18 +103,22 @@ def spinal_linear(
     split_size: int,
     activation: str = "relu",
     negative_slope: float = 0.01,
+    dropout: float = 0.0,
+    training: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Spinal layer on ``x`` of shape [..., N] with the packed parameters of contract §2.
 
     ``weight_in`` [L, w, s], ``weight_hidden`` [L-1, w, w], ``bias`` [L, w] or None,
     ``weight_out`` [M, L*w] or None (then the hidden concatenation [..., L*w] is returned),
-    ``bias_out`` [M] or None.
+    ``bias_out`` [M] or None. ``dropout`` applies when ``training``, as ``F.dropout`` (batch norm,
+    which keeps state, is ``SpinalLinear``'s ``norm="batch"``).
     """
     params = SpinalParams(weight_in, weight_hidden, bias, weight_out, bias_out)
     if x.dim() < 1:
         raise ValueError(f"spinal_ops: input must have at least one dimension, got shape {tuple(x.shape)}")
     config = SpinalConfig.from_params(
-        x.shape[-1], params, split_size=split_size, activation=activation, negative_slope=negative_slope
+        x.shape[-1], params, split_size=split_size, activation=activation, negative_slope=negative_slope,
+        dropout=dropout,
     )
-    return apply_spinal(x, params, config, backend)
+    return apply_spinal(x, params, config, backend, training=training)

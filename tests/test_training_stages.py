@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spinal_ops import BackendUnavailableError, SpinalConfig, SpinalLinear, available_backends
+from spinal_ops import BackendUnavailableError, SpinalConfig, SpinalLinear, available_backends, spinal_linear
 from spinal_ops.dropout import keep_mask, keep_threshold, philox4x32
 
 F64 = torch.float64
@@ -120,6 +120,17 @@ def test_dropout_is_reproducible_under_manual_seed_and_fresh_per_call():
     torch.manual_seed(3)
     assert torch.equal(layer(x), first)
     assert not torch.equal(first, second)
+
+
+def test_functional_dropout_matches_the_module(monkeypatch):
+    torch.manual_seed(2)
+    layer = SpinalLinear(20, 5, layer_width=4, num_layers=3, dropout=0.3)
+    x = torch.randn(16, 20)
+    seed = torch.tensor(42)
+    monkeypatch.setattr("spinal_ops.functional.draw_seed", lambda: seed)
+    got = spinal_linear(x, *layer.params(), split_size=10, dropout=0.3, training=True)
+    assert torch.equal(got, layer(x))
+    assert torch.equal(spinal_linear(x, *layer.params(), split_size=10, dropout=0.3), layer.eval()(x))
 
 
 def test_zero_dropout_and_eval_mode_are_the_plain_layer():
