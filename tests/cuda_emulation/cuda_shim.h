@@ -154,6 +154,8 @@ struct Cta {
   bool parked = false;            // preempted after an atomic: runs again when no other CTA can
   bool spinning = false;          // its last scheduling point was a spin-wait step
   Yield reason = Yield::Blocked;
+  const void* fragment_a[kMaxThreads] = {};  // mma_sync: each lane's A and B fragments
+  const void* fragment_b[kMaxThreads] = {};
   std::vector<ucontext_t> contexts;
   std::vector<FiberState> state;
   std::vector<long> barriers_passed;
@@ -752,8 +754,9 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
   using FA = fragment<matrix_a, M, N, K, TA, LA>;
   using FB = fragment<matrix_b, M, N, K, TB, LB>;
   using FC = fragment<accumulator, M, N, K, float>;
-  static const FA* a_of[emu::kMaxThreads];
-  static const FB* b_of[emu::kMaxThreads];
+  // Per CTA: another CTA may run while this warp is between its two warp barriers.
+  const void** a_of = emu::cta->fragment_a;
+  const void** b_of = emu::cta->fragment_b;
   const int self = emu::thread_idx.x, lane = self % emu::kWarpSize, warp0 = self - lane;
   a_of[self] = &a;
   b_of[self] = &b;
@@ -762,11 +765,11 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
   const auto& order_a = element_order<FA>();
   const auto& order_b = element_order<FB>();
   for (int e = 0; e < M * K; ++e) {
-    const float v = a_of[warp0 + e / FA::num_elements]->x[e % FA::num_elements];
+    const float v = static_cast<const FA*>(a_of[warp0 + e / FA::num_elements])->x[e % FA::num_elements];
     tile_a[order_a[e]] = std::is_same_v<TA, precision::tf32> ? tf32_bits(v) : v;
   }
   for (int e = 0; e < K * N; ++e) {
-    const float v = b_of[warp0 + e / FB::num_elements]->x[e % FB::num_elements];
+    const float v = static_cast<const FB*>(b_of[warp0 + e / FB::num_elements])->x[e % FB::num_elements];
     tile_b[order_b[e]] = std::is_same_v<TB, precision::tf32> ? tf32_bits(v) : v;
   }
   emu::warp_barrier();  // no lane overwrites a fragment another lane still reads
