@@ -11,7 +11,10 @@ emulated_runtime.h):
 - WMMA: per-lane fragments in an element order scrambled per run, ldm and 32-byte alignment of
   every load/store_matrix_sync, store's layout argument, TF32 rounding (the TF32 policy is held
   to its own tolerance);
-- CTAs run in an order shuffled by the seed (several seeds for the split-K reduction);
+- CTAs run concurrently, as many at once as the target holds (shared memory, threads and a register
+  budget per SM), switching at atomics, spin-waits, barrier releases and exits in a schedule drawn
+  from the seed (several seeds for the split-K reduction); spin-waits that can never end fail as a
+  deadlock; stores through GlobalPtr stay invisible to other CTAs until a fence publishes them;
 - the launches of forward.cu/backward.cu go through a fake CUDA runtime that holds them to the
   hardware's rules on each target (sm_80: 163 KB opt-in shared memory, sm_86/89/120: 99 KB,
   sm_90: 227 KB, sm_75: 64 KB and no bf16/TF32 tensor cores): grid limits, dynamic shared memory against the kernel's attribute and the
@@ -21,9 +24,11 @@ emulated_runtime.h):
 
 Seeded bugs the model must catch keep it honest: a removed __syncthreads (each barrier of the
 real kernels in turn), a fragment-order assumption, a misaligned ldm, a read of unwritten
-shared memory and split-K counters not reset.
+shared memory and split-K counters not reset; between CTAs: the barrier or the fence before the
+split-K ticket removed, a ready flag raised before its tile is stored or without a fence, and a
+grid that spin-waits on CTAs that cannot be co-resident.
 
-The seed (fragment orders, CTA order) is printed and appears in every failure; set
+The seed (fragment orders, CTA order, schedule) is printed and appears in every failure; set
 SPINAL_EMU_SEED to replay one. Needs the CUDA headers (cuda_fp16.h) and a C++ compiler; builds
 once per session (~1 min).
 """
@@ -449,8 +454,9 @@ BARRIER_SWEEP = [
 
 def _orders_global_memory_only(site):
     """The barrier after __threadfence in the split-K protocol orders each thread's global partials
-    before thread 0 takes the ticket: an inter-CTA ordering, which the model (CTAs one after
-    another) does not see. compute-sanitizer on a GPU does not see it either."""
+    before thread 0 takes the ticket: an inter-CTA ordering, which only some schedules of the
+    concurrent CTAs expose (compute-sanitizer on a GPU does not see it at all), so this one-seed
+    sweep leaves it to test_removed_sync_before_split_k_ticket_is_caught, over several seeds."""
     path, line = site.rsplit(":", 1)
     with open(path) as source:
         lines = source.read().splitlines()
@@ -521,3 +527,121 @@ def test_split_k_counters_not_reset_are_caught(emulated_ops):
                    batch=600)
     finally:
         emulated_ops.configure(SEED, "", False)
+
+
+# ---- concurrent CTAs: co-residency, the schedule, memory ordering --------------------------
+# The model runs a grid's CTAs concurrently, as many at once as the target holds, switching
+# between them at atomics, spin-waits, barrier releases and exits in an order drawn from the seed
+# (cuda_shim.h). The seeded bugs below are inter-CTA ones: invisible when CTAs run one after
+# another, caught here.
+
+# (device, threads, dynamic smem) -> CTAs per SM: emulated_runtime.h's limits and register budget.
+CTAS_PER_SM = [
+    ("sm_90", 256, 117 * 1024, 1),  # backward launch 1 at its widest (backward_kernels.cuh): smem
+    ("sm_90", 256, 52 * 1024, 3),   # launch 2: 80 registers x 256 threads, 3 x 20480 of 65536
+    ("sm_90", 128, 30 * 1024, 3),   # the narrow kernels: their register cap of 3 CTAs per SM
+    ("sm_75", 128, 28 * 1024, 2),   # T4: 64 KB holds 2 CTAs of NarrowSmem (narrow_kernels.cuh)
+    ("sm_75", 32, 40 * 1024, 1),    # grid_sync below
+    ("sm_86", 256, 0, 3),           # registers; threads (1536) would allow 6
+    ("sm_80", 32, 0, 32),           # the CTA limit per SM
+]
+
+
+@pytest.mark.parametrize("target, threads, smem, expected", CTAS_PER_SM)
+def test_co_residency_per_sm(emulated_ops, target, threads, smem, expected):
+    assert emulated_ops.ctas_per_sm(TARGETS[target], threads, smem) == expected
+
+
+def test_only_co_resident_ctas_run_at_once(emulated_ops):
+    # 100 CTAs of grid_sync on sm_75 (40 SMs x 1): the first 40 wait for each other, so all 40 run
+    # at once; the other 60 start only as those exit, so never more than 40 run.
+    message, most = emulated_ops.sync_kernel("grid_sync", SM75, 100)
+    assert message == "" and most == 40
+    assert list(emulated_ops.last_launch()[:3]) == [100, 40, 40]
+
+
+@pytest.mark.parametrize("grid", [41, 60])
+def test_spin_on_ctas_never_scheduled_is_a_deadlock(emulated_ops, grid):
+    # A grid barrier over more CTAs than fit at once: the resident ones spin forever on CTAs that
+    # cannot start. The model fails with the kernel and the co-residency numbers instead of hanging;
+    # the same kernel over exactly the co-resident count passes.
+    message, _ = emulated_ops.sync_kernel("grid_sync_all", SM75, grid)
+    assert "deadlock: " in message and "GridSyncArgs kernel on sm_75" in message, message
+    assert f"grid of {grid} CTAs, 40 co-resident (40 SMs x 1 CTAs/SM" in message, message
+    assert f"{grid - 40} never started" in message, message
+    assert emulated_ops.sync_kernel("grid_sync_all", SM75, 40) == ("", 40)
+
+
+HANDOFF_SEEDS = 4
+
+
+def test_ready_flag_handoff_between_ctas(emulated_ops):
+    # 32 producer CTAs store a tile, fence, meet at a barrier and raise a ready flag; 32 consumer CTAs
+    # spin on it and read the tile. As written it passes every schedule (seed); each seeded bug fails:
+    #   the fence removed: the stores stay unpublished (the memory model), whatever the schedule;
+    #   the flag raised before the other threads stored (barrier removed): the schedules where a
+    #   producer is parked after its flag and its consumer reads first (about 97% of the seeds with 32
+    #   pairs: tests/cuda_emulation/sync_kernels.h), so it must fail on at least one of the seeds.
+    missed = []
+    try:
+        for seed in range(SEED, SEED + HANDOFF_SEEDS):
+            emulated_ops.configure(seed, "", False)
+            assert emulated_ops.sync_kernel("handoff", SM90, 64) == ("", 64)
+            assert "not stored, or not published" in emulated_ops.sync_kernel("handoff_no_fence", SM90, 64)[0]
+            early = emulated_ops.sync_kernel("handoff_flag_before_tile", SM90, 64)[0]
+            if "not stored, or not published" not in early:
+                assert early == "", early
+                missed.append(seed)
+    finally:
+        emulated_ops.configure(SEED, "", False)
+    assert len(missed) < HANDOFF_SEEDS, f"a flag raised before its tile was stored went unnoticed (seeds {missed})"
+
+
+def _split_k_ticket_sites(ops, dtype, mma, config):
+    """The sites ("file:line", as the model names them) of the fence after the split-K partial stores
+    and of the barrier between it and the ticket, from a split-K run that reaches them."""
+    path = os.path.join(os.path.dirname(HERE), "csrc", "cuda", "backward_kernels.cuh")
+    with open(path) as source:
+        lines = source.read().splitlines()
+    fence = next(i for i, line in enumerate(lines) if "publish the partial before taking a ticket" in line)
+    assert lines[fence].strip().startswith("__threadfence();") and lines[fence + 1].strip() == "__syncthreads();"
+    ops.configure(SEED, "", False)
+    _check(ops, config, dtype, mma, batch=600)
+    sites = [s for s in ops.barrier_sites() if s.endswith(f"backward_kernels.cuh:{fence + 2}")]
+    assert len(sites) == 1, ops.barrier_sites()
+    return sites[0][: -len(str(fence + 2))] + str(fence + 1), sites[0]
+
+
+SPLIT_K_BUG_SEEDS = 2
+
+
+@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
+def test_removed_sync_before_split_k_ticket_is_caught(emulated_ops, policy):
+    # The fence removed: the partials of the CTAs that are not last stay unpublished (the model's
+    # buffered stores: tile_partials is a GlobalPtr), so the last CTA of each tile sums poisoned values
+    # whatever the schedule.
+    # The barrier removed: thread 0 takes the tile's ticket while the CTA's other threads have not
+    # stored their partials; when the schedule lets the last CTA of the tile reduce before they do
+    # (the CTA that took the ticket is parked with probability 1/2), it reads poisoned partials: each
+    # of 20 seeds tried did, so it must on at least one of SPLIT_K_BUG_SEEDS. The kernel as written
+    # passes the same schedules.
+    dtype, mma = POLICIES[policy]
+    config = _policy_config("odd_N_wraps", policy, activation="gelu")
+    fence, barrier = _split_k_ticket_sites(emulated_ops, dtype, mma, config)
+    caught = []
+    try:
+        emulated_ops.configure(SEED, fence, False)
+        with pytest.raises(AssertionError, match="NaN"):
+            _check(emulated_ops, config, dtype, mma, batch=600)
+        for seed in range(SEED, SEED + SPLIT_K_BUG_SEEDS):
+            emulated_ops.configure(seed, barrier, False)
+            try:
+                _check(emulated_ops, config, dtype, mma, batch=600)
+            except AssertionError as error:
+                assert "NaN" in str(error) or "weight" in str(error), str(error)
+                caught.append(seed)
+            emulated_ops.configure(seed, "", False)
+            _check(emulated_ops, config, dtype, mma, batch=600)  # the kernel as written, same schedule
+    finally:
+        emulated_ops.configure(SEED, "", False)
+    assert caught, f"removing {barrier} went unnoticed by seeds {SEED}..{SEED + SPLIT_K_BUG_SEEDS - 1}"

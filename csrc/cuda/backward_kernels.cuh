@@ -299,7 +299,7 @@ __device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
     }
     return;
   }
-  float* tile_partials = p.partials + tile * p.splits * kTileElems;
+  const GlobalPtr<float> tile_partials = p.partials + tile * p.splits * kTileElems;
   for (int idx = threadIdx.x; idx < kTileElems; idx += kThreads) {
     tile_partials[split * kTileElems + idx] = sm.acc_tile[(idx / kTileN) * kAccLd + idx % kTileN];
   }

@@ -56,12 +56,17 @@ enum class Layout { Row, Col };
 
 // A pointer into shared memory. The CPU model of CUDA (tests/cuda_emulation) substitutes a
 // pointer that records every access, for its race and uninitialized-read checks.
+// GlobalPtr: a pointer into global memory that other CTAs read after a fence; the model
+// substitutes one whose stores stay invisible to other CTAs until a fence publishes them.
 #ifdef SPINAL_CUDA_EMULATION
+using emu::GlobalPtr;
 using emu::smem_cast;
 using emu::SmemPtr;
 #else
 template <typename T>
 using SmemPtr = T*;
+template <typename T>
+using GlobalPtr = T*;
 template <typename U, typename T>
 __device__ __forceinline__ U* smem_cast(T* p) {
   return reinterpret_cast<U*>(p);

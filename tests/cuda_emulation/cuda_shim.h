@@ -2,8 +2,39 @@
 // compute-sanitizer and the hardware where there is no GPU. The kernel source itself
 // (csrc/cuda/*_kernel*.cuh) and its host launchers (forward.cu, backward.cu) run on CPU.
 //
-// Execution: each CTA's 256 threads are fibers (ucontext) on one OS thread, run one at a time
-// from barrier to barrier; CTAs run one after another in an order shuffled by the seed.
+// Execution: every thread is a fiber (ucontext) on one OS thread; one fiber runs at a time and
+// hands control back only at a scheduling point, so every interleaving is chosen by the
+// scheduler below from the seed and replays exactly.
+//   CTAs      a launch's CTAs start in an order shuffled by the seed; as many run at once as are
+//             co-resident on the emulated target (emulated_runtime.h: SMs x CTAs per SM from shared
+//             memory, threads and a register budget), the rest start as earlier ones exit. Each
+//             resident CTA has its own shared memory (swapped in when it runs).
+//   threads   within a CTA, fibers run round-robin, each until it blocks at a barrier or warp
+//             collective (as before: from barrier to barrier).
+//   switches  the scheduler moves to another resident CTA only at the scheduling points: after
+//             an atomic that writes (with probability 1/2, and the CTA is then parked), at a
+//             barrier's release (1/16), at a thread's exit (1/16), and always after a spin-wait
+//             step (before atomicAdd(p, 0), an atomic load: so a poll sees what others did
+//             meanwhile and goes on at once; after a failed atomicCAS or another atomic that left
+//             the value as it was; __nanosleep). The next CTA is a random one that neither is parked nor
+//             spins; if there is none, a spinning one or (probability 1/2) a parked one, which is
+//             unparked. So a CTA preempted after publishing something (a ticket, a
+//             flag) is overtaken for long by the others: the schedules that expose a missing
+//             barrier or fence before the atomic are frequent, not a 1-in-256 chance.
+//   deadlock  spin-wait steps with no progress anywhere (no writing atomic, barrier release or
+//             thread exit) beyond spin_budget fail the launch, naming the grid and co-residency:
+//             CTAs spinning on CTAs that can never be scheduled fail instead of hanging.
+// Memory model (global memory):
+//   plain pointers   loads and stores take effect at once, in the order the schedule runs them.
+//   GlobalPtr<T>     stores go to the storing thread's buffer, invisible to other CTAs; a
+//                    __syncthreads moves every thread's buffer into its CTA's (visible to the
+//                    CTA, published by a later fence: PTX's cumulativity), __threadfence publishes
+//                    the caller's buffer and its CTA's, the end of the grid publishes the rest.
+//                    Loads (GlobalPtr, __ldcg) see the thread's own and its CTA's buffered stores,
+//                    else memory. A store released without a fence stays invisible to other CTAs.
+//   atomics          act on memory at once (relaxed: they publish nothing).
+//   not modelled     stale loads (a missing fence on the reading side, L1 staleness), reordering
+//                    of plain-pointer stores, stores of several sizes to one address in a buffer.
 // Checks (a failure raises from the launch, naming kernel, block, threads and smem offset):
 //   racecheck  every shared-memory access (thread, bytes, read/write) between two
 //              __syncthreads is recorded; two accesses by different threads to the same byte,
@@ -21,8 +52,8 @@
 //              layout argument, __float_to_tf32 rounds (to nearest, ties away) and mma_sync
 //              truncates tf32 inputs to 10 mantissa bits as the tensor cores do.
 // The fake CUDA runtime (emulated_runtime.h) checks each launch's configuration.
-// Not modelled: timing, bank conflicts, races and ordering in global memory (within a CTA, and
-// between CTAs, which do not overlap here).
+// Not modelled: timing, bank conflicts, data races in global memory as such (a race shows only
+// through the values the schedule makes the kernel read: outputs and workspaces are poisoned).
 #pragma once
 
 #define SPINAL_CUDA_EMULATION 1
@@ -41,9 +72,11 @@
 #include <random>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <typeinfo>
+#include <unordered_map>
 #include <vector>
 
 // cuda headers map these to (ignored) attributes for host compilers; plain C++ here.
@@ -74,31 +107,73 @@ inline Dim3 thread_idx;  // of the running fiber
 inline Dim3 block_idx;
 inline Dim3 grid_dim;
 
-inline uint64_t seed = 1;  // CTA order and fragment element orders (set per run, printed by the test)
-// Seeded bug for the model's own tests: the __syncthreads at this "file:line" is removed.
+inline uint64_t seed = 1;  // CTA order, schedule and fragment element orders (set per run, printed by the test)
+// Seeded bug for the model's own tests: the __syncthreads or __threadfence at this "file:line" is removed.
 inline std::string removed_barrier;
 inline std::set<std::string> barrier_sites;  // every __syncthreads reached since the last reset
+// Spin-wait steps with no progress anywhere before a launch is declared deadlocked.
+inline long spin_budget = 100000;
 
 constexpr int kMaxThreads = 256;
 constexpr int kWarpSize = 32;
 
-// ---- fibers -------------------------------------------------------------------------------
+// ---- fibers and CTAs ----------------------------------------------------------------------
 
 enum class FiberState { Runnable, AtBarrier, AtWarpBarrier, Done };
+// Why a fiber handed control back to the scheduler.
+enum class Yield { Blocked, Atomic, Spin, Exit };
 
+struct Shadow {  // one per 2-byte granule of smem (the smallest element the kernels store)
+  uint32_t epoch = 0;        // barrier interval of writer/reader
+  uint32_t written = 0;      // CTA stamp when written by the current CTA
+  int16_t writer = -1;       // thread that wrote in this interval
+  int16_t reader = -1;       // thread that read in this interval; -2: several
+};
+
+// A global store not yet visible to other CTAs (the memory model above).
+struct PendingStore {
+  void* address;
+  size_t bytes;
+  uint64_t value;
+};
+using StoreBuffer = std::unordered_map<uintptr_t, PendingStore>;
+
+inline void publish(StoreBuffer& buffer) {
+  for (auto& entry : buffer) std::memcpy(entry.second.address, &entry.second.value, entry.second.bytes);
+  buffer.clear();
+}
+
+// One resident CTA. Slots are reused across CTAs and launches, their buffers with them.
 struct Cta {
-  ucontext_t main_context;
+  unsigned block = 0;
+  int threads = 0, current = 0, cursor = 0, at_barrier = 0, done = 0;
+  int or_accumulator = 0, or_result = 0;
+  int warp_arrived[kMaxThreads / kWarpSize] = {};
+  uint32_t epoch = 0, stamp = 0;  // racecheck interval and initcheck stamp of this CTA
+  bool released = false;          // the fiber that just ran released a barrier
+  bool parked = false;            // preempted after an atomic: runs again when no other CTA can
+  bool spinning = false;          // its last scheduling point was a spin-wait step
+  Yield reason = Yield::Blocked;
+  const void* fragment_a[kMaxThreads] = {};  // mma_sync: each lane's A and B fragments
+  const void* fragment_b[kMaxThreads] = {};
   std::vector<ucontext_t> contexts;
   std::vector<FiberState> state;
   std::vector<long> barriers_passed;
-  int threads = 0, current = 0, at_barrier = 0, done = 0;
-  int or_accumulator = 0, or_result = 0;
-  int warp_arrived[kMaxThreads / kWarpSize] = {};
-  std::function<void()> body;
+  std::vector<StoreBuffer> pending;  // per thread: its buffered global stores
+  StoreBuffer ordered;               // stores before a barrier this CTA passed
+  std::vector<Shadow> shadow;
+  std::vector<unsigned char> smem;   // this CTA's shared memory while another CTA runs
+  std::unique_ptr<char[]> stacks;
+  size_t stack_bytes = 0;
 };
-inline Cta* cta = nullptr;
+inline Cta* cta = nullptr;  // the CTA of the running fiber
+inline ucontext_t scheduler_context;
+inline uint32_t epoch_counter = 1, stamp_counter = 1;
 
-inline void yield_to_scheduler() { swapcontext(&cta->contexts[cta->current], &cta->main_context); }
+inline void yield_to_scheduler(Yield reason) {
+  cta->reason = reason;
+  swapcontext(&cta->contexts[cta->current], &scheduler_context);
+}
 
 // ---- shared-memory checks -----------------------------------------------------------------
 
@@ -106,15 +181,6 @@ inline unsigned char* smem_base = nullptr;  // the kernels' `extern __shared__` 
 inline int64_t smem_capacity = 0;
 inline int64_t smem_bytes = 0;  // dynamic smem of the running launch
 inline std::string kernel_name;
-
-struct Shadow {  // one per 2-byte granule of smem (the smallest element the kernels store)
-  uint32_t epoch = 0;        // barrier interval of writer/reader
-  uint32_t written = 0;      // block stamp when written in the current block
-  int16_t writer = -1;       // thread that wrote in this interval
-  int16_t reader = -1;       // thread that read in this interval; -2: several
-};
-inline std::vector<Shadow> shadow;
-inline uint32_t epoch = 1, block_stamp = 1;
 inline std::string first_error;
 
 inline std::string where() {
@@ -137,9 +203,9 @@ inline void on_smem_access(const void* address, size_t bytes, bool write) {
   }
   const auto self = static_cast<int16_t>(thread_idx.x);
   for (int64_t g = offset / 2; g < (offset + static_cast<int64_t>(bytes) + 1) / 2; ++g) {
-    Shadow& e = shadow[g];
-    if (e.epoch != epoch) {
-      e.epoch = epoch;
+    Shadow& e = cta->shadow[g];
+    if (e.epoch != cta->epoch) {
+      e.epoch = cta->epoch;
       e.writer = e.reader = -1;
     }
     const char* hazard = nullptr;
@@ -152,11 +218,11 @@ inline void on_smem_access(const void* address, size_t bytes, bool write) {
         other = e.reader;
       }
       e.writer = self;
-      e.written = block_stamp;
+      e.written = cta->stamp;
     } else {
       if (e.writer >= 0 && e.writer != self) {
         hazard = "racecheck: read-after-write hazard";
-      } else if (e.written != block_stamp) {
+      } else if (e.written != cta->stamp) {
         hazard = "initcheck: read of shared memory not written by this block";
         other = -1;
       }
@@ -216,6 +282,69 @@ SmemPtr<U> smem_cast(SmemPtr<T> p) {
   return SmemPtr<U>(reinterpret_cast<U*>(p.get()));
 }
 
+// ---- global memory: buffered stores (the memory model above) ------------------------------
+
+template <typename T>
+void global_store(T* address, T value) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+  if (cta == nullptr) {
+    *address = value;
+    return;
+  }
+  PendingStore s{address, sizeof(T), 0};
+  std::memcpy(&s.value, &value, sizeof(T));
+  cta->pending[cta->current][reinterpret_cast<uintptr_t>(address)] = s;
+}
+
+template <typename T>
+T global_load(const T* address) {
+  if (cta != nullptr) {
+    const auto key = reinterpret_cast<uintptr_t>(address);
+    for (const StoreBuffer* buffer : {&cta->pending[cta->current], &cta->ordered}) {
+      const auto hit = buffer->find(key);
+      if (hit != buffer->end()) {
+        T value;
+        std::memcpy(&value, &hit->second.value, sizeof(T));
+        return value;
+      }
+    }
+  }
+  return *address;
+}
+
+template <typename T>
+class GlobalRef {
+ public:
+  explicit GlobalRef(T* p) : p_(p) {}
+  operator T() const { return global_load(p_); }
+  const GlobalRef& operator=(const T& value) const {
+    global_store(p_, value);
+    return *this;
+  }
+
+ private:
+  T* p_;
+};
+
+// A pointer to global memory whose stores follow the model's weak ordering.
+template <typename T>
+class GlobalPtr {
+ public:
+  GlobalPtr(T* p) : p_(p) {}  // NOLINT: implicit, like the raw pointer it stands for
+  T* get() const { return p_; }
+  GlobalPtr operator+(int64_t i) const { return GlobalPtr(p_ + i); }
+  auto operator[](int64_t i) const {
+    if constexpr (std::is_const_v<T>) {
+      return global_load(p_ + i);
+    } else {
+      return GlobalRef<T>(p_ + i);
+    }
+  }
+
+ private:
+  T* p_;
+};
+
 // ---- barriers -----------------------------------------------------------------------------
 
 inline void release_barrier() {
@@ -224,7 +353,12 @@ inline void release_barrier() {
   cta->at_barrier = 0;
   cta->or_result = cta->or_accumulator;
   cta->or_accumulator = 0;
-  ++epoch;  // a new interval for the race check
+  cta->epoch = ++epoch_counter;  // a new interval for the race check
+  cta->released = true;
+  for (StoreBuffer& buffer : cta->pending) {  // the stores before the barrier are ordered before it
+    for (auto& entry : buffer) cta->ordered[entry.first] = entry.second;
+    buffer.clear();
+  }
 }
 
 // __syncthreads() at file:line: every thread of the CTA that has not exited must arrive.
@@ -237,7 +371,7 @@ inline int block_barrier(int predicate, const char* file, int line) {
   cta->or_accumulator |= predicate;
   cta->state[self] = FiberState::AtBarrier;
   if (++cta->at_barrier + cta->done == cta->threads) release_barrier();
-  yield_to_scheduler();
+  yield_to_scheduler(Yield::Blocked);
   return cta->or_result;
 }
 
@@ -251,77 +385,221 @@ inline void warp_barrier() {
     return;
   }
   cta->state[self] = FiberState::AtWarpBarrier;
-  yield_to_scheduler();
+  yield_to_scheduler(Yield::Blocked);
 }
 
+// After an atomic: a scheduling point. One that left the value as it was is a spin-wait step.
+inline void after_atomic(bool wrote) {
+  if (cta != nullptr) yield_to_scheduler(wrote ? Yield::Atomic : Yield::Spin);
+}
+
+inline std::function<void()> body;  // the running launch's kernel
+
 inline void fiber_entry() {
-  cta->body();
+  body();
   cta->state[cta->current] = FiberState::Done;
   ++cta->done;
   if (cta->at_barrier > 0 && cta->at_barrier + cta->done == cta->threads) release_barrier();
+  cta->reason = Yield::Exit;  // returns to the scheduler (uc_link)
 }
 
-// ---- launch -------------------------------------------------------------------------------
+// ---- the scheduler ------------------------------------------------------------------------
 
 constexpr size_t kFiberStack = 128 * 1024;
 
-// Runs kernel() for every CTA of a 1-D grid in a shuffled order, `threads` fibers per CTA, with
-// `dynamic_smem` bytes of poisoned, checked shared memory. Raises on the first check that fails.
+inline std::vector<std::unique_ptr<Cta>> slots;  // one per co-resident CTA
+
+// What the last launch did (for the model's own tests).
+struct LaunchRecord {
+  unsigned grid = 0;
+  unsigned resident_limit = 0;  // CTAs that may run at once
+  unsigned max_resident = 0;    // the most that did
+  long switches = 0;            // moves from one CTA to another
+};
+inline LaunchRecord last_launch;
+
+inline void start_cta(Cta& c, unsigned block, int threads) {
+  c.block = block;
+  c.threads = threads;
+  c.current = c.cursor = c.at_barrier = c.done = c.or_accumulator = c.or_result = 0;
+  std::fill(std::begin(c.warp_arrived), std::end(c.warp_arrived), 0);
+  c.epoch = ++epoch_counter;
+  c.stamp = ++stamp_counter;
+  c.released = c.parked = c.spinning = false;
+  c.state.assign(threads, FiberState::Runnable);
+  c.barriers_passed.assign(threads, 0);
+  c.pending.resize(threads);
+  for (StoreBuffer& buffer : c.pending) buffer.clear();
+  c.ordered.clear();
+  const auto granules = static_cast<size_t>((smem_bytes + 1) / 2);
+  if (c.shadow.size() < granules) c.shadow.resize(granules);  // stale entries carry older stamps
+  c.smem.assign(static_cast<size_t>(smem_bytes), 0xFF);       // NaN in fp32, fp16 and bf16
+  const size_t stack_bytes = static_cast<size_t>(threads) * kFiberStack;
+  if (c.stack_bytes < stack_bytes) {
+    c.stacks.reset(new char[stack_bytes]);
+    c.stack_bytes = stack_bytes;
+  }
+  c.contexts.assign(threads, ucontext_t{});
+  for (int t = 0; t < threads; ++t) {
+    getcontext(&c.contexts[t]);
+    c.contexts[t].uc_stack.ss_sp = c.stacks.get() + static_cast<size_t>(t) * kFiberStack;
+    c.contexts[t].uc_stack.ss_size = kFiberStack;
+    c.contexts[t].uc_link = &scheduler_context;
+    makecontext(&c.contexts[t], fiber_entry, 0);
+  }
+}
+
+// The next runnable thread of c from its cursor on, -1 if none.
+inline int next_runnable(const Cta& c) {
+  for (int i = 0; i < c.threads; ++i) {
+    const int t = (c.cursor + i) % c.threads;
+    if (c.state[t] == FiberState::Runnable) return t;
+  }
+  return -1;
+}
+
+// Runs kernel() for every CTA of a 1-D grid, `threads` fibers per CTA, with `dynamic_smem` bytes
+// of poisoned, checked shared memory per CTA and at most `resident_limit` CTAs at once (0: all;
+// `residency` says where the limit comes from). Raises on the first check that fails.
 template <typename Kernel>
-void launch(const char* name, unsigned blocks, int threads, int64_t dynamic_smem, Kernel kernel) {
+void launch(const char* name, unsigned blocks, int threads, int64_t dynamic_smem, Kernel kernel,
+            unsigned resident_limit = 0, const std::string& residency = "") {
   if (threads > kMaxThreads || threads % kWarpSize != 0) throw std::runtime_error("emu: unsupported block size");
   if (dynamic_smem > smem_capacity) throw std::runtime_error("emu: dynamic smem beyond the model's buffer");
   kernel_name = name;
   grid_dim = Dim3{blocks, 1, 1};
   smem_bytes = dynamic_smem;
-  shadow.assign(static_cast<size_t>((smem_capacity + 1) / 2), Shadow{});
   first_error.clear();
   std::vector<unsigned> order(blocks);
   std::iota(order.begin(), order.end(), 0u);
   std::mt19937_64 rng(seed);
   std::shuffle(order.begin(), order.end(), rng);
+  // The schedule's choices: from the seed and the launch (not from the launches before it, so a
+  // test run alone replays its schedule).
+  std::mt19937_64 pick(seed ^ (std::hash<std::string>{}(name) + 0x9E3779B97F4A7C15ull * (blocks + 1) +
+                               static_cast<uint64_t>(dynamic_smem) * 31 + static_cast<uint64_t>(threads)));
+  const auto coin = [&](unsigned n) { return pick() % n == 0; };
 
-  static std::vector<std::unique_ptr<char[]>> stacks;  // reused across launches
-  while (stacks.size() < static_cast<size_t>(threads)) stacks.emplace_back(new char[kFiberStack]);
-  Cta state;
-  cta = &state;
-  state.threads = threads;
-  state.body = [&] { kernel(); };
-  for (unsigned b : order) {
-    block_idx = Dim3{b, 0, 0};
-    std::memset(smem_base, 0xFF, static_cast<size_t>(smem_capacity));  // NaN in fp32, fp16 and bf16
-    ++block_stamp;
-    ++epoch;
-    state.contexts.assign(threads, ucontext_t{});
-    state.state.assign(threads, FiberState::Runnable);
-    state.barriers_passed.assign(threads, 0);
-    state.at_barrier = state.done = state.or_accumulator = 0;
-    std::fill(std::begin(state.warp_arrived), std::end(state.warp_arrived), 0);
-    for (int t = 0; t < threads; ++t) {
-      getcontext(&state.contexts[t]);
-      state.contexts[t].uc_stack.ss_sp = stacks[t].get();
-      state.contexts[t].uc_stack.ss_size = kFiberStack;
-      state.contexts[t].uc_link = &state.main_context;
-      makecontext(&state.contexts[t], fiber_entry, 0);
+  const unsigned limit = resident_limit == 0 ? blocks : std::min(blocks, resident_limit);
+  while (slots.size() < limit) slots.emplace_back(new Cta);
+  std::vector<Cta*> free_slots, active;
+  for (unsigned i = 0; i < limit; ++i) free_slots.push_back(slots[i].get());
+  std::memset(smem_base, 0xFF, static_cast<size_t>(smem_capacity));
+  body = [&] { kernel(); };
+  StoreBuffer retired;  // buffered stores of exited CTAs: published at the end of the grid
+  last_launch = LaunchRecord{blocks, limit, 0, 0};
+
+  Cta* running = nullptr;  // whose shared memory is in smem_base
+  Cta* chosen = nullptr;
+  unsigned started = 0, finished = 0;
+  long spins = 0;
+  while (first_error.empty()) {
+    while (started < blocks && !free_slots.empty()) {
+      Cta* c = free_slots.back();
+      free_slots.pop_back();
+      start_cta(*c, order[started++], threads);
+      active.push_back(c);
+      spins = 0;
     }
-    while (state.done < threads) {
-      bool progressed = false;
-      for (int t = 0; t < threads; ++t) {
-        if (state.state[t] != FiberState::Runnable) continue;
-        state.current = t;
-        thread_idx = Dim3{static_cast<unsigned>(t), 0, 0};
-        swapcontext(&state.main_context, &state.contexts[t]);
-        progressed = true;
+    if (active.empty()) break;
+    last_launch.max_resident = std::max<unsigned>(last_launch.max_resident, static_cast<unsigned>(active.size()));
+    if (chosen == nullptr) {
+      // A random CTA that can run and neither is parked nor spins; else, with probability 1/2 if
+      // some are parked, one that spins; else one of the parked ones (unparked).
+      const size_t n = active.size();
+      const auto random_runnable = [&](bool parked, bool spinning) -> Cta* {
+        const size_t first = pick() % n;
+        for (size_t i = 0; i < n; ++i) {
+          Cta* c = active[(first + i) % n];
+          if (c->parked == parked && c->spinning == spinning && next_runnable(*c) >= 0) return c;
+        }
+        return nullptr;
+      };
+      chosen = random_runnable(false, false);
+      if (chosen == nullptr) {
+        Cta* parked = random_runnable(true, false);
+        chosen = random_runnable(false, true);
+        if (chosen == nullptr || (parked != nullptr && coin(2))) {
+          chosen = parked;
+          chosen->parked = false;
+        }
       }
-      if (!progressed) {
-        fail("synccheck: deadlock, a barrier that not every thread of the block reaches");
+      if (chosen == nullptr) {  // every resident CTA waits at a barrier (checked after each run: not reached)
+        fail("synccheck: deadlock, no resident CTA can run");
         break;
       }
     }
-    if (!first_error.empty()) break;
+    const int t = next_runnable(*chosen);
+    if (running != chosen) {
+      if (running != nullptr) std::memcpy(running->smem.data(), smem_base, static_cast<size_t>(smem_bytes));
+      std::memcpy(smem_base, chosen->smem.data(), static_cast<size_t>(smem_bytes));
+      running = chosen;
+      ++last_launch.switches;
+    }
+    cta = chosen;
+    chosen->current = t;
+    chosen->released = false;
+    thread_idx = Dim3{static_cast<unsigned>(t), 0, 0};
+    block_idx = Dim3{chosen->block, 0, 0};
+    swapcontext(&scheduler_context, &chosen->contexts[t]);
+
+    bool switch_now = false;
+    switch (chosen->reason) {
+      case Yield::Blocked:
+        chosen->cursor = t + 1;
+        if (chosen->released) switch_now = coin(16);
+        break;
+      case Yield::Atomic:
+        chosen->cursor = t;  // the same thread goes on when its CTA runs again
+        switch_now = chosen->parked = coin(2);
+        break;
+      case Yield::Spin:
+        chosen->cursor = t + 1;
+        switch_now = true;
+        break;
+      case Yield::Exit:
+        chosen->cursor = t + 1;
+        switch_now = coin(16);
+        break;
+    }
+    chosen->spinning = chosen->reason == Yield::Spin;
+    if (chosen->reason == Yield::Spin) {
+      ++spins;
+    } else if (chosen->reason != Yield::Blocked || chosen->released) {
+      spins = 0;  // progress
+    }
+    if (chosen->done == chosen->threads) {  // the CTA exits; its slot takes the next one
+      StoreBuffer& left = chosen->ordered;  // a thread's later stores win over those before a barrier
+      for (StoreBuffer& buffer : chosen->pending) {
+        for (auto& entry : buffer) left[entry.first] = entry.second;
+      }
+      for (auto& entry : left) retired[entry.first] = entry.second;
+      active.erase(std::find(active.begin(), active.end(), chosen));
+      free_slots.push_back(chosen);
+      if (running == chosen) running = nullptr;
+      chosen = nullptr;
+      ++finished;
+      continue;
+    }
+    if (next_runnable(*chosen) < 0) {
+      fail("synccheck: deadlock, a barrier that not every thread of the block reaches");
+      break;
+    }
+    if (spins > spin_budget) {
+      std::ostringstream s;
+      s << "deadlock: " << kernel_name << ": grid of " << blocks << " CTAs, " << limit << " co-resident"
+        << (residency.empty() ? "" : " (" + residency + ")") << "; " << finished << " CTAs finished, "
+        << active.size() << " resident spin-wait with no progress for " << spins << " steps, " << blocks - started
+        << " never started: CTAs spin-waiting on CTAs that cannot be scheduled";
+      fail(s.str());
+      break;
+    }
+    if (switch_now) chosen = nullptr;
   }
+  body = nullptr;
   cta = nullptr;
   if (!first_error.empty()) throw std::runtime_error(first_error + " [seed " + std::to_string(seed) + "]");
+  publish(retired);
 }
 
 }  // namespace emu
@@ -333,14 +611,49 @@ void launch(const char* name, unsigned blocks, int threads, int64_t dynamic_smem
 #define __syncthreads() emu::block_barrier(0, __FILE__, __LINE__)
 #define __syncthreads_or(predicate) emu::block_barrier((predicate), __FILE__, __LINE__)
 
-// Fibers run one at a time: a CTA's global-memory effects are complete before the next starts.
-inline void __threadfence() {}
+namespace emu {
+// __threadfence() at file:line: publishes the caller's buffered stores and those ordered before it
+// by a barrier (cumulativity). A fence at removed_barrier's "file:line" does nothing (a seeded bug).
+inline void thread_fence(const char* file, int line) {
+  if (cta == nullptr || removed_barrier == std::string(file) + ":" + std::to_string(line)) return;
+  publish(cta->pending[cta->current]);
+  publish(cta->ordered);
+}
+}  // namespace emu
+#define __threadfence() emu::thread_fence(__FILE__, __LINE__)
+// Atomics act on memory at once and are scheduling points.
 inline int atomicAdd(int* address, int value) {
+  if (value == 0) {  // an atomic load (a spin-wait's poll): other CTAs run first, then it reads
+    emu::after_atomic(false);
+    return *address;
+  }
   const int old = *address;
   *address = old + value;
+  emu::after_atomic(true);
   return old;
 }
-inline float __ldcg(const float* address) { return *address; }
+inline int atomicSub(int* address, int value) { return atomicAdd(address, -value); }
+inline int atomicExch(int* address, int value) {
+  const int old = *address;
+  *address = value;
+  emu::after_atomic(old != value);
+  return old;
+}
+inline int atomicCAS(int* address, int compare, int value) {
+  const int old = *address;
+  if (old == compare) *address = value;
+  emu::after_atomic(old == compare && value != old);
+  return old;
+}
+inline int atomicMax(int* address, int value) {
+  const int old = *address;
+  if (value > old) *address = value;
+  emu::after_atomic(value > old);
+  return old;
+}
+inline void __nanosleep(unsigned) { emu::after_atomic(false); }  // a spin-wait step
+inline float __ldcg(const float* address) { return emu::global_load(address); }
+inline float __ldcg(emu::GlobalPtr<float> address) { return emu::global_load(address.get()); }
 
 namespace nvcuda {
 namespace wmma {
@@ -441,8 +754,9 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
   using FA = fragment<matrix_a, M, N, K, TA, LA>;
   using FB = fragment<matrix_b, M, N, K, TB, LB>;
   using FC = fragment<accumulator, M, N, K, float>;
-  static const FA* a_of[emu::kMaxThreads];
-  static const FB* b_of[emu::kMaxThreads];
+  // Per CTA: another CTA may run while this warp is between its two warp barriers.
+  const void** a_of = emu::cta->fragment_a;
+  const void** b_of = emu::cta->fragment_b;
   const int self = emu::thread_idx.x, lane = self % emu::kWarpSize, warp0 = self - lane;
   a_of[self] = &a;
   b_of[self] = &b;
@@ -451,11 +765,11 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
   const auto& order_a = element_order<FA>();
   const auto& order_b = element_order<FB>();
   for (int e = 0; e < M * K; ++e) {
-    const float v = a_of[warp0 + e / FA::num_elements]->x[e % FA::num_elements];
+    const float v = static_cast<const FA*>(a_of[warp0 + e / FA::num_elements])->x[e % FA::num_elements];
     tile_a[order_a[e]] = std::is_same_v<TA, precision::tf32> ? tf32_bits(v) : v;
   }
   for (int e = 0; e < K * N; ++e) {
-    const float v = b_of[warp0 + e / FB::num_elements]->x[e % FB::num_elements];
+    const float v = static_cast<const FB*>(b_of[warp0 + e / FB::num_elements])->x[e % FB::num_elements];
     tile_b[order_b[e]] = std::is_same_v<TB, precision::tf32> ? tf32_bits(v) : v;
   }
   emu::warp_barrier();  // no lane overwrites a fragment another lane still reads

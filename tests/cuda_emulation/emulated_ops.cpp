@@ -14,6 +14,7 @@
 
 #include "cuda_shim.h"
 #include "emulated_runtime.h"
+#include "sync_kernels.h"
 // clang-format off: the shim and the runtime come before the kernels
 #include "../../csrc/cuda/backward_kernels.cuh"
 // clang-format on
@@ -247,6 +248,31 @@ std::string seeded_bug(c10::string_view name) {
   TORCH_CHECK(false, "unknown seeded bug ", name);
 }
 
+// ---- inter-CTA synchronisation: sync_kernels.h --------------------------------------------
+
+// [message ("" if the run passed), most CTAs that ran at once] of sync kernel `name` with `grid` CTAs.
+std::tuple<std::string, int64_t> sync_kernel(c10::string_view name, int64_t device, int64_t grid) {
+  emu::target(static_cast<int>(device));
+  const int before = emu::current_device;
+  int64_t most = 0;
+  std::string message = emu_tests::run_sync_kernel(std::string(name), static_cast<int>(device), grid, &most);
+  emu::current_device = before;
+  return {message, most};
+}
+
+// CTAs per SM the model lets run at once on `device` (emulated_runtime.h: ctas_per_sm).
+int64_t ctas_per_sm(int64_t device, int64_t threads, int64_t smem) {
+  return emu::ctas_per_sm(emu::target(static_cast<int>(device)), static_cast<int>(threads), smem);
+}
+
+// The last launch: grid, the CTAs allowed at once, the most that ran at once, CTA switches.
+std::vector<int64_t> last_launch() {
+  const emu::LaunchRecord& r = emu::last_launch;
+  return {r.grid, r.resident_limit, r.max_resident, r.switches};
+}
+
+void set_spin_budget(int64_t budget) { emu::spin_budget = budget; }
+
 }  // namespace
 }  // namespace cuda_kernels
 }  // namespace spinal_ops
@@ -261,4 +287,8 @@ TORCH_LIBRARY(spinal_emu, m) {
   m.def("attribute_sets", &spinal_ops::cuda_kernels::attribute_sets);
   m.def("barrier_sites", &spinal_ops::cuda_kernels::barrier_sites);
   m.def("seeded_bug", &spinal_ops::cuda_kernels::seeded_bug);
+  m.def("sync_kernel", &spinal_ops::cuda_kernels::sync_kernel);
+  m.def("ctas_per_sm", &spinal_ops::cuda_kernels::ctas_per_sm);
+  m.def("last_launch", &spinal_ops::cuda_kernels::last_launch);
+  m.def("set_spin_budget", &spinal_ops::cuda_kernels::set_spin_budget);
 }

@@ -6,13 +6,14 @@
 //   grid.x in [1, 2^31 - 1], grid.y/z in [1, 65535], 1..1024 threads per block;
 //   dynamic smem <= the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize on the device
 //   (48 KB until raised), which cudaFuncSetAttribute may raise up to the device's opt-in maximum.
-// The kernel then runs through emu::launch (cuda_shim.h).
+// The kernel then runs through emu::launch (cuda_shim.h), at most SMs x ctas_per_sm() CTAs at once.
 #pragma once
 
 #include <c10/util/Exception.h>
 #include <cxxabi.h>
 #include <driver_types.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <map>
@@ -33,16 +34,46 @@ struct Target {
   int sm_count;
   int smem_optin;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
   int major, minor;  // compute capability: cudaDevAttrComputeCapabilityMajor / Minor
+  // Per SM (the CUDA programming guide's table of compute capabilities, and the occupancy
+  // calculator's smem reserved per CTA): shared memory, threads, CTAs.
+  int smem_per_sm;       // cudaDevAttrMaxSharedMemoryPerMultiprocessor
+  int threads_per_sm;    // cudaDevAttrMaxThreadsPerMultiProcessor
+  int ctas_per_sm;       // cudaDevAttrMaxBlocksPerMultiprocessor
+  int smem_reserved;     // cudaDevAttrReservedSharedMemoryPerBlock (system use, per CTA)
 };
 // The fake device with index i is targets[i].
 inline const Target targets[] = {
-    {"sm_80", 108, 163 * 1024, 8, 0},   // A100
-    {"sm_86", 84, 99 * 1024, 8, 6},     // RTX 30xx, A10
-    {"sm_89", 58, 99 * 1024, 8, 9},     // L4, RTX 40xx, L40
-    {"sm_90", 132, 227 * 1024, 9, 0},   // H100, H200
-    {"sm_120", 170, 99 * 1024, 12, 0},  // RTX 50xx
-    {"sm_75", 40, 64 * 1024, 7, 5},     // T4: fp16 tensor cores, no bf16 or TF32 ones
+    {"sm_80", 108, 163 * 1024, 8, 0, 164 * 1024, 2048, 32, 1024},   // A100
+    {"sm_86", 84, 99 * 1024, 8, 6, 100 * 1024, 1536, 16, 1024},     // RTX 30xx, A10
+    {"sm_89", 58, 99 * 1024, 8, 9, 100 * 1024, 1536, 24, 1024},     // L4, RTX 40xx, L40
+    {"sm_90", 132, 227 * 1024, 9, 0, 228 * 1024, 2048, 32, 1024},   // H100, H200
+    {"sm_120", 170, 99 * 1024, 12, 0, 100 * 1024, 1536, 32, 1024},  // RTX 50xx
+    {"sm_75", 40, 64 * 1024, 7, 5, 64 * 1024, 1024, 16, 0},         // T4: fp16 tensor cores, no bf16 or TF32 ones
 };
+constexpr int kRegistersPerSm = 65536;  // every target above
+// The register budget the model assumes per thread (the launch does not know the kernel's
+// ptxas count): 80 for 256-thread CTAs (the tile kernels: ptxas -v reports 63..79,
+// backward_kernels.cuh), 168 for 128-thread CTAs (the narrow kernels' cap at 3 CTAs per SM,
+// narrow_kernels.cuh), 64 otherwise (the model's own small kernels).
+inline int registers_per_thread(int threads) { return threads == 256 ? 80 : threads == 128 ? 168 : 64; }
+
+// CTAs of `threads` threads and `smem` bytes of dynamic shared memory that one SM of t holds at
+// once: the least of its CTA, thread, register (allocated per warp in units of 256) and
+// shared-memory limits. `why` gets the numbers.
+inline int ctas_per_sm(const Target& t, int threads, int64_t smem, std::string* why = nullptr) {
+  const int warps = (threads + 31) / 32;
+  const int registers_per_warp = (registers_per_thread(threads) * 32 + 255) / 256 * 256;
+  const int by_threads = t.threads_per_sm / threads;
+  const int by_registers = kRegistersPerSm / (registers_per_warp * warps);
+  const int64_t by_smem = t.smem_per_sm / (smem + t.smem_reserved);
+  const int ctas = static_cast<int>(std::min<int64_t>({t.ctas_per_sm, by_threads, by_registers, by_smem}));
+  if (why != nullptr) {
+    *why = std::to_string(t.sm_count) + " SMs x " + std::to_string(ctas) + " CTAs/SM: " + std::to_string(threads) +
+           " threads, " + std::to_string(registers_per_thread(threads)) + " registers/thread, " + std::to_string(smem) +
+           "+" + std::to_string(t.smem_reserved) + " B smem of " + std::to_string(t.smem_per_sm) + " B/SM";
+  }
+  return ctas;
+}
 constexpr int kDevices = sizeof(targets) / sizeof(targets[0]);
 inline int current_device = 3;
 constexpr int kDefaultMaxDynamicSmem = 48 * 1024;
@@ -140,7 +171,11 @@ cudaError_t cudaLaunchKernel(void (*kernel)(Args), dim3 grid, dim3 block, void**
   inject_fault(a);
   ++emu::launches;
   try {
-    emu::launch(name.c_str(), grid.x, static_cast<int>(block.x), static_cast<int64_t>(smem), [&] { kernel(a); });
+    std::string residency;
+    const int per_sm = emu::ctas_per_sm(t, static_cast<int>(block.x), static_cast<int64_t>(smem), &residency);
+    TORCH_CHECK(per_sm > 0, "emulated CUDA: ", name, " does not fit one SM (", residency, ")");
+    emu::launch(name.c_str(), grid.x, static_cast<int>(block.x), static_cast<int64_t>(smem), [&] { kernel(a); },
+                static_cast<unsigned>(per_sm * t.sm_count), residency);
   } catch (const std::runtime_error& e) {
     TORCH_CHECK(false, "emulated CUDA: ", e.what());
   }
