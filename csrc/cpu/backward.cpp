@@ -18,6 +18,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const SpinalShape shape = check_backward_inputs(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out);
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
+  if (runs_bfloat16_chain(shape, x)) {
+    const std::array<at::Tensor, 6> grads = chain::hoisted_backward(
+        chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+        weight_in.contiguous(), weight_hidden.contiguous(), contiguous(weight_out), act, negative_slope, output_mask);
+    return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+  }
   const at::Tensor x_compute = to_compute(x);
   const at::Tensor grad_out_c = to_compute(grad_out), pre_activation_c = to_compute(pre_activation);
   const at::Tensor weight_in_c = to_compute(weight_in), weight_hidden_c = to_compute(weight_hidden);

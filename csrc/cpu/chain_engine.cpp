@@ -2,7 +2,9 @@
 #include "chain_engine.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <type_traits>
 
 #include "blas.h"
@@ -178,11 +180,29 @@ chain::GemmEngine make_engine() {
   return engine;
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") != 0;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 const chain::GemmEngine& chain_engine(at::ScalarType dtype) {
   static const chain::GemmEngine engine = make_engine();
   return dtype == at::kFloat || dtype == at::kDouble ? engine : chain::aten_engine();
+}
+
+bool native_bf16_gemm() {
+  static const bool enabled = [] {
+    const char* setting = std::getenv("SPINAL_OPS_CPU_BF16_GEMM");
+    if (setting != nullptr && std::string_view(setting) == "0") return false;
+    return cpu_has_avx512_bf16() && at::hasMKLDNN();
+  }();
+  return enabled;
 }
 
 }  // namespace spinal_ops::cpu

@@ -6,11 +6,15 @@
 #include <torch/types.h>
 
 #include "../chain/hoisted_chain.h"
+#include "chain_engine.h"
+#include "narrow_chain.h"
 
 namespace spinal_ops::cpu {
 
-// Kernels compute in float32 or float64; bfloat16 tensors are upcast to float32 on entry and
-// the results rounded once on exit (fp32 accumulation, no bf16 GEMM on CPUs without AVX512-BF16).
+// The CPU narrow chain and the CPU engine compute in float32 or float64; bfloat16 tensors they
+// take are upcast to float32 on entry and the results rounded once on exit (fp32 accumulation).
+// On CPUs that multiply bfloat16 natively the hoisted chain runs on the bfloat16 tensors
+// themselves (runs_bfloat16_chain).
 inline at::ScalarType compute_dtype(at::ScalarType dtype) {
   return dtype == at::kBFloat16 ? at::kFloat : dtype;
 }
@@ -27,6 +31,25 @@ inline at::Tensor to_compute(const at::Tensor& t) {
 
 inline std::optional<at::Tensor> to_compute(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(to_compute(*t)) : std::nullopt;
+}
+
+// Whether this bfloat16 call runs the hoisted chain on its bfloat16 tensors as they are, on
+// ATen's engine (chain::aten_engine: every product an ATen GEMM, i.e. oneDNN's AVX512_BF16/AMX
+// kernels, float32 accumulation inside each GEMM and each bias sum, results rounded to bfloat16
+// as they are stored, as the eager reference stores them), instead of widening to float32: on a
+// CPU that multiplies bfloat16 natively (native_bf16_gemm) and for layers the CPU narrow chain does
+// not take. Measured (AMD EPYC with AVX512_BF16, 1 thread, train step, batch 4096, vgg5):
+// 23 ms against 78 ms widened to float32, and 77 ms for float32 buffers whose products round
+// their operands to bfloat16 for the same GEMMs (the conversions cost as much as the GEMMs save);
+// benchmarks/results/bf16-cpu-amd-epyc.md has every preset.
+inline bool runs_bfloat16_chain(const SpinalShape& shape, const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && native_bf16_gemm() &&
+         !(shape.layer_width <= kNarrowChainMaxWidth && narrow_chain_kernels_run());
+}
+
+inline at::Tensor contiguous(const at::Tensor& t) { return t.contiguous(); }
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
 inline void check_cpu_dtype(const at::Tensor& x) {
