@@ -347,7 +347,7 @@ def test_blas_chain_calls_pytorchs_blas_directly():
 
 
 # bfloat16 on every CPU path (docs/design.md): the narrow chain (the edge cases above, in bfloat16
-# by test_contract_against_float64_reference), and the hoisted chain's regimes, whose products run
+# by test_contract_against_float64_reference), narrow layers at large batch, and the hoisted chain's regimes, whose products run
 # on oneDNN's bfloat16 GEMM where the CPU multiplies bfloat16 natively (cpu_bf16_gemm(); float32
 # kernels elsewhere): grouped and ungrouped wide layers, the tile GEMM's sizes, training row
 # blocks, a projection of few columns (float32 skinny product) and of many.
@@ -358,6 +358,11 @@ BF16_HOISTED_CASES = {
     **{f"tile_{name}": (lambda name=name: tile_gemm_config(name), 37) for name in TILE_GEMM_CASES},
     "grouped_row_blocks": (lambda: make_config(21, 10, num_splits=3, layer_width=128, num_layers=4), 600),
     "projection_of_40_columns": (lambda: make_config(64, 40, layer_width=48, num_layers=3), 70),
+    # Two of the benchmark's presets (docs/contract.md §6): products 128 and 1024 deep, M = 1000.
+    # Narrow layers from batch 2048 on (csrc/cpu/dtypes.h, kBfloat16NarrowChainMaxBatch).
+    "narrow_large_batch": (lambda: make_config(320, 10, layer_width=8, num_layers=6), 2100),
+    "preset_vgg5": (lambda: make_config(256, 10, layer_width=128, num_layers=4), 64),
+    "preset_resnet_head": (lambda: make_config(2048, 1000, layer_width=256, num_layers=4), 32),
 }
 
 
