@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Activation act = parse_activation(activation);
   if (runs_bfloat16_chain(shape, x)) {
     const std::array<at::Tensor, 6> grads = chain::hoisted_backward(
-        chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+        bf16_chain_engine(), shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
         weight_in.contiguous(), weight_hidden.contiguous(), contiguous(weight_out), act, negative_slope, output_mask);
     return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
   }

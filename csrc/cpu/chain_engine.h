@@ -29,4 +29,9 @@ const chain::GemmEngine& chain_engine(at::ScalarType dtype);
 // to float32 and runs this engine.
 bool native_bf16_gemm();
 
+// The engine for the hoisted chain on bfloat16 tensors (runs_bfloat16_chain): ATen's (every
+// product an ATen GEMM on views, oneDNN's bfloat16 kernels on a CPU; every activation ATen's),
+// with the CPU engine's rule for grouping layers by window (wide layers ungrouped).
+const chain::GemmEngine& bf16_chain_engine();
+
 }  // namespace spinal_ops::cpu

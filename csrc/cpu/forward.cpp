@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cpu(const at::Tensor& x, const
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
   if (runs_bfloat16_chain(shape, x)) {
-    return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
+    return chain::hoisted_forward(bf16_chain_engine(), shape, x.contiguous(), weight_in.contiguous(),
                                   weight_hidden.contiguous(), contiguous(bias), contiguous(weight_out),
                                   contiguous(bias_out), act, negative_slope, keep_pre_activation);
   }
