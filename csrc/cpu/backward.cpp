@@ -1,7 +1,8 @@
 // CPU kernel of spinal_ops::native_backward: narrow float32 layers on an AVX2 CPU run the narrow
 // row-tile pass (narrow_chain.h), everything else the hoisted chain's backward
 // (csrc/chain/hoisted_chain.h) on the CPU's GEMM engine (chain_engine.h); both compute only the
-// gradients output_mask asks for.
+// gradients output_mask asks for. bfloat16 takes the path its forward took (dtypes.h:
+// runs_bfloat16_chain): the hoisted chain on the bfloat16 tensors, or float32 after an upcast.
 #include <torch/library.h>
 
 #include "chain_engine.h"
