@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include "cpu/blas.h"
+#include "cpu/chain_engine.h"
 #include "cpu/narrow_chain.h"
 #include "cpu/tile_gemm.h"
 
@@ -35,6 +36,11 @@ PyObject* cpu_tile_gemm(PyObject*, PyObject*) {
   return PyUnicode_FromString(instructions);
 }
 
+PyObject* cpu_bf16_gemm(PyObject*, PyObject*) {
+  if (spinal_ops::cpu::native_bf16_gemm()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether the CUDA kernels were compiled into this build."},
     {"cpu_vector_kernels", cpu_vector_kernels, METH_NOARGS,
@@ -43,6 +49,8 @@ PyMethodDef methods[] = {
      "Whether the hoisted chain calls PyTorch's BLAS directly on CPU tensors (csrc/cpu/blas.h)."},
     {"cpu_tile_gemm", cpu_tile_gemm, METH_NOARGS,
      "The instruction set of the hoisted chain's register-tiled float32 GEMMs here (csrc/cpu/tile_gemm.h), or None."},
+    {"cpu_bf16_gemm", cpu_bf16_gemm, METH_NOARGS,
+     "Whether the CPU op runs bfloat16 calls of the hoisted chain on bfloat16 tensors here (csrc/cpu/dtypes.h)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "spinal_ops compiled ops (registered with torch.library)", -1,

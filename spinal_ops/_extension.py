@@ -141,6 +141,19 @@ def cpu_direct_blas() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_bf16_gemm() -> bool:
+    """Whether the CPU op runs bfloat16 calls of the hoisted chain (layers wider than the narrow
+    chain's, or every layer where the AVX2 kernels are off) on the bfloat16 tensors themselves,
+    each product one of ATen's bfloat16 GEMMs (oneDNN's AVX512_BF16/AMX kernels, float32
+    accumulation inside); where not (no AVX512_BF16, PyTorch without oneDNN,
+    ``SPINAL_OPS_CPU_BF16_GEMM=0``) bfloat16 is widened to float32 for the float32 kernels."""
+    if not _STATUS:
+        return False
+    query = getattr(_compiled(), "cpu_bf16_gemm", None)  # absent from a build older than the query
+    return bool(query()) if query is not None else False
+
+
+@functools.lru_cache(maxsize=None)
 def cuda_kernels_compiled() -> bool:
     """Whether the extension was built with the CUDA kernels (nvcc present at build time)."""
     return bool(_STATUS) and bool(_compiled().cuda_compiled())

@@ -20,7 +20,7 @@ from contract import (
 )
 
 from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
-from spinal_ops._extension import cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
+from spinal_ops._extension import cpu_bf16_gemm, cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
 
 # The edge-case matrix (tests/contract.py) with relu, and every activation on a case whose windows wrap.
 CPU_CASES = [pytest.param(name, "relu", id=name) for name in EDGE_CASES] + [
@@ -344,3 +344,81 @@ def test_blas_chain_on_aten_views():
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="PyTorch without MKL: its BLAS may not export sgemm_")
 def test_blas_chain_calls_pytorchs_blas_directly():
     assert cpu_direct_blas()
+
+
+# bfloat16 on every CPU path (docs/design.md): the narrow chain (the edge cases above, in bfloat16
+# by test_contract_against_float64_reference), narrow layers at large batch, and the hoisted chain's regimes, whose products run
+# on oneDNN's bfloat16 GEMM where the CPU multiplies bfloat16 natively (cpu_bf16_gemm(); float32
+# kernels elsewhere): grouped and ungrouped wide layers, the tile GEMM's sizes, training row
+# blocks, a projection of few columns (float32 skinny product) and of many.
+BF16_HOISTED_CASES = {
+    **{name: (lambda name=name: build(name, "relu"), 5) for name in WIDE_CASES},
+    "wide_gelu": (lambda: build("wide_k2_overlap", "gelu"), 5),
+    "wide_tanh_M_None": (lambda: build("medium_grouped_M_None", "tanh"), 5),
+    **{f"tile_{name}": (lambda name=name: tile_gemm_config(name), 37) for name in TILE_GEMM_CASES},
+    "grouped_row_blocks": (lambda: make_config(21, 10, num_splits=3, layer_width=128, num_layers=4), 600),
+    "projection_of_40_columns": (lambda: make_config(64, 40, layer_width=48, num_layers=3), 70),
+    # Two of the benchmark's presets (docs/contract.md §6): products 128 and 1024 deep, M = 1000.
+    # Narrow layers from batch 2048 on (csrc/cpu/dtypes.h, kBfloat16NarrowChainMaxBatch).
+    "narrow_large_batch": (lambda: make_config(320, 10, layer_width=8, num_layers=6), 2100),
+    "preset_vgg5": (lambda: make_config(256, 10, layer_width=128, num_layers=4), 64),
+    "preset_resnet_head": (lambda: make_config(2048, 1000, layer_width=256, num_layers=4), 32),
+}
+
+
+@pytest.mark.parametrize("name", BF16_HOISTED_CASES)
+def test_bfloat16_hoisted_chain(name):
+    make, batch = BF16_HOISTED_CASES[name]
+    config = make()
+    check_backend("cpu", config, torch.bfloat16, batch_shape=(batch,))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return {flag for line in cpuinfo if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo to read the CPU's flags from")
+def test_bfloat16_gemm_runs_where_the_cpu_multiplies_bfloat16():
+    expected = "avx512_bf16" in _cpu_flags() and torch.backends.mkldnn.is_available()
+    expected = expected and os.environ.get("SPINAL_OPS_CPU_BF16_GEMM") != "0"
+    assert cpu_bf16_gemm() == expected
+
+
+BF16_PATHS_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from contract import case_config, check_backend
+from test_cpu_backend import BF16_HOISTED_CASES
+from spinal_ops._extension import cpu_bf16_gemm, cpu_vector_kernels
+
+print("capability", torch.backends.cpu.get_cpu_capability(), "bf16 gemm", cpu_bf16_gemm(),
+      "vector kernels", cpu_vector_kernels())
+for name in ("k2_groups", "odd_N_wraps", "M_None"):
+    config = case_config(name, activation="gelu", negative_slope=0.1)
+    check_backend("cpu", config, torch.bfloat16, batch_shape=(37,))
+for name in ("wide_k2_overlap", "wide_wraps", "tile_ragged_panels", "grouped_row_blocks"):
+    make, batch = BF16_HOISTED_CASES[name]
+    check_backend("cpu", make(), torch.bfloat16, batch_shape=(batch,))
+print("bf16 paths ok")
+"""
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ATEN_CPU_CAPABILITY": "default"}, {"SPINAL_OPS_CPU_BF16_GEMM": "0"}],
+    ids=["avx2", "default", "float32_engine"],
+)
+def test_bfloat16_paths_under_other_capabilities(env):
+    """PyTorch's AVX2 and portable kernels (narrow layers then run the hoisted chain, on the
+    bfloat16 engine where the CPU has it), and the float32 engine for bfloat16
+    (SPINAL_OPS_CPU_BF16_GEMM=0: what a CPU without AVX512_BF16 runs) meet the same contract."""
+    script = BF16_PATHS_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bf16 paths ok" in result.stdout

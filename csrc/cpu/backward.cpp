@@ -1,7 +1,8 @@
 // CPU kernel of spinal_ops::native_backward: narrow float32 layers on an AVX2 CPU run the narrow
 // row-tile pass (narrow_chain.h), everything else the hoisted chain's backward
 // (csrc/chain/hoisted_chain.h) on the CPU's GEMM engine (chain_engine.h); both compute only the
-// gradients output_mask asks for.
+// gradients output_mask asks for. bfloat16 takes the path its forward took (dtypes.h:
+// runs_bfloat16_chain): the hoisted chain on the bfloat16 tensors, or float32 after an upcast.
 #include <torch/library.h>
 
 #include "chain_engine.h"
@@ -18,6 +19,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const SpinalShape shape = check_backward_inputs(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out);
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
+  if (runs_bfloat16_chain(shape, x)) {
+    const std::array<at::Tensor, 6> grads = chain::hoisted_backward(
+        bf16_chain_engine(), shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+        weight_in.contiguous(), weight_hidden.contiguous(), contiguous(weight_out), act, negative_slope, output_mask);
+    return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
+  }
   const at::Tensor x_compute = to_compute(x);
   const at::Tensor grad_out_c = to_compute(grad_out), pre_activation_c = to_compute(pre_activation);
   const at::Tensor weight_in_c = to_compute(weight_in), weight_hidden_c = to_compute(weight_hidden);

@@ -23,4 +23,15 @@ namespace spinal_ops::cpu {
 // or float64: the CPU engine; anything else: ATen's).
 const chain::GemmEngine& chain_engine(at::ScalarType dtype);
 
+// Whether bfloat16 calls of the hoisted chain run on their bfloat16 tensors (csrc/cpu/dtypes.h,
+// runs_bfloat16_chain): the CPU multiplies bfloat16 natively (AVX512_BF16; AMX-BF16 CPUs have it
+// too), PyTorch has oneDNN, and SPINAL_OPS_CPU_BF16_GEMM is not 0. Elsewhere bfloat16 is widened
+// to float32 and runs this engine.
+bool native_bf16_gemm();
+
+// The engine for the hoisted chain on bfloat16 tensors (runs_bfloat16_chain): ATen's (every
+// product an ATen GEMM on views, oneDNN's bfloat16 kernels on a CPU; every activation ATen's),
+// with the CPU engine's rule for grouping layers by window (wide layers ungrouped).
+const chain::GemmEngine& bf16_chain_engine();
+
 }  // namespace spinal_ops::cpu

@@ -2,8 +2,10 @@
 // row-tile pass (narrow_chain.h); everything else the hoisted chain (csrc/chain/hoisted_chain.h)
 // on the CPU's GEMM engine (chain_engine.h).
 //
-// bfloat16 is upcast to float32 on entry and rounded once on exit. Every ATen call inside is a
-// parallel region over torch.get_num_threads() threads.
+// bfloat16 runs the hoisted chain on the bfloat16 tensors themselves on a CPU that multiplies
+// bfloat16 natively (dtypes.h: runs_bfloat16_chain); elsewhere, and on the narrow chain, it is
+// upcast to float32 on entry and rounded once on exit. Every ATen call inside is a parallel
+// region over torch.get_num_threads() threads.
 #include <torch/library.h>
 
 #include "chain_engine.h"
@@ -23,6 +25,11 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cpu(const at::Tensor& x, const
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   check_cpu_dtype(x);
   const Activation act = parse_activation(activation);
+  if (runs_bfloat16_chain(shape, x)) {
+    return chain::hoisted_forward(bf16_chain_engine(), shape, x.contiguous(), weight_in.contiguous(),
+                                  weight_hidden.contiguous(), contiguous(bias), contiguous(weight_out),
+                                  contiguous(bias_out), act, negative_slope, keep_pre_activation);
+  }
   const at::Tensor x_compute = to_compute(x);
   const at::Tensor weight_in_c = to_compute(weight_in), weight_hidden_c = to_compute(weight_hidden);
   const auto bias_c = to_compute(bias), weight_out_c = to_compute(weight_out), bias_out_c = to_compute(bias_out);
