@@ -2,7 +2,7 @@
 layer and the dense layer at batch 64 (the calls whose time the host, not the GPU, decides), then
 the host time of one forward op call split into its parts.
 
-    python scripts/host_profile.py [--preset mnist vgg5] [--batch 64] [--steps 50] [--device cuda]
+    python scripts/host_profile.py [--preset mnist vgg5] [--batch 64] [--steps 50] [--device cuda] [--dtype bfloat16]
 
 Per preset and mode: the median step time (spinal_ops.bench's timer) and the operators with the
 most CPU time over `--steps` profiled steps, self and total. Then, per preset, host microseconds
@@ -27,7 +27,7 @@ from spinal_ops.bench.presets import PRESETS
 from spinal_ops.bench.timing import median_seconds
 from spinal_ops.bench.workloads import dense_baseline, make_step, spinal_layer
 
-DTYPE = torch.bfloat16
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def host_microseconds(fn: Callable[[], object], device: torch.device, calls: int = 2000) -> float:
@@ -45,14 +45,15 @@ def host_microseconds(fn: Callable[[], object], device: torch.device, calls: int
     return elapsed / calls * 1e6
 
 
-def split_forward_call(name: str, batch: int, device: torch.device) -> None:
+def split_forward_call(name: str, batch: int, device: torch.device, dtype: torch.dtype) -> None:
     config = PRESETS[name]
-    layer = spinal_layer(config, device.type, DTYPE, device)
+    layer = spinal_layer(config, device.type, dtype, device)
+    dense = dense_baseline(config, dtype, device)
     weights = [p.detach() for p in (layer.weight_in, layer.weight_hidden, layer.bias, layer.weight_out,
                                     layer.bias_out)]
     native_forward = torch.ops.spinal_ops.native_forward.default
-    empty = torch.randn(0, config.in_features, device=device, dtype=DTYPE)
-    rows = torch.randn(batch, config.in_features, device=device, dtype=DTYPE)
+    empty = torch.randn(0, config.in_features, device=device, dtype=dtype)
+    rows = torch.randn(batch, config.in_features, device=device, dtype=dtype)
 
     def forward(x: torch.Tensor, keep: bool) -> Callable[[], object]:
         return lambda: native_forward(x, *weights, config.activation, config.negative_slope, False, keep)
@@ -60,31 +61,40 @@ def split_forward_call(name: str, batch: int, device: torch.device) -> None:
     cases = {
         "a trivial op of ours (cuda_tile_kernel_max_width)": torch.ops.spinal_ops.cuda_tile_kernel_max_width,
         f"torch.empty({batch}, {config.output_features})": (
-            lambda: torch.empty(batch, config.output_features, device=device, dtype=DTYPE)),
+            lambda: torch.empty(batch, config.output_features, device=device, dtype=dtype)),
         "native_forward, empty batch": forward(empty, False),
         f"native_forward, {batch} rows": forward(rows, False),
         f"native_forward, {batch} rows, Z kept": forward(rows, True),
         f"layer(x), {batch} rows": lambda: layer(rows),
+        f"dense head(x), {batch} rows": lambda: dense(rows),
     }
     if device.type == "cuda":  # the other path's host cost, and one device-attribute query
         hoisted_forward = torch.ops.spinal_ops.hoisted_forward.default
         cases[f"hoisted_forward, {batch} rows"] = (
             lambda: hoisted_forward(rows, *weights, config.activation, config.negative_slope, False, False))
         cases["cuda_tile_kernel_width_limit (a device attribute query)"] = (
-            lambda: torch.ops.spinal_ops.cuda_tile_kernel_width_limit(0, DTYPE, False))
-    print(f"\n=== {name}: host time per call ({device.type}, {DTYPE}, no_grad)", flush=True)
+            lambda: torch.ops.spinal_ops.cuda_tile_kernel_width_limit(0, dtype, False))
+    print(f"\n=== {name}: host time per call ({device.type}, {dtype}, no_grad)", flush=True)
+    times = {}
     with torch.no_grad():
         for label, fn in cases.items():
-            print(f"  {label:60s} {host_microseconds(fn, device):8.1f} us", flush=True)
+            times[label] = host_microseconds(fn, device)
+            print(f"  {label:60s} {times[label]:8.1f} us", flush=True)
+    # The module call's layers: its Python (module, selection, checks), the dispatcher (what a
+    # trivial op of ours costs), the op's C++ (checks, allocation and, on a CPU, the math).
+    op = times[f"native_forward, {batch} rows"]
+    dispatcher = times["a trivial op of ours (cuda_tile_kernel_max_width)"]
+    print(f"  layer(x) = Python {times[f'layer(x), {batch} rows'] - op:.1f} + dispatcher {dispatcher:.1f} "
+          f"+ op {op - dispatcher:.1f} us; the dense head {times[f'dense head(x), {batch} rows']:.1f} us", flush=True)
 
 
-def profile_steps(name: str, batch: int, steps: int, rows: int, device: torch.device) -> None:
+def profile_steps(name: str, batch: int, steps: int, rows: int, device: torch.device, dtype: torch.dtype) -> None:
     config = PRESETS[name]
-    models = {device.type: spinal_layer(config, device.type, DTYPE, device),
-              "dense": dense_baseline(config, DTYPE, device)}
+    models = {device.type: spinal_layer(config, device.type, dtype, device),
+              "dense": dense_baseline(config, dtype, device)}
     for mode in ("infer", "train"):
         for impl, model in models.items():
-            step = make_step(model, config, batch, mode, DTYPE, device)
+            step = make_step(model, config, batch, mode, dtype, device)
             seconds = median_seconds(step, device, 0.2)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
@@ -103,13 +113,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--rows", type=int, default=12, help="operators listed per case")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--split-only", action="store_true", help="skip the profiled steps (for A/B runs)")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     for name in args.preset if not args.split_only else ():
-        profile_steps(name, args.batch, args.steps, args.rows, device)
+        profile_steps(name, args.batch, args.steps, args.rows, device, dtype)
     for name in args.preset:
-        split_forward_call(name, args.batch, device)
+        split_forward_call(name, args.batch, device, dtype)
     return 0
 
 

@@ -3,6 +3,9 @@ the report and the goals."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -414,3 +417,18 @@ def test_markdown_report_names_the_authors_heads_and_savings():
     assert ("| preset | baseline | spinal params | authors_dense params | authors_dense/spinal | spinal FLOP/row | "
             "authors_dense FLOP/row | params saved | FLOPs saved |") in table
     assert "| mnist | 320-50-10 | 8.54k | 16.6k | 1.9x | 15.6M | 62.5M | 48% | 75% |" in table
+
+
+def test_host_profile_splits_one_call_into_its_layers():
+    # scripts/host_profile.py runs on a CPU and reports the module call at B = 1 split into Python,
+    # dispatcher and op, beside the dense head's (a smoke run: the script must not rot).
+    if not available_backends()["cpu"]:
+        pytest.skip("the cpu backend is not built here")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "host_profile.py"
+    result = subprocess.run([sys.executable, str(script), "--device", "cpu", "--preset", "mnist", "--batch", "1",
+                             "--split-only", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (summary,) = [line for line in result.stdout.splitlines() if line.strip().startswith("layer(x) = Python")]
+    assert "(cpu, torch.float32, no_grad)" in result.stdout
+    pattern = r"Python -?[\d.]+ \+ dispatcher [\d.]+ \+ op -?[\d.]+ us; the dense head [\d.]+ us"
+    assert re.search(pattern, summary), summary
