@@ -105,10 +105,8 @@ def from_spinal_head(
         kwargs["dropout"] = _head_dropout(state_dict, prefix, [*blocks, "fc_out"])
     layers, batchnorms = [], []
     for block in blocks:
-        linear, batchnorm = _sequential_block(state, prefix, block, batchnorm_eps)
-        if batchnorm is not None and isinstance(state_dict, nn.Module):
-            module_norm = state_dict.get_submodule(f"{prefix}{block}.{_child_index(state, prefix, block)}")
-            batchnorm.eps, batchnorm.momentum = module_norm.eps, module_norm.momentum
+        module = state_dict if isinstance(state_dict, nn.Module) else None
+        linear, batchnorm = _sequential_block(state, prefix, block, batchnorm_eps, module)
         layers.append(linear)
         batchnorms.append(batchnorm)
     output, output_batchnorm = _sequential_block(state, prefix, "fc_out", batchnorm_eps)
@@ -214,12 +212,13 @@ def _numbered(state: StateDict, prefix: str, stem: str, first: int) -> list[nn.L
 
 
 def _sequential_block(
-    state: StateDict, prefix: str, block: str, batchnorm_eps: float
+    state: StateDict, prefix: str, block: str, batchnorm_eps: float, module: Optional[nn.Module] = None
 ) -> tuple[nn.Linear, Optional[nn.BatchNorm1d]]:
     """The Linear and the optional BatchNorm1d after it in ``nn.Sequential`` ``block``.
 
     Dropout and activations hold no state; BatchNorm1d is recognised by its running_mean, the
-    Linear by its 2-D weight.
+    Linear by its 2-D weight. From the ``module`` the state came from, the BatchNorm1d keeps its
+    own eps and momentum (which a state_dict does not hold).
     """
     base = f"{prefix}{block}."
     children = {key[len(base):].split(".")[0] for key in state if key.startswith(base)}
@@ -243,18 +242,14 @@ def _sequential_block(
     batchnorm = nn.BatchNorm1d(
         mean.shape[0], eps=batchnorm_eps, affine=f"{key}.weight" in state, device=mean.device, dtype=mean.dtype
     )
+    if module is not None:
+        source = module.get_submodule(key)
+        batchnorm.eps, batchnorm.momentum = source.eps, source.momentum
     with torch.no_grad():
         for name in ("running_mean", "running_var", "weight", "bias", "num_batches_tracked"):
             if getattr(batchnorm, name) is not None and f"{key}.{name}" in state:
                 getattr(batchnorm, name).copy_(state[f"{key}.{name}"])
     return linear, batchnorm.eval()
-
-
-def _child_index(state: StateDict, prefix: str, block: str) -> int:
-    """Index of the BatchNorm1d inside ``nn.Sequential`` ``block`` (the child with running_mean)."""
-    base = f"{prefix}{block}."
-    (index,) = {key[len(base):].split(".")[0] for key in state if key.startswith(base) and key.endswith(".running_mean")}
-    return int(index)
 
 
 def _head_dropout(module: nn.Module, prefix: str, blocks: list[str]) -> float:
