@@ -5,7 +5,6 @@ shapes, column windows, validation and analytic cost from here (docs/contract.md
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
@@ -213,7 +212,6 @@ class SpinalConfig:
             return self
         return replace(self, dropout=0.0, norm=None, bias=self.bias or self.norm is not None)
 
-    @functools.cached_property  # a frozen config: computed once, on the first call that drops
     def dropout_sites(self) -> tuple[tuple[tuple[int, int], ...], int, int]:
         """Where each dropout site of one row starts (contract §1): per layer (x window start,
         h_{l-1} start or -1), the projection input's start (-1 without one), and D, the sites per row."""

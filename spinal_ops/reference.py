@@ -38,7 +38,8 @@ def hidden_states(x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
     norm, on a 2-D input)."""
     seed = None if stages is None else stages.dropout_seed
     norm = None if stages is None else stages.norm
-    site_starts, _, sites_per_row = config.dropout_sites
+    # Only a call that drops reads the sites (a plain call, the common one, skips the loop over L).
+    site_starts, _, sites_per_row = config.dropout_sites() if seed is not None else ((), 0, 0)
     momentum = 0.0
     if norm is not None:
         norm.num_batches_tracked.add_(1)
@@ -70,6 +71,6 @@ def spinal_forward(x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
     if params.weight_out is None:
         return hidden
     if stages is not None and stages.dropout_seed is not None:
-        _, projection_start, sites_per_row = config.dropout_sites
+        _, projection_start, sites_per_row = config.dropout_sites()
         hidden = dropped(hidden, stages.dropout_seed, projection_start, sites_per_row, config.dropout)
     return F.linear(hidden, params.weight_out, params.bias_out)

@@ -57,8 +57,8 @@ def test_dropout_sites_follow_the_contract():
     # N = 6, s = 3, w = 2, L = 3, M = 4: layer 0 reads 3 sites, layers 1, 2 read 3 + 2, the
     # projection 6: D = 19.
     config = SpinalConfig.build(6, 4, layer_width=2, num_layers=3, dropout=0.5)
-    assert config.dropout_sites == (((0, -1), (3, 6), (8, 11)), 13, 19)
-    assert SpinalConfig.build(6, None, layer_width=2, num_layers=3).dropout_sites == (((0, -1), (3, 6), (8, 11)), -1, 13)
+    assert config.dropout_sites() == (((0, -1), (3, 6), (8, 11)), 13, 19)
+    assert SpinalConfig.build(6, None, layer_width=2, num_layers=3).dropout_sites() == (((0, -1), (3, 6), (8, 11)), -1, 13)
 
 
 # ---- dropout in the layer ---------------------------------------------------------------------
