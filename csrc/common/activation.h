@@ -8,11 +8,8 @@
 #include <string_view>
 #include <type_traits>
 
-#if defined(__CUDACC__)
-#define SPINAL_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define SPINAL_HOST_DEVICE inline
-#endif
+#include "host_device.h"
+
 
 namespace spinal_ops {
 
