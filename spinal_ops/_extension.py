@@ -3,7 +3,8 @@
 setup.py writes ``spinal_ops/_build_info.py`` when it builds the package. It is read here before
 ``_C`` is loaded, so that a torch upgrade after the build shows up as a clear message naming both
 versions instead of an undefined-symbol error from ``_C``. Loading ``_C`` defines the compiled op
-pairs (``native_*``, ``hoisted_*``); this module gives them their fake kernels. If ``_C`` is
+pairs (``native_*``, ``hoisted_*``, ``normed_*``); this module gives them their fake kernels (the
+normed pair's autograd is registered by backends/normed.py). If ``_C`` is
 missing or was built for another torch, spinal_ops still works with the reference (and triton)
 backends and ``extension_status()`` says why.
 """
@@ -17,7 +18,16 @@ from typing import Optional
 
 import torch
 
-from .ops import BACKWARD_SCHEMA, FORWARD_SCHEMA, fake_backward, fake_forward
+from .ops import (
+    BACKWARD_SCHEMA,
+    FORWARD_SCHEMA,
+    NORMED_BACKWARD_SCHEMA,
+    NORMED_FORWARD_SCHEMA,
+    fake_backward,
+    fake_forward,
+    fake_normed_backward,
+    fake_normed_forward,
+)
 from .support import Support
 
 COMPILED_PAIRS = ("native", "hoisted")
@@ -65,13 +75,14 @@ def extension_torch_mismatch() -> str:
 def compiled_schema_mismatches(forward_schema: str = FORWARD_SCHEMA, backward_schema: str = BACKWARD_SCHEMA) -> list[str]:
     """The compiled ops whose schemas differ from these strings (an in-place build left over from
     other sources would otherwise fail on its first call)."""
-    expected = {"forward": forward_schema, "backward": backward_schema}
+    expected = {f"{pair}_{direction}": schema for pair in COMPILED_PAIRS
+                for direction, schema in (("forward", forward_schema), ("backward", backward_schema))}
+    expected.update(normed_forward=NORMED_FORWARD_SCHEMA, normed_backward=NORMED_BACKWARD_SCHEMA)
     return [
-        f"{pair}_{direction}"
-        for pair in COMPILED_PAIRS
-        for direction, schema in expected.items()
-        if getattr(torch.ops.spinal_ops, f"{pair}_{direction}").default._schema
-        != torch._C.parse_schema(f"spinal_ops::{pair}_{direction}{schema}")
+        name
+        for name, schema in expected.items()
+        if not hasattr(torch.ops.spinal_ops, name)
+        or getattr(torch.ops.spinal_ops, name).default._schema != torch._C.parse_schema(f"spinal_ops::{name}{schema}")
     ]
 
 
@@ -101,6 +112,8 @@ def _load() -> Support:
     for pair in COMPILED_PAIRS:  # their autograd is registered by _C (csrc/autograd.cpp)
         torch.library.register_fake(f"spinal_ops::{pair}_forward")(fake_forward)
         torch.library.register_fake(f"spinal_ops::{pair}_backward")(fake_backward)
+    torch.library.register_fake("spinal_ops::normed_forward")(fake_normed_forward)
+    torch.library.register_fake("spinal_ops::normed_backward")(fake_normed_backward)
     return Support.yes()
 
 

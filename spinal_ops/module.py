@@ -80,8 +80,9 @@ class SpinalLinear(nn.Module):
             # parameters' dtype, as BatchNorm1d keeps them).
             rows = (self.config.num_layers, self.config.layer_width)
             affine = self.config.norm_affine
-            self.norm_weight = nn.Parameter(torch.empty(rows, **factory)) if affine else None
-            self.norm_bias = nn.Parameter(torch.empty(rows, **factory)) if affine else None
+            # Registered even when None (no affine), as BatchNorm1d registers them: norm_state reads them by name.
+            self.register_parameter("norm_weight", nn.Parameter(torch.empty(rows, **factory)) if affine else None)
+            self.register_parameter("norm_bias", nn.Parameter(torch.empty(rows, **factory)) if affine else None)
             self.register_buffer("running_mean", torch.zeros(rows, **factory))
             self.register_buffer("running_var", torch.ones(rows, **factory))
             self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))

@@ -23,6 +23,10 @@ and an empty tensor is returned in its place. ``allow_tf32`` is the forward's TF
 to the backward too. ``backward`` returns the gradients ``output_mask`` asks for in one call; the
 others are empty tensors.
 
+A fourth pair, ``normed_forward`` / ``normed_backward`` (NORMED_FORWARD_SCHEMA,
+NORMED_BACKWARD_SCHEMA, also from ``_C``), runs a training call with batch norm (and dropout): see
+``spinal_ops/backends/normed.py``.
+
 The compiled pairs' autograd is in C++ (csrc/autograd.cpp), which spares a training step the
 Python between dispatcher and kernels; ``register_op_pair_autograd`` gives the triton pair the same.
 """
@@ -70,6 +74,45 @@ def gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask) -> lis
 def fake_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
                   negative_slope, allow_tf32=False):
     return tuple(x.new_empty(shape) for shape in gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask))
+
+
+NORMED_FORWARD_SCHEMA = (
+    "(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, Tensor? bias_out, "
+    "Tensor? norm_weight, Tensor? norm_bias, str activation, float negative_slope, float norm_eps, "
+    "bool allow_tf32=False, Tensor? dropout_seed=None, float dropout_p=0.0) "
+    "-> (Tensor out, Tensor pre_norm, Tensor batch_mean, Tensor batch_var)"
+)
+NORMED_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor x, Tensor pre_norm, Tensor batch_mean, Tensor batch_var, Tensor weight_in, "
+    "Tensor weight_hidden, Tensor? weight_out, Tensor? norm_weight, Tensor? norm_bias, bool[8] output_mask, "
+    "str activation, float negative_slope, float norm_eps, bool allow_tf32=False, Tensor? dropout_seed=None, "
+    "float dropout_p=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+# Gradient order of normed_backward: NUM_GRADS as above, then norm_weight, norm_bias.
+NORMED_NUM_GRADS = 8
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the normed pair's batch statistics: float32 for half inputs, else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def fake_normed_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, norm_weight, norm_bias, activation,
+                        negative_slope, norm_eps, allow_tf32=False, dropout_seed=None, dropout_p=0.0):
+    num_layers, layer_width, _ = weight_in.shape
+    hidden = num_layers * layer_width
+    out_features = hidden if weight_out is None else weight_out.shape[0]
+    stats = x.new_empty(num_layers, layer_width, dtype=statistics_dtype(x.dtype))
+    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], hidden), stats, stats.new_empty(stats.shape)
+
+
+def fake_normed_backward(grad_out, x, pre_norm, batch_mean, batch_var, weight_in, weight_hidden, weight_out,
+                         norm_weight, norm_bias, output_mask, activation, negative_slope, norm_eps, allow_tf32=False,
+                         dropout_seed=None, dropout_p=0.0):
+    shapes = gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask[:NUM_GRADS])
+    rows = tuple(weight_in.shape[:2])
+    shapes += [rows if wanted else (0,) for wanted in output_mask[NUM_GRADS:]]
+    return tuple(x.new_empty(shape) for shape in shapes)
 
 
 def register_op_pair_autograd(forward_op, backward_op) -> None:

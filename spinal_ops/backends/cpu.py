@@ -1,11 +1,14 @@
 """The ``cpu`` backend: the native C++ op (csrc/cpu/) computing the whole chain in one call."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ..config import SpinalConfig
+from ..config import SpinalConfig, SpinalParams, TrainingStages
 from .._extension import extension_status
 from ..support import Support
+from . import normed
 from .op_pair import OpPairBackend
 
 
@@ -13,9 +16,19 @@ class CpuBackend(OpPairBackend):
     name = "cpu"
     device_types = ("cpu",)
     dtypes = (torch.float32, torch.float64, torch.bfloat16)
+    runs_training_stages = True  # batch norm (and dropout with it): the normed op pair
 
     def availability(self) -> Support:
         return extension_status()
 
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool):
         return torch.ops.spinal_ops.native_forward.default
+
+    def supports_call(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
+        return normed.supports_training(config)
+
+    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
+                stages: Optional[TrainingStages] = None) -> torch.Tensor:
+        if stages is not None and stages.norm is not None:
+            return normed.forward(x, params, config, stages)
+        return super().forward(x, params, config)

@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch
 
-from ..config import SpinalConfig
+from ..config import SpinalConfig, SpinalParams, TrainingStages
 from .._extension import cuda_kernels_compiled, extension_status
 from ..support import Support
+from . import normed
 from .cuda_cost import GpuModel, PathChoice, choose_path, model_for
 from .op_pair import OpPairBackend, tf32_allowed
 
@@ -150,6 +151,7 @@ class CudaBackend(OpPairBackend):
     name = "cuda"
     device_types = ("cuda",)
     dtypes = CUDA_DTYPES
+    runs_training_stages = True  # batch norm (and dropout with it): the normed op pair
 
     def availability(self) -> Support:
         if not extension_status():
@@ -167,6 +169,11 @@ class CudaBackend(OpPairBackend):
         if capability < MIN_COMPUTE_CAPABILITY:
             minimum = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
             return Support.no(f"needs compute capability >= {minimum}, device {index} has {capability[0]}.{capability[1]}")
+        training = normed.supports_training(config)
+        if not training:
+            return training
+        if config.norm is not None:
+            return Support.yes("normed op pair (ATen on cuBLAS) in training; native kernels or hoisted chain in eval")
         refusal = native_kernels_refusal(index, dtype)
         if refusal:
             return Support.yes(_refusal_reason(index, refusal))
@@ -175,6 +182,12 @@ class CudaBackend(OpPairBackend):
             why = "" if limit == tile_kernel_max_width() else f" (the native kernels' shared memory does not fit device {index})"
             return Support.yes(f"hoisted cuBLAS chain: w={config.layer_width} > {limit}{why}")
         return Support.yes("native kernels or hoisted cuBLAS chain, per call by the cost model")
+
+    def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
+                stages: Optional[TrainingStages] = None) -> torch.Tensor:
+        if stages is not None and stages.norm is not None:
+            return normed.forward(x, params, config, stages)
+        return super().forward(x, params, config)
 
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
         if torch.compiler.is_compiling():  # the batch may be symbolic: no cache key
