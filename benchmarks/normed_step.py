@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from spinal_ops import SpinalLinear
-from spinal_ops.bench.presets import PRESET_SPLITS, PRESETS
+from spinal_ops.bench.presets import PRESETS
 from spinal_ops.bench.timing import alternating_medians
 
 BACKENDS = ("cpu", "reference")
@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    in_features, width, num_layers, out_features = PRESETS[args.preset]
+    c = PRESETS[args.preset]
     layers = {
-        backend: SpinalLinear(in_features, out_features, layer_width=width, num_layers=num_layers,
-                              num_splits=PRESET_SPLITS, norm="batch", dropout=args.dropout, backend=backend)
+        backend: SpinalLinear(c.in_features, c.out_features, layer_width=c.layer_width, num_layers=c.num_layers,
+                              split_size=c.split_size, norm="batch", dropout=args.dropout, backend=backend)
         for backend in BACKENDS
     }
-    print(f"{args.preset} (N={in_features}, w={width}, L={num_layers}, M={out_features}), norm='batch', "
+    print(f"{args.preset} (N={c.in_features}, w={c.layer_width}, L={c.num_layers}, M={c.out_features}), norm='batch', "
           f"dropout={args.dropout}, float32, train step, {args.threads} thread(s)")
     print(f"{'batch':>6} {'cpu ms':>9} {'reference ms':>13} {'reference / cpu':>16}")
     for batch in args.batch:

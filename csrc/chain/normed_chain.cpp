@@ -73,10 +73,9 @@ at::Tensor keep_factors(const Dropout& dropout, double p, int64_t rows, int64_t 
   return dropout_factors(mask, 0, rows, first_site, width, options).mul_(1.0 / (1.0 - p));
 }
 
-// Layer l's input window with its dropout factors applied, a new [B, s] tensor (with dropout only).
-at::Tensor dropped_window(const at::Tensor& x, const SpinalShape& shape, const Dropout& dropout, double p,
-                          int64_t layer) {
-  at::Tensor window = keep_factors(dropout, p, shape.batch, dropout.window_site(layer), shape.split_size, x.options());
+// Layer l's input window times its dropout factors `window` ([B, s], overwritten), returned.
+const at::Tensor& multiply_window(const at::Tensor& window, const at::Tensor& x, const SpinalShape& shape,
+                                  int64_t layer) {
   for (const WindowPiece& piece : window_pieces(shape, layer)) {
     window.narrow(1, piece.weight_start, piece.length).mul_(x.narrow(1, piece.input_start, piece.length));
   }
@@ -154,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
     at::Tensor z = pre_norm.narrow(1, layer * width, width);
     const at::Tensor a = weight_in[layer];
     if (dropout.active) {
-      const at::Tensor window = dropped_window(x, shape, dropout, dropout_p, layer);
+      const at::Tensor window = multiply_window(
+          keep_factors(dropout, dropout_p, batch, dropout.window_site(layer), shape.split_size, options), x, shape, layer);
       bias ? at::addmm_out(z, (*bias)[layer], window, a.t()) : at::mm_out(z, window, a.t());
     } else {
       bool first = true;
@@ -281,16 +281,18 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
 
     const at::Tensor a = weight_in[layer];
     if (dropout.active) {
-      if (output_mask[1]) {
-        at::Tensor slot = grads[1][layer];
-        at::mm_out(slot, grad_z.t(), dropped_window(x, shape, dropout, dropout_p, layer));
-      }
+      // The window's factors once for both: dx first, then dW_in on the factors times x.
+      const at::Tensor window_factors =
+          keep_factors(dropout, dropout_p, batch, dropout.window_site(layer), shape.split_size, options);
       if (output_mask[0]) {
-        const at::Tensor grad_window = at::mm(grad_z, a).mul_(
-            keep_factors(dropout, dropout_p, batch, dropout.window_site(layer), shape.split_size, options));
+        const at::Tensor grad_window = at::mm(grad_z, a).mul_(window_factors);
         for (const WindowPiece& piece : window_pieces(shape, layer)) {
           grads[0].narrow(1, piece.input_start, piece.length).add_(grad_window.narrow(1, piece.weight_start, piece.length));
         }
+      }
+      if (output_mask[1]) {
+        at::Tensor slot = grads[1][layer];
+        at::mm_out(slot, grad_z.t(), multiply_window(window_factors, x, shape, layer));
       }
     } else {
       for (const WindowPiece& piece : window_pieces(shape, layer)) {
