@@ -150,7 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
   at::Tensor mean = at::empty({shape.num_layers, width}, stat_options);
   at::Tensor var = at::empty({shape.num_layers, width}, stat_options);
   for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
-    at::Tensor z = pre_norm.narrow(1, layer * width, width);
+    // z_l in a contiguous buffer, copied into pre_norm's block: ATen's batch-norm kernels take their
+    // fast path on contiguous [B, w] only (the strided block ran the statistics several times slower).
+    at::Tensor z = at::empty({batch, width}, options);
     const at::Tensor a = weight_in[layer];
     if (dropout.active) {
       const at::Tensor window = multiply_window(
@@ -174,8 +176,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
       }
       at::addmm_out(z, z, previous, weight_hidden[layer - 1].t());
     }
+    pre_norm.narrow(1, layer * width, width).copy_(z);
     const at::Tensor z_stat = half ? z.to(at::kFloat) : z;
-    const auto [layer_var, layer_mean] = at::var_mean(z_stat, at::IntArrayRef{0}, std::optional<c10::Scalar>(0), /*keepdim=*/false);
+    // (mean, biased variance) by the kernel F.batch_norm computes them with; no running statistics.
+    const auto [layer_mean, layer_var] = at::batch_norm_update_stats(z_stat, std::nullopt, std::nullopt, 0.0);
     mean[layer].copy_(layer_mean);
     var[layer].copy_(layer_var);
     const at::Tensor invstd = at::rsqrt(layer_var + norm_eps);
@@ -264,13 +268,14 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
   for (int64_t layer = shape.num_layers - 1; layer >= 0; --layer) {
     const int64_t column = layer * width;
     // du = dh * phi'(u), then ATen's batch-norm backward with the batch statistics.
-    // Contiguous (a copy of the block unless L = 1), as the out= activation gradients need.
+    // Contiguous (a copy of the block unless L = 1), as the out= activation gradients need and the
+    // batch-norm backward's fast path takes (with z_l's block copied likewise).
     at::Tensor grad_u = grad_hidden.narrow(1, column, width).to(stat_dtype(dtype), /*non_blocking=*/false,
                                                                  /*copy=*/false, at::MemoryFormat::Contiguous);
     multiply_by_activation_grad(grad_u, u.narrow(1, column, width), h_stat.narrow(1, column, width), act,
                                 negative_slope);
     const auto [grad_z_stat, grad_gamma, grad_beta] = at::native_batch_norm_backward(
-        grad_u, z_stat.narrow(1, column, width), norm_weight ? std::optional<at::Tensor>(gamma_stat[layer]) : std::nullopt,
+        grad_u, z_stat.narrow(1, column, width).contiguous(), norm_weight ? std::optional<at::Tensor>(gamma_stat[layer]) : std::nullopt,
         std::nullopt, std::nullopt, batch_mean[layer], invstd[layer], /*train=*/true, norm_eps,
         {true, output_mask[6], output_mask[7]});
     if (output_mask[6]) grads[6][layer].copy_(grad_gamma);

@@ -8,8 +8,8 @@
 //   u_l = γ_l (z_l − mean_l) / sqrt(var_l + eps) + β_l            (batch statistics, biased var)
 //   h_l = φ(u_l);  y = W_out · drop(H) + b_out
 //
-// Everything is ATen calls (addmm/mm into views of the [B, L*w] buffers, one var_mean per layer,
-// ATen's batch-norm backward kernel), so one implementation serves CPU and CUDA tensors. Dropout
+// Everything is ATen calls (addmm/mm per layer into a contiguous [B, w] buffer, ATen's batch-norm
+// statistics and backward kernels on it), so one implementation serves CPU and CUDA tensors. Dropout
 // factors come from dropout_factors.h (the contract's Philox sites and counters), recomputed by the
 // backward, as are u and h from pre_norm and the statistics: nothing else is stored. Statistics are
 // float32 for half inputs (and the normalisation computed in float32), the compute dtype otherwise.
