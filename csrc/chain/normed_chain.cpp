@@ -270,8 +270,7 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
     // du = dh * phi'(u), then ATen's batch-norm backward with the batch statistics.
     // Contiguous (a copy of the block unless L = 1), as the out= activation gradients need and the
     // batch-norm backward's fast path takes (with z_l's block copied likewise).
-    at::Tensor grad_u = grad_hidden.narrow(1, column, width).to(stat_dtype(dtype), /*non_blocking=*/false,
-                                                                 /*copy=*/false, at::MemoryFormat::Contiguous);
+    at::Tensor grad_u = grad_hidden.narrow(1, column, width).to(stat_dtype(dtype)).contiguous();
     multiply_by_activation_grad(grad_u, u.narrow(1, column, width), h_stat.narrow(1, column, width), act,
                                 negative_slope);
     const auto [grad_z_stat, grad_gamma, grad_beta] = at::native_batch_norm_backward(
