@@ -160,7 +160,8 @@ OPS = torch.ops.spinal_ops
 
 
 def test_the_schemas_match_the_cpp_definitions():
-    for name, schema in (("normed_forward", ops.NORMED_FORWARD_SCHEMA), ("normed_backward", ops.NORMED_BACKWARD_SCHEMA)):
+    for name, schema in (("normed_forward", ops.NORMED_FORWARD_SCHEMA),
+                         ("normed_backward", ops.NORMED_BACKWARD_SCHEMA)):
         registered = getattr(OPS, name).default._schema
         assert registered == torch._C.parse_schema(f"spinal_ops::{name}{schema}"), (str(registered), schema)
 

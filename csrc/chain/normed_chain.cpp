@@ -107,7 +107,7 @@ void check_common(const SpinalShape& shape, const at::Tensor& x, double norm_eps
   TORCH_CHECK(norm_eps > 0.0, "spinal_ops: norm_eps must be > 0, got ", std::to_string(norm_eps));
 }
 
-// (scale, shift) in the statistics' dtype (of all layers, [L, w], or of one, [w]), so that u = z * scale + shift.
+// (scale, shift) in the statistics' dtype, of all layers ([L, w]) or of one ([w]): u = z * scale + shift.
 std::pair<at::Tensor, at::Tensor> affine_of(const at::Tensor& mean, const at::Tensor& invstd,
                                             const std::optional<at::Tensor>& gamma,
                                             const std::optional<at::Tensor>& beta) {
@@ -155,8 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
     at::Tensor z = at::empty({batch, width}, options);
     const at::Tensor a = weight_in[layer];
     if (dropout.active) {
-      const at::Tensor window = multiply_window(
-          keep_factors(dropout, dropout_p, batch, dropout.window_site(layer), shape.split_size, options), x, shape, layer);
+      const at::Tensor window_factors =
+          keep_factors(dropout, dropout_p, batch, dropout.window_site(layer), shape.split_size, options);
+      const at::Tensor window = multiply_window(window_factors, x, shape, layer);
       bias ? at::addmm_out(z, (*bias)[layer], window, a.t()) : at::mm_out(z, window, a.t());
     } else {
       bool first = true;
@@ -192,8 +193,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
   }
   if (!weight_out) return {hidden_states, pre_norm, mean, var};
   const at::Tensor projection_input =
-      dropout.active ? hidden_states * keep_factors(dropout, dropout_p, batch, dropout.projection_site(), hidden, options)
-                     : hidden_states;
+      dropout.active
+          ? hidden_states * keep_factors(dropout, dropout_p, batch, dropout.projection_site(), hidden, options)
+          : hidden_states;
   const at::Tensor w_out = weight_out->contiguous().t();
   at::Tensor out = bias_out ? at::addmm(*bias_out, projection_input, w_out) : at::mm(projection_input, w_out);
   return {out, pre_norm, mean, var};
@@ -264,7 +266,8 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
   if (output_mask[3]) grads[3] = at::empty({shape.num_layers, width}, options);
   if (output_mask[6]) grads[6] = at::empty({shape.num_layers, width}, options);
   if (output_mask[7]) grads[7] = at::empty({shape.num_layers, width}, options);
-  const at::Tensor gamma_stat = norm_weight ? norm_weight->to(stat_dtype(dtype)) : at::Tensor();
+  const std::optional<at::Tensor> gamma_stat =
+      norm_weight ? std::optional<at::Tensor>(norm_weight->to(stat_dtype(dtype))) : std::nullopt;
   for (int64_t layer = shape.num_layers - 1; layer >= 0; --layer) {
     const int64_t column = layer * width;
     // du = dh * phi'(u), then ATen's batch-norm backward with the batch statistics.
@@ -274,7 +277,7 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
     multiply_by_activation_grad(grad_u, u.narrow(1, column, width), h_stat.narrow(1, column, width), act,
                                 negative_slope);
     const auto [grad_z_stat, grad_gamma, grad_beta] = at::native_batch_norm_backward(
-        grad_u, z_stat.narrow(1, column, width).contiguous(), norm_weight ? std::optional<at::Tensor>(gamma_stat[layer]) : std::nullopt,
+        grad_u, z_stat.narrow(1, column, width).contiguous(), row(gamma_stat, layer),
         std::nullopt, std::nullopt, batch_mean[layer], invstd[layer], /*train=*/true, norm_eps,
         {true, output_mask[6], output_mask[7]});
     if (output_mask[6]) grads[6][layer].copy_(grad_gamma);
@@ -291,7 +294,8 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
       if (output_mask[0]) {
         const at::Tensor grad_window = at::mm(grad_z, a).mul_(window_factors);
         for (const WindowPiece& piece : window_pieces(shape, layer)) {
-          grads[0].narrow(1, piece.input_start, piece.length).add_(grad_window.narrow(1, piece.weight_start, piece.length));
+          grads[0].narrow(1, piece.input_start, piece.length)
+              .add_(grad_window.narrow(1, piece.weight_start, piece.length));
         }
       }
       if (output_mask[1]) {
@@ -312,8 +316,9 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
     }
     if (layer == 0) break;
     const at::Tensor previous = hidden_states.narrow(1, column - width, width);
-    const at::Tensor factors =
-        dropout.active ? keep_factors(dropout, dropout_p, batch, dropout.hidden_site(layer), width, options) : at::Tensor();
+    const at::Tensor factors = dropout.active
+                                   ? keep_factors(dropout, dropout_p, batch, dropout.hidden_site(layer), width, options)
+                                   : at::Tensor();
     if (output_mask[2]) {
       at::Tensor slot = grads[2][layer - 1];
       at::mm_out(slot, grad_z.t(), dropout.active ? previous * factors : previous);

@@ -6,9 +6,10 @@ The op normalises with the batch's statistics and returns them (mean and biased 
 for half inputs) without touching the running ones; ``forward`` here updates those once per call,
 under no_grad, as the reference does (unbiased variance B/(B-1), momentum or cumulative average).
 
-The pair's autograd is registered through ``torch.library`` when this module is imported (the cpu
-and cuda backends import it) and ``_C`` has loaded: the backward is one call of ``normed_backward`` with an output mask of the
-gradients autograd asks for; a double backward raises.
+The pair's autograd is registered through ``torch.library`` when this module is imported (the
+cpu and cuda backends import it) and ``_C`` has loaded: the backward is one call of
+``normed_backward`` with an output mask of the gradients autograd asks for; a double backward
+raises.
 """
 from __future__ import annotations
 
