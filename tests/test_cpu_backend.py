@@ -348,9 +348,10 @@ def test_blas_chain_calls_pytorchs_blas_directly():
 
 # bfloat16 on every CPU path (docs/design.md): the narrow chain (the edge cases above, in bfloat16
 # by test_contract_against_float64_reference), narrow layers at large batch, and the hoisted chain's regimes, whose products run
-# on oneDNN's bfloat16 GEMM where the CPU multiplies bfloat16 natively (cpu_bf16_gemm(); float32
-# kernels elsewhere): grouped and ungrouped wide layers, the tile GEMM's sizes, training row
-# blocks, a projection of few columns (float32 skinny product) and of many.
+# where the CPU multiplies bfloat16 natively (cpu_bf16_gemm(); float32 kernels elsewhere) on the
+# AVX512_BF16 tile GEMM (cpu_bf16_tile_gemm(): products up to 2^24 multiply-adds) or oneDNN's
+# bfloat16 GEMM: grouped and ungrouped wide layers, the tile GEMM's sizes, training row blocks, a
+# projection of few columns (float32 skinny product) and of many.
 BF16_HOISTED_CASES = {
     **{name: (lambda name=name: build(name, "relu"), 5) for name in WIDE_CASES},
     "wide_gelu": (lambda: build("wide_k2_overlap", "gelu"), 5),
@@ -363,6 +364,14 @@ BF16_HOISTED_CASES = {
     "narrow_large_batch": (lambda: make_config(320, 10, layer_width=8, num_layers=6), 2100),
     "preset_vgg5": (lambda: make_config(256, 10, layer_width=128, num_layers=4), 64),
     "preset_resnet_head": (lambda: make_config(2048, 1000, layer_width=256, num_layers=4), 32),
+    # The bfloat16 tiles' edges: an odd depth (s = 23, windows wrapping past N = 45) read through
+    # packed pairs, panels of 3 vectors (w = 40) and of 4 + 1 (M = 70), rows past the last 4-row
+    # tile (37), leaky ReLU's loops on bfloat16.
+    "bf16_tile_edges": (lambda: make_config(45, 70, layer_width=40, num_layers=3, split_size=23,
+                                            activation="leaky_relu", negative_slope=0.1), 37),
+    # resnet_head at batch 128: products beyond the bfloat16 tiles' limit run on oneDNN, the
+    # rest on the tiles, in one call.
+    "tiles_and_onednn": (lambda: make_config(2048, 1000, layer_width=256, num_layers=4), 128),
 }
 
 
@@ -401,7 +410,7 @@ print("capability", torch.backends.cpu.get_cpu_capability(), "bf16 gemm", cpu_bf
 for name in ("k2_groups", "odd_N_wraps", "M_None"):
     config = case_config(name, activation="gelu", negative_slope=0.1)
     check_backend("cpu", config, torch.bfloat16, batch_shape=(37,))
-for name in ("wide_k2_overlap", "wide_wraps", "tile_ragged_panels", "grouped_row_blocks"):
+for name in ("wide_k2_overlap", "wide_wraps", "tile_ragged_panels", "grouped_row_blocks", "bf16_tile_edges"):
     make, batch = BF16_HOISTED_CASES[name]
     check_backend("cpu", make(), torch.bfloat16, batch_shape=(batch,))
 print("bf16 paths ok")
