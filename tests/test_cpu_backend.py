@@ -20,7 +20,7 @@ from contract import (
 )
 
 from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
-from spinal_ops._extension import cpu_bf16_gemm, cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
+from spinal_ops._extension import cpu_bf16_gemm, cpu_bf16_tile_gemm, cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
 
 # The edge-case matrix (tests/contract.py) with relu, and every activation on a case whose windows wrap.
 CPU_CASES = [pytest.param(name, "relu", id=name) for name in EDGE_CASES] + [
@@ -397,15 +397,24 @@ def test_bfloat16_gemm_runs_where_the_cpu_multiplies_bfloat16():
     assert cpu_bf16_gemm() == expected
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo to read the CPU's flags from")
+def test_bfloat16_tiles_run_where_the_cpu_has_avx512_bf16_and_torch_uses_avx512():
+    flags = _cpu_flags()
+    expected = cpu_bf16_gemm() and {"avx512_bf16", "avx512bw", "avx512vl"} <= flags
+    expected = expected and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert cpu_bf16_tile_gemm() == expected
+
+
 BF16_PATHS_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 import torch
 from contract import case_config, check_backend
 from test_cpu_backend import BF16_HOISTED_CASES
-from spinal_ops._extension import cpu_bf16_gemm, cpu_vector_kernels
+from spinal_ops._extension import cpu_bf16_gemm, cpu_bf16_tile_gemm, cpu_vector_kernels
 
 print("capability", torch.backends.cpu.get_cpu_capability(), "bf16 gemm", cpu_bf16_gemm(),
+      "bf16 tiles", cpu_bf16_tile_gemm(),
       "vector kernels", cpu_vector_kernels())
 for name in ("k2_groups", "odd_N_wraps", "M_None"):
     config = case_config(name, activation="gelu", negative_slope=0.1)
@@ -431,3 +440,4 @@ def test_bfloat16_paths_under_other_capabilities(env):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bf16 paths ok" in result.stdout
+    assert "bf16 tiles False" in result.stdout  # the tiles need PyTorch's AVX-512 kernels and AVX512_BF16
