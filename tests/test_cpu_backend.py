@@ -153,13 +153,15 @@ def test_output_projection_of_few_columns(out_features, bias):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu"])
 def test_wide_layers_propagate_nan_and_inf_like_the_reference(activation):
-    """relu's gradient from the kept H passes a NaN as the reference's does (its mask is h > 0)."""
+    """relu's gradient from the kept H passes a NaN as the reference's does (its mask is h > 0), in
+    float32 and in bfloat16."""
     config = build("medium_grouped", activation)
     x = torch.randn(6, config.in_features, dtype=torch.float64)
     x[1, 2] = float("nan")
     x[3, 5] = float("inf")
     x[4, 0] = -float("inf")
     check_backend("cpu", config, torch.float32, x=x)
+    check_backend("cpu", config, torch.bfloat16, x=x)  # the bfloat16 loops on the values' bits
     check_backend("cpu", config, torch.bfloat16, batch_shape=(5,))
 
 

@@ -171,14 +171,73 @@ void activation_grad_rows(const Block& dz, const Block& z, Activation act, S slo
   }
 }
 
+// bfloat16 ReLU and leaky ReLU (and their gradients) on the values' bits, in loops the compiler
+// vectorises (element-wise conversions to float ran vgg5's bfloat16 inference at batch 4096 at a
+// third of ATen's speed). A value is below zero when its sign is set and it is neither zero nor
+// NaN; leaky ReLU's product is computed in float and rounded to nearest even, NaN kept, as ATen's
+// bfloat16 kernels round.
+constexpr uint16_t kMagnitude = 0x7FFF, kSign = 0x8000, kInfinity = 0x7F80;
+
+inline bool bf16_below_zero(uint16_t v) {
+  const uint16_t magnitude = v & kMagnitude;
+  return (v & kSign) != 0 && magnitude != 0 && magnitude <= kInfinity;
+}
+inline bool bf16_at_most_zero(uint16_t v) {
+  const uint16_t magnitude = v & kMagnitude;
+  return magnitude == 0 || ((v & kSign) != 0 && magnitude <= kInfinity);
+}
+inline uint16_t bf16_scaled(uint16_t v, float slope) {
+  float f;
+  const uint32_t widened = uint32_t{v} << 16;
+  std::memcpy(&f, &widened, sizeof(f));
+  f *= slope;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+void bf16_activation_rows(const Block& h, const Block& z, Activation act, float slope) {
+  const auto* z_data = reinterpret_cast<const uint16_t*>(z.data<c10::BFloat16>());
+  auto* h_data = reinterpret_cast<uint16_t*>(h.data<c10::BFloat16>());
+  for (int64_t i = 0; i < z.rows; ++i) {
+    const uint16_t* in = z_data + i * z.row_stride;
+    uint16_t* out = h_data + i * h.row_stride;
+    if (act == Activation::ReLU) {
+      for (int64_t j = 0; j < z.cols; ++j) out[j] = bf16_below_zero(in[j]) ? uint16_t{0} : in[j];
+    } else if (act == Activation::LeakyReLU) {
+      for (int64_t j = 0; j < z.cols; ++j) out[j] = bf16_at_most_zero(in[j]) ? bf16_scaled(in[j], slope) : in[j];
+    } else if (out != in) {
+      std::memcpy(out, in, z.cols * sizeof(uint16_t));
+    }
+  }
+}
+
+void bf16_activation_grad_rows(const Block& dz, const Block& z, Activation act, float slope) {
+  const auto* z_data = reinterpret_cast<const uint16_t*>(z.data<c10::BFloat16>());
+  auto* dz_data = reinterpret_cast<uint16_t*>(dz.data<c10::BFloat16>());
+  for (int64_t i = 0; i < z.rows; ++i) {
+    const uint16_t* in = z_data + i * z.row_stride;
+    uint16_t* grad = dz_data + i * dz.row_stride;
+    // As the float loops: a NaN z passes ReLU's gradient and scales leaky ReLU's.
+    if (act == Activation::ReLU) {
+      for (int64_t j = 0; j < z.cols; ++j) grad[j] = bf16_at_most_zero(in[j]) ? uint16_t{0} : grad[j];
+    } else {
+      for (int64_t j = 0; j < z.cols; ++j) {
+        const bool positive = !bf16_at_most_zero(in[j]) && (in[j] & kMagnitude) <= kInfinity;
+        grad[j] = positive ? grad[j] : bf16_scaled(grad[j], slope);
+      }
+    }
+  }
+}
+
 bool activation(const Block& h, const Block& z, Activation act, double negative_slope) {
   const bool simple = act == Activation::ReLU || act == Activation::LeakyReLU || act == Activation::Identity;
   if (!simple || !unit_column_stride(h) || !unit_column_stride(z) || !z.base->is_cpu()) return false;
   switch (z.base->scalar_type()) {
     case at::kFloat: activation_rows<float>(h, z, act, static_cast<float>(negative_slope)); return true;
     case at::kDouble: activation_rows<double>(h, z, act, negative_slope); return true;
-    // bfloat16 compared and scaled in float, the product rounded once, as ATen's kernels do.
-    case at::kBFloat16: activation_rows<c10::BFloat16>(h, z, act, static_cast<float>(negative_slope)); return true;
+    case at::kBFloat16: bf16_activation_rows(h, z, act, static_cast<float>(negative_slope)); return true;
     default: return false;
   }
 }
@@ -189,7 +248,7 @@ bool activation_grad(const Block& dz, const Block& z, Activation act, double neg
   switch (z.base->scalar_type()) {
     case at::kFloat: activation_grad_rows<float>(dz, z, act, static_cast<float>(negative_slope)); return true;
     case at::kDouble: activation_grad_rows<double>(dz, z, act, negative_slope); return true;
-    case at::kBFloat16: activation_grad_rows<c10::BFloat16>(dz, z, act, static_cast<float>(negative_slope)); return true;
+    case at::kBFloat16: bf16_activation_grad_rows(dz, z, act, static_cast<float>(negative_slope)); return true;
     default: return false;
   }
 }
