@@ -27,10 +27,13 @@ constexpr int64_t kTileRows = 4;
 constexpr int64_t kRowBlock = 64;  // rows of c per task
 constexpr int64_t kDepthPairs = 64;  // depth (in pairs) per chunk: 64 x 64 columns = 16 KB of the panel
 // The largest products (multiply-adds) bf16_tile_gemm takes. Against oneDNN on views (1 thread, AMD
-// EPYC with AVX512_BF16, this limit against 0 alternating in one process): vgg5 at batch 64 ran
-// inference 0.28 against 0.56 ms and training 1.43 against 2.25 ms, cifar_vgg's inference 1.61
-// against 1.81 ms; raising it to 2^26 or beyond changed resnet_head, cnn_cifar and batch 4096 by no
-// more than the noise, so oneDNN's cache blocking keeps the larger products.
+// EPYC with AVX512_BF16; this limit and 0, every product oneDNN's, in alternating rounds of one
+// process): vgg5 at batch 64 ran inference in 0.28 against 0.56 ms and training in 1.43 against
+// 2.25 ms, cifar_vgg's inference in 1.61 against 1.81 ms; 2^26 and no limit at all changed
+// resnet_head, cnn_cifar and batch 4096 by no more than the noise, so oneDNN's cache blocking keeps
+// the larger products. Reproduce: `spinal-bench --preset vgg5 cifar_vgg resnet_head cnn_cifar
+// --batch 64 4096 --backends cpu reference --dtype bfloat16 --threads 1` against a build with this
+// at 0 (and at 2^26).
 constexpr int64_t kMaxMultiplyAdds = int64_t{1} << 24;
 
 #if SPINAL_HAVE_BF16_PATH
