@@ -407,6 +407,34 @@ def test_bfloat16_tiles_run_where_the_cpu_has_avx512_bf16_and_torch_uses_avx512(
     assert cpu_bf16_tile_gemm() == expected
 
 
+@pytest.mark.skipif(not cpu_bf16_tile_gemm(), reason="the bfloat16 tiles do not run here (oneDNN's bits may follow the threads)")
+def test_bfloat16_tiles_same_bits_with_one_thread_or_two():
+    """The bfloat16 tiles split a product into tasks of rows by column panels, each output summed
+    by one task in a fixed order: two threads give the bits of one, and the contract holds with two
+    (batch 300: five row blocks; w = 100 in grouped layers: panels of 4, 3 and 1 vectors)."""
+    make, _ = BF16_HOISTED_CASES["tile_ragged_panels"]
+    config = make()
+    torch.manual_seed(0)
+    layer = SpinalLinear(config.in_features, config.out_features, layer_width=config.layer_width,
+                         num_layers=config.num_layers, split_size=config.split_size, backend="cpu").to(torch.bfloat16)
+    x = torch.randn(300, config.in_features, dtype=torch.bfloat16, requires_grad=True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            layer.zero_grad()
+            x.grad = None
+            y = layer(x)
+            y.float().square().sum().backward()
+            results.append([y.detach(), x.grad, *(p.grad for p in layer.parameters())])
+        check_backend("cpu", config, torch.bfloat16, batch_shape=(300,))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 BF16_PATHS_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
