@@ -4,6 +4,7 @@
 // (csrc/ops.cpp) and kernels (csrc/cpu/, csrc/cuda/) with the dispatcher.
 #include <Python.h>
 
+#include "cpu/bf16_tile_gemm.h"
 #include "cpu/blas.h"
 #include "cpu/chain_engine.h"
 #include "cpu/narrow_chain.h"
@@ -41,6 +42,11 @@ PyObject* cpu_bf16_gemm(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+PyObject* cpu_bf16_tile_gemm(PyObject*, PyObject*) {
+  if (spinal_ops::cpu::native_bf16_gemm() && spinal_ops::cpu::bf16_tile_kernels_run()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
 PyMethodDef methods[] = {
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether the CUDA kernels were compiled into this build."},
     {"cpu_vector_kernels", cpu_vector_kernels, METH_NOARGS,
@@ -51,6 +57,9 @@ PyMethodDef methods[] = {
      "The instruction set of the hoisted chain's register-tiled float32 GEMMs here (csrc/cpu/tile_gemm.h), or None."},
     {"cpu_bf16_gemm", cpu_bf16_gemm, METH_NOARGS,
      "Whether the CPU op runs bfloat16 calls of the hoisted chain on bfloat16 tensors here (csrc/cpu/dtypes.h)."},
+    {"cpu_bf16_tile_gemm", cpu_bf16_tile_gemm, METH_NOARGS,
+     "Whether the bfloat16 chain's products of up to 2^24 multiply-adds run on AVX512_BF16 register tiles here "
+     "(csrc/cpu/bf16_tile_gemm.h)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "spinal_ops compiled ops (registered with torch.library)", -1,

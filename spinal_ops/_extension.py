@@ -167,6 +167,18 @@ def cpu_bf16_gemm() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_bf16_tile_gemm() -> bool:
+    """Whether the bfloat16 chain (``cpu_bf16_gemm()``) runs its products of up to 2^24
+    multiply-adds on the extension's AVX512_BF16 register tiles (vdpbf16ps, float32 accumulation,
+    one rounding per output) and its ReLU-like activations as loops, larger products on oneDNN;
+    where not (``ATEN_CPU_CAPABILITY`` below avx512) every product is oneDNN's."""
+    if not _STATUS:
+        return False
+    query = getattr(_compiled(), "cpu_bf16_tile_gemm", None)  # absent from a build older than the query
+    return bool(query()) if query is not None else False
+
+
+@functools.lru_cache(maxsize=None)
 def cuda_kernels_compiled() -> bool:
     """Whether the extension was built with the CUDA kernels (nvcc present at build time)."""
     return bool(_STATUS) and bool(_compiled().cuda_compiled())

@@ -10,7 +10,7 @@ from typing import Optional, TextIO
 
 import torch
 
-from ._extension import build_info, cpu_bf16_gemm, cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels, extension_torch_mismatch
+from ._extension import build_info, cpu_bf16_gemm, cpu_bf16_tile_gemm, cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels, extension_torch_mismatch
 from ._version import __version__
 from .dispatch import available_backends
 
@@ -21,11 +21,13 @@ def _cpu_op_lines() -> list[str]:
     blas = "PyTorch's BLAS on pointers" if cpu_direct_blas() else "ATen GEMMs on views"
     tiles = cpu_tile_gemm()
     tiled = f"{tiles} register tiles" if tiles else "as the rest (no AVX2+FMA in use, or direct BLAS off)"
-    bf16 = (
-        "bfloat16 GEMMs on bfloat16 tensors (oneDNN, AVX512_BF16; float32 accumulation inside each)"
-        if cpu_bf16_gemm()
-        else "widened to float32, float32 kernels (no AVX512_BF16 or oneDNN here, or SPINAL_OPS_CPU_BF16_GEMM=0)"
-    )
+    if cpu_bf16_tile_gemm():
+        bf16 = ("on bfloat16 tensors: AVX512_BF16 register tiles (vdpbf16ps, float32 accumulation) for products "
+                "up to 2^24 multiply-adds, oneDNN's bfloat16 GEMMs beyond")
+    elif cpu_bf16_gemm():
+        bf16 = "on bfloat16 tensors: oneDNN's bfloat16 GEMMs (AVX512_BF16; float32 accumulation inside each)"
+    else:
+        bf16 = "widened to float32, float32 kernels (no AVX512_BF16 or oneDNN here, or SPINAL_OPS_CPU_BF16_GEMM=0)"
     return [
         f"  CPU op on narrow float32 layers (w <= 32): {narrow}",
         f"  CPU op's BLAS chain (wider layers, float64): {blas}",

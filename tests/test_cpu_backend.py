@@ -20,7 +20,7 @@ from contract import (
 )
 
 from spinal_ops import ACTIVATIONS, SpinalConfig, SpinalLinear
-from spinal_ops._extension import cpu_bf16_gemm, cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
+from spinal_ops._extension import cpu_bf16_gemm, cpu_bf16_tile_gemm, cpu_direct_blas, cpu_tile_gemm, cpu_vector_kernels
 
 # The edge-case matrix (tests/contract.py) with relu, and every activation on a case whose windows wrap.
 CPU_CASES = [pytest.param(name, "relu", id=name) for name in EDGE_CASES] + [
@@ -153,13 +153,15 @@ def test_output_projection_of_few_columns(out_features, bias):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("activation", ["relu", "tanh", "leaky_relu"])
 def test_wide_layers_propagate_nan_and_inf_like_the_reference(activation):
-    """relu's gradient from the kept H passes a NaN as the reference's does (its mask is h > 0)."""
+    """relu's gradient from the kept H passes a NaN as the reference's does (its mask is h > 0), in
+    float32 and in bfloat16."""
     config = build("medium_grouped", activation)
     x = torch.randn(6, config.in_features, dtype=torch.float64)
     x[1, 2] = float("nan")
     x[3, 5] = float("inf")
     x[4, 0] = -float("inf")
     check_backend("cpu", config, torch.float32, x=x)
+    check_backend("cpu", config, torch.bfloat16, x=x)  # the bfloat16 loops on the values' bits
     check_backend("cpu", config, torch.bfloat16, batch_shape=(5,))
 
 
@@ -348,9 +350,10 @@ def test_blas_chain_calls_pytorchs_blas_directly():
 
 # bfloat16 on every CPU path (docs/design.md): the narrow chain (the edge cases above, in bfloat16
 # by test_contract_against_float64_reference), narrow layers at large batch, and the hoisted chain's regimes, whose products run
-# on oneDNN's bfloat16 GEMM where the CPU multiplies bfloat16 natively (cpu_bf16_gemm(); float32
-# kernels elsewhere): grouped and ungrouped wide layers, the tile GEMM's sizes, training row
-# blocks, a projection of few columns (float32 skinny product) and of many.
+# where the CPU multiplies bfloat16 natively (cpu_bf16_gemm(); float32 kernels elsewhere) on the
+# AVX512_BF16 tile GEMM (cpu_bf16_tile_gemm(): products up to 2^24 multiply-adds) or oneDNN's
+# bfloat16 GEMM: grouped and ungrouped wide layers, the tile GEMM's sizes, training row blocks, a
+# projection of few columns (float32 skinny product) and of many.
 BF16_HOISTED_CASES = {
     **{name: (lambda name=name: build(name, "relu"), 5) for name in WIDE_CASES},
     "wide_gelu": (lambda: build("wide_k2_overlap", "gelu"), 5),
@@ -363,6 +366,14 @@ BF16_HOISTED_CASES = {
     "narrow_large_batch": (lambda: make_config(320, 10, layer_width=8, num_layers=6), 2100),
     "preset_vgg5": (lambda: make_config(256, 10, layer_width=128, num_layers=4), 64),
     "preset_resnet_head": (lambda: make_config(2048, 1000, layer_width=256, num_layers=4), 32),
+    # The bfloat16 tiles' edges: an odd depth (s = 23, windows wrapping past N = 45) read through
+    # packed pairs, panels of 3 vectors (w = 40) and of 4 + 1 (M = 70), rows past the last 4-row
+    # tile (37), leaky ReLU's loops on bfloat16.
+    "bf16_tile_edges": (lambda: make_config(45, 70, layer_width=40, num_layers=3, split_size=23,
+                                            activation="leaky_relu", negative_slope=0.1), 37),
+    # resnet_head at batch 128: products beyond the bfloat16 tiles' limit run on oneDNN, the
+    # rest on the tiles, in one call.
+    "tiles_and_onednn": (lambda: make_config(2048, 1000, layer_width=256, num_layers=4), 128),
 }
 
 
@@ -388,20 +399,57 @@ def test_bfloat16_gemm_runs_where_the_cpu_multiplies_bfloat16():
     assert cpu_bf16_gemm() == expected
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo to read the CPU's flags from")
+def test_bfloat16_tiles_run_where_the_cpu_has_avx512_bf16_and_torch_uses_avx512():
+    flags = _cpu_flags()
+    expected = cpu_bf16_gemm() and {"avx512_bf16", "avx512bw", "avx512vl"} <= flags
+    expected = expected and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert cpu_bf16_tile_gemm() == expected
+
+
+@pytest.mark.skipif(not cpu_bf16_tile_gemm(), reason="the bfloat16 tiles do not run here (oneDNN's bits may follow the threads)")
+def test_bfloat16_tiles_same_bits_with_one_thread_or_two():
+    """The bfloat16 tiles split a product into tasks of rows by column panels, each output summed
+    by one task in a fixed order: two threads give the bits of one, and the contract holds with two
+    (batch 300: five row blocks; w = 100 in grouped layers: panels of 4, 3 and 1 vectors)."""
+    make, _ = BF16_HOISTED_CASES["tile_ragged_panels"]
+    config = make()
+    torch.manual_seed(0)
+    layer = SpinalLinear(config.in_features, config.out_features, layer_width=config.layer_width,
+                         num_layers=config.num_layers, split_size=config.split_size, backend="cpu").to(torch.bfloat16)
+    x = torch.randn(300, config.in_features, dtype=torch.bfloat16, requires_grad=True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            layer.zero_grad()
+            x.grad = None
+            y = layer(x)
+            y.float().square().sum().backward()
+            results.append([y.detach(), x.grad, *(p.grad for p in layer.parameters())])
+        check_backend("cpu", config, torch.bfloat16, batch_shape=(300,))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 BF16_PATHS_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 import torch
 from contract import case_config, check_backend
 from test_cpu_backend import BF16_HOISTED_CASES
-from spinal_ops._extension import cpu_bf16_gemm, cpu_vector_kernels
+from spinal_ops._extension import cpu_bf16_gemm, cpu_bf16_tile_gemm, cpu_vector_kernels
 
 print("capability", torch.backends.cpu.get_cpu_capability(), "bf16 gemm", cpu_bf16_gemm(),
+      "bf16 tiles", cpu_bf16_tile_gemm(),
       "vector kernels", cpu_vector_kernels())
 for name in ("k2_groups", "odd_N_wraps", "M_None"):
     config = case_config(name, activation="gelu", negative_slope=0.1)
     check_backend("cpu", config, torch.bfloat16, batch_shape=(37,))
-for name in ("wide_k2_overlap", "wide_wraps", "tile_ragged_panels", "grouped_row_blocks"):
+for name in ("wide_k2_overlap", "wide_wraps", "tile_ragged_panels", "grouped_row_blocks", "bf16_tile_edges"):
     make, batch = BF16_HOISTED_CASES[name]
     check_backend("cpu", make(), torch.bfloat16, batch_shape=(batch,))
 print("bf16 paths ok")
@@ -422,3 +470,4 @@ def test_bfloat16_paths_under_other_capabilities(env):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bf16 paths ok" in result.stdout
+    assert "bf16 tiles False" in result.stdout  # the tiles need PyTorch's AVX-512 kernels and AVX512_BF16

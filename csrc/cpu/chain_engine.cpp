@@ -7,6 +7,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "bf16_tile_gemm.h"
 #include "blas.h"
 #include "narrow_recurrence.h"
 #include "skinny_product.h"
@@ -104,6 +105,18 @@ bool direct_gemm_block(const Block& c, bool accumulate, const std::optional<Bloc
                         beta, out, std::max(c.row_stride, c.cols));
 }
 
+// The bfloat16 chain's products on bf16_tile_gemm.h's kernel where it runs faster than oneDNN's
+// GEMM on views (bf16_tile_gemm_fits); false elsewhere (ATen's call then runs).
+bool bf16_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b) {
+  if (!c.base->is_cpu() || c.base->scalar_type() != at::kBFloat16) return false;
+  if (!unit_column_stride(c) || (bias && !unit_column_stride(*bias))) return false;
+  if (!bf16_tile_gemm_fits(c.rows, c.cols, a.cols)) return false;
+  using Bf16 = c10::BFloat16;
+  return bf16_tile_gemm(c.rows, c.cols, a.cols, {a.data<Bf16>(), a.row_stride, a.col_stride},
+                        {b.data<Bf16>(), b.row_stride, b.col_stride}, c.data<Bf16>(), c.row_stride, accumulate,
+                        bias ? bias->data<Bf16>() : nullptr);
+}
+
 bool gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b) {
   if (!c.base->is_cpu()) return false;
   switch (c.base->scalar_type()) {
@@ -115,8 +128,8 @@ bool gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, con
 
 // (The data pointers are read once: data_ptr checks the dtype on every call, ~1 % of a vgg5
 // training step at batch 64 when read per row.)
-template <typename T>
-void activation_rows(const Block& h, const Block& z, Activation act, T slope) {
+template <typename T, typename S>
+void activation_rows(const Block& h, const Block& z, Activation act, S slope) {
   const T* z_data = z.data<T>();
   T* h_data = h.data<T>();
   for (int64_t i = 0; i < z.rows; ++i) {
@@ -125,10 +138,13 @@ void activation_rows(const Block& h, const Block& z, Activation act, T slope) {
     switch (act) {
       // NaN passes through both, as through ATen's clamp_min and leaky_relu.
       case Activation::ReLU:
-        for (int64_t j = 0; j < z.cols; ++j) out[j] = in[j] < T(0) ? T(0) : in[j];
+        for (int64_t j = 0; j < z.cols; ++j) out[j] = static_cast<S>(in[j]) < S(0) ? T(0) : in[j];
         break;
       case Activation::LeakyReLU:
-        for (int64_t j = 0; j < z.cols; ++j) out[j] = in[j] > T(0) ? in[j] : in[j] * slope;
+        for (int64_t j = 0; j < z.cols; ++j) {
+          const S v = static_cast<S>(in[j]);
+          out[j] = v > S(0) ? in[j] : static_cast<T>(v * slope);
+        }
         break;
       default:  // identity
         if (out != in) std::memcpy(out, in, z.cols * sizeof(T));
@@ -136,8 +152,8 @@ void activation_rows(const Block& h, const Block& z, Activation act, T slope) {
   }
 }
 
-template <typename T>
-void activation_grad_rows(const Block& dz, const Block& z, Activation act, T slope) {
+template <typename T, typename S>
+void activation_grad_rows(const Block& dz, const Block& z, Activation act, S slope) {
   const T* z_data = z.data<T>();
   T* dz_data = dz.data<T>();
   for (int64_t i = 0; i < z.rows; ++i) {
@@ -146,9 +162,71 @@ void activation_grad_rows(const Block& dz, const Block& z, Activation act, T slo
     // As ATen's threshold_backward (zero where z <= 0: a NaN z passes the gradient) and
     // leaky_relu_backward (the slope where z > 0 is false: NaN too).
     if (act == Activation::ReLU) {
-      for (int64_t j = 0; j < z.cols; ++j) grad[j] = in[j] <= T(0) ? T(0) : grad[j];
+      for (int64_t j = 0; j < z.cols; ++j) grad[j] = static_cast<S>(in[j]) <= S(0) ? T(0) : grad[j];
     } else {
-      for (int64_t j = 0; j < z.cols; ++j) grad[j] = in[j] > T(0) ? grad[j] : grad[j] * slope;
+      for (int64_t j = 0; j < z.cols; ++j) {
+        grad[j] = static_cast<S>(in[j]) > S(0) ? grad[j] : static_cast<T>(static_cast<S>(grad[j]) * slope);
+      }
+    }
+  }
+}
+
+// bfloat16 ReLU and leaky ReLU (and their gradients) on the values' bits, in loops the compiler
+// vectorises (element-wise conversions to float ran vgg5's bfloat16 inference at batch 4096 at a
+// third of ATen's speed). A value is below zero when its sign is set and it is neither zero nor
+// NaN; leaky ReLU's product is computed in float and rounded to nearest even, NaN kept, as ATen's
+// bfloat16 kernels round.
+constexpr uint16_t kMagnitude = 0x7FFF, kSign = 0x8000, kInfinity = 0x7F80;
+
+inline bool bf16_below_zero(uint16_t v) {
+  const uint16_t magnitude = v & kMagnitude;
+  return (v & kSign) != 0 && magnitude != 0 && magnitude <= kInfinity;
+}
+inline bool bf16_at_most_zero(uint16_t v) {
+  const uint16_t magnitude = v & kMagnitude;
+  return magnitude == 0 || ((v & kSign) != 0 && magnitude <= kInfinity);
+}
+inline uint16_t bf16_scaled(uint16_t v, float slope) {
+  float f;
+  const uint32_t widened = uint32_t{v} << 16;
+  std::memcpy(&f, &widened, sizeof(f));
+  f *= slope;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+void bf16_activation_rows(const Block& h, const Block& z, Activation act, float slope) {
+  const auto* z_data = reinterpret_cast<const uint16_t*>(z.data<c10::BFloat16>());
+  auto* h_data = reinterpret_cast<uint16_t*>(h.data<c10::BFloat16>());
+  for (int64_t i = 0; i < z.rows; ++i) {
+    const uint16_t* in = z_data + i * z.row_stride;
+    uint16_t* out = h_data + i * h.row_stride;
+    if (act == Activation::ReLU) {
+      for (int64_t j = 0; j < z.cols; ++j) out[j] = bf16_below_zero(in[j]) ? uint16_t{0} : in[j];
+    } else if (act == Activation::LeakyReLU) {
+      for (int64_t j = 0; j < z.cols; ++j) out[j] = bf16_at_most_zero(in[j]) ? bf16_scaled(in[j], slope) : in[j];
+    } else if (out != in) {
+      std::memcpy(out, in, z.cols * sizeof(uint16_t));
+    }
+  }
+}
+
+void bf16_activation_grad_rows(const Block& dz, const Block& z, Activation act, float slope) {
+  const auto* z_data = reinterpret_cast<const uint16_t*>(z.data<c10::BFloat16>());
+  auto* dz_data = reinterpret_cast<uint16_t*>(dz.data<c10::BFloat16>());
+  for (int64_t i = 0; i < z.rows; ++i) {
+    const uint16_t* in = z_data + i * z.row_stride;
+    uint16_t* grad = dz_data + i * dz.row_stride;
+    // As the float loops: a NaN z passes ReLU's gradient and scales leaky ReLU's.
+    if (act == Activation::ReLU) {
+      for (int64_t j = 0; j < z.cols; ++j) grad[j] = bf16_at_most_zero(in[j]) ? uint16_t{0} : grad[j];
+    } else {
+      for (int64_t j = 0; j < z.cols; ++j) {
+        const bool positive = !bf16_at_most_zero(in[j]) && (in[j] & kMagnitude) <= kInfinity;
+        grad[j] = positive ? grad[j] : bf16_scaled(grad[j], slope);
+      }
     }
   }
 }
@@ -159,6 +237,7 @@ bool activation(const Block& h, const Block& z, Activation act, double negative_
   switch (z.base->scalar_type()) {
     case at::kFloat: activation_rows<float>(h, z, act, static_cast<float>(negative_slope)); return true;
     case at::kDouble: activation_rows<double>(h, z, act, negative_slope); return true;
+    case at::kBFloat16: bf16_activation_rows(h, z, act, static_cast<float>(negative_slope)); return true;
     default: return false;
   }
 }
@@ -169,6 +248,7 @@ bool activation_grad(const Block& dz, const Block& z, Activation act, double neg
   switch (z.base->scalar_type()) {
     case at::kFloat: activation_grad_rows<float>(dz, z, act, static_cast<float>(negative_slope)); return true;
     case at::kDouble: activation_grad_rows<double>(dz, z, act, negative_slope); return true;
+    case at::kBFloat16: bf16_activation_grad_rows(dz, z, act, static_cast<float>(negative_slope)); return true;
     default: return false;
   }
 }
@@ -211,6 +291,9 @@ const chain::GemmEngine& bf16_chain_engine() {
   static const chain::GemmEngine engine = [] {
     chain::GemmEngine bf16 = chain::aten_engine();
     bf16.groups_layers = &bf16_groups_layers;
+    if (bf16_tile_kernels_run()) bf16.gemm = &bf16_gemm;
+    bf16.activation = &activation;
+    bf16.activation_grad = &activation_grad;
     return bf16;
   }();
   return engine;

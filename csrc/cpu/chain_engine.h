@@ -29,9 +29,11 @@ const chain::GemmEngine& chain_engine(at::ScalarType dtype);
 // to float32 and runs this engine.
 bool native_bf16_gemm();
 
-// The engine for the hoisted chain on bfloat16 tensors (runs_bfloat16_chain): ATen's (every
-// product an ATen GEMM on views, oneDNN's bfloat16 kernels on a CPU; every activation ATen's),
-// with the CPU engine's rule for grouping layers by window (wide layers ungrouped).
+// The engine for the hoisted chain on bfloat16 tensors (runs_bfloat16_chain): products of up to
+// 2^24 multiply-adds on the AVX512_BF16 register tiles (bf16_tile_gemm.h) where PyTorch's kernels
+// use AVX-512, larger ones (and all elsewhere) ATen's GEMM on views (oneDNN's bfloat16 kernels);
+// ReLU, leaky ReLU and identity as the CPU engine's loops, other activations ATen's; layers
+// grouped by window up to w = 255.
 const chain::GemmEngine& bf16_chain_engine();
 
 }  // namespace spinal_ops::cpu

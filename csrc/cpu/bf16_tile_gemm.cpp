@@ -1,0 +1,327 @@
+// The bfloat16 chain's GEMMs on AVX512_BF16 register tiles (scheme in bf16_tile_gemm.h).
+#include "bf16_tile_gemm.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SPINAL_HAVE_BF16_PATH 1
+#include <immintrin.h>
+#define SPINAL_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
+#else
+#define SPINAL_HAVE_BF16_PATH 0
+#endif
+
+namespace spinal_ops::cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;          // fp32 lanes (bfloat16 pairs) of a zmm register
+constexpr int64_t kMaxPanelVectors = 4;  // 4 x 16 columns: 16 accumulators for a 4-row tile
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kRowBlock = 64;  // rows of c per task
+constexpr int64_t kDepthPairs = 64;  // depth (in pairs) per chunk: 64 x 64 columns = 16 KB of the panel
+// The largest products (multiply-adds) bf16_tile_gemm takes. Against oneDNN on views (1 thread, AMD
+// EPYC with AVX512_BF16; this limit and 0, every product oneDNN's, in alternating rounds of one
+// process): vgg5 at batch 64 ran inference in 0.28 against 0.56 ms and training in 1.43 against
+// 2.25 ms, cifar_vgg's inference in 1.61 against 1.81 ms; 2^26 and no limit at all changed
+// resnet_head, cnn_cifar and batch 4096 by no more than the noise, so oneDNN's cache blocking keeps
+// the larger products. Reproduce: `spinal-bench --preset vgg5 cifar_vgg resnet_head cnn_cifar
+// --batch 64 4096 --backends cpu reference --dtype bfloat16 --threads 1` against a build with this
+// at 0 (and at 2^26).
+constexpr int64_t kMaxMultiplyAdds = int64_t{1} << 24;
+
+#if SPINAL_HAVE_BF16_PATH
+
+// A matrix of bfloat16 pairs, word (p, i) = x(i, 2p) | x(i, 2p + 1) << 16 at words[p * pair_step +
+// i * row_step]: a row-major operand read in place (row_step its row stride in words, pair_step 1)
+// or one packed pair-major (pair_step the packed row count, row_step 1).
+struct PairMatrix {
+  const uint32_t* words;
+  int64_t row_step;
+  int64_t pair_step;
+};
+
+uint32_t bits(const c10::BFloat16& v) { return v.x; }
+
+// The 16 x 16 matrix of 32-bit words in r[0..16) (r[i] its row i) transposed in place.
+SPINAL_AVX512_BF16 inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// Packs x(i, k) = data[i * rs + k * cs] (rows [0, rows), depth k) pair-major into out[p * ldo + i],
+// zero past k's end and past `rows` up to ldo (a multiple of kLanes).
+SPINAL_AVX512_BF16 void pack_pairs(const c10::BFloat16* data, int64_t rs, int64_t cs, int64_t rows, int64_t k,
+                                   uint32_t* out, int64_t ldo) {
+  const int64_t pairs = (k + 1) / 2;
+  if (rs == 1 || rows == 1) {
+    // x's columns are contiguous: two depth steps interleave 16 rows at a time.
+    const auto* raw = reinterpret_cast<const uint16_t*>(data);
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint16_t* lo = raw + 2 * p * cs;
+      const uint16_t* hi = 2 * p + 1 < k ? lo + cs : nullptr;
+      uint32_t* dst = out + p * ldo;
+      for (int64_t i = 0; i < ldo; i += kLanes) {
+        const __mmask16 mask = static_cast<__mmask16>(
+            i + kLanes <= rows ? 0xFFFF : (i < rows ? (1u << (rows - i)) - 1 : 0));
+        const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, lo + i));
+        const __m512i h = hi ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, hi + i)) : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + i, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+      }
+    }
+    return;
+  }
+  if (cs == 1) {
+    // x's rows are contiguous: 16 rows by 16 pairs loaded as vectors and transposed.
+    const int64_t rounded_rows = (rows + kLanes - 1) / kLanes * kLanes;
+    for (int64_t i0 = 0; i0 < rounded_rows; i0 += kLanes) {
+      for (int64_t p0 = 0; p0 < pairs; p0 += kLanes) {
+        const int64_t elements = k - 2 * p0;
+        const __mmask32 mask = elements >= 2 * kLanes ? 0xFFFFFFFFu : (1u << elements) - 1;
+        __m512i block[kLanes];
+        for (int64_t r = 0; r < kLanes; ++r) {
+          block[r] = i0 + r < rows ? _mm512_maskz_loadu_epi16(mask, data + (i0 + r) * rs + 2 * p0)
+                                   : _mm512_setzero_si512();
+        }
+        transpose16(block);
+        for (int64_t q = 0; q < std::min(kLanes, pairs - p0); ++q) _mm512_storeu_si512(out + (p0 + q) * ldo + i0, block[q]);
+      }
+    }
+    for (int64_t i = rounded_rows; i < ldo; ++i) {
+      for (int64_t p = 0; p < pairs; ++p) out[p * ldo + i] = 0;
+    }
+    return;
+  }
+  for (int64_t i = 0; i < ldo; ++i) {
+    if (i >= rows) {
+      for (int64_t p = 0; p < pairs; ++p) out[p * ldo + i] = 0;
+      continue;
+    }
+    const c10::BFloat16* row = data + i * rs;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint32_t lo = bits(row[2 * p * cs]);
+      const uint32_t hi = 2 * p + 1 < k ? bits(row[(2 * p + 1) * cs]) : 0;
+      out[p * ldo + i] = lo | (hi << 16);
+    }
+  }
+}
+
+__mmask16 column_mask(int64_t columns) {
+  if (columns <= 0) return 0;
+  return static_cast<__mmask16>(columns >= kLanes ? 0xFFFF : (1u << columns) - 1);
+}
+
+SPINAL_AVX512_BF16 inline __m512 widen(const c10::BFloat16* src, __mmask16 mask) {
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+// Where a tile's sum starts and where it goes: the first depth chunk starts from c (accumulate),
+// the bias row or zero, later ones from the fp32 partial tile; the last chunk rounds into c,
+// earlier ones store the partial tile.
+struct TileEnds {
+  bool first, last, accumulate;
+  const c10::BFloat16* bias;
+  float* partial;  // [kTileRows][kMaxPanelVectors * kLanes]
+};
+
+// c[0:valid, 0:columns) (or the partial tile) = start + sum over pairs p of a(r, p) . panel(p, :),
+// the panel V vectors wide; rows past `valid` repeat the last one and are not stored.
+template <int V>
+SPINAL_AVX512_BF16 void tile(const uint32_t* const* a_rows, int64_t a_step, int64_t pairs, const uint32_t* panel,
+                             int64_t valid, int64_t columns, c10::BFloat16* c, int64_t ldc, const TileEnds& ends) {
+  constexpr int64_t kPartialStride = kMaxPanelVectors * kLanes;
+  __m512 acc[kTileRows][V];
+  __mmask16 masks[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) masks[v] = column_mask(columns - v * kLanes);
+#pragma GCC unroll 4
+  for (int r = 0; r < kTileRows; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (!ends.first) {
+        acc[r][v] = _mm512_loadu_ps(ends.partial + r * kPartialStride + v * kLanes);
+      } else if (ends.accumulate && r < valid) {
+        acc[r][v] = widen(c + r * ldc + v * kLanes, masks[v]);
+      } else if (ends.bias) {
+        acc[r][v] = widen(ends.bias + v * kLanes, masks[v]);
+      } else {
+        acc[r][v] = _mm512_setzero_ps();
+      }
+    }
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh bv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(panel + (p * V + v) * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a_rows[r][p * a_step]));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kTileRows; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      if (!ends.last) {
+        _mm512_storeu_ps(ends.partial + r * kPartialStride + v * kLanes, acc[r][v]);
+      } else if (r < valid) {
+        const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(acc[r][v]);
+        _mm256_mask_storeu_epi16(c + r * ldc + v * kLanes, masks[v], rounded);
+      }
+    }
+  }
+}
+
+struct Product {
+  int64_t m, n, k, pairs;
+  PairMatrix a;
+  const uint32_t* packed_b;  // panel-major: panel from vector f at packed_b + pairs * f * kLanes
+  c10::BFloat16* c;
+  int64_t ldc;
+  bool accumulate;
+  const c10::BFloat16* bias;
+};
+
+// c[row0 : row0 + rows, panel's columns): the depth in chunks of kDepthPairs, each chunk's part of
+// the panel (at most 16 KB) read from L1 by every tile of the block, the tiles' sums carried
+// between chunks in fp32.
+SPINAL_AVX512_BF16 void run_block(const Product& p, int64_t row0, int64_t rows, int64_t first_vector, int vectors) {
+  alignas(64) float partial[kRowBlock / kTileRows][kTileRows * kMaxPanelVectors * kLanes];
+  const int64_t col0 = first_vector * kLanes, columns = std::min<int64_t>(vectors * kLanes, p.n - col0);
+  const uint32_t* panel = p.packed_b + p.pairs * first_vector * kLanes;
+  const c10::BFloat16* bias = p.bias ? p.bias + col0 : nullptr;
+  for (int64_t p0 = 0; p0 < p.pairs; p0 += kDepthPairs) {
+    const int64_t depth = std::min(kDepthPairs, p.pairs - p0);
+    const uint32_t* chunk = panel + p0 * vectors * kLanes;
+    for (int64_t i = row0; i < row0 + rows; i += kTileRows) {
+      const int64_t valid = std::min(kTileRows, row0 + rows - i);
+      const uint32_t* a_rows[kTileRows];
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        a_rows[r] = p.a.words + (i + std::min(r, valid - 1)) * p.a.row_step + p0 * p.a.pair_step;
+      }
+      const TileEnds ends{p0 == 0, p0 + depth == p.pairs, p.accumulate, bias, partial[(i - row0) / kTileRows]};
+      c10::BFloat16* out = p.c + i * p.ldc + col0;
+      switch (vectors) {
+        case 4: tile<4>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends); break;
+        case 3: tile<3>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends); break;
+        case 2: tile<2>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends); break;
+        default: tile<1>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends);
+      }
+    }
+  }
+}
+
+// b's columns in panels of kMaxPanelVectors vectors, the last one narrower; each packed
+// [pairs][panel columns] pair-major, back to back.
+SPINAL_AVX512_BF16 void pack_b(const Bf16Operand& b, int64_t k, int64_t n, int64_t pairs, uint32_t* packed) {
+  const int64_t vectors = (n + kLanes - 1) / kLanes;
+  for (int64_t f = 0; f < vectors; f += kMaxPanelVectors) {
+    const int64_t width = std::min(kMaxPanelVectors, vectors - f) * kLanes, col0 = f * kLanes;
+    // b's columns are the rows of the pair matrix.
+    pack_pairs(b.data + col0 * b.col_stride, b.col_stride, b.row_stride, std::min(width, n - col0), k,
+               packed + pairs * col0, width);
+  }
+}
+
+bool cpu_has_avx512_bf16_kernels() {
+  __builtin_cpu_init();
+  return at::get_cpu_capability() == "AVX512" && __builtin_cpu_supports("avx512bf16") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
+#endif  // SPINAL_HAVE_BF16_PATH
+
+}  // namespace
+
+bool bf16_tile_kernels_run() {
+#if SPINAL_HAVE_BF16_PATH
+  static const bool runs = cpu_has_avx512_bf16_kernels();
+  return runs;
+#else
+  return false;
+#endif
+}
+
+bool bf16_tile_gemm_fits(int64_t m, int64_t n, int64_t k) {
+  if (m == 0 || n == 0 || k == 0) return true;
+  return m <= kMaxMultiplyAdds / n / k;  // m * n * k <= the limit, without overflowing
+}
+
+bool bf16_tile_gemm(int64_t m, int64_t n, int64_t k, Bf16Operand a, Bf16Operand b, c10::BFloat16* c, int64_t ldc,
+                    bool accumulate, const c10::BFloat16* bias) {
+#if SPINAL_HAVE_BF16_PATH
+  if (!bf16_tile_kernels_run()) return false;
+  if (m == 0 || n == 0) return true;
+  const int64_t pairs = (k + 1) / 2, vectors = (n + kLanes - 1) / kLanes;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) {
+        c10::BFloat16* row = c + i * ldc;
+        if (bias) {
+          std::memcpy(row, bias, n * sizeof(c10::BFloat16));
+        } else {
+          std::fill(row, row + n, c10::BFloat16(0.f));
+        }
+      }
+    }
+    return true;
+  }
+  auto packed_b = std::make_unique_for_overwrite<uint32_t[]>(pairs * vectors * kLanes);
+  pack_b(b, k, n, pairs, packed_b.get());
+  // a in place where its rows are contiguous pairs, else packed pair-major.
+  std::unique_ptr<uint32_t[]> packed_a;
+  PairMatrix pa{reinterpret_cast<const uint32_t*>(a.data), a.row_stride / 2, 1};
+  const bool in_place = (a.col_stride == 1 || k == 1) && k % 2 == 0 && a.row_stride % 2 == 0 &&
+                        reinterpret_cast<uintptr_t>(a.data) % 4 == 0;
+  if (!in_place) {
+    const int64_t padded_rows = (m + kLanes - 1) / kLanes * kLanes;  // pack_pairs writes whole vectors
+    packed_a = std::make_unique_for_overwrite<uint32_t[]>(pairs * padded_rows);
+    pack_pairs(a.data, a.row_stride, a.col_stride, m, k, packed_a.get(), padded_rows);
+    pa = {packed_a.get(), 1, padded_rows};
+  }
+  const Product product{m, n, k, pairs, pa, packed_b.get(), c, ldc, accumulate, bias};
+  const int64_t panel_count = (vectors + kMaxPanelVectors - 1) / kMaxPanelVectors;
+  const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, panel_count * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row0 = task / panel_count * kRowBlock, panel = task % panel_count;
+      const int64_t first_vector = panel * kMaxPanelVectors;
+      run_block(product, row0, std::min(kRowBlock, m - row0), first_vector,
+                static_cast<int>(std::min(kMaxPanelVectors, vectors - first_vector)));
+    }
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace spinal_ops::cpu
