@@ -1,4 +1,5 @@
-"""The ``cpu`` backend: the native C++ op (csrc/cpu/) computing the whole chain in one call."""
+"""The ``cpu`` backend: the native C++ op (csrc/cpu/) computing the whole chain in one call, dropout
+included (its masks applied by the hoisted chain)."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,8 @@ class CpuBackend(OpPairBackend):
     name = "cpu"
     device_types = ("cpu",)
     dtypes = (torch.float32, torch.float64, torch.bfloat16)
+    # Dropout runs on the hoisted chain (csrc/cpu/forward.cpp); batch norm is not in the op.
+    runs_dropout = True
 
     def availability(self) -> Support:
         return extension_status()

@@ -7,6 +7,10 @@ or less on devices whose shared memory per block is smaller) or ``hoisted_forwar
 ``hoisted_backward`` (csrc/chain/hoisted_chain.h on cuBLAS: large batches and wide layers, and bfloat16 on
 GPUs without bf16 tensor cores, compute capability < 8.0 such as the T4). Both keep Z
 in the same layout and compute the same function.
+
+A training call with dropout runs the hoisted pair: it applies the masks itself, the native kernels
+have no dropout stage (the native ops, called directly with a dropout, route to the hoisted chain
+too).
 """
 from __future__ import annotations
 
@@ -107,6 +111,9 @@ def native_kernels_refusal(device: int, dtype: torch.dtype) -> str:
     return "" if known is None else known.refusals.get(dtype, "")
 
 
+DROPOUT_REASON = "hoisted cuBLAS chain: the native kernels have no dropout stage"
+
+
 def _refusal_reason(index: int, refusal: str) -> str:
     return f"hoisted cuBLAS chain: the native kernels do not run on device {index}: {refusal}"
 
@@ -136,6 +143,8 @@ def narrow_kernels_fit(config: SpinalConfig) -> bool:
 def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torch.device,
               training: bool) -> PathChoice:
     """The path the cuda backend runs for this call, and why."""
+    if config.dropout > 0:  # only a training call's config has one (eval runs inference_config())
+        return PathChoice("hoisted", DROPOUT_REASON)
     refusal = native_kernels_refusal(_device_index(device), dtype)
     if refusal:
         return PathChoice("hoisted", _refusal_reason(_device_index(device), refusal))
@@ -150,6 +159,8 @@ class CudaBackend(OpPairBackend):
     name = "cuda"
     device_types = ("cuda",)
     dtypes = CUDA_DTYPES
+    # Dropout runs on the hoisted pair (cuda_path); batch norm is not in the ops.
+    runs_dropout = True
 
     def availability(self) -> Support:
         if not extension_status():
@@ -167,6 +178,8 @@ class CudaBackend(OpPairBackend):
         if capability < MIN_COMPUTE_CAPABILITY:
             minimum = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
             return Support.no(f"needs compute capability >= {minimum}, device {index} has {capability[0]}.{capability[1]}")
+        if config.dropout > 0:
+            return Support.yes(DROPOUT_REASON)
         refusal = native_kernels_refusal(index, dtype)
         if refusal:
             return Support.yes(_refusal_reason(index, refusal))
