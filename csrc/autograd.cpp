@@ -6,7 +6,8 @@
 // Python registration in spinal_ops/ops.py:
 // * the forward saves x, Z (its second output, never differentiated), weight_in, weight_hidden and
 //   weight_out, and its activation, slope and TF32 choice: the backward runs with the forward's
-//   choice whatever the global flag says by then;
+//   choice whatever the global flag says by then; and its dropout seed (a 0-dim CPU tensor, kept as
+//   it is) and p, so that the backward recomputes the forward's masks;
 // * the backward is one call of the pair's backward op, whose output_mask asks only for the
 //   gradients autograd needs (a frozen input pays no dx, frozen weights no weight gradients);
 // * the backward op's own autograd node refuses a double backward with a clear error, and the
@@ -41,11 +42,11 @@ using OptionalTensor = std::optional<at::Tensor>;
 using ForwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                             const OptionalTensor&, const OptionalTensor&,
                                                             const OptionalTensor&, c10::string_view, double, bool,
-                                                            bool);
+                                                            bool, const OptionalTensor&, double);
 using Gradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using BackwardSignature = Gradients(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, const OptionalTensor&, std::array<bool, 6>, c10::string_view,
-                                    double, bool);
+                                    double, bool, const OptionalTensor&, double);
 
 enum class Pair { kNative, kHoisted };
 
@@ -80,10 +81,11 @@ struct NoDoubleBackward : torch::autograd::Function<NoDoubleBackward<P>> {
                                const at::Tensor& pre_activation, const at::Tensor& weight_in,
                                const at::Tensor& weight_hidden, const OptionalTensor& weight_out,
                                std::array<bool, 6> output_mask, c10::string_view activation, double negative_slope,
-                               bool allow_tf32) {
+                               bool allow_tf32, const OptionalTensor& dropout_seed, double dropout_p) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Gradients grads = backward_op<P>().call(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out,
-                                                   output_mask, activation, negative_slope, allow_tf32);
+                                                   output_mask, activation, negative_slope, allow_tf32, dropout_seed,
+                                                   dropout_p);
     return {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads),
             std::get<3>(grads), std::get<4>(grads), std::get<5>(grads)};
   }
@@ -98,7 +100,8 @@ template <Pair P>
 Gradients backward_autograd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation,
                             const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                             const OptionalTensor& weight_out, std::array<bool, 6> output_mask,
-                            c10::string_view activation, double negative_slope, bool allow_tf32) {
+                            c10::string_view activation, double negative_slope, bool allow_tf32,
+                            const OptionalTensor& dropout_seed, double dropout_p) {
   // A backward outside create_graph (grad mode off) needs no node to refuse a double backward:
   // call the op directly (a few µs per training step).
   if (!at::GradMode::is_enabled() ||
@@ -106,11 +109,11 @@ Gradients backward_autograd(const at::Tensor& grad_out, const at::Tensor& x, con
         weight_hidden.requires_grad() || (weight_out.has_value() && weight_out->requires_grad()))) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return backward_op<P>().call(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask,
-                                 activation, negative_slope, allow_tf32);
+                                 activation, negative_slope, allow_tf32, dropout_seed, dropout_p);
   }
   const variable_list grads = NoDoubleBackward<P>::apply(grad_out, x, pre_activation, weight_in, weight_hidden,
                                                          weight_out, output_mask, activation, negative_slope,
-                                                         allow_tf32);
+                                                         allow_tf32, dropout_seed, dropout_p);
   return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
 }
 
@@ -121,6 +124,10 @@ struct SpinalBackward : torch::autograd::Node {
   std::string activation;
   double negative_slope = 0;
   bool allow_tf32 = false;
+  // The forward's dropout: its seed (a 0-dim int64 CPU tensor, never differentiated or changed:
+  // held as it is) and p; the backward op recomputes the masks from them.
+  OptionalTensor dropout_seed;
+  double dropout_p = 0;
   // Which of the forward's tensor arguments (x, weight_in, weight_hidden, bias, weight_out,
   // bias_out) were given; an absent optional one has an empty edge and gets no gradient.
   std::array<bool, 6> given{};
@@ -136,6 +143,7 @@ struct SpinalBackward : torch::autograd::Node {
     weight_in.reset_data();
     weight_hidden.reset_data();
     weight_out.reset_data();
+    dropout_seed.reset();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -148,7 +156,7 @@ struct SpinalBackward : torch::autograd::Node {
     const Gradients computed = backward_autograd<P>(grad_out.contiguous(), x.unpack(), pre_activation.unpack(),
                                                     weight_in.unpack(), weight_hidden.unpack(),
                                                     present(weight_out.unpack()), output_mask, activation,
-                                                    negative_slope, allow_tf32);
+                                                    negative_slope, allow_tf32, dropout_seed, dropout_p);
     const at::Tensor all[6] = {std::get<0>(computed), std::get<1>(computed), std::get<2>(computed),
                                std::get<3>(computed), std::get<4>(computed), std::get<5>(computed)};
     for (size_t i = 0; i < 6; ++i) {
@@ -176,7 +184,8 @@ std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& x, const a
                                                     const at::Tensor& weight_hidden, const OptionalTensor& bias,
                                                     const OptionalTensor& weight_out, const OptionalTensor& bias_out,
                                                     c10::string_view activation, double negative_slope,
-                                                    bool allow_tf32, bool keep_pre_activation) {
+                                                    bool allow_tf32, bool keep_pre_activation,
+                                                    const OptionalTensor& dropout_seed, double dropout_p) {
   using torch::autograd::isFwGradDefined;
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(isFwGradDefined(x) || isFwGradDefined(weight_in) || isFwGradDefined(weight_hidden) || isFwGradDefined(bias) ||
@@ -187,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& x, const a
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     outputs = forward_op<P>().call(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation,
-                                   negative_slope, allow_tf32, keep_pre_activation);
+                                   negative_slope, allow_tf32, keep_pre_activation, dropout_seed, dropout_p);
   }
   // Nothing to differentiate (no_grad, inference mode, no input requiring grad): no node.
   if (!torch::autograd::compute_requires_grad(x, weight_in, weight_hidden, bias, weight_out, bias_out)) {
@@ -205,6 +214,8 @@ std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& x, const a
   node->activation = std::string(activation);
   node->negative_slope = negative_slope;
   node->allow_tf32 = allow_tf32;
+  node->dropout_seed = dropout_seed;
+  node->dropout_p = dropout_p;
   node->given = {true, true, true, bias.has_value(), weight_out.has_value(), bias_out.has_value()};
   torch::autograd::set_history(std::get<0>(outputs), node);
   return outputs;

@@ -9,10 +9,12 @@
 // Both op pairs share their schemas (string literals, concatenated by the preprocessor).
 #define SPINAL_FORWARD_ARGS                                                                                  \
   "(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, Tensor? bias_out, " \
-  "str activation, float negative_slope, bool allow_tf32=False, bool keep_pre_activation=True) -> (Tensor, Tensor)"
+  "str activation, float negative_slope, bool allow_tf32=False, bool keep_pre_activation=True, "              \
+  "Tensor? dropout_seed=None, float dropout_p=0.0) -> (Tensor, Tensor)"
 #define SPINAL_BACKWARD_ARGS                                                                                   \
   "(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, Tensor? weight_out, " \
-  "bool[6] output_mask, str activation, float negative_slope, bool allow_tf32=False) "                           \
+  "bool[6] output_mask, str activation, float negative_slope, bool allow_tf32=False, "                          \
+  "Tensor? dropout_seed=None, float dropout_p=0.0) "                                                             \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 // normed_*: a training call with batch norm (and dropout), layer by layer over the whole batch

@@ -27,6 +27,12 @@ A fourth pair, ``normed_forward`` / ``normed_backward`` (NORMED_FORWARD_SCHEMA,
 NORMED_BACKWARD_SCHEMA, also from ``_C``), runs a training call with batch norm (and dropout): see
 ``spinal_ops/backends/normed.py``.
 
+``dropout_seed`` (the 0-dim int64 CPU tensor of ``spinal_ops.dropout.draw_seed()``) and
+``dropout_p`` are a training call's dropout (contract §1, "Masks"): both ops apply the masks of that
+seed, the backward recomputing the forward's from the same two arguments (no mask is stored). With
+no seed or p = 0 the ops are exactly the layer without dropout. p outside [0, 1) and a seed that is
+not a 0-dim int64 CPU tensor raise before anything runs.
+
 The compiled pairs' autograd is in C++ (csrc/autograd.cpp), which spares a training step the
 Python between dispatcher and kernels; ``register_op_pair_autograd`` gives the triton pair the same.
 """
@@ -36,20 +42,34 @@ import torch
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, "
-    "Tensor? bias_out, str activation, float negative_slope, bool allow_tf32=False, bool keep_pre_activation=True) "
-    "-> (Tensor, Tensor)"
+    "Tensor? bias_out, str activation, float negative_slope, bool allow_tf32=False, bool keep_pre_activation=True, "
+    "Tensor? dropout_seed=None, float dropout_p=0.0) -> (Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, "
-    "Tensor? weight_out, bool[6] output_mask, str activation, float negative_slope, bool allow_tf32=False) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? weight_out, bool[6] output_mask, str activation, float negative_slope, bool allow_tf32=False, "
+    "Tensor? dropout_seed=None, float dropout_p=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 # output_mask / gradient order of the backward: x, weight_in, weight_hidden, bias, weight_out, bias_out.
 NUM_GRADS = 6
 
 
+def check_dropout_args(dropout_seed, dropout_p) -> None:
+    """The op pairs' dropout arguments, as the compiled ops check them (csrc/chain/dropout_factors.h)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise RuntimeError(f"spinal_ops: dropout_p must be a probability in [0, 1), got {dropout_p}")
+    if dropout_seed is not None and not (
+        dropout_seed.dim() == 0 and dropout_seed.dtype == torch.int64 and dropout_seed.device.type == "cpu"
+    ):
+        raise RuntimeError(
+            "spinal_ops: dropout_seed must be a 0-dim int64 CPU tensor (spinal_ops.dropout.draw_seed()), got a "
+            f"{dropout_seed.dim()}-dim {dropout_seed.dtype} tensor on {dropout_seed.device}"
+        )
+
+
 def fake_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
-                 allow_tf32=False, keep_pre_activation=True):
+                 allow_tf32=False, keep_pre_activation=True, dropout_seed=None, dropout_p=0.0):
+    check_dropout_args(dropout_seed, dropout_p)
     num_layers, layer_width, _ = weight_in.shape
     hidden = num_layers * layer_width
     out_features = hidden if weight_out is None else weight_out.shape[0]
@@ -72,7 +92,8 @@ def gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask) -> lis
 
 
 def fake_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
-                  negative_slope, allow_tf32=False):
+                  negative_slope, allow_tf32=False, dropout_seed=None, dropout_p=0.0):
+    check_dropout_args(dropout_seed, dropout_p)
     return tuple(x.new_empty(shape) for shape in gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask))
 
 
@@ -124,11 +145,15 @@ def register_op_pair_autograd(forward_op, backward_op) -> None:
 
     def setup_context(ctx, inputs, output):
         x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope, *flags = inputs
-        ctx.save_for_backward(x, output[1], weight_in, weight_hidden, weight_out)
+        # flags: allow_tf32, keep_pre_activation, dropout_seed, dropout_p (those given).
+        dropout_seed = flags[2] if len(flags) > 2 else None
+        ctx.save_for_backward(x, output[1], weight_in, weight_hidden, weight_out, dropout_seed)
         ctx.activation = activation
         ctx.negative_slope = negative_slope
-        # The backward runs with the forward's TF32 choice, whatever the global flag is by then.
+        # The backward runs with the forward's TF32 choice, whatever the global flag is by then,
+        # and recomputes the forward's dropout masks from its seed and p.
         ctx.allow_tf32 = flags[0] if flags else False
+        ctx.dropout_p = flags[3] if len(flags) > 3 else 0.0
         # Z is never differentiated; without this autograd allocates and zero-fills a [B, L*w]
         # gradient for it on every backward (measurable on CPU at large batch).
         ctx.set_materialize_grads(False)
@@ -136,13 +161,13 @@ def register_op_pair_autograd(forward_op, backward_op) -> None:
     def backward(ctx, grad_out, _grad_pre_activation):
         if grad_out is None:  # only Z was used downstream, so no gradient flows
             return (None,) * len(ctx.needs_input_grad)
-        x, pre_activation, weight_in, weight_hidden, weight_out = ctx.saved_tensors
+        x, pre_activation, weight_in, weight_hidden, weight_out, dropout_seed = ctx.saved_tensors
         # Only what autograd asks for (None inputs never ask): a frozen input pays no dx, frozen
         # weights no weight gradients.
         output_mask = list(ctx.needs_input_grad[:NUM_GRADS])
         grads = backward_op(
             grad_out, x, pre_activation, weight_in, weight_hidden, weight_out,
-            output_mask, ctx.activation, ctx.negative_slope, ctx.allow_tf32,
+            output_mask, ctx.activation, ctx.negative_slope, ctx.allow_tf32, dropout_seed, ctx.dropout_p,
         )
         trailing = (None,) * (len(ctx.needs_input_grad) - NUM_GRADS)
         return (*(grad if wanted else None for grad, wanted in zip(grads, output_mask)), *trailing)

@@ -8,6 +8,8 @@ multiple of the reference's scale.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch.autograd.forward_ad as forward_ad
 import torch.utils._python_dispatch
 import torch.utils.checkpoint
 
+import spinal_ops.functional
 from spinal_ops.config import SpinalConfig, SpinalParams
 from spinal_ops.functional import apply_spinal, spinal_linear
 
@@ -135,13 +138,27 @@ def random_params(config: SpinalConfig, generator: torch.Generator, dtype=torch.
     return SpinalParams(**tensors)
 
 
-def _run(backend: str, x: torch.Tensor, params: SpinalParams, config: SpinalConfig, grad_out_seed: torch.Tensor):
-    """Output and gradients (x first, then parameters in SpinalParams order) of one forward+backward."""
+@contextlib.contextmanager
+def fixed_dropout_seed(seed: int):
+    """Every training call inside draws ``seed`` as its dropout seed (contract §1, "Masks"): each
+    backend then applies the same masks."""
+    with mock.patch.object(spinal_ops.functional, "draw_seed", lambda: torch.tensor(seed, dtype=torch.int64)):
+        yield
+
+
+def _run(backend: str, x: torch.Tensor, params: SpinalParams, config: SpinalConfig, grad_out_seed: torch.Tensor,
+         dropout_seed: int | None = None):
+    """Output and gradients (x first, then parameters in SpinalParams order) of one forward+backward;
+    a training call with that dropout seed when ``dropout_seed`` is given."""
     leaves = [x] + [p for p in params if p is not None]
     leaves = [t.detach().requires_grad_(True) for t in leaves]
     it = iter(leaves[1:])
     run_params = SpinalParams(*(None if p is None else next(it) for p in params))
-    y = apply_spinal(leaves[0], run_params, config, backend)
+    if dropout_seed is None:
+        y = apply_spinal(leaves[0], run_params, config, backend)
+    else:
+        with fixed_dropout_seed(dropout_seed):
+            y = apply_spinal(leaves[0], run_params, config, backend, training=True)
     # allow_unused: weight_hidden is empty and unused by the reference when L == 1.
     grads = torch.autograd.grad(
         y, leaves, grad_outputs=grad_out_seed.to(y.dtype).to(y.device), allow_unused=True, materialize_grads=True
@@ -158,10 +175,13 @@ def check_backend(
     seed: int = 0,
     x: torch.Tensor | None = None,
     params: SpinalParams | None = None,
+    dropout_seed: int | None = None,
 ) -> None:
     """Assert contract §4 for ``backend`` on one config: output and every gradient.
 
-    ``x`` and ``params`` (e.g. a trained layer's) replace the random input and parameters."""
+    ``x`` and ``params`` (e.g. a trained layer's) replace the random input and parameters.
+    ``dropout_seed``: a training call (the config's dropout) whose masks come from that seed, in the
+    backend and in both references alike."""
     generator = torch.Generator().manual_seed(seed)
     params64 = random_params(config, generator)
     if params is not None:
@@ -182,9 +202,9 @@ def check_backend(
     x64 = x_cast.to(torch.float64).cpu()
     params64 = SpinalParams(*(None if p is None else p.to(torch.float64).cpu() for p in params_cast))
     grad_out = grad_out.to(dtype).to(torch.float64)
-    expected = _run("reference", x64, params64, config, grad_out)
-    eager = _run("reference", x_cast, params_cast, config, grad_out)
-    got = _run(backend, x_cast, params_cast, config, grad_out)
+    expected = _run("reference", x64, params64, config, grad_out, dropout_seed)
+    eager = _run("reference", x_cast, params_cast, config, grad_out, dropout_seed)
+    got = _run(backend, x_cast, params_cast, config, grad_out, dropout_seed)
 
     names = ["output"] + [n for n, p in zip(GRAD_NAMES, [x64, *params64]) if p is not None]
     for name, ref, eag, out in zip(names, expected, eager, got):
@@ -279,10 +299,11 @@ def check_tf32_choice_reaches_backward(backend: str, config: SpinalConfig, forwa
 
 
 def check_gradient_masks(backend: str, config: SpinalConfig, backward_op: str, dtype=torch.float64,
-                         device="cpu", batch: int = 5) -> None:
+                         device="cpu", batch: int = 5, dropout_seed: int | None = None) -> None:
     """For every combination of requires_grad on x and the parameters: the backend's gradients
     equal the reference's where they exist, are None where they do not, and the backward op is
-    asked (output_mask) for exactly the gradients autograd needs."""
+    asked (output_mask) for exactly the gradients autograd needs. ``dropout_seed``: training calls
+    (the config's dropout) with that seed."""
     generator = torch.Generator().manual_seed(7)
     params = random_params(config, generator)
     x = torch.randn(batch, config.in_features, generator=generator, dtype=torch.float64)
@@ -295,7 +316,11 @@ def check_gradient_masks(backend: str, config: SpinalConfig, backward_op: str, d
         for name in ("reference", backend):
             leaves = [None if t is None else t.to(device, dtype, copy=True).requires_grad_(i in wanted)
                       for i, t in enumerate(present)]
-            y = apply_spinal(leaves[0], SpinalParams(*leaves[1:]), config, name)
+            if dropout_seed is None:
+                y = apply_spinal(leaves[0], SpinalParams(*leaves[1:]), config, name)
+            else:
+                with fixed_dropout_seed(dropout_seed):
+                    y = apply_spinal(leaves[0], SpinalParams(*leaves[1:]), config, name, training=True)
             with RecordedOps(backward_op) as recorded:
                 y.backward(grad_out.to(device, dtype))
             results[name] = [None if t is None else t.grad for t in leaves]

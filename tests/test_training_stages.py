@@ -1,12 +1,14 @@
 """Dropout and batch norm inside the layer (docs/contract.md §1): the counter-based generator, the
 masks and where they apply, batch norm against nn.BatchNorm1d written the authors' way, eval mode
-folded, and the backends that do not run them saying so."""
+folded, the cpu backend training with dropout, and the backends that do not run a stage saying so.
+The compiled op pairs' dropout in depth: tests/test_dropout_ops.py."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spinal_ops import BackendUnavailableError, SpinalConfig, SpinalLinear, available_backends, spinal_linear
+from spinal_ops.dispatch import get_backend
 from spinal_ops.dropout import keep_mask, keep_threshold, philox4x32
 
 F64 = torch.float64
@@ -211,7 +213,7 @@ def test_batch_norm_trains_like_batchnorm1d(momentum):
 
 
 @pytest.mark.skipif(not available_backends()["cpu"], reason="the cpu backend is not built here")
-def test_eval_mode_runs_on_the_op_pair_backends_and_training_says_where_it_runs():
+def test_eval_mode_runs_on_the_op_pair_backends_and_training_with_batch_norm_says_where_it_runs():
     torch.manual_seed(6)
     reference = SpinalLinear(12, 5, layer_width=4, num_layers=3, dropout=0.2, norm="batch", bias=False,
                              backend="reference", dtype=F64)
@@ -220,13 +222,32 @@ def test_eval_mode_runs_on_the_op_pair_backends_and_training_says_where_it_runs(
     cpu.load_state_dict(reference.state_dict())
     x = torch.randn(9, 12, dtype=F64)
     torch.testing.assert_close(cpu.eval()(x), reference.eval()(x), rtol=1e-12, atol=1e-12)
-    # Batch norm trains on the cpu backend (tests/test_batchnorm_ops.py); dropout alone does not yet.
-    dropout_only = SpinalLinear(12, 5, layer_width=4, num_layers=3, dropout=0.2, backend="cpu", dtype=F64)
-    with pytest.raises(BackendUnavailableError, match="dropout without batch norm has no compiled op pair yet; "
-                                                      "training with it runs on the reference"):
-        dropout_only(x)
-    auto = SpinalLinear(12, 5, layer_width=4, num_layers=3, dropout=0.2)
+    # cpu trains with both stages (tests/test_batchnorm_ops.py, tests/test_dropout_ops.py); a backend
+    # without a batch-norm stage says where such a training call runs.
+    triton = get_backend("triton")
+    support = triton.supports(cpu.config, torch.float32, torch.device("cuda"))
+    assert not support and "no batch-norm stage; training with batch norm runs on the reference" in support.reason
+    auto = SpinalLinear(12, 5, layer_width=4, num_layers=3, norm="batch")
     assert auto(torch.randn(4, 12)).shape == (4, 5)  # auto: the reference runs training
+
+
+@pytest.mark.skipif(not available_backends()["cpu"], reason="the cpu backend is not built here")
+def test_training_with_dropout_runs_on_the_cpu_backend(monkeypatch):
+    # The op pair applies the masks itself: the same numbers as the reference given the same seed.
+    torch.manual_seed(9)
+    reference = SpinalLinear(12, 5, layer_width=4, num_layers=3, dropout=0.2, backend="reference", dtype=F64)
+    cpu = SpinalLinear(12, 5, layer_width=4, num_layers=3, dropout=0.2, backend="cpu", dtype=F64)
+    cpu.load_state_dict(reference.state_dict())
+    seed = torch.tensor(24680)
+    monkeypatch.setattr("spinal_ops.functional.draw_seed", lambda: seed)
+    x = torch.randn(9, 12, dtype=F64, requires_grad=True)
+    got, expected = cpu(x), reference(x)
+    assert got.grad_fn.name() == "SpinalNativeBackward"
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got.square().sum(), [x, *cpu.parameters()])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *reference.parameters()])
+    for grad, grad_expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-12)
 
 
 def test_state_dict_round_trip_keeps_the_norm_state():

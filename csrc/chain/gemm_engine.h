@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../common/activation.h"
+#include "../common/philox.h"
 #include "../common/spinal_shape.h"
 #include "matrix_block.h"
 
@@ -36,26 +37,35 @@ struct GemmEngine {
   bool (*activation)(const Block& h, const Block& z, Activation act, double negative_slope) = nullptr;
   // dz *= phi'(z) in place (only activations whose derivative reads z; the chain handles the rest).
   bool (*activation_grad)(const Block& dz, const Block& z, Activation act, double negative_slope) = nullptr;
+  // out = a * b, or out += a * b (accumulate), element-wise on equally sized blocks (out may be a
+  // itself): a dropout mask applied, b its factors (dropout_factors.h), which may be of another
+  // dtype (float32 factors for half types).
+  bool (*multiply)(const Block& out, bool accumulate, const Block& a, const Block& b) = nullptr;
 
   // ---- the sequential recurrence as one loop of the engine's own ----
   // Whether the engine runs the whole recurrence of this call itself (narrow layers). Where it
   // does, the chain calls these two instead of one GEMM and one activation per layer. Columns:
   // `products`, `grad_z` and Z hold layer l at slot_offsets[l] (group-major); H, where it is
   // written separately, at hidden_offsets[l].
-  //   forward_recurrence, every row: z_l = products[slot_l] + h_{l-1} @ R_{l-1}^T (l > 0),
+  //   forward_recurrence, every row: z_l = products[slot_l] + (m_l * h_{l-1}) @ R_{l-1}^T (l > 0),
   //     h_l = phi(z_l); z_l to pre_activation when it is defined, h_l to `hidden` (which may be
   //     `products` itself: slot l is read before it is overwritten).
   //   backward_recurrence, every row from the last layer down: grad_z[slot_l] holds dH_l on entry
-  //     and dz_l = (dH_l + dz_{l+1} @ R_l) * phi'(z_l) on return, z_l from pre_activation; when
-  //     grad_weight_hidden is defined it gets dR_{l-1} = sum over rows of dz_l^T h_{l-1}.
+  //     and dz_l = (dH_l + m_{l+1} * (dz_{l+1} @ R_l)) * phi'(z_l) on return, z_l from
+  //     pre_activation; when grad_weight_hidden is defined it gets dR_{l-1} = sum over rows of
+  //     dz_l^T (m_l * h_{l-1}).
+  //   m_l: the dropout factors of h_{l-1} as layer l's input (Dropout::hidden_site(l); all 1 when
+  //   the dropout is inactive); `first_row` is the global row of the tensors' first row.
   bool (*runs_recurrence)(const SpinalShape& shape, at::ScalarType dtype) = nullptr;
   void (*forward_recurrence)(const at::Tensor& products, const std::vector<int64_t>& slot_offsets,
                              const at::Tensor& weight_hidden, Activation act, double negative_slope,
                              const at::Tensor& pre_activation, const at::Tensor& hidden,
-                             const std::vector<int64_t>& hidden_offsets) = nullptr;
+                             const std::vector<int64_t>& hidden_offsets, const Dropout& dropout,
+                             int64_t first_row) = nullptr;
   void (*backward_recurrence)(const at::Tensor& grad_z, const std::vector<int64_t>& slot_offsets,
                               const at::Tensor& pre_activation, const at::Tensor& weight_hidden, Activation act,
-                              double negative_slope, const at::Tensor& grad_weight_hidden) = nullptr;
+                              double negative_slope, const at::Tensor& grad_weight_hidden, const Dropout& dropout,
+                              int64_t first_row) = nullptr;
 
   // ---- block sizes and layer grouping (hoisted_chain.h) ----
   // Inference runs row blocks of at most this many elements of the [rows, L*w] buffer.
@@ -65,6 +75,10 @@ struct GemmEngine {
   int64_t training_block_elements = 0;
   // Whether layers reading the same window are grouped into one GEMM; null: always.
   bool (*groups_layers)(const SpinalShape& shape) = nullptr;
+  // Dropout factors are computed in row blocks of at most this many elements, each block shared by
+  // the products that use it, so that they are read from cache; 0: the whole batch at once (one
+  // kernel per use on a GPU).
+  int64_t dropout_block_elements = 0;
 };
 
 // ATen's engine: every member at its default. GPUs use it (the cuBLAS launches of ungrouped

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 
+#include "dropout_factors.h"
 #include "matrix_block.h"
 
 namespace spinal_ops::chain {
@@ -33,18 +34,19 @@ int64_t training_block_rows(const GemmEngine& engine, const SpinalShape& shape) 
 
 // Layers grouped by the input window they read: group g holds layers g, g+p, g+2p, ... where
 // p = N / gcd(N, s) is the period of the window starts (l*s) mod N. "Slots" number the layers
-// in group-major order. Where the engine leaves the layers ungrouped, every layer is its own
-// group (p taken as L): layer order.
+// in group-major order. Where the engine leaves the layers ungrouped, or a dropout gives each
+// layer its own x mask, every layer is its own group (p taken as L): layer order.
 struct LayerGroups {
   int64_t num_layers;
   int64_t window_period;  // N / gcd(N, s)
   int64_t period;         // the group stride: window_period, or L when layers are not grouped
   int64_t count;          // number of groups, min(period, L)
 
-  LayerGroups(const SpinalShape& shape, const GemmEngine& engine)
+  LayerGroups(const SpinalShape& shape, const GemmEngine& engine, const Dropout& dropout)
       : num_layers(shape.num_layers),
         window_period(shape.in_features / std::gcd(shape.in_features, shape.split_size)),
-        period(engine.groups_layers != nullptr && !engine.groups_layers(shape) ? shape.num_layers : window_period),
+        period(dropout.active || (engine.groups_layers != nullptr && !engine.groups_layers(shape)) ? shape.num_layers
+                                                                                                  : window_period),
         count(std::min(period, shape.num_layers)) {}
 
   int64_t size(int64_t group) const { return (num_layers - group + period - 1) / period; }
@@ -153,6 +155,72 @@ GroupedParams group_params(const SpinalShape& shape, const LayerGroups& groups, 
   return grouped;
 }
 
+// ---- dropout (hoisted_chain.h) ----
+
+// One product with dropout factors: out (+)= a * factors[:, factor_column : factor_column + a.cols].
+struct DropoutTerm {
+  Block out;
+  bool accumulate;
+  Block a;
+  int64_t factor_column;
+};
+
+// The terms' products with the factors of sites first_site .. first_site + width - 1 of rows
+// first_row .. first_row + rows - 1 (row r of each block is row first_row + r). The factors are
+// computed once for all the terms, in row blocks of at most GemmEngine::dropout_block_elements
+// (so that on a CPU they are read from cache, not memory), in factor_dtype(like's dtype).
+void apply_dropout(const GemmEngine& engine, const Dropout& dropout, int64_t first_row, int64_t rows,
+                   int64_t first_site, int64_t width, c10::ArrayRef<DropoutTerm> terms, const at::Tensor& like) {
+  if (rows == 0 || width == 0) return;
+  const int64_t block = engine.dropout_block_elements > 0
+                            ? std::min(rows, std::max<int64_t>(1, engine.dropout_block_elements / width))
+                            : rows;
+  const at::Tensor factors = at::empty({block, width}, like.options().dtype(factor_dtype(like.scalar_type())));
+  for (int64_t row = 0; row < rows; row += block) {
+    const int64_t count = std::min(block, rows - row);
+    dropout_factors_out(dropout, first_row + row, first_site, factors, count);
+    const Block part = Block::of(factors).row_range(0, count);
+    for (const DropoutTerm& term : terms) {
+      block_multiply(engine, term.out.row_range(row, count), term.accumulate, term.a.row_range(row, count),
+                     part.columns(term.factor_column, term.a.cols));
+    }
+  }
+}
+
+// `values` times the factors of sites first_site.. (its rows are rows first_row..) into a new
+// tensor of like's dtype.
+at::Tensor dropped_copy(const GemmEngine& engine, const Block& values, const Dropout& dropout, int64_t first_row,
+                        int64_t first_site, const at::Tensor& like) {
+  at::Tensor out = at::empty({values.rows, values.cols}, like.options());
+  apply_dropout(engine, dropout, first_row, values.rows, first_site, values.cols, {{Block::of(out), false, values, 0}},
+                like);
+  return out;
+}
+
+// Layer `layer`'s window of x_block's rows (rows first_row..) times its factors: [rows, s], the
+// window's pieces side by side as weight_in's columns meet them. With `grad_x`, also
+// grad_x's window columns (+)= window_grad * the same factors (the backward's dx; accumulate: add).
+at::Tensor dropped_window(const GemmEngine& engine, const SpinalShape& shape, const Dropout& dropout,
+                          int64_t first_row, const Block& x_block, int64_t layer, const at::Tensor& like,
+                          bool want_window = true, const Block* grad_x = nullptr, const Block* window_grad = nullptr,
+                          bool accumulate = false) {
+  at::Tensor out = want_window ? at::empty({x_block.rows, shape.split_size}, like.options()) : at::Tensor();
+  const std::vector<WindowPiece> pieces = window_pieces(shape, layer);
+  std::vector<DropoutTerm> terms;
+  for (const WindowPiece& piece : pieces) {
+    if (want_window) {
+      terms.push_back({Block::of(out).columns(piece.weight_start, piece.length), false,
+                       x_block.columns(piece.input_start, piece.length), piece.weight_start});
+    }
+    if (grad_x != nullptr) {
+      terms.push_back({grad_x->columns(piece.input_start, piece.length), accumulate,
+                       window_grad->columns(piece.weight_start, piece.length), piece.weight_start});
+    }
+  }
+  apply_dropout(engine, dropout, first_row, x_block.rows, dropout.window_site(layer), shape.split_size, terms, like);
+  return out;
+}
+
 // Whether the engine runs the whole recurrence as one loop of its own (narrow layers on a CPU:
 // csrc/cpu/narrow_recurrence.h) instead of one GEMM and one activation per layer.
 bool uses_narrow_recurrence(const GemmEngine& engine, const SpinalShape& shape, const at::Tensor& x) {
@@ -168,13 +236,17 @@ bool uses_narrow_recurrence(const GemmEngine& engine, const SpinalShape& shape, 
 // * narrow recurrence: one pass over the rows writes z_l to `pre_activation` (when defined, at
 //   the same slot offsets) and h_l over its own slot of `products` (or into out).
 // The projection reads H from `hidden` (or `products` on the narrow path).
+// With an active dropout (layers ungrouped: group g is layer g), each layer's GEMM reads its
+// window times its factors, the recurrence h_{l-1} times its, the projection H times its; x's
+// rows are rows first_row.. of the batch (the factors' row counters).
 void forward_rows(const GemmEngine& engine, const SpinalShape& shape, const LayerGroups& groups,
                   const GroupedParams& grouped, const at::Tensor& x, const at::Tensor& weight_hidden,
                   const std::optional<at::Tensor>& bias_out,
                   Activation act, double negative_slope, const at::Tensor& products, const at::Tensor& hidden,
-                  const at::Tensor& pre_activation, at::Tensor out) {
+                  const at::Tensor& pre_activation, at::Tensor out, const Dropout& dropout, int64_t first_row) {
   const int64_t w = shape.layer_width;
   const bool projection = grouped.weight_out.defined();
+  const bool drops = dropout.active;
   // Blocks, not views (matrix_block.h): at small batch the views would cost as much as the math.
   const Block x_block = Block::of(x), products_block = Block::of(products), out_block = Block::of(out);
   const Block weight_in_block = Block::of(grouped.weight_in);
@@ -186,6 +258,11 @@ void forward_rows(const GemmEngine& engine, const SpinalShape& shape, const Laye
     const Block weights = weight_in_block.row_range(first, width);
     const auto bias =
         grouped.bias ? std::optional<Block>(Block::row(*grouped.bias).columns(first, width)) : std::nullopt;
+    if (drops) {
+      const at::Tensor window = dropped_window(engine, shape, dropout, first_row, x_block, g, x);
+      block_gemm(engine, columns, false, bias, Block::of(window), weights.t());
+      continue;
+    }
     bool first_piece = true;
     for (const WindowPiece& piece : window_pieces(shape, g)) {
       block_gemm(engine, columns, !first_piece, bias, x_block.columns(piece.input_start, piece.length),
@@ -202,8 +279,12 @@ void forward_rows(const GemmEngine& engine, const SpinalShape& shape, const Laye
       for (int64_t layer = 0; layer < shape.num_layers; ++layer) hidden_offsets[layer] = layer * w;
     }
     engine.forward_recurrence(products, slots, weight_hidden, act, negative_slope, pre_activation,
-                              projection ? products : out, hidden_offsets);
-    if (projection) {
+                              projection ? products : out, hidden_offsets, dropout, first_row);
+    if (projection && drops) {
+      const at::Tensor dropped =
+          dropped_copy(engine, products_block, dropout, first_row, dropout.projection_site(), x);
+      block_gemm(engine, out_block, false, bias_out_block, Block::of(dropped), Block::of(grouped.weight_out).t());
+    } else if (projection) {
       block_gemm(engine, out_block, false, bias_out_block, products_block, Block::of(grouped.weight_out).t());
     }
     return;
@@ -212,14 +293,22 @@ void forward_rows(const GemmEngine& engine, const SpinalShape& shape, const Laye
   Block previous_hidden;  // h_{l-1}
   for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
     const Block z = products_block.columns(slots[layer], w);
-    if (layer > 0) {
+    if (layer > 0 && drops) {
+      const at::Tensor dropped = dropped_copy(engine, previous_hidden, dropout, first_row, dropout.hidden_site(layer), x);
+      block_gemm(engine, z, true, std::nullopt, Block::of(dropped), Block::matrix(weight_hidden, layer - 1).t());
+    } else if (layer > 0) {
       block_gemm(engine, z, true, std::nullopt, previous_hidden, Block::matrix(weight_hidden, layer - 1).t());
     }
     const Block h = hidden_block.columns(projection ? slots[layer] : layer * w, w);
     block_activation(engine, h, z, act, negative_slope);
     previous_hidden = h;
   }
-  if (projection) block_gemm(engine, out_block, false, bias_out_block, hidden_block, Block::of(grouped.weight_out).t());
+  if (projection && drops) {
+    const at::Tensor dropped = dropped_copy(engine, hidden_block, dropout, first_row, dropout.projection_site(), x);
+    block_gemm(engine, out_block, false, bias_out_block, Block::of(dropped), Block::of(grouped.weight_out).t());
+  } else if (projection) {
+    block_gemm(engine, out_block, false, bias_out_block, hidden_block, Block::of(grouped.weight_out).t());
+  }
 }
 
 // Activations whose derivative is a function of their output (PyTorch's own backward of these
@@ -278,8 +367,9 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const GemmEngine& engine, con
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& weight_out,
                                                    const std::optional<at::Tensor>& bias_out, Activation act,
-                                                   double negative_slope, bool keep_pre_activation) {
-  const LayerGroups groups(shape, engine);
+                                                   double negative_slope, bool keep_pre_activation,
+                                                   const Dropout& dropout) {
+  const LayerGroups groups(shape, engine, dropout);
   const GroupedParams grouped = group_params(shape, groups, weight_in, bias, weight_out);
   const int64_t batch = shape.batch, hidden = shape.hidden();
   const auto options = x.options();
@@ -305,10 +395,10 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const GemmEngine& engine, con
       if (narrow) {
         const at::Tensor products_part = part(products);
         forward_rows(engine, shape, groups, grouped, x_part, weight_hidden, bias_out, act, negative_slope,
-                     products_part, products_part, saved_part, out_part);
+                     products_part, products_part, saved_part, out_part, dropout, row);
       } else {
         forward_rows(engine, shape, groups, grouped, x_part, weight_hidden, bias_out, act, negative_slope, saved_part,
-                     in_place ? saved_part : part(hidden_act), at::Tensor(), out_part);
+                     in_place ? saved_part : part(hidden_act), at::Tensor(), out_part, dropout, row);
       }
     }
     return {out, saved};
@@ -320,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward(const GemmEngine& engine, con
       const int64_t rows = std::min(block, batch - row);
       const at::Tensor block_buffer = buffer.narrow(0, 0, rows);  // products, then Z and H in place
       forward_rows(engine, shape, groups, grouped, x.narrow(0, row, rows), weight_hidden, bias_out, act, negative_slope,
-                   block_buffer, block_buffer, at::Tensor(), out.narrow(0, row, rows));
+                   block_buffer, block_buffer, at::Tensor(), out.narrow(0, row, rows), dropout, row);
     }
   }
   return {out, at::empty({0}, options)};
@@ -331,16 +421,18 @@ std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const Spina
                                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                                            const at::Tensor& weight_hidden,
                                            const std::optional<at::Tensor>& weight_out, Activation act,
-                                           double negative_slope, const GradMask& mask) {
+                                           double negative_slope, const GradMask& mask, const Dropout& dropout) {
   const auto options = x.options();
   std::array<at::Tensor, 6> grads;
   for (at::Tensor& grad : grads) grad = at::empty({0}, options);
   const bool projection = weight_out.has_value();
   const bool need_dz = mask[kGradX] || mask[kGradWeightIn] || mask[kGradWeightHidden] || mask[kGradBias];
   const int64_t batch = shape.batch, w = shape.layer_width, num_layers = shape.num_layers, hidden = shape.hidden();
+  const bool drops = dropout.active;
 
-  // Z, dZ and H = phi(Z) are in group-major order: each layer's z_l, dz_l and h_l in its slot.
-  const LayerGroups groups(shape, engine);
+  // Z, dZ and H = phi(Z) are in group-major order: each layer's z_l, dz_l and h_l in its slot
+  // (layer order under dropout, whose layers are not grouped).
+  const LayerGroups groups(shape, engine, dropout);
   // Blocks, not views (matrix_block.h).
   const auto slot_columns = [&](const at::Tensor& t, int64_t layer) {
     return Block::of(t).columns(groups.slot(layer) * w, w);
@@ -359,23 +451,35 @@ std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const Spina
     hidden_act = at::empty({batch, hidden}, options);
     apply_activation(hidden_act, pre_activation, act, negative_slope);
   }
+  // dZ, starting from dH = G @ W_out (or G itself without projection). Under dropout H's factors
+  // (as the projection's input) scale dH and, in one pass with it, H for dW_out.
+  at::Tensor grad_z;
+  at::Tensor projection_input = hidden_act;  // what dW_out multiplies: H, or H times its factors
+  const bool dropped_projection_input = drops && projection && mask[kGradWeightOut];
+  if (dropped_projection_input) projection_input = at::empty({batch, hidden}, options);
+  if (projection && need_dz) {
+    const at::Tensor by_layer = weight_out->view({shape.out_features, num_layers, w});
+    const at::Tensor grouped_weight_out = to_group_major(by_layer, 1, groups).reshape({shape.out_features, hidden});
+    grad_z = at::empty({batch, hidden}, options);
+    block_gemm(engine, Block::of(grad_z), false, std::nullopt, Block::of(grad_out), Block::of(grouped_weight_out));
+  }
+  if (drops && projection && (need_dz || mask[kGradWeightOut])) {
+    std::vector<DropoutTerm> terms;
+    if (need_dz) terms.push_back({Block::of(grad_z), false, Block::of(grad_z), 0});
+    if (dropped_projection_input) terms.push_back({Block::of(projection_input), false, Block::of(hidden_act), 0});
+    apply_dropout(engine, dropout, 0, batch, dropout.projection_site(), hidden, terms, x);
+  }
   if (projection && mask[kGradWeightOut]) {
     const int64_t m = shape.out_features;
     const at::Tensor grad_weight_out = at::empty({m, hidden}, options);  // group-major columns
-    block_gemm(engine, Block::of(grad_weight_out), false, std::nullopt, Block::of(grad_out).t(), Block::of(hidden_act));
+    block_gemm(engine, Block::of(grad_weight_out), false, std::nullopt, Block::of(grad_out).t(),
+               Block::of(projection_input));
     grads[kGradWeightOut] = to_layer_order(grad_weight_out.view({m, num_layers, w}), 1, groups).view({m, hidden});
   }
   if (projection && mask[kGradBiasOut]) grads[kGradBiasOut] = grad_out.sum(0);
   if (!need_dz) return grads;
 
-  // dZ, starting from dH = G @ W_out (or G itself without projection).
-  at::Tensor grad_z;
-  if (projection) {
-    const at::Tensor by_layer = weight_out->view({shape.out_features, num_layers, w});
-    const at::Tensor grouped_weight_out = to_group_major(by_layer, 1, groups).reshape({shape.out_features, hidden});
-    grad_z = at::empty({batch, hidden}, options);
-    block_gemm(engine, Block::of(grad_z), false, std::nullopt, Block::of(grad_out), Block::of(grouped_weight_out));
-  } else {
+  if (!projection) {
     // dZ is built in place: a copy of G (to_group_major returns a new tensor unless the order is
     // already layer order, and then G itself).
     grad_z = groups.is_layer_order()
@@ -385,9 +489,11 @@ std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const Spina
   if (mask[kGradWeightHidden]) grads[kGradWeightHidden] = at::empty_like(weight_hidden);
   if (narrow) {
     engine.backward_recurrence(grad_z, groups.slot_offsets(w), pre_activation, weight_hidden, act, negative_slope,
-                               mask[kGradWeightHidden] ? grads[kGradWeightHidden] : at::Tensor());
+                               mask[kGradWeightHidden] ? grads[kGradWeightHidden] : at::Tensor(), dropout, 0);
   } else {
     const int64_t block = training_block_rows(engine, shape);
+    // dz_{l+1} @ R_{l+1} of a block's rows before its factors scale it (dropout only).
+    const at::Tensor recurrent_product = drops ? at::empty({std::min(block, batch), w}, options) : at::Tensor();
     for (int64_t row = 0; row < batch; row += block) {
       const int64_t rows = std::min(block, batch - row);
       const auto slot_rows = [&](const at::Tensor& t, int64_t layer) {
@@ -396,7 +502,12 @@ std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const Spina
       Block next_dz;  // dz_{l+1}
       for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
         const Block dz = slot_rows(grad_z, layer);
-        if (layer + 1 < num_layers) {
+        if (layer + 1 < num_layers && drops) {
+          // dz_l += (dz_{l+1} @ R_{l+1}) * the factors of h_l as layer l+1's input.
+          const Block product = Block::of(recurrent_product).row_range(0, rows);
+          block_gemm(engine, product, false, std::nullopt, next_dz, Block::matrix(weight_hidden, layer));
+          apply_dropout(engine, dropout, row, rows, dropout.hidden_site(layer + 1), w, {{dz, true, product, 0}}, x);
+        } else if (layer + 1 < num_layers) {
           block_gemm(engine, dz, true, std::nullopt, next_dz, Block::matrix(weight_hidden, layer));
         }
         const Block h = hidden_act.defined() ? slot_rows(hidden_act, layer) : Block();
@@ -410,12 +521,44 @@ std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const Spina
 
   if (mask[kGradWeightHidden] && !narrow) {
     for (int64_t layer = 1; layer < num_layers; ++layer) {
+      const Block previous = slot_columns(hidden_act, layer - 1);
+      const at::Tensor dropped =
+          drops ? dropped_copy(engine, previous, dropout, 0, dropout.hidden_site(layer), x) : at::Tensor();
       block_gemm(engine, Block::matrix(grads[kGradWeightHidden], layer - 1), false, std::nullopt,
-                 slot_columns(grad_z, layer).t(), slot_columns(hidden_act, layer - 1));
+                 slot_columns(grad_z, layer).t(), drops ? Block::of(dropped) : previous);
     }
   }
   if (mask[kGradBias]) {
     grads[kGradBias] = to_layer_order(grad_z.sum(0).view({num_layers, w}), 0, groups);
+  }
+  if (drops && (mask[kGradWeightIn] || mask[kGradX])) {
+    // One layer per group: dW_in_l = dz_l^T @ (x window * factors), and the window's columns of dx
+    // get (dz_l @ A_l) * factors, written by the layers whose windows tile x once, else added; the
+    // layer's factors (its own mask of x) computed once for both.
+    const bool tiles_once = mask[kGradX] && groups.windows_tile_once(shape);
+    at::Tensor grad_x;
+    if (mask[kGradX]) grad_x = tiles_once ? at::empty_like(x) : at::zeros_like(x);
+    const at::Tensor grad_weight_in = mask[kGradWeightIn] ? at::empty_like(weight_in) : at::Tensor();
+    const at::Tensor window_product = mask[kGradX] ? at::empty({batch, shape.split_size}, options) : at::Tensor();
+    const Block x_block = Block::of(x);
+    for (int64_t layer = 0; layer < num_layers; ++layer) {
+      const Block dz = slot_columns(grad_z, layer);
+      if (mask[kGradX]) {
+        block_gemm(engine, Block::of(window_product), false, std::nullopt, dz, Block::matrix(weight_in, layer));
+      }
+      const Block grad_x_block = mask[kGradX] ? Block::of(grad_x) : Block();
+      const Block window_grad = mask[kGradX] ? Block::of(window_product) : Block();
+      const at::Tensor window =
+          dropped_window(engine, shape, dropout, 0, x_block, layer, x, mask[kGradWeightIn],
+                         mask[kGradX] ? &grad_x_block : nullptr, &window_grad,
+                         !tiles_once || layer >= groups.window_period);
+      if (mask[kGradWeightIn]) {
+        block_gemm(engine, Block::matrix(grad_weight_in, layer), false, std::nullopt, dz.t(), Block::of(window));
+      }
+    }
+    if (mask[kGradWeightIn]) grads[kGradWeightIn] = grad_weight_in;
+    if (mask[kGradX]) grads[kGradX] = grad_x;
+    return grads;
   }
   if (mask[kGradWeightIn]) {
     const at::Tensor grouped = at::empty({hidden, shape.split_size}, options);

@@ -39,6 +39,16 @@
 // The GEMMs and activations work on blocks of the tensors (matrix_block.h), which the engine may
 // run on pointers with no view made per block.
 //
+// Dropout (contract §1, "Masks"; an active `dropout`): each layer's window of x, h_{l-1} as layer
+// l's input and H as the projection's input are multiplied by their factors (dropout_factors.h:
+// 0 or 1/(1-p), from the seed and the site's counter) where they are read, never stored, and the
+// backward recomputes the same factors. Layers are then not grouped by window (each layer's x mask
+// differs, so two layers no longer read the same input): one input GEMM per layer, on the layer's
+// masked window, and Z in layer order. Per layer the forward makes the masked copy of its window
+// (and of h_{l-1}), the projection one of H; the backward scales dH by H's factors and dx's
+// products by the windows', and multiplies the weight gradients' inputs (x windows, h_{l-1}, H) by
+// theirs. The narrow recurrence applies h_{l-1}'s factors inside its row loop.
+//
 // Tensors come in the compute dtype (the CPU op upcasts bfloat16 first; cuBLAS computes half
 // types with fp32 accumulation itself) and contiguous. "The narrow recurrence" below is an
 // engine's own loop for the whole recurrence of narrow layers (GemmEngine::runs_recurrence).
@@ -51,6 +61,7 @@
 #include <tuple>
 
 #include "../common/activation.h"
+#include "../common/philox.h"
 #include "../common/spinal_shape.h"
 #include "gemm_engine.h"
 
@@ -69,14 +80,15 @@ void multiply_by_activation_grad(at::Tensor dz, const at::Tensor& z, const at::T
 
 // (out, pre_activation): out is y [B, M] (H [B, L*w] without projection); pre_activation is what
 // hoisted_backward reads, Z or H [B, L*w] in group-major order (see above), when
-// keep_pre_activation, else an empty [0] tensor.
+// keep_pre_activation, else an empty [0] tensor. The backward takes the forward's `dropout`.
 std::tuple<at::Tensor, at::Tensor> hoisted_forward(const GemmEngine& engine, const SpinalShape& shape,
                                                    const at::Tensor& x, const at::Tensor& weight_in,
                                                    const at::Tensor& weight_hidden,
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::optional<at::Tensor>& weight_out,
                                                    const std::optional<at::Tensor>& bias_out, Activation act,
-                                                   double negative_slope, bool keep_pre_activation);
+                                                   double negative_slope, bool keep_pre_activation,
+                                                   const Dropout& dropout = Dropout{});
 
 // (grad_x, grad_weight_in, grad_weight_hidden, grad_bias, grad_weight_out, grad_bias_out); a
 // slot whose mask entry is false holds an empty [0] tensor.
@@ -85,6 +97,7 @@ std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const Spina
                                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                                            const at::Tensor& weight_hidden,
                                            const std::optional<at::Tensor>& weight_out, Activation act,
-                                           double negative_slope, const GradMask& mask);
+                                           double negative_slope, const GradMask& mask,
+                                           const Dropout& dropout = Dropout{});
 
 }  // namespace spinal_ops::chain

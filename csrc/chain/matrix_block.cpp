@@ -35,6 +35,16 @@ void block_activation(const GemmEngine& engine, const Block& h, const Block& z, 
   apply_activation(h.view(), z.view(), act, negative_slope);
 }
 
+void block_multiply(const GemmEngine& engine, const Block& out, bool accumulate, const Block& a, const Block& b) {
+  if (engine.multiply != nullptr && engine.multiply(out, accumulate, a, b)) return;
+  at::Tensor target = out.view();
+  if (accumulate) {
+    target.addcmul_(a.view(), b.view());
+  } else {
+    at::mul_out(target, a.view(), b.view());
+  }
+}
+
 void block_activation_grad(const GemmEngine& engine, const Block& dz, const Block& z, const Block& h, Activation act,
                            double negative_slope) {
   if (act == Activation::Identity) return;

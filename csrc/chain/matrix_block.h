@@ -62,6 +62,11 @@ void block_gemm(const GemmEngine& engine, const Block& c, bool accumulate, const
 void block_activation(const GemmEngine& engine, const Block& h, const Block& z, Activation act,
                       double negative_slope);
 
+// out = a * b, or out += a * b (accumulate), element-wise (out may be a itself; b may be of
+// another floating dtype, e.g. float32 dropout factors of a bfloat16 a: computed in float32 and
+// rounded once as stored). On the engine's loop where it takes the call, else at::mul_out / addcmul_.
+void block_multiply(const GemmEngine& engine, const Block& out, bool accumulate, const Block& a, const Block& b);
+
 // dz *= phi'(z) in place, as chain::multiply_by_activation_grad computes it (h = phi(z)).
 void block_activation_grad(const GemmEngine& engine, const Block& dz, const Block& z, const Block& h, Activation act,
                            double negative_slope);

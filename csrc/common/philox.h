@@ -40,6 +40,7 @@ struct Dropout {
   uint64_t seed = 0;
   uint32_t threshold = 0;  // floor(p * 2^32): a word below it drops the element
   float scale = 1.0f;      // 1 / (1 - p), the factor of a kept element
+  double exact_scale = 1.0;  // the same in double: float64 tensors' factor (float's would cost them 1e-8)
   bool active = false;     // p > 0 and a seed given; otherwise every factor is 1
   int64_t split_size = 0;  // s
   int64_t layer_width = 0; // w
@@ -52,7 +53,8 @@ struct Dropout {
     d.seed = seed;
     d.active = p > 0.0;
     d.threshold = static_cast<uint32_t>(p * 4294967296.0);
-    d.scale = static_cast<float>(1.0 / (1.0 - p));
+    d.exact_scale = 1.0 / (1.0 - p);
+    d.scale = static_cast<float>(d.exact_scale);
     d.split_size = split_size;
     d.layer_width = layer_width;
     d.num_layers = num_layers;
@@ -70,12 +72,17 @@ struct Dropout {
   SPINAL_HOST_DEVICE int64_t sites_per_row() const {
     return projection_site() + (has_projection ? num_layers * layer_width : 0);
   }
+  SPINAL_HOST_DEVICE uint64_t counter(int64_t row, int64_t site) const {
+    return static_cast<uint64_t>(row) * static_cast<uint64_t>(sites_per_row()) + static_cast<uint64_t>(site);
+  }
+  // Whether site `site` of row `row` is kept (always, when inactive).
+  SPINAL_HOST_DEVICE bool keeps(int64_t row, int64_t site) const {
+    return !active || philox_first_word(seed, counter(row, site)) >= threshold;
+  }
   // The factor of site `site` of row `row`: 0 (dropped) or `scale` (kept); 1 when inactive.
   SPINAL_HOST_DEVICE float factor(int64_t row, int64_t site) const {
     if (!active) return 1.0f;
-    const uint64_t counter = static_cast<uint64_t>(row) * static_cast<uint64_t>(sites_per_row()) +
-                             static_cast<uint64_t>(site);
-    return philox_first_word(seed, counter) >= threshold ? scale : 0.0f;
+    return keeps(row, site) ? scale : 0.0f;
   }
 };
 

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../common/activation.h"
+#include "../common/philox.h"
 
 namespace spinal_ops::cpu {
 
@@ -41,21 +42,25 @@ inline int64_t backward_chunk_rows(int64_t rows) {
   return std::max(kMinChunkRows, (rows + kMaxChunks - 1) / kMaxChunks);
 }
 
-// For every row r: z_l = products[r, slot_l] + h_{l-1} @ R_{l-1}^T (l > 0), h_l = phi(z_l).
+// For every row r: z_l = products[r, slot_l] + (m_l * h_{l-1}) @ R_{l-1}^T (l > 0), h_l = phi(z_l).
 // z_l goes to pre_activation[r, slot_l] when it is defined (training), h_l to
 // hidden[r, hidden_offsets[l]:] (hidden may be `products` itself: slot l is read before it is
-// overwritten).
+// overwritten). m_l: the dropout factors of h_{l-1} as layer l's input (philox.h, computed per row
+// in the loop; 1 when the dropout is inactive); row r is row first_row + r of the batch.
 void narrow_forward_recurrence(const at::Tensor& products, const std::vector<int64_t>& slot_offsets,
                                const at::Tensor& weight_hidden, Activation act, double negative_slope,
                                const at::Tensor& pre_activation, const at::Tensor& hidden,
-                               const std::vector<int64_t>& hidden_offsets);
+                               const std::vector<int64_t>& hidden_offsets, const Dropout& dropout,
+                               int64_t first_row);
 
 // For every row r, from the last layer down: grad_z[r, slot_l] holds dH_l on entry and
-// dz_l = (dH_l + dz_{l+1} @ R_l) * phi'(z_l) on return, z_l read from pre_activation (layer order).
-// When grad_weight_hidden is defined it gets dR_{l-1} = sum_r dz_l^T h_{l-1} (h = phi(z)), summed
-// in the same pass: (L-1) w x w products that BLAS would run at a few GFLOP/s, one call each.
+// dz_l = (dH_l + m_{l+1} * (dz_{l+1} @ R_l)) * phi'(z_l) on return, z_l read from pre_activation
+// (layer order). When grad_weight_hidden is defined it gets dR_{l-1} = sum_r dz_l^T (m_l * h_{l-1})
+// (h = phi(z)), summed in the same pass: (L-1) w x w products that BLAS would run at a few GFLOP/s,
+// one call each. m_l as in the forward.
 void narrow_backward_recurrence(const at::Tensor& grad_z, const std::vector<int64_t>& slot_offsets,
                                 const at::Tensor& pre_activation, const at::Tensor& weight_hidden, Activation act,
-                                double negative_slope, const at::Tensor& grad_weight_hidden);
+                                double negative_slope, const at::Tensor& grad_weight_hidden, const Dropout& dropout,
+                                int64_t first_row);
 
 }  // namespace spinal_ops::cpu

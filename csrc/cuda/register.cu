@@ -9,6 +9,11 @@
 // defines spinal_ops::cuda_tile_kernel_max_width(), cuda_tile_kernel_width_limit(device, dtype,
 // allow_tf32) and cuda_native_kernels_refusal(device, dtype) (bf16 before compute capability 8.0),
 // the thresholds and reasons Python's CudaBackend.supports() reports, so they live in one place.
+//
+// Dropout (an active dropout_seed and dropout_p, contract §1): the tile and narrow kernels have no
+// dropout stage, so the native ops send such calls, forward and backward alike, to the hoisted
+// chain, which applies the masks (its factors from csrc/cuda/dropout_factors.cu); the cuda backend
+// picks the hoisted pair for them itself.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -17,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../chain/dropout_factors.h"
 #include "../chain/hoisted_chain.h"
 #include "backward_outputs.h"
 #include "kernels.h"
@@ -65,20 +71,23 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
                                                       const std::optional<at::Tensor>& weight_out_in,
                                                       const std::optional<at::Tensor>& bias_out_in,
                                                       c10::string_view activation, double negative_slope,
-                                                      bool allow_tf32, bool keep_pre_activation) {
+                                                      bool allow_tf32, bool keep_pre_activation,
+                                                      const std::optional<at::Tensor>& dropout_seed, double dropout_p) {
   const SpinalShape shape =
       check_spinal_shape(x_in, weight_in_in, weight_hidden_in, bias_in, weight_out_in, bias_out_in);
   check_cuda_inputs(x_in);
   const Activation act = parse_activation(activation);
+  const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
-  if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {  // too wide for this device's tiles
+  // Too wide for this device's tiles, or a dropout (which the native kernels do not apply).
+  if (dropout.active || !use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const CublasTf32Scope tf32(allow_tf32);
     return chain::hoisted_forward(chain::aten_engine(), shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
-                                  act, negative_slope, keep_pre_activation);
+                                  act, negative_slope, keep_pre_activation, dropout);
   }
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
   // The tiled kernel always writes Z (its projection reads it back): without keep_pre_activation it
@@ -95,23 +104,25 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> native_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& pre_activation_in,
     const at::Tensor& weight_in_in, const at::Tensor& weight_hidden_in, const std::optional<at::Tensor>& weight_out_in,
-    std::array<bool, 6> output_mask, c10::string_view activation, double negative_slope, bool allow_tf32) {
+    std::array<bool, 6> output_mask, c10::string_view activation, double negative_slope, bool allow_tf32,
+    const std::optional<at::Tensor>& dropout_seed, double dropout_p) {
   SpinalShape shape =
       check_backward_inputs(grad_out_in, x_in, pre_activation_in, weight_in_in, weight_hidden_in, weight_out_in);
   shape.has_bias = output_mask[chain::kGradBias];
   shape.has_bias_out = weight_out_in.has_value() && output_mask[chain::kGradBiasOut];
   check_cuda_inputs(x_in);
   const Activation act = parse_activation(activation);
+  const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const at::Tensor grad_out = grad_out_in.contiguous(), x = x_in.contiguous();
   const at::Tensor pre_activation = pre_activation_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto weight_out = contiguous(weight_out_in);
-  if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
+  if (dropout.active || !use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const CublasTf32Scope tf32(allow_tf32);
     const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out, x, pre_activation, weight_in,
-                                               weight_hidden, weight_out, act, negative_slope, output_mask);
+                                               weight_hidden, weight_out, act, negative_slope, output_mask, dropout);
     return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
   }
   // The tile and narrow kernels compute every gradient in their two launches; the mask only decides which
@@ -132,30 +143,35 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward_cuda(const at::Tensor& x, con
                                                         const std::optional<at::Tensor>& weight_out,
                                                         const std::optional<at::Tensor>& bias_out,
                                                         c10::string_view activation, double negative_slope,
-                                                        bool allow_tf32, bool keep_pre_activation) {
+                                                        bool allow_tf32, bool keep_pre_activation,
+                                                        const std::optional<at::Tensor>& dropout_seed,
+                                                        double dropout_p) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   check_cuda_inputs(x);
   const Activation act = parse_activation(activation);
+  const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const c10::cuda::CUDAGuard guard(x.device());
   const CublasTf32Scope tf32(allow_tf32);
   return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
                                 weight_hidden.contiguous(), contiguous(bias), contiguous(weight_out),
-                                contiguous(bias_out), act, negative_slope, keep_pre_activation);
+                                contiguous(bias_out), act, negative_slope, keep_pre_activation, dropout);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hoisted_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation, const at::Tensor& weight_in,
     const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out, std::array<bool, 6> output_mask,
-    c10::string_view activation, double negative_slope, bool allow_tf32) {
+    c10::string_view activation, double negative_slope, bool allow_tf32, const std::optional<at::Tensor>& dropout_seed,
+    double dropout_p) {
   const SpinalShape shape = check_backward_inputs(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out);
   check_cuda_inputs(x);
   const Activation act = parse_activation(activation);
+  const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const c10::cuda::CUDAGuard guard(x.device());
   const CublasTf32Scope tf32(allow_tf32);
   const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(),
                                              pre_activation.contiguous(), weight_in.contiguous(),
                                              weight_hidden.contiguous(), contiguous(weight_out), act, negative_slope,
-                                             output_mask);
+                                             output_mask, dropout);
   return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
 }
 

@@ -33,9 +33,11 @@ class Backend(abc.ABC):
     max_layer_width: Optional[int] = None
     # Why layers wider than max_layer_width do not run, for the error message.
     width_limit_reason: str = ""
-    # Whether forward() takes a training call's dropout and batch norm (``stages``); eval calls
-    # reach every backend with batch norm folded and no dropout.
-    runs_training_stages: bool = False
+    # Whether forward() takes a training call's dropout seed (``stages.dropout_seed``) and applies
+    # the masks, and whether it takes its batch-norm state (``stages.norm``); eval calls reach every
+    # backend with batch norm folded and no dropout.
+    runs_dropout: bool = False
+    runs_batch_norm: bool = False
 
     @abc.abstractmethod
     def availability(self) -> Support:
@@ -48,10 +50,15 @@ class Backend(abc.ABC):
             return Support.no(f"runs on {kinds} tensors only, got a tensor on {device}")
         if self.dtypes is not None and dtype not in self.dtypes:
             return Support.no(f"dtype {dtype} not supported ({_dtype_names(self.dtypes)})")
-        if config.has_training_stages and not self.runs_training_stages:
+        if config.dropout > 0 and not self.runs_dropout:
             return Support.no(
-                f"the {self.name} backend has no dropout or batch-norm stage; training with them runs on "
-                "the reference backend (eval mode runs here, batch norm folded into the weights)"
+                f"the {self.name} backend has no dropout stage; training with dropout runs on the cpu, cuda or "
+                "reference backend (eval mode runs here, without dropout)"
+            )
+        if config.norm is not None and not self.runs_batch_norm:
+            return Support.no(
+                f"the {self.name} backend has no batch-norm stage; training with batch norm runs on the reference "
+                "backend (eval mode runs here, batch norm folded into the weights)"
             )
         if self.max_layer_width is not None and config.layer_width > self.max_layer_width:
             return Support.no(
@@ -74,4 +81,4 @@ class Backend(abc.ABC):
     def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
                 stages: Optional[TrainingStages] = None) -> torch.Tensor:
         """The layer on a 2-D input; ``stages`` (a training call's dropout seed and batch-norm state)
-        only where ``runs_training_stages``."""
+        only where ``runs_dropout`` (a layer with dropout) or ``runs_batch_norm`` (with batch norm)."""

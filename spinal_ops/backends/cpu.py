@@ -1,4 +1,5 @@
-"""The ``cpu`` backend: the native C++ op (csrc/cpu/) computing the whole chain in one call."""
+"""The ``cpu`` backend: the native C++ op (csrc/cpu/) computing the whole chain in one call, dropout
+included (its masks applied by the hoisted chain)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -16,16 +17,16 @@ class CpuBackend(OpPairBackend):
     name = "cpu"
     device_types = ("cpu",)
     dtypes = (torch.float32, torch.float64, torch.bfloat16)
-    runs_training_stages = True  # batch norm (and dropout with it): the normed op pair
+    # Dropout alone runs in the native op (its masks applied by the hoisted chain, csrc/cpu/forward.cpp);
+    # batch norm, with or without dropout, on the normed op pair (backends/normed.py).
+    runs_dropout = True
+    runs_batch_norm = True
 
     def availability(self) -> Support:
         return extension_status()
 
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool):
         return torch.ops.spinal_ops.native_forward.default
-
-    def supports_call(self, config: SpinalConfig, dtype: torch.dtype, device: torch.device) -> Support:
-        return normed.supports_training(config)
 
     def forward(self, x: torch.Tensor, params: SpinalParams, config: SpinalConfig,
                 stages: Optional[TrainingStages] = None) -> torch.Tensor:

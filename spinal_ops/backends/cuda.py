@@ -7,6 +7,10 @@ or less on devices whose shared memory per block is smaller) or ``hoisted_forwar
 ``hoisted_backward`` (csrc/chain/hoisted_chain.h on cuBLAS: large batches and wide layers, and bfloat16 on
 GPUs without bf16 tensor cores, compute capability < 8.0 such as the T4). Both keep Z
 in the same layout and compute the same function.
+
+A training call with dropout runs the hoisted pair: it applies the masks itself, the native kernels
+have no dropout stage (the native ops, called directly with a dropout, route to the hoisted chain
+too).
 """
 from __future__ import annotations
 
@@ -108,6 +112,9 @@ def native_kernels_refusal(device: int, dtype: torch.dtype) -> str:
     return "" if known is None else known.refusals.get(dtype, "")
 
 
+DROPOUT_REASON = "hoisted cuBLAS chain: the native kernels have no dropout stage"
+
+
 def _refusal_reason(index: int, refusal: str) -> str:
     return f"hoisted cuBLAS chain: the native kernels do not run on device {index}: {refusal}"
 
@@ -137,6 +144,8 @@ def narrow_kernels_fit(config: SpinalConfig) -> bool:
 def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torch.device,
               training: bool) -> PathChoice:
     """The path the cuda backend runs for this call, and why."""
+    if config.dropout > 0:  # only a training call's config has one (eval runs inference_config())
+        return PathChoice("hoisted", DROPOUT_REASON)
     refusal = native_kernels_refusal(_device_index(device), dtype)
     if refusal:
         return PathChoice("hoisted", _refusal_reason(_device_index(device), refusal))
@@ -151,7 +160,10 @@ class CudaBackend(OpPairBackend):
     name = "cuda"
     device_types = ("cuda",)
     dtypes = CUDA_DTYPES
-    runs_training_stages = True  # batch norm (and dropout with it): the normed op pair
+    # Dropout alone runs on the hoisted pair (cuda_path); batch norm, with or without dropout, on the
+    # normed op pair (backends/normed.py).
+    runs_dropout = True
+    runs_batch_norm = True
 
     def availability(self) -> Support:
         if not extension_status():
@@ -169,11 +181,10 @@ class CudaBackend(OpPairBackend):
         if capability < MIN_COMPUTE_CAPABILITY:
             minimum = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
             return Support.no(f"needs compute capability >= {minimum}, device {index} has {capability[0]}.{capability[1]}")
-        training = normed.supports_training(config)
-        if not training:
-            return training
         if config.norm is not None:
             return Support.yes("normed op pair (ATen on cuBLAS) in training; native kernels or hoisted chain in eval")
+        if config.dropout > 0:
+            return Support.yes(DROPOUT_REASON)
         refusal = native_kernels_refusal(index, dtype)
         if refusal:
             return Support.yes(_refusal_reason(index, refusal))

@@ -18,19 +18,7 @@ import torch
 from ..config import SpinalConfig, SpinalNorm, SpinalParams, TrainingStages
 from .._extension import extension_status
 from ..ops import NORMED_NUM_GRADS
-from ..support import Support
 from .op_pair import tf32_allowed
-
-
-def supports_training(config: SpinalConfig) -> Support:
-    """Whether the normed pair runs this config's training call: it runs batch norm (with or
-    without dropout); dropout alone has no compiled op pair yet."""
-    if config.dropout > 0 and config.norm is None:
-        return Support.no(
-            "dropout without batch norm has no compiled op pair yet; training with it runs on the reference "
-            "backend (eval mode runs here)"
-        )
-    return Support.yes()
 
 
 def forward(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, stages: TrainingStages) -> torch.Tensor:

@@ -32,7 +32,9 @@ def needs_pre_activation(x: torch.Tensor, params) -> bool:
 
 
 class OpPairBackend(Backend):
-    """A backend whose forward is one call of an op pair's forward op (FORWARD_SCHEMA)."""
+    """A backend whose forward is one call of an op pair's forward op (FORWARD_SCHEMA). A training
+    call's dropout goes to the op as its seed and p (``runs_dropout``); the pair's autograd passes
+    both to the backward op, which recomputes the masks."""
 
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
         """The forward op (an OpOverload with FORWARD_SCHEMA) that runs this call."""
@@ -44,5 +46,9 @@ class OpPairBackend(Backend):
         op = self.forward_op(config, x, training)
         allow_tf32 = x.is_cuda and tf32_allowed(x.dtype)
         # Every op pair makes its tensor arguments contiguous itself (in C++ for the compiled ones).
-        out, _ = op(x, *params, config.activation, config.negative_slope, allow_tf32, training)
+        if stages is None:
+            out, _ = op(x, *params, config.activation, config.negative_slope, allow_tf32, training)
+        else:
+            out, _ = op(x, *params, config.activation, config.negative_slope, allow_tf32, training,
+                        stages.dropout_seed, config.dropout)
         return out

@@ -15,7 +15,8 @@ from .base import Backend
 
 class ReferenceBackend(Backend):
     name = "reference"
-    runs_training_stages = True
+    runs_dropout = True
+    runs_batch_norm = True
 
     def availability(self) -> Support:
         return Support.yes()

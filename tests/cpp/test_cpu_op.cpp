@@ -1,6 +1,7 @@
 // ctest: the CPU kernels of spinal_ops::native_forward / native_backward, called through the
 // dispatcher, against a naive loop implementation of contract §1 written independently of them
-// (its own column formula (l*s + j) mod N, its own activations and derivatives).
+// (its own column formula (l*s + j) mod N, its own activations and derivatives); and the CPU's
+// vectorised dropout words (chain::fill_factors) against the scalar Philox of common/philox.h.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -12,15 +13,18 @@
 #include <tuple>
 #include <vector>
 
+#include "../../csrc/chain/dropout_factors.h"
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                       const OptTensor&, const OptTensor&, const OptTensor&,
-                                                      c10::string_view, double, bool, bool);
+                                                      c10::string_view, double, bool, bool, const OptTensor&,
+                                                      double);
 using BackwardFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
-    std::array<bool, 6>, c10::string_view, double, bool);
+    std::array<bool, 6>, c10::string_view, double, bool, const OptTensor&, double);
 
 struct Case {
   const char* name;
@@ -170,11 +174,13 @@ bool check(const Case& c, at::ScalarType dtype, double rtol, double atol) {
   const OptTensor weight_out = cast(t.weight_out, dtype);
   auto [out, pre_activation] = forward.call(x, weight_in, weight_hidden, cast(t.bias, dtype), weight_out,
                                             cast(t.bias_out, dtype), c.activation, kSlope, /*allow_tf32=*/false,
-                                            /*keep_pre_activation=*/true);
+                                            /*keep_pre_activation=*/true, /*dropout_seed=*/std::nullopt,
+                                            /*dropout_p=*/0.0);
   // Every gradient that exists: x, weight_in, weight_hidden, bias, weight_out, bias_out.
   const std::array<bool, 6> mask = {true, true, true, c.bias, weight_out.has_value(), c.bias && weight_out};
   auto [gx, ga, gr, gb, gwo, gbo] = backward.call(t.grad_out.to(dtype), x, pre_activation, weight_in, weight_hidden,
-                                                   weight_out, mask, c.activation, kSlope, /*allow_tf32=*/false);
+                                                   weight_out, mask, c.activation, kSlope, /*allow_tf32=*/false,
+                                                   /*dropout_seed=*/std::nullopt, /*dropout_p=*/0.0);
   const std::vector<at::Tensor> got = {out, gx, ga, gr, gb, gwo, gbo};
   const char* names[] = {"out", "grad_x", "grad_weight_in", "grad_weight_hidden",
                          "grad_bias", "grad_weight_out", "grad_bias_out"};
@@ -198,6 +204,37 @@ bool check(const Case& c, at::ScalarType dtype, double rtol, double atol) {
   return ok;
 }
 
+// chain::fill_factors (Philox on 8 or 16 counters per vector where the CPU has AVX2 or AVX-512)
+// gives Dropout::factor's scalar result for every site of runs of 1..70 sites, at rows whose
+// counters cross 2^32 (the counter's high word) and far beyond, in float and double.
+bool check_dropout_factors() {
+  const spinal_ops::Dropout dropout = spinal_ops::Dropout::make(0x0123456789ABCDEFull, 0.37, 5, 3, 4, true);
+  const int64_t sites = dropout.sites_per_row();
+  const int64_t rows[] = {0, 1, (int64_t{1} << 32) / sites, (int64_t{1} << 32) / sites + 1, int64_t{1} << 40};
+  std::vector<float> factors(80);
+  std::vector<double> exact(80);
+  for (int64_t row : rows) {
+    for (int64_t first_site : {0, 3, 17}) {
+      for (int64_t count = 1; count <= 70; ++count) {
+        spinal_ops::chain::fill_factors(dropout, row, first_site, count, factors.data());
+        spinal_ops::chain::fill_factors(dropout, row, first_site, count, exact.data());
+        for (int64_t j = 0; j < count; ++j) {
+          const float expected = dropout.factor(row, first_site + j);
+          if (factors[j] != expected || (exact[j] != 0.0) != (expected != 0.0f) ||
+              (exact[j] != 0.0 && exact[j] != 1.0 / (1.0 - 0.37))) {
+            std::printf("FAIL dropout factors: row %lld, site %lld: %g / %g, expected %g\n",
+                        static_cast<long long>(row), static_cast<long long>(first_site + j), factors[j], exact[j],
+                        expected);
+            return false;
+          }
+        }
+      }
+    }
+  }
+  std::printf("ok   dropout factors\n");
+  return true;
+}
+
 }  // namespace
 
 int main() {
@@ -211,7 +248,7 @@ int main() {
       {"width_one_relu", 6, 9, 1, 5, 3, 2, true, "relu"},
       {"empty_batch", 0, 7, 4, 3, 4, 3, true, "tanh"},
   };
-  bool ok = true;
+  bool ok = check_dropout_factors();
   try {
     for (const Case& c : cases) {
       ok = check(c, at::kDouble, 1e-10, 1e-12) && ok;

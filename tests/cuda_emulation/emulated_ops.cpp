@@ -38,6 +38,7 @@ void inject_fault(DataGradArgs<T>& args) {
 #include "../../csrc/cuda/backward_outputs.h"
 #include "../../csrc/cuda/forward.cu"
 // host-only ATen code: the hoisted chain (run on ATen's engine, as register.cu runs it)
+#include "../../csrc/chain/dropout_factors.cpp"
 #include "../../csrc/chain/hoisted_chain.cpp"
 #include "../../csrc/chain/matrix_block.cpp"
 #include "../../csrc/common/spinal_shape.cpp"

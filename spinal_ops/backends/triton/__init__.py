@@ -39,6 +39,8 @@ class TritonBackend(OpPairBackend):
     dtypes = TRITON_DTYPES
     # No declared limit: the width check depends on the switch (settings.TILED), in supports_call.
     max_layer_width = None
+    # The Triton kernels have no dropout stage yet (op_pair.py refuses p > 0).
+    runs_dropout = False
 
     def availability(self) -> Support:
         if importlib.util.find_spec("triton") is None:
