@@ -21,7 +21,9 @@ function of their output, in the chain's group-major order. With ``keep_pre_acti
 (no gradient will be needed) Z is neither kept nor, where the backend can avoid it, computed,
 and an empty tensor is returned in its place. ``allow_tf32`` is the forward's TF32 choice, passed
 to the backward too. ``backward`` returns the gradients ``output_mask`` asks for in one call; the
-others are empty tensors.
+others are empty tensors. ``dropout_seed`` (the 0-dim int64 CPU tensor of ``dropout.draw_seed``)
+and ``dropout_p`` are a training call's dropout (contract §1, "Masks"): the backward gets the
+forward's seed and recomputes the same masks; without a seed, or with p = 0, there is no dropout.
 
 The compiled pairs' autograd is in C++ (csrc/autograd.cpp), which spares a training step the
 Python between dispatcher and kernels; ``register_op_pair_autograd`` gives the triton pair the same.
@@ -32,20 +34,22 @@ import torch
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, "
-    "Tensor? bias_out, str activation, float negative_slope, bool allow_tf32=False, bool keep_pre_activation=True) "
-    "-> (Tensor, Tensor)"
+    "Tensor? bias_out, str activation, float negative_slope, bool allow_tf32=False, bool keep_pre_activation=True, "
+    "Tensor? dropout_seed=None, float dropout_p=0.0) -> (Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, "
-    "Tensor? weight_out, bool[6] output_mask, str activation, float negative_slope, bool allow_tf32=False) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? weight_out, bool[6] output_mask, str activation, float negative_slope, bool allow_tf32=False, "
+    "Tensor? dropout_seed=None, float dropout_p=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 # output_mask / gradient order of the backward: x, weight_in, weight_hidden, bias, weight_out, bias_out.
 NUM_GRADS = 6
+# FORWARD_SCHEMA's defaults of allow_tf32, keep_pre_activation, dropout_seed, dropout_p.
+_FORWARD_FLAG_DEFAULTS = (False, True, None, 0.0)
 
 
 def fake_forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
-                 allow_tf32=False, keep_pre_activation=True):
+                 allow_tf32=False, keep_pre_activation=True, dropout_seed=None, dropout_p=0.0):
     num_layers, layer_width, _ = weight_in.shape
     hidden = num_layers * layer_width
     out_features = hidden if weight_out is None else weight_out.shape[0]
@@ -68,7 +72,7 @@ def gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask) -> lis
 
 
 def fake_backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
-                  negative_slope, allow_tf32=False):
+                  negative_slope, allow_tf32=False, dropout_seed=None, dropout_p=0.0):
     return tuple(x.new_empty(shape) for shape in gradient_shapes(x, weight_in, weight_hidden, weight_out, output_mask))
 
 
@@ -81,11 +85,15 @@ def register_op_pair_autograd(forward_op, backward_op) -> None:
 
     def setup_context(ctx, inputs, output):
         x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope, *flags = inputs
-        ctx.save_for_backward(x, output[1], weight_in, weight_hidden, weight_out)
+        # The trailing arguments where the call left them to their defaults.
+        allow_tf32, _, dropout_seed, dropout_p = (*flags, *_FORWARD_FLAG_DEFAULTS[len(flags):])
+        # The backward recomputes the forward's dropout masks from the same seed.
+        ctx.save_for_backward(x, output[1], weight_in, weight_hidden, weight_out, dropout_seed)
         ctx.activation = activation
         ctx.negative_slope = negative_slope
         # The backward runs with the forward's TF32 choice, whatever the global flag is by then.
-        ctx.allow_tf32 = flags[0] if flags else False
+        ctx.allow_tf32 = allow_tf32
+        ctx.dropout_p = dropout_p
         # Z is never differentiated; without this autograd allocates and zero-fills a [B, L*w]
         # gradient for it on every backward (measurable on CPU at large batch).
         ctx.set_materialize_grads(False)
@@ -93,13 +101,13 @@ def register_op_pair_autograd(forward_op, backward_op) -> None:
     def backward(ctx, grad_out, _grad_pre_activation):
         if grad_out is None:  # only Z was used downstream, so no gradient flows
             return (None,) * len(ctx.needs_input_grad)
-        x, pre_activation, weight_in, weight_hidden, weight_out = ctx.saved_tensors
+        x, pre_activation, weight_in, weight_hidden, weight_out, dropout_seed = ctx.saved_tensors
         # Only what autograd asks for (None inputs never ask): a frozen input pays no dx, frozen
         # weights no weight gradients.
         output_mask = list(ctx.needs_input_grad[:NUM_GRADS])
         grads = backward_op(
             grad_out, x, pre_activation, weight_in, weight_hidden, weight_out,
-            output_mask, ctx.activation, ctx.negative_slope, ctx.allow_tf32,
+            output_mask, ctx.activation, ctx.negative_slope, ctx.allow_tf32, dropout_seed, ctx.dropout_p,
         )
         trailing = (None,) * (len(ctx.needs_input_grad) - NUM_GRADS)
         return (*(grad if wanted else None for grad, wanted in zip(grads, output_mask)), *trailing)

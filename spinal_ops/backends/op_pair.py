@@ -44,5 +44,9 @@ class OpPairBackend(Backend):
         op = self.forward_op(config, x, training)
         allow_tf32 = x.is_cuda and tf32_allowed(x.dtype)
         # Every op pair makes its tensor arguments contiguous itself (in C++ for the compiled ones).
-        out, _ = op(x, *params, config.activation, config.negative_slope, allow_tf32, training)
+        if stages is None:
+            out, _ = op(x, *params, config.activation, config.negative_slope, allow_tf32, training)
+        else:  # a training call of a backend that runs dropout: the op draws the masks from the seed
+            out, _ = op(x, *params, config.activation, config.negative_slope, allow_tf32, training,
+                        stages.dropout_seed, config.dropout)
         return out

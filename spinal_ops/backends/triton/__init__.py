@@ -7,6 +7,10 @@ The ops are plain custom ops (schema + CPU/CUDA kernels + fake kernels + autogra
 through the Triton interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before
 spinal_ops is imported.
 
+A training call's dropout runs inside the kernels (masks from the counter-based generator of
+contract §1, recomputed by the backward, never stored); batch norm in training mode does not run
+here.
+
 Layers of width <= 128 run the one-block kernels (kernels.py). The tiled kernels (tiled.py) run
 any width but are not yet measured on a GPU: they run, for every width, only with the switch of
 settings.py on (``SPINAL_OPS_TRITON_TILED=1`` at import); without it wider layers are refused.
@@ -39,6 +43,8 @@ class TritonBackend(OpPairBackend):
     dtypes = TRITON_DTYPES
     # No declared limit: the width check depends on the switch (settings.TILED), in supports_call.
     max_layer_width = None
+    # Dropout runs inside the kernels; batch norm in training mode is refused in supports_call.
+    runs_training_stages = True
 
     def availability(self) -> Support:
         if importlib.util.find_spec("triton") is None:
@@ -53,6 +59,11 @@ class TritonBackend(OpPairBackend):
         if device.type == "cpu" and dtype == torch.bfloat16:
             # triton 3.8's interpreter multiplies bfloat16 tl.dot operands as their raw uint16 bits.
             return Support.no("bfloat16 runs on CUDA tensors only (the Triton interpreter's bfloat16 tl.dot is wrong)")
+        if config.norm is not None:
+            return Support.no(
+                "the triton backend has no batch-norm stage; training with it runs on the reference backend "
+                "(eval mode runs here, batch norm folded into the weights)"
+            )
         if config.layer_width > MAX_LAYER_WIDTH and not settings.TILED:
             return Support.no(f"layer_width {config.layer_width}: {settings.WIDTH_REASON}")
         return Support.yes()
