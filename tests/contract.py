@@ -8,6 +8,7 @@ multiple of the reference's scale.
 from __future__ import annotations
 
 import concurrent.futures
+import unittest.mock
 
 import pytest
 import torch
@@ -135,13 +136,20 @@ def random_params(config: SpinalConfig, generator: torch.Generator, dtype=torch.
     return SpinalParams(**tensors)
 
 
-def _run(backend: str, x: torch.Tensor, params: SpinalParams, config: SpinalConfig, grad_out_seed: torch.Tensor):
-    """Output and gradients (x first, then parameters in SpinalParams order) of one forward+backward."""
+def _run(backend: str, x: torch.Tensor, params: SpinalParams, config: SpinalConfig, grad_out_seed: torch.Tensor,
+         dropout_seed: int | None = None):
+    """Output and gradients (x first, then parameters in SpinalParams order) of one forward+backward;
+    with ``dropout_seed`` a training call that draws its masks from that seed."""
     leaves = [x] + [p for p in params if p is not None]
     leaves = [t.detach().requires_grad_(True) for t in leaves]
     it = iter(leaves[1:])
     run_params = SpinalParams(*(None if p is None else next(it) for p in params))
-    y = apply_spinal(leaves[0], run_params, config, backend)
+    if dropout_seed is None:
+        y = apply_spinal(leaves[0], run_params, config, backend)
+    else:
+        seed = torch.tensor(dropout_seed, dtype=torch.int64)
+        with unittest.mock.patch("spinal_ops.functional.draw_seed", return_value=seed):
+            y = apply_spinal(leaves[0], run_params, config, backend, training=True)
     # allow_unused: weight_hidden is empty and unused by the reference when L == 1.
     grads = torch.autograd.grad(
         y, leaves, grad_outputs=grad_out_seed.to(y.dtype).to(y.device), allow_unused=True, materialize_grads=True
@@ -158,10 +166,13 @@ def check_backend(
     seed: int = 0,
     x: torch.Tensor | None = None,
     params: SpinalParams | None = None,
+    dropout_seed: int | None = None,
 ) -> None:
     """Assert contract §4 for ``backend`` on one config: output and every gradient.
 
-    ``x`` and ``params`` (e.g. a trained layer's) replace the random input and parameters."""
+    ``x`` and ``params`` (e.g. a trained layer's) replace the random input and parameters. With
+    ``dropout_seed`` every run (reference and backend) is a training call with that seed, so a
+    config with dropout is compared under the same masks."""
     generator = torch.Generator().manual_seed(seed)
     params64 = random_params(config, generator)
     if params is not None:
@@ -182,9 +193,9 @@ def check_backend(
     x64 = x_cast.to(torch.float64).cpu()
     params64 = SpinalParams(*(None if p is None else p.to(torch.float64).cpu() for p in params_cast))
     grad_out = grad_out.to(dtype).to(torch.float64)
-    expected = _run("reference", x64, params64, config, grad_out)
-    eager = _run("reference", x_cast, params_cast, config, grad_out)
-    got = _run(backend, x_cast, params_cast, config, grad_out)
+    expected = _run("reference", x64, params64, config, grad_out, dropout_seed)
+    eager = _run("reference", x_cast, params_cast, config, grad_out, dropout_seed)
+    got = _run(backend, x_cast, params_cast, config, grad_out, dropout_seed)
 
     names = ["output"] + [n for n, p in zip(GRAD_NAMES, [x64, *params64]) if p is not None]
     for name, ref, eag, out in zip(names, expected, eager, got):

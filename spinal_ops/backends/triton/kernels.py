@@ -39,9 +39,23 @@ backward launch 2, weight gradients: grid (number of output tiles,), each progra
       then L-1 tiles        : dR_l = dZ_l^T @ phi(Z_{l-1})
       then L*cdiv(M, BLOCK_M): dW_out[m-chunk, l-th block] = grad_out^T @ phi(Z_l) (+ db_out)
 
+Dropout (DROPOUT constexpr; off, the kernels are the plain ones): a mask element is the first
+Philox4x32-10 word of (seed, counter b*D + site) (_dropout_word: tl.randint, which splits the
+64-bit seed into the two key words), kept iff >= floor(p * 2^32) unsigned and scaled by 1/(1-p)
+(_dropped). Sites: layer l's window from _window_site(l), h_{l-1} from _window_site(l) + s, H
+from _window_site(L) (contract §1). Masks are drawn where the kernels load:
+  forward   x tile of layer l's window; h (registers) as layer l's input (H keeps the undropped
+            h); phi(Z) as the projection's input.
+  launch 1  dH_l from the projection goes through H's mask; dZ_{l+1} @ R_{l+1} is its own product,
+            then through layer l+1's mask on h_l; each dx part dZ_l @ A_l through l's window mask.
+  launch 2  the x tile, h_{l-1} and phi(Z) the same as in the forward (weight gradients of the
+            dropped inputs); bias gradients have no mask.
+Nothing is stored: the backward recomputes every mask from the seed.
+
 Accumulation is fp32 (tl.dot with input_precision="ieee", so fp32 inputs give fp32-exact
 products, on CUDA cores rather than TF32 tensor cores; half inputs use tensor cores). Z and dZ are stored in the input dtype, as
-eager PyTorch rounds them. Row offsets are int64 (B*N may pass 2^31).
+eager PyTorch rounds them; a dropped operand of a product is rounded to the input dtype too. Row
+offsets and dropout counters are int64 (B*N and B*D may pass 2^31).
 """
 from __future__ import annotations
 
@@ -171,7 +185,8 @@ def _dropped(values, rows, sites, seed, sites_per_row, threshold, scale):
 # ---- forward ------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _forward_kernel(
     x_ptr, w_in_ptr, w_hidden_ptr, bias_ptr, w_out_ptr, bias_out_ptr, out_ptr, z_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
@@ -245,7 +260,8 @@ def _forward_kernel(
 # ---- backward, launch 1: data gradients ----------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _backward_data_kernel(
     grad_out_ptr, z_ptr, w_in_ptr, w_hidden_ptr, w_out_ptr, grad_z_ptr, grad_x_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
@@ -417,7 +433,8 @@ def _grad_weight_out_tile(
             tl.store(grad_bias_out_ptr + outs, bias_acc.to(grad_bias_out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _backward_weights_kernel(
     grad_out_ptr, x_ptr, z_ptr, grad_z_ptr,
     grad_w_in_ptr, grad_w_hidden_ptr, grad_bias_ptr, grad_w_out_ptr, grad_bias_out_ptr,

@@ -42,6 +42,11 @@ backward launch 3 (only with splits > 1): grid (cdiv(T, BLOCK_R),), each program
   and every sum runs in a fixed order, so the gradients are bitwise the same on every run (no
   atomics); a different split count rounds differently, within contract §4.
 
+Dropout (DROPOUT constexpr) uses the masks and sites of kernels.py (_dropped, _window_site) at the
+same loads: the forward's x tiles (again for every unit chunk n) and K-chunks of h_{l-1} and of H;
+launch 1's dH from the projection, the recurrence's sum over k (accumulated on its own, then
+masked) and each dx part; launch 2's x tiles, h_{l-1} and H chunks. Launch 3 sums as before.
+
 Accumulation is fp32 (tl.dot with input_precision="ieee"; half inputs on tensor cores). Z, dZ and
 the gradients are stored in the input dtype. Row offsets are int64 (B*N may pass 2^31).
 
@@ -141,7 +146,8 @@ def row_splits(num_rows: int, num_tiles: int, workspace_per_split: int, table: d
 # ---- forward ------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _tiled_forward_kernel(
     x_ptr, w_in_ptr, w_hidden_ptr, bias_ptr, w_out_ptr, bias_out_ptr, out_ptr, z_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
@@ -223,7 +229,8 @@ def _tiled_forward_kernel(
 # ---- backward, launch 1: data gradients ----------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _tiled_backward_data_kernel(
     grad_out_ptr, z_ptr, w_in_ptr, w_hidden_ptr, w_out_ptr, grad_z_ptr, grad_x_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
@@ -427,7 +434,8 @@ def _tiled_grad_weight_out(
                             out_mask, SPLIT)
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _tiled_backward_weights_kernel(
     grad_out_ptr, x_ptr, z_ptr, grad_z_ptr,
     grad_w_in_ptr, grad_w_hidden_ptr, grad_bias_ptr, grad_w_out_ptr, grad_bias_out_ptr, workspace_ptr,
@@ -458,7 +466,8 @@ def _tiled_backward_weights_kernel(
         _tiled_grad_weight_in(x_ptr, grad_z_ptr, grad_w_in_ptr, grad_bias_ptr, workspace_ptr, split_offset,
                               bias_segment, tile // per_layer, rest // split_tiles, rest % split_tiles,
                               row_begin, row_end, in_features, split_size, width, hidden,
-                              seed, sites_per_row, threshold, scale, HAS_BIAS, SPLIT, DROPOUT, BLOCK_WB, BLOCK_N, BLOCK_K)
+                              seed, sites_per_row, threshold, scale, HAS_BIAS, SPLIT, DROPOUT,
+                              BLOCK_WB, BLOCK_N, BLOCK_K)
     elif tile < w_in_tiles + hidden_tiles:
         t = tile - w_in_tiles
         per_layer = unit_tiles * width_tiles
