@@ -152,6 +152,15 @@ def test_zero_p_is_the_plain_op(tiled):
     assert not torch.equal(forward(*args, False, True, seed, 0.5)[0], plain[0])
 
 
+def test_opcheck_with_dropout():
+    # Schema, fake kernel, and autograd (the seed saved for the backward) under AOTAutograd.
+    config = case_config("odd_N_wraps")
+    args = op_args(config, 4)
+    leaves = [t.requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in args]
+    torch.library.opcheck(torch.ops.spinal_ops.triton_forward.default,
+                          (*leaves, False, True, torch.tensor(SEEDS[0]), 0.3))
+
+
 def test_dropped_input_gets_zero_gradient(tiled):
     # One layer reading all of x, identity activation, no projection: y = (m * x / (1 - p)) A^T + b,
     # so dx is zero exactly where the contract's mask dropped x, and the forward is the plain layer
