@@ -116,6 +116,17 @@ def test_training_call_high_and_low_p(tiled, p, seed):
     check_backend("triton", config, torch.float32, DEVICE, batch_shape=(6,), dropout_seed=seed)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's inf * 0
+def test_nan_and_inf_under_dropout_like_the_reference(tiled):
+    # The mask multiplies, as the reference's: a dropped NaN or inf is NaN, not zero.
+    config = case_config("odd_N_wraps", dropout=0.5)
+    x = torch.randn(6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x[1, 2] = float("nan")
+    x[3, 5] = float("inf")
+    x[4, 0] = -float("inf")
+    check_backend("triton", config, torch.float32, DEVICE, x=x, dropout_seed=SEEDS[0])
+
+
 def test_tiled_kernels_past_one_block_with_split_weight_gradients(monkeypatch):
     # w = 40: three unit and K chunks (interpreter blocks of 16), 37 rows: three row tiles and
     # (interpreter) the weight gradients in row splits, all recomputing the same masks.

@@ -176,10 +176,11 @@ def _dropout_word(seed, counter):
 @triton.jit
 def _dropped(values, rows, sites, seed, sites_per_row, threshold, scale):
     """values [rows, sites] in fp32 with the dropout mask of (row b, site j) applied, counter
-    b * D + j: kept iff the word >= floor(p * 2^32) (unsigned), scaled by 1 / (1 - p)."""
+    b * D + j: kept iff the word >= floor(p * 2^32) (unsigned), scaled by 1 / (1 - p). A product
+    with the factor, as the reference's values * mask * scale, so a dropped NaN or inf is NaN."""
     counter = rows.to(tl.int64)[:, None] * sites_per_row + sites.to(tl.int64)[None, :]
     keep = _dropout_word(seed, counter) >= threshold.to(tl.uint32)
-    return tl.where(keep, values.to(tl.float32) * scale, 0.0)
+    return values.to(tl.float32) * tl.where(keep, scale, 0.0)
 
 
 # ---- forward ------------------------------------------------------------------------------------
