@@ -1,6 +1,7 @@
 """Defines the ``spinal_ops::triton_forward`` / ``triton_backward`` op pair: the schemas every op
 pair shares, the kernels of launch.py for CPU (through the Triton interpreter) and CUDA tensors,
-fake kernels, and autograd through one call of the backward op."""
+fake kernels, and autograd through one call of the backward op. A training call's dropout
+(``dropout_seed``, ``dropout_p``) runs inside the kernels; the backward gets the forward's seed."""
 from __future__ import annotations
 
 import torch
