@@ -1,7 +1,8 @@
 """Dropout inside the Triton kernels (docs/contract.md §1, "Masks"): the kernels' Philox words against
 the generator of spinal_ops/dropout.py, a training call's output and every gradient against the
 float64 reference under the same seed (contract §4) for the one-block and the tiled kernels, p = 0
-as the plain kernels, a dropped input's zero gradient, and the op's argument errors. On CUDA tensors
+as the plain kernels, NaN and inf through the masks, a dropped input's zero gradient, opcheck and
+torch.compile with the seed, and the op's argument errors. On CUDA tensors
 where a GPU is present, else on CPU tensors through the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1); shapes stay small, the interpreter runs every program in Python."""
 import pytest
