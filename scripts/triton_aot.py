@@ -39,8 +39,10 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             signature[name] = "*fp32"
         elif name.endswith("_ptr"):
             signature[name] = f"*{TRITON_TYPE[dtype]}"
-        elif name == "negative_slope":
+        elif name in ("negative_slope", "scale"):
             signature[name] = "fp32"
+        elif name in ("seed", "threshold"):  # a 63-bit seed and floor(p * 2^32) arrive as int64
+            signature[name] = "i64"
         else:
             signature[name] = "i32"
     return signature
@@ -76,9 +78,10 @@ def _tiled_blocks(kernel_name: str, dtype: str, arch: int) -> dict:
 
 
 def compile_variant(kernel_name: str, dtype: str, layer_width: int, has_out: bool, activation: str, arch: int,
-                    split: bool = True):
+                    split: bool = True, dropout: bool = False):
     """Compile one kernel for sm_<arch>; returns (registers, spill bytes). ``split``: the tiled
-    weight-gradient kernel's variant that writes partial sums."""
+    weight-gradient kernel's variant that writes partial sums; ``dropout``: the variant that draws
+    the dropout masks."""
     tiled = kernel_name in TILED_KERNELS
     kernel = getattr(tiled_kernels if tiled else triton_kernels, kernel_name)
     blocks = _tiled_blocks(kernel_name, dtype, arch) if tiled else triton_kernels.launch_config(layer_width)
@@ -92,40 +95,48 @@ def compile_variant(kernel_name: str, dtype: str, layer_width: int, has_out: boo
         constexprs["HAS_BIAS_OUT"] = has_out
     if "SPLIT" in kernel.arg_names:
         constexprs["SPLIT"] = split
+    if "DROPOUT" in kernel.arg_names:
+        constexprs["DROPOUT"] = dropout
     source = ASTSource(kernel, _signature(kernel, dtype, constexprs), constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
     return _ptxas_usage(compiled.asm["ptx"], arch)
 
 
 # One variant per kernel and tile kind the CI compiles: fp32 with a narrow odd width, and
-# bfloat16 (tensor-core path, not testable in the interpreter) at the widest supported width.
+# bfloat16 (tensor-core path, not testable in the interpreter) at the widest supported width; the
+# bfloat16 one again with dropout (the masks' registers on top of the widest tiles).
 QUICK_VARIANTS = [
-    (kernel, dtype, width, True, activation)
+    (kernel, dtype, width, True, activation, dropout)
     for kernel in KERNELS
-    for dtype, width, activation in (("float32", 24, "gelu_tanh"), ("bfloat16", 128, "gelu"))
+    for dtype, width, activation, dropout in (("float32", 24, "gelu_tanh", False), ("bfloat16", 128, "gelu", False),
+                                              ("bfloat16", 128, "gelu", True))
 ]
-# The tiled kernels' block sizes do not depend on the width: fp32 and bfloat16, every kernel.
+# The tiled kernels' block sizes do not depend on the width: fp32 and bfloat16, every kernel, and
+# bfloat16 with dropout for every kernel that draws masks.
 QUICK_TILED_VARIANTS = [
-    (kernel, dtype, 512, True, activation)
+    (kernel, dtype, 512, True, activation, False)
     for kernel in TILED_KERNELS
     for dtype, activation in (("float32", "gelu_tanh"), ("bfloat16", "relu"))
-]
+] + [(kernel, "bfloat16", 512, True, "relu", True) for kernel in TILED_KERNELS if kernel != "_reduce_splits_kernel"]
 
 
 def main(argv: list[str]) -> None:
     quick = "--quick" in argv
     arch = next((int(a) for a in argv[1:] if a.isdigit()), 90)
     variants = QUICK_VARIANTS + QUICK_TILED_VARIANTS if quick else [
-        (kernel, dtype, width, has_out, "gelu")
-        for kernel, dtype, width, has_out in itertools.product(KERNELS, TRITON_TYPE, (8, 64, 128), (True, False))
+        (kernel, dtype, width, has_out, "gelu", dropout)
+        for kernel, dtype, width, has_out, dropout in itertools.product(KERNELS, TRITON_TYPE, (8, 64, 128),
+                                                                       (True, False), (False, True))
     ] + [
-        (kernel, dtype, 512, has_out, "gelu")
-        for kernel, dtype, has_out in itertools.product(TILED_KERNELS, TRITON_TYPE, (True, False))
+        (kernel, dtype, 512, has_out, "gelu", dropout)
+        for kernel, dtype, has_out, dropout in itertools.product(TILED_KERNELS, TRITON_TYPE, (True, False),
+                                                                (False, True))
+        if not (dropout and kernel == "_reduce_splits_kernel")
     ]
-    for kernel, dtype, width, has_out, activation in variants:
-        registers, spills = compile_variant(kernel, dtype, width, has_out, activation, arch)
+    for kernel, dtype, width, has_out, activation, dropout in variants:
+        registers, spills = compile_variant(kernel, dtype, width, has_out, activation, arch, dropout=dropout)
         shape = "tiled" if kernel in TILED_KERNELS else f"w={width}"
-        print(f"sm_{arch} {kernel} {dtype} {shape} has_out={has_out} {activation}: "
+        print(f"sm_{arch} {kernel} {dtype} {shape} has_out={has_out} {activation}{' dropout' if dropout else ''}: "
               f"{registers} registers, {spills} bytes spilled")
 
 

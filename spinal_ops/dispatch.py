@@ -68,7 +68,11 @@ def _select(name: str, config: SpinalConfig, dtype: torch.dtype, device: torch.d
     if name == "auto":
         # Unavailable backends are skipped before any reason is formatted: this runs on every call.
         for backend in _BACKENDS.values():
-            if _AVAILABILITY[backend.name] and backend.auto_eligible(device) and backend.supports(config, dtype, device):
+            if not (_AVAILABILITY[backend.name] and backend.auto_eligible(device)):
+                continue
+            if config.has_training_stages and not backend.auto_runs_training_stages:
+                continue
+            if backend.supports(config, dtype, device):
                 return backend
         raise AssertionError("the reference backend supports every call")
     backend = _BACKENDS[name]

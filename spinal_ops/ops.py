@@ -52,6 +52,8 @@ BACKWARD_SCHEMA = (
 )
 # output_mask / gradient order of the backward: x, weight_in, weight_hidden, bias, weight_out, bias_out.
 NUM_GRADS = 6
+# FORWARD_SCHEMA's defaults of allow_tf32, keep_pre_activation, dropout_seed, dropout_p.
+_FORWARD_FLAG_DEFAULTS = (False, True, None, 0.0)
 
 
 def check_dropout_args(dropout_seed, dropout_p) -> None:
@@ -145,15 +147,15 @@ def register_op_pair_autograd(forward_op, backward_op) -> None:
 
     def setup_context(ctx, inputs, output):
         x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope, *flags = inputs
-        # flags: allow_tf32, keep_pre_activation, dropout_seed, dropout_p (those given).
-        dropout_seed = flags[2] if len(flags) > 2 else None
+        # The trailing arguments where the call left them to their defaults.
+        allow_tf32, _, dropout_seed, dropout_p = (*flags, *_FORWARD_FLAG_DEFAULTS[len(flags):])
+        # The backward recomputes the forward's dropout masks from the same seed.
         ctx.save_for_backward(x, output[1], weight_in, weight_hidden, weight_out, dropout_seed)
         ctx.activation = activation
         ctx.negative_slope = negative_slope
-        # The backward runs with the forward's TF32 choice, whatever the global flag is by then,
-        # and recomputes the forward's dropout masks from its seed and p.
-        ctx.allow_tf32 = flags[0] if flags else False
-        ctx.dropout_p = flags[3] if len(flags) > 3 else 0.0
+        # The backward runs with the forward's TF32 choice, whatever the global flag is by then.
+        ctx.allow_tf32 = allow_tf32
+        ctx.dropout_p = dropout_p
         # Z is never differentiated; without this autograd allocates and zero-fills a [B, L*w]
         # gradient for it on every backward (measurable on CPU at large batch).
         ctx.set_materialize_grads(False)

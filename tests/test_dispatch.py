@@ -5,6 +5,8 @@ import torch
 from contract import make_config
 
 import spinal_ops
+from spinal_ops import dispatch
+from spinal_ops.support import Support
 from spinal_ops.backends.triton import settings as triton_settings
 from spinal_ops import BackendUnavailableError, SpinalLinear
 from spinal_ops.dispatch import BACKEND_NAMES, get_backend, select_backend
@@ -97,3 +99,18 @@ def test_requested_triton_too_wide_names_the_register_budget(monkeypatch):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(BackendUnavailableError, match="register budget"):
         select_backend("triton", make_config(layer_width=200), torch.float32, device)
+
+
+def test_auto_keeps_training_stages_off_gpu_backends_until_measured(monkeypatch):
+    """On CUDA tensors auto sends a training call with dropout or batch norm to the reference
+    (contract §3) and the same layer without the stages to the GPU backend; the backend's own name
+    still reaches it. (triton stands for the GPU backends: its checks need no device.)"""
+    monkeypatch.setitem(dispatch._AVAILABILITY, "cuda", Support.no("not under test"))
+    monkeypatch.setitem(dispatch._AVAILABILITY, "triton", Support.yes())
+    device = torch.device("cuda")
+    assert dispatch._select("auto", make_config(), torch.float32, device).name == "triton"
+    dropout = make_config(dropout=0.5)
+    assert dispatch._select("auto", dropout, torch.float32, device).name == "reference"
+    assert dispatch._select("triton", dropout, torch.float32, device).name == "triton"
+    assert dispatch._select("auto", make_config(norm="batch"), torch.float32, device).name == "reference"
+    assert not get_backend("cuda").auto_runs_training_stages

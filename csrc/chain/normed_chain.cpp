@@ -53,26 +53,6 @@ std::vector<WindowPiece> window_pieces(const SpinalShape& shape, int64_t layer) 
   return pieces;
 }
 
-Dropout make_dropout(const std::optional<at::Tensor>& seed, double p, const SpinalShape& shape) {
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "spinal_ops: dropout_p must be in [0, 1), got ", std::to_string(p));
-  if (!seed.has_value() || p == 0.0) return Dropout{};  // inactive: every factor is 1
-  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device().is_cpu(),
-              "spinal_ops: dropout_seed must be a one-element int64 CPU tensor (spinal_ops.dropout.draw_seed()), got ",
-              seed->scalar_type(), " of shape ", text(seed->sizes()), " on ", seed->device());
-  return Dropout::make(static_cast<uint64_t>(seed->item<int64_t>()), p, shape.split_size, shape.layer_width,
-                       shape.num_layers, shape.out_features > 0);
-}
-
-// dropout_factors(...) in `options`' dtype. The factor's scale in common/philox.h is a float; float64
-// gets 1/(1-p) to double precision (the reference's), from 0/1 factors times the exact scale.
-at::Tensor keep_factors(const Dropout& dropout, double p, int64_t rows, int64_t first_site, int64_t width,
-                        const at::TensorOptions& options) {
-  if (options.dtype() != at::kDouble) return dropout_factors(dropout, 0, rows, first_site, width, options);
-  Dropout mask = dropout;
-  mask.scale = 1.0f;
-  return dropout_factors(mask, 0, rows, first_site, width, options).mul_(1.0 / (1.0 - p));
-}
-
 // Layer l's input window times its dropout factors `window` ([B, s], overwritten), returned.
 const at::Tensor& multiply_window(const at::Tensor& window, const at::Tensor& x, const SpinalShape& shape,
                                   int64_t layer) {
@@ -156,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
     const at::Tensor a = weight_in[layer];
     if (dropout.active) {
       const at::Tensor window_factors =
-          keep_factors(dropout, dropout_p, batch, dropout.window_site(layer), shape.split_size, options);
+          dropout_factors(dropout, 0, batch, dropout.window_site(layer), shape.split_size, options);
       const at::Tensor window = multiply_window(window_factors, x, shape, layer);
       bias ? at::addmm_out(z, (*bias)[layer], window, a.t()) : at::mm_out(z, window, a.t());
     } else {
@@ -173,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
     if (layer > 0) {
       at::Tensor previous = hidden_states.narrow(1, (layer - 1) * width, width);
       if (dropout.active) {
-        previous = previous * keep_factors(dropout, dropout_p, batch, dropout.hidden_site(layer), width, options);
+        previous = previous * dropout_factors(dropout, 0, batch, dropout.hidden_site(layer), width, options);
       }
       at::addmm_out(z, z, previous, weight_hidden[layer - 1].t());
     }
@@ -194,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
   if (!weight_out) return {hidden_states, pre_norm, mean, var};
   const at::Tensor projection_input =
       dropout.active
-          ? hidden_states * keep_factors(dropout, dropout_p, batch, dropout.projection_site(), hidden, options)
+          ? hidden_states * dropout_factors(dropout, 0, batch, dropout.projection_site(), hidden, options)
           : hidden_states;
   const at::Tensor w_out = weight_out->contiguous().t();
   at::Tensor out = bias_out ? at::addmm(*bias_out, projection_input, w_out) : at::mm(projection_input, w_out);
@@ -247,7 +227,7 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
   if (weight_out_arg) {
     const at::Tensor weight_out = weight_out_arg->contiguous();
     const at::Tensor factors = dropout.active
-                                   ? keep_factors(dropout, dropout_p, batch, dropout.projection_site(), hidden, options)
+                                   ? dropout_factors(dropout, 0, batch, dropout.projection_site(), hidden, options)
                                    : at::Tensor();
     if (output_mask[4]) grads[4] = at::mm(grad_out.t(), dropout.active ? hidden_states * factors : hidden_states);
     if (output_mask[5]) grads[5] = grad_out.sum(0);
@@ -290,7 +270,7 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
     if (dropout.active) {
       // The window's factors once for both: dx first, then dW_in on the factors times x.
       const at::Tensor window_factors =
-          keep_factors(dropout, dropout_p, batch, dropout.window_site(layer), shape.split_size, options);
+          dropout_factors(dropout, 0, batch, dropout.window_site(layer), shape.split_size, options);
       if (output_mask[0]) {
         const at::Tensor grad_window = at::mm(grad_z, a).mul_(window_factors);
         for (const WindowPiece& piece : window_pieces(shape, layer)) {
@@ -317,7 +297,7 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
     if (layer == 0) break;
     const at::Tensor previous = hidden_states.narrow(1, column - width, width);
     const at::Tensor factors = dropout.active
-                                   ? keep_factors(dropout, dropout_p, batch, dropout.hidden_site(layer), width, options)
+                                   ? dropout_factors(dropout, 0, batch, dropout.hidden_site(layer), width, options)
                                    : at::Tensor();
     if (output_mask[2]) {
       at::Tensor slot = grads[2][layer - 1];

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <type_traits>
+
 #include "../chain/dropout_factors.h"
 
 namespace spinal_ops::cuda_kernels {
@@ -19,7 +21,9 @@ __global__ void dropout_factors_kernel(Dropout dropout, int64_t row_begin, int64
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= rows * width) return;
   const int64_t row = index / width, column = index - row * width;
-  out[index] = static_cast<scalar_t>(dropout.factor(row_begin + row, first_site + column));
+  // float64 gets 1/(1-p) in double, as the CPU loop gives it (the float scale would cost it 1e-8).
+  const double kept = std::is_same_v<scalar_t, double> ? dropout.exact_scale : static_cast<double>(dropout.scale);
+  out[index] = static_cast<scalar_t>(dropout.keeps(row_begin + row, first_site + column) ? kept : 0.0);
 }
 
 void cuda_dropout_factors(const Dropout& dropout, int64_t row_begin, int64_t first_site, const at::Tensor& out) {

@@ -38,6 +38,10 @@ class Backend(abc.ABC):
     # backend with batch norm folded and no dropout.
     runs_dropout: bool = False
     runs_batch_norm: bool = False
+    # Whether ``auto`` may send this backend a training call with dropout or batch norm. A GPU
+    # backend whose stages have not run in a committed GPU measurement keeps False: ``auto`` then
+    # goes on to the next backend, and ``backend="<name>"`` still runs them.
+    auto_runs_training_stages: bool = True
 
     @abc.abstractmethod
     def availability(self) -> Support:

@@ -32,4 +32,4 @@ class CpuBackend(OpPairBackend):
                 stages: Optional[TrainingStages] = None) -> torch.Tensor:
         if stages is not None and stages.norm is not None:
             return normed.forward(x, params, config, stages)
-        return super().forward(x, params, config)
+        return super().forward(x, params, config, stages)

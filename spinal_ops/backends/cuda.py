@@ -164,6 +164,7 @@ class CudaBackend(OpPairBackend):
     # normed op pair (backends/normed.py).
     runs_dropout = True
     runs_batch_norm = True
+    auto_runs_training_stages = False  # both stages wait for a GPU run (tests/test_dropout_ops.py, test_batchnorm_ops.py)
 
     def availability(self) -> Support:
         if not extension_status():
@@ -198,7 +199,7 @@ class CudaBackend(OpPairBackend):
                 stages: Optional[TrainingStages] = None) -> torch.Tensor:
         if stages is not None and stages.norm is not None:
             return normed.forward(x, params, config, stages)
-        return super().forward(x, params, config)
+        return super().forward(x, params, config, stages)
 
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
         if torch.compiler.is_compiling():  # the batch may be symbolic: no cache key

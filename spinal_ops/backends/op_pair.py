@@ -48,7 +48,7 @@ class OpPairBackend(Backend):
         # Every op pair makes its tensor arguments contiguous itself (in C++ for the compiled ones).
         if stages is None:
             out, _ = op(x, *params, config.activation, config.negative_slope, allow_tf32, training)
-        else:
+        else:  # a training call of a backend that runs dropout: the op draws the masks from the seed
             out, _ = op(x, *params, config.activation, config.negative_slope, allow_tf32, training,
                         stages.dropout_seed, config.dropout)
         return out

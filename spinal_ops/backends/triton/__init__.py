@@ -7,6 +7,10 @@ The ops are plain custom ops (schema + CPU/CUDA kernels + fake kernels + autogra
 through the Triton interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before
 spinal_ops is imported.
 
+A training call's dropout runs inside the kernels (masks from the counter-based generator of
+contract §1, recomputed by the backward, never stored); batch norm in training mode does not run
+here.
+
 Layers of width <= 128 run the one-block kernels (kernels.py). The tiled kernels (tiled.py) run
 any width but are not yet measured on a GPU: they run, for every width, only with the switch of
 settings.py on (``SPINAL_OPS_TRITON_TILED=1`` at import); without it wider layers are refused.
@@ -39,8 +43,9 @@ class TritonBackend(OpPairBackend):
     dtypes = TRITON_DTYPES
     # No declared limit: the width check depends on the switch (settings.TILED), in supports_call.
     max_layer_width = None
-    # The Triton kernels have no dropout stage yet (op_pair.py refuses p > 0).
-    runs_dropout = False
+    # Dropout runs inside the kernels; batch norm has no stage here (base.supports refuses it).
+    runs_dropout = True
+    auto_runs_training_stages = False  # the dropout kernels wait for a GPU run (tests/test_triton_dropout.py)
 
     def availability(self) -> Support:
         if importlib.util.find_spec("triton") is None:

@@ -39,9 +39,23 @@ backward launch 2, weight gradients: grid (number of output tiles,), each progra
       then L-1 tiles        : dR_l = dZ_l^T @ phi(Z_{l-1})
       then L*cdiv(M, BLOCK_M): dW_out[m-chunk, l-th block] = grad_out^T @ phi(Z_l) (+ db_out)
 
+Dropout (DROPOUT constexpr; off, the kernels are the plain ones): a mask element is the first
+Philox4x32-10 word of (seed, counter b*D + site) (_dropout_word: tl.randint, which splits the
+64-bit seed into the two key words), kept iff >= floor(p * 2^32) unsigned and scaled by 1/(1-p)
+(_dropped). Sites: layer l's window from _window_site(l), h_{l-1} from _window_site(l) + s, H
+from _window_site(L) (contract §1). Masks are drawn where the kernels load:
+  forward   x tile of layer l's window; h (registers) as layer l's input (H keeps the undropped
+            h); phi(Z) as the projection's input.
+  launch 1  dH_l from the projection goes through H's mask; dZ_{l+1} @ R_{l+1} is its own product,
+            then through layer l+1's mask on h_l; each dx part dZ_l @ A_l through l's window mask.
+  launch 2  the x tile, h_{l-1} and phi(Z) the same as in the forward (weight gradients of the
+            dropped inputs); bias gradients have no mask.
+Nothing is stored: the backward recomputes every mask from the seed.
+
 Accumulation is fp32 (tl.dot with input_precision="ieee", so fp32 inputs give fp32-exact
 products, on CUDA cores rather than TF32 tensor cores; half inputs use tensor cores). Z and dZ are stored in the input dtype, as
-eager PyTorch rounds them. Row offsets are int64 (B*N may pass 2^31).
+eager PyTorch rounds them; a dropped operand of a product is rounded to the input dtype too. Row
+offsets and dropout counters are int64 (B*N and B*D may pass 2^31).
 """
 from __future__ import annotations
 
@@ -142,14 +156,43 @@ def _hidden_block(z_ptr, rows, row_mask, hidden, layer, width, units, unit_mask,
     return tl.where(mask, h, 0.0).to(z_ptr.dtype.element_ty)
 
 
-# ---- forward ------------------------------------------------------------------------------------
+# ---- dropout: the masks of contract §1, "Masks" -----------------------------------------------------
 
 
 @triton.jit
+def _window_site(layer, split_size, width):
+    """First dropout site of layer l's x window: layer 0 has s sites, every later layer s + w
+    (its window, then h_{l-1} at _window_site(l) + s). _window_site(L) is the projection's first."""
+    return layer * split_size + tl.maximum(layer - 1, 0) * width
+
+
+@triton.jit
+def _dropout_word(seed, counter):
+    """First word of Philox4x32-10 with key (seed mod 2^32, seed div 2^32) and counter
+    (c mod 2^32, c div 2^32, 0, 0), for an int64 block of counters c (uint32)."""
+    return tl.randint(seed, counter)
+
+
+@triton.jit
+def _dropped(values, rows, sites, seed, sites_per_row, threshold, scale):
+    """values [rows, sites] in fp32 with the dropout mask of (row b, site j) applied, counter
+    b * D + j: kept iff the word >= floor(p * 2^32) (unsigned), scaled by 1 / (1 - p). A product
+    with the factor, as the reference's values * mask * scale, so a dropped NaN or inf is NaN."""
+    counter = rows.to(tl.int64)[:, None] * sites_per_row + sites.to(tl.int64)[None, :]
+    keep = _dropout_word(seed, counter) >= threshold.to(tl.uint32)
+    return values.to(tl.float32) * tl.where(keep, scale, 0.0)
+
+
+# ---- forward ------------------------------------------------------------------------------------
+
+
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _forward_kernel(
     x_ptr, w_in_ptr, w_hidden_ptr, bias_ptr, w_out_ptr, bias_out_ptr, out_ptr, z_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
-    HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
+    seed, sites_per_row, threshold, scale,
+    HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     dtype = x_ptr.dtype.element_ty
@@ -171,13 +214,20 @@ def _forward_kernel(
             j_mask = j < split_size
             x_tile = tl.load(x_rows + ((layer * split_size + j) % in_features)[None, :],
                              mask=row_mask[:, None] & j_mask[None, :], other=0.0)
+            if DROPOUT:
+                x_tile = _dropped(x_tile, rows, _window_site(layer, split_size, width) + j, seed, sites_per_row,
+                                  threshold, scale).to(dtype)
             a_tile = tl.load(w_in_ptr + (layer * width + units)[:, None] * split_size + j[None, :],
                              mask=unit_mask[:, None] & j_mask[None, :], other=0.0)
             acc = tl.dot(x_tile, tl.trans(a_tile), acc, input_precision="ieee")
         if layer > 0:
             r_tile = tl.load(w_hidden_ptr + ((layer - 1) * width + units)[:, None] * width + units[None, :],
                              mask=square_mask, other=0.0)
-            acc = tl.dot(h, tl.trans(r_tile), acc, input_precision="ieee")
+            h_in = h
+            if DROPOUT:  # h_{l-1} as layer l's input; H keeps the undropped h
+                h_in = _dropped(h, rows, _window_site(layer, split_size, width) + split_size + units, seed,
+                                sites_per_row, threshold, scale).to(dtype)
+            acc = tl.dot(h_in, tl.trans(r_tile), acc, input_precision="ieee")
         if HAS_BIAS:
             acc += tl.load(bias_ptr + layer * width + units, mask=unit_mask, other=0.0).to(tl.float32)[None, :]
         z = acc.to(dtype)
@@ -196,6 +246,9 @@ def _forward_kernel(
             for layer in range(num_layers):
                 h = _hidden_block(z_ptr, rows, row_mask, hidden, layer, width, units, unit_mask,
                                   ACTIVATION, negative_slope)
+                if DROPOUT:  # H as the projection's input
+                    h = _dropped(h, rows, _window_site(num_layers, split_size, width) + layer * width + units, seed,
+                                 sites_per_row, threshold, scale).to(dtype)
                 w_tile = tl.load(w_out_ptr + outs[:, None] * hidden + layer * width + units[None, :],
                                  mask=out_mask[:, None] & unit_mask[None, :], other=0.0)
                 acc = tl.dot(h, tl.trans(w_tile), acc, input_precision="ieee")
@@ -208,11 +261,13 @@ def _forward_kernel(
 # ---- backward, launch 1: data gradients ----------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _backward_data_kernel(
     grad_out_ptr, z_ptr, w_in_ptr, w_hidden_ptr, w_out_ptr, grad_z_ptr, grad_x_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
-    HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
+    seed, sites_per_row, threshold, scale,
+    HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     dtype = z_ptr.dtype.element_ty
@@ -238,13 +293,21 @@ def _backward_data_kernel(
                 w_tile = tl.load(w_out_ptr + outs[:, None] * hidden + layer * width + units[None, :],
                                  mask=out_mask[:, None] & unit_mask[None, :], other=0.0)
                 grad_h = tl.dot(g_tile, w_tile, grad_h, input_precision="ieee")
+            if DROPOUT:  # through the projection input's mask
+                grad_h = _dropped(grad_h, rows, _window_site(num_layers, split_size, width) + layer * width + units,
+                                  seed, sites_per_row, threshold, scale)
         else:
             grad_h += tl.load(grad_out_ptr + hidden_offsets + layer * width, mask=tile_mask, other=0.0).to(tl.float32)
         if layer < num_layers - 1:
             # weight_hidden[layer] is R_{layer+1}, which fed h_layer into z_{layer+1}.
             r_tile = tl.load(w_hidden_ptr + (layer * width + units)[:, None] * width + units[None, :],
                              mask=unit_mask[:, None] & unit_mask[None, :], other=0.0)
-            grad_h = tl.dot(grad_z_next, r_tile, grad_h, input_precision="ieee")
+            if DROPOUT:  # through layer + 1's mask on h_layer: its own product, then the mask
+                grad_h += _dropped(tl.dot(grad_z_next, r_tile, input_precision="ieee"), rows,
+                                   _window_site(layer + 1, split_size, width) + split_size + units, seed,
+                                   sites_per_row, threshold, scale)
+            else:
+                grad_h = tl.dot(grad_z_next, r_tile, grad_h, input_precision="ieee")
         z = tl.load(z_ptr + hidden_offsets + layer * width, mask=tile_mask, other=0.0).to(tl.float32)
         grad_z = tl.where(unit_mask[None, :], grad_h * _activate_grad(z, ACTIVATION, negative_slope), 0.0).to(dtype)
         tl.store(grad_z_ptr + hidden_offsets + layer * width, grad_z, mask=tile_mask)
@@ -265,6 +328,9 @@ def _backward_data_kernel(
                                  mask=unit_mask[:, None] & j_mask[None, :], other=0.0)
                 # Columns outside the window are masked after the product, where inf*0 may sit.
                 part = tl.dot(grad_z, a_tile, input_precision="ieee")
+                if DROPOUT:  # through layer l's mask on its window
+                    part = _dropped(part, rows, _window_site(layer, split_size, width) + j, seed, sites_per_row,
+                                    threshold, scale)
                 acc += tl.where(j_mask[None, :], part, 0.0)
         tl.store(grad_x_ptr + rows64[:, None] * in_features + cols[None, :], acc.to(dtype),
                  mask=row_mask[:, None] & col_mask[None, :])
@@ -276,10 +342,11 @@ def _backward_data_kernel(
 @triton.jit
 def _grad_weight_in_tile(
     x_ptr, grad_z_ptr, grad_w_in_ptr, grad_bias_ptr, layer, split_tile,
-    num_rows, in_features, split_size, width, hidden,
-    HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    num_rows, in_features, split_size, width, hidden, seed, sites_per_row, threshold, scale,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW_in[l][:, j-chunk] = dZ_l^T @ x[:, window chunk]; the first chunk also gives db_l."""
+    """dW_in[l][:, j-chunk] = dZ_l^T @ x[:, window chunk] (dropped); the first chunk also gives db_l."""
     units = tl.arange(0, BLOCK_W)
     unit_mask = units < width
     j = split_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -295,6 +362,9 @@ def _grad_weight_in_tile(
                          mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
         x_tile = tl.load(x_ptr + rows64[:, None] * in_features + cols[None, :],
                          mask=row_mask[:, None] & j_mask[None, :], other=0.0)
+        if DROPOUT:
+            x_tile = _dropped(x_tile, rows, _window_site(layer, split_size, width) + j, seed, sites_per_row,
+                              threshold, scale).to(grad_z.dtype)
         acc = tl.dot(tl.trans(grad_z), x_tile, acc, input_precision="ieee")
         bias_acc += tl.sum(grad_z.to(tl.float32), axis=0)
     tl.store(grad_w_in_ptr + (layer * width + units)[:, None] * split_size + j[None, :],
@@ -307,10 +377,11 @@ def _grad_weight_in_tile(
 
 @triton.jit
 def _grad_weight_hidden_tile(
-    z_ptr, grad_z_ptr, grad_w_hidden_ptr, layer, num_rows, width, hidden, negative_slope,
-    ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr,
+    z_ptr, grad_z_ptr, grad_w_hidden_ptr, layer, num_rows, split_size, width, hidden, negative_slope,
+    seed, sites_per_row, threshold, scale,
+    ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """dR_l = dZ_l^T @ h_{l-1}, stored at weight_hidden[l-1]."""
+    """dR_l = dZ_l^T @ h_{l-1} (dropped as layer l's input), stored at weight_hidden[l-1]."""
     units = tl.arange(0, BLOCK_W)
     unit_mask = units < width
     acc = tl.zeros([BLOCK_W, BLOCK_W], tl.float32)
@@ -321,6 +392,9 @@ def _grad_weight_hidden_tile(
                          mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
         h_prev = _hidden_block(z_ptr, rows, row_mask, hidden, layer - 1, width, units, unit_mask,
                                ACTIVATION, negative_slope)
+        if DROPOUT:
+            h_prev = _dropped(h_prev, rows, _window_site(layer, split_size, width) + split_size + units, seed,
+                              sites_per_row, threshold, scale).to(grad_z.dtype)
         acc = tl.dot(tl.trans(grad_z), h_prev, acc, input_precision="ieee")
     tl.store(grad_w_hidden_ptr + ((layer - 1) * width + units)[:, None] * width + units[None, :],
              acc.to(grad_w_hidden_ptr.dtype.element_ty), mask=unit_mask[:, None] & unit_mask[None, :])
@@ -329,11 +403,12 @@ def _grad_weight_hidden_tile(
 @triton.jit
 def _grad_weight_out_tile(
     grad_out_ptr, z_ptr, grad_w_out_ptr, grad_bias_out_ptr, layer, out_tile,
-    num_rows, width, hidden, out_features, negative_slope,
-    HAS_BIAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
+    num_rows, width, hidden, out_features, negative_slope, projection_site, seed, sites_per_row, threshold, scale,
+    HAS_BIAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dW_out[m-chunk, l-th block] = grad_out^T @ h_l; layer 0's tiles also give db_out."""
+    """dW_out[m-chunk, l-th block] = grad_out^T @ h_l (dropped as the projection's input); layer 0's
+    tiles also give db_out."""
     units = tl.arange(0, BLOCK_W)
     unit_mask = units < width
     outs = out_tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -347,6 +422,9 @@ def _grad_weight_out_tile(
                          mask=row_mask[:, None] & out_mask[None, :], other=0.0)
         h = _hidden_block(z_ptr, rows, row_mask, hidden, layer, width, units, unit_mask,
                           ACTIVATION, negative_slope)
+        if DROPOUT:
+            h = _dropped(h, rows, projection_site + layer * width + units, seed, sites_per_row, threshold,
+                         scale).to(g_tile.dtype)
         acc = tl.dot(tl.trans(g_tile), h, acc, input_precision="ieee")
         bias_acc += tl.sum(g_tile.to(tl.float32), axis=0)
     tl.store(grad_w_out_ptr + outs[:, None] * hidden + layer * width + units[None, :],
@@ -356,12 +434,15 @@ def _grad_weight_out_tile(
             tl.store(grad_bias_out_ptr + outs, bias_acc.to(grad_bias_out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _backward_weights_kernel(
     grad_out_ptr, x_ptr, z_ptr, grad_z_ptr,
     grad_w_in_ptr, grad_w_hidden_ptr, grad_bias_ptr, grad_w_out_ptr, grad_bias_out_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
+    seed, sites_per_row, threshold, scale,
     HAS_BIAS: tl.constexpr, HAS_BIAS_OUT: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Each branch is a helper call: Triton requires names assigned in both arms of a runtime
@@ -373,15 +454,17 @@ def _backward_weights_kernel(
     if tile < w_in_tiles:
         _grad_weight_in_tile(x_ptr, grad_z_ptr, grad_w_in_ptr, grad_bias_ptr, tile // split_tiles,
                              tile % split_tiles, num_rows, in_features, split_size, width, hidden,
-                             HAS_BIAS, BLOCK_B, BLOCK_W, BLOCK_K)
+                             seed, sites_per_row, threshold, scale, HAS_BIAS, DROPOUT, BLOCK_B, BLOCK_W, BLOCK_K)
     elif tile < w_in_tiles + num_layers - 1:
         _grad_weight_hidden_tile(z_ptr, grad_z_ptr, grad_w_hidden_ptr, tile - w_in_tiles + 1, num_rows,
-                                 width, hidden, negative_slope, ACTIVATION, BLOCK_B, BLOCK_W)
+                                 split_size, width, hidden, negative_slope, seed, sites_per_row, threshold, scale,
+                                 ACTIVATION, DROPOUT, BLOCK_B, BLOCK_W)
     elif HAS_OUT:
         out_tile = tile - w_in_tiles - (num_layers - 1)
         _grad_weight_out_tile(grad_out_ptr, z_ptr, grad_w_out_ptr, grad_bias_out_ptr, out_tile % num_layers,
                               out_tile // num_layers, num_rows, width, hidden, out_features, negative_slope,
-                              HAS_BIAS_OUT, ACTIVATION, BLOCK_B, BLOCK_W, BLOCK_M)
+                              _window_site(num_layers, split_size, width), seed, sites_per_row, threshold, scale,
+                              HAS_BIAS_OUT, ACTIVATION, DROPOUT, BLOCK_B, BLOCK_W, BLOCK_M)
 
 
 # ---- host side: block sizes and launches -------------------------------------------------------------
@@ -409,6 +492,11 @@ def _activation_id(activation: str) -> int:
     return ACTIVATIONS.index(activation)
 
 
+# The kernels' dropout scalars (seed, sites_per_row, threshold, scale) of a call without dropout:
+# with DROPOUT=False the kernels never read them.
+NO_DROPOUT = (0, 0, 0, 1.0)
+
+
 def shape_arguments(x: torch.Tensor, weight_in: torch.Tensor, weight_out: Optional[torch.Tensor],
                     negative_slope: float) -> tuple[tuple, bool]:
     """The scalar arguments every kernel of both kernel sets takes, in their order (B, N, s, w, L,
@@ -422,17 +510,17 @@ def shape_arguments(x: torch.Tensor, weight_in: torch.Tensor, weight_out: Option
 
 def data_gradients(kernel, blocks: dict, grad_out: torch.Tensor, x: torch.Tensor, pre_activation: torch.Tensor,
                    weight_in: torch.Tensor, weight_hidden: torch.Tensor, weight_out: Optional[torch.Tensor],
-                   common: tuple, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   common: tuple, act: int, dropout: Optional[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dZ) from backward launch 1 of either kernel set (``kernel``: its data-gradient kernel,
-    one program per BLOCK_B rows)."""
+    one program per BLOCK_B rows; ``dropout``: the dropout scalars of launch.py, or None)."""
     stand_in = weight_in  # pointer for absent tensors, never read or written
     grad_x = torch.empty_like(x)
     grad_z = torch.empty_like(pre_activation)
     if x.shape[0] > 0:
         kernel[(triton.cdiv(x.shape[0], blocks["BLOCK_B"]),)](
             grad_out, pre_activation, weight_in, weight_hidden if weight_hidden.numel() else stand_in,
-            weight_out if weight_out is not None else stand_in, grad_z, grad_x, *common,
-            HAS_OUT=weight_out is not None, ACTIVATION=act, **blocks,
+            weight_out if weight_out is not None else stand_in, grad_z, grad_x, *common, *(dropout or NO_DROPOUT),
+            HAS_OUT=weight_out is not None, ACTIVATION=act, DROPOUT=dropout is not None, **blocks,
         )
     return grad_x, grad_z
 
@@ -457,9 +545,11 @@ def spinal_forward(
     bias_out: Optional[torch.Tensor],
     activation: str,
     negative_slope: float,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, Z) of the fused forward, in one launch. Inputs are contiguous and checked by the caller.
-    The kernel always writes Z (its only cost is the store)."""
+    The kernel always writes Z (its only cost is the store). ``dropout``: the scalars (seed, D,
+    threshold, scale) of a training call that drops, else None."""
     num_rows, in_features = x.shape
     num_layers, width, split_size = weight_in.shape
     has_out = weight_out is not None
@@ -476,7 +566,9 @@ def spinal_forward(
         bias if bias is not None else weight_in, weight_out if has_out else weight_in,
         bias_out if bias_out is not None else weight_in, out, z,
         num_rows, in_features, split_size, width, num_layers, out_features, float(negative_slope),
-        HAS_BIAS=bias is not None, HAS_OUT=has_out, ACTIVATION=_activation_id(activation), **blocks,
+        *(dropout or NO_DROPOUT),
+        HAS_BIAS=bias is not None, HAS_OUT=has_out, ACTIVATION=_activation_id(activation),
+        DROPOUT=dropout is not None, **blocks,
     )
     return out, z
 
@@ -492,9 +584,11 @@ def spinal_backward(
     has_bias_out: bool,
     activation: str,
     negative_slope: float,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Every gradient of the fused op in two launches (data, then weights); see the module docstring.
-    ``has_bias`` / ``has_bias_out``: whether the layer-bias / output-bias gradients are wanted."""
+    ``has_bias`` / ``has_bias_out``: whether the layer-bias / output-bias gradients are wanted;
+    ``dropout``: the forward's dropout scalars (launch.py), or None (the masks are recomputed)."""
     num_layers, width, split_size = weight_in.shape
     common, has_out = shape_arguments(x, weight_in, weight_out, negative_slope)
     out_features = common[5]
@@ -502,7 +596,7 @@ def spinal_backward(
     act = _activation_id(activation)
     stand_in = weight_in  # pointer for absent tensors, never read or written
     grad_x, grad_z = data_gradients(_backward_data_kernel, blocks, grad_out, x, pre_activation, weight_in,
-                                    weight_hidden, weight_out, common, act)
+                                    weight_hidden, weight_out, common, act, dropout)
     has_bias_out = has_bias_out and has_out
     grad_w_in, grad_w_hidden, grad_bias, grad_w_out, grad_bias_out = weight_gradient_outputs(
         x, weight_in, weight_hidden, weight_out, has_bias, has_bias_out)
@@ -514,6 +608,8 @@ def spinal_backward(
         grad_w_in, grad_w_hidden if grad_w_hidden.numel() else stand_in,
         grad_bias if has_bias else stand_in, grad_w_out if has_out else stand_in,
         grad_bias_out if has_bias_out else stand_in,
-        *common, HAS_BIAS=has_bias, HAS_BIAS_OUT=has_bias_out, HAS_OUT=has_out, ACTIVATION=act, **blocks,
+        *common, *(dropout or NO_DROPOUT),
+        HAS_BIAS=has_bias, HAS_BIAS_OUT=has_bias_out, HAS_OUT=has_out, ACTIVATION=act, DROPOUT=dropout is not None,
+        **blocks,
     )
     return grad_x, grad_w_in, grad_w_hidden, grad_bias, grad_w_out, grad_bias_out

@@ -4,15 +4,19 @@ or tiled.py (the tiled kernels, any width, behind the switch of settings.py).
 
 kernels.py and tiled.py (and with them triton) are imported on the first call, which keeps
 ``import spinal_ops`` fast and working without triton. Both write Z in the same layout, so a
-backward runs whichever kernels the switch says, whatever ran the forward.
+backward runs whichever kernels the switch says, whatever ran the forward. A training call's
+dropout (``dropout_seed``, ``dropout_p``) reaches the kernels as scalars; both kernel sets draw the
+same masks, so that holds with dropout too.
 """
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
 from ...config import SpinalConfig, SpinalParams
+from ...dropout import keep_threshold
 from . import settings
 
 
@@ -60,6 +64,27 @@ def _contiguous(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
+def _dropout(op: str, dropout_seed: Optional[torch.Tensor], dropout_p: float, config: SpinalConfig) -> Optional[tuple]:
+    """The kernels' dropout scalars (the 64-bit key, D sites per row, floor(p * 2^32), 1 / (1 - p)), or
+    None: no seed, or p = 0, runs the plain kernels. The seed is read on the host (a CPU tensor: no
+    device sync)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"spinal_ops::{op}: dropout_p must be a probability in [0, 1), got {dropout_p!r}")
+    if dropout_seed is None:
+        if dropout_p > 0:
+            raise ValueError(f"spinal_ops::{op}: dropout_p = {dropout_p} needs a dropout_seed")
+        return None
+    if dropout_seed.dim() != 0 or dropout_seed.dtype != torch.int64 or dropout_seed.device.type != "cpu":
+        raise ValueError(
+            f"spinal_ops::{op}: dropout_seed must be a 0-dim int64 CPU tensor (spinal_ops.dropout.draw_seed()), "
+            f"got {tuple(dropout_seed.shape)} {dropout_seed.dtype} on {dropout_seed.device}"
+        )
+    if dropout_p == 0:
+        return None
+    _, _, sites_per_row = config.dropout_sites()
+    return int(dropout_seed), sites_per_row, keep_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
 def _kernels(layer_width: int):
     """The module whose kernels run a call of this width (the switch of settings.py)."""
     if settings.use_tiled(layer_width):
@@ -72,20 +97,22 @@ def _kernels(layer_width: int):
 
 
 def forward(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope,
-                    allow_tf32=False, keep_pre_activation=True):
+            allow_tf32=False, keep_pre_activation=True, dropout_seed=None, dropout_p=0.0):
     config = _checked_config(x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope)
+    dropout = _dropout("triton_forward", dropout_seed, dropout_p, config)
     kernels = _kernels(config.layer_width)
     x, weight_in, weight_hidden, bias, weight_out, bias_out = _contiguous(x, weight_in, weight_hidden, bias, weight_out, bias_out)
     with _device_guard(x):
         out, pre_activation = kernels.spinal_forward(
-            x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope
+            x, weight_in, weight_hidden, bias, weight_out, bias_out, activation, negative_slope, dropout
         )
     return out, pre_activation if keep_pre_activation else x.new_empty(0)
 
 
 def backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask, activation,
-                     negative_slope, allow_tf32=False):
+             negative_slope, allow_tf32=False, dropout_seed=None, dropout_p=0.0):
     config = _checked_config(x, weight_in, weight_hidden, None, weight_out, None, activation, negative_slope)
+    dropout = _dropout("triton_backward", dropout_seed, dropout_p, config)
     kernels = _kernels(config.layer_width)
     rows = x.shape[0]
     for name, tensor, shape in (
@@ -105,5 +132,5 @@ def backward(grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, 
         # gradients exist (the rest are computed and dropped by autograd).
         return kernels.spinal_backward(
             grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, output_mask[3], output_mask[5],
-            activation, negative_slope,
+            activation, negative_slope, dropout,
         )

@@ -42,6 +42,11 @@ backward launch 3 (only with splits > 1): grid (cdiv(T, BLOCK_R),), each program
   and every sum runs in a fixed order, so the gradients are bitwise the same on every run (no
   atomics); a different split count rounds differently, within contract §4.
 
+Dropout (DROPOUT constexpr) uses the masks and sites of kernels.py (_dropped, _window_site) at the
+same loads: the forward's x tiles (again for every unit chunk n) and K-chunks of h_{l-1} and of H;
+launch 1's dH from the projection, the recurrence's sum over k (accumulated on its own, then
+masked) and each dx part; launch 2's x tiles, h_{l-1} and H chunks. Launch 3 sums as before.
+
 Accumulation is fp32 (tl.dot with input_precision="ieee"; half inputs on tensor cores). Z, dZ and
 the gradients are stored in the input dtype. Row offsets are int64 (B*N may pass 2^31).
 
@@ -59,10 +64,13 @@ import triton
 import triton.language as tl
 
 from .kernels import (
+    NO_DROPOUT,
     _activate,
     _activate_grad,
     _activation_id,
+    _dropped,
     _hidden_block,
+    _window_site,
     data_gradients,
     shape_arguments,
     weight_gradient_outputs,
@@ -138,11 +146,13 @@ def row_splits(num_rows: int, num_tiles: int, workspace_per_split: int, table: d
 # ---- forward ------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _tiled_forward_kernel(
     x_ptr, w_in_ptr, w_hidden_ptr, bias_ptr, w_out_ptr, bias_out_ptr, out_ptr, z_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
-    HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
+    seed, sites_per_row, threshold, scale,
+    HAS_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     dtype = x_ptr.dtype.element_ty
@@ -164,6 +174,9 @@ def _tiled_forward_kernel(
                 j_mask = j < split_size
                 x_tile = tl.load(x_rows + ((layer * split_size + j) % in_features)[None, :],
                                  mask=row_mask[:, None] & j_mask[None, :], other=0.0)
+                if DROPOUT:
+                    x_tile = _dropped(x_tile, rows, _window_site(layer, split_size, width) + j, seed,
+                                      sites_per_row, threshold, scale).to(dtype)
                 a_tile = tl.load(w_in_ptr + (layer * width + units)[:, None] * split_size + j[None, :],
                                  mask=unit_mask[:, None] & j_mask[None, :], other=0.0)
                 acc = tl.dot(x_tile, tl.trans(a_tile), acc, input_precision="ieee")
@@ -174,6 +187,9 @@ def _tiled_forward_kernel(
                     # h_{l-1} from the Z this program stored; zero past the valid rows and units.
                     h = _hidden_block(z_ptr, rows, row_mask, hidden, layer - 1, width, k, k_mask,
                                       ACTIVATION, negative_slope)
+                    if DROPOUT:  # h_{l-1} as layer l's input
+                        h = _dropped(h, rows, _window_site(layer, split_size, width) + split_size + k, seed,
+                                     sites_per_row, threshold, scale).to(dtype)
                     r_tile = tl.load(w_hidden_ptr + ((layer - 1) * width + units)[:, None] * width + k[None, :],
                                      mask=unit_mask[:, None] & k_mask[None, :], other=0.0)
                     acc = tl.dot(h, tl.trans(r_tile), acc, input_precision="ieee")
@@ -198,6 +214,9 @@ def _tiled_forward_kernel(
                 k = k0 + chunk
                 k_mask = k < hidden
                 h = _hidden_block(z_ptr, rows, row_mask, hidden, 0, 0, k, k_mask, ACTIVATION, negative_slope)
+                if DROPOUT:  # H as the projection's input
+                    h = _dropped(h, rows, _window_site(num_layers, split_size, width) + k, seed, sites_per_row,
+                                 threshold, scale).to(dtype)
                 w_tile = tl.load(w_out_ptr + outs[:, None] * hidden + k[None, :],
                                  mask=out_mask[:, None] & k_mask[None, :], other=0.0)
                 acc = tl.dot(h, tl.trans(w_tile), acc, input_precision="ieee")
@@ -210,11 +229,13 @@ def _tiled_forward_kernel(
 # ---- backward, launch 1: data gradients ----------------------------------------------------------
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _tiled_backward_data_kernel(
     grad_out_ptr, z_ptr, w_in_ptr, w_hidden_ptr, w_out_ptr, grad_z_ptr, grad_x_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
-    HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
+    seed, sites_per_row, threshold, scale,
+    HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     dtype = z_ptr.dtype.element_ty
@@ -242,10 +263,16 @@ def _tiled_backward_data_kernel(
                     w_tile = tl.load(w_out_ptr + outs[:, None] * hidden + (layer * width + units)[None, :],
                                      mask=out_mask[:, None] & unit_mask[None, :], other=0.0)
                     grad_h = tl.dot(g_tile, w_tile, grad_h, input_precision="ieee")
+                if DROPOUT:  # through the projection input's mask
+                    grad_h = _dropped(grad_h, rows, _window_site(num_layers, split_size, width) + layer * width + units,
+                                      seed, sites_per_row, threshold, scale)
             else:
                 grad_h += tl.load(grad_out_ptr + hidden_rows + (layer * width + units)[None, :],
                                   mask=tile_mask, other=0.0).to(tl.float32)
             if layer < num_layers - 1:
+                # With dropout the recurrence's part is summed on its own, then goes through layer
+                # + 1's mask on h_layer.
+                grad_next = tl.zeros([BLOCK_B, BLOCK_N], tl.float32) if DROPOUT else grad_h
                 for k0 in range(0, width, BLOCK_K):
                     k = k0 + chunk
                     k_mask = k < width
@@ -254,7 +281,12 @@ def _tiled_backward_data_kernel(
                     # weight_hidden[layer] is R_{layer+1}, which fed h_layer into z_{layer+1}.
                     r_tile = tl.load(w_hidden_ptr + (layer * width + k)[:, None] * width + units[None, :],
                                      mask=k_mask[:, None] & unit_mask[None, :], other=0.0)
-                    grad_h = tl.dot(grad_z_next, r_tile, grad_h, input_precision="ieee")
+                    grad_next = tl.dot(grad_z_next, r_tile, grad_next, input_precision="ieee")
+                if DROPOUT:
+                    grad_h += _dropped(grad_next, rows, _window_site(layer + 1, split_size, width) + split_size + units,
+                                       seed, sites_per_row, threshold, scale)
+                else:
+                    grad_h = grad_next
             z = tl.load(z_ptr + hidden_rows + (layer * width + units)[None, :], mask=tile_mask, other=0.0)
             grad_z = grad_h * _activate_grad(z.to(tl.float32), ACTIVATION, negative_slope)
             tl.store(grad_z_ptr + hidden_rows + (layer * width + units)[None, :], grad_z.to(dtype), mask=tile_mask)
@@ -278,6 +310,9 @@ def _tiled_backward_data_kernel(
                                      mask=unit_mask[:, None] & j_mask[None, :], other=0.0)
                     # Columns outside the window are masked after the product, where inf*0 may sit.
                     part = tl.dot(grad_z, a_tile, input_precision="ieee")
+                    if DROPOUT:  # through layer l's mask on its window
+                        part = _dropped(part, rows, _window_site(layer, split_size, width) + j, seed, sites_per_row,
+                                        threshold, scale)
                     acc += tl.where(j_mask[None, :], part, 0.0)
         tl.store(grad_x_ptr + rows64[:, None] * in_features + cols[None, :], acc.to(dtype),
                  mask=row_mask[:, None] & col_mask[None, :])
@@ -299,10 +334,12 @@ def _store_gradient(grad_ptr, workspace_ptr, workspace_offset, index, values, ma
 def _tiled_grad_weight_in(
     x_ptr, grad_z_ptr, grad_w_in_ptr, grad_bias_ptr, workspace_ptr, split_offset, bias_segment,
     layer, unit_tile, split_tile, row_begin, row_end, in_features, split_size, width, hidden,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    seed, sites_per_row, threshold, scale,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_WB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW_in[l][n, j] = dZ_l[:, n]^T @ x[:, window j] over this split's rows; j-chunk 0 also db_l[n]."""
+    """dW_in[l][n, j] = dZ_l[:, n]^T @ x[:, window j] (dropped) over this split's rows; j-chunk 0 also
+    db_l[n]."""
     units = unit_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     unit_mask = units < width
     j = split_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -318,6 +355,9 @@ def _tiled_grad_weight_in(
                          mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
         x_tile = tl.load(x_ptr + rows64[:, None] * in_features + cols[None, :],
                          mask=row_mask[:, None] & j_mask[None, :], other=0.0)
+        if DROPOUT:
+            x_tile = _dropped(x_tile, rows, _window_site(layer, split_size, width) + j, seed, sites_per_row,
+                              threshold, scale).to(grad_z.dtype)
         acc = tl.dot(tl.trans(grad_z), x_tile, acc, input_precision="ieee")
         bias_acc += tl.sum(grad_z.to(tl.float32), axis=0)
     _store_gradient(grad_w_in_ptr, workspace_ptr, split_offset,
@@ -332,11 +372,13 @@ def _tiled_grad_weight_in(
 @triton.jit
 def _tiled_grad_weight_hidden(
     z_ptr, grad_z_ptr, grad_w_hidden_ptr, workspace_ptr, split_offset,
-    layer, unit_tile, k_tile, row_begin, row_end, width, hidden, negative_slope,
-    ACTIVATION: tl.constexpr, SPLIT: tl.constexpr,
+    layer, unit_tile, k_tile, row_begin, row_end, split_size, width, hidden, negative_slope,
+    seed, sites_per_row, threshold, scale,
+    ACTIVATION: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_WB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dR_l[n, k] = dZ_l[:, n]^T @ phi(Z_{l-1}[:, k]), stored at weight_hidden[l-1]."""
+    """dR_l[n, k] = dZ_l[:, n]^T @ phi(Z_{l-1}[:, k]) (dropped as layer l's input), stored at
+    weight_hidden[l-1]."""
     units = unit_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     unit_mask = units < width
     k = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -349,6 +391,9 @@ def _tiled_grad_weight_hidden(
                          mask=row_mask[:, None] & unit_mask[None, :], other=0.0)
         h_prev = _hidden_block(z_ptr, rows, row_mask, hidden, layer - 1, width, k, k_mask,
                                ACTIVATION, negative_slope)
+        if DROPOUT:
+            h_prev = _dropped(h_prev, rows, _window_site(layer, split_size, width) + split_size + k, seed,
+                              sites_per_row, threshold, scale).to(grad_z.dtype)
         acc = tl.dot(tl.trans(grad_z), h_prev, acc, input_precision="ieee")
     _store_gradient(grad_w_hidden_ptr, workspace_ptr, split_offset,
                     ((layer - 1) * width + units)[:, None] * width + k[None, :], acc,
@@ -359,10 +404,12 @@ def _tiled_grad_weight_hidden(
 def _tiled_grad_weight_out(
     grad_out_ptr, z_ptr, grad_w_out_ptr, grad_bias_out_ptr, workspace_ptr, split_offset, bias_out_segment,
     out_tile, k_tile, row_begin, row_end, hidden, out_features, negative_slope,
-    HAS_BIAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr, SPLIT: tl.constexpr,
+    projection_site, seed, sites_per_row, threshold, scale,
+    HAS_BIAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_WB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW_out[m, k] = grad_out[:, m]^T @ phi(Z[:, k]); k-chunk 0 also db_out[m]."""
+    """dW_out[m, k] = grad_out[:, m]^T @ phi(Z[:, k]) (dropped as the projection's input); k-chunk 0
+    also db_out[m]."""
     outs = out_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     out_mask = outs < out_features
     k = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -375,6 +422,8 @@ def _tiled_grad_weight_out(
         g_tile = tl.load(grad_out_ptr + rows.to(tl.int64)[:, None] * out_features + outs[None, :],
                          mask=row_mask[:, None] & out_mask[None, :], other=0.0)
         h = _hidden_block(z_ptr, rows, row_mask, hidden, 0, 0, k, k_mask, ACTIVATION, negative_slope)
+        if DROPOUT:
+            h = _dropped(h, rows, projection_site + k, seed, sites_per_row, threshold, scale).to(g_tile.dtype)
         acc = tl.dot(tl.trans(g_tile), h, acc, input_precision="ieee")
         bias_acc += tl.sum(g_tile.to(tl.float32), axis=0)
     _store_gradient(grad_w_out_ptr, workspace_ptr, split_offset, outs[:, None] * hidden + k[None, :], acc,
@@ -385,14 +434,16 @@ def _tiled_grad_weight_out(
                             out_mask, SPLIT)
 
 
-@triton.jit
+# Not specialised on the seed (new every training call) nor the threshold (a value of 1 would turn constexpr).
+@triton.jit(do_not_specialize=["seed", "threshold"])
 def _tiled_backward_weights_kernel(
     grad_out_ptr, x_ptr, z_ptr, grad_z_ptr,
     grad_w_in_ptr, grad_w_hidden_ptr, grad_bias_ptr, grad_w_out_ptr, grad_bias_out_ptr, workspace_ptr,
     num_rows, in_features, split_size, width, num_layers, out_features, negative_slope,
+    seed, sites_per_row, threshold, scale,
     rows_per_split, workspace_stride, hidden_segment, bias_segment, out_segment, bias_out_segment,
     HAS_BIAS: tl.constexpr, HAS_BIAS_OUT: tl.constexpr, HAS_OUT: tl.constexpr, ACTIVATION: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_WB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_WB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     # Each tile kind is a helper call: names assigned in both arms of a runtime `if` must share
@@ -415,21 +466,24 @@ def _tiled_backward_weights_kernel(
         _tiled_grad_weight_in(x_ptr, grad_z_ptr, grad_w_in_ptr, grad_bias_ptr, workspace_ptr, split_offset,
                               bias_segment, tile // per_layer, rest // split_tiles, rest % split_tiles,
                               row_begin, row_end, in_features, split_size, width, hidden,
-                              HAS_BIAS, SPLIT, BLOCK_WB, BLOCK_N, BLOCK_K)
+                              seed, sites_per_row, threshold, scale, HAS_BIAS, SPLIT, DROPOUT,
+                              BLOCK_WB, BLOCK_N, BLOCK_K)
     elif tile < w_in_tiles + hidden_tiles:
         t = tile - w_in_tiles
         per_layer = unit_tiles * width_tiles
         rest = t % per_layer
         _tiled_grad_weight_hidden(z_ptr, grad_z_ptr, grad_w_hidden_ptr, workspace_ptr, split_offset + hidden_segment,
                                   t // per_layer + 1, rest // width_tiles, rest % width_tiles, row_begin, row_end,
-                                  width, hidden, negative_slope, ACTIVATION, SPLIT, BLOCK_WB, BLOCK_N, BLOCK_K)
+                                  split_size, width, hidden, negative_slope, seed, sites_per_row, threshold, scale,
+                                  ACTIVATION, SPLIT, DROPOUT, BLOCK_WB, BLOCK_N, BLOCK_K)
     elif HAS_OUT:
         t = tile - w_in_tiles - hidden_tiles
         hidden_k_tiles = tl.cdiv(hidden, BLOCK_K)
         _tiled_grad_weight_out(grad_out_ptr, z_ptr, grad_w_out_ptr, grad_bias_out_ptr, workspace_ptr,
                                split_offset + out_segment, bias_out_segment - out_segment,
                                t // hidden_k_tiles, t % hidden_k_tiles, row_begin, row_end, hidden, out_features,
-                               negative_slope, HAS_BIAS_OUT, ACTIVATION, SPLIT, BLOCK_WB, BLOCK_M, BLOCK_K)
+                               negative_slope, _window_site(num_layers, split_size, width), seed, sites_per_row,
+                               threshold, scale, HAS_BIAS_OUT, ACTIVATION, SPLIT, DROPOUT, BLOCK_WB, BLOCK_M, BLOCK_K)
 
 
 # ---- backward, launch 3 (splits > 1): the fixed-order sum of the splits ----------------------------
@@ -484,8 +538,10 @@ def spinal_forward(
     bias_out: Optional[torch.Tensor],
     activation: str,
     negative_slope: float,
+    dropout: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, Z) in one launch of the tiled forward. Inputs are contiguous and checked by the caller."""
+    """(out, Z) in one launch of the tiled forward. Inputs are contiguous and checked by the caller.
+    ``dropout``: the dropout scalars of launch.py, or None."""
     num_rows, in_features = x.shape
     num_layers, width, split_size = weight_in.shape
     has_out = weight_out is not None
@@ -501,7 +557,9 @@ def spinal_forward(
         bias if bias is not None else weight_in, weight_out if has_out else weight_in,
         bias_out if bias_out is not None else weight_in, out, z,
         num_rows, in_features, split_size, width, num_layers, out_features, float(negative_slope),
-        HAS_BIAS=bias is not None, HAS_OUT=has_out, ACTIVATION=_activation_id(activation), **blocks,
+        *(dropout or NO_DROPOUT),
+        HAS_BIAS=bias is not None, HAS_OUT=has_out, ACTIVATION=_activation_id(activation),
+        DROPOUT=dropout is not None, **blocks,
     )
     return out, z
 
@@ -527,10 +585,12 @@ def spinal_backward(
     has_bias_out: bool,
     activation: str,
     negative_slope: float,
+    dropout: Optional[tuple] = None,
     splits: Optional[int] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Every gradient in two launches (data, weights), three when the weight gradients are split
-    over rows. ``splits`` overrides row_splits() (tests)."""
+    over rows. ``dropout``: the forward's dropout scalars (launch.py), or None (the masks are
+    recomputed). ``splits`` overrides row_splits() (tests)."""
     num_rows = x.shape[0]
     num_layers, width, split_size = weight_in.shape
     common, has_out = shape_arguments(x, weight_in, weight_out, negative_slope)
@@ -540,7 +600,7 @@ def spinal_backward(
     act = _activation_id(activation)
     stand_in = weight_in  # pointer for absent tensors, never read or written
     grad_x, grad_z = data_gradients(_tiled_backward_data_kernel, blocks, grad_out, x, pre_activation, weight_in,
-                                    weight_hidden, weight_out, common, act)
+                                    weight_hidden, weight_out, common, act, dropout)
     has_bias_out = has_bias_out and has_out
     grad_w_in, grad_w_hidden, grad_bias, grad_w_out, grad_bias_out = weight_gradient_outputs(
         x, weight_in, weight_hidden, weight_out, has_bias, has_bias_out)
@@ -564,8 +624,9 @@ def spinal_backward(
     segments = (hidden_segment, bias_segment, out_segment, bias_out_segment)
     _tiled_backward_weights_kernel[(num_tiles, splits)](
         grad_out, x, pre_activation, grad_z, *grads, workspace if split else stand_in,
-        *common, rows_per_split, workspace_stride, *segments,
+        *common, *(dropout or NO_DROPOUT), rows_per_split, workspace_stride, *segments,
         HAS_BIAS=has_bias, HAS_BIAS_OUT=has_bias_out, HAS_OUT=has_out, ACTIVATION=act, SPLIT=split,
+        DROPOUT=dropout is not None,
         BLOCK_WB=table["BLOCK_WB"], BLOCK_N=table["BLOCK_N"], BLOCK_K=table["BLOCK_K"], BLOCK_M=table["BLOCK_M"],
         num_warps=table["num_warps"],
     )
