@@ -1,11 +1,11 @@
 """What dropout costs a training step: the cpu backend with and without dropout, and the eager
 reference with and without it, timed in one alternating run per case.
 
-Every call of the CPU op with dropout runs the hoisted chain (csrc/cpu/forward.cpp), ungrouped,
-with a Philox draw per dropout site in the forward and again in the backward, so narrow layers
-(mnist) leave the CPU narrow chain. This program measures what that costs against the same step
-without dropout, and against the reference layer with dropout (the only backend that trained with
-dropout before). Each step is `spinal-bench`'s train step (forward and the gradients of the input
+A call of the CPU op with dropout takes its usual path (the CPU narrow chain for mnist, the
+hoisted chain for vgg5), each layer's input product on its own masked window (no products shared
+by window groups), with one Philox word per dropout site in the forward and again in the backward.
+This program measures what that costs against the same step without dropout, and against the
+reference layer with dropout (the only backend that trained with dropout before). Each step is `spinal-bench`'s train step (forward and the gradients of the input
 and every parameter, spinal_ops/bench/workloads.py: make_step) of a layer in training mode, which
 draws a fresh seed per call as training does.
 

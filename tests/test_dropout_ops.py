@@ -1,8 +1,8 @@
 """Dropout inside the compiled op pairs (docs/contract.md §1 "Masks", §3): the cpu backend, and the
 ops called directly, against the float64 reference given the same seed (output and every
-gradient, contract §4) over the regimes of the CPU op (every call with dropout runs its hoisted
-chain: the narrow recurrence, the tile GEMM, BLAS, ungrouped wide layers, row blocks, the bfloat16
-chain); no seed or p = 0 exactly the plain op; the forward's mask in the backward; seeds;
+gradient, contract §4) over the regimes of the CPU op (the CPU narrow chain's masked row tiles;
+the hoisted chain's: the narrow recurrence, the tile GEMM, BLAS, ungrouped wide layers, row blocks,
+the bfloat16 chain); no seed or p = 0 exactly the plain op; the forward's mask in the backward; seeds;
 opcheck, torch.compile, bad arguments; the hoisted CUDA path on a GPU (skipped without one)."""
 from __future__ import annotations
 
@@ -38,11 +38,12 @@ pytestmark = pytest.mark.skipif(not available_backends()["cpu"], reason=f"cpu ba
 P = 0.3
 SEED = 1234567890123  # above 2^32: both words of the Philox key matter
 
-# The regimes of the CPU op with dropout (csrc/cpu/forward.cpp: every such call runs the hoisted
-# chain): the edge cases (w <= 32: the narrow recurrence; wrapped windows, k = 1..4, s = 1, L = 1,
-# w = 1, no projection, no bias), layers grouped by window without dropout (k2_groups), 32 < w < 256
-# (recurrence as GEMMs on the tile GEMM), w >= 256 (ungrouped; windows read by several layers,
-# tiling x once, wrapping) and past the CUDA tiles.
+# The regimes of the CPU op with dropout (csrc/cpu/forward.cpp): the edge cases (w <= 32: the CPU
+# narrow chain in float32, the hoisted chain's narrow recurrence in float64; wrapped windows,
+# k = 1..4, s = 1, L = 1, w = 1, no projection, no bias), layers grouped by window without dropout
+# (k2_groups: under dropout each layer's own product), 32 < w < 256 (recurrence as GEMMs on the tile
+# GEMM), w >= 256 (ungrouped; windows read by several layers, tiling x once, wrapping) and past the
+# CUDA tiles.
 DROPOUT_CASES = (*EDGE_CASES, "k2_groups", "k2_groups_of_three", "medium_grouped", "medium_grouped_M_None",
                  "wide_k2_overlap", "wide_tiles_once", "wide_wraps", "hoisted_no_projection")
 # Activations through every kind of activation code: the CPU engine's loops (relu, leaky_relu,
@@ -97,9 +98,10 @@ def test_cpu_dropout_bfloat16_narrow_at_large_batch():
     assert cpu_bf16_gemm() in (True, False)
 
 
-# Row blocks: the training forward and the backward's recurrence run blocks of ~128k elements of
-# [B, L*w] (each block's factors at its own rows' counters), the narrow recurrence's backward
-# chunks of 256 rows, and the dx of windows that tile x once.
+# Row blocks: the hoisted chain's training forward and backward recurrence run blocks of ~128k
+# elements of [B, L*w] (each block's factors at its own rows' counters, in blocks of 64k factors);
+# the CPU narrow chain's backward chunks of 256 rows in blocks of 64; the dx of windows that tile
+# x once.
 ROW_BLOCK_CASES = {
     "medium_blocks": (make_config(30, 4, layer_width=40, num_layers=3, num_splits=3), 2500),
     "narrow_chunks": (make_config(24, 5, layer_width=16, num_layers=4, num_splits=2), 700),

@@ -26,10 +26,9 @@ std::array<DropoutFactorsKernel, kDeviceTypes>& kernels() {
 // The first Philox words of `count` consecutive counters base, base + 1, ... into `words`
 // (contract §1: key = the seed's two 32-bit halves, counter = (c mod 2^32, c div 2^32, 0, 0)).
 // Scalar here; vectorised below where the CPU has AVX2 or AVX-512F: Philox is integer arithmetic,
-// so every version gives the same words. A scalar Philox4x32-10 costs ~40 cycles per word, as much
-// as a narrow layer's whole training step per element (mnist, batch 4096, p = 0.5: the step took
-// 47x its time without dropout on the scalar words, `python benchmarks/dropout_cost.py --preset
-// mnist --batch 4096 --threads 1`).
+// so every version gives the same words. The words are most of what dropout costs a narrow layer:
+// a training step of mnist draws ~2100 per row (every dropout site in the forward and again in the
+// backward), at ~5.4 ns each scalar (the timings below) as long as the rest of its step per row.
 void philox_words_scalar(uint64_t seed, uint64_t base, int64_t count, uint32_t* words) {
   for (int64_t i = 0; i < count; ++i) words[i] = philox_first_word(seed, base + static_cast<uint64_t>(i));
 }
@@ -41,79 +40,106 @@ void philox_words_scalar(uint64_t seed, uint64_t base, int64_t count, uint32_t* 
 // gives a round's whole 64-bit product per lane (its high word by one shift; its low word is the
 // lane itself, whose upper half the next vpmuludq ignores and the final narrowing drops), and the
 // counters are 64-bit additions. 16 counters per step, as two (AVX-512) or four (AVX2) vectors
-// whose rounds interleave. Measured on an AMD EPYC (Zen 4), 1 thread: 1.3 ns per word with
-// AVX-512, 2.9 with AVX2, 5.4 scalar; 1.4 for 16 words packed in one AVX-512 vector, whose high
-// words need a second vpmuludq on the odd lanes and blends.
+// whose rounds interleave (fewer for a shorter last run: a narrow layer's 8 hidden sites).
+// Measured on an AMD EPYC (Zen 4), 1 thread, runs of 160 counters: 1.7 ns per word with AVX-512,
+// 2.9 with AVX2, 5.9 scalar (`python benchmarks/philox_words.py`); the same 16 words packed in one
+// AVX-512 vector of 32-bit lanes, whose high words need a second vpmuludq on the odd lanes and
+// blends, took ~10 % longer.
 
-__attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, uint64_t base, int64_t count,
-                                                            uint32_t* words) {
+// The first words of V vectors of consecutive counters from `first` (V <= 2, fully unrolled so the
+// state stays in registers).
+template <int V>
+__attribute__((target("avx512f"))) inline void philox_vectors_avx512(uint64_t seed, uint64_t first, __m256i* words) {
   constexpr __mmask8 kAll = 0xFF;  // zero-masking forms: no undefined pass-through (GCC 12 warns on it)
   const __m512i round_a = _mm512_set1_epi64(0xD2511F53u), round_b = _mm512_set1_epi64(0xCD9E8D57u);
   const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t j = 0; j < count; j += 16) {
-    __m512i c0[2], c1[2], c2[2], c3[2];
-    for (int v = 0; v < 2; ++v) {
-      c0[v] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(base + static_cast<uint64_t>(j + 8 * v))), lanes);
-      c1[v] = _mm512_maskz_srli_epi64(kAll, c0[v], 32);
-      c2[v] = c3[v] = _mm512_setzero_si512();
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
-      for (int v = 0; v < 2; ++v) {
-        const __m512i product_a = _mm512_maskz_mul_epu32(kAll, c0[v], round_a);
-        const __m512i product_b = _mm512_maskz_mul_epu32(kAll, c2[v], round_b);
-        c0[v] = _mm512_ternarylogic_epi64(_mm512_maskz_srli_epi64(kAll, product_b, 32), c1[v], key0, 0x96);  // xor3
-        c1[v] = product_b;
-        c2[v] = _mm512_ternarylogic_epi64(_mm512_maskz_srli_epi64(kAll, product_a, 32), c3[v], key1, 0x96);
-        c3[v] = product_a;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    for (int v = 0; v < 2; ++v) {
-      const int64_t first = j + 8 * v, left = count - first;
-      if (left <= 0) break;
-      const __m256i word = _mm512_maskz_cvtepi64_epi32(kAll, c0[v]);
-      if (left >= 8) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + first), word);
-      } else {
-        alignas(32) uint32_t last[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(last), word);
-        std::copy(last, last + left, words + first);
-      }
-    }
+  __m512i c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    c0[v] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(first + 8 * v)), lanes);
+    c1[v] = _mm512_maskz_srli_epi64(kAll, c0[v], 32);
+    c2[v] = c3[v] = _mm512_setzero_si512();
   }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
+    for (int v = 0; v < V; ++v) {
+      const __m512i product_a = _mm512_maskz_mul_epu32(kAll, c0[v], round_a);
+      const __m512i product_b = _mm512_maskz_mul_epu32(kAll, c2[v], round_b);
+      c0[v] = _mm512_ternarylogic_epi64(_mm512_maskz_srli_epi64(kAll, product_b, 32), c1[v], key0, 0x96);  // xor3
+      c1[v] = product_b;
+      c2[v] = _mm512_ternarylogic_epi64(_mm512_maskz_srli_epi64(kAll, product_a, 32), c3[v], key1, 0x96);
+      c3[v] = product_a;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int v = 0; v < V; ++v) words[v] = _mm512_maskz_cvtepi64_epi32(kAll, c0[v]);
+}
+
+__attribute__((target("avx512f"))) void philox_words_avx512(uint64_t seed, uint64_t base, int64_t count,
+                                                            uint32_t* words) {
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16) {
+    __m256i out[2];
+    philox_vectors_avx512<2>(seed, base + static_cast<uint64_t>(j), out);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + j), out[0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + j + 8), out[1]);
+  }
+  if (j == count) return;
+  alignas(32) uint32_t last[16];
+  __m256i out[2];
+  if (count - j > 8) {
+    philox_vectors_avx512<2>(seed, base + static_cast<uint64_t>(j), out);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(last + 8), out[1]);
+  } else {  // a last run of at most 8 (a narrow layer's w = 8 hidden sites): one vector
+    philox_vectors_avx512<1>(seed, base + static_cast<uint64_t>(j), out);
+  }
+  _mm256_store_si256(reinterpret_cast<__m256i*>(last), out[0]);
+  std::copy(last, last + (count - j), words + j);
+}
+
+// As philox_vectors_avx512 with 4 counters per vector (V <= 4).
+template <int V>
+__attribute__((target("avx2"))) inline void philox_vectors_avx2(uint64_t seed, uint64_t first, uint64_t* words) {
+  const __m256i round_a = _mm256_set1_epi64x(0xD2511F53u), round_b = _mm256_set1_epi64x(0xCD9E8D57u);
+  const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
+  __m256i c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    c0[v] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(first + 4 * v)), lanes);
+    c1[v] = _mm256_srli_epi64(c0[v], 32);
+    c2[v] = c3[v] = _mm256_setzero_si256();
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const __m256i key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
+    for (int v = 0; v < V; ++v) {
+      const __m256i product_a = _mm256_mul_epu32(c0[v], round_a);
+      const __m256i product_b = _mm256_mul_epu32(c2[v], round_b);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product_b, 32), c1[v]), key0);
+      c1[v] = product_b;
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product_a, 32), c3[v]), key1);
+      c3[v] = product_a;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int v = 0; v < V; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 4 * v), c0[v]);
 }
 
 __attribute__((target("avx2"))) void philox_words_avx2(uint64_t seed, uint64_t base, int64_t count,
                                                        uint32_t* words) {
-  const __m256i round_a = _mm256_set1_epi64x(0xD2511F53u), round_b = _mm256_set1_epi64x(0xCD9E8D57u);
-  const __m256i lanes = _mm256_setr_epi64x(0, 1, 2, 3);
+  alignas(32) uint64_t lane_words[16];
   for (int64_t j = 0; j < count; j += 16) {
-    __m256i c0[4], c1[4], c2[4], c3[4];
-    for (int v = 0; v < 4; ++v) {
-      c0[v] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(base + static_cast<uint64_t>(j + 4 * v))), lanes);
-      c1[v] = _mm256_srli_epi64(c0[v], 32);
-      c2[v] = c3[v] = _mm256_setzero_si256();
-    }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-      const __m256i key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
-      for (int v = 0; v < 4; ++v) {
-        const __m256i product_a = _mm256_mul_epu32(c0[v], round_a);
-        const __m256i product_b = _mm256_mul_epu32(c2[v], round_b);
-        c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product_b, 32), c1[v]), key0);
-        c1[v] = product_b;
-        c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(product_a, 32), c3[v]), key1);
-        c3[v] = product_a;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    alignas(32) uint64_t lane_words[16];
-    for (int v = 0; v < 4; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(lane_words + 4 * v), c0[v]);
     const int64_t n = std::min<int64_t>(16, count - j);
+    const uint64_t first = base + static_cast<uint64_t>(j);
+    switch ((n + 3) / 4) {  // as many vectors as the run needs
+      case 1: philox_vectors_avx2<1>(seed, first, lane_words); break;
+      case 2: philox_vectors_avx2<2>(seed, first, lane_words); break;
+      case 3: philox_vectors_avx2<3>(seed, first, lane_words); break;
+      default: philox_vectors_avx2<4>(seed, first, lane_words); break;
+    }
     for (int64_t i = 0; i < n; ++i) words[j + i] = static_cast<uint32_t>(lane_words[i]);
   }
 }

@@ -2,8 +2,8 @@
 // row-tile pass (narrow_chain.h), everything else the hoisted chain's backward
 // (csrc/chain/hoisted_chain.h) on the CPU's GEMM engine (chain_engine.h); both compute only the
 // gradients output_mask asks for. bfloat16 takes the path its forward took (dtypes.h:
-// runs_bfloat16_chain): the hoisted chain on the bfloat16 tensors, or float32 after an upcast. With
-// an active dropout, the hoisted chain always, as the forward (forward.cpp).
+// runs_bfloat16_chain): the hoisted chain on the bfloat16 tensors, or float32 after an upcast. Both
+// paths recompute the forward's dropout masks from its seed and p (forward.cpp).
 #include <torch/library.h>
 
 #include "../chain/dropout_factors.h"
@@ -35,9 +35,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor weight_in_c = to_compute(weight_in), weight_hidden_c = to_compute(weight_hidden);
   const auto weight_out_c = to_compute(weight_out);
   const std::array<at::Tensor, 6> grads =
-      uses_narrow_chain(shape, x_compute) && !dropout.active
+      uses_narrow_chain(shape, x_compute)
           ? narrow_chain_backward(shape, grad_out_c, x_compute, pre_activation_c, weight_in_c, weight_hidden_c,
-                                  weight_out_c, act, negative_slope, output_mask)
+                                  weight_out_c, act, negative_slope, output_mask, dropout)
           : chain::hoisted_backward(chain_engine(x_compute.scalar_type()), shape, grad_out_c, x_compute,
                                     pre_activation_c, weight_in_c, weight_hidden_c, weight_out_c, act,
                                     negative_slope, output_mask, dropout);

@@ -7,10 +7,9 @@
 // upcast to float32 on entry and rounded once on exit. Every ATen call inside is a parallel
 // region over torch.get_num_threads() threads.
 //
-// Dropout (an active dropout_seed and dropout_p, contract §1): every call runs the hoisted chain,
-// which applies the masks (csrc/chain/hoisted_chain.h; the narrow recurrence in its row loop);
-// the CPU narrow chain has no dropout stage. bfloat16 takes the same path as without dropout
-// except that narrow layers widen to float32 for the hoisted chain instead of the narrow chain.
+// Dropout (an active dropout_seed and dropout_p, contract §1) runs on the same paths: the CPU
+// narrow chain applies the masks in its row tiles (narrow_chain.h), the hoisted chain where it
+// reads each dropped input (csrc/chain/hoisted_chain.h; the narrow recurrence in its row loop).
 #include <torch/library.h>
 
 #include "../chain/dropout_factors.h"
@@ -42,9 +41,9 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cpu(const at::Tensor& x, const
   const at::Tensor weight_in_c = to_compute(weight_in), weight_hidden_c = to_compute(weight_hidden);
   const auto bias_c = to_compute(bias), weight_out_c = to_compute(weight_out), bias_out_c = to_compute(bias_out);
   auto [out, pre_activation] =
-      uses_narrow_chain(shape, x_compute) && !dropout.active
+      uses_narrow_chain(shape, x_compute)
           ? narrow_chain_forward(shape, x_compute, weight_in_c, weight_hidden_c, bias_c, weight_out_c, bias_out_c,
-                                 act, negative_slope, keep_pre_activation)
+                                 act, negative_slope, keep_pre_activation, dropout)
           : chain::hoisted_forward(chain_engine(x_compute.scalar_type()), shape, x_compute, weight_in_c,
                                    weight_hidden_c, bias_c, weight_out_c, bias_out_c, act, negative_slope,
                                    keep_pre_activation, dropout);

@@ -33,6 +33,19 @@
 //   dR_{l-1} += dz_l^T @ h_{l-1}, dW_out += G^T @ H, db and db_out as column sums.
 //   Only what output_mask asks for is computed.
 //
+// Dropout (an active Dropout, contract §1 "Masks"): the masks are applied inside the row tiles,
+// each factor computed from the seed and its counter where it is needed (chain::fill_factors:
+// Philox on 8 or 16 consecutive counters per vector) and never stored. Forward, per tile: each
+// layer's input product on its own window times its factors (gathered across the wrap, a
+// [4, s] block in L1), with A_l^T packed per layer (the groups' panels serve layers that read
+// the same inputs, which under dropout they no longer do); h_{l-1} times its factors before the
+// recurrence's product; H times its factors before the projection. Backward, per tile: dH = (G @
+// W_out) times H's factors; dz_l = (dH_l + (dz_{l+1} @ R_{l+1}) times h_l's factors) * phi'(z_l);
+// h_l times those factors for dW_hidden and H times its own for dW_out (two buffers). Per block and
+// layer (block_dropout_input_grads): the window's factors once for dx's (dz_l @ A_l) and for
+// dW_in_l^T += (x window times them)^T @ dz_l (its partial then in per-layer columns). What it
+// costs: docs/design.md, "What dropout costs".
+//
 // Register tiling of every product (avx2_tiles.h, panel_product): 4 rows by up to 3 vectors of 8
 // columns = 12 ymm accumulators for the whole reduction, one broadcast per row and one load per
 // vector per step; the weights (tens of KB for the layers this path takes) stay in L1/L2. A tile's
@@ -50,6 +63,7 @@
 #include <tuple>
 
 #include "../common/activation.h"
+#include "../common/philox.h"
 #include "../common/spinal_shape.h"
 #include "narrow_recurrence.h"
 
@@ -75,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor> narrow_chain_forward(const SpinalShape& shape
                                                         const std::optional<at::Tensor>& bias,
                                                         const std::optional<at::Tensor>& weight_out,
                                                         const std::optional<at::Tensor>& bias_out, Activation act,
-                                                        double negative_slope, bool keep_pre_activation);
+                                                        double negative_slope, bool keep_pre_activation,
+                                                        const Dropout& dropout = Dropout{});
 
 // The gradients as chain::hoisted_backward returns them (an empty [0] tensor where mask is false);
 // every tensor contiguous float32.
@@ -83,6 +98,7 @@ std::array<at::Tensor, 6> narrow_chain_backward(const SpinalShape& shape, const 
                                                 const at::Tensor& x, const at::Tensor& pre_activation,
                                                 const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                                 const std::optional<at::Tensor>& weight_out, Activation act,
-                                                double negative_slope, const std::array<bool, 6>& mask);
+                                                double negative_slope, const std::array<bool, 6>& mask,
+                                                const Dropout& dropout = Dropout{});
 
 }  // namespace spinal_ops::cpu

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../chain/dropout_factors.h"
 #include "../chain/hoisted_chain.h"
 #include "../common/message_text.h"
 #include "narrow_chain.h"
@@ -66,6 +67,11 @@ struct BackwardPlan {
   std::vector<float> recurrent;      // [L-1, w, width_padded]: R_l rows, zero-padded (dz_l += dz_{l+1} @ R_{l+1})
   std::vector<float> input_weights;  // [layout.columns, split_padded]: A rows, group-major (dx_window += dZ_g @ A_g)
   PartialLayout partial;
+  // Dropout (active only; narrow_chain.h): dW_in^T's partial then holds layer l at column
+  // l * width_padded of weight_in_columns = L * width_padded (a layer's product reads its own
+  // masked window, so the groups' columns do not serve).
+  const Dropout* dropout = nullptr;
+  int64_t weight_in_columns;
   const float* grad_out = nullptr;   // G [B, M], or dH [B, L*w] without projection
   const float* x = nullptr;
   const float* z = nullptr;          // Z [B, L*w]
@@ -73,7 +79,8 @@ struct BackwardPlan {
   float negative_slope = 0;
 
   BackwardPlan(const SpinalShape& shape_, const at::Tensor& weight_in, const at::Tensor& weight_hidden,
-               const std::optional<at::Tensor>& weight_out, const std::array<bool, 6>& mask_)
+               const std::optional<at::Tensor>& weight_out, const std::array<bool, 6>& mask_,
+               const Dropout& dropout_)
       : shape(shape_),
         layout(shape_),
         mask(mask_),
@@ -82,7 +89,7 @@ struct BackwardPlan {
         windows_partition_input(static_cast<int64_t>(layout.groups.size()) * shape_.split_size == shape_.in_features),
         every_window_in_place(std::all_of(layout.groups.begin(), layout.groups.end(),
                                           [&](const WindowGroup& g) { return window_is_whole_vectors(shape_, g); })),
-        transposes_input(mask_[kGradWeightIn] &&
+        transposes_input(mask_[kGradWeightIn] && !dropout_.active &&
                          shape_.batch * shape_.in_features * static_cast<int64_t>(sizeof(float)) >= kTransposedInputMinBytes),
         width_padded(round_up(shape_.layer_width, kLanes)),
         width_rows(round_up(shape_.layer_width, kTileRows)),
@@ -91,6 +98,8 @@ struct BackwardPlan {
         hidden_padded(round_up(shape_.hidden(), kLanes)),
         out_rows(round_up(shape_.out_features, kTileRows)) {
     const int64_t s = shape.split_size, w = shape.layer_width, hidden = shape.hidden();
+    if (dropout_.active) dropout = &dropout_;
+    weight_in_columns = dropout ? shape.num_layers * width_padded : layout.columns;
     if (weight_out) {
       output_weights.assign(shape.out_features * hidden_padded, 0.f);
       const float* wo = weight_out->const_data_ptr<float>();
@@ -113,7 +122,7 @@ struct BackwardPlan {
       }
     }
     partial.weight_in = 0;
-    partial.weight_hidden = partial.weight_in + (mask[kGradWeightIn] ? split_rows * layout.columns : 0);
+    partial.weight_hidden = partial.weight_in + (mask[kGradWeightIn] ? split_rows * weight_in_columns : 0);
     partial.bias = partial.weight_hidden + (mask[kGradWeightHidden] ? (shape.num_layers - 1) * width_rows * width_padded : 0);
     partial.weight_out = partial.bias + (mask[kGradBias] ? layout.columns : 0);
     const bool projection = weight_out.has_value();
@@ -122,6 +131,10 @@ struct BackwardPlan {
   }
 
   bool projection() const { return !output_weights.empty(); }
+  // Column of layer l's dW_in^T in the partial.
+  int64_t weight_in_column(int64_t layer) const {
+    return dropout ? layer * width_padded : layout.layer_column[layer];
+  }
   int64_t grad_out_width() const { return shape.output_width(); }
 };
 
@@ -137,14 +150,34 @@ struct BlockBuffers {
                                    // or, when every window is, kTileRows (a last tile), split_padded]
   std::vector<float> grad_out;     // [kBlockRows, out_rows]: G of a block, zero-padded (dW_out)
   std::vector<float> input_t;      // [N, kBlockRows]: x's block transposed (plan.transposes_input)
+  // Dropout only. hidden then holds h_l times its factors as layer l+1's input (dW_hidden), and
+  // hidden_projection H times its factors as the projection's input (dW_out); per tile row, the
+  // factors of H and of each h_{l-1} (layer l at l * width_padded, lanes past w zero); dz_{l+1} @
+  // R_{l+1} of a tile before its factors scale it; per layer, the block's window factors and its
+  // masked window (dW_in), [kBlockRows, s] each.
+  std::vector<float> hidden_projection;
+  std::vector<float> projection_factors;  // [kTileRows, L*w]
+  std::vector<float> hidden_factors;      // [kTileRows, L * width_padded]
+  std::vector<float> product_tile;        // [kTileRows, width_padded]
+  std::vector<float> window_factors;
+  std::vector<float> masked_input;
   explicit BlockBuffers(const BackwardPlan& plan)
       : grad_z(kBlockRows * plan.layout.columns + kLanes, 0.f),
         hidden(kBlockRows * plan.hidden_padded + kLanes, 0.f),
         grad_hidden(kTileRows * plan.hidden_padded + kLanes, 0.f),
         grad_z_tile(kTileRows * plan.width_padded),
-        product((plan.every_window_in_place ? kTileRows : kBlockRows) * plan.split_padded),
+        product((plan.every_window_in_place && plan.dropout == nullptr ? kTileRows : kBlockRows) * plan.split_padded),
         grad_out(kBlockRows * plan.out_rows, 0.f),
-        input_t(plan.transposes_input ? plan.shape.in_features * kBlockRows : 0) {}
+        input_t(plan.transposes_input ? plan.shape.in_features * kBlockRows : 0) {
+    if (plan.dropout == nullptr) return;
+    const int64_t hidden_width = plan.shape.hidden(), s = plan.shape.split_size;
+    hidden_projection.assign(kBlockRows * plan.hidden_padded + kLanes, 0.f);
+    projection_factors.assign(kTileRows * hidden_width, 0.f);
+    hidden_factors.assign(kTileRows * plan.shape.num_layers * plan.width_padded, 0.f);
+    product_tile.assign(kTileRows * plan.width_padded, 0.f);
+    window_factors.assign(kBlockRows * s, 0.f);
+    masked_input.assign(kBlockRows * s, 0.f);
+  }
 };
 
 // A tile of up to kTileRows rows (first_row.. of the block starting at block_row): dH, h = phi(Z)
@@ -167,8 +200,27 @@ SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int6
     tile_product(a, 1, shape.out_features, plan.output_weights.data(), plan.hidden_padded, plan.hidden_padded,
                  buffers.grad_hidden.data(), plan.hidden_padded);
     for (int64_t r = 0; r < kTileRows; ++r) grad_hidden_rows[r] = buffers.grad_hidden.data() + r * plan.hidden_padded;
+    if (plan.dropout != nullptr) {  // dH = (G @ W_out) times H's factors as the projection's input
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        float* f = buffers.projection_factors.data() + r * hidden_width;
+        chain::fill_factors(*plan.dropout, row0 + std::min(r, rows - 1), plan.dropout->projection_site(),
+                            hidden_width, f);
+        float* dh = buffers.grad_hidden.data() + r * plan.hidden_padded;
+        for (int64_t j = 0; j < hidden_width; ++j) dh[j] *= f[j];
+      }
+    }
   } else {
     for (int64_t r = 0; r < kTileRows; ++r) grad_hidden_rows[r] = plan.grad_out + (row0 + std::min(r, rows - 1)) * hidden_width;
+  }
+  // Dropout: each tile row's factors of h_{l-1} as layer l's input (l >= 1).
+  const int64_t hidden_factor_width = shape.num_layers * padded;
+  if (plan.dropout != nullptr) {
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      for (int64_t layer = 1; layer < shape.num_layers; ++layer) {
+        chain::fill_factors(*plan.dropout, row0 + std::min(r, rows - 1), plan.dropout->hidden_site(layer), w,
+                            buffers.hidden_factors.data() + r * hidden_factor_width + layer * padded);
+      }
+    }
   }
   if (plan.need_hidden) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -180,6 +232,17 @@ SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int6
           const __m256 zv = load_layer_vector(z + layer * w + v, last_mask, whole);
           store_layer_vector(hidden + layer * w + v, last_mask, whole, activate_vector<kAct>(zv, plan.negative_slope));
         }
+      }
+      if (plan.dropout == nullptr) continue;
+      // H times its factors for dW_out, then h_l times those of layer l+1's input for dW_hidden.
+      if (plan.projection()) {
+        const float* f = buffers.projection_factors.data() + r * hidden_width;
+        float* projected = buffers.hidden_projection.data() + (first_row + r) * plan.hidden_padded;
+        for (int64_t j = 0; j < hidden_width; ++j) projected[j] = hidden[j] * f[j];
+      }
+      for (int64_t layer = 0; layer + 1 < shape.num_layers; ++layer) {
+        const float* f = buffers.hidden_factors.data() + r * hidden_factor_width + (layer + 1) * padded;
+        for (int64_t k = 0; k < w; ++k) hidden[layer * w + k] *= f[k];
       }
     }
   }
@@ -197,7 +260,17 @@ SPINAL_AVX2 void backward_tile(const BackwardPlan& plan, int64_t block_row, int6
     if (layer + 1 < shape.num_layers) {  // + dz_{l+1} @ R_{l+1}, R_{l+1} = weight_hidden[l]
       const float* a[kTileRows];
       for (int64_t r = 0; r < kTileRows; ++r) a[r] = grad_z_rows[r] + plan.layout.layer_column[layer + 1];
-      tile_product(a, 1, w, plan.recurrent.data() + layer * w * padded, padded, padded, grad_z_tile, padded);
+      if (plan.dropout == nullptr) {
+        tile_product(a, 1, w, plan.recurrent.data() + layer * w * padded, padded, padded, grad_z_tile, padded);
+      } else {  // times the factors of h_l as layer l+1's input (lanes past w: factor 0)
+        float* product = buffers.product_tile.data();
+        std::fill(buffers.product_tile.begin(), buffers.product_tile.end(), 0.f);
+        tile_product(a, 1, w, plan.recurrent.data() + layer * w * padded, padded, padded, product, padded);
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const float* f = buffers.hidden_factors.data() + r * hidden_factor_width + (layer + 1) * padded;
+          for (int64_t j = 0; j < padded; ++j) grad_z_tile[r * padded + j] += product[r * padded + j] * f[j];
+        }
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       const float* z = plan.z + (row0 + r) * hidden_width + layer * w;
@@ -257,6 +330,59 @@ SPINAL_AVX2 void block_input_grad(const BackwardPlan& plan, int64_t block_row, i
   }
 }
 
+// Dropout: dx and dW_in of a block's rows, a layer at a time, each layer's window factors computed
+// once for both (dx's window columns (+)= (dz_l @ A_l) times them; dW_in_l^T += (x window times
+// them)^T @ dz_l, the masked window a [rows, s] block that stays in L1/L2 while its columns are
+// broadcast). dx's rows are zeroed first: windows may overlap or leave columns unread.
+SPINAL_AVX2 void block_dropout_input_grads(const BackwardPlan& plan, int64_t block_row, int64_t rows,
+                                           BlockBuffers& buffers, float* partial) {
+  const SpinalShape& shape = plan.shape;
+  const Dropout& dropout = *plan.dropout;
+  const int64_t n = shape.in_features, s = shape.split_size, w = shape.layer_width, columns = plan.layout.columns;
+  float* dx = plan.mask[kGradX] ? plan.grad_x + block_row * n : nullptr;
+  if (dx != nullptr) std::fill_n(dx, rows * n, 0.f);
+  float* factors = buffers.window_factors.data();
+  for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+    const int64_t start = shape.window_start(layer), head = shape.window_head(layer);
+    const int64_t column = plan.layout.layer_column[layer];
+    for (int64_t r = 0; r < rows; ++r) {
+      chain::fill_factors(dropout, block_row + r, dropout.window_site(layer), s, factors + r * s);
+    }
+    if (plan.mask[kGradWeightIn]) {
+      float* masked = buffers.masked_input.data();  // [rows, s]
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* x_row = plan.x + (block_row + r) * n;
+        const float* f = factors + r * s;
+        float* out = masked + r * s;
+        for (int64_t k = 0; k < head; ++k) out[k] = x_row[start + k] * f[k];
+        for (int64_t k = head; k < s; ++k) out[k] = x_row[k - head] * f[k];
+      }
+      float* grad_in = partial + plan.partial.weight_in + plan.weight_in_column(layer);
+      for (int64_t j = 0; j < s; j += kTileRows) {
+        const float* a[kTileRows];  // columns past s (rows of the padding) read column j
+        for (int64_t i = 0; i < kTileRows; ++i) a[i] = masked + (j + i < s ? j + i : j);
+        // Columns past w read the next layer's dz (or padding) into the partial's padding columns.
+        tile_product(a, s, rows, buffers.grad_z.data() + column, columns, plan.width_padded,
+                     grad_in + j * plan.weight_in_columns, plan.weight_in_columns);
+      }
+    }
+    if (dx != nullptr) {
+      // Rows past `rows` of the rounded-up block read stale dZ rows: computed, never stored.
+      float* product = buffers.product.data();
+      block_product<false>(buffers.grad_z.data() + column, columns, round_up(rows, kTileRows), w,
+                           plan.input_weights.data() + column * plan.split_padded, plan.split_padded,
+                           plan.split_padded, product, plan.split_padded);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* p = product + r * plan.split_padded;
+        const float* f = factors + r * s;
+        float* dx_row = dx + r * n;
+        for (int64_t k = 0; k < head; ++k) dx_row[start + k] += p[k] * f[k];
+        for (int64_t k = head; k < s; ++k) dx_row[k - head] += p[k] * f[k];
+      }
+    }
+  }
+}
+
 // The weight and bias gradients of a block of rows, added into the chunk's partial: dW_in_g +=
 // dZ_g^T @ x_window and dW_out += G^T @ H as panel products over the block's rows (A read by
 // columns), db += column sums of dZ, db_out += column sums of G.
@@ -265,7 +391,7 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
   const SpinalShape& shape = plan.shape;
   const int64_t n = shape.in_features, s = shape.split_size, columns = plan.layout.columns;
   const int64_t out_width = plan.grad_out_width();
-  if (plan.mask[kGradWeightIn]) {
+  if (plan.mask[kGradWeightIn] && plan.dropout == nullptr) {  // (with dropout: block_dropout_input_grads)
     // dW_in_g^T [s, group columns] += x_window^T @ dZ_g: the window's columns of x are broadcast
     // (one pointer per column: a wrapped window needs no copy), dZ_g's rows are the vectors.
     // Column c of the block is at input + c * column_step, its rows row_step apart: x in place,
@@ -317,9 +443,10 @@ SPINAL_AVX2 void block_weight_grads(const BackwardPlan& plan, int64_t block_row,
     for (int64_t r = 0; r < rows; ++r) {
       std::copy_n(grad_out + r * out_width, shape.out_features, buffers.grad_out.begin() + r * plan.out_rows);
     }
-    transposed_product(buffers.grad_out.data(), plan.out_rows, plan.out_rows, rows, buffers.hidden.data(),
-                       plan.hidden_padded, plan.hidden_padded, partial + plan.partial.weight_out,
-                       plan.hidden_padded);
+    // (With dropout, H times its factors as the projection's input.)
+    const float* hidden = plan.dropout != nullptr ? buffers.hidden_projection.data() : buffers.hidden.data();
+    transposed_product(buffers.grad_out.data(), plan.out_rows, plan.out_rows, rows, hidden, plan.hidden_padded,
+                       plan.hidden_padded, partial + plan.partial.weight_out, plan.hidden_padded);
   }
   if (plan.mask[kGradBiasOut]) {
     float* db_out = partial + plan.partial.bias_out;
@@ -346,7 +473,13 @@ void backward_chunks(const BackwardPlan& plan, int64_t chunk_rows, std::vector<f
           if (plan.transposes_input) prefetch_floats<2>(plan.x + (block_row + first) * n, rows * n);
           backward_tile<kAct>(plan, block_row, first, rows, buffers);
         }
-        if (plan.mask[kGradX]) block_input_grad(plan, block_row, block, buffers);
+        if (plan.dropout != nullptr) {
+          if (plan.mask[kGradX] || plan.mask[kGradWeightIn]) {
+            block_dropout_input_grads(plan, block_row, block, buffers, partial);
+          }
+        } else if (plan.mask[kGradX]) {
+          block_input_grad(plan, block_row, block, buffers);
+        }
         block_weight_grads(plan, block_row, block, buffers, partial);
       }
     }
@@ -361,7 +494,7 @@ void write_weight_grads(const BackwardPlan& plan, const float* total, std::array
     // A layer's dW_in is the transpose of its w columns of dW_in^T [s, layout.columns].
     float* out = grads[kGradWeightIn].mutable_data_ptr<float>();
     for (int64_t layer = 0; layer < num_layers; ++layer) {
-      transpose(total + plan.partial.weight_in + plan.layout.layer_column[layer], s, w, plan.layout.columns,
+      transpose(total + plan.partial.weight_in + plan.weight_in_column(layer), s, w, plan.weight_in_columns,
                 out + layer * w * s, s);
     }
   }
@@ -399,7 +532,8 @@ std::array<at::Tensor, 6> narrow_chain_backward(const SpinalShape& shape, const 
                                                 const at::Tensor& x, const at::Tensor& pre_activation,
                                                 const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                                 const std::optional<at::Tensor>& weight_out, Activation act,
-                                                double negative_slope, const std::array<bool, 6>& mask) {
+                                                double negative_slope, const std::array<bool, 6>& mask,
+                                                const Dropout& dropout) {
   TORCH_CHECK(uses_narrow_chain(shape, x), "spinal_ops: the narrow-chain backward needs float32, w <= ",
               text(kNarrowChainMaxWidth), " and a CPU with AVX2 and FMA");
   const auto options = x.options();
@@ -420,7 +554,7 @@ std::array<at::Tensor, 6> narrow_chain_backward(const SpinalShape& shape, const 
   }
   std::array<bool, 6> wanted_mask = mask;
   if (!projection) wanted_mask[kGradWeightOut] = wanted_mask[kGradBiasOut] = false;
-  BackwardPlan plan(shape, weight_in, weight_hidden, weight_out, wanted_mask);
+  BackwardPlan plan(shape, weight_in, weight_hidden, weight_out, wanted_mask, dropout);
   const int64_t chunk_rows = backward_chunk_rows(shape.batch);
   const int64_t chunks = (shape.batch + chunk_rows - 1) / chunk_rows;
   // At least one partial: an empty batch's weight gradients are its zeros.

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../chain/dropout_factors.h"
 #include "../common/message_text.h"
 #include "narrow_chain.h"
 #include "narrow_layout.h"
@@ -27,6 +28,10 @@ struct Plan {
   std::vector<float> recurrent_t;     // [L-1, w, width_padded]: R_l^T, rows zero-padded
   std::vector<float> output_panel;    // [L*w, out_padded]: W_out^T
   std::vector<float> output_bias;     // [out_padded]
+  // Dropout (active only): each layer's A_l^T on its own, [L, s, width_padded], columns zero-padded:
+  // a layer's input product reads its own masked window, so the groups' panels do not serve.
+  const Dropout* dropout = nullptr;
+  std::vector<float> layer_panels;
   const float* x = nullptr;
   float* out = nullptr;
   float* pre_activation = nullptr;    // Z, when training
@@ -65,6 +70,16 @@ struct Plan {
       if (bias_out) std::copy_n(bias_out->const_data_ptr<float>(), m, output_bias.begin());
     }
   }
+
+  void set_dropout(const Dropout& active, const at::Tensor& weight_in) {
+    dropout = &active;
+    const int64_t s = shape.split_size, w = shape.layer_width;
+    layer_panels.assign(shape.num_layers * s * width_padded, 0.f);
+    const float* a = weight_in.const_data_ptr<float>();
+    for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+      transpose(a + layer * w * s, w, s, s, layer_panels.data() + layer * s * width_padded, width_padded);
+    }
+  }
 };
 
 // Scratch of one parallel task: the tile's products, z of one layer, hidden activations, outputs.
@@ -73,13 +88,40 @@ struct TileBuffers {
   std::vector<float> z;         // [kTileRows, width_padded]
   std::vector<float> hidden;    // [kTileRows, L*w]
   std::vector<float> outputs;   // [kTileRows, out_padded]
+  // Dropout only: a masked input of the tile (a layer's window [kTileRows, s], h_{l-1}
+  // [kTileRows, width_padded] or H [kTileRows, L*w]), one layer's input product, a row's factors.
+  std::vector<float> masked;
+  std::vector<float> layer_product;  // [kTileRows, width_padded]
+  std::vector<float> factors;
   explicit TileBuffers(const Plan& plan)
       // kLanes more: whole vectors are read from a layer's w columns.
       : products(kTileRows * plan.layout.columns + kLanes),
         z(kTileRows * plan.width_padded),
         hidden(kTileRows * plan.shape.hidden()),
-        outputs(kTileRows * plan.out_padded) {}
+        outputs(kTileRows * plan.out_padded) {
+    if (plan.dropout != nullptr) {
+      const int64_t widest = std::max({plan.shape.split_size, plan.width_padded, plan.shape.hidden()});
+      masked.assign(kTileRows * widest, 0.f);
+      layer_product.assign(kTileRows * plan.width_padded, 0.f);
+      factors.assign(widest, 0.f);
+    }
+  }
 };
+
+// The tile's rows (row r: global row first_row + min(r, rows - 1), as the tile's pointers) of
+// `count` values at values[r] times the factors of sites first_site.., into masked[r * count + j].
+void masked_rows(const Dropout& dropout, int64_t first_row, int64_t rows, const float* const* values,
+                 int64_t first_site, int64_t count, TileBuffers& buffers) {
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    float* out = buffers.masked.data() + r * count;
+    if (r >= rows) {  // a repeated last row: computed, never stored
+      std::copy_n(out - count, count, out);
+      continue;
+    }
+    chain::fill_factors(dropout, first_row + r, first_site, count, buffers.factors.data());
+    for (int64_t j = 0; j < count; ++j) out[j] = values[r][j] * buffers.factors[j];
+  }
+}
 
 template <Activation kAct>
 SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& buffers) {
@@ -91,11 +133,40 @@ SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& 
   for (int64_t r = 0; r < kTileRows; ++r) x_rows[r] = plan.x + (first_row + std::min(r, rows - 1)) * n;
 
   // 1. P = bias + x[:, window] @ A^T, one panel product per window group (two where it wraps).
+  //    With dropout one product per layer, on its window times its factors (gathered across the
+  //    wrap), into the layer's columns.
   float* products = buffers.products.data();
   for (int64_t r = 0; r < kTileRows; ++r) {
     std::memcpy(products + r * columns, plan.input_bias.data(), columns * sizeof(float));
   }
+  const Dropout* dropout = plan.dropout;
+  const int64_t s = shape.split_size, w = shape.layer_width, padded = plan.width_padded;
+  for (int64_t layer = 0; dropout != nullptr && layer < shape.num_layers; ++layer) {
+    const int64_t start = shape.window_start(layer), head = shape.window_head(layer);
+    float* window = buffers.masked.data();
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      float* out = window + r * s;
+      if (r >= rows) {
+        std::copy_n(out - s, s, out);
+        continue;
+      }
+      chain::fill_factors(*dropout, first_row + r, dropout->window_site(layer), s, buffers.factors.data());
+      const float* f = buffers.factors.data();
+      for (int64_t k = 0; k < head; ++k) out[k] = x_rows[r][start + k] * f[k];
+      for (int64_t k = head; k < s; ++k) out[k] = x_rows[r][k - head] * f[k];
+    }
+    float* product = buffers.layer_product.data();
+    std::fill(buffers.layer_product.begin(), buffers.layer_product.end(), 0.f);
+    const float* a[kTileRows];
+    for (int64_t r = 0; r < kTileRows; ++r) a[r] = window + r * s;
+    tile_product(a, 1, s, plan.layer_panels.data() + layer * s * padded, padded, padded, product, padded);
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      float* p = products + r * columns + plan.layout.layer_column[layer];
+      for (int64_t c = 0; c < w; ++c) p[c] += product[r * padded + c];
+    }
+  }
   for (const WindowGroup& group : plan.layout.groups) {
+    if (dropout != nullptr) break;
     const float* panel = plan.input_panels.data() + shape.split_size * group.tile_column;
     const float* a[kTileRows];
     for (int64_t r = 0; r < kTileRows; ++r) a[r] = x_rows[r] + group.start;
@@ -110,7 +181,6 @@ SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& 
   // 2. The recurrence a layer at a time: z_l = P_l + h_{l-1} @ R_{l-1}^T as a panel product over
   //    the tile's rows (four independent rows hide the FMA latency), then Z and h_l = phi(z_l) row by
   //    row; h_l lands in the tile's H (projection) or in out. Lanes past w are computed, never stored.
-  const int64_t w = shape.layer_width, padded = plan.width_padded;
   const __m256i last_mask = first_lanes(w - (padded - kLanes));
   float* h_rows[kTileRows];
   for (int64_t r = 0; r < kTileRows; ++r) {
@@ -125,6 +195,10 @@ SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& 
     if (layer > 0) {
       const float* a[kTileRows];
       for (int64_t r = 0; r < kTileRows; ++r) a[r] = h_rows[r] + (layer - 1) * w;
+      if (dropout != nullptr) {  // h_{l-1} times its factors as layer l's input
+        masked_rows(*dropout, first_row, rows, a, dropout->hidden_site(layer), w, buffers);
+        for (int64_t r = 0; r < kTileRows; ++r) a[r] = buffers.masked.data() + r * w;
+      }
       tile_product(a, 1, w, plan.recurrent_t.data() + (layer - 1) * w * padded, padded, padded, z_tile, padded);
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -146,6 +220,10 @@ SPINAL_AVX2 void forward_tile(const Plan& plan, int64_t first_row, TileBuffers& 
   }
   const float* a[kTileRows];
   for (int64_t r = 0; r < kTileRows; ++r) a[r] = buffers.hidden.data() + std::min(r, rows - 1) * hidden_width;
+  if (dropout != nullptr) {  // H times its factors as the projection's input
+    masked_rows(*dropout, first_row, rows, a, dropout->projection_site(), hidden_width, buffers);
+    for (int64_t r = 0; r < kTileRows; ++r) a[r] = buffers.masked.data() + r * hidden_width;
+  }
   tile_product(a, 1, hidden_width, plan.output_panel.data(), plan.out_padded, plan.out_padded, outputs,
                plan.out_padded);
   for (int64_t r = 0; r < rows; ++r) {
@@ -178,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor> narrow_chain_forward(const SpinalShape& shape
                                                         const std::optional<at::Tensor>& bias,
                                                         const std::optional<at::Tensor>& weight_out,
                                                         const std::optional<at::Tensor>& bias_out, Activation act,
-                                                        double negative_slope, bool keep_pre_activation) {
+                                                        double negative_slope, bool keep_pre_activation,
+                                                        const Dropout& dropout) {
   TORCH_CHECK(uses_narrow_chain(shape, x), "spinal_ops: the narrow-chain forward needs float32, w <= ",
               text(kNarrowChainMaxWidth), " and a CPU with AVX2 and FMA");
   const auto options = x.options();
@@ -192,6 +271,7 @@ std::tuple<at::Tensor, at::Tensor> narrow_chain_forward(const SpinalShape& shape
   plan.out = out.mutable_data_ptr<float>();
   plan.pre_activation = keep_pre_activation ? pre_activation.mutable_data_ptr<float>() : nullptr;
   plan.negative_slope = static_cast<float>(negative_slope);
+  if (dropout.active) plan.set_dropout(dropout, weight_in);
   with_activation(act, [&](auto kAct) { forward_tiles<decltype(kAct)::value>(plan); });
 #endif
   return {out, pre_activation};
