@@ -8,8 +8,9 @@
 #   1. build        use a prebuilt spinal_ops/_C*.so for this Python/torch if one loads with the
 #                   CUDA kernels (scripts/prebuild_gpu.sh makes it on a machine without a GPU),
 #                   else pip install -e . for sm_90                                  -> build.log
-#   2. tests        pytest of the cuda backend, then of the triton backend (its kernels compile
-#                   on first use: pytest-xdist spreads that over the cores)          -> pytest.log
+#   2. tests        pytest of the cuda backend, its training stages (dropout, batch norm), then of
+#                   the triton backend with its dropout (its kernels compile on first use:
+#                   pytest-xdist spreads that over the cores)                        -> pytest.log
 #      triton       the Triton tests again with the tiled kernels switched on (SPINAL_OPS_TRITON_TILED=1),
 #                   then bfloat16 train/infer timings (TRITON_PRESETS, default mnist vgg5 resnet_head
 #                   cifar_vgg; B = 64, 65536, with dense for E): the one-block kernels (w <= 128) against cuda, then
@@ -101,7 +102,11 @@ fi
 PYTEST="$PY -m pytest -q -rfEs -p no:cacheprovider --durations=5 -n ${PYTEST_WORKERS:-8}"
 stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tests/test_backends.py \
   -k "cuda or rejects_bad_input"  # -k: the cuda cases of test_backends.py, and every op's input checks
-stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_backends.py -k triton
+# The training stages on CUDA tensors: dropout on the hoisted pair, batch norm on the normed pair
+# (their CUDA cases skip elsewhere).
+stage pytest_cuda_stages pytest.log "$(cap 60)" $PYTEST tests/test_dropout_ops.py tests/test_batchnorm_ops.py -k cuda
+stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_triton_dropout.py \
+  tests/test_backends.py -k triton
 
 # triton: the tiled kernels (not yet measured; behind SPINAL_OPS_TRITON_TILED=1): their tests on
 # CUDA, then their timings against the one-block kernels and cuda. Within the 8-file cap: logs go
