@@ -120,21 +120,6 @@ at::Tensor to_layer_order(const at::Tensor& t, int64_t dim, const LayerGroups& g
   return ordered;
 }
 
-// One contiguous run of a window: input columns [input_start, +length) meet weight_in columns
-// [weight_start, +length). A window is one piece, or two when it wraps past column N-1.
-struct WindowPiece {
-  int64_t input_start;
-  int64_t weight_start;
-  int64_t length;
-};
-
-std::vector<WindowPiece> window_pieces(const SpinalShape& shape, int64_t layer) {
-  const int64_t start = shape.window_start(layer), head = shape.window_head(layer);
-  std::vector<WindowPiece> pieces{{start, 0, head}};
-  if (head < shape.split_size) pieces.push_back({0, head, shape.split_size - head});
-  return pieces;
-}
-
 // The parameters the forward reads, with the layer dimension in group-major order.
 struct GroupedParams {
   at::Tensor weight_in;               // [L*w, s]

@@ -38,21 +38,6 @@ class Tf32Scope {
   bool before_;
 };
 
-// One contiguous run of layer l's window: input columns [input_start, +length) meet weight_in
-// columns [weight_start, +length); two runs when the window wraps past column N-1.
-struct WindowPiece {
-  int64_t input_start;
-  int64_t weight_start;
-  int64_t length;
-};
-
-std::vector<WindowPiece> window_pieces(const SpinalShape& shape, int64_t layer) {
-  const int64_t start = shape.window_start(layer), head = shape.window_head(layer);
-  std::vector<WindowPiece> pieces{{start, 0, head}};
-  if (head < shape.split_size) pieces.push_back({0, head, shape.split_size - head});
-  return pieces;
-}
-
 // Layer l's input window times its dropout factors `window` ([B, s], overwritten), returned.
 const at::Tensor& multiply_window(const at::Tensor& window, const at::Tensor& x, const SpinalShape& shape,
                                   int64_t layer) {

@@ -7,8 +7,10 @@
 
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace spinal_ops {
 
@@ -32,6 +34,21 @@ struct SpinalShape {
     return std::min(split_size, in_features - window_start(layer));
   }
 };
+
+// One contiguous run of layer l's window: input columns [input_start, +length) meet weight_in
+// columns [weight_start, +length). A window is one piece, or two when it wraps past column N-1.
+struct WindowPiece {
+  int64_t input_start;
+  int64_t weight_start;
+  int64_t length;
+};
+
+inline std::vector<WindowPiece> window_pieces(const SpinalShape& shape, int64_t layer) {
+  const int64_t start = shape.window_start(layer), head = shape.window_head(layer);
+  std::vector<WindowPiece> pieces{{start, 0, head}};
+  if (head < shape.split_size) pieces.push_back({0, head, shape.split_size - head});
+  return pieces;
+}
 
 // Checks the tensors of native_forward / native_backward against each other and returns the shape.
 SpinalShape check_spinal_shape(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& weight_hidden,
