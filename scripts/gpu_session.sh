@@ -8,7 +8,8 @@
 #   1. build        use a prebuilt spinal_ops/_C*.so for this Python/torch if one loads with the
 #                   CUDA kernels (scripts/prebuild_gpu.sh makes it on a machine without a GPU),
 #                   else pip install -e . for sm_90                                  -> build.log
-#   2. tests        pytest of the cuda backend, its training stages (dropout, batch norm), then of
+#   2. tests        pytest of the cuda backend, its training stages (dropout, batch norm) and CUDA
+#                   graph capture (tests/test_cuda_graphs.py), then of
 #                   the triton backend with its dropout (its kernels compile on first use:
 #                   pytest-xdist spreads that over the cores)                        -> pytest.log
 #      triton       the Triton tests again with the tiled kernels switched on (SPINAL_OPS_TRITON_TILED=1),
@@ -23,7 +24,8 @@
 #                   cuBLAS's writes there?) and of the hoisted chain's weight-gradient matmuls
 #                   and copies in plain torch (scripts/initcheck_probe.py)
 #   4. bench        bfloat16 presets (BENCH_PRESETS, default all) at B = 1, 64, 1024, 65536 in
-#                   every mode against reference, dense and triton -> bench.log, bench_bf16.json
+#                   every mode against reference, dense and triton, each step also replayed from a
+#                   CUDA graph (--cuda-graphs; BENCH_GRAPHS=0 leaves that out) -> bench.log, bench_bf16.json
 #   5. profile      ncu's speed-of-light and occupancy sections for the native kernels (vgg5, bf16,
 #                   B = 1024) and for the narrow kernels (mnist, bf16, B = 65536)
 #                                                                                    -> sanitize.log
@@ -105,6 +107,7 @@ stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tes
 # The training stages on CUDA tensors: dropout on the hoisted pair, batch norm on the normed pair
 # (their CUDA cases skip elsewhere).
 stage pytest_cuda_stages pytest.log "$(cap 60)" $PYTEST tests/test_dropout_ops.py tests/test_batchnorm_ops.py -k cuda
+stage pytest_cuda_graphs pytest.log "$(cap 60)" $PYTEST tests/test_cuda_graphs.py
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_triton_dropout.py \
   tests/test_backends.py -k triton
 
@@ -169,8 +172,9 @@ if [ -n "${AB_BASE:-}" ]; then  # a kernel change against the build before it, a
     done
   done
 fi
-bench bench_bf16 "$(cap 75)" --dtype bfloat16 --preset ${BENCH_PRESETS:-all} --batch 1 64 1024 65536 \
-  --backends cuda triton reference dense
+GRAPHS_FLAG=$([ "${BENCH_GRAPHS:-1}" = 1 ] && echo --cuda-graphs)
+bench bench_bf16 "$(cap 110)" --dtype bfloat16 --preset ${BENCH_PRESETS:-all} --batch 1 64 1024 65536 \
+  --backends cuda triton reference dense $GRAPHS_FLAG
 
 # where the native kernels' time goes (no clock control: the card is left as found)
 if [ -x "$NCU" ]; then

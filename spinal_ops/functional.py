@@ -70,6 +70,12 @@ def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, ba
                 "and a layer without norm takes none"
             )
         if training:
+            if config.dropout > 0 and _capturing_cuda_graph(x):
+                raise RuntimeError(
+                    "spinal_ops: a layer with dropout cannot be captured in a CUDA graph while training: its "
+                    "mask seed is drawn on the host at each call, so every replay would reuse the captured "
+                    "mask; capture it in eval() mode, or without dropout"
+                )
             stages = TrainingStages(draw_seed() if config.dropout > 0 else None, norm)
         else:
             if norm is not None:
@@ -81,6 +87,12 @@ def apply_spinal(x: torch.Tensor, params: SpinalParams, config: SpinalConfig, ba
     y = impl.forward(rows, params, config) if stages is None else impl.forward(rows, params, config, stages)
     # A 2-D input returns y itself, not a view: FSDP2 warns about modules returning views.
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], config.output_features)
+
+
+def _capturing_cuda_graph(x: torch.Tensor) -> bool:
+    """Whether this call is being captured into a CUDA graph (never while torch.compile traces:
+    its graphs run the seed draw at every call)."""
+    return x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 def _norm_like(norm: SpinalNorm, x: torch.Tensor) -> SpinalNorm:

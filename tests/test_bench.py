@@ -19,7 +19,8 @@ from spinal_ops.bench.heads import AUTHORS_HEADS, AUTHORS_IMPL, DenseHead, autho
 from spinal_ops.bench.memory import peak_bytes
 from spinal_ops.bench.metrics import baseline_record, efficiency
 from spinal_ops.bench.presets import parse_presets
-from spinal_ops.bench.report import latency_table, markdown_report, model_table, thread_table
+from spinal_ops.bench.report import (efficiency_summary, latency_table, launch_table, markdown_report, model_table,
+                                     thread_table)
 from spinal_ops.bench.results import DOCUMENT_FIELDS, RECORD_FIELDS, Record, read_json, validate_document
 from spinal_ops.bench.workloads import build_impl, cost, dense_baseline, make_step
 from spinal_ops.config import MODES
@@ -160,10 +161,11 @@ def test_peak_memory_of_inference_is_below_training():
     assert peaks["train"] >= batch * config.hidden_features * 4  # at least one [B, L*w] float32 buffer
 
 
-def _record(impl: str, median_ms: float, batch: int = 64, mode: str = "train", threads: int = 1) -> dict:
+def _record(impl: str, median_ms: float, batch: int = 64, mode: str = "train", threads: int = 1,
+            launch: str = "eager") -> dict:
     flops = 2 * 10**9 if impl == "dense" else 10**9  # the spinal layer does half the dense layer's FLOPs
     return {"preset": "mnist", "batch": batch, "dtype": "float32", "impl": impl, "mode": mode, "threads": threads,
-            "median_ms": median_ms, "rows_per_s": batch * 1e3 / median_ms, "tflops": flops / median_ms / 1e9,
+            "launch": launch, "median_ms": median_ms, "rows_per_s": batch * 1e3 / median_ms, "tflops": flops / median_ms / 1e9,
             "flops": flops, "params": 8540, "peak_mb": 0.5}
 
 
@@ -194,6 +196,28 @@ def test_thread_table_compares_thread_counts_of_one_case():
     assert thread_table(_records(("cpu", 3.0))) == ""
 
 
+def test_graphed_steps_compare_with_graphed_baselines():
+    # cuda eager 2 ms vs dense eager 1 ms; replayed from graphs 0.5 ms vs dense's 0.25 ms
+    records = _records(("cuda", 2.0), ("dense", 1.0), ("reference", 8.0), ("cuda", 0.5, 64, "train", 1, "graph"),
+                       ("dense", 0.25, 64, "train", 1, "graph"), ("reference", 1.0, 64, "train", 1, "graph"))
+    table = latency_table(records, markdown=True)
+    assert "| preset | batch | dtype | mode | launch | cuda ms | dense ms | reference ms |" in table
+    # E = (2 / 1) / (1 / 2) = 4 eager; (0.5 / 0.25) / (1 / 2) = 4 graphed, not 0.5 / 1 against the eager dense
+    assert "| mnist | 64 | float32 | train | eager | 2 | 1 | 8 | 4.00 | 16.00 | 4.00x |" in table
+    assert "| mnist | 64 | float32 | train | graph | 0.5 | 0.25 | 1 | 4.00 | 8.00 | 2.00x |" in table
+    launches = launch_table(records, markdown=True)
+    assert "| mnist | 64 | float32 | train | cuda | 2 | 0.5 | 4.00x |" in launches
+    assert "| mnist | 64 | float32 | train | dense | 1 | 0.25 | 4.00x |" in launches
+    assert launch_table(_records(("cuda", 2.0))) == ""
+    assert len(efficiency_summary(records).splitlines()) == 2 + 4  # header, rule, 2 impls x 2 launches
+
+
+def test_cuda_graphs_need_a_cuda_device(capsys):
+    with pytest.raises(SystemExit):
+        main(["--cuda-graphs", "--quick"])
+    assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+
+
 def test_goal_lines_report_covered_cases_only():
     records = _records(("reference", 4.0), ("cpu", 1.9), ("dense", 1.0), ("cpu", 0.5, 64, "infer"),
                        ("dense", 1.0, 64, "infer"), ("reference", 1.0, 1024), ("cpu", 0.1, 1024), ("dense", 1.0, 1024))
@@ -219,6 +243,8 @@ def test_goal_lines_report_covered_cases_only():
     lambda d: d["records"][0].update(batch="64"),
     lambda d: d["records"][0].update(threads=1.0),
     lambda d: d["records"][0].update(mode="forward_backward"),
+    lambda d: d["records"][0].update(launch="graphed"),
+    lambda d: d["records"][0].pop("launch"),
 ])
 def test_validate_document_rejects_other_shapes(mutate):
     document = {"device": "d", "torch": "t", "triton": "t", "commit": "c", "created": "x",

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", nargs="+", type=int, metavar="T",
                         help="CPU threads for torch; several counts run the matrix once per count "
                         "(default: torch's default for this machine)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time every implementation's step captured once in a CUDA graph and replayed "
+                        "(the dense baseline and the reference included), beside the eager figures; --device cuda")
     parser.add_argument("--quick", action="store_true", help="smoke run: one batch, short measurements")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -86,6 +89,8 @@ def matrix_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error("--cuda-graphs needs --device cuda")
     min_run_time = args.min_run_time or (QUICK_MIN_RUN_TIME_S if args.quick else MIN_RUN_TIME_S)
     threads = tuple(dict.fromkeys(args.threads or (torch.get_num_threads(),)))
     if any(count < 1 for count in threads):
@@ -100,6 +105,7 @@ def matrix_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         device=device,
         min_run_time=min_run_time,
         baseline=args.baseline,
+        cuda_graphs=args.cuda_graphs,
     )
 
 

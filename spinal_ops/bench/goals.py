@@ -42,7 +42,7 @@ class Goal:
     device: str = "cpu"  # device type of the run: cpu or cuda
 
     def covers(self, record: Record, device: str) -> bool:
-        return (device == self.device and record.impl == self.impl and record.preset in self.presets
+        return (device == self.device and record.launch == "eager" and record.impl == self.impl and record.preset in self.presets
                 and record.batch in self.batches and record.mode in self.modes and record.dtype == self.dtype)
 
     def met(self, value: float) -> bool:

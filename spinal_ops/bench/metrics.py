@@ -1,4 +1,7 @@
-"""Ratios between records of the same case (preset, batch, dtype, mode, threads) from one run."""
+"""Ratios between records of the same case (preset, batch, dtype, mode, threads, launch) from one run.
+
+The launch is part of the case: a step replayed from a CUDA graph compares with the dense
+baseline and the reference replayed from theirs, an eager step with eager ones."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -6,11 +9,11 @@ from collections.abc import Iterable
 from .heads import BASELINE_IMPLS
 from .results import Record
 
-CaseKey = tuple[str, int, str, str, int]  # preset, batch, dtype, mode, threads
+CaseKey = tuple[str, int, str, str, int, str]  # preset, batch, dtype, mode, threads, launch
 
 
 def case_key(record: Record) -> CaseKey:
-    return record.preset, record.batch, record.dtype, record.mode, record.threads
+    return record.preset, record.batch, record.dtype, record.mode, record.threads, record.launch
 
 
 def by_case(records: Iterable[Record]) -> dict[CaseKey, dict[str, Record]]:

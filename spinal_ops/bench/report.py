@@ -2,7 +2,8 @@
 
     python -m spinal_ops.bench.report benchmarks/results/<device>.json   # markdown for the README
 
-Every ratio compares two records of the same (preset, batch, dtype, mode, threads) from one run.
+Every ratio compares two records of the same (preset, batch, dtype, mode, threads, launch) from one
+run; the launch table compares each implementation's eager and CUDA-graph steps of one run.
 The dense baseline of a case is the authors' head (``authors_dense``) where the run measured it
 (``spinal-bench --baseline authors``), else the dense layer of equal hidden width (``dense``).
 """
@@ -77,13 +78,16 @@ def _spinal_impls(records: Sequence[Record]) -> list[str]:
 
 
 def _case_columns(records: Sequence[Record]) -> tuple[list[str], Callable[[Record], list[str]]]:
-    """Headers and cells that name a case; the thread count only when the run has several."""
+    """Headers and cells that name a case; the thread count and the launch only when the run has
+    several."""
     several_threads = len({r.threads for r in records}) > 1
-    headers = ["preset", "batch", "dtype", "mode"] + (["threads"] if several_threads else [])
+    several_launches = len({r.launch for r in records}) > 1
+    headers = ["preset", "batch", "dtype", "mode"] + (["threads"] if several_threads else []) + (
+        ["launch"] if several_launches else [])
 
     def cells(record: Record) -> list[str]:
         return [record.preset, str(record.batch), record.dtype, record.mode] + (
-            [str(record.threads)] if several_threads else [])
+            [str(record.threads)] if several_threads else []) + ([record.launch] if several_launches else [])
 
     return headers, cells
 
@@ -183,18 +187,21 @@ def batch_summary(records: Sequence[Record], value: Callable[[Record, dict[str, 
     cases = by_case(records)
     batches = sorted({r.batch for r in records})
     several_threads = len({r.threads for r in records}) > 1
+    several_launches = len({r.launch for r in records}) > 1
     rows = []
-    row_keys = dict.fromkeys((r.impl, r.preset, r.dtype, r.mode, r.threads) for r in records
+    row_keys = dict.fromkeys((r.impl, r.preset, r.dtype, r.mode, r.threads, r.launch) for r in records
                              if r.impl in impls and r.mode in modes)
-    for impl, preset, dtype, mode, threads in row_keys:
+    for impl, preset, dtype, mode, threads, launch in row_keys:
         cells = []
         for batch in batches:
-            same_case = cases.get((preset, batch, dtype, mode, threads), {})
+            same_case = cases.get((preset, batch, dtype, mode, threads, launch), {})
             cells.append("-" if impl not in same_case else fmt(value(same_case[impl], same_case)))
-        rows.append([impl, preset, dtype, mode] + ([str(threads)] if several_threads else []) + cells)
+        rows.append([impl, preset, dtype, mode] + ([str(threads)] if several_threads else [])
+                    + ([launch] if several_launches else []) + cells)
     if not rows:
         return ""
-    headers = ["impl", "preset", "dtype", "mode"] + (["threads"] if several_threads else [])
+    headers = ["impl", "preset", "dtype", "mode"] + (["threads"] if several_threads else []) + (
+        ["launch"] if several_launches else [])
     return format_table(headers + [f"batch {b}" for b in batches], rows, markdown)
 
 
@@ -230,6 +237,24 @@ def thread_table(records: Sequence[Record], markdown: bool = False) -> str:
         row += [_ratio(speedup(by_threads[t], by_threads.get(threads[0]))) if t in by_threads else "-"
                 for t in threads[1:]]
         rows.append(row)
+    return format_table(headers, rows, markdown)
+
+
+def launch_table(records: Sequence[Record], markdown: bool = False) -> str:
+    """Per case and implementation, when the run replayed CUDA graphs (``--cuda-graphs``): the
+    median ms of the eager and the graphed step and how many times faster the graph is ("" otherwise)."""
+    if len({r.launch for r in records}) < 2:
+        return ""
+    timings: dict[tuple[str, int, str, str, int, str], dict[str, Record]] = {}
+    for r in records:
+        timings.setdefault((r.preset, r.batch, r.dtype, r.mode, r.threads, r.impl), {})[r.launch] = r
+    rows = []
+    for (preset, batch, dtype, mode, _, impl), by_launch in timings.items():
+        eager, graph = by_launch.get("eager"), by_launch.get("graph")
+        rows.append([preset, str(batch), dtype, mode, impl] + [
+            "-" if r is None else f"{r.median_ms:.4g}" for r in (eager, graph)
+        ] + [_ratio(speedup(graph, eager) if graph is not None else None)])
+    headers = ["preset", "batch", "dtype", "mode", "impl", "eager ms", "graph ms", "graph vs eager"]
     return format_table(headers, rows, markdown)
 
 
@@ -279,6 +304,7 @@ def terminal_report(records: Sequence[Record], skips: Sequence[Skip], device: st
         _titled(f"{_e_definition(records)}, by batch (same run):", efficiency_summary(records)),
         _titled("Speed-up over the eager reference, train (same run):", speedup_summary(records)),
         _titled("Thread scaling (same run):", thread_table(records)),
+        _titled("CUDA graphs: each step captured once and replayed (same run):", launch_table(records)),
         _titled("Goals:", "\n".join(goals)),
         skip_lines(skips),
     ]
@@ -303,6 +329,7 @@ def markdown_report(document: dict[str, Any], note: str = "") -> str:
         _titled("Peak memory of one step (MB the step allocates at its peak):\n", memory_table(records, markdown=True)),
         _titled("Speed-up over the eager reference, train:\n", speedup_summary(records, markdown=True)),
         _titled("Thread scaling:\n", thread_table(records, markdown=True)),
+        _titled("CUDA graphs (each step captured once and replayed):\n", launch_table(records, markdown=True)),
     ]
     return "\n\n".join(part for part in parts if part) + "\n"
 

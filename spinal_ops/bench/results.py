@@ -1,10 +1,12 @@
 """The results JSON (exactly this shape; other tools read it):
 
     {"device", "torch", "triton", "commit", "created",
-     "records": [{"preset", "batch", "dtype", "impl", "mode", "threads", "median_ms", "rows_per_s",
+     "records": [{"preset", "batch", "dtype", "impl", "mode", "threads", "launch", "median_ms", "rows_per_s",
                   "tflops", "flops", "params", "peak_mb"}]}
 
-"mode" is train, frozen or infer; "peak_mb" is null where a run did not measure peak memory.
+"mode" is train, frozen or infer; "launch" is eager (each step launches its kernels from the
+host) or graph (the step captured once in a CUDA graph and replayed, ``spinal-bench
+--cuda-graphs``); "peak_mb" is null where a run did not measure peak memory.
 "impl" is a spinal backend, compiled_reference, dense (the equal-width dense layer) or
 authors_dense (the authors' dense head of the preset, ``--baseline authors``): a record's
 "flops" and "params" are its own implementation's, so E against either baseline comes from the
@@ -26,11 +28,12 @@ import torch
 
 from ..config import MODES
 
+LAUNCHES: tuple[str, ...] = ("eager", "graph")
 DOCUMENT_FIELDS: dict[str, type] = {
     "device": str, "torch": str, "triton": str, "commit": str, "created": str, "records": list,
 }
 RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "preset": str, "batch": int, "dtype": str, "impl": str, "mode": str, "threads": int,
+    "preset": str, "batch": int, "dtype": str, "impl": str, "mode": str, "threads": int, "launch": str,
     "median_ms": (int, float), "rows_per_s": (int, float), "tflops": (int, float), "flops": int, "params": int,
     "peak_mb": (int, float, type(None)),
 }
@@ -50,6 +53,7 @@ class Record:
     flops: int
     params: int
     peak_mb: float | None  # bytes the step allocates at its peak, in MB (1e6 bytes)
+    launch: str = "eager"  # one of LAUNCHES
     extras: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -63,7 +67,7 @@ class Record:
     def to_json(self) -> dict[str, Any]:
         return {
             "preset": self.preset, "batch": self.batch, "dtype": self.dtype, "impl": self.impl,
-            "mode": self.mode, "threads": self.threads, "median_ms": self.median_ms,
+            "mode": self.mode, "threads": self.threads, "launch": self.launch, "median_ms": self.median_ms,
             "rows_per_s": self.rows_per_s, "tflops": self.tflops, "flops": self.flops, "params": self.params,
             "peak_mb": self.peak_mb,
         }
@@ -71,7 +75,7 @@ class Record:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Record":
         return cls(data["preset"], data["batch"], data["dtype"], data["impl"], data["mode"], data["threads"],
-                   data["median_ms"], data["flops"], data["params"], data["peak_mb"])
+                   data["median_ms"], data["flops"], data["params"], data["peak_mb"], data["launch"])
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,8 @@ def validate_document(document: Any) -> None:
         _check_fields(record, RECORD_FIELDS, f"records[{index}]")
         if record["mode"] not in MODES:
             raise ValueError(f"records[{index}]['mode'] is {record['mode']!r}, expected one of {', '.join(MODES)}")
+        if record["launch"] not in LAUNCHES:
+            raise ValueError(f"records[{index}]['launch'] is {record['launch']!r}, expected one of {', '.join(LAUNCHES)}")
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
