@@ -13,14 +13,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from contract import make_config
-from spinal_ops.bench import PRESETS, main, timing
+from spinal_ops.bench import PRESETS, main, roofline, timing
 from spinal_ops.bench.goals import E, SPEEDUP_OVER_REFERENCE, Goal, goal_lines
 from spinal_ops.bench.heads import AUTHORS_HEADS, AUTHORS_IMPL, DenseHead, authors_head, baseline_impl
 from spinal_ops.bench.memory import peak_bytes
 from spinal_ops.bench.metrics import baseline_record, efficiency
 from spinal_ops.bench.presets import parse_presets
-from spinal_ops.bench.report import (efficiency_summary, latency_table, launch_table, markdown_report, model_table,
-                                     thread_table)
+from spinal_ops.bench.report import (efficiency_summary, floor_table, latency_table, launch_table, markdown_report,
+                                     model_table, thread_table)
 from spinal_ops.bench.results import DOCUMENT_FIELDS, RECORD_FIELDS, Record, read_json, validate_document
 from spinal_ops.bench.workloads import build_impl, cost, dense_baseline, make_step
 from spinal_ops.config import MODES
@@ -166,7 +166,7 @@ def _record(impl: str, median_ms: float, batch: int = 64, mode: str = "train", t
     flops = 2 * 10**9 if impl == "dense" else 10**9  # the spinal layer does half the dense layer's FLOPs
     return {"preset": "mnist", "batch": batch, "dtype": "float32", "impl": impl, "mode": mode, "threads": threads,
             "launch": launch, "median_ms": median_ms, "rows_per_s": batch * 1e3 / median_ms, "tflops": flops / median_ms / 1e9,
-            "flops": flops, "params": 8540, "peak_mb": 0.5}
+            "flops": flops, "params": 8540, "peak_mb": 0.5, "floor_ms": None}
 
 
 def _records(*specs: tuple) -> list[Record]:
@@ -212,6 +212,28 @@ def test_graphed_steps_compare_with_graphed_baselines():
     assert len(efficiency_summary(records).splitlines()) == 2 + 4  # header, rule, 2 impls x 2 launches
 
 
+def test_floor_is_the_slower_of_compute_and_bytes_plus_dependent_launches(monkeypatch):
+    monkeypatch.setattr(roofline, "peak_gemm_tflops", lambda dtype, device, min_run_time: 500.0)
+    sticks = roofline.Yardsticks(torch.device("cpu"), 0.1, copy_bandwidth=2e12, launch_seconds=4e-6)
+    # compute-bound: 1e12 FLOPs at 500 TFLOP/s = 2 ms (1 GB at 2 TB/s = 0.5 ms), + 2 launches in training
+    assert sticks.floor_seconds(10**12, 10**9, "train", torch.bfloat16) == pytest.approx(2e-3 + 8e-6)
+    # bandwidth-bound: 4 GB at 2 TB/s = 2 ms (1 GFLOP is 2 us), + 1 launch for inference
+    assert sticks.floor_seconds(10**9, 4 * 10**9, "infer", torch.bfloat16) == pytest.approx(2e-3 + 4e-6)
+
+
+def test_floor_table_gives_each_time_as_a_multiple_of_its_floor():
+    records = _records(("cuda", 2.0), ("dense", 1.0))
+    assert floor_table(records) == ""  # a CPU run has no floors
+    records[0].floor_ms, records[1].floor_ms = 0.5, 0.25
+    table = floor_table(records, markdown=True)
+    assert "| preset | batch | dtype | mode | spinal floor ms | cuda x floor | dense x floor |" in table
+    assert "| mnist | 64 | float32 | train | 0.5 | 4.0x | 4.0x |" in table
+    document = {"device": "d", "torch": "t", "triton": "t", "commit": "c", "created": "x",
+                "records": [record.to_json() for record in records]}
+    validate_document(document)
+    assert [Record.from_json(data).floor_ms for data in document["records"]] == [0.5, 0.25]
+
+
 def test_cuda_graphs_need_a_cuda_device(capsys):
     with pytest.raises(SystemExit):
         main(["--cuda-graphs", "--quick"])
@@ -245,6 +267,7 @@ def test_goal_lines_report_covered_cases_only():
     lambda d: d["records"][0].update(mode="forward_backward"),
     lambda d: d["records"][0].update(launch="graphed"),
     lambda d: d["records"][0].pop("launch"),
+    lambda d: d["records"][0].update(floor_ms="1"),
 ])
 def test_validate_document_rejects_other_shapes(mutate):
     document = {"device": "d", "torch": "t", "triton": "t", "commit": "c", "created": "x",

@@ -33,6 +33,11 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _multiple(record: Record) -> str:
+    """Measured time as a multiple of the case's floor ("-" where the run has no floor)."""
+    return "-" if record.floor_ms is None else f"{record.median_ms / record.floor_ms:.1f}x"
+
+
 def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
@@ -125,7 +130,7 @@ def case_table(records: Sequence[Record], markdown: bool = False) -> str:
     headers = key_headers + ["impl", "median ms", "rows/s", "TFLOP/s", "peak MB", "E", "vs reference",
                              f"vs {baseline_label(records)}"]
     if with_extras:
-        headers += ["% of GEMM", "% of copy BW"]
+        headers += ["% of GEMM", "% of copy BW", "x floor"]
     rows = []
     for record in records:
         same_case = cases[case_key(record)]
@@ -136,7 +141,8 @@ def case_table(records: Sequence[Record], markdown: bool = False) -> str:
             _ratio(speedup(record, same_case.get("reference"))), _ratio(speedup(record, dense)),
         ]
         if with_extras:
-            row += [_percent(record.extras.get("gemm_eff")), _percent(record.extras.get("bw_eff"))]
+            row += [_percent(record.extras.get("gemm_eff")), _percent(record.extras.get("bw_eff")),
+                    _multiple(record)]
         rows.append(row)
     return format_table(headers, rows, markdown)
 
@@ -240,6 +246,24 @@ def thread_table(records: Sequence[Record], markdown: bool = False) -> str:
     return format_table(headers, rows, markdown)
 
 
+def floor_table(records: Sequence[Record], markdown: bool = False) -> str:
+    """One row per case measured on a GPU: the spinal layer's floor (roofline.py) and each
+    implementation's time as a multiple of its own floor ("" for a run without floors)."""
+    with_floor = [r for r in records if r.floor_ms is not None]
+    if not with_floor:
+        return ""
+    impls = list(dict.fromkeys(r.impl for r in with_floor))
+    key_headers, key_cells = _case_columns(with_floor)
+    rows = []
+    for same_case in by_case(with_floor).values():
+        spinal = next((r for r in same_case.values() if r.impl in SPINAL_IMPLS), None)
+        row = key_cells(next(iter(same_case.values())))
+        row.append("-" if spinal is None else f"{spinal.floor_ms:.4g}")
+        row += [_multiple(same_case[impl]) if impl in same_case else "-" for impl in impls]
+        rows.append(row)
+    return format_table(key_headers + ["spinal floor ms"] + [f"{impl} x floor" for impl in impls], rows, markdown)
+
+
 def launch_table(records: Sequence[Record], markdown: bool = False) -> str:
     """Per case and implementation, when the run replayed CUDA graphs (``--cuda-graphs``): the
     median ms of the eager and the graphed step and how many times faster the graph is ("" otherwise)."""
@@ -327,6 +351,9 @@ def markdown_report(document: dict[str, Any], note: str = "") -> str:
         model_table(records, markdown=True),
         latency_table(records, markdown=True),
         _titled("Peak memory of one step (MB the step allocates at its peak):\n", memory_table(records, markdown=True)),
+        _titled("Floors: max(FLOPs / peak GEMM rate, bytes / copy bandwidth) + dependent launches x launch time, "
+                "measured in the same run, and each time as a multiple of its implementation's floor:\n",
+                floor_table(records, markdown=True)),
         _titled("Speed-up over the eager reference, train:\n", speedup_summary(records, markdown=True)),
         _titled("Thread scaling:\n", thread_table(records, markdown=True)),
         _titled("CUDA graphs (each step captured once and replayed):\n", launch_table(records, markdown=True)),

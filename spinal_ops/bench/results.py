@@ -2,11 +2,13 @@
 
     {"device", "torch", "triton", "commit", "created",
      "records": [{"preset", "batch", "dtype", "impl", "mode", "threads", "launch", "median_ms", "rows_per_s",
-                  "tflops", "flops", "params", "peak_mb"}]}
+                  "tflops", "flops", "params", "peak_mb", "floor_ms"}]}
 
 "mode" is train, frozen or infer; "launch" is eager (each step launches its kernels from the
 host) or graph (the step captured once in a CUDA graph and replayed, ``spinal-bench
---cuda-graphs``); "peak_mb" is null where a run did not measure peak memory.
+--cuda-graphs``); "peak_mb" is null where a run did not measure peak memory; "floor_ms" is the
+least time the case could take on the GPU (roofline.py: the run's peak GEMM rate, copy bandwidth
+and launch time), null on CPU.
 "impl" is a spinal backend, compiled_reference, dense (the equal-width dense layer) or
 authors_dense (the authors' dense head of the preset, ``--baseline authors``): a record's
 "flops" and "params" are its own implementation's, so E against either baseline comes from the
@@ -35,7 +37,7 @@ DOCUMENT_FIELDS: dict[str, type] = {
 RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "preset": str, "batch": int, "dtype": str, "impl": str, "mode": str, "threads": int, "launch": str,
     "median_ms": (int, float), "rows_per_s": (int, float), "tflops": (int, float), "flops": int, "params": int,
-    "peak_mb": (int, float, type(None)),
+    "peak_mb": (int, float, type(None)), "floor_ms": (int, float, type(None)),
 }
 
 
@@ -54,6 +56,7 @@ class Record:
     params: int
     peak_mb: float | None  # bytes the step allocates at its peak, in MB (1e6 bytes)
     launch: str = "eager"  # one of LAUNCHES
+    floor_ms: float | None = None  # the case's floor on a GPU (roofline.Yardsticks)
     extras: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -69,13 +72,13 @@ class Record:
             "preset": self.preset, "batch": self.batch, "dtype": self.dtype, "impl": self.impl,
             "mode": self.mode, "threads": self.threads, "launch": self.launch, "median_ms": self.median_ms,
             "rows_per_s": self.rows_per_s, "tflops": self.tflops, "flops": self.flops, "params": self.params,
-            "peak_mb": self.peak_mb,
+            "peak_mb": self.peak_mb, "floor_ms": self.floor_ms,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Record":
         return cls(data["preset"], data["batch"], data["dtype"], data["impl"], data["mode"], data["threads"],
-                   data["median_ms"], data["flops"], data["params"], data["peak_mb"], data["launch"])
+                   data["median_ms"], data["flops"], data["params"], data["peak_mb"], data["launch"], data["floor_ms"])
 
 
 @dataclass(frozen=True)

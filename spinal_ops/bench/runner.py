@@ -60,7 +60,8 @@ def run_matrix(matrix: Matrix, progress: bool = True) -> tuple[list[Record], lis
 def _run(matrix: Matrix, progress: bool) -> tuple[list[Record], list[Skip]]:
     records: list[Record] = []
     skips: list[Skip] = []
-    bandwidth = roofline.copy_bandwidth(matrix.device, matrix.min_run_time) if matrix.device.type == "cuda" else None
+    yardsticks = (roofline.measure_yardsticks(matrix.device, matrix.min_run_time) if matrix.device.type == "cuda"
+                  else None)
     cases = list(itertools.product(matrix.batches, matrix.modes))
     bar = tqdm(total=matrix.num_cases(), unit="case", disable=not progress, leave=False)
     for threads in matrix.threads:
@@ -85,7 +86,7 @@ def _run(matrix: Matrix, progress: bool) -> tuple[list[Record], list[Skip]]:
                 for (impl, launch), (seconds, peak) in measured.items():
                     if impl in models:
                         records.append(_record(matrix, preset, config, dtype, impl, batch, mode, threads, launch,
-                                               seconds, peak, bandwidth))
+                                               seconds, peak, yardsticks))
                 bar.update(len(measured))
             models.clear()
             gc.collect()  # free this preset's weights before building the next
@@ -129,12 +130,13 @@ def _measure_case(matrix: Matrix, models: dict[str, torch.nn.Module], config: Sp
 
 def _record(matrix: Matrix, preset: str, config: SpinalConfig, dtype: torch.dtype, impl: str, batch: int,
             mode: str, threads: int, launch: str, seconds: float, peak: int | None,
-            bandwidth: float | None) -> Record:
+            yardsticks: roofline.Yardsticks | None) -> Record:
     flops, params = cost(impl, config, batch, mode, preset)
     record = Record(preset, batch, dtype_name(dtype), impl, mode, threads, seconds * 1e3, flops, params,
                     None if peak is None else peak / 1e6, launch)
-    if bandwidth is not None:
+    if yardsticks is not None:
         gemm = roofline.gemm_tflops(flops, batch, dtype, matrix.device, matrix.min_run_time)
         moved = roofline.min_bytes(config, batch, mode, params, dtype.itemsize)
-        record.extras = {"gemm_eff": record.tflops / gemm, "bw_eff": moved / seconds / bandwidth}
+        record.floor_ms = yardsticks.floor_seconds(flops, moved, mode, dtype) * 1e3
+        record.extras = {"gemm_eff": record.tflops / gemm, "bw_eff": moved / seconds / yardsticks.copy_bandwidth}
     return record
