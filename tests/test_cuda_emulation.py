@@ -830,3 +830,25 @@ def test_persistent_grid_beyond_co_residency_with_a_grid_wait_deadlocks(emulated
                                                    SM75, units)
     assert "deadlock: " in message and f"grid of {units} CTAs, 40 co-resident" in message, message
     assert f"{units - 40} never started" in message, message
+
+
+def test_persistent_switch_picks_the_native_pair(emulated_ops, monkeypatch):
+    # With SPINAL_OPS_CUDA_PERSISTENT=1 the path choice sends inference at every width and training up
+    # to the tile limit to the native pair (whose forward is then the persistent kernel); training wider
+    # than the tile kernels and dropout keep the hoisted pair. Without it nothing changes.
+    from spinal_ops.backends import cuda
+    from spinal_ops.backends.cuda_cost import model_for
+
+    limits = {(dtype, tf32): emulated_ops.tile_kernel_width_limit(dtype, tf32, SM90)
+              for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                  (torch.bfloat16, False))}
+    monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((9, 0), model_for("NVIDIA H100 80GB HBM3", 132), limits)})
+    gpu = torch.device("cuda", 0)
+    wide = make_config(in_features=512, out_features=10, layer_width=512, num_layers=4)
+    mid = make_config(in_features=512, out_features=10, layer_width=256, num_layers=4)
+    assert cuda.cuda_path(wide, 64, torch.bfloat16, gpu, False).path == "hoisted"
+    monkeypatch.setenv("SPINAL_OPS_CUDA_PERSISTENT", "1")
+    for config, training, path in ((wide, False, "native"), (wide, True, "hoisted"), (mid, True, "native")):
+        assert cuda.cuda_path(config, 64, torch.bfloat16, gpu, training).path == path, (config.layer_width, training)
+    dropped = make_config(in_features=512, out_features=10, layer_width=256, num_layers=4, dropout=0.1)
+    assert cuda.cuda_path(dropped, 64, torch.bfloat16, gpu, True).path == "hoisted"

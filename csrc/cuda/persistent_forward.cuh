@@ -131,7 +131,7 @@ __device__ __forceinline__ void signal_tile_done(int* counter) {
 }
 
 template <class Mma, typename T>
-__device__ void persistent_unit(const PersistentArgs<T>& p, const SmemViews<Mma, T>& sm, const Unit u) {
+__device__ __forceinline__ void persistent_unit(const PersistentArgs<T>& p, const SmemViews<Mma, T>& sm, const Unit u) {
   constexpr int kM = Mma::kTileM;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int64_t row0 = static_cast<int64_t>(u.row_tile) * kM;
@@ -208,7 +208,7 @@ __device__ void persistent_unit(const PersistentArgs<T>& p, const SmemViews<Mma,
 
 // The unit loop of one CTA: take a ticket, run its unit, until the tickets run out.
 template <class Mma, typename T>
-__device__ void persistent_forward(const PersistentArgs<T>& p) {
+__device__ __forceinline__ void persistent_forward(const PersistentArgs<T>& p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const SmemViews<Mma, T> sm(smem, 0);
   const SmemPtr<int> ticket = reinterpret_cast<int*>(smem + sm.layout.total);
@@ -224,7 +224,7 @@ __device__ void persistent_forward(const PersistentArgs<T>& p) {
 }
 
 template <class Mma, typename T>
-__global__ void __launch_bounds__(kThreads) spinal_persistent_forward_kernel(const PersistentArgs<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) spinal_persistent_forward_kernel(const PersistentArgs<T> p) {
   if constexpr (kRunsOnThisArch<Mma, T>) {
     persistent_forward<Mma, T>(p);
   } else {
