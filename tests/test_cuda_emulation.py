@@ -748,6 +748,18 @@ def test_persistent_forward_activations(emulated_ops, activation):
     _check_persistent(emulated_ops, config, "fp32_simt", batch=40, device=SM90)
 
 
+@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
+def test_persistent_forward_splits_a_long_window(emulated_ops, policy):
+    # s = 520 at 40 rows: the input units alone would leave most CTAs idle, so the launcher splits s
+    # into 3 pieces (192, 192, 136 columns; layer 0 then gets input units too) that the layer units
+    # sum in a fixed order; the window wraps.
+    config = _persistent_config("w8_padding_wraps", policy, in_features=600, layer_width=40, num_layers=2,
+                                split_size=520)
+    _check_persistent(emulated_ops, config, policy, batch=40, device=SM90)
+    row_tiles = 2 if policy == "fp32_simt" else 1
+    assert emulated_ops.last_launch()[0] == row_tiles * (2 * (3 + 1) + 1)  # 2 layers x (3 pieces + 1), projection
+
+
 PERSISTENT_SCHEDULE = dict(in_features=90, out_features=20, layer_width=300, num_layers=3, split_size=50)
 
 

@@ -10,6 +10,17 @@ namespace spinal_ops {
 namespace cuda_kernels {
 namespace {
 
+// The shallowest piece of s an input unit is split into: 8 K-chunks.
+constexpr int64_t kMinSplitK = 8 * kTileK;
+
+// Pieces of K = s per input product: split only while the unsplit input units (input_tiles) would
+// leave co-resident CTAs idle, and no piece shallower than kMinSplitK or empty.
+int64_t input_splits(int64_t s, int64_t input_tiles, int64_t max_ctas) {
+  if (input_tiles >= max_ctas) return 1;
+  const int64_t splits = std::min(ceil_div(s, kMinSplitK), ceil_div(max_ctas, input_tiles));
+  return ceil_div(s, round_up(ceil_div(s, splits), kTileK));
+}
+
 // Launches Kernel (the persistent forward, or a variant with the same arguments) on at most
 // `max_ctas` CTAs: allocates and zeroes the workspace, fills the arguments.
 template <class Mma, typename T, auto Kernel>
@@ -27,13 +38,16 @@ void launch_persistent(const SpinalShape& shape, const at::Tensor& x, const at::
   // Tickets run up to units + grid; unit indices and counter offsets are int.
   TORCH_CHECK(counters < INT32_MAX, "spinal_ops: B = ", text(shape.batch), " with L = ", text(shape.num_layers),
               " is too large for the persistent forward kernel");
+  const int64_t splits = input_splits(shape.split_size, shape.num_layers * row_tiles * col_tiles, max_ctas);
   const int64_t units = persistent_units(p.num_layers, static_cast<int>(row_tiles), static_cast<int>(col_tiles),
-                                         static_cast<int>(out_tiles));
+                                         static_cast<int>(out_tiles), static_cast<int>(splits));
   TORCH_CHECK(units + std::min(units, max_ctas) <= INT32_MAX, "spinal_ops: ", text(units),
               " work units are too many for the persistent forward kernel");
   p.row_tiles = static_cast<int>(row_tiles);
   p.col_tiles = static_cast<int>(col_tiles);
   p.out_tiles = static_cast<int>(out_tiles);
+  p.splits = static_cast<int>(splits);
+  p.split_k = static_cast<int>(round_up(ceil_div(shape.split_size, splits), kTileK));
   p.x = x.data_ptr<T>();
   p.weight_in = weight_in.data_ptr<T>();
   p.weight_hidden = weight_hidden.data_ptr<T>();
@@ -43,9 +57,11 @@ void launch_persistent(const SpinalShape& shape, const at::Tensor& x, const at::
   p.out = out.data_ptr<T>();
   p.pre_activation = pre_activation.numel() > 0 ? pre_activation.data_ptr<T>() : nullptr;
   const at::Tensor state = at::empty({shape.batch, shape.hidden()}, x.options().dtype(at::kFloat));
+  const at::Tensor partials = at::empty({(splits - 1) * shape.batch * shape.hidden()}, state.options());
   // Counters start at zero every call: a memset on the stream, ordered before the launch.
   const at::Tensor sync = at::zeros({1 + counters}, x.options().dtype(at::kInt));
   p.state = state.data_ptr<float>();
+  p.partials = splits > 1 ? partials.data_ptr<float>() : nullptr;
   p.next_unit = sync.data_ptr<int>();
   p.inputs_ready = p.next_unit + 1;
   p.layer_ready = p.inputs_ready + counters / 2;
