@@ -3,7 +3,8 @@
 // the schemas of native_forward / native_backward plus the accumulator policy and the fake device
 // (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the tile kernels,
 // which the call must route to), "persistent_simt", "persistent_tf32", "persistent_wmma" (the
-// persistent forward at any width; the backward on its Z: the tile kernels where they fit), "narrow" (the narrow kernels for the forward and backward launch
+// persistent forward at any width; the backward on its Z: the tile kernels where they fit),
+// "narrow" (the narrow kernels for the forward and backward launch
 // 1; launch 2 with the dtype's tiled policy: simt or wmma), "aten" (the hoisted chain on ATen's
 // engine, csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto"
 // (the op's own routing: use_native_kernels, narrow_kernels_fit). Every CPU allocation made during a
