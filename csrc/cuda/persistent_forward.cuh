@@ -52,7 +52,15 @@
 //   fp16 on sm_75 (kTileM 32): 2560 + 10240 + 16896 + 128 = 29824 B. Fits every target.
 // Numerics: fp32 accumulation; z = (h_{l-1} R_l^T + P_l) + b_l, rounded to the storage dtype once
 // (that is Z), h = dtype(phi(float(Z))), as the tile kernel.
-// ptxas (sm_90, cuobjdump -res-usage): see the figures below the kernel.
+// Registers (TORCH_CUDA_ARCH_LIST=9.0 build, cuobjdump -res-usage / -sass on _C*.so; CUDA 13.1):
+//   bf16 WmmaMma<64>  128 registers, 48 HMMA.16816.F32.BF16   -> 2 CTAs/SM (264 on an H100)
+//   fp16 WmmaMma<64>  102 registers, 48 HMMA.16816.F32        -> 2 CTAs/SM
+//   fp32 SimtMma<32>  112 registers, FFMA only                -> 2 CTAs/SM
+//   fp32 TF32 WMMA    168 registers, 96 HMMA.1684.F32.TF32    -> 1 CTA/SM
+//   every one: STACK 0, LOCAL 0 (no spill stores or loads: no STL/LDL in the SASS); __ldcg is
+//   LDG.E.STRONG.GPU, __threadfence MEMBAR.SC.GPU, the polls ATOMG.E.ADD.STRONG.GPU + NANOSLEEP.
+//   __launch_bounds__(kThreads, 1): with (kThreads) alone ptxas held SimtMma to 80 registers and
+//   spilled 4 bytes. The launcher's occupancy query, not these figures, sizes the grid.
 #pragma once
 
 #include "kernels.h"
