@@ -12,6 +12,10 @@
 #                   graph capture (tests/test_cuda_graphs.py), then of
 #                   the triton backend with its dropout (its kernels compile on first use:
 #                   pytest-xdist spreads that over the cores)                        -> pytest.log
+#      persistent   the persistent forward (SPINAL_OPS_CUDA_PERSISTENT=1, not yet measured): its pytest on
+#                   CUDA tensors, then the cuda backend's bfloat16 timings at w >= 256 (cnn_cifar,
+#                   resnet_head, cifar_vgg; B = 64, 1024; infer and train) with the switch off, then
+#                   on                                   -> pytest.log, bench.log (JSON in /tmp only)
 #      triton       the Triton tests again with the tiled kernels switched on (SPINAL_OPS_TRITON_TILED=1),
 #                   then bfloat16 train/infer timings (TRITON_PRESETS, default mnist vgg5 resnet_head
 #                   cifar_vgg; B = 64, 65536, with dense for E): the one-block kernels (w <= 128) against cuda, then
@@ -108,6 +112,15 @@ stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tes
 # (their CUDA cases skip elsewhere).
 stage pytest_cuda_stages pytest.log "$(cap 60)" $PYTEST tests/test_dropout_ops.py tests/test_batchnorm_ops.py -k cuda
 stage pytest_cuda_graphs pytest.log "$(cap 60)" $PYTEST tests/test_cuda_graphs.py
+# The persistent forward: correctness against the reference, then A/B against the default path.
+stage pytest_persistent pytest.log "$(cap 25)" $PYTEST tests/test_cuda_backend.py -k persistent
+persistent_bench() {  # persistent_bench NAME SWITCH
+  stage "$1" bench.log "$(cap 17)" env SPINAL_OPS_CUDA_PERSISTENT="$2" $PY -m spinal_ops.bench --device cuda \
+    --dtype bfloat16 --preset cnn_cifar resnet_head cifar_vgg --batch 64 1024 --mode infer train --backends cuda \
+    --min-run-time 0.05 --no-progress --json "/tmp/$1.json" --plot "/tmp/$1.png"
+}
+persistent_bench persistent_off 0
+persistent_bench persistent_on 1
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_triton_dropout.py \
   tests/test_backends.py -k triton
 

@@ -218,3 +218,31 @@ def test_supports_reports_the_path():
     assert wide and wide.reason == f"hoisted cuBLAS chain: w=300 > {limit}"
     assert not backend.supports(_config("w1"), torch.float64, torch.device("cuda"))
     assert not backend.supports(_config("w1"), torch.float32, torch.device("cpu"))
+
+
+# The persistent forward (csrc/cuda/persistent_forward.cuh) behind SPINAL_OPS_CUDA_PERSISTENT=1:
+# native_forward runs it in inference at every width and in training up to the tile kernels' width
+# (the tile backward reads its Z); wider training calls keep the hoisted pair. Tile edges: partial
+# row tiles (37 rows), padding (w = 1, 10), two column tiles (w = 200), w at the tile limit and
+# beyond it (300), no projection, L = 1, wrap-around windows.
+PERSISTENT_CASES = ("odd_N_wraps", "M_None_s32", "w1", "L1", "no_bias_w10", "two_chunks_wide", "w_at_tile_limit",
+                    "hoisted_w300")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", PERSISTENT_CASES)
+def test_persistent_forward_matches_reference(monkeypatch, name, dtype):
+    monkeypatch.setenv("SPINAL_OPS_CUDA_PERSISTENT", "1")
+    config = _config(name, dtype)
+    gpu = torch.device("cuda")
+    assert cuda_path(config, 37, dtype, gpu, False).path == "native"
+    check_backend("cuda", config, dtype, "cuda", batch_shape=(37,))
+    check_inference_keeps_no_pre_activation("cuda", config, "spinal_ops::native_forward", 300, dtype, "cuda")
+    params = random_params(config, torch.Generator().manual_seed(0), dtype=dtype)
+    params = SpinalParams(*(None if p is None else p.cuda() for p in params))
+    x = torch.randn(300, config.in_features, device=gpu, dtype=dtype)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        apply_spinal(x, params, config, "cuda")
+        torch.cuda.synchronize()
+    names = [event.name for event in profile.events()]
+    assert any("spinal_persistent_forward_kernel" in name for name in names), names

@@ -156,7 +156,7 @@ def _check(ops, config, dtype, policy, batch, device=SM90, seed=0):
         err = (out.double() - ref).abs().max().item()
         err_eager = (eag.double() - ref).abs().max().item()
         scale = max(1.0, ref.abs().max().item())
-        atol = (ATOL_TF32 if policy == "tf32" else ATOL_PER_SCALE[dtype]) * scale
+        atol = (ATOL_TF32 if policy in ("tf32", "persistent_tf32") else ATOL_PER_SCALE[dtype]) * scale
         assert err <= 2 * err_eager + atol, f"{where} {name}: {err:.3e} > 2*{err_eager:.3e} + {atol:.1e}"
 
 
@@ -645,3 +645,222 @@ def test_removed_sync_before_split_k_ticket_is_caught(emulated_ops, policy):
     finally:
         emulated_ops.configure(SEED, "", False)
     assert caught, f"removing {barrier} went unnoticed by seeds {SEED}..{SEED + SPLIT_K_BUG_SEEDS - 1}"
+
+
+# ---- the persistent forward (persistent_forward.cuh) ----------------------------------------
+# One launch over all SMs for any w: work units taken in dependency order from a ticket counter,
+# handed between CTAs through an fp32 state buffer and per-(layer, row tile) ready counters. Its
+# outputs and Z against the float64 reference, the backward (tile kernels for w <= 256, the hoisted
+# chain beyond, as register.cu routes it) on its Z; the schedule from several seeds; seeded bugs in
+# its hand-off and a grid that outgrows co-residency.
+
+PERSISTENT_POLICIES = {
+    "fp32_simt": (torch.float32, "persistent_simt"),
+    "fp32_tf32": (torch.float32, "persistent_tf32"),
+    "fp16_wmma": (torch.float16, "persistent_wmma"),
+    "bf16_wmma": (torch.bfloat16, "persistent_wmma"),
+}
+# w = 8: one padded column tile; 200: a partial second column tile and K chunks; 320, 512: beyond
+# the tile kernel (3 and 4 column tiles); windows that wrap; M = None, no bias; L = 1 with M > 128.
+PERSISTENT_CONFIGS = {
+    "w8_padding_wraps": dict(in_features=12, out_features=5, layer_width=8, num_layers=3, split_size=7),
+    "w200_odd_tile_wraps": dict(in_features=70, out_features=10, layer_width=200, num_layers=2, split_size=40),
+    "w320_no_projection_no_bias": dict(in_features=30, out_features=None, layer_width=320, num_layers=2,
+                                       split_size=17, bias=False),
+    "w512_single_layer_M130": dict(in_features=40, out_features=130, layer_width=512, num_layers=1, split_size=40),
+}
+
+
+def _pre_activation(x, params, config):
+    """Z = [z_0, ..., z_{L-1}] of the reference chain, in x's dtype (eager) or float64."""
+    from spinal_ops.activations import apply_activation
+    from spinal_ops.reference import input_window
+
+    z_all, h = [], None
+    for layer in range(config.num_layers):
+        bias = None if params.bias is None else params.bias[layer]
+        z = torch.nn.functional.linear(input_window(x, config, layer), params.weight_in[layer], bias)
+        if layer > 0:
+            z = z + torch.nn.functional.linear(h, params.weight_hidden[layer - 1])
+        h = apply_activation(config.activation, z, config.negative_slope)
+        z_all.append(z)
+    return torch.cat(z_all, dim=-1)
+
+
+def _check_persistent(ops, config, policy, batch, device):
+    """The persistent forward's output and Z against the float64 reference (the rule _check holds
+    outputs to), its inference run (no Z) against the training one bit for bit, and, where the tile
+    backward runs (it reads this Z; the hoisted backward reads its own forward's buffer), _check's
+    gradients."""
+    dtype, mma = PERSISTENT_POLICIES[policy]
+    if config.layer_width <= ops.tile_kernel_width_limit(dtype, mma == "persistent_tf32", device):
+        _check(ops, config, dtype, mma, batch=batch, device=device)
+    generator = torch.Generator().manual_seed(3)
+    params64 = SpinalParams(*(None if p is None else p.to(dtype).double() for p in random_params(config, generator)))
+    x64 = torch.randn(batch, config.in_features, generator=generator, dtype=torch.float64).to(dtype).double()
+    params = SpinalParams(*(None if p is None else p.to(dtype) for p in params64))
+    out, z = ops.forward(x64.to(dtype), *params, config.activation, config.negative_slope, mma, device, True)
+    inferred, no_z = ops.forward(x64.to(dtype), *params, config.activation, config.negative_slope, mma, device, False)
+    assert no_z.numel() == 0 and torch.equal(inferred, out)
+    expected = _pre_activation(x64, params64, config)
+    eager = _pre_activation(x64.to(dtype), params, config)
+    atol_per_scale = ATOL_TF32 if mma == "persistent_tf32" else ATOL_PER_SCALE[dtype]
+    for name, got, ref, eag in (("Z", z, expected, eager),
+                                ("output", out, _output_of(expected, params64, config), _output_of(eager, params, config))):
+        assert not got.isnan().any(), f"{policy} {name}: NaN (an element the kernel did not write; seed {SEED})"
+        atol = atol_per_scale * max(1.0, ref.abs().max().item())
+        err = (got.double() - ref).abs().max().item()
+        err_eager = (eag.double() - ref).abs().max().item()
+        assert err <= 2 * err_eager + atol, (
+            f"{policy} {name} on device {device}, seed {SEED}: {err:.3e} > 2*{err_eager:.3e} + {atol:.1e}")
+
+
+def _output_of(z, params, config):
+    """y = phi(Z) W_out^T + b_out, or H = phi(Z) without projection."""
+    from spinal_ops.activations import apply_activation
+
+    hidden = apply_activation(config.activation, z, config.negative_slope)
+    if params.weight_out is None:
+        return hidden
+    return torch.nn.functional.linear(hidden, params.weight_out, params.bias_out)
+
+
+def _persistent_config(name, policy, **overrides):
+    if PERSISTENT_POLICIES[policy] != (torch.float32, "persistent_simt"):
+        overrides.setdefault("activation", "gelu")  # see _policy_config
+    return make_config(**{**PERSISTENT_CONFIGS[name], **overrides})
+
+
+# sm_90 for every case, sm_86 (99 KB of shared memory per block, 84 SMs) for fp32 SIMT and bf16.
+PERSISTENT_CASES = [("sm_90", name, policy) for name in PERSISTENT_CONFIGS for policy in PERSISTENT_POLICIES]
+PERSISTENT_CASES += [("sm_86", name, policy) for name in PERSISTENT_CONFIGS for policy in ("fp32_simt", "bf16_wmma")]
+
+
+@pytest.mark.parametrize("target, name, policy", PERSISTENT_CASES)
+def test_persistent_forward_matches_reference(emulated_ops, target, name, policy):
+    # 70 rows: three row tiles for float32 (32 rows), two for the half types (64), the last partial.
+    _check_persistent(emulated_ops, _persistent_config(name, policy), policy, batch=70, device=TARGETS[target])
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "tanh"])
+def test_persistent_forward_activations(emulated_ops, activation):
+    config = _persistent_config("w200_odd_tile_wraps", "fp32_simt", activation=activation, negative_slope=0.2)
+    _check_persistent(emulated_ops, config, "fp32_simt", batch=40, device=SM90)
+
+
+@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
+def test_persistent_forward_splits_a_long_window(emulated_ops, policy):
+    # s = 520 at 40 rows: the input units alone would leave most CTAs idle, so the launcher splits s
+    # into 3 pieces (192, 192, 136 columns; layer 0 then gets input units too) that the layer units
+    # sum in a fixed order; the window wraps.
+    config = _persistent_config("w8_padding_wraps", policy, in_features=600, layer_width=40, num_layers=2,
+                                split_size=520)
+    _check_persistent(emulated_ops, config, policy, batch=40, device=SM90)
+    row_tiles = 2 if policy == "fp32_simt" else 1
+    assert emulated_ops.last_launch()[0] == row_tiles * (2 * (3 + 1) + 1)  # 2 layers x (3 pieces + 1), projection
+
+
+PERSISTENT_SCHEDULE = dict(in_features=90, out_features=20, layer_width=300, num_layers=3, split_size=50)
+
+
+@pytest.mark.parametrize("seed", [SEED + 1, SEED + 2, SEED + 3])
+@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
+def test_persistent_forward_schedules(emulated_ops, policy, seed):
+    # Each seed draws another CTA start order and schedule: units wait on their producers in other
+    # orders (130 rows: 5 or 3 row tiles, 3 column tiles, 3 layers).
+    dtype, _ = PERSISTENT_POLICIES[policy]
+    emulated_ops.configure(seed, "", False)
+    try:
+        config = make_config(**PERSISTENT_SCHEDULE, activation="relu" if dtype == torch.float32 else "gelu")
+        _check_persistent(emulated_ops, config, policy, batch=130, device=SM90)
+        grid, resident, most, _ = emulated_ops.last_launch()
+        assert most > 1 and grid <= resident, (grid, resident, most)
+    finally:
+        emulated_ops.configure(SEED, "", False)
+
+
+def _persistent_signal_sites(ops):
+    """The sites ("file:line") of the fence after a finished tile's stores and of the barrier between
+    it and the ready counter's increment, from a run that reaches them."""
+    path = os.path.join(os.path.dirname(HERE), "csrc", "cuda", "persistent_forward.cuh")
+    with open(path) as source:
+        lines = source.read().splitlines()
+    fence = next(i for i, line in enumerate(lines) if "publish this thread's stores of the tile" in line)
+    assert lines[fence].strip().startswith("__threadfence();") and lines[fence + 1].strip().startswith("__syncthreads();")
+    ops.configure(SEED, "", False)
+    _check_persistent(ops, make_config(**PERSISTENT_SCHEDULE), "fp32_simt", batch=130, device=SM90)
+    sites = [s for s in ops.barrier_sites() if s.endswith(f"persistent_forward.cuh:{fence + 2}")]
+    assert len(sites) == 1, ops.barrier_sites()
+    return sites[0][: -len(str(fence + 2))] + str(fence + 1), sites[0]
+
+
+PERSISTENT_BUG_SEEDS = 3
+
+
+@pytest.mark.parametrize("bug", ["fence", "barrier"])
+def test_persistent_ready_counter_before_the_tile_is_caught(emulated_ops, bug):
+    # The fence removed: a finished tile's stores stay in its CTA's buffers (the state buffer is a
+    # GlobalPtr) when thread 0 raises the ready counter, so a consumer scheduled before the producer's
+    # next fence reads poisoned P or h. The barrier removed: thread 0 raises the counter while the
+    # CTA's other threads have not stored their part. Either must fail on at least one seed; the
+    # kernel as written passes the same schedules.
+    config = make_config(**PERSISTENT_SCHEDULE)
+    sites = dict(zip(("fence", "barrier"), _persistent_signal_sites(emulated_ops)))
+    caught = []
+    try:
+        for seed in range(SEED, SEED + PERSISTENT_BUG_SEEDS):
+            emulated_ops.configure(seed, sites[bug], False)
+            try:
+                _check_persistent(emulated_ops, config, "fp32_simt", batch=130, device=SM90)
+            except AssertionError:
+                caught.append(seed)
+            emulated_ops.configure(seed, "", False)
+            _check_persistent(emulated_ops, config, "fp32_simt", batch=130, device=SM90)
+            if caught:
+                break
+    finally:
+        emulated_ops.configure(SEED, "", False)
+    assert caught, f"removing {sites[bug]} went unnoticed by seeds {SEED}..{SEED + PERSISTENT_BUG_SEEDS - 1}"
+
+
+def test_persistent_grid_beyond_co_residency_with_a_grid_wait_deadlocks(emulated_ops):
+    # The persistent forward behind a grid-wide wait (every CTA arrives before any takes a unit) on
+    # sm_75, whose 40 SMs hold one CTA each: on the co-resident grid the launcher sizes (40 CTAs for
+    # 60 units) it computes the forward; on one CTA per unit the 40 resident CTAs wait for 20 that can
+    # never start, and the model reports the deadlock instead of hanging. The kernel as shipped takes
+    # no such wait: a CTA waits only on units earlier in ticket order, taken by running CTAs.
+    config = make_config(in_features=30, out_features=9, layer_width=8, num_layers=6, split_size=7, bias=False)
+    params = random_params(config, torch.Generator().manual_seed(4), dtype=torch.float32)
+    x = torch.randn(130, config.in_features, generator=torch.Generator().manual_seed(5))
+    units = 5 + 2 * 5 * 5 + 5  # 5 row tiles: layer 0, then 5 input and 5 layer units per later layer, projection
+    message, out = emulated_ops.persistent_grid_wait(x, params.weight_in, params.weight_hidden, params.weight_out,
+                                                     SM75, 0)
+    assert message == "" and list(emulated_ops.last_launch()[:2]) == [40, 40]
+    expected, _ = emulated_ops.forward(x, *params, "relu", 0.0, "persistent_simt", SM75, False)
+    assert torch.equal(out, expected)
+    message, _ = emulated_ops.persistent_grid_wait(x, params.weight_in, params.weight_hidden, params.weight_out,
+                                                   SM75, units)
+    assert "deadlock: " in message and f"grid of {units} CTAs, 40 co-resident" in message, message
+    assert f"{units - 40} never started" in message, message
+
+
+def test_persistent_switch_picks_the_native_pair(emulated_ops, monkeypatch):
+    # With SPINAL_OPS_CUDA_PERSISTENT=1 the path choice sends inference at every width and training up
+    # to the tile limit to the native pair (whose forward is then the persistent kernel); training wider
+    # than the tile kernels and dropout keep the hoisted pair. Without it nothing changes.
+    from spinal_ops.backends import cuda
+    from spinal_ops.backends.cuda_cost import model_for
+
+    limits = {(dtype, tf32): emulated_ops.tile_kernel_width_limit(dtype, tf32, SM90)
+              for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False),
+                                  (torch.bfloat16, False))}
+    monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((9, 0), model_for("NVIDIA H100 80GB HBM3", 132), limits)})
+    gpu = torch.device("cuda", 0)
+    wide = make_config(in_features=512, out_features=10, layer_width=512, num_layers=4)
+    mid = make_config(in_features=512, out_features=10, layer_width=256, num_layers=4)
+    assert cuda.cuda_path(wide, 64, torch.bfloat16, gpu, False).path == "hoisted"
+    monkeypatch.setenv("SPINAL_OPS_CUDA_PERSISTENT", "1")
+    for config, training, path in ((wide, False, "native"), (wide, True, "hoisted"), (mid, True, "native")):
+        assert cuda.cuda_path(config, 64, torch.bfloat16, gpu, training).path == path, (config.layer_width, training)
+    dropped = make_config(in_features=512, out_features=10, layer_width=256, num_layers=4, dropout=0.1)
+    assert cuda.cuda_path(dropped, 64, torch.bfloat16, gpu, True).path == "hoisted"

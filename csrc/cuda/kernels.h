@@ -48,6 +48,22 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
                           const at::Tensor& pre_activation, bool allow_narrow = true);
 
+// The persistent forward (persistent_forward.cuh): one launch over every SM for any w, with the
+// tile forward's outputs and Z layout. Opt-in: whether SPINAL_OPS_CUDA_PERSISTENT=1 is set now.
+bool persistent_forward_requested();
+
+// Whether the persistent forward runs `dtype` on `device` (the native kernels' dtype rules; its
+// shared memory does not grow with w and fits every target).
+bool persistent_forward_fits(at::ScalarType dtype, bool allow_tf32, int device);
+
+// One launch (and a memset of its counters): writes out and, when pre_activation is not empty,
+// Z [B, L*w]. B > 0.
+void launch_persistent_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
+                               const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
+                               Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
+                               const at::Tensor& pre_activation);
+
 struct BackwardOutputs {
   at::Tensor grad_x, grad_weight_in, grad_weight_hidden, grad_bias, grad_weight_out, grad_bias_out;
 };

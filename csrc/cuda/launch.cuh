@@ -35,16 +35,11 @@ constexpr int kSm80Capability = 80;
 // The oldest GPUs the build compiles the kernels for (setup.py's TORCH_CUDA_ARCH_LIST: sm_75, T4).
 constexpr int kOldestCapability = 75;
 
-// Launches Kernel(args) on the current device and stream: `blocks` CTAs of `threads` threads with
-// `smem_bytes` of dynamic shared memory. The kernel's dynamic-smem limit is raised once per
-// device, to the most any launch of it needs (`max_smem_bytes`) within the device's opt-in
-// maximum: raising it to each launch's need would let two host threads interleave
-// set/set/launch and launch with the other's, smaller, limit.
-template <auto Kernel, typename Args>
-void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args,
-                   int threads = kThreads) {
-  TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "spinal_ops: ", text(blocks), " CTAs do not fit the CUDA grid");
-  const int device = c10::cuda::current_device();
+// The dynamic-smem limit of Kernel on `device`, raised once per device to the most any launch of
+// it needs (`max_smem_bytes`) within the device's opt-in maximum: raising it to each launch's need
+// would let two host threads interleave set/set/launch and launch with the other's, smaller, limit.
+template <auto Kernel>
+int64_t dynamic_smem_limit(int device, int64_t max_smem_bytes) {
   TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "spinal_ops: CUDA device ", text(device),
               " out of range");
   static std::once_flag limit_set[C10_COMPILE_TIME_MAX_GPUS];
@@ -54,8 +49,19 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
     C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     limit[device] = bytes;
   });
-  TORCH_CHECK(smem_bytes <= limit[device], "spinal_ops: the tile kernel needs ", text(smem_bytes),
-              " bytes of shared memory, device ", text(device), " allows ", text(limit[device]),
+  return limit[device];
+}
+
+// Launches Kernel(args) on the current device and stream: `blocks` CTAs of `threads` threads with
+// `smem_bytes` of dynamic shared memory, under dynamic_smem_limit(device, max_smem_bytes).
+template <auto Kernel, typename Args>
+void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args,
+                   int threads = kThreads) {
+  TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "spinal_ops: ", text(blocks), " CTAs do not fit the CUDA grid");
+  const int device = c10::cuda::current_device();
+  const int64_t limit = dynamic_smem_limit<Kernel>(device, max_smem_bytes);
+  TORCH_CHECK(smem_bytes <= limit, "spinal_ops: the tile kernel needs ", text(smem_bytes),
+              " bytes of shared memory, device ", text(device), " allows ", text(limit),
               " (use_native_kernels() should have routed the call to the hoisted chain)");
   void* kernel_args[] = {const_cast<Args*>(&args)};
   C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), kernel_args,

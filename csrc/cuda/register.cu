@@ -83,6 +83,20 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
   const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
+  // Opt-in: the persistent forward (no dropout stage: those calls take the paths below). Its Z is the
+  // tile forward's (layer order), which the tile backward reads; the hoisted backward reads its own
+  // forward's buffer instead (group-major, H in place of Z for some activations), so a training
+  // call wider than the tile kernels keeps the hoisted pair, and inference takes the persistent
+  // forward at every width.
+  if (!dropout.active && shape.batch > 0 && persistent_forward_requested() &&
+      persistent_forward_fits(x.scalar_type(), allow_tf32, x.get_device()) &&
+      (!keep_pre_activation || use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device()))) {
+    at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
+    at::Tensor pre_activation = at::empty({keep_pre_activation ? shape.batch : 0, shape.hidden()}, x.options());
+    launch_persistent_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
+                              static_cast<float>(negative_slope), allow_tf32, out, pre_activation);
+    return {out, keep_pre_activation ? pre_activation : at::empty({0}, x.options())};
+  }
   // Too wide for this device's tiles, or a dropout (which the native kernels do not apply).
   if (dropout.active || !use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const CublasTf32Scope tf32(allow_tf32);

@@ -11,10 +11,17 @@ in the same layout and compute the same function.
 A training call with dropout runs the hoisted pair: it applies the masks itself, the native kernels
 have no dropout stage (the native ops, called directly with a dropout, route to the hoisted chain
 too).
+
+``SPINAL_OPS_CUDA_PERSISTENT=1`` (read per call; not yet measured on a GPU, so the cost model never
+picks it): ``native_forward`` runs the persistent forward kernel (csrc/cuda/persistent_forward.cuh)
+at every width in inference and up to the tile kernels' width in training (the hoisted backward
+reads its own forward's buffer, so wider training calls keep the hoisted pair), and this backend
+sends those calls to the native pair.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,6 +40,12 @@ CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # cores and takes the hoisted chain (the op's native_kernels_refusal says so), float32 runs exact fp32.
 MIN_COMPUTE_CAPABILITY = (7, 5)
 PATHS = ("native", "hoisted")
+PERSISTENT_ENV = "SPINAL_OPS_CUDA_PERSISTENT"
+
+
+def persistent_forward_requested() -> bool:
+    """Whether native_forward runs the persistent forward kernel (the op reads the same variable)."""
+    return os.environ.get(PERSISTENT_ENV) == "1"
 
 
 @dataclass(frozen=True)
@@ -152,6 +165,8 @@ def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torc
     limit = _width_limit_for(device, dtype)
     if _forced_path is not None and (_forced_path == "hoisted" or config.layer_width <= limit):
         return PathChoice(_forced_path, f"{_forced_path} path forced")
+    if persistent_forward_requested() and (not training or config.layer_width <= limit):
+        return PathChoice("native", f"persistent forward ({PERSISTENT_ENV}=1)")
     return choose_path(config, batch, dtype, DEVICES[_device_index(device)].model, training, limit,
                        narrow_kernels_fit(config))
 
@@ -204,7 +219,8 @@ class CudaBackend(OpPairBackend):
     def forward_op(self, config: SpinalConfig, x: torch.Tensor, training: bool) -> Callable:
         if torch.compiler.is_compiling():  # the batch may be symbolic: no cache key
             return _path_forward_op(config, x, training)
-        key = (config, x.shape[0], x.dtype, x.device, training, _forced_path, tf32_allowed(x.dtype))
+        key = (config, x.shape[0], x.dtype, x.device, training, _forced_path, tf32_allowed(x.dtype),
+               persistent_forward_requested())
         op = _FORWARD_OPS.get(key)
         if op is None:
             if len(_FORWARD_OPS) >= _FORWARD_OPS_MAX:

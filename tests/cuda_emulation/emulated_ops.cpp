@@ -2,7 +2,9 @@
 // through cuda_shim.h and emulated_runtime.h, as torch ops spinal_emu::forward / backward with
 // the schemas of native_forward / native_backward plus the accumulator policy and the fake device
 // (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the tile kernels,
-// which the call must route to), "narrow" (the narrow kernels for the forward and backward launch
+// which the call must route to), "persistent_simt", "persistent_tf32", "persistent_wmma" (the
+// persistent forward at any width; the backward on its Z: the tile kernels where they fit),
+// "narrow" (the narrow kernels for the forward and backward launch
 // 1; launch 2 with the dtype's tiled policy: simt or wmma), "aten" (the hoisted chain on ATen's
 // engine, csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto"
 // (the op's own routing: use_native_kernels, narrow_kernels_fit). Every CPU allocation made during a
@@ -37,6 +39,7 @@ void inject_fault(DataGradArgs<T>& args) {
 #include "../../csrc/cuda/backward.cu"
 #include "../../csrc/cuda/backward_outputs.h"
 #include "../../csrc/cuda/forward.cu"
+#include "../../csrc/cuda/persistent_forward.cu"
 // host-only ATen code: the hoisted chain (run on ATen's engine, as register.cu runs it)
 #include "../../csrc/chain/dropout_factors.cpp"
 #include "../../csrc/chain/hoisted_chain.cpp"
@@ -80,7 +83,7 @@ class Session {
       : tf32_before_(at::globalContext().allowTF32CuBLAS()), base_(c10::GetCPUAllocator()), poison_(base_) {
     emu::target(static_cast<int>(device));
     emu::current_device = static_cast<int>(device);
-    if (policy != "auto") at::globalContext().setAllowTF32CuBLAS(policy == "tf32");
+    if (policy != "auto") at::globalContext().setAllowTF32CuBLAS(policy == "tf32" || policy == "persistent_tf32");
     c10::SetCPUAllocator(&poison_, kAllocatorPriority);
   }
   ~Session() {
@@ -94,10 +97,27 @@ class Session {
   PoisonAllocator poison_;
 };
 
-// Whether the call runs the tile kernels: the op's routing for "auto", forced otherwise.
+bool is_persistent(c10::string_view policy) { return policy.substr(0, 11) == "persistent_"; }
+
+// The persistent policy's accumulator fits the dtype (the kernel's own is the dtype's, launch.cuh).
+void check_persistent_policy(const at::Tensor& x, c10::string_view policy, int64_t device) {
+  const bool fp32 = x.scalar_type() == at::kFloat;
+  TORCH_CHECK(fp32 ? policy == "persistent_simt" || policy == "persistent_tf32" : policy == "persistent_wmma",
+              "policy ", policy, " does not fit ", x.scalar_type());
+  TORCH_CHECK(persistent_forward_fits(x.scalar_type(), policy == "persistent_tf32", static_cast<int>(device)),
+              "the persistent forward does not run ", x.scalar_type(), " on ", emu::target(device).name);
+}
+
+// Whether the call runs the tile kernels: the op's routing for "auto" and the persistent policies'
+// backward, forced otherwise.
 bool native_kernels(const SpinalShape& shape, const at::Tensor& x, c10::string_view policy, int64_t device) {
   const bool routed = use_native_kernels(shape, x.scalar_type(), at::globalContext().allowTF32CuBLAS(), static_cast<int>(device));
   if (policy == "auto") return routed;
+  if (is_persistent(policy)) {
+    TORCH_CHECK(routed, "w = ", shape.layer_width, ": the persistent forward's Z feeds the tile backward only (the ",
+                "hoisted backward reads its own forward's buffer)");
+    return true;
+  }
   if (policy == "aten") return false;
   if (policy == "narrow") {
     TORCH_CHECK(narrow_kernels_fit(shape), "w = ", shape.layer_width, ", M = ", shape.out_features,
@@ -121,6 +141,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   const Activation act = parse_activation(activation);
   const Session session(policy, device);
+  if (is_persistent(policy)) {  // as register.cu with SPINAL_OPS_CUDA_PERSISTENT=1
+    check_persistent_policy(x, policy, device);
+    at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
+    at::Tensor pre_activation = at::empty({keep_pre_activation ? shape.batch : 0, shape.hidden()}, x.options());
+    if (shape.batch > 0) {
+      launch_persistent_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
+                                weight_out, bias_out, act, static_cast<float>(negative_slope),
+                                at::globalContext().allowTF32CuBLAS(), out, pre_activation);
+    }
+    return {out, pre_activation};
+  }
   // As register.cu: outputs from at::empty (poisoned here), nothing launched for an empty batch,
   // no Z for the narrow forward unless it is kept.
   const bool narrow = policy == "narrow" || policy == "auto";  // the tiled policies test the tiled kernels
@@ -163,7 +194,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
     launch_native_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
                           static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads,
-                          policy == "narrow" || policy == "auto");
+                          policy == "narrow" || policy == "auto" || is_persistent(policy));
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
@@ -261,6 +292,44 @@ std::tuple<std::string, int64_t> sync_kernel(c10::string_view name, int64_t devi
   return {message, most};
 }
 
+// ---- the persistent forward with a seeded scheduling bug ------------------------------------
+
+// Seeded bug: every CTA of the grid must arrive before any takes a unit (a grid-wide wait without a
+// cooperative launch). Deadlocks once the grid exceeds the CTAs that are co-resident.
+inline int grid_arrived = 0;
+
+template <class Mma, typename T>
+__global__ void persistent_after_grid_wait_kernel(const PersistentArgs<T> p) {
+  if (threadIdx.x == 0) {
+    atomicAdd(&grid_arrived, 1);
+    while (atomicAdd(&grid_arrived, 0) < static_cast<int>(gridDim.x)) __nanosleep(100);
+  }
+  __syncthreads();
+  persistent_forward<Mma, T>(p);
+}
+
+// [message ("" if the run passed), output] of the float32 SIMT persistent forward behind a grid-wide
+// wait on `device`, on at most `max_ctas` CTAs (0: the co-resident CTAs, as the launcher sizes it).
+std::tuple<std::string, at::Tensor> persistent_grid_wait(const at::Tensor& x, const at::Tensor& weight_in,
+                                                         const at::Tensor& weight_hidden,
+                                                         const std::optional<at::Tensor>& weight_out,
+                                                         int64_t device, int64_t max_ctas) {
+  const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt);
+  const Session session("persistent_simt", device);
+  using Mma = SimtMma<32>;
+  constexpr auto kernel = persistent_after_grid_wait_kernel<Mma, float>;
+  at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
+  grid_arrived = 0;
+  try {
+    const int64_t ctas = max_ctas > 0 ? max_ctas : co_resident_ctas<kernel>(persistent_smem_bytes<Mma, float>());
+    launch_persistent<Mma, float, kernel>(shape, x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt,
+                                          Activation::ReLU, 0.f, out, at::empty({0}, x.options()), ctas);
+  } catch (const std::exception& e) {
+    return {e.what(), out};
+  }
+  return {"", out};
+}
+
 // CTAs per SM the model lets run at once on `device` (emulated_runtime.h: ctas_per_sm).
 int64_t ctas_per_sm(int64_t device, int64_t threads, int64_t smem) {
   return emu::ctas_per_sm(emu::target(static_cast<int>(device)), static_cast<int>(threads), smem);
@@ -292,4 +361,5 @@ TORCH_LIBRARY(spinal_emu, m) {
   m.def("ctas_per_sm", &spinal_ops::cuda_kernels::ctas_per_sm);
   m.def("last_launch", &spinal_ops::cuda_kernels::last_launch);
   m.def("set_spin_budget", &spinal_ops::cuda_kernels::set_spin_budget);
+  m.def("persistent_grid_wait", &spinal_ops::cuda_kernels::persistent_grid_wait);
 }

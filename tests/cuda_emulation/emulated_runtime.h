@@ -6,7 +6,8 @@
 //   grid.x in [1, 2^31 - 1], grid.y/z in [1, 65535], 1..1024 threads per block;
 //   dynamic smem <= the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize on the device
 //   (48 KB until raised), which cudaFuncSetAttribute may raise up to the device's opt-in maximum.
-// The kernel then runs through emu::launch (cuda_shim.h), at most SMs x ctas_per_sm() CTAs at once.
+// The kernel then runs through emu::launch (cuda_shim.h), at most SMs x ctas_per_sm() CTAs at once;
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor answers from the same ctas_per_sm().
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -146,6 +147,22 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Args), cudaFuncAttribute, int va
               value, ") exceeds ", t.name, "'s opt-in maximum of ", t.smem_optin, " bytes");
   emu::max_dynamic_smem[{emu::current_device, reinterpret_cast<const void*>(kernel)}] = value;
   ++emu::attribute_sets;
+  return cudaSuccess;
+}
+
+// The occupancy calculator: CTAs of `block_size` threads and `smem` bytes of dynamic shared memory
+// per SM (emu::ctas_per_sm, the register budget included); 0 where smem exceeds the kernel's
+// dynamic-smem attribute on the device (48 KB until cudaFuncSetAttribute raises it), as no CTA of
+// that launch could start.
+template <typename Args>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void (*kernel)(Args), int block_size,
+                                                          size_t smem) {
+  const int device = emu::current_device;
+  const auto limit = emu::max_dynamic_smem.find({device, reinterpret_cast<const void*>(kernel)});
+  const int64_t allowed = limit == emu::max_dynamic_smem.end() ? emu::kDefaultMaxDynamicSmem : limit->second;
+  *blocks = static_cast<int64_t>(smem) > allowed
+                ? 0
+                : emu::ctas_per_sm(emu::target(device), block_size, static_cast<int64_t>(smem));
   return cudaSuccess;
 }
 
