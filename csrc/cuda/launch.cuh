@@ -40,10 +40,9 @@ constexpr int kOldestCapability = 75;
 // device, to the most any launch of it needs (`max_smem_bytes`) within the device's opt-in
 // maximum: raising it to each launch's need would let two host threads interleave
 // set/set/launch and launch with the other's, smaller, limit.
-template <auto Kernel, typename Args>
-void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args,
-                   int threads = kThreads) {
-  TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "spinal_ops: ", text(blocks), " CTAs do not fit the CUDA grid");
+// Kernel's dynamic-smem limit on the current device, raised on first use (launch_kernel).
+template <auto Kernel>
+int64_t dynamic_smem_limit(int64_t max_smem_bytes) {
   const int device = c10::cuda::current_device();
   TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "spinal_ops: CUDA device ", text(device),
               " out of range");
@@ -54,12 +53,34 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
     C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     limit[device] = bytes;
   });
-  TORCH_CHECK(smem_bytes <= limit[device], "spinal_ops: the tile kernel needs ", text(smem_bytes),
-              " bytes of shared memory, device ", text(device), " allows ", text(limit[device]),
+  return limit[device];
+}
+
+template <auto Kernel, typename Args>
+void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args,
+                   int threads = kThreads) {
+  TORCH_CHECK(blocks > 0 && blocks <= INT32_MAX, "spinal_ops: ", text(blocks), " CTAs do not fit the CUDA grid");
+  const int device = c10::cuda::current_device();
+  const int64_t limit = dynamic_smem_limit<Kernel>(max_smem_bytes);
+  TORCH_CHECK(smem_bytes <= limit, "spinal_ops: the tile kernel needs ", text(smem_bytes),
+              " bytes of shared memory, device ", text(device), " allows ", text(limit),
               " (use_native_kernels() should have routed the call to the hoisted chain)");
   void* kernel_args[] = {const_cast<Args*>(&args)};
   C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), kernel_args,
                                   static_cast<size_t>(smem_bytes), c10::cuda::getCurrentCUDAStream()));
+}
+
+// CTAs of Kernel (`threads` threads, `smem_bytes` of dynamic shared memory) that the current device
+// runs at once: the size of a persistent grid. Raises the kernel's smem limit first, as
+// launch_kernel does, so that the occupancy counts the launch's shared memory.
+template <auto Kernel>
+int64_t co_resident_ctas(int threads, int64_t smem_bytes, int64_t max_smem_bytes) {
+  dynamic_smem_limit<Kernel>(max_smem_bytes);
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads,
+                                                               static_cast<size_t>(smem_bytes)));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return static_cast<int64_t>(per_sm) * sms;
 }
 
 // Dynamic shared memory of the forward and data-gradient kernels at layer width w (the

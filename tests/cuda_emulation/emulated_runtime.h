@@ -54,7 +54,8 @@ constexpr int kRegistersPerSm = 65536;  // every target above
 // The register budget the model assumes per thread (the launch does not know the kernel's
 // ptxas count): 80 for 256-thread CTAs (the tile kernels: ptxas -v reports 63..79,
 // backward_kernels.cuh), 168 for 128-thread CTAs (the narrow kernels' cap at 3 CTAs per SM,
-// narrow_kernels.cuh), 64 otherwise (the model's own small kernels).
+// narrow_kernels.cuh), 64 otherwise (the model's own small kernels; the warp-level narrow forward,
+// whose ptxas counts are 48..74 at 32..512 threads, warp_narrow_kernels.cuh).
 inline int registers_per_thread(int threads) { return threads == 256 ? 80 : threads == 128 ? 168 : 64; }
 
 // CTAs of `threads` threads and `smem` bytes of dynamic shared memory that one SM of t holds at
@@ -146,6 +147,20 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Args), cudaFuncAttribute, int va
               value, ") exceeds ", t.name, "'s opt-in maximum of ", t.smem_optin, " bytes");
   emu::max_dynamic_smem[{emu::current_device, reinterpret_cast<const void*>(kernel)}] = value;
   ++emu::attribute_sets;
+  return cudaSuccess;
+}
+
+// CTAs of `threads` threads and `smem` bytes of dynamic shared memory co-resident per SM, as the
+// launch would run them (ctas_per_sm); smem beyond the kernel's attribute is refused as the launch would.
+template <typename Args>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* ctas, void (*kernel)(Args), int threads, size_t smem) {
+  const int device = emu::current_device;
+  const emu::Target& t = emu::target(device);
+  const auto limit = emu::max_dynamic_smem.find({device, reinterpret_cast<const void*>(kernel)});
+  const int64_t allowed = limit == emu::max_dynamic_smem.end() ? emu::kDefaultMaxDynamicSmem : limit->second;
+  TORCH_CHECK(static_cast<int64_t>(smem) <= allowed, "emulated CUDA: occupancy of a kernel with ", smem,
+              " bytes of dynamic shared memory, its limit on the device is ", allowed);
+  *ctas = emu::ctas_per_sm(t, threads, static_cast<int64_t>(smem));
   return cudaSuccess;
 }
 
