@@ -12,6 +12,11 @@
 #                   graph capture (tests/test_cuda_graphs.py), then of
 #                   the triton backend with its dropout (its kernels compile on first use:
 #                   pytest-xdist spreads that over the cores)                        -> pytest.log
+#      warp_narrow  the warp-level narrow forward (opt-in, SPINAL_OPS_CUDA_WARP_NARROW=1; never run on a
+#                   GPU before): its pytest on CUDA tensors, then mnist bf16 train/infer timings at
+#                   B = 64, 65536 against dense without and with the switch (the cost model picks the
+#                   native path there); SKIP_STAGES="pytest_warp_narrow warp_narrow_off warp_narrow_on"
+#                   leaves it out                          -> pytest.log, bench.log (JSON in /tmp only)
 #      triton       the Triton tests again with the tiled kernels switched on (SPINAL_OPS_TRITON_TILED=1),
 #                   then bfloat16 train/infer timings (TRITON_PRESETS, default mnist vgg5 resnet_head
 #                   cifar_vgg; B = 64, 65536, with dense for E): the one-block kernels (w <= 128) against cuda, then
@@ -110,6 +115,16 @@ stage pytest_cuda_stages pytest.log "$(cap 60)" $PYTEST tests/test_dropout_ops.p
 stage pytest_cuda_graphs pytest.log "$(cap 60)" $PYTEST tests/test_cuda_graphs.py
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_triton_dropout.py \
   tests/test_backends.py -k triton
+
+# warp_narrow: the test sets the switch itself (monkeypatch; the launcher reads it per call). The A/B
+# timing is one process per setting, ~20 s each; compare the two JSON files' cuda rows.
+stage pytest_warp_narrow pytest.log "$(cap 60)" $PYTEST tests/test_cuda_backend.py -k warp_narrow
+for switch in off on; do
+  stage "warp_narrow_$switch" bench.log "$(cap 20)" env SPINAL_OPS_CUDA_WARP_NARROW="$([ $switch = on ] && echo 1 || echo 0)" \
+    $PY -m spinal_ops.bench --device cuda --dtype bfloat16 --preset mnist --batch 64 65536 --mode infer train \
+    --backends cuda dense --min-run-time 0.05 --no-progress --json "/tmp/warp_narrow_$switch.json" \
+    --plot "/tmp/warp_narrow_$switch.png"
+done
 
 # triton: the tiled kernels (not yet measured; behind SPINAL_OPS_TRITON_TILED=1): their tests on
 # CUDA, then their timings against the one-block kernels and cuda. Within the 8-file cap: logs go
