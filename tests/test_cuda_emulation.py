@@ -4,7 +4,8 @@ float64 reference (contract §4 criterion). What the model checks (details in cu
 emulated_runtime.h):
 
 - racecheck: every shared-memory access between two __syncthreads is recorded; two accesses
-  to one byte by different threads, one a write, fail (warp-synchronous code included);
+  to one byte by different threads, one a write, fail (warp-synchronous code included), unless a
+  __syncwarp of their common warp lies between them; cp.async writes land only at their wait;
 - initcheck: shared memory is poisoned at every block start and a read of a byte the block has
   not written fails; outputs and workspaces (every CPU allocation during a call) are poisoned
   too, so an element the kernels do not write shows up as NaN, a counter not zeroed as -1;
@@ -22,8 +23,8 @@ emulated_runtime.h):
   sends what does not fit, and bf16 before compute capability 8.0, to the hoisted chain, and B = 0
   launches nothing.
 
-Seeded bugs the model must catch keep it honest: a removed __syncthreads (each barrier of the
-real kernels in turn), a fragment-order assumption, a misaligned ldm, a read of unwritten
+Seeded bugs the model must catch keep it honest: a removed __syncthreads or __syncwarp (each
+barrier of the real kernels in turn), a fragment-order assumption, a misaligned ldm, a read of unwritten
 shared memory and split-K counters not reset; between CTAs: the barrier or the fence before the
 split-K ticket removed, a ready flag raised before its tile is stored or without a fence, and a
 grid that spin-waits on CTAs that cannot be co-resident.
@@ -276,8 +277,8 @@ def test_narrow_kernels_match_reference(emulated_ops, target, name, policy):
 # The warp-level narrow forward (warp_narrow_kernels.cuh: one warp per 16 rows on WMMA, w and M up
 # to 32 padded to 16 or 32; fp16 and bf16 on sm_80+), opt-in behind SPINAL_OPS_CUDA_WARP_NARROW=1.
 # Its edges: both padded widths and output counts at and below their limits, odd w, windows that wrap
-# (s not dividing N, pieces not 16-byte aligned), no projection, no bias, L = 1, and partial 16-row
-# tiles (batch 37 and 130; 130 rows give 9 tiles, so some warps loop to a second tile or have none).
+# (s not dividing N, pieces not 16-byte aligned), no projection, no bias, L = 1, partial 16-row tiles
+# (batch 37 and 130), and a persistent grid with fewer warps than tiles.
 WARP_NARROW_CONFIGS = {
     "mnist_like": dict(in_features=40, out_features=10, layer_width=8, num_layers=6, split_size=20),
     "w1": dict(in_features=9, out_features=4, layer_width=1, num_layers=3),
@@ -345,6 +346,22 @@ def test_warp_narrow_forward_matches_reference(emulated_ops, target, name, dtype
     config = make_config(**WARP_NARROW_CONFIGS[name], activation=activation)
     batch = 130 if name in ("mnist_like", "w16_M16_wraps") else 37
     _check_forward(emulated_ops, config, WARP_NARROW_DTYPES[dtype], "warp_narrow", batch, TARGETS[target])
+
+
+@pytest.mark.parametrize("dtype", sorted(WARP_NARROW_DTYPES))
+@pytest.mark.parametrize("name", ["mnist_like", "w32_M32"])
+def test_warp_narrow_forward_loops_over_tiles(emulated_ops, name, dtype):
+    # One SM: the persistent grid is 2 CTAs of 16 warps (the model's register budget at 512 threads)
+    # for 38 tiles of 16 rows, so some warps run a second tile, its first window copied during the
+    # first tile's last layer.
+    config = make_config(**WARP_NARROW_CONFIGS[name], activation="gelu")
+    emulated_ops.set_sm_count(1)
+    try:
+        _check_forward(emulated_ops, config, WARP_NARROW_DTYPES[dtype], "warp_narrow", 600, SM90)
+        grid, _, _, _, threads = emulated_ops.last_launch()
+    finally:
+        emulated_ops.set_sm_count(0)
+    assert (grid, threads) == (2, 512)
 
 
 @pytest.mark.parametrize("target", ["sm_90", "sm_80"])

@@ -286,6 +286,9 @@ std::vector<int64_t> last_launch() {
 
 void set_spin_budget(int64_t budget) { emu::spin_budget = budget; }
 
+// Every target's SM count (0: each its own), e.g. to make a persistent grid smaller than its work.
+void set_sm_count(int64_t sms) { emu::sm_count_override = static_cast<int>(sms); }
+
 }  // namespace
 }  // namespace cuda_kernels
 }  // namespace spinal_ops
@@ -304,4 +307,5 @@ TORCH_LIBRARY(spinal_emu, m) {
   m.def("ctas_per_sm", &spinal_ops::cuda_kernels::ctas_per_sm);
   m.def("last_launch", &spinal_ops::cuda_kernels::last_launch);
   m.def("set_spin_budget", &spinal_ops::cuda_kernels::set_spin_budget);
+  m.def("set_sm_count", &spinal_ops::cuda_kernels::set_sm_count);
 }
