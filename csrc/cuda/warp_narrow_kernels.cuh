@@ -47,7 +47,8 @@
 //   __launch_bounds__(512): at most 128), registers bf16 / fp16 for W/MP 16/16: 56 / 48,
 //   16/32: 60 / 64, 32/16: 64 / 61, 32/32: 74 / 64; 0 bytes of stack, no spills, no STL/LDL;
 //   HMMA.16816.F32.BF16 (bf16) and HMMA.16816.F32 (fp16), two per m16n16k16 mma_sync: 18 in the
-//   16/16 kernels' SASS, 44 in the 32/32 ones; the window copies are LDGSTS (cp.async).
+//   16/16 kernels' SASS, 44 in the 32/32 ones; the window copies are LDGSTS (cp.async). sm_80:
+//   50..86 registers (bf16 32/32 the most), likewise no spills or local memory.
 // Numerics: fp32 accumulation on the tensor cores, bias and phi in fp32 per element. Offsets into x,
 // Z and out are 64-bit.
 #pragma once
@@ -164,7 +165,7 @@ template <typename T, int W, int MP>
 __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p) {
   namespace wmma = nvcuda::wmma;
   using E = typename WmmaElementOf<T>::type;
-  using Layout = WarpNarrowLayout<W, MP>;
+  using Smem = WarpNarrowLayout<W, MP>;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major>;
   using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
@@ -173,7 +174,7 @@ __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p
   const bool projection = p.out_features > 0;
   const int w = p.w, num_layers = p.num_layers, m_count = p.out_features;
   const int64_t hidden = static_cast<int64_t>(num_layers) * w;
-  const Layout layout(p.s, num_layers, projection);
+  const Smem layout(p.s, num_layers, projection);
   const int s16 = layout.s16, s_ld = layout.s_ld;
   const SmemPtr<T> a_w = reinterpret_cast<T*>(smem + layout.a);
   const SmemPtr<T> r_w = reinterpret_cast<T*>(smem + layout.r);
@@ -200,12 +201,12 @@ __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p
     const int layer = row / W, j = row % W;
     return j < w && k < p.s ? p.weight_in[(static_cast<int64_t>(layer) * w + j) * p.s + k] : T(0);
   });
-  fill_by_cta(r_w, Layout::kWLd, (num_layers - 1) * W, W, [&](int row, int k) {
+  fill_by_cta(r_w, Smem::kWLd, (num_layers - 1) * W, W, [&](int row, int k) {
     const int layer = row / W + 1, j = row % W;
     return j < w && k < w ? p.weight_hidden[(static_cast<int64_t>(layer - 1) * w + j) * w + k] : T(0);
   });
   if (projection) {
-    fill_by_cta(out_w, Layout::kWLd, num_layers * MP, W, [&](int row, int k) {
+    fill_by_cta(out_w, Smem::kWLd, num_layers * MP, W, [&](int row, int k) {
       const int layer = row / MP, m = row % MP;
       return m < m_count && k < w ? p.weight_out[m * hidden + layer * w + k] : T(0);
     });
@@ -252,22 +253,22 @@ __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p
         }
       }
       if (layer > 0) {
-        const SmemPtr<const E> r_l = smem_cast<const E>(r_w + (layer - 1) * W * Layout::kWLd);
+        const SmemPtr<const E> r_l = smem_cast<const E>(r_w + (layer - 1) * W * Smem::kWLd);
 #pragma unroll
         for (int k0 = 0; k0 < W; k0 += 16) {
           FragA a;
-          wmma::load_matrix_sync(a, smem_cast<const E>(h) + k0, Layout::kWLd);
+          wmma::load_matrix_sync(a, smem_cast<const E>(h) + k0, Smem::kWLd);
 #pragma unroll
           for (int n = 0; n < W / 16; ++n) {
             FragB b;
-            wmma::load_matrix_sync(b, r_l + 16 * n * Layout::kWLd + k0, Layout::kWLd);
+            wmma::load_matrix_sync(b, r_l + 16 * n * Smem::kWLd + k0, Smem::kWLd);
             wmma::mma_sync(z[n], a, b, z[n]);
           }
         }
       }
 #pragma unroll
       for (int n = 0; n < W / 16; ++n) {
-        wmma::store_matrix_sync(acc + 16 * n, z[n], Layout::kAccLd, wmma::mem_row_major);
+        wmma::store_matrix_sync(acc + 16 * n, z[n], Smem::kAccLd, wmma::mem_row_major);
       }
       __syncwarp();  // the fp32 tile is stored, and every lane's reads of h_{l-1} are done
 
@@ -275,7 +276,7 @@ __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p
         const int r = idx / W, c = idx % W;
         T h_value = T(0);
         if (c < w) {
-          const float z_value = acc[r * Layout::kAccLd + c] + bias[layer * W + c];
+          const float z_value = acc[r * Smem::kAccLd + c] + bias[layer * W + c];
           const T z_stored = static_cast<T>(z_value);
           h_value = static_cast<T>(activate(p.act, static_cast<float>(z_stored), p.slope));
           const int64_t row = row0 + r;
@@ -285,20 +286,20 @@ __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p
             if (!projection) p.out[offset] = h_value;
           }
         }
-        h[r * Layout::kWLd + c] = h_value;
+        h[r * Smem::kWLd + c] = h_value;
       }
       __syncwarp();  // h_l is stored: the A operand of the projection and of the next layer
 
       if (projection) {
-        const SmemPtr<const E> out_l = smem_cast<const E>(out_w + layer * MP * Layout::kWLd);
+        const SmemPtr<const E> out_l = smem_cast<const E>(out_w + layer * MP * Smem::kWLd);
 #pragma unroll
         for (int k0 = 0; k0 < W; k0 += 16) {
           FragA a;
-          wmma::load_matrix_sync(a, smem_cast<const E>(h) + k0, Layout::kWLd);
+          wmma::load_matrix_sync(a, smem_cast<const E>(h) + k0, Smem::kWLd);
 #pragma unroll
           for (int n = 0; n < MP / 16; ++n) {
             FragB b;
-            wmma::load_matrix_sync(b, out_l + 16 * n * Layout::kWLd + k0, Layout::kWLd);
+            wmma::load_matrix_sync(b, out_l + 16 * n * Smem::kWLd + k0, Smem::kWLd);
             wmma::mma_sync(y[n], a, b, y[n]);
           }
         }
@@ -310,14 +311,14 @@ __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p
       // The fp32 tile's last readers (the last epilogue) passed the __syncwarp after it.
 #pragma unroll
       for (int n = 0; n < MP / 16; ++n) {
-        wmma::store_matrix_sync(acc + 16 * n, y[n], Layout::kAccLd, wmma::mem_row_major);
+        wmma::store_matrix_sync(acc + 16 * n, y[n], Smem::kAccLd, wmma::mem_row_major);
       }
       __syncwarp();
       for (int idx = lane; idx < kWarpRows * MP; idx += 32) {
         const int r = idx / MP, m = idx % MP;
         const int64_t row = row0 + r;
         if (m < m_count && row < p.batch) {
-          p.out[row * m_count + m] = static_cast<T>(acc[r * Layout::kAccLd + m] + bias_out[m]);
+          p.out[row * m_count + m] = static_cast<T>(acc[r * Smem::kAccLd + m] + bias_out[m]);
         }
       }
     }

@@ -58,7 +58,7 @@ inline int sm_count(const Target& t) { return sm_count_override > 0 ? sm_count_o
 // ptxas count): 80 for 256-thread CTAs (the tile kernels: ptxas -v reports 63..79,
 // backward_kernels.cuh), 168 for 128-thread CTAs (the narrow kernels' cap at 3 CTAs per SM,
 // narrow_kernels.cuh), 64 otherwise (the model's own small kernels; the warp-level narrow forward,
-// whose ptxas counts are 48..74 at 32..512 threads, warp_narrow_kernels.cuh).
+// whose ptxas counts are 48..86 at 32..512 threads, warp_narrow_kernels.cuh).
 inline int registers_per_thread(int threads) { return threads == 256 ? 80 : threads == 128 ? 168 : 64; }
 
 // CTAs of `threads` threads and `smem` bytes of dynamic shared memory that one SM of t holds at
