@@ -164,6 +164,7 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
                           const at::Tensor& pre_activation, bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile forward needs w <= ", kTileKernelMaxWidth);
+  // No dropout stage in the warp-level forward: calls with a dropout never get here (register.cu).
   if (allow_narrow && use_warp_narrow_forward(shape, x.scalar_type(), c10::cuda::current_device())) {
     launch_warp_narrow_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope,
                                out, pre_activation);

@@ -35,12 +35,10 @@ constexpr int kSm80Capability = 80;
 // The oldest GPUs the build compiles the kernels for (setup.py's TORCH_CUDA_ARCH_LIST: sm_75, T4).
 constexpr int kOldestCapability = 75;
 
-// Launches Kernel(args) on the current device and stream: `blocks` CTAs of `threads` threads with
-// `smem_bytes` of dynamic shared memory. The kernel's dynamic-smem limit is raised once per
-// device, to the most any launch of it needs (`max_smem_bytes`) within the device's opt-in
-// maximum: raising it to each launch's need would let two host threads interleave
-// set/set/launch and launch with the other's, smaller, limit.
-// Kernel's dynamic-smem limit on the current device, raised on first use (launch_kernel).
+// Kernel's dynamic-smem limit on the current device, raised once per device, to the most any
+// launch of it needs (`max_smem_bytes`) within the device's opt-in maximum: raising it to each
+// launch's need would let two host threads interleave set/set/launch and launch with the other's,
+// smaller, limit.
 template <auto Kernel>
 int64_t dynamic_smem_limit(int64_t max_smem_bytes) {
   const int device = c10::cuda::current_device();
@@ -56,6 +54,8 @@ int64_t dynamic_smem_limit(int64_t max_smem_bytes) {
   return limit[device];
 }
 
+// Launches Kernel(args) on the current device and stream: `blocks` CTAs of `threads` threads with
+// `smem_bytes` of dynamic shared memory, within dynamic_smem_limit<Kernel>(max_smem_bytes).
 template <auto Kernel, typename Args>
 void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, const Args& args,
                    int threads = kThreads) {
