@@ -16,6 +16,11 @@
 #                   CUDA tensors, then the cuda backend's bfloat16 timings at w >= 256 (cnn_cifar,
 #                   resnet_head, cifar_vgg; B = 64, 1024; infer and train) with the switch off, then
 #                   on                                   -> pytest.log, bench.log (JSON in /tmp only)
+#      warp_narrow  the warp-level narrow forward (opt-in, SPINAL_OPS_CUDA_WARP_NARROW=1; never run on a
+#                   GPU before): its pytest on CUDA tensors, then mnist bf16 train/infer timings at
+#                   B = 64, 65536 against dense without and with the switch (the cost model picks the
+#                   native path there); SKIP_STAGES="pytest_warp_narrow warp_narrow_0 warp_narrow_1"
+#                   leaves it out                          -> pytest.log, bench.log (JSON in /tmp only)
 #      triton       the Triton tests again with the tiled kernels switched on (SPINAL_OPS_TRITON_TILED=1),
 #                   then bfloat16 train/infer timings (TRITON_PRESETS, default mnist vgg5 resnet_head
 #                   cifar_vgg; B = 64, 65536, with dense for E): the one-block kernels (w <= 128) against cuda, then
@@ -114,15 +119,28 @@ stage pytest_cuda_stages pytest.log "$(cap 60)" $PYTEST tests/test_dropout_ops.p
 stage pytest_cuda_graphs pytest.log "$(cap 60)" $PYTEST tests/test_cuda_graphs.py
 # The persistent forward: correctness against the reference, then A/B against the default path.
 stage pytest_persistent pytest.log "$(cap 25)" $PYTEST tests/test_cuda_backend.py -k persistent
-persistent_bench() {  # persistent_bench NAME SWITCH
-  stage "$1" bench.log "$(cap 17)" env SPINAL_OPS_CUDA_PERSISTENT="$2" $PY -m spinal_ops.bench --device cuda \
-    --dtype bfloat16 --preset cnn_cifar resnet_head cifar_vgg --batch 64 1024 --mode infer train --backends cuda \
-    --min-run-time 0.05 --no-progress --json "/tmp/$1.json" --plot "/tmp/$1.png"
+# switch_bench NAME VARIABLE VALUE LIMIT ARGS...: the cuda backend's bfloat16 timings with an opt-in
+# kernel's switch set to VALUE, one process per setting (the JSON in /tmp, the tables in bench.log).
+switch_bench() {
+  local name=$1 variable=$2 value=$3 limit=$4
+  shift 4
+  stage "$name" bench.log "$limit" env "$variable=$value" $PY -m spinal_ops.bench --device cuda --dtype bfloat16 \
+    --mode infer train --min-run-time 0.05 --no-progress --json "/tmp/$name.json" --plot "/tmp/$name.png" "$@"
 }
-persistent_bench persistent_off 0
-persistent_bench persistent_on 1
+for value in 0 1; do
+  switch_bench "persistent_$value" SPINAL_OPS_CUDA_PERSISTENT $value "$(cap 17)" \
+    --preset cnn_cifar resnet_head cifar_vgg --batch 64 1024 --backends cuda
+done
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_triton_dropout.py \
   tests/test_backends.py -k triton
+
+# warp_narrow: the test sets the switch itself (monkeypatch; the launcher reads it per call). The A/B
+# timing is one process per setting, ~20 s each: compare the cuda rows of its two tables in bench.log.
+stage pytest_warp_narrow pytest.log "$(cap 60)" $PYTEST tests/test_cuda_backend.py -k warp_narrow
+for value in 0 1; do
+  switch_bench "warp_narrow_$value" SPINAL_OPS_CUDA_WARP_NARROW $value "$(cap 20)" \
+    --preset mnist --batch 64 65536 --backends cuda dense
+done
 
 # triton: the tiled kernels (not yet measured; behind SPINAL_OPS_TRITON_TILED=1): their tests on
 # CUDA, then their timings against the one-block kernels and cuda. Within the 8-file cap: logs go

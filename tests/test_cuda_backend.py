@@ -137,6 +137,39 @@ def test_native_path_launches_the_narrow_kernels_where_they_fit(name, narrow):
     assert ("spinal_forward_kernel" in names) == (not narrow)
 
 
+# The warp-level narrow forward (csrc/cuda/warp_narrow_kernels.cuh): opt-in, never chosen without
+# SPINAL_OPS_CUDA_WARP_NARROW=1, which the launcher reads per call (so monkeypatch reaches it).
+WARP_NARROW_SHAPES = {
+    "mnist": dict(in_features=320, out_features=10, layer_width=8, num_layers=6),
+    "mnist_scaled_down": dict(in_features=40, out_features=10, layer_width=8, num_layers=6, split_size=20),
+    "w32_M32_wraps": dict(in_features=50, out_features=32, layer_width=32, num_layers=3, split_size=24),
+    "w5_no_projection": dict(in_features=7, out_features=None, layer_width=5, num_layers=3),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("name", sorted(WARP_NARROW_SHAPES))
+def test_warp_narrow_forward_matches_reference(monkeypatch, name, dtype):
+    # Training calls (the forward's Z feeds the unchanged backward) at a partial tile and at a batch whose
+    # tiles outnumber the persistent grid's warps; the profiler shows the warp-level kernel ran.
+    from torch.profiler import ProfilerActivity, profile
+
+    from spinal_ops.config import SpinalConfig
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the warp-level narrow forward runs on compute capability 8.0 and newer")
+    monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
+    shape = dict(WARP_NARROW_SHAPES[name])
+    config = SpinalConfig.build(shape.pop("in_features"), shape.pop("out_features"), activation="gelu", **shape)
+    with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for batch in (37, 70000):
+            check_backend("cuda", config, dtype, "cuda", batch_shape=(batch,))
+        torch.cuda.synchronize()
+    names = " ".join(event.key for event in prof.key_averages())
+    assert "spinal_warp_narrow_forward_kernel" in names, names
+    assert "spinal_narrow_forward_kernel" not in names and "spinal_forward_kernel" not in names, names
+
+
 def test_tf32_allowed_stays_within_contract():
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True

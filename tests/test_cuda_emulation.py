@@ -4,7 +4,8 @@ float64 reference (contract §4 criterion). What the model checks (details in cu
 emulated_runtime.h):
 
 - racecheck: every shared-memory access between two __syncthreads is recorded; two accesses
-  to one byte by different threads, one a write, fail (warp-synchronous code included);
+  to one byte by different threads, one a write, fail (warp-synchronous code included), unless a
+  __syncwarp of their common warp lies between them; cp.async writes land only at their wait;
 - initcheck: shared memory is poisoned at every block start and a read of a byte the block has
   not written fails; outputs and workspaces (every CPU allocation during a call) are poisoned
   too, so an element the kernels do not write shows up as NaN, a counter not zeroed as -1;
@@ -22,8 +23,8 @@ emulated_runtime.h):
   sends what does not fit, and bf16 before compute capability 8.0, to the hoisted chain, and B = 0
   launches nothing.
 
-Seeded bugs the model must catch keep it honest: a removed __syncthreads (each barrier of the
-real kernels in turn), a fragment-order assumption, a misaligned ldm, a read of unwritten
+Seeded bugs the model must catch keep it honest: a removed __syncthreads or __syncwarp (each
+barrier of the real kernels in turn), a fragment-order assumption, a misaligned ldm, a read of unwritten
 shared memory and split-K counters not reset; between CTAs: the barrier or the fence before the
 split-K ticket removed, a ready flag raised before its tile is stored or without a fence, and a
 grid that spin-waits on CTAs that cannot be co-resident.
@@ -271,6 +272,168 @@ def test_narrow_kernels_match_reference(emulated_ops, target, name, policy):
     kept = emulated_ops.forward(x, *params, config.activation, config.negative_slope, "narrow", SM90, True)
     inferred = emulated_ops.forward(x, *params, config.activation, config.negative_slope, "narrow", SM90, False)
     assert inferred[1].numel() == 0 and torch.equal(inferred[0], kept[0])
+
+
+# The warp-level narrow forward (warp_narrow_kernels.cuh: one warp per 16 rows on WMMA, w and M up
+# to 32 padded to 16 or 32; fp16 and bf16 on sm_80+), opt-in behind SPINAL_OPS_CUDA_WARP_NARROW=1.
+# Its edges: both padded widths and output counts at and below their limits, odd w, windows that wrap
+# (s not dividing N, pieces not 16-byte aligned), no projection, no bias, L = 1, partial 16-row tiles
+# (batch 37 and 130), and a persistent grid with fewer warps than tiles.
+WARP_NARROW_CONFIGS = {
+    "mnist_like": dict(in_features=40, out_features=10, layer_width=8, num_layers=6, split_size=20),
+    "w1": dict(in_features=9, out_features=4, layer_width=1, num_layers=3),
+    "w16_M16_wraps": dict(in_features=33, out_features=16, layer_width=16, num_layers=3, split_size=12),
+    "w32_M32": dict(in_features=48, out_features=32, layer_width=32, num_layers=2, split_size=24),
+    "w5_odd_N_wraps": CASES["odd_N_wraps"],
+    "w12_no_projection": dict(in_features=20, out_features=None, layer_width=12, num_layers=3, split_size=7),
+    "w17_M20_no_bias": dict(in_features=30, out_features=20, layer_width=17, num_layers=3, bias=False),
+    "L1": dict(in_features=40, out_features=5, layer_width=8, num_layers=1),
+}
+WARP_NARROW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _pre_activations(x, params, config):
+    """Z = [z_0, ..., z_{L-1}] by the reference's own ops (spinal_ops/reference.py)."""
+    import torch.nn.functional as F
+
+    from spinal_ops.activations import apply_activation
+    from spinal_ops.reference import input_window
+
+    zs, previous = [], None
+    for layer in range(config.num_layers):
+        bias = None if params.bias is None else params.bias[layer]
+        z = F.linear(input_window(x, config, layer), params.weight_in[layer], bias)
+        if layer > 0:
+            z = z + F.linear(previous, params.weight_hidden[layer - 1])
+        zs.append(z)
+        previous = apply_activation(config.activation, z, config.negative_slope)
+    return torch.cat(zs, dim=-1)
+
+
+def _check_forward(ops, config, dtype, policy, batch, device, seed=0):
+    """The forward's output and Z against the float64 reference (contract §4); without Z kept, none is
+    written and the output is the same bits. Returns the kept run's (out, Z)."""
+    from spinal_ops.reference import spinal_forward
+
+    generator = torch.Generator().manual_seed(seed)
+    params64 = SpinalParams(*(None if p is None else p.to(dtype).double() for p in random_params(config, generator)))
+    x64 = torch.randn(batch, config.in_features, generator=generator, dtype=torch.float64).to(dtype).double()
+    params = SpinalParams(*(None if p is None else p.to(dtype) for p in params64))
+    x = x64.to(dtype)
+    out, pre = ops.forward(x, *params, config.activation, config.negative_slope, policy, device, True)
+    where = f"{policy} {dtype} on fake device {device}, seed {SEED}"
+    for name, got, ref, eager in (("output", out, spinal_forward(x64, params64, config), spinal_forward(x, params, config)),
+                                  ("Z", pre, _pre_activations(x64, params64, config), _pre_activations(x, params, config))):
+        assert got.shape == ref.shape and got.dtype == dtype, name
+        assert not got.isnan().any(), f"{name}: NaN (an element the kernel did not write; {where})"
+        err = (got.double() - ref).abs().max().item()
+        err_eager = (eager.double() - ref).abs().max().item()
+        atol = ATOL_PER_SCALE[dtype] * max(1.0, ref.abs().max().item())
+        assert err <= 2 * err_eager + atol, f"{where} {name}: {err:.3e} > 2*{err_eager:.3e} + {atol:.1e}"
+    inferred, no_pre = ops.forward(x, *params, config.activation, config.negative_slope, policy, device, False)
+    assert no_pre.numel() == 0 and torch.equal(inferred, out)
+    return out, pre
+
+
+WARP_NARROW_CASES = [(target, name, dtype) for target in ("sm_90", "sm_80") for name in sorted(WARP_NARROW_CONFIGS)
+                     for dtype in sorted(WARP_NARROW_DTYPES)]
+
+
+@pytest.mark.parametrize("target, name, dtype", WARP_NARROW_CASES)
+def test_warp_narrow_forward_matches_reference(emulated_ops, target, name, dtype):
+    # gelu: see _policy_config; tanh on every other case, a second activation through the same epilogue.
+    activation = "tanh" if sorted(WARP_NARROW_CONFIGS).index(name) % 2 else "gelu"
+    config = make_config(**WARP_NARROW_CONFIGS[name], activation=activation)
+    batch = 130 if name in ("mnist_like", "w16_M16_wraps") else 37
+    _check_forward(emulated_ops, config, WARP_NARROW_DTYPES[dtype], "warp_narrow", batch, TARGETS[target])
+
+
+@pytest.mark.parametrize("dtype", sorted(WARP_NARROW_DTYPES))
+@pytest.mark.parametrize("name", ["mnist_like", "w32_M32"])
+def test_warp_narrow_forward_loops_over_tiles(emulated_ops, name, dtype):
+    # One SM: the persistent grid is 2 CTAs of 16 warps (the model's register budget at 512 threads)
+    # for 38 tiles of 16 rows, so some warps run a second tile, its first window copied during the
+    # first tile's last layer.
+    config = make_config(**WARP_NARROW_CONFIGS[name], activation="gelu")
+    emulated_ops.set_sm_count(1)
+    try:
+        _check_forward(emulated_ops, config, WARP_NARROW_DTYPES[dtype], "warp_narrow", 600, SM90)
+        grid, _, _, _, threads = emulated_ops.last_launch()
+    finally:
+        emulated_ops.set_sm_count(0)
+    assert (grid, threads) == (2, 512)
+
+
+@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
+@pytest.mark.parametrize("name", ["mnist_like", "w17_M20_no_bias"])
+def test_warp_narrow_forward_trains(emulated_ops, target, name):
+    # A training call: the warp-level forward's Z feeds the op's backward unchanged (the narrow launch 1
+    # for w <= 16, the tiled one above), every gradient within contract §4.
+    config = make_config(**WARP_NARROW_CONFIGS[name], activation="gelu")
+    _check(emulated_ops, config, torch.bfloat16, "warp_narrow", batch=37, device=TARGETS[target])
+
+
+def test_warp_narrow_forward_is_opt_in(emulated_ops, monkeypatch):
+    # The op's routing ("auto") runs the warp-level forward only under SPINAL_OPS_CUDA_WARP_NARROW=1, and
+    # then only where it fits: half types on sm_80+, w <= 32 and M <= 32.
+    config = make_config(**WARP_NARROW_CONFIGS["mnist_like"], activation="gelu")
+    params = random_params(config, torch.Generator().manual_seed(3), dtype=torch.bfloat16)
+    x = torch.randn(37, config.in_features).to(torch.bfloat16)
+
+    def run(policy, dtype=torch.bfloat16, device=SM90, shape=config, arguments=(x, params)):
+        x_, params_ = arguments
+        return emulated_ops.forward(x_.to(dtype), *(None if p is None else p.to(dtype) for p in params_),
+                                    shape.activation, shape.negative_slope, policy, device, True)
+
+    def same(a, b):
+        return all(torch.equal(p, q) for p, q in zip(a, b))
+
+    def threads():  # per CTA of the last launch: 128 for the narrow kernel, 32 per warp (here 3 tiles) for this one
+        return emulated_ops.last_launch()[4]
+
+    warp = run("warp_narrow")
+    assert threads() == 96
+    monkeypatch.delenv("SPINAL_OPS_CUDA_WARP_NARROW", raising=False)
+    assert same(run("auto"), run("narrow")) and threads() == 128
+    monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
+    # (in the model its bits equal the narrow kernel's: exact bf16 products, summed in the same order)
+    assert same(run("auto"), warp) and threads() == 96
+    assert same(run("auto", device=TARGETS["sm_80"]), run("warp_narrow", device=TARGETS["sm_80"])) and threads() == 96
+    # float32, and fp16 on sm_75 (no cp.async, and the kernel is compiled for sm_80+ only): today's kernels.
+    assert same(run("auto", dtype=torch.float32), run("narrow", dtype=torch.float32))
+    assert same(run("auto", dtype=torch.float16, device=SM75), run("narrow", dtype=torch.float16, device=SM75))
+    with pytest.raises(RuntimeError, match="does not fit the warp-level narrow forward"):
+        run("warp_narrow", dtype=torch.float16, device=SM75)
+    # M = 33: the tiled kernels.
+    wide_out = make_config(**{**WARP_NARROW_CONFIGS["w32_M32"], "out_features": 33}, activation="gelu")
+    wide_params = random_params(wide_out, torch.Generator().manual_seed(4), dtype=torch.bfloat16)
+    wide_x = torch.randn(20, wide_out.in_features).to(torch.bfloat16)
+    assert same(run("auto", shape=wide_out, arguments=(wide_x, wide_params)),
+                run("wmma", shape=wide_out, arguments=(wide_x, wide_params)))
+
+
+def test_every_removed_warp_narrow_sync_is_caught(emulated_ops):
+    # The warp-level forward's barriers (the CTA's one __syncthreads after staging the weights, each
+    # warp's __syncwarps), each removed in turn: racecheck (which orders a warp's accesses only across a
+    # __syncwarp), initcheck or a wrong result must notice.
+    config = make_config(**WARP_NARROW_CONFIGS["mnist_like"], activation="gelu")
+    emulated_ops.configure(SEED, "", False)
+    _check_forward(emulated_ops, config, torch.bfloat16, "warp_narrow", 37, SM90)
+    sites = [s for s in emulated_ops.barrier_sites() if "warp_narrow_kernels" in s]
+    assert len(sites) == 5, sites
+    missed = []
+    for site in sites:
+        emulated_ops.configure(SEED, site, False)
+        try:
+            _check_forward(emulated_ops, config, torch.bfloat16, "warp_narrow", 37, SM90)
+            missed.append(os.path.relpath(site, os.path.dirname(HERE)))
+        except RuntimeError as error:
+            assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
+        except AssertionError:  # a wrong or unwritten result
+            pass
+        finally:
+            emulated_ops.configure(SEED, "", False)
+    assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
 
 
 def test_routing_runs_the_narrow_kernels_where_they_fit(emulated_ops):

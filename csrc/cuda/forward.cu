@@ -1,9 +1,14 @@
 // Host launcher of the tile forward kernels (forward_kernel.cuh: the tiled kernel, its tiling and
-// smem budget; narrow_kernels.cuh: one thread per row for narrow layers) and the routing
-// between the tile kernels and the hoisted chain.
+// smem budget; narrow_kernels.cuh: one thread per row for narrow layers; warp_narrow_kernels.cuh:
+// one warp per 16 rows on tensor cores, opt-in) and the routing between the tile kernels and the
+// hoisted chain.
+#include <cstdlib>
+#include <cstring>
+
 #include "forward_kernel.cuh"
 #include "launch.cuh"
 #include "narrow_kernels.cuh"
+#include "warp_narrow_kernels.cuh"
 
 namespace spinal_ops {
 namespace cuda_kernels {
@@ -29,6 +34,37 @@ void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p) {
     const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
     launch_kernel<spinal_narrow_forward_kernel<T, W>>(blocks, smem_bytes, smem_bytes, p, kNarrowRows);
   });
+}
+
+// Calls f(integral_constant<W>, integral_constant<MP>) for the padded width and outputs (16 or 32
+// each) the warp-level narrow forward is compiled for that hold w and M.
+template <typename F>
+void with_warp_narrow_sizes(const SpinalShape& shape, F&& f) {
+  const auto with_outputs = [&](auto width) {
+    if (shape.out_features <= 16) {
+      f(width, std::integral_constant<int, 16>{});
+    } else {
+      f(width, std::integral_constant<int, 32>{});
+    }
+  };
+  if (shape.layer_width <= 16) {
+    with_outputs(std::integral_constant<int, 16>{});
+  } else {
+    with_outputs(std::integral_constant<int, 32>{});
+  }
+}
+
+// Warps per CTA of the warp-level narrow forward whose shared memory fits `optin` bytes (at most
+// kWarpNarrowMaxWarps); 0 when not even one does. The layer's sizes must hold w, M <= 32.
+int64_t warp_narrow_warps_fitting(const SpinalShape& shape, int64_t optin) {
+  if (shape.split_size > optin) return 0;  // one row of A alone would not fit (and s fits an int)
+  int64_t warps = 0;
+  with_warp_narrow_sizes(shape, [&](auto width, auto outputs) {
+    const WarpNarrowLayout<decltype(width)::value, decltype(outputs)::value> layout(
+        static_cast<int>(shape.split_size), static_cast<int>(shape.num_layers), shape.out_features > 0);
+    warps = std::max<int64_t>(0, std::min<int64_t>(kWarpNarrowMaxWarps, (optin - layout.warp_base) / layout.warp_bytes));
+  });
+  return warps;
 }
 
 int64_t tile_smem_bytes_for(at::ScalarType dtype, bool tf32, int capability, int64_t w) {
@@ -68,6 +104,52 @@ bool narrow_kernels_fit(const SpinalShape& shape) {
   return shape.layer_width <= kNarrowKernelMaxWidth && shape.out_features <= kNarrowKernelMaxOut;
 }
 
+bool warp_narrow_forward_fits(const SpinalShape& shape, at::ScalarType dtype, int device) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (shape.layer_width > kWarpNarrowMaxWidth || shape.out_features > kWarpNarrowMaxOut) return false;
+  if (compute_capability(device) < kSm80Capability) return false;
+  return warp_narrow_warps_fitting(shape, smem_optin(device)) > 0;
+}
+
+bool use_warp_narrow_forward(const SpinalShape& shape, at::ScalarType dtype, int device) {
+  const char* enabled = std::getenv("SPINAL_OPS_CUDA_WARP_NARROW");
+  return enabled != nullptr && std::strcmp(enabled, "1") == 0 && warp_narrow_forward_fits(shape, dtype, device);
+}
+
+void launch_warp_narrow_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
+                                const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& weight_out,
+                                const std::optional<at::Tensor>& bias_out, Activation act, float negative_slope,
+                                const at::Tensor& out, const at::Tensor& pre_activation) {
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(warp_narrow_forward_fits(shape, x.scalar_type(), device),
+              "spinal_ops: the warp-level narrow forward does not run w = ", text(shape.layer_width), ", M = ",
+              text(shape.out_features), " in ", x.scalar_type(), " on device ", text(device));
+  const int64_t optin = smem_optin(device);
+  const int64_t tiles = ceil_div(shape.batch, kWarpRows);
+  // As many warps per CTA as fit (the weights are staged once per CTA), at most one per tile.
+  const int64_t warps = std::min(warp_narrow_warps_fitting(shape, optin), tiles);
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    const ForwardArgs<T> p = make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
+                                                  act, negative_slope, out, pre_activation);
+    with_warp_narrow_sizes(shape, [&](auto width, auto outputs) {
+      constexpr int W = decltype(width)::value, MP = decltype(outputs)::value;
+      const int64_t smem_bytes = WarpNarrowLayout<W, MP>(p.s, p.num_layers, p.out_features > 0).total(warps);
+      const int threads = static_cast<int>(warps) * 32;
+      // Persistent: each CTA loops over tiles, so no more CTAs than run at once.
+      const int64_t resident = co_resident_ctas<spinal_warp_narrow_forward_kernel<T, W, MP>>(threads, smem_bytes, optin);
+      launch_kernel<spinal_warp_narrow_forward_kernel<T, W, MP>>(std::min(resident, ceil_div(tiles, warps)),
+                                                                 smem_bytes, optin, p, threads);
+    });
+  };
+  if (x.scalar_type() == at::kHalf) {
+    run(at::Half{});
+  } else {
+    run(at::BFloat16{});
+  }
+}
+
 bool use_native_kernels(const SpinalShape& shape, at::ScalarType dtype, bool allow_tf32, int device) {
   // bf16 before compute capability 8.0 (no bf16 tensor cores): the hoisted chain at every width.
   if (!native_kernels_refusal(dtype, device).empty()) return false;
@@ -80,6 +162,12 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
                           const at::Tensor& pre_activation, bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile forward needs w <= ", kTileKernelMaxWidth);
+  // No dropout stage in the warp-level forward: calls with a dropout never get here (register.cu).
+  if (allow_narrow && use_warp_narrow_forward(shape, x.scalar_type(), c10::cuda::current_device())) {
+    launch_warp_narrow_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope,
+                               out, pre_activation);
+    return;
+  }
   const int capability = compute_capability(c10::cuda::current_device());
   with_kernel_types(x.scalar_type(), allow_tf32, capability, [&](auto types) {
     using Types = decltype(types);

@@ -40,8 +40,26 @@ bool use_native_kernels(const SpinalShape& shape, at::ScalarType dtype, bool all
 // row) for the forward and backward launch 1 rather than the tiled ones.
 bool narrow_kernels_fit(const SpinalShape& shape);
 
+// Whether the warp-level narrow forward (warp_narrow_kernels.cuh) can run this layer on `device`:
+// fp16 or bf16, compute capability 8.0+, w <= 32, M <= 32 (or none), and its shared memory (every
+// layer's weights and one warp's tiles) within the device's opt-in maximum.
+bool warp_narrow_forward_fits(const SpinalShape& shape, at::ScalarType dtype, int device);
+
+// Whether the forward runs it: where it fits and SPINAL_OPS_CUDA_WARP_NARROW=1 (read per call), as
+// it has not yet been measured on a GPU.
+bool use_warp_narrow_forward(const SpinalShape& shape, at::ScalarType dtype, int device);
+
+// One launch of the warp-level narrow forward (warp_narrow_forward_fits must hold): writes out and,
+// where pre_activation has rows, Z.
+void launch_warp_narrow_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
+                                const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& weight_out,
+                                const std::optional<at::Tensor>& bias_out, Activation act, float negative_slope,
+                                const at::Tensor& out, const at::Tensor& pre_activation);
+
 // One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0. The narrow kernel
-// runs where it fits unless `allow_narrow` is false (the CPU model of CUDA tests both kernels).
+// runs where it fits unless `allow_narrow` is false (the CPU model of CUDA tests both kernels);
+// with allow_narrow, use_warp_narrow_forward() sends the call to the warp-level narrow forward.
 void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,

@@ -68,6 +68,23 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
                                   static_cast<size_t>(smem_bytes), c10::cuda::getCurrentCUDAStream()));
 }
 
+// CTAs of Kernel (`threads` threads, `smem_bytes` of dynamic shared memory) that the current device
+// runs at once: the size of a persistent grid, whose CTAs may wait on each other only if all of
+// them run. Raises the kernel's smem limit first, as launch_kernel does, so that the occupancy
+// counts the launch's shared memory; raises if not one CTA fits an SM.
+template <auto Kernel>
+int64_t co_resident_ctas(int threads, int64_t smem_bytes, int64_t max_smem_bytes) {
+  const int device = c10::cuda::current_device();
+  dynamic_smem_limit<Kernel>(device, max_smem_bytes);
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads,
+                                                               static_cast<size_t>(smem_bytes)));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  TORCH_CHECK(per_sm > 0, "spinal_ops: a CTA of ", text(threads), " threads and ", text(smem_bytes),
+              " bytes of shared memory does not fit one SM of device ", text(device));
+  return static_cast<int64_t>(per_sm) * sms;
+}
+
 // Dynamic shared memory of the forward and data-gradient kernels at layer width w (the
 // weight-gradient kernel needs less).
 template <class Mma, typename T>

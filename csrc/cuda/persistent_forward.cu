@@ -69,18 +69,6 @@ void launch_persistent(const SpinalShape& shape, const at::Tensor& x, const at::
   launch_kernel<Kernel>(std::min(units, max_ctas), smem, smem, p);
 }
 
-// CTAs of Kernel with `smem` bytes that the current device holds at once.
-template <auto Kernel>
-int64_t co_resident_ctas(int64_t smem) {
-  const int device = c10::cuda::current_device();
-  dynamic_smem_limit<Kernel>(device, smem);  // the occupancy query reads the raised limit
-  int per_sm = 0, sm_count = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, static_cast<size_t>(smem)));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  TORCH_CHECK(per_sm > 0, "spinal_ops: the persistent forward kernel does not fit one SM of device ", text(device));
-  return static_cast<int64_t>(per_sm) * sm_count;
-}
-
 }  // namespace
 
 bool persistent_forward_requested() {
@@ -108,7 +96,8 @@ void launch_persistent_forward(const SpinalShape& shape, const at::Tensor& x, co
     using Mma = typename Types::DataMma;
     using T = typename Types::Element;
     constexpr auto kernel = spinal_persistent_forward_kernel<Mma, T>;
-    const int64_t max_ctas = co_resident_ctas<kernel>(persistent_smem_bytes<Mma, T>());
+    const int64_t smem = persistent_smem_bytes<Mma, T>();
+    const int64_t max_ctas = co_resident_ctas<kernel>(kThreads, smem, smem);
     launch_persistent<Mma, T, kernel>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
                                       negative_slope, out, pre_activation, max_ctas);
   });

@@ -38,8 +38,13 @@
 // Checks (a failure raises from the launch, naming kernel, block, threads and smem offset):
 //   racecheck  every shared-memory access (thread, bytes, read/write) between two
 //              __syncthreads is recorded; two accesses by different threads to the same byte,
-//              at least one a write, fail whatever their order. Warp collectives (mma_sync)
+//              at least one a write, fail whatever their order, unless both threads are in one
+//              warp and a __syncwarp of that warp lies between them. Warp collectives (mma_sync)
 //              are not barriers for this rule: warp-synchronous code is held to it too.
+//   cp.async   cp_async_16 records its shared-memory write when issued (against the accesses
+//              before it) and performs it, recorded again, when the issuing thread's
+//              cp_async_wait<N> retires its group (cp_async_commit closes one): a read by another
+//              lane before the wait and a __syncwarp fails, and a copy never waited for never lands.
 //   initcheck  shared memory is poisoned (0xFF bytes: NaN in every float format) at every
 //              block start, and reading a byte the block has not written fails.
 //   memcheck   shared-memory accesses beyond the launch's dynamic smem size fail.
@@ -105,16 +110,17 @@ struct Dim3 {
 };
 inline Dim3 thread_idx;  // of the running fiber
 inline Dim3 block_idx;
+inline Dim3 block_dim;
 inline Dim3 grid_dim;
 
 inline uint64_t seed = 1;  // CTA order, schedule and fragment element orders (set per run, printed by the test)
-// Seeded bug for the model's own tests: the __syncthreads or __threadfence at this "file:line" is removed.
+// Seeded bug for the model's own tests: the __syncthreads, __syncwarp or __threadfence at this "file:line" is removed.
 inline std::string removed_barrier;
 inline std::set<std::string> barrier_sites;  // every __syncthreads reached since the last reset
 // Spin-wait steps with no progress anywhere before a launch is declared deadlocked.
 inline long spin_budget = 100000;
 
-constexpr int kMaxThreads = 256;
+constexpr int kMaxThreads = 512;
 constexpr int kWarpSize = 32;
 
 // ---- fibers and CTAs ----------------------------------------------------------------------
@@ -128,6 +134,17 @@ struct Shadow {  // one per 2-byte granule of smem (the smallest element the ker
   uint32_t written = 0;      // CTA stamp when written by the current CTA
   int16_t writer = -1;       // thread that wrote in this interval
   int16_t reader = -1;       // thread that read in this interval; -2: several
+  int16_t reader_warp = -1;  // warp of the readers; -2: several
+  uint32_t writer_sync = 0;  // the writer's warp's __syncwarp count at the write
+  uint32_t reader_sync = 0;  // the readers' warp's __syncwarp count at the last read
+};
+
+// A cp.async copy issued and not yet performed: it lands when its group is waited for.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  size_t bytes;
+  int group;
 };
 
 // A global store not yet visible to other CTAs (the memory model above).
@@ -149,6 +166,7 @@ struct Cta {
   int threads = 0, current = 0, cursor = 0, at_barrier = 0, done = 0;
   int or_accumulator = 0, or_result = 0;
   int warp_arrived[kMaxThreads / kWarpSize] = {};
+  uint32_t warp_syncs[kMaxThreads / kWarpSize] = {};  // __syncwarp releases per warp (racecheck)
   uint32_t epoch = 0, stamp = 0;  // racecheck interval and initcheck stamp of this CTA
   bool released = false;          // the fiber that just ran released a barrier
   bool parked = false;            // preempted after an atomic: runs again when no other CTA can
@@ -160,6 +178,8 @@ struct Cta {
   std::vector<FiberState> state;
   std::vector<long> barriers_passed;
   std::vector<StoreBuffer> pending;  // per thread: its buffered global stores
+  std::vector<std::vector<AsyncCopy>> copies;  // per thread: its cp.async copies in flight
+  std::vector<int> copy_groups;                // per thread: cp_async_commit calls
   StoreBuffer ordered;               // stores before a barrier this CTA passed
   std::vector<Shadow> shadow;
   std::vector<unsigned char> smem;   // this CTA's shared memory while another CTA runs
@@ -202,31 +222,42 @@ inline void on_smem_access(const void* address, size_t bytes, bool write) {
     return fail(s.str());
   }
   const auto self = static_cast<int16_t>(thread_idx.x);
+  const auto warp = static_cast<int16_t>(self / kWarpSize);
+  const uint32_t syncs = cta->warp_syncs[warp];
   for (int64_t g = offset / 2; g < (offset + static_cast<int64_t>(bytes) + 1) / 2; ++g) {
     Shadow& e = cta->shadow[g];
     if (e.epoch != cta->epoch) {
       e.epoch = cta->epoch;
-      e.writer = e.reader = -1;
+      e.writer = e.reader = e.reader_warp = -1;
     }
+    // The write is ordered before this access: same thread, or same warp with a __syncwarp since.
+    const bool write_ordered = e.writer == self || (e.writer / kWarpSize == warp && e.writer_sync != syncs);
     const char* hazard = nullptr;
     int other = e.writer;
     if (write) {
-      if (e.writer >= 0 && e.writer != self) {
+      if (e.writer >= 0 && !write_ordered) {
         hazard = "racecheck: write-after-write hazard";
       } else if (e.reader != -1 && e.reader != self) {
-        hazard = "racecheck: write-after-read hazard";
-        other = e.reader;
+        if (e.reader_warp == warp && e.reader_sync != syncs) {
+          e.reader = e.reader_warp = -1;  // every read so far is ordered before this write
+        } else {
+          hazard = "racecheck: write-after-read hazard";
+          other = e.reader;
+        }
       }
       e.writer = self;
+      e.writer_sync = syncs;
       e.written = cta->stamp;
     } else {
-      if (e.writer >= 0 && e.writer != self) {
+      if (e.writer >= 0 && !write_ordered) {
         hazard = "racecheck: read-after-write hazard";
       } else if (e.written != cta->stamp) {
         hazard = "initcheck: read of shared memory not written by this block";
         other = -1;
       }
       e.reader = e.reader == -1 || e.reader == self ? self : -2;
+      e.reader_warp = e.reader_warp == -1 || e.reader_warp == warp ? warp : -2;
+      e.reader_sync = syncs;
     }
     if (hazard != nullptr) {
       std::ostringstream s;
@@ -375,17 +406,53 @@ inline int block_barrier(int predicate, const char* file, int line) {
   return cta->or_result;
 }
 
-// The lanes of the caller's warp meet here (the model of a warp-collective instruction).
-inline void warp_barrier() {
+// The lanes of the caller's warp meet here (the model of a warp-collective instruction); with
+// `orders_smem` (__syncwarp) the shared-memory accesses before it are ordered before those after.
+inline void warp_barrier(bool orders_smem = false) {
   const int self = cta->current, warp = self / kWarpSize;
   if (++cta->warp_arrived[warp] == kWarpSize) {
     cta->warp_arrived[warp] = 0;
+    if (orders_smem) ++cta->warp_syncs[warp];
     for (int t = warp * kWarpSize; t < (warp + 1) * kWarpSize; ++t)
       if (cta->state[t] == FiberState::AtWarpBarrier) cta->state[t] = FiberState::Runnable;
     return;
   }
   cta->state[self] = FiberState::AtWarpBarrier;
   yield_to_scheduler(Yield::Blocked);
+}
+
+// __syncwarp() at file:line: the caller's warp meets and its shared-memory accesses are ordered.
+inline void warp_sync(const char* file, int line) {
+  std::string site = std::string(file) + ":" + std::to_string(line);
+  if (site == removed_barrier) return;
+  if (cta->current % kWarpSize == 0) barrier_sites.insert(std::move(site));
+  warp_barrier(true);
+}
+
+// cp.async of 16 bytes (cuda_shim.h's header: the write is recorded at issue, performed at the wait).
+template <typename T>
+void cp_async_16(SmemPtr<T> dst, const T* src) {
+  on_smem_access(dst.get(), 16, true);
+  cta->copies[cta->current].push_back(AsyncCopy{reinterpret_cast<unsigned char*>(dst.get()),
+                                                reinterpret_cast<const unsigned char*>(src), 16,
+                                                cta->copy_groups[cta->current]});
+}
+inline void cp_async_commit() { ++cta->copy_groups[cta->current]; }
+// Performs the caller's copies of all but its kPending most recent committed groups.
+template <int kPending>
+void cp_async_wait() {
+  std::vector<AsyncCopy>& copies = cta->copies[cta->current];
+  const int done_below = cta->copy_groups[cta->current] - kPending;
+  std::vector<AsyncCopy> left;
+  for (const AsyncCopy& c : copies) {
+    if (c.group < done_below) {
+      on_smem_access(c.dst, c.bytes, true);
+      std::memcpy(c.dst, c.src, c.bytes);
+    } else {
+      left.push_back(c);
+    }
+  }
+  copies.swap(left);
 }
 
 // After an atomic: a scheduling point. One that left the value as it was is a spin-wait step.
@@ -415,6 +482,7 @@ struct LaunchRecord {
   unsigned resident_limit = 0;  // CTAs that may run at once
   unsigned max_resident = 0;    // the most that did
   long switches = 0;            // moves from one CTA to another
+  int threads = 0;              // per CTA
 };
 inline LaunchRecord last_launch;
 
@@ -430,6 +498,8 @@ inline void start_cta(Cta& c, unsigned block, int threads) {
   c.barriers_passed.assign(threads, 0);
   c.pending.resize(threads);
   for (StoreBuffer& buffer : c.pending) buffer.clear();
+  c.copies.assign(threads, {});
+  c.copy_groups.assign(threads, 0);
   c.ordered.clear();
   const auto granules = static_cast<size_t>((smem_bytes + 1) / 2);
   if (c.shadow.size() < granules) c.shadow.resize(granules);  // stale entries carry older stamps
@@ -468,6 +538,7 @@ void launch(const char* name, unsigned blocks, int threads, int64_t dynamic_smem
   if (dynamic_smem > smem_capacity) throw std::runtime_error("emu: dynamic smem beyond the model's buffer");
   kernel_name = name;
   grid_dim = Dim3{blocks, 1, 1};
+  block_dim = Dim3{static_cast<unsigned>(threads), 1, 1};
   smem_bytes = dynamic_smem;
   first_error.clear();
   std::vector<unsigned> order(blocks);
@@ -487,7 +558,7 @@ void launch(const char* name, unsigned blocks, int threads, int64_t dynamic_smem
   std::memset(smem_base, 0xFF, static_cast<size_t>(smem_capacity));
   body = [&] { kernel(); };
   StoreBuffer retired;  // buffered stores of exited CTAs: published at the end of the grid
-  last_launch = LaunchRecord{blocks, limit, 0, 0};
+  last_launch = LaunchRecord{blocks, limit, 0, 0, threads};
 
   Cta* running = nullptr;  // whose shared memory is in smem_base
   Cta* chosen = nullptr;
@@ -607,9 +678,11 @@ void launch(const char* name, unsigned blocks, int threads, int64_t dynamic_smem
 #define threadIdx emu::thread_idx
 #define blockIdx emu::block_idx
 #define gridDim emu::grid_dim
+#define blockDim emu::block_dim
 
 #define __syncthreads() emu::block_barrier(0, __FILE__, __LINE__)
 #define __syncthreads_or(predicate) emu::block_barrier((predicate), __FILE__, __LINE__)
+#define __syncwarp(...) emu::warp_sync(__FILE__, __LINE__)
 
 namespace emu {
 // __threadfence() at file:line: publishes the caller's buffered stores and those ordered before it

@@ -4,11 +4,13 @@
 // (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the tile kernels,
 // which the call must route to), "persistent_simt", "persistent_tf32", "persistent_wmma" (the
 // persistent forward at any width; the backward on its Z: the tile kernels where they fit),
-// "narrow" (the narrow kernels for the forward and backward launch
-// 1; launch 2 with the dtype's tiled policy: simt or wmma), "aten" (the hoisted chain on ATen's
-// engine, csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto"
-// (the op's own routing: use_native_kernels, narrow_kernels_fit). Every CPU allocation made during a
-// call is poisoned.
+// "narrow" (the narrow kernels for the forward and backward launch 1; launch 2 with the dtype's
+// tiled policy: simt or wmma), "warp_narrow" (the warp-level narrow forward,
+// warp_narrow_kernels.cuh; the backward as the op routes it after that forward: the narrow
+// launch 1 where it fits, else the tiled one), "aten" (the hoisted chain on ATen's engine,
+// csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto" (the op's own routing:
+// use_native_kernels, narrow_kernels_fit, and use_warp_narrow_forward under
+// SPINAL_OPS_CUDA_WARP_NARROW=1). Every CPU allocation made during a call is poisoned.
 // Built by tests/test_cuda_emulation.py; never part of the package.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
@@ -122,6 +124,10 @@ bool native_kernels(const SpinalShape& shape, const at::Tensor& x, c10::string_v
   if (policy == "narrow") {
     TORCH_CHECK(narrow_kernels_fit(shape), "w = ", shape.layer_width, ", M = ", shape.out_features,
                 " does not fit the narrow kernels");
+  } else if (policy == "warp_narrow") {
+    TORCH_CHECK(warp_narrow_forward_fits(shape, x.scalar_type(), static_cast<int>(device)), "w = ",
+                shape.layer_width, ", M = ", shape.out_features, " in ", x.scalar_type(),
+                " does not fit the warp-level narrow forward on ", emu::target(device).name);
   } else {
     const bool fp32 = x.scalar_type() == at::kFloat;
     TORCH_CHECK(fp32 ? policy == "simt" || policy == "tf32" : policy == "wmma", "policy ", policy, " does not fit ",
@@ -155,14 +161,20 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   // As register.cu: outputs from at::empty (poisoned here), nothing launched for an empty batch,
   // no Z for the narrow forward unless it is kept.
   const bool narrow = policy == "narrow" || policy == "auto";  // the tiled policies test the tiled kernels
+  const bool warp_narrow = policy == "warp_narrow";
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
-  const bool z_written = keep_pre_activation || !(narrow && narrow_kernels_fit(shape));
+  const bool z_written = keep_pre_activation || !(warp_narrow || (narrow && narrow_kernels_fit(shape)));
   at::Tensor pre_activation = at::empty({z_written ? shape.batch : 0, shape.hidden()}, x.options());
   if (shape.batch == 0) return {out, pre_activation};
   if (!native_kernels(shape, x, policy, device)) {
     return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
                                   weight_hidden.contiguous(), bias, weight_out, bias_out, act, negative_slope,
                                   /*keep_pre_activation=*/true);
+  }
+  if (warp_narrow) {
+    launch_warp_narrow_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
+                               weight_out, bias_out, act, static_cast<float>(negative_slope), out, pre_activation);
+    return {out, pre_activation};
   }
   launch_native_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
                        bias_out, act, static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), out,
@@ -194,7 +206,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
     launch_native_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
                           static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads,
-                          policy == "narrow" || policy == "auto" || is_persistent(policy));
+                          policy == "narrow" || policy == "auto" || is_persistent(policy) ||
+                              policy == "warp_narrow");
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
@@ -335,13 +348,16 @@ int64_t ctas_per_sm(int64_t device, int64_t threads, int64_t smem) {
   return emu::ctas_per_sm(emu::target(static_cast<int>(device)), static_cast<int>(threads), smem);
 }
 
-// The last launch: grid, the CTAs allowed at once, the most that ran at once, CTA switches.
+// The last launch: grid, the CTAs allowed at once, the most that ran at once, CTA switches, threads per CTA.
 std::vector<int64_t> last_launch() {
   const emu::LaunchRecord& r = emu::last_launch;
-  return {r.grid, r.resident_limit, r.max_resident, r.switches};
+  return {r.grid, r.resident_limit, r.max_resident, r.switches, r.threads};
 }
 
 void set_spin_budget(int64_t budget) { emu::spin_budget = budget; }
+
+// Every target's SM count (0: each its own), e.g. to make a persistent grid smaller than its work.
+void set_sm_count(int64_t sms) { emu::sm_count_override = static_cast<int>(sms); }
 
 }  // namespace
 }  // namespace cuda_kernels
@@ -362,4 +378,5 @@ TORCH_LIBRARY(spinal_emu, m) {
   m.def("last_launch", &spinal_ops::cuda_kernels::last_launch);
   m.def("set_spin_budget", &spinal_ops::cuda_kernels::set_spin_budget);
   m.def("persistent_grid_wait", &spinal_ops::cuda_kernels::persistent_grid_wait);
+  m.def("set_sm_count", &spinal_ops::cuda_kernels::set_sm_count);
 }

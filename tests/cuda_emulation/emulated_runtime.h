@@ -52,10 +52,14 @@ inline const Target targets[] = {
     {"sm_75", 40, 64 * 1024, 7, 5, 64 * 1024, 1024, 16, 0},         // T4: fp16 tensor cores, no bf16 or TF32 ones
 };
 constexpr int kRegistersPerSm = 65536;  // every target above
+// SMs of every target when > 0 (the model's tests: a persistent grid smaller than its work).
+inline int sm_count_override = 0;
+inline int sm_count(const Target& t) { return sm_count_override > 0 ? sm_count_override : t.sm_count; }
 // The register budget the model assumes per thread (the launch does not know the kernel's
 // ptxas count): 80 for 256-thread CTAs (the tile kernels: ptxas -v reports 63..79,
 // backward_kernels.cuh), 168 for 128-thread CTAs (the narrow kernels' cap at 3 CTAs per SM,
-// narrow_kernels.cuh), 64 otherwise (the model's own small kernels).
+// narrow_kernels.cuh), 64 otherwise (the model's own small kernels; the warp-level narrow forward,
+// whose ptxas counts are 48..86 at 32..512 threads, warp_narrow_kernels.cuh).
 inline int registers_per_thread(int threads) { return threads == 256 ? 80 : threads == 128 ? 168 : 64; }
 
 // CTAs of `threads` threads and `smem` bytes of dynamic shared memory that one SM of t holds at
@@ -69,7 +73,7 @@ inline int ctas_per_sm(const Target& t, int threads, int64_t smem, std::string* 
   const int64_t by_smem = t.smem_per_sm / (smem + t.smem_reserved);
   const int ctas = static_cast<int>(std::min<int64_t>({t.ctas_per_sm, by_threads, by_registers, by_smem}));
   if (why != nullptr) {
-    *why = std::to_string(t.sm_count) + " SMs x " + std::to_string(ctas) + " CTAs/SM: " + std::to_string(threads) +
+    *why = std::to_string(sm_count(t)) + " SMs x " + std::to_string(ctas) + " CTAs/SM: " + std::to_string(threads) +
            " threads, " + std::to_string(registers_per_thread(threads)) + " registers/thread, " + std::to_string(smem) +
            "+" + std::to_string(t.smem_reserved) + " B smem of " + std::to_string(t.smem_per_sm) + " B/SM";
   }
@@ -111,7 +115,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
   const emu::Target& t = emu::target(device);
   switch (attr) {
     case cudaDevAttrMultiProcessorCount:
-      *value = t.sm_count;
+      *value = emu::sm_count(t);
       break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = t.smem_optin;
@@ -133,7 +137,7 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* properties, int devic
   const emu::Target& t = emu::target(device);
   *properties = cudaDeviceProp{};
   std::snprintf(properties->name, sizeof(properties->name), "emulated %s", t.name);
-  properties->multiProcessorCount = t.sm_count;
+  properties->multiProcessorCount = emu::sm_count(t);
   properties->sharedMemPerBlockOptin = static_cast<size_t>(t.smem_optin);
   properties->major = t.major;
   properties->minor = t.minor;
@@ -192,7 +196,7 @@ cudaError_t cudaLaunchKernel(void (*kernel)(Args), dim3 grid, dim3 block, void**
     const int per_sm = emu::ctas_per_sm(t, static_cast<int>(block.x), static_cast<int64_t>(smem), &residency);
     TORCH_CHECK(per_sm > 0, "emulated CUDA: ", name, " does not fit one SM (", residency, ")");
     emu::launch(name.c_str(), grid.x, static_cast<int>(block.x), static_cast<int64_t>(smem), [&] { kernel(a); },
-                static_cast<unsigned>(per_sm * t.sm_count), residency);
+                static_cast<unsigned>(per_sm * emu::sm_count(t)), residency);
   } catch (const std::runtime_error& e) {
     TORCH_CHECK(false, "emulated CUDA: ", e.what());
   }

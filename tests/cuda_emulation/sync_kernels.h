@@ -102,7 +102,7 @@ inline std::string run_sync_kernel(const std::string& name, int device, int64_t 
     if (name == "grid_sync") {  // 32-thread CTAs with 40 KB of shared memory: 1 per SM on sm_75
       int arrived = 0, running = 0, most = 0;
       const int per_sm = emu::ctas_per_sm(emu::target(device), 32, 40 * 1024);
-      const int resident = per_sm * emu::target(device).sm_count;
+      const int resident = per_sm * emu::sm_count(emu::target(device));
       launch_on(device, grid_sync_kernel, static_cast<unsigned>(grid), 32, 40 * 1024,
                 GridSyncArgs{&arrived, &running, &most, static_cast<int>(std::min<int64_t>(grid, resident))});
       *most_running = most;

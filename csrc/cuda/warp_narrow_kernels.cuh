@@ -1,0 +1,339 @@
+// Warp-level tensor-core forward for narrow layers (w <= kWarpNarrowMaxWidth = 32, M <=
+// kWarpNarrowMaxOut = 32), half types (fp16, bf16) on sm_80+:
+//   spinal_warp_narrow_forward_kernel  in place of spinal_narrow_forward_kernel (narrow_kernels.cuh)
+//                                      or the tiled forward (forward_kernel.cuh).
+// Same outputs and Z layout as those (out; Z [B, L*w], written only when its pointer is set), with
+// the same rounding (z rounded to T once, h = T(phi(float(Z)))), so backward launches 1 and 2
+// follow unchanged. No dropout stage: calls with a dropout never reach it (register.cu routes them
+// to the hoisted chain). Opt-in only (SPINAL_OPS_CUDA_WARP_NARROW=1, forward.cu) until a GPU run
+// has measured it.
+//
+// Why: the narrow kernels (one thread per row) issue one FMA per shared-memory weight read and are
+// issue-bound (mnist, bf16, H200, B = 65536: 40 % SM, 9 % DRAM throughput). Here the chain stays on
+// the tensor cores: one warp owns 16 rows and computes each layer as WMMA m16n16k16 products with
+// fp32 accumulators, with w and M padded to 16 or 32 (W, MP).
+//
+// Tiling and launch scheme
+//   block = 32 * warps threads (warps <= kWarpNarrowMaxWarps = 16: the most whose shared memory fits
+//   the device's opt-in maximum, at most one per 16-row tile); persistent grid of
+//   min(co-resident CTAs, ceil(tiles / warps)) CTAs (forward.cu). Each CTA stages every layer's
+//   weights once (the only __syncthreads), then each warp loops over the 16-row tiles
+//   blockIdx.x * warps + warp + k * gridDim.x * warps on its own, with warp-level sync only.
+//   Persistent rather than one CTA per tile group: the weights (mnist: 40 KB, as much as 64 rows of
+//   x) are read from L2 once per CTA instead of once per 16 * warps rows, and a warp's next window
+//   is in flight across the tile boundary.
+// Per warp and tile, per layer l:
+//   wait for the window x[rows, c_l(0..s-1)] staged in smem (16 x s16, s16 = s rounded up to 16,
+//   zero past s and past the batch), then issue the copies of the next window (layer l + 1, or
+//   the next tile's layer 0) into the other buffer: cp.async for 16-byte pieces that are
+//   contiguous and aligned in x (a window wraps, and WMMA needs 32-byte aligned pointers, so x is
+//   always staged), element copies for the rest;
+//   acc(16 x W) = x_window A_l^T (s16 / 16 k-steps) + h_{l-1} R_l^T (W / 16 k-steps, l >= 1);
+//   acc -> the warp's fp32 tile; per element z = acc + b_l -> Z (rounded to T once),
+//   h_l = T(phi(float(Z))) -> the warp's h tile (zero past w: the next products' A operand);
+//   y_acc(16 x MP) += h_l W_out[:, l*w:(l+1)*w]^T (fragments kept in registers across layers).
+//   After the last layer y_acc -> the fp32 tile -> out (+ b_out), or without projection h_l went
+//   straight to out.
+// Shared memory (WarpNarrowLayout, 128-byte aligned regions; T elements are 2 bytes):
+//   weights  A [L][W][s16 + 8], R [L-1][W][W + 8], W_out [L][MP][W + 8] (T, zero-padded),
+//            b [L][W], b_out [MP] (fp32); the +8 keeps ldm a 16-byte multiple off the bank stride
+//   per warp two x windows [16][s16 + 8], h [16][W + 8] (T), acc [16][max(W, MP) + 4] (fp32)
+//   mnist (N = 320, s = 160, w = 8, L = 6, M = 10: W = MP = 16): 40.3 KB of weights + 12.5 KB per
+//   warp; the 227 KB of sm_90 hold 14 warps (one CTA per SM), the 163 KB of sm_80 9, 99 KB parts 4.
+//   Layers whose weights and one warp's tiles do not fit run today's kernels
+//   (warp_narrow_forward_fits, forward.cu).
+// Registers: the z and y accumulators (W / 16 + MP / 16 fragments of 8 fp32) and one A and B
+//   fragment at a time. ptxas -v and cuobjdump of an sm_90 cubin (CUDA 13.0, -O3,
+//   __launch_bounds__(512): at most 128), registers bf16 / fp16 for W/MP 16/16: 56 / 48,
+//   16/32: 60 / 64, 32/16: 64 / 61, 32/32: 74 / 64; 0 bytes of stack, no spills, no STL/LDL;
+//   HMMA.16816.F32.BF16 (bf16) and HMMA.16816.F32 (fp16), two per m16n16k16 mma_sync: 18 in the
+//   16/16 kernels' SASS, 44 in the 32/32 ones; the window copies are LDGSTS (cp.async). sm_80:
+//   50..86 registers (bf16 32/32 the most), likewise no spills or local memory.
+// Numerics: fp32 accumulation on the tensor cores, bias and phi in fp32 per element. Offsets into x,
+// Z and out are 64-bit.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "forward_kernel.cuh"
+
+namespace spinal_ops {
+namespace cuda_kernels {
+
+constexpr int kWarpNarrowMaxWidth = 32;
+constexpr int kWarpNarrowMaxOut = 32;
+constexpr int kWarpNarrowMaxWarps = 16;
+constexpr int kWarpRows = 16;  // rows per warp tile: WMMA's M
+
+// The WMMA fragment element of a storage type.
+template <typename T>
+struct WmmaElementOf;
+template <>
+struct WmmaElementOf<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaElementOf<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// cp.async: 16-byte copies global -> shared that bypass the registers; the model of CUDA supplies
+// its own (tests/cuda_emulation/cuda_shim.h).
+#ifdef SPINAL_CUDA_EMULATION
+using emu::cp_async_16;
+using emu::cp_async_commit;
+using emu::cp_async_wait;
+#else
+template <typename T>
+__device__ __forceinline__ void cp_async_16(T* dst, const T* src) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most kPending of this thread's committed groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+#endif
+
+// Byte offsets of the dynamic shared memory, from the layer's sizes (host and device alike).
+template <int W, int MP>
+struct WarpNarrowLayout {
+  static constexpr int kWLd = W + 8;                      // h, R and W_out rows (T)
+  static constexpr int kAccLd = (W > MP ? W : MP) + 4;    // the fp32 tile
+  int s16, s_ld;
+  int64_t a, r, out, bias, bias_out, warp_base, x_bytes, h, acc, warp_bytes;
+
+  __host__ __device__ WarpNarrowLayout(int s, int num_layers, bool projection) {
+    constexpr int64_t kT = 2;  // bytes per element: fp16 and bf16
+    s16 = static_cast<int>(round_up(s, 16));
+    s_ld = s16 + 8;
+    const int64_t m_rows = projection ? MP : 0;
+    a = 0;
+    r = a + align128(int64_t{num_layers} * W * s_ld * kT);
+    out = r + align128(int64_t{num_layers - 1} * W * kWLd * kT);
+    bias = out + align128(int64_t{num_layers} * m_rows * kWLd * kT);
+    bias_out = bias + align128(int64_t{num_layers} * W * 4);
+    warp_base = bias_out + align128(m_rows * 4);
+    x_bytes = align128(int64_t{kWarpRows} * s_ld * kT);  // one window buffer
+    h = 2 * x_bytes;
+    acc = h + align128(int64_t{kWarpRows} * kWLd * kT);
+    warp_bytes = acc + align128(int64_t{kWarpRows} * kAccLd * 4);
+  }
+  __host__ __device__ int64_t total(int warps) const { return warp_base + warps * warp_bytes; }
+};
+
+// Cooperative fill of a rows x cols tile (leading dimension ld) by the whole CTA.
+template <typename T, typename F>
+__device__ __forceinline__ void fill_by_cta(SmemPtr<T> dst, int ld, int rows, int cols, F value) {
+  for (int idx = threadIdx.x; idx < rows * cols; idx += blockDim.x) {
+    const int r = idx / cols, c = idx - r * cols;
+    dst[r * ld + c] = value(r, c);
+  }
+}
+
+// Issues the copies of layer `layer`'s window of rows row0.. into dst [kWarpRows][ld] (s16 columns,
+// zero past s and past the batch) by the lanes of one warp: 16-byte pieces (8 columns) that are
+// contiguous and aligned in x by cp.async, the others element by element.
+template <typename T>
+__device__ __forceinline__ void stage_window(const ForwardArgs<T>& p, SmemPtr<T> dst, int ld, int s16, int64_t row0,
+                                             int layer, int lane) {
+  const Window window = window_of(layer, p.n, p.s);
+  const int pieces = s16 / 8;
+  for (int idx = lane; idx < kWarpRows * pieces; idx += 32) {
+    const int r = idx / pieces, j0 = (idx - r * pieces) * 8;
+    const int64_t row = row0 + r;
+    const bool valid = row < p.batch;
+    const SmemPtr<T> d = dst + r * ld + j0;
+    if (valid && j0 + 8 <= p.s) {
+      const int c0 = window.column(j0);
+      const T* src = p.x + row * p.n + c0;
+      if (c0 + 8 <= p.n && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+        cp_async_16(d, src);
+        continue;
+      }
+    }
+    for (int q = 0; q < 8; ++q) {
+      d[q] = valid && j0 + q < p.s ? p.x[row * p.n + window.column(j0 + q)] : T(0);
+    }
+  }
+}
+
+template <typename T, int W, int MP>
+__device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p) {
+  namespace wmma = nvcuda::wmma;
+  using E = typename WmmaElementOf<T>::type;
+  using Smem = WarpNarrowLayout<W, MP>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major>;
+  using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const bool projection = p.out_features > 0;
+  const int w = p.w, num_layers = p.num_layers, m_count = p.out_features;
+  const int64_t hidden = static_cast<int64_t>(num_layers) * w;
+  const Smem layout(p.s, num_layers, projection);
+  const int s16 = layout.s16, s_ld = layout.s_ld;
+  const SmemPtr<T> a_w = reinterpret_cast<T*>(smem + layout.a);
+  const SmemPtr<T> r_w = reinterpret_cast<T*>(smem + layout.r);
+  const SmemPtr<T> out_w = reinterpret_cast<T*>(smem + layout.out);
+  const SmemPtr<float> bias = reinterpret_cast<float*>(smem + layout.bias);
+  const SmemPtr<float> bias_out = reinterpret_cast<float*>(smem + layout.bias_out);
+
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  unsigned char* const own = smem + layout.warp_base + warp * layout.warp_bytes;
+  // Window buffer 0 or 1 (by arithmetic: an array of the two would live in local memory).
+  const auto x_buf = [&](int which) { return SmemPtr<T>(reinterpret_cast<T*>(own + which * layout.x_bytes)); };
+  const SmemPtr<T> h = reinterpret_cast<T*>(own + layout.h);
+  const SmemPtr<float> acc = reinterpret_cast<float*>(own + layout.acc);
+
+  const int64_t tiles = ceil_div(p.batch, kWarpRows);
+  const int64_t tile_stride = static_cast<int64_t>(gridDim.x) * warps;
+  int64_t tile = static_cast<int64_t>(blockIdx.x) * warps + warp;
+  // The first window is in flight while the CTA stages the weights.
+  if (tile < tiles) {
+    stage_window(p, x_buf(0), s_ld, s16, tile * kWarpRows, 0, lane);
+    cp_async_commit();
+  }
+  fill_by_cta(a_w, s_ld, num_layers * W, s16, [&](int row, int k) {
+    const int layer = row / W, j = row % W;
+    return j < w && k < p.s ? p.weight_in[(static_cast<int64_t>(layer) * w + j) * p.s + k] : T(0);
+  });
+  fill_by_cta(r_w, Smem::kWLd, (num_layers - 1) * W, W, [&](int row, int k) {
+    const int layer = row / W + 1, j = row % W;
+    return j < w && k < w ? p.weight_hidden[(static_cast<int64_t>(layer - 1) * w + j) * w + k] : T(0);
+  });
+  if (projection) {
+    fill_by_cta(out_w, Smem::kWLd, num_layers * MP, W, [&](int row, int k) {
+      const int layer = row / MP, m = row % MP;
+      return m < m_count && k < w ? p.weight_out[m * hidden + layer * w + k] : T(0);
+    });
+    fill_by_cta(bias_out, MP, 1, MP, [&](int, int m) {
+      return p.bias_out != nullptr && m < m_count ? static_cast<float>(p.bias_out[m]) : 0.f;
+    });
+  }
+  fill_by_cta(bias, W, num_layers, W, [&](int layer, int j) {
+    return p.bias != nullptr && j < w ? static_cast<float>(p.bias[layer * w + j]) : 0.f;
+  });
+  __syncthreads();  // the weights are staged; from here on each warp syncs only itself
+
+  int buffer = 0;
+  for (; tile < tiles; tile += tile_stride) {
+    const int64_t row0 = tile * kWarpRows;
+    FragAcc y[MP / 16];
+#pragma unroll
+    for (int i = 0; i < MP / 16; ++i) wmma::fill_fragment(y[i], 0.f);
+
+    for (int layer = 0; layer < num_layers; ++layer) {
+      cp_async_wait<0>();
+      // This window's copies (every lane's) have landed; the previous layer's reads of the other
+      // buffer, of h and of the fp32 tile are done.
+      __syncwarp();
+      const int64_t next_tile = layer + 1 < num_layers ? tile : tile + tile_stride;
+      if (next_tile < tiles) {
+        stage_window(p, x_buf(buffer ^ 1), s_ld, s16, next_tile * kWarpRows, (layer + 1) % num_layers, lane);
+        cp_async_commit();
+      }
+
+      FragAcc z[W / 16];
+#pragma unroll
+      for (int i = 0; i < W / 16; ++i) wmma::fill_fragment(z[i], 0.f);
+      const SmemPtr<const E> x_tile = smem_cast<const E>(x_buf(buffer));
+      const SmemPtr<const E> a_l = smem_cast<const E>(a_w + layer * W * s_ld);
+      for (int k0 = 0; k0 < s16; k0 += 16) {
+        FragA a;
+        wmma::load_matrix_sync(a, x_tile + k0, s_ld);
+#pragma unroll
+        for (int n = 0; n < W / 16; ++n) {
+          FragB b;
+          wmma::load_matrix_sync(b, a_l + 16 * n * s_ld + k0, s_ld);
+          wmma::mma_sync(z[n], a, b, z[n]);
+        }
+      }
+      if (layer > 0) {
+        const SmemPtr<const E> r_l = smem_cast<const E>(r_w + (layer - 1) * W * Smem::kWLd);
+#pragma unroll
+        for (int k0 = 0; k0 < W; k0 += 16) {
+          FragA a;
+          wmma::load_matrix_sync(a, smem_cast<const E>(h) + k0, Smem::kWLd);
+#pragma unroll
+          for (int n = 0; n < W / 16; ++n) {
+            FragB b;
+            wmma::load_matrix_sync(b, r_l + 16 * n * Smem::kWLd + k0, Smem::kWLd);
+            wmma::mma_sync(z[n], a, b, z[n]);
+          }
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < W / 16; ++n) {
+        wmma::store_matrix_sync(acc + 16 * n, z[n], Smem::kAccLd, wmma::mem_row_major);
+      }
+      __syncwarp();  // the fp32 tile is stored, and every lane's reads of h_{l-1} are done
+
+      for (int idx = lane; idx < kWarpRows * W; idx += 32) {
+        const int r = idx / W, c = idx % W;
+        T h_value = T(0);
+        if (c < w) {
+          const float z_value = acc[r * Smem::kAccLd + c] + bias[layer * W + c];
+          const T z_stored = static_cast<T>(z_value);
+          h_value = static_cast<T>(activate(p.act, static_cast<float>(z_stored), p.slope));
+          const int64_t row = row0 + r;
+          if (row < p.batch) {
+            const int64_t offset = row * hidden + static_cast<int64_t>(layer) * w + c;
+            if (p.pre_activation != nullptr) p.pre_activation[offset] = z_stored;  // null: Z not kept
+            if (!projection) p.out[offset] = h_value;
+          }
+        }
+        h[r * Smem::kWLd + c] = h_value;
+      }
+      __syncwarp();  // h_l is stored: the A operand of the projection and of the next layer
+
+      if (projection) {
+        const SmemPtr<const E> out_l = smem_cast<const E>(out_w + layer * MP * Smem::kWLd);
+#pragma unroll
+        for (int k0 = 0; k0 < W; k0 += 16) {
+          FragA a;
+          wmma::load_matrix_sync(a, smem_cast<const E>(h) + k0, Smem::kWLd);
+#pragma unroll
+          for (int n = 0; n < MP / 16; ++n) {
+            FragB b;
+            wmma::load_matrix_sync(b, out_l + 16 * n * Smem::kWLd + k0, Smem::kWLd);
+            wmma::mma_sync(y[n], a, b, y[n]);
+          }
+        }
+      }
+      buffer ^= 1;
+    }
+
+    if (projection) {
+      // The fp32 tile's last readers (the last epilogue) passed the __syncwarp after it.
+#pragma unroll
+      for (int n = 0; n < MP / 16; ++n) {
+        wmma::store_matrix_sync(acc + 16 * n, y[n], Smem::kAccLd, wmma::mem_row_major);
+      }
+      __syncwarp();
+      for (int idx = lane; idx < kWarpRows * MP; idx += 32) {
+        const int r = idx / MP, m = idx % MP;
+        const int64_t row = row0 + r;
+        if (m < m_count && row < p.batch) {
+          p.out[row * m_count + m] = static_cast<T>(acc[r * Smem::kAccLd + m] + bias_out[m]);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int W, int MP>
+__global__ void __launch_bounds__(kWarpNarrowMaxWarps * 32)
+    spinal_warp_narrow_forward_kernel(const ForwardArgs<T> p) {
+  if constexpr (kDeviceArch == 0 || kDeviceArch >= kSm80) {
+    warp_narrow_forward_rows<T, W, MP>(p);
+  } else {
+    unsupported_arch();
+  }
+}
+
+}  // namespace cuda_kernels
+}  // namespace spinal_ops
