@@ -334,7 +334,8 @@ std::tuple<std::string, at::Tensor> persistent_grid_wait(const at::Tensor& x, co
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
   grid_arrived = 0;
   try {
-    const int64_t ctas = max_ctas > 0 ? max_ctas : co_resident_ctas<kernel>(persistent_smem_bytes<Mma, float>());
+    const int64_t smem = persistent_smem_bytes<Mma, float>();
+    const int64_t ctas = max_ctas > 0 ? max_ctas : co_resident_ctas<kernel>(kThreads, smem, smem);
     launch_persistent<Mma, float, kernel>(shape, x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt,
                                           Activation::ReLU, 0.f, out, at::empty({0}, x.options()), ctas);
   } catch (const std::exception& e) {
