@@ -25,7 +25,7 @@ void launch_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T>& d)
 template <class DataMma, class GradMma, typename T>
 void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation,
             const at::Tensor& weight_in, const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-            Activation act, float slope, const BackwardOutputs& grads, bool allow_narrow) {
+            Activation act, float slope, const BackwardOutputs& grads, const Dropout& dropout, bool allow_narrow) {
   static_assert(DataMma::kTileM == GradMma::kTileM, "both launches split the rows alike");
   constexpr int kM = DataMma::kTileM;
   int sm_count = 0;
@@ -43,7 +43,7 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
 
   const DataGradArgs<T> d =
       make_data_grad_args<T>(shape, grad_out, pre_activation, weight_in, weight_hidden, weight_out, act, slope,
-                             grad_pre, grads.grad_x, counters_data, plan.tiles.total);
+                             dropout, grad_pre, grads.grad_x, counters_data, plan.tiles.total);
   if (allow_narrow && narrow_kernels_fit(shape)) {
     launch_narrow_data_grad<T>(shape, d);
   } else {
@@ -52,7 +52,7 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
   }
 
   const WeightGradArgs<T> g = make_weight_grad_args<T>(
-      shape, plan, grad_out, x, pre_activation, grad_pre, act, slope, grads,
+      shape, plan, grad_out, x, pre_activation, grad_pre, act, slope, dropout, grads,
       plan.splits > 1 ? partials.data_ptr<float>() : nullptr, counters_data);
   const int64_t grad_smem = SmemLayout<GradMma, T>(0).total;
   launch_kernel<spinal_weight_grad_kernel<GradMma, T>>(ctas, grad_smem, grad_smem, g);
@@ -64,13 +64,13 @@ void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,
-                           bool allow_narrow) {
+                           const Dropout& dropout, bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile backward needs w <= ", kTileKernelMaxWidth);
   const int capability = compute_capability(c10::cuda::current_device());
   with_kernel_types(x.scalar_type(), allow_tf32, capability, [&](auto types) {
     using Types = decltype(types);
     launch<typename Types::DataMma, typename Types::GradMma, typename Types::Element>(
-        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads,
+        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads, dropout,
         allow_narrow);
   });
 }

@@ -13,9 +13,9 @@ template <class Mma, typename T>
 void launch(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
             const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
             const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out, Activation act,
-            float slope, const at::Tensor& out, const at::Tensor& pre_activation) {
+            float slope, const at::Tensor& out, const at::Tensor& pre_activation, const Dropout& dropout) {
   const ForwardArgs<T> p = make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
-                                                slope, out, pre_activation);
+                                                slope, out, pre_activation, dropout);
   launch_kernel<spinal_forward_kernel<Mma, T>>(ceil_div(shape.batch, Mma::kTileM), tile_smem_bytes<Mma, T>(p.w),
                                                tile_smem_bytes<Mma, T>(kTileKernelMaxWidth), p);
 }
@@ -78,7 +78,7 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
-                          const at::Tensor& pre_activation, bool allow_narrow) {
+                          const at::Tensor& pre_activation, const Dropout& dropout, bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile forward needs w <= ", kTileKernelMaxWidth);
   const int capability = compute_capability(c10::cuda::current_device());
   with_kernel_types(x.scalar_type(), allow_tf32, capability, [&](auto types) {
@@ -86,11 +86,12 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
     using T = typename Types::Element;
     if (allow_narrow && narrow_kernels_fit(shape)) {
       launch_narrow<T>(shape, make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
-                                                   act, negative_slope, out, pre_activation));
+                                                   act, negative_slope, out, pre_activation, dropout));
       return;
     }
     launch<typename Types::DataMma, typename Types::Element>(shape, x, weight_in, weight_hidden, bias, weight_out,
-                                                             bias_out, act, negative_slope, out, pre_activation);
+                                                             bias_out, act, negative_slope, out, pre_activation,
+                                                             dropout);
   });
 }
 

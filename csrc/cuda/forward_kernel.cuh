@@ -55,9 +55,9 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
                                  const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& weight_out,
                                  const std::optional<at::Tensor>& bias_out, Activation act, float slope,
-                                 const at::Tensor& out, const at::Tensor& pre_activation) {
+                                 const at::Tensor& out, const at::Tensor& pre_activation, const Dropout& dropout) {
   ForwardArgs<T> p{};
-  static_cast<ChainDims&>(p) = chain_dims(shape, act, slope);
+  static_cast<ChainDims&>(p) = chain_dims(shape, act, slope, dropout);
   p.x = x.data_ptr<T>();
   p.weight_in = weight_in.data_ptr<T>();
   p.weight_hidden = weight_hidden.data_ptr<T>();
@@ -81,6 +81,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const auto row_valid = [&](int m) { return row0 + m < p.batch; };
+  const bool drops = p.dropout.active;
 
   Mma acc;
   for (int layer = 0; layer < p.num_layers; ++layer) {
@@ -89,6 +90,10 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
     const Window window = window_of(layer, p.n, p.s);
     const T* a_l = p.weight_in + static_cast<int64_t>(layer) * p.w * p.s;
     const T* r_l = p.weight_hidden + static_cast<int64_t>(layer - 1) * p.w * p.w;  // used when layer >= 1
+    const int64_t window_site = p.dropout.window_site(layer);
+    // h_l as layer l+1's input: dropped as the epilogue stages it (a dropout site only below the last layer).
+    const bool drops_h = drops && layer + 1 < p.num_layers;
+    const int64_t next_hidden_site = p.dropout.hidden_site(layer + 1);
 
     for (int n0 = 0; n0 < p.w; n0 += kTileN) {
       acc.zero();
@@ -96,7 +101,9 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
         __syncthreads();  // previous users of the staged tiles are done
         fill_tile(sm.a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
           const int j = k0 + k;
-          return row_valid(m) && j < p.s ? p.x[(row0 + m) * p.n + window.column(j)] : T(0);
+          if (!row_valid(m) || j >= p.s) return T(0);
+          const T v = p.x[(row0 + m) * p.n + window.column(j)];
+          return drops ? dropped(p.dropout, v, row0 + m, window_site + j) : v;
         });
         fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
           return n0 + n < p.w && k0 + k < p.s ? a_l[static_cast<int64_t>(n0 + n) * p.s + k0 + k] : T(0);
@@ -133,7 +140,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
             if (p.out_features == 0) p.out[offset] = h;
           }
         }
-        h_next[m * ld_state + c] = h;
+        h_next[m * ld_state + c] = drops_h && c < p.w ? dropped(p.dropout, h, row0 + m, next_hidden_site + c) : h;
       }
     }
   }
@@ -141,6 +148,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
 
   // Output projection y = phi(Z) W_out^T + b_out.
   const int hidden_int = static_cast<int>(hidden);
+  const int64_t projection_site = p.dropout.projection_site();
   for (int n0 = 0; n0 < p.out_features; n0 += kTileN) {
     acc.zero();
     for (int k0 = 0; k0 < hidden_int; k0 += kTileK) {
@@ -148,7 +156,8 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
       fill_tile(sm.a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
         if (!row_valid(m) || k0 + k >= hidden_int) return T(0);
         const float z = static_cast<float>(p.pre_activation[(row0 + m) * hidden + k0 + k]);
-        return static_cast<T>(activate(p.act, z, p.slope));
+        const T h = static_cast<T>(activate(p.act, z, p.slope));
+        return drops ? dropped(p.dropout, h, row0 + m, projection_site + k0 + k) : h;
       });
       fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
         return n0 + n < p.out_features && k0 + k < hidden_int

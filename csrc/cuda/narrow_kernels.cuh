@@ -165,6 +165,7 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   const bool valid = row < p.batch;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
+  const bool drops = p.dropout.active;
 
   float h_prev[W];
   for (int m = 0; m < m_count; ++m) y_row[m] = 0.f;
@@ -223,10 +224,20 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
         load(layer + 1, 0);
       }
       const int k_end = min(kNarrowChunk, p.s - k0);
-      for (int k = 0; k < k_end; ++k) {
-        const float xv = x_tile[t * Smem::kXLd + k];
+      if (drops) {  // the thread's window elements times their factors, as it reads them
+        const int64_t site = p.dropout.window_site(layer) + k0;
+        for (int k = 0; k < k_end; ++k) {
+          const T x = static_cast<T>(x_tile[t * Smem::kXLd + k]);  // exact: the tile holds T values
+          const float xv = static_cast<float>(dropped(p.dropout, x, row, site + k));
 #pragma unroll
-        for (int j = 0; j < W; ++j) acc[j] = fmaf(a_tile[k * W + j], xv, acc[j]);
+          for (int j = 0; j < W; ++j) acc[j] = fmaf(a_tile[k * W + j], xv, acc[j]);
+        }
+      } else {
+        for (int k = 0; k < k_end; ++k) {
+          const float xv = x_tile[t * Smem::kXLd + k];
+#pragma unroll
+          for (int j = 0; j < W; ++j) acc[j] = fmaf(a_tile[k * W + j], xv, acc[j]);
+        }
       }
     }
 
@@ -247,10 +258,25 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
         if (m_count == 0) p.out[offset] = h_stored;
       }
     }
+    float h_in[W];  // h_l as the projection reads it
+#pragma unroll
+    for (int j = 0; j < W; ++j) h_in[j] = h[j];
+    if (drops) {  // H's factors for the projection, h_l's as layer l+1's input for the recurrence
+      const int64_t projection_site = p.dropout.projection_site() + static_cast<int64_t>(layer) * w;
+      const int64_t hidden_site = p.dropout.hidden_site(layer + 1);
+      const bool has_next = layer + 1 < p.num_layers;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        if (j >= w) continue;
+        const T v = static_cast<T>(h[j]);
+        if (m_count > 0) h_in[j] = static_cast<float>(dropped(p.dropout, v, row, projection_site + j));
+        if (has_next) h[j] = static_cast<float>(dropped(p.dropout, v, row, hidden_site + j));
+      }
+    }
     for (int m = 0; m < m_count; ++m) {
       float y = y_row[m];
 #pragma unroll
-      for (int j = 0; j < W; ++j) y = fmaf(out_tile[m * W + j], h[j], y);
+      for (int j = 0; j < W; ++j) y = fmaf(out_tile[m * W + j], h_in[j], y);
       y_row[m] = y;
     }
 #pragma unroll
@@ -290,6 +316,7 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
   const bool valid = row < p.batch;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
+  const bool drops = p.dropout.active;
 
   float g[kNarrowKernelMaxOut];
 #pragma unroll
@@ -322,10 +349,31 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
         for (int j = 0; j < W; ++j) dh[j] = fmaf(g[m], out_tile[m * W + j], dh[j]);
       }
     }
+    if (drops) {
+      // dH_l times H's factors plus dz_{l+1} R_{l+1} times those of h_l as layer l+1's input.
+      float dh_next[W];
 #pragma unroll
-    for (int i = 0; i < W; ++i) {
+      for (int j = 0; j < W; ++j) dh_next[j] = 0.f;
 #pragma unroll
-      for (int j = 0; j < W; ++j) dh[j] = fmaf(dz_next[i], r_tile[i * W + j], dh[j]);
+      for (int i = 0; i < W; ++i) {
+#pragma unroll
+        for (int j = 0; j < W; ++j) dh_next[j] = fmaf(dz_next[i], r_tile[i * W + j], dh_next[j]);
+      }
+      const int64_t projection_site = p.dropout.projection_site() + static_cast<int64_t>(layer) * w;
+      const int64_t hidden_site = p.dropout.hidden_site(layer + 1);
+      const bool has_next = layer + 1 < p.num_layers;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        if (j >= w) continue;
+        if (m_count > 0) dh[j] *= p.dropout.factor(row, projection_site + j);
+        if (has_next) dh[j] = fmaf(dh_next[j], p.dropout.factor(row, hidden_site + j), dh[j]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+#pragma unroll
+        for (int j = 0; j < W; ++j) dh[j] = fmaf(dz_next[i], r_tile[i * W + j], dh[j]);
+      }
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
@@ -363,10 +411,23 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
         dz[j] = valid && j < w ? static_cast<float>(p.grad_pre[row * hidden + static_cast<int64_t>(layer) * w + j])
                                : 0.f;
       }
+      if (drops) {  // each column's sum over j times the factor of its window site
+        const int64_t site = p.dropout.window_site(layer);
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
+        for (int k = 0; k < kNarrowChunk; ++k) {
+          const int position = c0 + k < c_end ? window.position(c0 + k) : -1;
+          if (position < 0) continue;  // a_tile's column is zero there
+          float sum = 0.f;
 #pragma unroll
-        for (int k = 0; k < kNarrowChunk; ++k) dx[k] = fmaf(dz[j], a_tile[j * kNarrowChunk + k], dx[k]);
+          for (int j = 0; j < W; ++j) sum = fmaf(dz[j], a_tile[j * kNarrowChunk + k], sum);
+          dx[k] = fmaf(sum, p.dropout.factor(row, site + position), dx[k]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+#pragma unroll
+          for (int k = 0; k < kNarrowChunk; ++k) dx[k] = fmaf(dz[j], a_tile[j * kNarrowChunk + k], dx[k]);
+        }
       }
     }
     __syncthreads();  // the previous chunk's stores from dx_tile are done

@@ -36,6 +36,7 @@
 
 #include "../common/activation.h"
 #include "../common/message_text.h"
+#include "../common/philox.h"
 #include "../common/spinal_shape.h"
 
 namespace spinal_ops {
@@ -349,16 +350,18 @@ struct SmemLayout {
   __host__ __device__ static constexpr int staged_ld(int extent) { return extent + Mma::kPad; }
 };
 
-// The chain's sizes as every kernel receives them (each launch's Args struct derives from this).
+// The chain's sizes as every kernel receives them (each launch's Args struct derives from this),
+// and the call's dropout (inactive: the kernels run exactly as without it).
 struct ChainDims {
   int64_t batch;
   int n, s, w, num_layers, out_features;  // out_features = 0: no projection
   int state_width;                        // w rounded up to kTileK: columns of the on-chip state
   Activation act;
   float slope;
+  Dropout dropout;
 };
 
-inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slope) {
+inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slope, const Dropout& dropout) {
   // The kernels index within a row in int: N, s, M and L*w (+ 1, the bias column) must fit, and
   // Window's sums (start + j, c + N - start, both < 2N) too.
   TORCH_CHECK(shape.in_features <= INT32_MAX / 2, "spinal_ops: N = ", text(shape.in_features),
@@ -377,7 +380,15 @@ inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slop
   d.state_width = static_cast<int>(round_up(shape.layer_width, kTileK));
   d.act = act;
   d.slope = slope;
+  d.dropout = dropout;
   return d;
+}
+
+// v times its dropout factor (0 or 1/(1-p)) at site `site` of row `row`, scaled in fp32 and rounded
+// once to T, as eager dropout's output is rounded; a dropped NaN stays NaN, as in the reference.
+template <typename T>
+__device__ __forceinline__ T dropped(const Dropout& dropout, T v, int64_t row, int64_t site) {
+  return static_cast<T>(static_cast<float>(v) * dropout.factor(row, site));
 }
 
 // Typed views of the dynamic smem buffer as SmemLayout carves it (every kernel's prologue).

@@ -6,7 +6,7 @@
 // 1; launch 2 with the dtype's tiled policy: simt or wmma), "aten" (the hoisted chain on ATen's
 // engine, csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto"
 // (the op's own routing: use_native_kernels, narrow_kernels_fit). Every CPU allocation made during a
-// call is poisoned.
+// call is poisoned. The trailing dropout_seed and dropout_p are the op pairs' (contract §1, "Masks").
 // Built by tests/test_cuda_emulation.py; never part of the package.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
@@ -117,9 +117,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& weight_out,
                                            const std::optional<at::Tensor>& bias_out, c10::string_view activation,
                                            double negative_slope, c10::string_view policy, int64_t device,
-                                           bool keep_pre_activation) {
+                                           bool keep_pre_activation, const std::optional<at::Tensor>& dropout_seed,
+                                           double dropout_p) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   const Activation act = parse_activation(activation);
+  const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const Session session(policy, device);
   // As register.cu: outputs from at::empty (poisoned here), nothing launched for an empty batch,
   // no Z for the narrow forward unless it is kept.
@@ -131,11 +133,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   if (!native_kernels(shape, x, policy, device)) {
     return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
                                   weight_hidden.contiguous(), bias, weight_out, bias_out, act, negative_slope,
-                                  /*keep_pre_activation=*/true);
+                                  /*keep_pre_activation=*/true, dropout);
   }
   launch_native_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
                        bias_out, act, static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), out,
-                       pre_activation, narrow);
+                       pre_activation, dropout, narrow);
   return {out, pre_activation};
 }
 
@@ -143,11 +145,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                  const std::optional<at::Tensor>& weight_out, bool has_bias,
                                  c10::string_view activation, double negative_slope, c10::string_view policy,
-                                 int64_t device) {
+                                 int64_t device, const std::optional<at::Tensor>& dropout_seed, double dropout_p) {
   SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt);
   shape.has_bias = has_bias;
   shape.has_bias_out = has_bias && weight_out.has_value();
   const Activation act = parse_activation(activation);
+  const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const Session session(policy, device);
   // As register.cu (poisoned here).
   const BackwardOutputs grads = allocate_backward_outputs(shape, x, weight_in, weight_hidden, weight_out);
@@ -156,13 +159,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
     const auto hoisted =
         chain::hoisted_backward(chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(),
                                 pre_activation.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(),
-                                weight_out, act, negative_slope, mask);
+                                weight_out, act, negative_slope, mask, dropout);
     return {hoisted.begin(), hoisted.end()};
   }
   if (shape.batch > 0) {
     launch_native_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
-                          static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads,
+                          static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads, dropout,
                           policy == "narrow" || policy == "auto");
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
@@ -279,8 +282,14 @@ void set_spin_budget(int64_t budget) { emu::spin_budget = budget; }
 }  // namespace spinal_ops
 
 TORCH_LIBRARY(spinal_emu, m) {
-  m.def("forward", &spinal_ops::cuda_kernels::forward);
-  m.def("backward", &spinal_ops::cuda_kernels::backward);
+  m.def("forward(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, "
+        "Tensor? bias_out, str activation, float negative_slope, str policy, int device, bool keep_pre_activation, "
+        "Tensor? dropout_seed=None, float dropout_p=0.0) -> (Tensor, Tensor)",
+        &spinal_ops::cuda_kernels::forward);
+  m.def("backward(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, "
+        "Tensor? weight_out, bool has_bias, str activation, float negative_slope, str policy, int device, "
+        "Tensor? dropout_seed=None, float dropout_p=0.0) -> Tensor[]",
+        &spinal_ops::cuda_kernels::backward);
   m.def("tile_kernel_width_limit", &spinal_ops::cuda_kernels::width_limit);
   m.def("native_kernels_refusal", &spinal_ops::cuda_kernels::refusal);
   m.def("configure", &spinal_ops::cuda_kernels::configure);
