@@ -335,6 +335,16 @@ def test_dropout_matches_reference(emulated_ops, name, policy):
     _check(emulated_ops, _dropout_config(CONFIGS[name], dtype, mma), dtype, mma, batch=70, dropout_seed=DROPOUT_SEED)
 
 
+@pytest.mark.parametrize("target, policy, batch", [
+    ("sm_90", "fp32_simt", 600), ("sm_90", "bf16_wmma", 600),  # split-K weight gradients
+    ("sm_75", "fp16_wmma", 70), ("sm_75", "fp32_simt", 70),    # sm_75's 32-row fp16 tiles, its SIMT fp32
+])
+def test_dropout_split_k_and_sm75(emulated_ops, target, policy, batch):
+    dtype, mma = POLICIES[policy]
+    config = _dropout_config(CONFIGS["wrap_s40_N70_two_k_chunks"], dtype, mma)
+    _check(emulated_ops, config, dtype, mma, batch=batch, device=TARGETS[target], dropout_seed=DROPOUT_SEED)
+
+
 @pytest.mark.parametrize("name", DROPOUT_NARROW_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_narrow_dropout_matches_reference(emulated_ops, name, dtype):
@@ -547,16 +557,17 @@ def _orders_global_memory_only(site):
     return "__threadfence" in lines[int(line) - 2]
 
 
-def _barriers_missed_by(ops, sites, runs, device=SM90):
+def _barriers_missed_by(ops, sites, runs, device=SM90, dropout_seed=None):
     """The barrier sites of `sites` whose removal no run of `runs` (config, dtype, policy, batch) on
-    `device` notices: a racecheck or initcheck failure, or a wrong or unwritten result, counts as noticed."""
+    `device` (training calls with that dropout seed, if given) notices: a racecheck or initcheck
+    failure, or a wrong or unwritten result, counts as noticed."""
     missed = []
     for site in sites:
         ops.configure(SEED, site, False)
         try:
             for config, dtype, policy, batch in runs:
                 try:
-                    _check(ops, config, dtype, policy, batch=batch, device=device)
+                    _check(ops, config, dtype, policy, batch=batch, device=device, dropout_seed=dropout_seed)
                 except RuntimeError as error:
                     assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
                     break
@@ -600,6 +611,24 @@ def test_every_removed_narrow_syncthreads_is_caught(emulated_ops):
     assert len(sites) == 8, sites
     missed = _barriers_missed_by(emulated_ops, sites,
                                      [(case, torch.float32, "narrow", 150) for case in (config, gaps)])
+    assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
+
+
+@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
+def test_every_removed_dropout_syncthreads_is_caught(emulated_ops, policy):
+    # The barriers only a dropout reaches (launch 1's parked dH and per-layer dx), each removed in
+    # turn, on shapes with a projection, L > 1, two z chunks (bf16) and two column chunks of x.
+    dtype, mma = POLICIES[policy]
+    shape = CONFIGS["two_z_chunks_M_and_N_over_128" if dtype != torch.float32 else "wrap_s40_N70_two_k_chunks"]
+    config = _dropout_config(shape, dtype, mma)
+    emulated_ops.configure(SEED, "", False)
+    _check(emulated_ops, make_config(**shape, activation=config.activation), dtype, mma, batch=40)
+    plain = set(emulated_ops.barrier_sites())
+    emulated_ops.configure(SEED, "", False)
+    _check(emulated_ops, config, dtype, mma, batch=40, dropout_seed=DROPOUT_SEED)
+    sites = sorted(set(emulated_ops.barrier_sites()) - plain)
+    assert len(sites) == 2, sites
+    missed = _barriers_missed_by(emulated_ops, sites, [(config, dtype, mma, 40)], dropout_seed=DROPOUT_SEED)
     assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
 
 

@@ -21,6 +21,18 @@
 //   partial tile to a workspace, and the last CTA of the tile to arrive (atomic ticket) sums the
 //   partials in split order 0..splits-1: the result does not depend on arrival order, so it is
 //   deterministic without float atomics.
+// Dropout (p.dropout active, as in forward_kernel.cuh; inactive, none of it runs): the backward
+//   recomputes the forward's factors, one Philox per element where it scales or stages one.
+//   Launch 1: dh_l = (g W_out) * F_H + (dz_{l+1} R_{l+1}) * F_h,l+1, each product scaled in the
+//   epilogue by its own factors; with both, the first is stored, scaled and parked in dz_l's state
+//   columns of the chunk (rounded to the dtype; only this chunk's epilogue writes them) while the
+//   recurrence's product runs (one extra acc store and barrier per chunk). dx: each layer's
+//   dz_l A_l is scaled by its window's factors, so instead of summing on chip it is stored and
+//   added into dx as each layer is done (dx rounded to the dtype per layer, as eager's dx is):
+//   per 128-column chunk of x, s words per row and layer that reads it.
+//   Launch 2: the input side is staged dropped, as the forward read it: x's window, h_{l-1}, H
+//   (one Philox per staged element: each is staged once per kTileM-row tile of its gradient,
+//   ceil(w / kTileM) times for x and h, ceil(M / kTileM) for H).
 // Smem: the same SmemLayout as forward (tile_mma.cuh): <= 117 KB (launch 1), <= 52 KB (launch 2).
 //   sm_75 (T4, 64 KB): fp16 in 32-row tiles, <= 62 KB (launch 1) and 29 KB (launch 2); fp32 on
 //   SimtMma, w <= 96 (launch 1) and 37 KB (launch 2); bf16 and TF32 are not run there (forward_kernel.cuh).
@@ -100,8 +112,7 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
         acc.template mma<Layout::Row, Layout::Row>(sm.a_stage, ld_a, sm.b_stage, ld_b, kTileK);
       }
       const int cols = min(kTileN, p.state_width - n0);
-      if (parks) {
-        __syncthreads();
+      if (parks) {  // no barrier before the store: the projection's K-loop (M >= 1) ends with one
         acc.store(sm.acc_tile, kAccLd);
         __syncthreads();
         for (int idx = threadIdx.x; idx < kM * cols; idx += kThreads) {
@@ -175,8 +186,7 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
       }
       if (drops) {
         const int64_t window_site = dropout.window_site(layer);
-        __syncthreads();
-        acc.store(sm.acc_tile, kAccLd);
+        acc.store(sm.acc_tile, kAccLd);  // as the park above: the K-loop (w >= 1) ordered it
         __syncthreads();
         for (int idx = threadIdx.x; idx < kM * kTileN; idx += kThreads) {
           const int m = idx / kTileN, n = idx - m * kTileN;

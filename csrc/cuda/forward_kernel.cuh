@@ -16,6 +16,14 @@
 //   K = L*w in chunks of 32; phi(Z) is re-read from the Z rows this CTA wrote (visible after
 //   __syncthreads()), so no [kTileM x L*w] buffer is needed on chip.
 //   Without M, the epilogue writes h_l directly into out = H.
+// Dropout (p.dropout active, contract §1 "Masks"; inactive, none of it runs and the bits are those
+//   of the kernel without it): each dropped operand is multiplied by its factor (0 or 1/(1-p), one
+//   Philox4x32-10 word, common/philox.h) where it is staged, scaled in fp32 and rounded once to the
+//   dtype, as eager dropout's output: x's window as it fills the staged A operand (one Philox per
+//   staged element: per row and layer s words for each 128-column chunk of z, so twice for
+//   w > 128); h_l as the epilogue writes it to the state buffer that layer l+1 reads (w words per
+//   row and layer, none after the last); phi(Z) as the projection stages it (L*w words per row for
+//   each 128-column chunk of y). Z, out and the projection's own inputs are never stored dropped.
 // Smem budget (w = 256): bf16/fp16 2*64*264*2 + 64*40*2 + 128*40*2 + 64*132*4 = 117 KB;
 //   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB)
 //   and sm90 (227 KB); on 99 KB parts (sm86/89/120) use_native_kernels() sends w > 192 (fp16/bf16/TF32)

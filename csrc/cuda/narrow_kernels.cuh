@@ -37,6 +37,13 @@
 //     columns there [W][32] (zero where the window does not read) and add dz_l A_l (dz_l read
 //     back from this thread's own dZ row); the chunk leaves through the row tile: every column of
 //     dx written once, no zero fill, no atomics.
+// Dropout (p.dropout active, contract §1; inactive, none of it runs): each thread computes its own
+//   row's factors (one Philox4x32-10 word per site, none stored). Forward: x's window element as
+//   the thread reads it from the row tile, h_l for layer l+1's recurrence and for the projection
+//   (each with its own factors), each dropped value scaled in fp32 and rounded to T once, as eager
+//   dropout's output. Launch 1: dh_l = (g W_out) * F_H + (dz_{l+1} R_{l+1}) * F_h,l+1, the two
+//   products summed apart; dx: per column, the layer's sum over j times the factor of its window
+//   site. One word per site and row each way.
 // Numerics: fp32 accumulation throughout, no TF32 (float32 calls are exact whatever allow_tf32).
 // Offsets into x, Z, dZ, dx and out are 64-bit.
 #pragma once
