@@ -397,6 +397,27 @@ def test_backends_say_which_run_dropout():
     assert "no batch-norm stage" in TritonBackend().supports(normed, torch.float32, torch.device("cuda")).reason
 
 
+def test_cuda_path_runs_the_native_kernels_with_dropout_only_when_forced(monkeypatch):
+    # Until a GPU run times the native kernels' dropout, the cost model does not pick them for it;
+    # forced_path("native") runs them (an H100's limits, no GPU needed).
+    from spinal_ops.backends import cuda
+    from spinal_ops.backends.cuda_cost import model_for
+
+    limits = {(dtype, tf32): 256 for dtype, tf32 in ((torch.float32, False), (torch.float32, True),
+                                                     (torch.float16, False), (torch.bfloat16, False))}
+    monkeypatch.setattr(cuda, "TILE_KERNEL_MAX_WIDTH", 256)
+    monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((9, 0), model_for("NVIDIA H100 80GB HBM3", 132),
+                                                             limits, {})})
+    gpu = torch.device("cuda", 0)
+    for name in ("odd_N_wraps", "w_at_tile_limit"):
+        config = dropout_config(name)
+        assert cuda_path(config, 64, torch.float32, gpu, True).path == "hoisted"
+        with forced_path("native"):
+            assert cuda_path(config, 64, torch.float32, gpu, True).path == "native"
+        with forced_path("hoisted"):
+            assert cuda_path(config, 64, torch.float32, gpu, True).path == "hoisted"
+
+
 # ---- the CUDA paths (GPU) ----------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_kernels_compiled()),
