@@ -16,7 +16,10 @@ void launch_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T>& d)
     constexpr int W = decltype(width)::value;
     const int64_t smem_bytes = NarrowSmem<W>::kBytes;
     const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
-    launch_kernel<spinal_narrow_data_grad_kernel<T, W>>(blocks, smem_bytes, smem_bytes, d, kNarrowRows);
+    with_dropout(d.dropout, [&](auto drops) {
+      constexpr bool kDrops = decltype(drops)::value;
+      launch_kernel<spinal_narrow_data_grad_kernel<T, W, kDrops>>(blocks, smem_bytes, smem_bytes, d, kNarrowRows);
+    });
   });
 }
 
@@ -47,15 +50,22 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
   if (allow_narrow && narrow_kernels_fit(shape)) {
     launch_narrow_data_grad<T>(shape, d);
   } else {
-    launch_kernel<spinal_data_grad_kernel<DataMma, T>>(ceil_div(shape.batch, kM), tile_smem_bytes<DataMma, T>(d.w),
-                                                       tile_smem_bytes<DataMma, T>(kTileKernelMaxWidth), d);
+    with_dropout(dropout, [&](auto drops) {
+      constexpr bool kDrops = decltype(drops)::value;
+      launch_kernel<spinal_data_grad_kernel<DataMma, T, kDrops>>(ceil_div(shape.batch, kM),
+                                                                  tile_smem_bytes<DataMma, T>(d.w),
+                                                                  tile_smem_bytes<DataMma, T>(kTileKernelMaxWidth), d);
+    });
   }
 
   const WeightGradArgs<T> g = make_weight_grad_args<T>(
       shape, plan, grad_out, x, pre_activation, grad_pre, act, slope, dropout, grads,
       plan.splits > 1 ? partials.data_ptr<float>() : nullptr, counters_data);
   const int64_t grad_smem = SmemLayout<GradMma, T>(0).total;
-  launch_kernel<spinal_weight_grad_kernel<GradMma, T>>(ctas, grad_smem, grad_smem, g);
+  with_dropout(dropout, [&](auto drops) {
+    constexpr bool kDrops = decltype(drops)::value;
+    launch_kernel<spinal_weight_grad_kernel<GradMma, T, kDrops>>(ctas, grad_smem, grad_smem, g);
+  });
 }
 
 }  // namespace

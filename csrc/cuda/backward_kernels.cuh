@@ -21,7 +21,7 @@
 //   partial tile to a workspace, and the last CTA of the tile to arrive (atomic ticket) sums the
 //   partials in split order 0..splits-1: the result does not depend on arrival order, so it is
 //   deterministic without float atomics.
-// Dropout (p.dropout active, as in forward_kernel.cuh; inactive, none of it runs): the backward
+// Dropout (the kernels' Drops instances, as in forward_kernel.cuh): the backward
 //   recomputes the forward's factors, one Philox per element where it scales or stages one.
 //   Launch 1: dh_l = (g W_out) * F_H + (dz_{l+1} R_{l+1}) * F_h,l+1, each product scaled in the
 //   epilogue by its own factors; with both, the first is stored, scaled and parked in dz_l's state
@@ -62,7 +62,7 @@ struct DataGradArgs : ChainDims {
   int64_t num_counters;
 };
 
-template <class Mma, typename T>
+template <class Mma, typename T, bool Drops>
 __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -80,7 +80,7 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const auto row_valid = [&](int m) { return row0 + m < p.batch; };
   const Dropout& dropout = p.dropout;
-  const bool drops = dropout.active;
+  constexpr bool drops = Drops;
 
   Mma acc;
   for (int layer = p.num_layers - 1; layer >= 0; --layer) {
@@ -184,7 +184,7 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
         __syncthreads();
         acc.template mma<Layout::Row, Layout::Row>(sm.a_stage, ld_a, sm.b_stage, ld_b, kTileK);
       }
-      if (drops) {
+      if constexpr (drops) {
         const int64_t window_site = dropout.window_site(layer);
         acc.store(sm.acc_tile, kAccLd);  // as the park above: the K-loop (w >= 1) ordered it
         __syncthreads();
@@ -212,10 +212,11 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   }
 }
 
-template <class Mma, typename T>
+// Drops: compiled with the dropout stage or without it, as spinal_forward_kernel.
+template <class Mma, typename T, bool Drops>
 __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGradArgs<T> p) {
   if constexpr (kRunsOnThisArch<Mma, T>) {
-    data_grad_tile<Mma, T>(p);
+    data_grad_tile<Mma, T, Drops>(p);
   } else {
     unsupported_arch();
   }
@@ -273,7 +274,7 @@ __device__ GradJob decode_grad_job(const WeightGradArgs<T>& p, int64_t tile) {
           p.num_layers * p.w + (p.has_bias_out ? 1 : 0)};
 }
 
-template <class Mma, typename T>
+template <class Mma, typename T, bool Drops>
 __device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -300,7 +301,7 @@ __device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   // With dropout, the input side is what the forward's product read: x's window, h_{l-1} and H
   // times their factors (the bias column stays 1).
   const Dropout& dropout = p.dropout;
-  const bool drops = dropout.active;
+  constexpr bool drops = Drops;
   const int64_t q_site = kind == JobKind::In       ? dropout.window_site(layer)
                          : kind == JobKind::Hidden ? dropout.hidden_site(layer)
                                                    : dropout.projection_site();
@@ -390,10 +391,10 @@ __device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   if (threadIdx.x == 0) p.tile_counters[tile] = 0;
 }
 
-template <class Mma, typename T>
+template <class Mma, typename T, bool Drops>
 __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
   if constexpr (kRunsOnThisArch<Mma, T>) {
-    weight_grad_tile<Mma, T>(p);
+    weight_grad_tile<Mma, T, Drops>(p);
   } else {
     unsupported_arch();
   }

@@ -16,8 +16,12 @@ void launch(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& wei
             float slope, const at::Tensor& out, const at::Tensor& pre_activation, const Dropout& dropout) {
   const ForwardArgs<T> p = make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
                                                 slope, out, pre_activation, dropout);
-  launch_kernel<spinal_forward_kernel<Mma, T>>(ceil_div(shape.batch, Mma::kTileM), tile_smem_bytes<Mma, T>(p.w),
-                                               tile_smem_bytes<Mma, T>(kTileKernelMaxWidth), p);
+  with_dropout(dropout, [&](auto drops) {
+    constexpr bool kDrops = decltype(drops)::value;
+    launch_kernel<spinal_forward_kernel<Mma, T, kDrops>>(ceil_div(shape.batch, Mma::kTileM),
+                                                          tile_smem_bytes<Mma, T>(p.w),
+                                                          tile_smem_bytes<Mma, T>(kTileKernelMaxWidth), p);
+  });
 }
 
 // The narrow forward kernel (narrow_kernels.cuh), compiled for w <= 8 and w <= 16.
@@ -27,7 +31,10 @@ void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p) {
     constexpr int W = decltype(width)::value;
     const int64_t smem_bytes = NarrowSmem<W>::kBytes;
     const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
-    launch_kernel<spinal_narrow_forward_kernel<T, W>>(blocks, smem_bytes, smem_bytes, p, kNarrowRows);
+    with_dropout(p.dropout, [&](auto drops) {
+      constexpr bool kDrops = decltype(drops)::value;
+      launch_kernel<spinal_narrow_forward_kernel<T, W, kDrops>>(blocks, smem_bytes, smem_bytes, p, kNarrowRows);
+    });
   });
 }
 

@@ -16,8 +16,9 @@
 //   K = L*w in chunks of 32; phi(Z) is re-read from the Z rows this CTA wrote (visible after
 //   __syncthreads()), so no [kTileM x L*w] buffer is needed on chip.
 //   Without M, the epilogue writes h_l directly into out = H.
-// Dropout (p.dropout active, contract §1 "Masks"; inactive, none of it runs and the bits are those
-//   of the kernel without it): each dropped operand is multiplied by its factor (0 or 1/(1-p), one
+// Dropout (contract §1 "Masks"; the kernel's Drops instance, launched when p.dropout is active:
+//   each kernel is compiled with and without this stage, so a call without dropout runs the same
+//   code, registers and bits as before it existed): each dropped operand is multiplied by its factor (0 or 1/(1-p), one
 //   Philox4x32-10 word, common/philox.h) where it is staged, scaled in fp32 and rounded once to the
 //   dtype, as eager dropout's output: x's window as it fills the staged A operand (one Philox per
 //   staged element: per row and layer s words for each 128-column chunk of z, so twice for
@@ -78,7 +79,7 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
   return p;
 }
 
-template <class Mma, typename T>
+template <class Mma, typename T, bool Drops>
 __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -89,7 +90,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const auto row_valid = [&](int m) { return row0 + m < p.batch; };
-  const bool drops = p.dropout.active;
+  constexpr bool drops = Drops;
 
   Mma acc;
   for (int layer = 0; layer < p.num_layers; ++layer) {
@@ -186,10 +187,11 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   }
 }
 
-template <class Mma, typename T>
+// Drops: compiled with the dropout stage (p.dropout active) or without it (launch.cuh: with_dropout).
+template <class Mma, typename T, bool Drops>
 __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
   if constexpr (kRunsOnThisArch<Mma, T>) {
-    forward_tile<Mma, T>(p);
+    forward_tile<Mma, T, Drops>(p);
   } else {
     unsupported_arch();
   }

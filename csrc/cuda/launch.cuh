@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 
 #include "tile_mma.cuh"
 
@@ -60,6 +61,18 @@ void launch_kernel(int64_t blocks, int64_t smem_bytes, int64_t max_smem_bytes, c
   void* kernel_args[] = {const_cast<Args*>(&args)};
   C10_CUDA_CHECK(cudaLaunchKernel(Kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), kernel_args,
                                   static_cast<size_t>(smem_bytes), c10::cuda::getCurrentCUDAStream()));
+}
+
+// Calls f(std::bool_constant<dropout.active>{}): each kernel is compiled with its dropout stage
+// and without it, so that a call without dropout runs the kernels' code as it is without one
+// (registers and spills included) and a call with dropout pays for the masks alone.
+template <typename F>
+void with_dropout(const Dropout& dropout, F&& f) {
+  if (dropout.active) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 // Dynamic shared memory of the forward and data-gradient kernels at layer width w (the

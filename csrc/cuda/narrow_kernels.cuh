@@ -37,13 +37,13 @@
 //     columns there [W][32] (zero where the window does not read) and add dz_l A_l (dz_l read
 //     back from this thread's own dZ row); the chunk leaves through the row tile: every column of
 //     dx written once, no zero fill, no atomics.
-// Dropout (p.dropout active, contract §1; inactive, none of it runs): each thread computes its own
-//   row's factors (one Philox4x32-10 word per site, none stored). Forward: x's window element as
-//   the thread reads it from the row tile, h_l for layer l+1's recurrence and for the projection
-//   (each with its own factors), each dropped value scaled in fp32 and rounded to T once, as eager
-//   dropout's output. Launch 1: dh_l = (g W_out) * F_H + (dz_{l+1} R_{l+1}) * F_h,l+1, the two
-//   products summed apart; dx: per column, the layer's sum over j times the factor of its window
-//   site. One word per site and row each way.
+// Dropout (contract §1; the kernels' Drops instances, as in forward_kernel.cuh): each thread
+//   computes its own row's factors (one Philox4x32-10 word per site, none stored). Forward: x's
+//   window element as the thread reads it from the row tile, h_l for layer l+1's recurrence and
+//   for the projection (each with its own factors), each dropped value scaled in fp32 and rounded
+//   to T once, as eager dropout's output. Launch 1: dh_l = (g W_out) * F_H + (dz_{l+1} R_{l+1}) *
+//   F_h,l+1, the two products summed apart; dx: per column, the layer's sum over j times the
+//   factor of its window site. One word per site and row each way.
 // Numerics: fp32 accumulation throughout, no TF32 (float32 calls are exact whatever allow_tf32).
 // Offsets into x, Z, dZ, dx and out are 64-bit.
 #pragma once
@@ -159,7 +159,7 @@ struct XChunk {
   }
 };
 
-template <typename T, int W>
+template <typename T, int W, bool Drops>
 __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -172,7 +172,7 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   const bool valid = row < p.batch;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
-  const bool drops = p.dropout.active;
+  constexpr bool drops = Drops;
 
   float h_prev[W];
   for (int m = 0; m < m_count; ++m) y_row[m] = 0.f;
@@ -231,7 +231,7 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
         load(layer + 1, 0);
       }
       const int k_end = min(kNarrowChunk, p.s - k0);
-      if (drops) {  // the thread's window elements times their factors, as it reads them
+      if constexpr (drops) {  // the thread's window elements times their factors, as it reads them
         const int64_t site = p.dropout.window_site(layer) + k0;
         for (int k = 0; k < k_end; ++k) {
           const T x = static_cast<T>(x_tile[t * Smem::kXLd + k]);  // exact: the tile holds T values
@@ -268,7 +268,7 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
     float h_in[W];  // h_l as the projection reads it
 #pragma unroll
     for (int j = 0; j < W; ++j) h_in[j] = h[j];
-    if (drops) {  // H's factors for the projection, h_l's as layer l+1's input for the recurrence
+    if constexpr (drops) {  // H's factors for the projection, h_l's as layer l+1's input for the recurrence
       const int64_t projection_site = p.dropout.projection_site() + static_cast<int64_t>(layer) * w;
       const int64_t hidden_site = p.dropout.hidden_site(layer + 1);
       const bool has_next = layer + 1 < p.num_layers;
@@ -296,17 +296,18 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   }
 }
 
-template <typename T, int W>
+// Drops: compiled with the dropout stage or without it, as the tiled kernels.
+template <typename T, int W, bool Drops>
 __global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
     spinal_narrow_forward_kernel(const ForwardArgs<T> p) {
   if constexpr (kRunsOnThisArch<void, T>) {
-    narrow_forward_rows<T, W>(p);
+    narrow_forward_rows<T, W, Drops>(p);
   } else {
     unsupported_arch();
   }
 }
 
-template <typename T, int W>
+template <typename T, int W, bool Drops>
 __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -323,7 +324,7 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
   const bool valid = row < p.batch;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
-  const bool drops = p.dropout.active;
+  constexpr bool drops = Drops;
 
   float g[kNarrowKernelMaxOut];
 #pragma unroll
@@ -356,7 +357,7 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
         for (int j = 0; j < W; ++j) dh[j] = fmaf(g[m], out_tile[m * W + j], dh[j]);
       }
     }
-    if (drops) {
+    if constexpr (drops) {
       // dH_l times H's factors plus dz_{l+1} R_{l+1} times those of h_l as layer l+1's input.
       float dh_next[W];
 #pragma unroll
@@ -418,7 +419,7 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
         dz[j] = valid && j < w ? static_cast<float>(p.grad_pre[row * hidden + static_cast<int64_t>(layer) * w + j])
                                : 0.f;
       }
-      if (drops) {  // each column's sum over j times the factor of its window site
+      if constexpr (drops) {  // each column's sum over j times the factor of its window site
         const int64_t site = p.dropout.window_site(layer);
 #pragma unroll
         for (int k = 0; k < kNarrowChunk; ++k) {
@@ -450,11 +451,11 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
   }
 }
 
-template <typename T, int W>
+template <typename T, int W, bool Drops>
 __global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
     spinal_narrow_data_grad_kernel(const DataGradArgs<T> p) {
   if constexpr (kRunsOnThisArch<void, T>) {
-    narrow_data_grad_rows<T, W>(p);
+    narrow_data_grad_rows<T, W, Drops>(p);
   } else {
     unsupported_arch();
   }
