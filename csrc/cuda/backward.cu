@@ -11,12 +11,12 @@ namespace {
 
 // Launch 1 for narrow layers: one thread per row (narrow_kernels.cuh).
 template <typename T>
-void launch_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T>& d) {
+void launch_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T>& d, const Dropout& dropout) {
   with_narrow_width(shape.layer_width, [&](auto width) {
     constexpr int W = decltype(width)::value;
     const int64_t smem_bytes = NarrowSmem<W>::kBytes;
     const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
-    with_dropout(d.dropout, [&](auto drops) {
+    with_dropout(dropout, [&](auto drops) {
       constexpr bool kDrops = decltype(drops)::value;
       launch_kernel<spinal_narrow_data_grad_kernel<T, W, kDrops>>(blocks, smem_bytes, smem_bytes, d, kNarrowRows);
     });
@@ -48,7 +48,7 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
       make_data_grad_args<T>(shape, grad_out, pre_activation, weight_in, weight_hidden, weight_out, act, slope,
                              dropout, grad_pre, grads.grad_x, counters_data, plan.tiles.total);
   if (allow_narrow && narrow_kernels_fit(shape)) {
-    launch_narrow_data_grad<T>(shape, d);
+    launch_narrow_data_grad<T>(shape, d, dropout);
   } else {
     with_dropout(dropout, [&](auto drops) {
       constexpr bool kDrops = decltype(drops)::value;

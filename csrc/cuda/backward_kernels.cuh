@@ -60,6 +60,7 @@ struct DataGradArgs : ChainDims {
   T* grad_x;
   int* tile_counters;  // zeroed here for launch 2 (nullable)
   int64_t num_counters;
+  DropoutKey dropout_key;  // last (tile_mma.cuh)
 };
 
 template <class Mma, typename T, bool Drops>
@@ -79,7 +80,7 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const auto row_valid = [&](int m) { return row0 + m < p.batch; };
-  const Dropout& dropout = p.dropout;
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
   constexpr bool drops = Drops;
 
   Mma acc;
@@ -247,6 +248,7 @@ struct WeightGradArgs : ChainDims {
   T* grad_bias_out;    // nullable
   float* partials;     // [tiles.total * splits][kTileM * kTileN] when splits > 1
   int* tile_counters;  // [tiles.total] when splits > 1
+  DropoutKey dropout_key;  // last (tile_mma.cuh)
 };
 
 // Which gradient a launch-2 tile computes: its job (kind and layer), its position among that
@@ -300,7 +302,7 @@ __device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   };
   // With dropout, the input side is what the forward's product read: x's window, h_{l-1} and H
   // times their factors (the bias column stays 1).
-  const Dropout& dropout = p.dropout;
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
   constexpr bool drops = Drops;
   const int64_t q_site = kind == JobKind::In       ? dropout.window_site(layer)
                          : kind == JobKind::Hidden ? dropout.hidden_site(layer)
@@ -442,7 +444,7 @@ DataGradArgs<T> make_data_grad_args(const SpinalShape& shape, const at::Tensor& 
                                     Activation act, float slope, const Dropout& dropout, const at::Tensor& grad_pre,
                                     const at::Tensor& grad_x, int* tile_counters, int64_t num_counters) {
   DataGradArgs<T> d{};
-  static_cast<ChainDims&>(d) = chain_dims(shape, act, slope, dropout);
+  static_cast<ChainDims&>(d) = chain_dims(shape, act, slope);
   d.grad_out = grad_out.data_ptr<T>();
   d.pre_activation = pre_activation.data_ptr<T>();
   d.weight_in = weight_in.data_ptr<T>();
@@ -452,6 +454,7 @@ DataGradArgs<T> make_data_grad_args(const SpinalShape& shape, const at::Tensor& 
   d.grad_x = grad_x.data_ptr<T>();
   d.tile_counters = tile_counters;
   d.num_counters = tile_counters ? num_counters : 0;
+  d.dropout_key = dropout_key(dropout);
   return d;
 }
 
@@ -463,7 +466,7 @@ WeightGradArgs<T> make_weight_grad_args(const SpinalShape& shape, const WeightGr
                                         Activation act, float slope, const Dropout& dropout,
                                         const BackwardOutputs& grads, float* partials, int* tile_counters) {
   WeightGradArgs<T> g{};
-  static_cast<ChainDims&>(g) = chain_dims(shape, act, slope, dropout);
+  static_cast<ChainDims&>(g) = chain_dims(shape, act, slope);
   g.has_bias = shape.has_bias;
   g.has_bias_out = shape.has_bias_out;
   g.tiles = plan.tiles;
@@ -480,6 +483,7 @@ WeightGradArgs<T> make_weight_grad_args(const SpinalShape& shape, const WeightGr
   g.grad_bias_out = nonempty_data<T>(grads.grad_bias_out);
   g.partials = partials;
   g.tile_counters = tile_counters;
+  g.dropout_key = dropout_key(dropout);
   return g;
 }
 

@@ -26,12 +26,12 @@ void launch(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& wei
 
 // The narrow forward kernel (narrow_kernels.cuh), compiled for w <= 8 and w <= 16.
 template <typename T>
-void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p) {
+void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p, const Dropout& dropout) {
   with_narrow_width(shape.layer_width, [&](auto width) {
     constexpr int W = decltype(width)::value;
     const int64_t smem_bytes = NarrowSmem<W>::kBytes;
     const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
-    with_dropout(p.dropout, [&](auto drops) {
+    with_dropout(dropout, [&](auto drops) {
       constexpr bool kDrops = decltype(drops)::value;
       launch_kernel<spinal_narrow_forward_kernel<T, W, kDrops>>(blocks, smem_bytes, smem_bytes, p, kNarrowRows);
     });
@@ -93,7 +93,8 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
     using T = typename Types::Element;
     if (allow_narrow && narrow_kernels_fit(shape)) {
       launch_narrow<T>(shape, make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
-                                                   act, negative_slope, out, pre_activation, dropout));
+                                                   act, negative_slope, out, pre_activation, dropout),
+                      dropout);
       return;
     }
     launch<typename Types::DataMma, typename Types::Element>(shape, x, weight_in, weight_hidden, bias, weight_out,

@@ -16,7 +16,7 @@
 //   K = L*w in chunks of 32; phi(Z) is re-read from the Z rows this CTA wrote (visible after
 //   __syncthreads()), so no [kTileM x L*w] buffer is needed on chip.
 //   Without M, the epilogue writes h_l directly into out = H.
-// Dropout (contract §1 "Masks"; the kernel's Drops instance, launched when p.dropout is active:
+// Dropout (contract §1 "Masks"; the kernel's Drops instance, launched when the call's dropout is active:
 //   each kernel is compiled with and without this stage, so a call without dropout runs the same
 //   code, registers and bits as before it existed): each dropped operand is multiplied by its factor (0 or 1/(1-p), one
 //   Philox4x32-10 word, common/philox.h) where it is staged, scaled in fp32 and rounded once to the
@@ -56,6 +56,7 @@ struct ForwardArgs : ChainDims {
   const T* bias_out;  // nullable
   T* out;
   T* pre_activation;
+  DropoutKey dropout_key;  // last (tile_mma.cuh)
 };
 
 // Kernel arguments from the op's (contiguous, checked) tensors.
@@ -66,7 +67,7 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
                                  const std::optional<at::Tensor>& bias_out, Activation act, float slope,
                                  const at::Tensor& out, const at::Tensor& pre_activation, const Dropout& dropout) {
   ForwardArgs<T> p{};
-  static_cast<ChainDims&>(p) = chain_dims(shape, act, slope, dropout);
+  static_cast<ChainDims&>(p) = chain_dims(shape, act, slope);
   p.x = x.data_ptr<T>();
   p.weight_in = weight_in.data_ptr<T>();
   p.weight_hidden = weight_hidden.data_ptr<T>();
@@ -75,6 +76,7 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
   p.bias_out = optional_data<T>(bias_out);
   p.out = out.data_ptr<T>();
   p.pre_activation = pre_activation.numel() > 0 ? pre_activation.data_ptr<T>() : nullptr;
+  p.dropout_key = dropout_key(dropout);
 
   return p;
 }
@@ -91,6 +93,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const auto row_valid = [&](int m) { return row0 + m < p.batch; };
   constexpr bool drops = Drops;
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
 
   Mma acc;
   for (int layer = 0; layer < p.num_layers; ++layer) {
@@ -99,10 +102,10 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
     const Window window = window_of(layer, p.n, p.s);
     const T* a_l = p.weight_in + static_cast<int64_t>(layer) * p.w * p.s;
     const T* r_l = p.weight_hidden + static_cast<int64_t>(layer - 1) * p.w * p.w;  // used when layer >= 1
-    const int64_t window_site = p.dropout.window_site(layer);
+    const int64_t window_site = dropout.window_site(layer);
     // h_l as layer l+1's input: dropped as the epilogue stages it (a dropout site only below the last layer).
     const bool drops_h = drops && layer + 1 < p.num_layers;
-    const int64_t next_hidden_site = p.dropout.hidden_site(layer + 1);
+    const int64_t next_hidden_site = dropout.hidden_site(layer + 1);
 
     for (int n0 = 0; n0 < p.w; n0 += kTileN) {
       acc.zero();
@@ -112,7 +115,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
           const int j = k0 + k;
           if (!row_valid(m) || j >= p.s) return T(0);
           const T v = p.x[(row0 + m) * p.n + window.column(j)];
-          return drops ? dropped(p.dropout, v, row0 + m, window_site + j) : v;
+          return drops ? dropped(dropout, v, row0 + m, window_site + j) : v;
         });
         fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
           return n0 + n < p.w && k0 + k < p.s ? a_l[static_cast<int64_t>(n0 + n) * p.s + k0 + k] : T(0);
@@ -149,7 +152,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
             if (p.out_features == 0) p.out[offset] = h;
           }
         }
-        h_next[m * ld_state + c] = drops_h && c < p.w ? dropped(p.dropout, h, row0 + m, next_hidden_site + c) : h;
+        h_next[m * ld_state + c] = drops_h && c < p.w ? dropped(dropout, h, row0 + m, next_hidden_site + c) : h;
       }
     }
   }
@@ -157,7 +160,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
 
   // Output projection y = phi(Z) W_out^T + b_out.
   const int hidden_int = static_cast<int>(hidden);
-  const int64_t projection_site = p.dropout.projection_site();
+  const int64_t projection_site = dropout.projection_site();
   for (int n0 = 0; n0 < p.out_features; n0 += kTileN) {
     acc.zero();
     for (int k0 = 0; k0 < hidden_int; k0 += kTileK) {
@@ -166,7 +169,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
         if (!row_valid(m) || k0 + k >= hidden_int) return T(0);
         const float z = static_cast<float>(p.pre_activation[(row0 + m) * hidden + k0 + k]);
         const T h = static_cast<T>(activate(p.act, z, p.slope));
-        return drops ? dropped(p.dropout, h, row0 + m, projection_site + k0 + k) : h;
+        return drops ? dropped(dropout, h, row0 + m, projection_site + k0 + k) : h;
       });
       fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
         return n0 + n < p.out_features && k0 + k < hidden_int
@@ -187,7 +190,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   }
 }
 
-// Drops: compiled with the dropout stage (p.dropout active) or without it (launch.cuh: with_dropout).
+// Drops: compiled with the dropout stage (an active dropout) or without it (launch.cuh: with_dropout).
 template <class Mma, typename T, bool Drops>
 __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
   if constexpr (kRunsOnThisArch<Mma, T>) {

@@ -173,6 +173,7 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
   constexpr bool drops = Drops;
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
 
   float h_prev[W];
   for (int m = 0; m < m_count; ++m) y_row[m] = 0.f;
@@ -232,10 +233,10 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
       }
       const int k_end = min(kNarrowChunk, p.s - k0);
       if constexpr (drops) {  // the thread's window elements times their factors, as it reads them
-        const int64_t site = p.dropout.window_site(layer) + k0;
+        const int64_t site = dropout.window_site(layer) + k0;
         for (int k = 0; k < k_end; ++k) {
           const T x = static_cast<T>(x_tile[t * Smem::kXLd + k]);  // exact: the tile holds T values
-          const float xv = static_cast<float>(dropped(p.dropout, x, row, site + k));
+          const float xv = static_cast<float>(dropped(dropout, x, row, site + k));
 #pragma unroll
           for (int j = 0; j < W; ++j) acc[j] = fmaf(a_tile[k * W + j], xv, acc[j]);
         }
@@ -269,15 +270,15 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
 #pragma unroll
     for (int j = 0; j < W; ++j) h_in[j] = h[j];
     if constexpr (drops) {  // H's factors for the projection, h_l's as layer l+1's input for the recurrence
-      const int64_t projection_site = p.dropout.projection_site() + static_cast<int64_t>(layer) * w;
-      const int64_t hidden_site = p.dropout.hidden_site(layer + 1);
+      const int64_t projection_site = dropout.projection_site() + static_cast<int64_t>(layer) * w;
+      const int64_t hidden_site = dropout.hidden_site(layer + 1);
       const bool has_next = layer + 1 < p.num_layers;
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         if (j >= w) continue;
         const T v = static_cast<T>(h[j]);
-        if (m_count > 0) h_in[j] = static_cast<float>(dropped(p.dropout, v, row, projection_site + j));
-        if (has_next) h[j] = static_cast<float>(dropped(p.dropout, v, row, hidden_site + j));
+        if (m_count > 0) h_in[j] = static_cast<float>(dropped(dropout, v, row, projection_site + j));
+        if (has_next) h[j] = static_cast<float>(dropped(dropout, v, row, hidden_site + j));
       }
     }
     for (int m = 0; m < m_count; ++m) {
@@ -325,6 +326,7 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
   constexpr bool drops = Drops;
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
 
   float g[kNarrowKernelMaxOut];
 #pragma unroll
@@ -367,14 +369,14 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
 #pragma unroll
         for (int j = 0; j < W; ++j) dh_next[j] = fmaf(dz_next[i], r_tile[i * W + j], dh_next[j]);
       }
-      const int64_t projection_site = p.dropout.projection_site() + static_cast<int64_t>(layer) * w;
-      const int64_t hidden_site = p.dropout.hidden_site(layer + 1);
+      const int64_t projection_site = dropout.projection_site() + static_cast<int64_t>(layer) * w;
+      const int64_t hidden_site = dropout.hidden_site(layer + 1);
       const bool has_next = layer + 1 < p.num_layers;
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         if (j >= w) continue;
-        if (m_count > 0) dh[j] *= p.dropout.factor(row, projection_site + j);
-        if (has_next) dh[j] = fmaf(dh_next[j], p.dropout.factor(row, hidden_site + j), dh[j]);
+        if (m_count > 0) dh[j] *= dropout.factor(row, projection_site + j);
+        if (has_next) dh[j] = fmaf(dh_next[j], dropout.factor(row, hidden_site + j), dh[j]);
       }
     } else {
 #pragma unroll
@@ -420,7 +422,7 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
                                : 0.f;
       }
       if constexpr (drops) {  // each column's sum over j times the factor of its window site
-        const int64_t site = p.dropout.window_site(layer);
+        const int64_t site = dropout.window_site(layer);
 #pragma unroll
         for (int k = 0; k < kNarrowChunk; ++k) {
           const int position = c0 + k < c_end ? window.position(c0 + k) : -1;
@@ -428,7 +430,7 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < W; ++j) sum = fmaf(dz[j], a_tile[j * kNarrowChunk + k], sum);
-          dx[k] = fmaf(sum, p.dropout.factor(row, site + position), dx[k]);
+          dx[k] = fmaf(sum, dropout.factor(row, site + position), dx[k]);
         }
       } else {
 #pragma unroll

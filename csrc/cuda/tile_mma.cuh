@@ -350,18 +350,16 @@ struct SmemLayout {
   __host__ __device__ static constexpr int staged_ld(int extent) { return extent + Mma::kPad; }
 };
 
-// The chain's sizes as every kernel receives them (each launch's Args struct derives from this),
-// and the call's dropout (inactive: the kernels run exactly as without it).
+// The chain's sizes as every kernel receives them (each launch's Args struct derives from this).
 struct ChainDims {
   int64_t batch;
   int n, s, w, num_layers, out_features;  // out_features = 0: no projection
   int state_width;                        // w rounded up to kTileK: columns of the on-chip state
   Activation act;
   float slope;
-  Dropout dropout;
 };
 
-inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slope, const Dropout& dropout) {
+inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slope) {
   // The kernels index within a row in int: N, s, M and L*w (+ 1, the bias column) must fit, and
   // Window's sums (start + j, c + N - start, both < 2N) too.
   TORCH_CHECK(shape.in_features <= INT32_MAX / 2, "spinal_ops: N = ", text(shape.in_features),
@@ -380,8 +378,36 @@ inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slop
   d.state_width = static_cast<int>(round_up(shape.layer_width, kTileK));
   d.act = act;
   d.slope = slope;
-  d.dropout = dropout;
   return d;
+}
+
+// What the kernels receive of a call's dropout (common/philox.h): the Philox key and keep rule; the
+// site layout follows from ChainDims. The last member of each launch's Args: with the whole
+// Dropout (64 bytes) there, ptxas allocated the kernels without dropout differently (sm_90: the
+// SIMT forward 64 registers and 44 bytes spilled instead of 128 and none); these 16 bytes leave
+// them as they were.
+struct DropoutKey {
+  uint64_t seed;
+  uint32_t threshold;
+  float scale;
+};
+
+inline DropoutKey dropout_key(const Dropout& dropout) {
+  return {dropout.seed, dropout.threshold, dropout.scale};
+}
+
+// The call's (active) Dropout in a kernel compiled with its dropout stage.
+__device__ __forceinline__ Dropout kernel_dropout(const ChainDims& dims, const DropoutKey& key) {
+  Dropout dropout;
+  dropout.seed = key.seed;
+  dropout.threshold = key.threshold;
+  dropout.scale = key.scale;
+  dropout.active = true;
+  dropout.split_size = dims.s;
+  dropout.layer_width = dims.w;
+  dropout.num_layers = dims.num_layers;
+  dropout.has_projection = dims.out_features > 0;
+  return dropout;
 }
 
 // v times its dropout factor (0 or 1/(1-p)) at site `site` of row `row`, scaled in fp32 and rounded
