@@ -69,7 +69,8 @@ constexpr int kNarrowKernelMaxOut = 16;  // M: the backward's g values per threa
 // fp16 (bf16 takes the hoisted chain there and its kernels are compiled to a trap, tile_mma.cuh):
 // ptxas spills 0..80 bytes in the forward at 168 registers, none in launch 1 (125..128); its
 // 64 KB of shared memory per SM holds 2 CTAs of NarrowSmem (27-29 KB), so there the smem, not
-// the register cap, bounds the CTAs per SM.
+// the register cap, bounds the CTAs per SM. The dropout instances (sm_90): the forward spills 32
+// (fp32, W = 8) to 268 bytes (half types, W = 16) at 168 registers, launch 1 none (126..128).
 constexpr int kNarrowForwardMinBlocksPerSm = 3;
 constexpr int kNarrowDataGradMinBlocksPerSm = 4;
 
