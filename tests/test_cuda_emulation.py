@@ -314,12 +314,14 @@ def test_routing_runs_the_narrow_kernels_where_they_fit(emulated_ops):
 DROPOUT_P = 0.3
 DROPOUT_SEED = 1234567890123  # above 2^32: both words of the Philox key matter
 
-# Wrapped windows over two K-chunks, no projection and no bias, L = 1, and (wmma only: the
-# costliest) two 128-column chunks of z, of y and of dx, where dH is parked across chunks.
+# Wrapped windows over two K-chunks, no projection and no bias, L = 1; (one or two policies: the
+# costliest) two 128-column chunks of z, of y and of dx, where dH is parked across chunks, and
+# column chunks of x that no window reads (dx written without a layer's product).
 DROPOUT_CONFIGS = ("odd_N_wraps", "wrap_s40_N70_two_k_chunks", "no_projection_no_bias", "w1_single_layer")
 DROPOUT_CASES = [(name, policy) for name in DROPOUT_CONFIGS
                  for policy in ("fp32_simt", "fp32_tf32", "fp16_wmma", "bf16_wmma", "fp32_hoisted")]
-DROPOUT_CASES += [("two_z_chunks_M_and_N_over_128", "bf16_wmma")]
+DROPOUT_CASES += [("two_z_chunks_M_and_N_over_128", "bf16_wmma"), ("columns_no_window_reads", "fp32_simt"),
+                  ("columns_no_window_reads", "bf16_wmma")]
 DROPOUT_NARROW_CONFIGS = ("odd_N_wraps", "w16_M16_s_wraps_partial_chunk", "w9_no_projection_no_bias",
                           "w1_single_layer")
 

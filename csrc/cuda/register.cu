@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
   const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
-  // Too wide for this device's tiles.
+  // Too wide for this device's tiles, or a dtype its native kernels do not run.
   if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const CublasTf32Scope tf32(allow_tf32);
     return chain::hoisted_forward(chain::aten_engine(), shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
