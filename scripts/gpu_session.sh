@@ -113,8 +113,8 @@ fi
 PYTEST="$PY -m pytest -q -rfEs -p no:cacheprovider --durations=5 -n ${PYTEST_WORKERS:-8}"
 stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tests/test_backends.py \
   -k "cuda or rejects_bad_input"  # -k: the cuda cases of test_backends.py, and every op's input checks
-# The training stages on CUDA tensors: dropout on the hoisted pair, batch norm on the normed pair
-# (their CUDA cases skip elsewhere).
+# The training stages on CUDA tensors: dropout on the hoisted pair and, forced, on the native
+# kernels; batch norm on the normed pair (their CUDA cases skip elsewhere).
 stage pytest_cuda_stages pytest.log "$(cap 60)" $PYTEST tests/test_dropout_ops.py tests/test_batchnorm_ops.py -k cuda
 stage pytest_cuda_graphs pytest.log "$(cap 60)" $PYTEST tests/test_cuda_graphs.py
 # The persistent forward: correctness against the reference, then A/B against the default path.

@@ -121,18 +121,28 @@ WIDE = dict(in_features=20, out_features=5, layer_width=300, num_layers=3, split
 ATOL_TF32 = 2e-3
 
 
-def _emulated_run(ops, x, params, config, grad_out, policy, device):
+def _dropout_args(config, dropout_seed):
+    """The op pairs' trailing (dropout_seed, dropout_p) of a training call with that seed, or none."""
+    return () if dropout_seed is None else (torch.tensor(dropout_seed, dtype=torch.int64), config.dropout)
+
+
+def _emulated_run(ops, x, params, config, grad_out, policy, device, dropout_seed=None):
     present = [p for p in params if p is not None]
-    out, pre_activation = ops.forward(x, *params, config.activation, config.negative_slope, policy, device, True)
+    dropout = _dropout_args(config, dropout_seed)
+    out, pre_activation = ops.forward(x, *params, config.activation, config.negative_slope, policy, device, True,
+                                      *dropout)
     grads = ops.backward(grad_out, x, pre_activation, params.weight_in, params.weight_hidden, params.weight_out,
-                         config.bias, config.activation, config.negative_slope, policy, device)
+                         config.bias, config.activation, config.negative_slope, policy, device, *dropout)
     names = [n for n, p in zip(GRAD_NAMES, [x, *params]) if p is not None]
     by_name = dict(zip(GRAD_NAMES, grads))
     assert len(names) == 1 + len(present)
     return [out] + [by_name[n] for n in names]
 
 
-def _check(ops, config, dtype, policy, batch, device=SM90, seed=0):
+def _check(ops, config, dtype, policy, batch, device=SM90, seed=0, dropout_seed=None, kernel_dropout_seed=None):
+    """Output and every gradient of the emulated op against the float64 reference (contract §4).
+    dropout_seed: a training call with the config's dropout, the masks of that seed in the references
+    and in the kernels (kernel_dropout_seed: another seed for the kernels only)."""
     generator = torch.Generator().manual_seed(seed)
 
     # Inputs exact in `dtype`: the float64 reference sees the kernels' inputs, so what is compared
@@ -143,10 +153,11 @@ def _check(ops, config, dtype, policy, batch, device=SM90, seed=0):
     params64 = SpinalParams(*(representable(p) for p in random_params(config, generator)))
     x64 = representable(torch.randn(batch, config.in_features, generator=generator, dtype=torch.float64))
     grad_out = torch.randn(batch, config.output_features, generator=generator, dtype=torch.float64)
-    expected = _run("reference", x64, params64, config, grad_out)
+    expected = _run("reference", x64, params64, config, grad_out, dropout_seed)
     params = SpinalParams(*(None if p is None else p.to(dtype) for p in params64))
-    eager = _run("reference", x64.to(dtype), params, config, grad_out)
-    got = _emulated_run(ops, x64.to(dtype), params, config, grad_out.to(dtype), policy, device)
+    eager = _run("reference", x64.to(dtype), params, config, grad_out, dropout_seed)
+    got = _emulated_run(ops, x64.to(dtype), params, config, grad_out.to(dtype), policy, device,
+                        dropout_seed if kernel_dropout_seed is None else kernel_dropout_seed)
     names = ["output"] + [n for n, p in zip(GRAD_NAMES, [x64, *params64]) if p is not None]
     where = f"{policy} {dtype} on fake device {device}, seed {SEED}"
     for name, ref, eag, out in zip(names, expected, eager, got):
@@ -457,6 +468,91 @@ def test_routing_runs_the_narrow_kernels_where_they_fit(emulated_ops):
         assert all(torch.equal(a, f) for a, f in zip(auto, forced)), shape
 
 
+# ---- dropout inside the kernels (contract §1, "Masks") -------------------------------------
+# The tile kernels drop x's window as they stage it, h_{l-1} as the epilogue stages it for the next
+# layer and H as the projection re-reads it; the backward scales dH, dz_{l+1} R_{l+1} and each
+# layer's dx product by the same factors and launch 2 reads the dropped inputs. The narrow kernels
+# likewise per row. Against the float64 reference given the same seed.
+
+DROPOUT_P = 0.3
+DROPOUT_SEED = 1234567890123  # above 2^32: both words of the Philox key matter
+
+# Wrapped windows over two K-chunks, no projection and no bias, L = 1; (one or two policies: the
+# costliest) two 128-column chunks of z, of y and of dx, where dH is parked across chunks, and
+# column chunks of x that no window reads (dx written without a layer's product).
+DROPOUT_CONFIGS = ("odd_N_wraps", "wrap_s40_N70_two_k_chunks", "no_projection_no_bias", "w1_single_layer")
+DROPOUT_CASES = [(name, policy) for name in DROPOUT_CONFIGS
+                 for policy in ("fp32_simt", "fp32_tf32", "fp16_wmma", "bf16_wmma", "fp32_hoisted")]
+DROPOUT_CASES += [("two_z_chunks_M_and_N_over_128", "bf16_wmma"), ("columns_no_window_reads", "fp32_simt"),
+                  ("columns_no_window_reads", "bf16_wmma")]
+DROPOUT_NARROW_CONFIGS = ("odd_N_wraps", "w16_M16_s_wraps_partial_chunk", "w9_no_projection_no_bias",
+                          "w1_single_layer")
+
+
+def _dropout_config(shape, dtype, mma, **overrides):
+    smooth = dtype != torch.float32 or mma == "tf32"  # see _policy_config
+    return make_config(**{"activation": "gelu" if smooth else "relu", **shape, **overrides}, dropout=DROPOUT_P)
+
+
+@pytest.mark.parametrize("name, policy", DROPOUT_CASES)
+def test_dropout_matches_reference(emulated_ops, name, policy):
+    dtype, mma = POLICIES[policy]
+    _check(emulated_ops, _dropout_config(CONFIGS[name], dtype, mma), dtype, mma, batch=70, dropout_seed=DROPOUT_SEED)
+
+
+@pytest.mark.parametrize("target, policy, batch", [
+    ("sm_90", "fp32_simt", 600), ("sm_90", "bf16_wmma", 600),  # split-K weight gradients
+    ("sm_75", "fp16_wmma", 70), ("sm_75", "fp32_simt", 70),    # sm_75's 32-row fp16 tiles, its SIMT fp32
+])
+def test_dropout_split_k_and_sm75(emulated_ops, target, policy, batch):
+    dtype, mma = POLICIES[policy]
+    config = _dropout_config(CONFIGS["wrap_s40_N70_two_k_chunks"], dtype, mma)
+    _check(emulated_ops, config, dtype, mma, batch=batch, device=TARGETS[target], dropout_seed=DROPOUT_SEED)
+
+
+@pytest.mark.parametrize("name", DROPOUT_NARROW_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_narrow_dropout_matches_reference(emulated_ops, name, dtype):
+    # 130 rows: a full CTA of 128 rows and a partial one.
+    config = _dropout_config(NARROW_CONFIGS[name], dtype, "narrow")
+    _check(emulated_ops, config, dtype, "narrow", batch=130, dropout_seed=DROPOUT_SEED)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "leaky_relu"])
+@pytest.mark.parametrize("policy", ["simt", "narrow"])
+def test_dropout_activations(emulated_ops, policy, activation):
+    config = make_config(**CONFIGS["odd_N_wraps"], activation=activation, negative_slope=0.2, dropout=DROPOUT_P)
+    _check(emulated_ops, config, torch.float32, policy, batch=37, dropout_seed=DROPOUT_SEED)
+
+
+@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma", "fp32_narrow"])
+def test_dropout_p0_is_the_op_without_dropout(emulated_ops, policy):
+    # A seed with p = 0 runs exactly the kernels without dropout: the same bits.
+    dtype, mma = POLICIES[policy] if policy in POLICIES else (torch.float32, "narrow")
+    config = make_config(**CONFIGS["odd_N_wraps"], activation="gelu")
+    params = random_params(config, torch.Generator().manual_seed(3), dtype=dtype)
+    x = torch.randn(70, config.in_features).to(dtype)
+    grad_out = torch.randn(70, config.output_features).to(dtype)
+
+    def run(*dropout):
+        out, pre = emulated_ops.forward(x, *params, "gelu", 0.0, mma, SM90, True, *dropout)
+        grads = emulated_ops.backward(grad_out, x, pre, params.weight_in, params.weight_hidden, params.weight_out,
+                                      True, "gelu", 0.0, mma, SM90, *dropout)
+        return [out, pre, *grads]
+
+    plain, seeded = run(), run(torch.tensor(DROPOUT_SEED), 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, seeded))
+
+
+@pytest.mark.parametrize("policy", ["simt", "narrow"])
+def test_dropout_with_another_seed_fails(emulated_ops, policy):
+    # The check can fail: the kernels' masks from a different seed than the reference's are caught.
+    config = make_config(**CONFIGS["odd_N_wraps"], dropout=DROPOUT_P)
+    with pytest.raises(AssertionError, match=r" > 2\*"):
+        _check(emulated_ops, config, torch.float32, policy, batch=37, dropout_seed=DROPOUT_SEED,
+               kernel_dropout_seed=DROPOUT_SEED + 1)
+
+
 @pytest.mark.parametrize("policy", ["fp32_simt", "fp32_tf32", "fp16_wmma", "bf16_wmma"])
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_widest_native_layer_fits_each_target(emulated_ops, target, policy):
@@ -626,16 +722,17 @@ def _orders_global_memory_only(site):
     return "__threadfence" in lines[int(line) - 2]
 
 
-def _barriers_missed_by(ops, sites, runs, device=SM90):
+def _barriers_missed_by(ops, sites, runs, device=SM90, dropout_seed=None):
     """The barrier sites of `sites` whose removal no run of `runs` (config, dtype, policy, batch) on
-    `device` notices: a racecheck or initcheck failure, or a wrong or unwritten result, counts as noticed."""
+    `device` (training calls with that dropout seed, if given) notices: a racecheck or initcheck
+    failure, or a wrong or unwritten result, counts as noticed."""
     missed = []
     for site in sites:
         ops.configure(SEED, site, False)
         try:
             for config, dtype, policy, batch in runs:
                 try:
-                    _check(ops, config, dtype, policy, batch=batch, device=device)
+                    _check(ops, config, dtype, policy, batch=batch, device=device, dropout_seed=dropout_seed)
                 except RuntimeError as error:
                     assert "racecheck" in str(error) or "initcheck" in str(error), str(error)
                     break
@@ -679,6 +776,24 @@ def test_every_removed_narrow_syncthreads_is_caught(emulated_ops):
     assert len(sites) == 8, sites
     missed = _barriers_missed_by(emulated_ops, sites,
                                      [(case, torch.float32, "narrow", 150) for case in (config, gaps)])
+    assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
+
+
+@pytest.mark.parametrize("policy", ["fp32_simt", "bf16_wmma"])
+def test_every_removed_dropout_syncthreads_is_caught(emulated_ops, policy):
+    # The barriers only a dropout reaches (launch 1's parked dH and per-layer dx), each removed in
+    # turn, on shapes with a projection, L > 1, two z chunks (bf16) and two column chunks of x.
+    dtype, mma = POLICIES[policy]
+    shape = CONFIGS["two_z_chunks_M_and_N_over_128" if dtype != torch.float32 else "wrap_s40_N70_two_k_chunks"]
+    config = _dropout_config(shape, dtype, mma)
+    emulated_ops.configure(SEED, "", False)
+    _check(emulated_ops, make_config(**shape, activation=config.activation), dtype, mma, batch=40)
+    plain = set(emulated_ops.barrier_sites())
+    emulated_ops.configure(SEED, "", False)
+    _check(emulated_ops, config, dtype, mma, batch=40, dropout_seed=DROPOUT_SEED)
+    sites = sorted(set(emulated_ops.barrier_sites()) - plain)
+    assert len(sites) == 2, sites
+    missed = _barriers_missed_by(emulated_ops, sites, [(config, dtype, mma, 40)], dropout_seed=DROPOUT_SEED)
     assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
 
 

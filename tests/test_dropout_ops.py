@@ -3,7 +3,7 @@ ops called directly, against the float64 reference given the same seed (output a
 gradient, contract §4) over the regimes of the CPU op (the CPU narrow chain's masked row tiles;
 the hoisted chain's: the narrow recurrence, the tile GEMM, BLAS, ungrouped wide layers, row blocks,
 the bfloat16 chain); no seed or p = 0 exactly the plain op; the forward's mask in the backward; seeds;
-opcheck, torch.compile, bad arguments; the hoisted CUDA path on a GPU (skipped without one)."""
+opcheck, torch.compile, bad arguments; the CUDA paths on a GPU (skipped without one)."""
 from __future__ import annotations
 
 import os
@@ -26,7 +26,7 @@ from contract import (
 
 from spinal_ops import SpinalConfig, SpinalLinear, available_backends
 from spinal_ops._extension import cpu_bf16_gemm, cuda_kernels_compiled
-from spinal_ops.backends.cuda import DROPOUT_REASON, cuda_path
+from spinal_ops.backends.cuda import DROPOUT_REASON, cuda_path, forced_path
 from spinal_ops.config import SpinalParams, TrainingStages
 from spinal_ops.dispatch import get_backend, select_backend
 from spinal_ops.dropout import keep_mask
@@ -397,7 +397,28 @@ def test_backends_say_which_run_dropout():
     assert "no batch-norm stage" in TritonBackend().supports(normed, torch.float32, torch.device("cuda")).reason
 
 
-# ---- the hoisted CUDA path (GPU) ---------------------------------------------------------------------
+def test_cuda_path_runs_the_native_kernels_with_dropout_only_when_forced(monkeypatch):
+    # Until a GPU run times the native kernels' dropout, the cost model does not pick them for it;
+    # forced_path("native") runs them (an H100's limits, no GPU needed).
+    from spinal_ops.backends import cuda
+    from spinal_ops.backends.cuda_cost import model_for
+
+    limits = {(dtype, tf32): 256 for dtype, tf32 in ((torch.float32, False), (torch.float32, True),
+                                                     (torch.float16, False), (torch.bfloat16, False))}
+    monkeypatch.setattr(cuda, "TILE_KERNEL_MAX_WIDTH", 256)
+    monkeypatch.setattr(cuda, "DEVICES", {0: cuda.CudaDevice((9, 0), model_for("NVIDIA H100 80GB HBM3", 132),
+                                                             limits, {})})
+    gpu = torch.device("cuda", 0)
+    for name in ("odd_N_wraps", "w_at_tile_limit"):
+        config = dropout_config(name)
+        assert cuda_path(config, 64, torch.float32, gpu, True).path == "hoisted"
+        with forced_path("native"):
+            assert cuda_path(config, 64, torch.float32, gpu, True).path == "native"
+        with forced_path("hoisted"):
+            assert cuda_path(config, 64, torch.float32, gpu, True).path == "hoisted"
+
+
+# ---- the CUDA paths (GPU) ----------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_kernels_compiled()),
                                 reason="needs a CUDA GPU and spinal_ops built with its CUDA kernels")
@@ -421,23 +442,29 @@ def test_cuda_dropout_row_blocks_and_factors_kernel():
 
 
 @needs_cuda
-@pytest.mark.parametrize("name", ["odd_N_wraps", "w_at_tile_limit"])
-def test_cuda_native_ops_route_dropout_to_the_hoisted_chain(name):
-    # Called directly with a dropout, the native ops run the hoisted chain: the same bits.
-    config = dropout_config(name, "gelu")
-    x, params, grad_out = op_inputs(config, 37, torch.float32)
-    x, grad_out = x.cuda(), grad_out.cuda()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["odd_N_wraps", "L1", "M_None_no_bias", "k2_groups_of_three", "w_at_tile_limit"])
+def test_cuda_native_kernels_dropout_within_contract(name, dtype):
+    # Forced onto the native pair, the tile kernels (the narrow ones for w <= 16) apply the masks
+    # themselves; w = 256 takes the hoisted chain where the tiles do not fit the device.
+    config = dropout_config(name, "relu" if dtype == torch.float32 else "gelu")
+    with forced_path("native"):
+        if config.layer_width <= 192:
+            assert cuda_path(config, 37, dtype, torch.device("cuda", 0), True).path == "native"
+        check_backend("cuda", config, dtype, device="cuda", batch_shape=(37,), dropout_seed=SEED)
+
+
+@needs_cuda
+def test_cuda_native_ops_take_dropout():
+    # Called directly, the native ops apply the masks (the schemas' trailing arguments), and p = 0
+    # with a seed is the op without dropout, bit for bit.
+    config = dropout_config("odd_N_wraps", "gelu")
+    x, params, _ = op_inputs(config, 37, torch.float32)
+    x = x.cuda()
     params = SpinalParams(*(None if p is None else p.cuda() for p in params))
-    seed = torch.tensor(SEED)
     ops = torch.ops.spinal_ops
-    mask = [True, True, True, params.bias is not None, params.weight_out is not None, params.bias_out is not None]
-    results = []
-    for pair in ("native", "hoisted"):
-        forward, backward = getattr(ops, f"{pair}_forward"), getattr(ops, f"{pair}_backward")
-        out, z = forward(x, *params, config.activation, config.negative_slope, False, True, seed, P)
-        grads = backward(grad_out, x, z, params.weight_in, params.weight_hidden, params.weight_out, mask,
-                         config.activation, config.negative_slope, False, seed, P)
-        results.append([out, z, *grads])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
-    torch.library.opcheck(ops.hoisted_forward.default,
-                          (x, *params, config.activation, config.negative_slope, False, True, seed, P))
+    args = (x, *params, config.activation, config.negative_slope, False, True)
+    for pair in (ops.native_forward, ops.hoisted_forward):
+        torch.library.opcheck(pair.default, (*args, torch.tensor(SEED), P))
+    plain, seeded = ops.native_forward(*args), ops.native_forward(*args, torch.tensor(SEED), 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, seeded))

@@ -11,12 +11,15 @@ namespace {
 
 // Launch 1 for narrow layers: one thread per row (narrow_kernels.cuh).
 template <typename T>
-void launch_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T>& d) {
+void launch_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T>& d, const Dropout& dropout) {
   with_narrow_width(shape.layer_width, [&](auto width) {
     constexpr int W = decltype(width)::value;
     const int64_t smem_bytes = NarrowSmem<W>::kBytes;
     const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
-    launch_kernel<spinal_narrow_data_grad_kernel<T, W>>(blocks, smem_bytes, smem_bytes, d, kNarrowRows);
+    with_dropout(dropout, [&](auto drops) {
+      constexpr bool kDrops = decltype(drops)::value;
+      launch_kernel<spinal_narrow_data_grad_kernel<T, W, kDrops>>(blocks, smem_bytes, smem_bytes, d, kNarrowRows);
+    });
   });
 }
 
@@ -25,7 +28,7 @@ void launch_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T>& d)
 template <class DataMma, class GradMma, typename T>
 void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation,
             const at::Tensor& weight_in, const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-            Activation act, float slope, const BackwardOutputs& grads, bool allow_narrow) {
+            Activation act, float slope, const BackwardOutputs& grads, const Dropout& dropout, bool allow_narrow) {
   static_assert(DataMma::kTileM == GradMma::kTileM, "both launches split the rows alike");
   constexpr int kM = DataMma::kTileM;
   int sm_count = 0;
@@ -43,19 +46,26 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
 
   const DataGradArgs<T> d =
       make_data_grad_args<T>(shape, grad_out, pre_activation, weight_in, weight_hidden, weight_out, act, slope,
-                             grad_pre, grads.grad_x, counters_data, plan.tiles.total);
+                             dropout, grad_pre, grads.grad_x, counters_data, plan.tiles.total);
   if (allow_narrow && narrow_kernels_fit(shape)) {
-    launch_narrow_data_grad<T>(shape, d);
+    launch_narrow_data_grad<T>(shape, d, dropout);
   } else {
-    launch_kernel<spinal_data_grad_kernel<DataMma, T>>(ceil_div(shape.batch, kM), tile_smem_bytes<DataMma, T>(d.w),
-                                                       tile_smem_bytes<DataMma, T>(kTileKernelMaxWidth), d);
+    with_dropout(dropout, [&](auto drops) {
+      constexpr bool kDrops = decltype(drops)::value;
+      launch_kernel<spinal_data_grad_kernel<DataMma, T, kDrops>>(ceil_div(shape.batch, kM),
+                                                                  tile_smem_bytes<DataMma, T>(d.w),
+                                                                  tile_smem_bytes<DataMma, T>(kTileKernelMaxWidth), d);
+    });
   }
 
   const WeightGradArgs<T> g = make_weight_grad_args<T>(
-      shape, plan, grad_out, x, pre_activation, grad_pre, act, slope, grads,
+      shape, plan, grad_out, x, pre_activation, grad_pre, act, slope, dropout, grads,
       plan.splits > 1 ? partials.data_ptr<float>() : nullptr, counters_data);
   const int64_t grad_smem = SmemLayout<GradMma, T>(0).total;
-  launch_kernel<spinal_weight_grad_kernel<GradMma, T>>(ctas, grad_smem, grad_smem, g);
+  with_dropout(dropout, [&](auto drops) {
+    constexpr bool kDrops = decltype(drops)::value;
+    launch_kernel<spinal_weight_grad_kernel<GradMma, T, kDrops>>(ctas, grad_smem, grad_smem, g);
+  });
 }
 
 }  // namespace
@@ -64,13 +74,13 @@ void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,
-                           bool allow_narrow) {
+                           const Dropout& dropout, bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile backward needs w <= ", kTileKernelMaxWidth);
   const int capability = compute_capability(c10::cuda::current_device());
   with_kernel_types(x.scalar_type(), allow_tf32, capability, [&](auto types) {
     using Types = decltype(types);
     launch<typename Types::DataMma, typename Types::GradMma, typename Types::Element>(
-        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads,
+        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads, dropout,
         allow_narrow);
   });
 }

@@ -21,11 +21,25 @@
 //   partial tile to a workspace, and the last CTA of the tile to arrive (atomic ticket) sums the
 //   partials in split order 0..splits-1: the result does not depend on arrival order, so it is
 //   deterministic without float atomics.
+// Dropout (the kernels' Drops instances, as in forward_kernel.cuh): the backward
+//   recomputes the forward's factors, one Philox per element where it scales or stages one.
+//   Launch 1: dh_l = (g W_out) * F_H + (dz_{l+1} R_{l+1}) * F_h,l+1, each product scaled in the
+//   epilogue by its own factors; with both, the first is stored, scaled and parked in dz_l's state
+//   columns of the chunk (rounded to the dtype; only this chunk's epilogue writes them) while the
+//   recurrence's product runs (one extra acc store and barrier per chunk). dx: each layer's
+//   dz_l A_l is scaled by its window's factors, so instead of summing on chip it is stored and
+//   added into dx as each layer is done (dx rounded to the dtype per layer, as eager's dx is):
+//   per 128-column chunk of x, s words per row and layer that reads it.
+//   Launch 2: the input side is staged dropped, as the forward read it: x's window, h_{l-1}, H
+//   (one Philox per staged element: each is staged once per kTileM-row tile of its gradient,
+//   ceil(w / kTileM) times for x and h, ceil(M / kTileM) for H).
 // Smem: the same SmemLayout as forward (tile_mma.cuh): <= 117 KB (launch 1), <= 52 KB (launch 2).
 //   sm_75 (T4, 64 KB): fp16 in 32-row tiles, <= 62 KB (launch 1) and 29 KB (launch 2); fp32 on
 //   SimtMma, w <= 96 (launch 1) and 37 KB (launch 2); bf16 and TF32 are not run there (forward_kernel.cuh).
 //   ptxas -v, sm_75: launch 1 SimtMma<32> 79 registers, WmmaMma<32, half> 71; launch 2 63 and 64;
-//   no spills.
+//   no spills. sm_90 (CUDA 13.0), without / with dropout: launch 1 SimtMma<32> 48 / 64, TF32
+//   78 / 80, WmmaMma<64, half> 124 / 122, bf16 128 / 128 (82 bytes spilled with dropout); launch 2
+//   SimtMma<32> 63 / 48 (12 bytes spilled with dropout), half 72 / 76, bf16 72 / 80.
 // Offsets into x, grad_out, Z, dZ and dx are 64-bit.
 #pragma once
 
@@ -48,9 +62,10 @@ struct DataGradArgs : ChainDims {
   T* grad_x;
   int* tile_counters;  // zeroed here for launch 2 (nullable)
   int64_t num_counters;
+  DropoutKey dropout_key;  // last (tile_mma.cuh)
 };
 
-template <class Mma, typename T>
+template <class Mma, typename T, bool Drops>
 __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -67,6 +82,8 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const auto row_valid = [&](int m) { return row0 + m < p.batch; };
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
+  constexpr bool drops = Drops;
 
   Mma acc;
   for (int layer = p.num_layers - 1; layer >= 0; --layer) {
@@ -74,6 +91,13 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
     const SmemPtr<T> dz_cur = sm.state(layer & 1);
     const T* r_next = p.weight_hidden + static_cast<int64_t>(layer) * p.w * p.w;  // R_{layer+1}
     const int64_t layer_col = static_cast<int64_t>(layer) * p.w;
+    const bool has_next = layer + 1 < p.num_layers;
+    // Dropout: dH_l is scaled by H's factors, dz_{l+1} R_{l+1} by those of h_l as layer l+1's input.
+    const int64_t projection_site = dropout.projection_site() + layer_col;
+    const int64_t next_hidden_site = dropout.hidden_site(layer + 1);
+    // Both products present: their factors differ, so dH_l's scaled chunk is parked in dz_cur's
+    // columns of the chunk (written only by this chunk's epilogue) before the recurrence's product.
+    const bool parks = drops && p.out_features > 0 && has_next;
 
     for (int n0 = 0; n0 < p.w; n0 += kTileN) {
       acc.zero();
@@ -90,7 +114,20 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
         __syncthreads();
         acc.template mma<Layout::Row, Layout::Row>(sm.a_stage, ld_a, sm.b_stage, ld_b, kTileK);
       }
-      if (layer + 1 < p.num_layers) {
+      const int cols = min(kTileN, p.state_width - n0);
+      if (parks) {  // no barrier before the store: the projection's K-loop (M >= 1) ends with one
+        acc.store(sm.acc_tile, kAccLd);
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < kM * cols; idx += kThreads) {
+          const int m = idx / cols, n = idx - m * cols, c = n0 + n;
+          if (c < p.w) {
+            dz_cur[m * ld_state + c] =
+                static_cast<T>(sm.acc_tile[m * kAccLd + n] * dropout.factor(row0 + m, projection_site + c));
+          }
+        }
+        acc.zero();
+      }
+      if (has_next) {
         for (int k0 = 0; k0 < p.state_width; k0 += kTileK) {
           __syncthreads();
           fill_tile(sm.b_stage, ld_b, kTileK, kTileN, [&](int k, int n) {
@@ -103,13 +140,18 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
       __syncthreads();
       acc.store(sm.acc_tile, kAccLd);
       __syncthreads();
-      const int cols = min(kTileN, p.state_width - n0);
       for (int idx = threadIdx.x; idx < kM * cols; idx += kThreads) {
         const int m = idx / cols, n = idx - m * cols, c = n0 + n;
         T dz = T(0);
         if (c < p.w && row_valid(m)) {
           const int64_t offset = (row0 + m) * hidden + layer_col + c;
           float dh = sm.acc_tile[m * kAccLd + n];
+          if (parks) {
+            const T parked = dz_cur[m * ld_state + c];
+            dh = dh * dropout.factor(row0 + m, next_hidden_site + c) + static_cast<float>(parked);
+          } else if (drops && (p.out_features > 0 || has_next)) {
+            dh *= dropout.factor(row0 + m, p.out_features > 0 ? projection_site + c : next_hidden_site + c);
+          }
           if (p.out_features == 0) dh += static_cast<float>(p.grad_out[offset]);
           const float z = static_cast<float>(p.pre_activation[offset]);
           dz = static_cast<T>(dh * activate_grad(p.act, z, p.slope));
@@ -120,9 +162,12 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
     }
   }
 
-  // dx, one 128-column chunk at a time, summed over the layers that read it.
+  // dx, one 128-column chunk at a time, summed over the layers that read it. With dropout each
+  // layer's product is scaled by its own window factors, so each is added into dx as it is done
+  // (rounded to T per layer, as the eager reference's dx); without, they add up on chip.
   for (int c0 = 0; c0 < p.n; c0 += kTileN) {
     const int c_end = min(c0 + kTileN, p.n);
+    bool dropped_written = false;  // dropout: dx's chunk holds the layers so far
     acc.zero();
     for (int layer = 0; layer < p.num_layers; ++layer) {
       const Window window = window_of(layer, p.n, p.s);
@@ -142,7 +187,24 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
         __syncthreads();
         acc.template mma<Layout::Row, Layout::Row>(sm.a_stage, ld_a, sm.b_stage, ld_b, kTileK);
       }
+      if constexpr (drops) {
+        const int64_t window_site = dropout.window_site(layer);
+        acc.store(sm.acc_tile, kAccLd);  // as the park above: the K-loop (w >= 1) ordered it
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < kM * kTileN; idx += kThreads) {
+          const int m = idx / kTileN, n = idx - m * kTileN;
+          if (!row_valid(m) || c0 + n >= c_end) continue;
+          const int j = window.position(c0 + n);
+          const int64_t offset = (row0 + m) * p.n + c0 + n;
+          float dx = j >= 0 ? sm.acc_tile[m * kAccLd + n] * dropout.factor(row0 + m, window_site + j) : 0.f;
+          if (dropped_written) dx += static_cast<float>(p.grad_x[offset]);
+          p.grad_x[offset] = static_cast<T>(dx);
+        }
+        acc.zero();
+        dropped_written = true;
+      }
     }
+    if (dropped_written) continue;
     __syncthreads();
     acc.store(sm.acc_tile, kAccLd);
     __syncthreads();
@@ -153,10 +215,11 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   }
 }
 
-template <class Mma, typename T>
+// Drops: compiled with the dropout stage or without it, as spinal_forward_kernel.
+template <class Mma, typename T, bool Drops>
 __global__ void __launch_bounds__(kThreads) spinal_data_grad_kernel(const DataGradArgs<T> p) {
   if constexpr (kRunsOnThisArch<Mma, T>) {
-    data_grad_tile<Mma, T>(p);
+    data_grad_tile<Mma, T, Drops>(p);
   } else {
     unsupported_arch();
   }
@@ -187,6 +250,7 @@ struct WeightGradArgs : ChainDims {
   T* grad_bias_out;    // nullable
   float* partials;     // [tiles.total * splits][kTileM * kTileN] when splits > 1
   int* tile_counters;  // [tiles.total] when splits > 1
+  DropoutKey dropout_key;  // last (tile_mma.cuh)
 };
 
 // Which gradient a launch-2 tile computes: its job (kind and layer), its position among that
@@ -214,7 +278,7 @@ __device__ GradJob decode_grad_job(const WeightGradArgs<T>& p, int64_t tile) {
           p.num_layers * p.w + (p.has_bias_out ? 1 : 0)};
 }
 
-template <class Mma, typename T>
+template <class Mma, typename T, bool Drops>
 __device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -238,17 +302,29 @@ __device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   const auto p_value = [&](int64_t r, int i) -> T {
     return kind == JobKind::Out ? p.grad_out[r * p.out_features + i] : p.grad_pre[r * hidden + layer_col + i];
   };
+  // With dropout, the input side is what the forward's product read: x's window, h_{l-1} and H
+  // times their factors (the bias column stays 1).
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
+  constexpr bool drops = Drops;
+  const int64_t q_site = kind == JobKind::In       ? dropout.window_site(layer)
+                         : kind == JobKind::Hidden ? dropout.hidden_site(layer)
+                                                   : dropout.projection_site();
   const auto q_value = [&](int64_t r, int j) -> T {
+    T v;
     switch (kind) {
       case JobKind::In:
-        return j < p.s ? p.x[r * p.n + window.column(j)] : T(1);
+        if (j >= p.s) return T(1);
+        v = p.x[r * p.n + window.column(j)];
+        break;
       case JobKind::Hidden:
-        return static_cast<T>(
+        v = static_cast<T>(
             activate(p.act, static_cast<float>(p.pre_activation[r * hidden + layer_col - p.w + j]), p.slope));
+        break;
       default:
-        return j < hidden ? static_cast<T>(activate(p.act, static_cast<float>(p.pre_activation[r * hidden + j]), p.slope))
-                          : T(1);
+        if (j >= hidden) return T(1);
+        v = static_cast<T>(activate(p.act, static_cast<float>(p.pre_activation[r * hidden + j]), p.slope));
     }
+    return drops ? dropped(dropout, v, r, q_site + j) : v;
   };
 
   const int64_t r_begin = split * p.rows_per_split;
@@ -319,10 +395,10 @@ __device__ __forceinline__ void weight_grad_tile(const WeightGradArgs<T>& p) {
   if (threadIdx.x == 0) p.tile_counters[tile] = 0;
 }
 
-template <class Mma, typename T>
+template <class Mma, typename T, bool Drops>
 __global__ void __launch_bounds__(kThreads) spinal_weight_grad_kernel(const WeightGradArgs<T> p) {
   if constexpr (kRunsOnThisArch<Mma, T>) {
-    weight_grad_tile<Mma, T>(p);
+    weight_grad_tile<Mma, T, Drops>(p);
   } else {
     unsupported_arch();
   }
@@ -367,8 +443,8 @@ template <typename T>
 DataGradArgs<T> make_data_grad_args(const SpinalShape& shape, const at::Tensor& grad_out,
                                     const at::Tensor& pre_activation, const at::Tensor& weight_in,
                                     const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-                                    Activation act, float slope, const at::Tensor& grad_pre, const at::Tensor& grad_x,
-                                    int* tile_counters, int64_t num_counters) {
+                                    Activation act, float slope, const Dropout& dropout, const at::Tensor& grad_pre,
+                                    const at::Tensor& grad_x, int* tile_counters, int64_t num_counters) {
   DataGradArgs<T> d{};
   static_cast<ChainDims&>(d) = chain_dims(shape, act, slope);
   d.grad_out = grad_out.data_ptr<T>();
@@ -380,6 +456,7 @@ DataGradArgs<T> make_data_grad_args(const SpinalShape& shape, const at::Tensor& 
   d.grad_x = grad_x.data_ptr<T>();
   d.tile_counters = tile_counters;
   d.num_counters = tile_counters ? num_counters : 0;
+  d.dropout_key = dropout_key(dropout);
   return d;
 }
 
@@ -388,8 +465,8 @@ template <typename T>
 WeightGradArgs<T> make_weight_grad_args(const SpinalShape& shape, const WeightGradPlan& plan,
                                         const at::Tensor& grad_out, const at::Tensor& x,
                                         const at::Tensor& pre_activation, const at::Tensor& grad_pre,
-                                        Activation act, float slope, const BackwardOutputs& grads, float* partials,
-                                        int* tile_counters) {
+                                        Activation act, float slope, const Dropout& dropout,
+                                        const BackwardOutputs& grads, float* partials, int* tile_counters) {
   WeightGradArgs<T> g{};
   static_cast<ChainDims&>(g) = chain_dims(shape, act, slope);
   g.has_bias = shape.has_bias;
@@ -408,6 +485,7 @@ WeightGradArgs<T> make_weight_grad_args(const SpinalShape& shape, const WeightGr
   g.grad_bias_out = nonempty_data<T>(grads.grad_bias_out);
   g.partials = partials;
   g.tile_counters = tile_counters;
+  g.dropout_key = dropout_key(dropout);
   return g;
 }
 

@@ -18,21 +18,28 @@ template <class Mma, typename T>
 void launch(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
             const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
             const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out, Activation act,
-            float slope, const at::Tensor& out, const at::Tensor& pre_activation) {
+            float slope, const at::Tensor& out, const at::Tensor& pre_activation, const Dropout& dropout) {
   const ForwardArgs<T> p = make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
-                                                slope, out, pre_activation);
-  launch_kernel<spinal_forward_kernel<Mma, T>>(ceil_div(shape.batch, Mma::kTileM), tile_smem_bytes<Mma, T>(p.w),
-                                               tile_smem_bytes<Mma, T>(kTileKernelMaxWidth), p);
+                                                slope, out, pre_activation, dropout);
+  with_dropout(dropout, [&](auto drops) {
+    constexpr bool kDrops = decltype(drops)::value;
+    launch_kernel<spinal_forward_kernel<Mma, T, kDrops>>(ceil_div(shape.batch, Mma::kTileM),
+                                                          tile_smem_bytes<Mma, T>(p.w),
+                                                          tile_smem_bytes<Mma, T>(kTileKernelMaxWidth), p);
+  });
 }
 
 // The narrow forward kernel (narrow_kernels.cuh), compiled for w <= 8 and w <= 16.
 template <typename T>
-void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p) {
+void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p, const Dropout& dropout) {
   with_narrow_width(shape.layer_width, [&](auto width) {
     constexpr int W = decltype(width)::value;
     const int64_t smem_bytes = NarrowSmem<W>::kBytes;
     const int64_t blocks = ceil_div(shape.batch, kNarrowRows);
-    launch_kernel<spinal_narrow_forward_kernel<T, W>>(blocks, smem_bytes, smem_bytes, p, kNarrowRows);
+    with_dropout(dropout, [&](auto drops) {
+      constexpr bool kDrops = decltype(drops)::value;
+      launch_kernel<spinal_narrow_forward_kernel<T, W, kDrops>>(blocks, smem_bytes, smem_bytes, p, kNarrowRows);
+    });
   });
 }
 
@@ -131,8 +138,9 @@ void launch_warp_narrow_forward(const SpinalShape& shape, const at::Tensor& x, c
   const int64_t warps = std::min(warp_narrow_warps_fitting(shape, optin), tiles);
   const auto run = [&](auto element) {
     using T = decltype(element);
+    // No dropout stage here (launch_native_forward sends calls with one to the other kernels).
     const ForwardArgs<T> p = make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
-                                                  act, negative_slope, out, pre_activation);
+                                                  act, negative_slope, out, pre_activation, Dropout{});
     with_warp_narrow_sizes(shape, [&](auto width, auto outputs) {
       constexpr int W = decltype(width)::value, MP = decltype(outputs)::value;
       const int64_t smem_bytes = WarpNarrowLayout<W, MP>(p.s, p.num_layers, p.out_features > 0).total(warps);
@@ -160,10 +168,10 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
-                          const at::Tensor& pre_activation, bool allow_narrow) {
+                          const at::Tensor& pre_activation, const Dropout& dropout, bool allow_narrow) {
   TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile forward needs w <= ", kTileKernelMaxWidth);
-  // No dropout stage in the warp-level forward: calls with a dropout never get here (register.cu).
-  if (allow_narrow && use_warp_narrow_forward(shape, x.scalar_type(), c10::cuda::current_device())) {
+  // The warp-level forward has no dropout stage: calls with a dropout take the kernels below.
+  if (allow_narrow && !dropout.active && use_warp_narrow_forward(shape, x.scalar_type(), c10::cuda::current_device())) {
     launch_warp_narrow_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act, negative_slope,
                                out, pre_activation);
     return;
@@ -174,11 +182,13 @@ void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const 
     using T = typename Types::Element;
     if (allow_narrow && narrow_kernels_fit(shape)) {
       launch_narrow<T>(shape, make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
-                                                   act, negative_slope, out, pre_activation));
+                                                   act, negative_slope, out, pre_activation, dropout),
+                      dropout);
       return;
     }
     launch<typename Types::DataMma, typename Types::Element>(shape, x, weight_in, weight_hidden, bias, weight_out,
-                                                             bias_out, act, negative_slope, out, pre_activation);
+                                                             bias_out, act, negative_slope, out, pre_activation,
+                                                             dropout);
   });
 }
 

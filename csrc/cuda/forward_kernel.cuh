@@ -16,6 +16,15 @@
 //   K = L*w in chunks of 32; phi(Z) is re-read from the Z rows this CTA wrote (visible after
 //   __syncthreads()), so no [kTileM x L*w] buffer is needed on chip.
 //   Without M, the epilogue writes h_l directly into out = H.
+// Dropout (contract §1 "Masks"; the kernel's Drops instance, launched when the call's dropout is active:
+//   each kernel is compiled with and without this stage, so a call without dropout runs the same
+//   code, registers and bits as before it existed): each dropped operand is multiplied by its factor (0 or 1/(1-p), one
+//   Philox4x32-10 word, common/philox.h) where it is staged, scaled in fp32 and rounded once to the
+//   dtype, as eager dropout's output: x's window as it fills the staged A operand (one Philox per
+//   staged element: per row and layer s words for each 128-column chunk of z, so twice for
+//   w > 128); h_l as the epilogue writes it to the state buffer that layer l+1 reads (w words per
+//   row and layer, none after the last); phi(Z) as the projection stages it (L*w words per row for
+//   each 128-column chunk of y). Z, out and the projection's own inputs are never stored dropped.
 // Smem budget (w = 256): bf16/fp16 2*64*264*2 + 64*40*2 + 128*40*2 + 64*132*4 = 117 KB;
 //   fp32 2*32*257*4 (SIMT) or 2*32*264*4 (TF32) + 5 KB + 20 KB + 17 KB <= 110 KB. Fits sm80 (163 KB)
 //   and sm90 (227 KB); on 99 KB parts (sm86/89/120) use_native_kernels() sends w > 192 (fp16/bf16/TF32)
@@ -26,6 +35,8 @@
 //   bf16 never launches there (use_native_kernels: the hoisted chain), and the bf16/TF32 kernels
 //   and the 64-row fp16 ones are compiled to a trap for sm_75 (kRunsOnThisArch, tile_mma.cuh).
 //   ptxas -v, sm_75: SimtMma<32> fp32 128 registers, WmmaMma<32, half> 80 (12 bytes spilled).
+//   ptxas -v, sm_90 (CUDA 13.0), without / with dropout: SimtMma<32> 128 / 80 registers, TF32
+//   128 / 128, WmmaMma<64, half> 128 / 120, bf16 124 / 128; no spills.
 // Numerics: fp32 accumulation; z is rounded to the storage dtype once (that is Z) and
 //   h = dtype(phi(float(Z))), so backward's recomputation of h from Z is bit-identical.
 // Offsets into x, Z and out are 64-bit (B * N may pass 2^31).
@@ -47,6 +58,7 @@ struct ForwardArgs : ChainDims {
   const T* bias_out;  // nullable
   T* out;
   T* pre_activation;
+  DropoutKey dropout_key;  // last (tile_mma.cuh)
 };
 
 // Kernel arguments from the op's (contiguous, checked) tensors.
@@ -55,7 +67,7 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
                                  const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& weight_out,
                                  const std::optional<at::Tensor>& bias_out, Activation act, float slope,
-                                 const at::Tensor& out, const at::Tensor& pre_activation) {
+                                 const at::Tensor& out, const at::Tensor& pre_activation, const Dropout& dropout) {
   ForwardArgs<T> p{};
   static_cast<ChainDims&>(p) = chain_dims(shape, act, slope);
   p.x = x.data_ptr<T>();
@@ -66,11 +78,12 @@ ForwardArgs<T> make_forward_args(const SpinalShape& shape, const at::Tensor& x, 
   p.bias_out = optional_data<T>(bias_out);
   p.out = out.data_ptr<T>();
   p.pre_activation = pre_activation.numel() > 0 ? pre_activation.data_ptr<T>() : nullptr;
+  p.dropout_key = dropout_key(dropout);
 
   return p;
 }
 
-template <class Mma, typename T>
+template <class Mma, typename T, bool Drops>
 __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -81,6 +94,8 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const auto row_valid = [&](int m) { return row0 + m < p.batch; };
+  constexpr bool drops = Drops;
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
 
   Mma acc;
   for (int layer = 0; layer < p.num_layers; ++layer) {
@@ -89,6 +104,10 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
     const Window window = window_of(layer, p.n, p.s);
     const T* a_l = p.weight_in + static_cast<int64_t>(layer) * p.w * p.s;
     const T* r_l = p.weight_hidden + static_cast<int64_t>(layer - 1) * p.w * p.w;  // used when layer >= 1
+    const int64_t window_site = dropout.window_site(layer);
+    // h_l as layer l+1's input: dropped as the epilogue stages it (a dropout site only below the last layer).
+    const bool drops_h = drops && layer + 1 < p.num_layers;
+    const int64_t next_hidden_site = dropout.hidden_site(layer + 1);
 
     for (int n0 = 0; n0 < p.w; n0 += kTileN) {
       acc.zero();
@@ -96,7 +115,9 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
         __syncthreads();  // previous users of the staged tiles are done
         fill_tile(sm.a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
           const int j = k0 + k;
-          return row_valid(m) && j < p.s ? p.x[(row0 + m) * p.n + window.column(j)] : T(0);
+          if (!row_valid(m) || j >= p.s) return T(0);
+          const T v = p.x[(row0 + m) * p.n + window.column(j)];
+          return drops ? dropped(dropout, v, row0 + m, window_site + j) : v;
         });
         fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
           return n0 + n < p.w && k0 + k < p.s ? a_l[static_cast<int64_t>(n0 + n) * p.s + k0 + k] : T(0);
@@ -133,7 +154,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
             if (p.out_features == 0) p.out[offset] = h;
           }
         }
-        h_next[m * ld_state + c] = h;
+        h_next[m * ld_state + c] = drops_h && c < p.w ? dropped(dropout, h, row0 + m, next_hidden_site + c) : h;
       }
     }
   }
@@ -141,6 +162,7 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
 
   // Output projection y = phi(Z) W_out^T + b_out.
   const int hidden_int = static_cast<int>(hidden);
+  const int64_t projection_site = dropout.projection_site();
   for (int n0 = 0; n0 < p.out_features; n0 += kTileN) {
     acc.zero();
     for (int k0 = 0; k0 < hidden_int; k0 += kTileK) {
@@ -148,7 +170,8 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
       fill_tile(sm.a_stage, ld_stage, kM, kTileK, [&](int m, int k) {
         if (!row_valid(m) || k0 + k >= hidden_int) return T(0);
         const float z = static_cast<float>(p.pre_activation[(row0 + m) * hidden + k0 + k]);
-        return static_cast<T>(activate(p.act, z, p.slope));
+        const T h = static_cast<T>(activate(p.act, z, p.slope));
+        return drops ? dropped(dropout, h, row0 + m, projection_site + k0 + k) : h;
       });
       fill_tile(sm.b_stage, ld_stage, kTileN, kTileK, [&](int n, int k) {
         return n0 + n < p.out_features && k0 + k < hidden_int
@@ -169,10 +192,11 @@ __device__ __forceinline__ void forward_tile(const ForwardArgs<T>& p) {
   }
 }
 
-template <class Mma, typename T>
+// Drops: compiled with the dropout stage (an active dropout) or without it (launch.cuh: with_dropout).
+template <class Mma, typename T, bool Drops>
 __global__ void __launch_bounds__(kThreads) spinal_forward_kernel(const ForwardArgs<T> p) {
   if constexpr (kRunsOnThisArch<Mma, T>) {
-    forward_tile<Mma, T>(p);
+    forward_tile<Mma, T, Drops>(p);
   } else {
     unsupported_arch();
   }

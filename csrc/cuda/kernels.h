@@ -8,6 +8,7 @@
 #include <string>
 
 #include "../common/activation.h"
+#include "../common/philox.h"
 #include "../common/spinal_shape.h"
 
 namespace spinal_ops {
@@ -59,12 +60,13 @@ void launch_warp_narrow_forward(const SpinalShape& shape, const at::Tensor& x, c
 
 // One launch: writes out [B, M or L*w] and pre_activation Z [B, L*w]. B > 0. The narrow kernel
 // runs where it fits unless `allow_narrow` is false (the CPU model of CUDA tests both kernels);
-// with allow_narrow, use_warp_narrow_forward() sends the call to the warp-level narrow forward.
+// with allow_narrow, use_warp_narrow_forward() sends a call without dropout to the warp-level narrow
+// forward. An active `dropout` is applied inside the kernels (contract §1, "Masks").
 void launch_native_forward(const SpinalShape& shape, const at::Tensor& x, const at::Tensor& weight_in,
                           const at::Tensor& weight_hidden, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& weight_out, const std::optional<at::Tensor>& bias_out,
                           Activation act, float negative_slope, bool allow_tf32, const at::Tensor& out,
-                          const at::Tensor& pre_activation, bool allow_narrow = true);
+                          const at::Tensor& pre_activation, const Dropout& dropout, bool allow_narrow = true);
 
 // The persistent forward (persistent_forward.cuh): one launch over every SM for any w, with the
 // tile forward's outputs and Z layout. Opt-in: whether SPINAL_OPS_CUDA_PERSISTENT=1 is set now.
@@ -87,12 +89,12 @@ struct BackwardOutputs {
 };
 
 // Two launches: data gradients (dx, dZ), then every weight/bias gradient. B > 0. Launch 1 runs the
-// narrow kernel where it fits unless `allow_narrow` is false.
+// narrow kernel where it fits unless `allow_narrow` is false. `dropout`: the forward's, recomputed.
 void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,
-                           bool allow_narrow = true);
+                           const Dropout& dropout, bool allow_narrow = true);
 
 }  // namespace cuda_kernels
 }  // namespace spinal_ops

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 
 #include "tile_mma.cuh"
 
@@ -83,6 +84,18 @@ int64_t co_resident_ctas(int threads, int64_t smem_bytes, int64_t max_smem_bytes
   TORCH_CHECK(per_sm > 0, "spinal_ops: a CTA of ", text(threads), " threads and ", text(smem_bytes),
               " bytes of shared memory does not fit one SM of device ", text(device));
   return static_cast<int64_t>(per_sm) * sms;
+}
+
+// Calls f(std::bool_constant<dropout.active>{}): each kernel is compiled with its dropout stage
+// and without it, so that a call without dropout runs the kernels' code as it is without one
+// (registers and spills included) and a call with dropout pays for the masks alone.
+template <typename F>
+void with_dropout(const Dropout& dropout, F&& f) {
+  if (dropout.active) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
 }
 
 // Dynamic shared memory of the forward and data-gradient kernels at layer width w (the

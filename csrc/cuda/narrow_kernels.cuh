@@ -37,6 +37,13 @@
 //     columns there [W][32] (zero where the window does not read) and add dz_l A_l (dz_l read
 //     back from this thread's own dZ row); the chunk leaves through the row tile: every column of
 //     dx written once, no zero fill, no atomics.
+// Dropout (contract §1; the kernels' Drops instances, as in forward_kernel.cuh): each thread
+//   computes its own row's factors (one Philox4x32-10 word per site, none stored). Forward: x's
+//   window element as the thread reads it from the row tile, h_l for layer l+1's recurrence and
+//   for the projection (each with its own factors), each dropped value scaled in fp32 and rounded
+//   to T once, as eager dropout's output. Launch 1: dh_l = (g W_out) * F_H + (dz_{l+1} R_{l+1}) *
+//   F_h,l+1, the two products summed apart; dx: per column, the layer's sum over j times the
+//   factor of its window site. One word per site and row each way.
 // Numerics: fp32 accumulation throughout, no TF32 (float32 calls are exact whatever allow_tf32).
 // Offsets into x, Z, dZ, dx and out are 64-bit.
 #pragma once
@@ -62,7 +69,8 @@ constexpr int kNarrowKernelMaxOut = 16;  // M: the backward's g values per threa
 // fp16 (bf16 takes the hoisted chain there and its kernels are compiled to a trap, tile_mma.cuh):
 // ptxas spills 0..80 bytes in the forward at 168 registers, none in launch 1 (125..128); its
 // 64 KB of shared memory per SM holds 2 CTAs of NarrowSmem (27-29 KB), so there the smem, not
-// the register cap, bounds the CTAs per SM.
+// the register cap, bounds the CTAs per SM. The dropout instances (sm_90): the forward spills 32
+// (fp32, W = 8) to 268 bytes (half types, W = 16) at 168 registers, launch 1 none (126..128).
 constexpr int kNarrowForwardMinBlocksPerSm = 3;
 constexpr int kNarrowDataGradMinBlocksPerSm = 4;
 
@@ -152,7 +160,7 @@ struct XChunk {
   }
 };
 
-template <typename T, int W>
+template <typename T, int W, bool Drops>
 __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -165,6 +173,8 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   const bool valid = row < p.batch;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
+  constexpr bool drops = Drops;
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
 
   float h_prev[W];
   for (int m = 0; m < m_count; ++m) y_row[m] = 0.f;
@@ -223,10 +233,20 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
         load(layer + 1, 0);
       }
       const int k_end = min(kNarrowChunk, p.s - k0);
-      for (int k = 0; k < k_end; ++k) {
-        const float xv = x_tile[t * Smem::kXLd + k];
+      if constexpr (drops) {  // the thread's window elements times their factors, as it reads them
+        const int64_t site = dropout.window_site(layer) + k0;
+        for (int k = 0; k < k_end; ++k) {
+          const T x = static_cast<T>(x_tile[t * Smem::kXLd + k]);  // exact: the tile holds T values
+          const float xv = static_cast<float>(dropped(dropout, x, row, site + k));
 #pragma unroll
-        for (int j = 0; j < W; ++j) acc[j] = fmaf(a_tile[k * W + j], xv, acc[j]);
+          for (int j = 0; j < W; ++j) acc[j] = fmaf(a_tile[k * W + j], xv, acc[j]);
+        }
+      } else {
+        for (int k = 0; k < k_end; ++k) {
+          const float xv = x_tile[t * Smem::kXLd + k];
+#pragma unroll
+          for (int j = 0; j < W; ++j) acc[j] = fmaf(a_tile[k * W + j], xv, acc[j]);
+        }
       }
     }
 
@@ -247,10 +267,25 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
         if (m_count == 0) p.out[offset] = h_stored;
       }
     }
+    float h_in[W];  // h_l as the projection reads it
+#pragma unroll
+    for (int j = 0; j < W; ++j) h_in[j] = h[j];
+    if constexpr (drops) {  // H's factors for the projection, h_l's as layer l+1's input for the recurrence
+      const int64_t projection_site = dropout.projection_site() + static_cast<int64_t>(layer) * w;
+      const int64_t hidden_site = dropout.hidden_site(layer + 1);
+      const bool has_next = layer + 1 < p.num_layers;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        if (j >= w) continue;
+        const T v = static_cast<T>(h[j]);
+        if (m_count > 0) h_in[j] = static_cast<float>(dropped(dropout, v, row, projection_site + j));
+        if (has_next) h[j] = static_cast<float>(dropped(dropout, v, row, hidden_site + j));
+      }
+    }
     for (int m = 0; m < m_count; ++m) {
       float y = y_row[m];
 #pragma unroll
-      for (int j = 0; j < W; ++j) y = fmaf(out_tile[m * W + j], h[j], y);
+      for (int j = 0; j < W; ++j) y = fmaf(out_tile[m * W + j], h_in[j], y);
       y_row[m] = y;
     }
 #pragma unroll
@@ -263,17 +298,18 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   }
 }
 
-template <typename T, int W>
+// Drops: compiled with the dropout stage or without it, as the tiled kernels.
+template <typename T, int W, bool Drops>
 __global__ void __launch_bounds__(kNarrowRows, kNarrowForwardMinBlocksPerSm)
     spinal_narrow_forward_kernel(const ForwardArgs<T> p) {
   if constexpr (kRunsOnThisArch<void, T>) {
-    narrow_forward_rows<T, W>(p);
+    narrow_forward_rows<T, W, Drops>(p);
   } else {
     unsupported_arch();
   }
 }
 
-template <typename T, int W>
+template <typename T, int W, bool Drops>
 __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) {
   using Smem = NarrowSmem<W>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -290,6 +326,8 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
   const bool valid = row < p.batch;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;
   const int w = p.w, m_count = p.out_features;
+  constexpr bool drops = Drops;
+  const Dropout dropout = kernel_dropout(p, p.dropout_key);  // used where drops
 
   float g[kNarrowKernelMaxOut];
 #pragma unroll
@@ -322,10 +360,31 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
         for (int j = 0; j < W; ++j) dh[j] = fmaf(g[m], out_tile[m * W + j], dh[j]);
       }
     }
+    if constexpr (drops) {
+      // dH_l times H's factors plus dz_{l+1} R_{l+1} times those of h_l as layer l+1's input.
+      float dh_next[W];
 #pragma unroll
-    for (int i = 0; i < W; ++i) {
+      for (int j = 0; j < W; ++j) dh_next[j] = 0.f;
 #pragma unroll
-      for (int j = 0; j < W; ++j) dh[j] = fmaf(dz_next[i], r_tile[i * W + j], dh[j]);
+      for (int i = 0; i < W; ++i) {
+#pragma unroll
+        for (int j = 0; j < W; ++j) dh_next[j] = fmaf(dz_next[i], r_tile[i * W + j], dh_next[j]);
+      }
+      const int64_t projection_site = dropout.projection_site() + static_cast<int64_t>(layer) * w;
+      const int64_t hidden_site = dropout.hidden_site(layer + 1);
+      const bool has_next = layer + 1 < p.num_layers;
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        if (j >= w) continue;
+        if (m_count > 0) dh[j] *= dropout.factor(row, projection_site + j);
+        if (has_next) dh[j] = fmaf(dh_next[j], dropout.factor(row, hidden_site + j), dh[j]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+#pragma unroll
+        for (int j = 0; j < W; ++j) dh[j] = fmaf(dz_next[i], r_tile[i * W + j], dh[j]);
+      }
     }
 #pragma unroll
     for (int j = 0; j < W; ++j) {
@@ -363,10 +422,23 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
         dz[j] = valid && j < w ? static_cast<float>(p.grad_pre[row * hidden + static_cast<int64_t>(layer) * w + j])
                                : 0.f;
       }
+      if constexpr (drops) {  // each column's sum over j times the factor of its window site
+        const int64_t site = dropout.window_site(layer);
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
+        for (int k = 0; k < kNarrowChunk; ++k) {
+          const int position = c0 + k < c_end ? window.position(c0 + k) : -1;
+          if (position < 0) continue;  // a_tile's column is zero there
+          float sum = 0.f;
 #pragma unroll
-        for (int k = 0; k < kNarrowChunk; ++k) dx[k] = fmaf(dz[j], a_tile[j * kNarrowChunk + k], dx[k]);
+          for (int j = 0; j < W; ++j) sum = fmaf(dz[j], a_tile[j * kNarrowChunk + k], sum);
+          dx[k] = fmaf(sum, dropout.factor(row, site + position), dx[k]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+#pragma unroll
+          for (int k = 0; k < kNarrowChunk; ++k) dx[k] = fmaf(dz[j], a_tile[j * kNarrowChunk + k], dx[k]);
+        }
       }
     }
     __syncthreads();  // the previous chunk's stores from dx_tile are done
@@ -382,11 +454,11 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
   }
 }
 
-template <typename T, int W>
+template <typename T, int W, bool Drops>
 __global__ void __launch_bounds__(kNarrowRows, kNarrowDataGradMinBlocksPerSm)
     spinal_narrow_data_grad_kernel(const DataGradArgs<T> p) {
   if constexpr (kRunsOnThisArch<void, T>) {
-    narrow_data_grad_rows<T, W>(p);
+    narrow_data_grad_rows<T, W, Drops>(p);
   } else {
     unsupported_arch();
   }

@@ -10,10 +10,10 @@
 // allow_tf32) and cuda_native_kernels_refusal(device, dtype) (bf16 before compute capability 8.0),
 // the thresholds and reasons Python's CudaBackend.supports() reports, so they live in one place.
 //
-// Dropout (an active dropout_seed and dropout_p, contract §1): the tile and narrow kernels have no
-// dropout stage, so the native ops send such calls, forward and backward alike, to the hoisted
-// chain, which applies the masks (its factors from csrc/cuda/dropout_factors.cu); the cuda backend
-// picks the hoisted pair for them itself.
+// Dropout (an active dropout_seed and dropout_p, contract §1): the tile and narrow kernels apply the
+// masks themselves, each factor computed where its operand is staged (forward_kernel.cuh,
+// backward_kernels.cuh, narrow_kernels.cuh); calls use_native_kernels refuses take the hoisted
+// chain, which applies them too (its factors from csrc/cuda/dropout_factors.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -97,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
                               static_cast<float>(negative_slope), allow_tf32, out, pre_activation);
     return {out, keep_pre_activation ? pre_activation : at::empty({0}, x.options())};
   }
-  // Too wide for this device's tiles, or a dropout (which the native kernels do not apply).
-  if (dropout.active || !use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
+  // Too wide for this device's tiles, or a dtype its native kernels do not run.
+  if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const CublasTf32Scope tf32(allow_tf32);
     return chain::hoisted_forward(chain::aten_engine(), shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
                                   act, negative_slope, keep_pre_activation, dropout);
@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
   at::Tensor pre_activation = at::empty({z_written ? shape.batch : 0, shape.hidden()}, x.options());
   if (shape.batch > 0) {
     launch_native_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
-                         static_cast<float>(negative_slope), allow_tf32, out, pre_activation);
+                         static_cast<float>(negative_slope), allow_tf32, out, pre_activation, dropout);
   }
   return {out, keep_pre_activation ? pre_activation : at::empty({0}, x.options())};
 }
@@ -133,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pre_activation = pre_activation_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto weight_out = contiguous(weight_out_in);
-  if (dropout.active || !use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
+  if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const CublasTf32Scope tf32(allow_tf32);
     const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out, x, pre_activation, weight_in,
                                                weight_hidden, weight_out, act, negative_slope, output_mask, dropout);
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const BackwardOutputs grads = allocate_backward_outputs(shape, x, weight_in, weight_hidden, weight_out);
   if (shape.batch > 0) {
     launch_native_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
-                          static_cast<float>(negative_slope), allow_tf32, grads);
+                          static_cast<float>(negative_slope), allow_tf32, grads, dropout);
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};

@@ -36,6 +36,7 @@
 
 #include "../common/activation.h"
 #include "../common/message_text.h"
+#include "../common/philox.h"
 #include "../common/spinal_shape.h"
 
 namespace spinal_ops {
@@ -378,6 +379,42 @@ inline ChainDims chain_dims(const SpinalShape& shape, Activation act, float slop
   d.act = act;
   d.slope = slope;
   return d;
+}
+
+// What the kernels receive of a call's dropout (common/philox.h): the Philox key and keep rule; the
+// site layout follows from ChainDims. The last member of each launch's Args: with the whole
+// Dropout (64 bytes) there, ptxas allocated the kernels without dropout differently (sm_90: the
+// SIMT forward 64 registers and 44 bytes spilled instead of 128 and none); these 16 bytes leave
+// them as they were.
+struct DropoutKey {
+  uint64_t seed;
+  uint32_t threshold;
+  float scale;
+};
+
+inline DropoutKey dropout_key(const Dropout& dropout) {
+  return {dropout.seed, dropout.threshold, dropout.scale};
+}
+
+// The call's (active) Dropout in a kernel compiled with its dropout stage.
+__device__ __forceinline__ Dropout kernel_dropout(const ChainDims& dims, const DropoutKey& key) {
+  Dropout dropout;
+  dropout.seed = key.seed;
+  dropout.threshold = key.threshold;
+  dropout.scale = key.scale;
+  dropout.active = true;
+  dropout.split_size = dims.s;
+  dropout.layer_width = dims.w;
+  dropout.num_layers = dims.num_layers;
+  dropout.has_projection = dims.out_features > 0;
+  return dropout;
+}
+
+// v times its dropout factor (0 or 1/(1-p)) at site `site` of row `row`, scaled in fp32 and rounded
+// once to T, as eager dropout's output is rounded; a dropped NaN stays NaN, as in the reference.
+template <typename T>
+__device__ __forceinline__ T dropped(const Dropout& dropout, T v, int64_t row, int64_t site) {
+  return static_cast<T>(static_cast<float>(v) * dropout.factor(row, site));
 }
 
 // Typed views of the dynamic smem buffer as SmemLayout carves it (every kernel's prologue).

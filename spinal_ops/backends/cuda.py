@@ -8,9 +8,10 @@ or less on devices whose shared memory per block is smaller) or ``hoisted_forwar
 GPUs without bf16 tensor cores, compute capability < 8.0 such as the T4). Both keep Z
 in the same layout and compute the same function.
 
-A training call with dropout runs the hoisted pair: it applies the masks itself, the native kernels
-have no dropout stage (the native ops, called directly with a dropout, route to the hoisted chain
-too).
+A training call with dropout runs the hoisted pair, which applies the masks itself. The native
+kernels apply them too (csrc/cuda/: each factor where its operand is staged), proven in the CPU
+model of CUDA but not yet timed on a GPU, so the cost model has no figures for them: they run under
+``forced_path("native")``, and where the native ops are called directly.
 
 ``SPINAL_OPS_CUDA_PERSISTENT=1`` (read per call; not yet measured on a GPU, so the cost model never
 picks it): ``native_forward`` runs the persistent forward kernel (csrc/cuda/persistent_forward.cuh)
@@ -125,7 +126,7 @@ def native_kernels_refusal(device: int, dtype: torch.dtype) -> str:
     return "" if known is None else known.refusals.get(dtype, "")
 
 
-DROPOUT_REASON = "hoisted cuBLAS chain: the native kernels have no dropout stage"
+DROPOUT_REASON = "hoisted cuBLAS chain: the native kernels' dropout is not yet timed on a GPU"
 
 
 def _refusal_reason(index: int, refusal: str) -> str:
@@ -157,7 +158,8 @@ def narrow_kernels_fit(config: SpinalConfig) -> bool:
 def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torch.device,
               training: bool) -> PathChoice:
     """The path the cuda backend runs for this call, and why."""
-    if config.dropout > 0:  # only a training call's config has one (eval runs inference_config())
+    # Only a training call's config has a dropout (eval runs inference_config()).
+    if config.dropout > 0 and _forced_path != "native":
         return PathChoice("hoisted", DROPOUT_REASON)
     refusal = native_kernels_refusal(_device_index(device), dtype)
     if refusal:
@@ -175,8 +177,8 @@ class CudaBackend(OpPairBackend):
     name = "cuda"
     device_types = ("cuda",)
     dtypes = CUDA_DTYPES
-    # Dropout alone runs on the hoisted pair (cuda_path); batch norm, with or without dropout, on the
-    # normed op pair (backends/normed.py).
+    # Dropout alone runs on the hoisted pair (cuda_path; the native pair when forced); batch norm,
+    # with or without dropout, on the normed op pair (backends/normed.py).
     runs_dropout = True
     runs_batch_norm = True
     auto_runs_training_stages = False  # both stages wait for a GPU run (tests/test_dropout_ops.py, test_batchnorm_ops.py)

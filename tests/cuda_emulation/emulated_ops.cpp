@@ -11,6 +11,7 @@
 // csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto" (the op's own routing:
 // use_native_kernels, narrow_kernels_fit, and use_warp_narrow_forward under
 // SPINAL_OPS_CUDA_WARP_NARROW=1). Every CPU allocation made during a call is poisoned.
+// The trailing dropout_seed and dropout_p are the op pairs' (contract §1, "Masks").
 // Built by tests/test_cuda_emulation.py; never part of the package.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
@@ -143,10 +144,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& weight_out,
                                            const std::optional<at::Tensor>& bias_out, c10::string_view activation,
                                            double negative_slope, c10::string_view policy, int64_t device,
-                                           bool keep_pre_activation) {
+                                           bool keep_pre_activation, const std::optional<at::Tensor>& dropout_seed,
+                                           double dropout_p) {
   const SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, bias, weight_out, bias_out);
   const Activation act = parse_activation(activation);
+  const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const Session session(policy, device);
+  // The opt-in forwards have no dropout stage (register.cu and forward.cu never send them one).
+  TORCH_CHECK(!dropout.active || !(is_persistent(policy) || policy == "warp_narrow"), "spinal_emu: policy ", policy,
+              " has no dropout stage");
   if (is_persistent(policy)) {  // as register.cu with SPINAL_OPS_CUDA_PERSISTENT=1
     check_persistent_policy(x, policy, device);
     at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
@@ -169,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   if (!native_kernels(shape, x, policy, device)) {
     return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
                                   weight_hidden.contiguous(), bias, weight_out, bias_out, act, negative_slope,
-                                  /*keep_pre_activation=*/true);
+                                  /*keep_pre_activation=*/true, dropout);
   }
   if (warp_narrow) {
     launch_warp_narrow_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias,
@@ -178,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   }
   launch_native_forward(shape, x.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(), bias, weight_out,
                        bias_out, act, static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), out,
-                       pre_activation, narrow);
+                       pre_activation, dropout, narrow);
   return {out, pre_activation};
 }
 
@@ -186,11 +192,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                  const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                                  const std::optional<at::Tensor>& weight_out, bool has_bias,
                                  c10::string_view activation, double negative_slope, c10::string_view policy,
-                                 int64_t device) {
+                                 int64_t device, const std::optional<at::Tensor>& dropout_seed, double dropout_p) {
   SpinalShape shape = check_spinal_shape(x, weight_in, weight_hidden, std::nullopt, weight_out, std::nullopt);
   shape.has_bias = has_bias;
   shape.has_bias_out = has_bias && weight_out.has_value();
   const Activation act = parse_activation(activation);
+  const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const Session session(policy, device);
   // As register.cu (poisoned here).
   const BackwardOutputs grads = allocate_backward_outputs(shape, x, weight_in, weight_hidden, weight_out);
@@ -199,13 +206,13 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
     const auto hoisted =
         chain::hoisted_backward(chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(),
                                 pre_activation.contiguous(), weight_in.contiguous(), weight_hidden.contiguous(),
-                                weight_out, act, negative_slope, mask);
+                                weight_out, act, negative_slope, mask, dropout);
     return {hoisted.begin(), hoisted.end()};
   }
   if (shape.batch > 0) {
     launch_native_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
-                          static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads,
+                          static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads, dropout,
                           policy == "narrow" || policy == "auto" || is_persistent(policy) ||
                               policy == "warp_narrow");
   }
@@ -365,8 +372,14 @@ void set_sm_count(int64_t sms) { emu::sm_count_override = static_cast<int>(sms);
 }  // namespace spinal_ops
 
 TORCH_LIBRARY(spinal_emu, m) {
-  m.def("forward", &spinal_ops::cuda_kernels::forward);
-  m.def("backward", &spinal_ops::cuda_kernels::backward);
+  m.def("forward(Tensor x, Tensor weight_in, Tensor weight_hidden, Tensor? bias, Tensor? weight_out, "
+        "Tensor? bias_out, str activation, float negative_slope, str policy, int device, bool keep_pre_activation, "
+        "Tensor? dropout_seed=None, float dropout_p=0.0) -> (Tensor, Tensor)",
+        &spinal_ops::cuda_kernels::forward);
+  m.def("backward(Tensor grad_out, Tensor x, Tensor pre_activation, Tensor weight_in, Tensor weight_hidden, "
+        "Tensor? weight_out, bool has_bias, str activation, float negative_slope, str policy, int device, "
+        "Tensor? dropout_seed=None, float dropout_p=0.0) -> Tensor[]",
+        &spinal_ops::cuda_kernels::backward);
   m.def("tile_kernel_width_limit", &spinal_ops::cuda_kernels::width_limit);
   m.def("native_kernels_refusal", &spinal_ops::cuda_kernels::refusal);
   m.def("configure", &spinal_ops::cuda_kernels::configure);
