@@ -1,7 +1,6 @@
 // The normed chain (scheme in normed_chain.h) and its registration for CPU and CUDA tensors.
 #include "normed_chain.h"
 
-#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -9,6 +8,7 @@
 #include "../common/activation.h"
 #include "../common/message_text.h"
 #include "../common/spinal_shape.h"
+#include "cublas_tf32_scope.h"
 #include "dropout_factors.h"
 #include "hoisted_chain.h"
 
@@ -19,24 +19,6 @@ bool is_half(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::k
 
 // The dtype of the batch statistics and of the normalisation's arithmetic.
 at::ScalarType stat_dtype(at::ScalarType dtype) { return is_half(dtype) ? at::kFloat : dtype; }
-
-// cuBLAS reads TF32 from the global context: the op's allow_tf32 holds for its products only.
-class Tf32Scope {
- public:
-  Tf32Scope(bool on_cuda, bool allow_tf32)
-      : changed_(on_cuda && allow_tf32 != at::globalContext().allowTF32CuBLAS()), before_(!allow_tf32) {
-    if (changed_) at::globalContext().setAllowTF32CuBLAS(allow_tf32);
-  }
-  ~Tf32Scope() {
-    if (changed_) at::globalContext().setAllowTF32CuBLAS(before_);
-  }
-  Tf32Scope(const Tf32Scope&) = delete;
-  Tf32Scope& operator=(const Tf32Scope&) = delete;
-
- private:
-  bool changed_;
-  bool before_;
-};
 
 // Layer l's input window times its dropout factors `window` ([B, s], overwritten), returned.
 const at::Tensor& multiply_window(const at::Tensor& window, const at::Tensor& x, const SpinalShape& shape,
@@ -101,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> normed_forward(
   check_norm_parameter(norm_bias, "norm_bias", shape, x_arg);
   const Activation act = parse_activation(activation);
   const Dropout dropout = make_dropout(dropout_seed, dropout_p, shape);
-  const Tf32Scope tf32(x_arg.is_cuda(), allow_tf32);
+  const CublasTf32Scope tf32(allow_tf32, x_arg.is_cuda());
 
   const at::Tensor x = x_arg.contiguous(), weight_in = weight_in_arg.contiguous();
   const at::Tensor weight_hidden = weight_hidden_arg.contiguous();
@@ -184,7 +166,7 @@ normed_backward(const at::Tensor& grad_out_arg, const at::Tensor& x_arg, const a
               "spinal_ops: output_mask asks for a norm_weight or norm_bias gradient but the layer has none");
   const Activation act = parse_activation(activation);
   const Dropout dropout = make_dropout(dropout_seed, dropout_p, shape);
-  const Tf32Scope tf32(x_arg.is_cuda(), allow_tf32);
+  const CublasTf32Scope tf32(allow_tf32, x_arg.is_cuda());
 
   const at::Tensor grad_out = grad_out_arg.contiguous(), x = x_arg.contiguous(), pre_norm = pre_norm_arg.contiguous();
   const at::Tensor weight_in = weight_in_arg.contiguous(), weight_hidden = weight_hidden_arg.contiguous();

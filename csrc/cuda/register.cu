@@ -22,6 +22,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../chain/cublas_tf32_scope.h"
 #include "../chain/dropout_factors.h"
 #include "../chain/hoisted_chain.h"
 #include "backward_outputs.h"
@@ -39,27 +40,6 @@ void check_cuda_inputs(const at::Tensor& x) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
 }
-
-// cuBLAS reads its TF32 switch from the global context; the op's allow_tf32 (read once in the
-// forward and passed to the backward too) decides instead, for the duration of one call. The
-// switch is touched only when the two differ, i.e. when the user changed the flag between the
-// forward and the backward.
-class CublasTf32Scope {
- public:
-  explicit CublasTf32Scope(bool allow_tf32)
-      : before_(at::globalContext().allowTF32CuBLAS()), changed_(allow_tf32 != before_) {
-    if (changed_) at::globalContext().setAllowTF32CuBLAS(allow_tf32);
-  }
-  ~CublasTf32Scope() {
-    if (changed_) at::globalContext().setAllowTF32CuBLAS(before_);
-  }
-  CublasTf32Scope(const CublasTf32Scope&) = delete;
-  CublasTf32Scope& operator=(const CublasTf32Scope&) = delete;
-
- private:
-  bool before_;
-  bool changed_;
-};
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
@@ -99,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
   }
   // Too wide for this device's tiles, or a dtype its native kernels do not run.
   if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
-    const CublasTf32Scope tf32(allow_tf32);
+    const chain::CublasTf32Scope tf32(allow_tf32);
     return chain::hoisted_forward(chain::aten_engine(), shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
                                   act, negative_slope, keep_pre_activation, dropout);
   }
@@ -134,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto weight_out = contiguous(weight_out_in);
   if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
-    const CublasTf32Scope tf32(allow_tf32);
+    const chain::CublasTf32Scope tf32(allow_tf32);
     const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out, x, pre_activation, weight_in,
                                                weight_hidden, weight_out, act, negative_slope, output_mask, dropout);
     return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
@@ -165,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward_cuda(const at::Tensor& x, con
   const Activation act = parse_activation(activation);
   const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const c10::cuda::CUDAGuard guard(x.device());
-  const CublasTf32Scope tf32(allow_tf32);
+  const chain::CublasTf32Scope tf32(allow_tf32);
   return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
                                 weight_hidden.contiguous(), contiguous(bias), contiguous(weight_out),
                                 contiguous(bias_out), act, negative_slope, keep_pre_activation, dropout);
@@ -181,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Activation act = parse_activation(activation);
   const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const c10::cuda::CUDAGuard guard(x.device());
-  const CublasTf32Scope tf32(allow_tf32);
+  const chain::CublasTf32Scope tf32(allow_tf32);
   const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(),
                                              pre_activation.contiguous(), weight_in.contiguous(),
                                              weight_hidden.contiguous(), contiguous(weight_out), act, negative_slope,
