@@ -30,7 +30,9 @@ void launch_persistent(const SpinalShape& shape, const at::Tensor& x, const at::
                        Activation act, float slope, const at::Tensor& out, const at::Tensor& pre_activation,
                        int64_t max_ctas) {
   PersistentArgs<T> p{};
-  static_cast<ChainDims&>(p) = chain_dims(shape, act, slope);
+  // No dropout stage here (register.cu sends calls with one to the other paths).
+  static_cast<ForwardArgs<T>&>(p) = make_forward_args<T>(shape, x, weight_in, weight_hidden, bias, weight_out,
+                                                         bias_out, act, slope, out, pre_activation, Dropout{});
   const int64_t row_tiles = ceil_div(shape.batch, Mma::kTileM);
   const int64_t col_tiles = ceil_div(shape.layer_width, kTileN);
   const int64_t out_tiles = ceil_div(shape.out_features, kTileN);
@@ -48,14 +50,6 @@ void launch_persistent(const SpinalShape& shape, const at::Tensor& x, const at::
   p.out_tiles = static_cast<int>(out_tiles);
   p.splits = static_cast<int>(splits);
   p.split_k = static_cast<int>(round_up(ceil_div(shape.split_size, splits), kTileK));
-  p.x = x.data_ptr<T>();
-  p.weight_in = weight_in.data_ptr<T>();
-  p.weight_hidden = weight_hidden.data_ptr<T>();
-  p.bias = optional_data<T>(bias);
-  p.weight_out = optional_data<T>(weight_out);
-  p.bias_out = optional_data<T>(bias_out);
-  p.out = out.data_ptr<T>();
-  p.pre_activation = pre_activation.numel() > 0 ? pre_activation.data_ptr<T>() : nullptr;
   const at::Tensor state = at::empty({shape.batch, shape.hidden()}, x.options().dtype(at::kFloat));
   const at::Tensor partials = at::empty({(splits - 1) * shape.batch * shape.hidden()}, state.options());
   // Counters start at zero every call: a memset on the stream, ordered before the launch.

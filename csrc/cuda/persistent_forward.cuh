@@ -55,7 +55,7 @@
 // Registers (TORCH_CUDA_ARCH_LIST=9.0 build, cuobjdump -res-usage / -sass on _C*.so; CUDA 13.1):
 //   bf16 WmmaMma<64>  128 registers, 48 HMMA.16816.F32.BF16   -> 2 CTAs/SM (264 on an H100)
 //   fp16 WmmaMma<64>  102 registers, 48 HMMA.16816.F32        -> 2 CTAs/SM
-//   fp32 SimtMma<32>  112 registers, FFMA only                -> 2 CTAs/SM
+//   fp32 SimtMma<32>  114 registers, FFMA only                -> 2 CTAs/SM
 //   fp32 TF32 WMMA    168 registers, 96 HMMA.1684.F32.TF32    -> 1 CTA/SM
 //   every one: STACK 0, LOCAL 0 (no spill stores or loads: no STL/LDL in the SASS); __ldcg is
 //   LDG.E.STRONG.GPU, __threadfence MEMBAR.SC.GPU, the polls ATOMG.E.ADD.STRONG.GPU + NANOSLEEP.
@@ -63,22 +63,17 @@
 //   spilled 4 bytes. The launcher's occupancy query, not these figures, sizes the grid.
 #pragma once
 
+#include "forward_kernel.cuh"
 #include "kernels.h"
 #include "tile_mma.cuh"
 
 namespace spinal_ops {
 namespace cuda_kernels {
 
+// The tile forward's arguments (pre_activation null when inference keeps no Z; no dropout key
+// is read), then the persistent grid's workspace and unit counts.
 template <typename T>
-struct PersistentArgs : ChainDims {
-  const T* x;
-  const T* weight_in;
-  const T* weight_hidden;
-  const T* bias;  // nullable
-  const T* weight_out;
-  const T* bias_out;  // nullable
-  T* out;
-  T* pre_activation;   // nullable: inference keeps no Z
+struct PersistentArgs : ForwardArgs<T> {
   float* state;        // [B][L*w]: piece 0 of P_l, then h_l (fp32 holding dtype values)
   float* partials;     // [splits - 1][B][L*w]: pieces 1.. of P_l (nullptr when splits == 1)
   int* next_unit;      // the ticket counter
