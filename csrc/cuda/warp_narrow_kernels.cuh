@@ -161,13 +161,30 @@ __device__ __forceinline__ void stage_window(const ForwardArgs<T>& p, SmemPtr<T>
   }
 }
 
+// acc[n] += a[16 x k] * b[16n .. 16n+15][0 .. k)ᵀ for every n < N: one warp's products, both operands
+// in shared memory, row-major with leading dimensions lda and ldb (k a multiple of 16).
+template <int N, typename E>
+__device__ __forceinline__ void warp_products(
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[N], SmemPtr<const E> a, int lda,
+    SmemPtr<const E> b, int ldb, int k) {
+  namespace wmma = nvcuda::wmma;
+  for (int k0 = 0; k0 < k; k0 += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a_frag;
+    wmma::load_matrix_sync(a_frag, a + k0, lda);
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b_frag;
+      wmma::load_matrix_sync(b_frag, b + 16 * n * ldb + k0, ldb);
+      wmma::mma_sync(acc[n], a_frag, b_frag, acc[n]);
+    }
+  }
+}
+
 template <typename T, int W, int MP>
 __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p) {
   namespace wmma = nvcuda::wmma;
   using E = typename WmmaElementOf<T>::type;
   using Smem = WarpNarrowLayout<W, MP>;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major>;
   using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -240,31 +257,11 @@ __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p
       FragAcc z[W / 16];
 #pragma unroll
       for (int i = 0; i < W / 16; ++i) wmma::fill_fragment(z[i], 0.f);
-      const SmemPtr<const E> x_tile = smem_cast<const E>(x_buf(buffer));
-      const SmemPtr<const E> a_l = smem_cast<const E>(a_w + layer * W * s_ld);
-      for (int k0 = 0; k0 < s16; k0 += 16) {
-        FragA a;
-        wmma::load_matrix_sync(a, x_tile + k0, s_ld);
-#pragma unroll
-        for (int n = 0; n < W / 16; ++n) {
-          FragB b;
-          wmma::load_matrix_sync(b, a_l + 16 * n * s_ld + k0, s_ld);
-          wmma::mma_sync(z[n], a, b, z[n]);
-        }
-      }
+      warp_products<W / 16, E>(z, smem_cast<const E>(x_buf(buffer)), s_ld,
+                               smem_cast<const E>(a_w + layer * W * s_ld), s_ld, s16);
       if (layer > 0) {
-        const SmemPtr<const E> r_l = smem_cast<const E>(r_w + (layer - 1) * W * Smem::kWLd);
-#pragma unroll
-        for (int k0 = 0; k0 < W; k0 += 16) {
-          FragA a;
-          wmma::load_matrix_sync(a, smem_cast<const E>(h) + k0, Smem::kWLd);
-#pragma unroll
-          for (int n = 0; n < W / 16; ++n) {
-            FragB b;
-            wmma::load_matrix_sync(b, r_l + 16 * n * Smem::kWLd + k0, Smem::kWLd);
-            wmma::mma_sync(z[n], a, b, z[n]);
-          }
-        }
+        warp_products<W / 16, E>(z, smem_cast<const E>(h), Smem::kWLd,
+                                 smem_cast<const E>(r_w + (layer - 1) * W * Smem::kWLd), Smem::kWLd, W);
       }
 #pragma unroll
       for (int n = 0; n < W / 16; ++n) {
@@ -291,18 +288,8 @@ __device__ __forceinline__ void warp_narrow_forward_rows(const ForwardArgs<T>& p
       __syncwarp();  // h_l is stored: the A operand of the projection and of the next layer
 
       if (projection) {
-        const SmemPtr<const E> out_l = smem_cast<const E>(out_w + layer * MP * Smem::kWLd);
-#pragma unroll
-        for (int k0 = 0; k0 < W; k0 += 16) {
-          FragA a;
-          wmma::load_matrix_sync(a, smem_cast<const E>(h) + k0, Smem::kWLd);
-#pragma unroll
-          for (int n = 0; n < MP / 16; ++n) {
-            FragB b;
-            wmma::load_matrix_sync(b, out_l + 16 * n * Smem::kWLd + k0, Smem::kWLd);
-            wmma::mma_sync(y[n], a, b, y[n]);
-          }
-        }
+        warp_products<MP / 16, E>(y, smem_cast<const E>(h), Smem::kWLd,
+                                  smem_cast<const E>(out_w + layer * MP * Smem::kWLd), Smem::kWLd, W);
       }
       buffer ^= 1;
     }
