@@ -23,7 +23,6 @@ namespace {
 
 constexpr int64_t kLanes = 16;          // fp32 lanes (bfloat16 pairs) of a zmm register
 constexpr int64_t kMaxPanelVectors = 4;  // 4 x 16 columns: 16 accumulators for a 4-row tile
-constexpr int64_t kTileRows = 4;
 constexpr int64_t kRowBlock = 64;  // rows of c per task
 constexpr int64_t kDepthPairs = 64;  // depth (in pairs) per chunk: 64 x 64 columns = 16 KB of the panel
 // The largest products (multiply-adds) bf16_tile_gemm takes. Against oneDNN on views (1 thread, AMD
@@ -144,28 +143,41 @@ SPINAL_AVX512_BF16 inline __m512 widen(const c10::BFloat16* src, __mmask16 mask)
 // Where a tile's sum starts and where it goes: the first depth chunk starts from c (accumulate),
 // the bias row or zero, later ones from the fp32 partial tile; the last chunk rounds into c,
 // earlier ones store the partial tile.
+constexpr int64_t kPartialStride = kMaxPanelVectors * kLanes;  // floats per row of a partial tile
 struct TileEnds {
   bool first, last, accumulate;
   const c10::BFloat16* bias;
-  float* partial;  // [kTileRows][kMaxPanelVectors * kLanes]
+  float* partial;  // [tile rows][kPartialStride]
 };
 
+SPINAL_AVX512_BF16 inline __m256 widen_half(const c10::BFloat16* src, __mmask8 mask) {
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
 // c[0:valid, 0:columns) (or the partial tile) = start + sum over pairs p of a(r, p) . panel(p, :),
-// the panel V vectors wide; rows past `valid` repeat the last one and are not stored.
-template <int V>
+// for R rows and a panel V vectors wide; rows past `valid` repeat the last one and are not stored.
+// With kHalfLast the last vector holds at most 8 columns and runs as a ymm (its upper 8 lanes,
+// zero in the panel, are not computed): a 24-column product (mnist's window groups) costs 3
+// ymm-widths per pair, not 4.
+template <int V, bool kHalfLast, int R>
 SPINAL_AVX512_BF16 void tile(const uint32_t* const* a_rows, int64_t a_step, int64_t pairs, const uint32_t* panel,
                              int64_t valid, int64_t columns, c10::BFloat16* c, int64_t ldc, const TileEnds& ends) {
-  constexpr int64_t kPartialStride = kMaxPanelVectors * kLanes;
-  __m512 acc[kTileRows][V];
+  constexpr int F = kHalfLast ? V - 1 : V;  // full zmm vectors
+  constexpr int64_t kHalfColumn = (V - 1) * kLanes;
+  __m512 acc[R][F > 0 ? F : 1];
+  __m256 half[R];
   __mmask16 masks[V];
 #pragma GCC unroll 4
   for (int v = 0; v < V; ++v) masks[v] = column_mask(columns - v * kLanes);
+  const __mmask8 half_mask = static_cast<__mmask8>(masks[V - 1]);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* partial = ends.partial + r * kPartialStride;
 #pragma GCC unroll 4
-  for (int r = 0; r < kTileRows; ++r) {
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
+    for (int v = 0; v < F; ++v) {
       if (!ends.first) {
-        acc[r][v] = _mm512_loadu_ps(ends.partial + r * kPartialStride + v * kLanes);
+        acc[r][v] = _mm512_loadu_ps(partial + v * kLanes);
       } else if (ends.accumulate && r < valid) {
         acc[r][v] = widen(c + r * ldc + v * kLanes, masks[v]);
       } else if (ends.bias) {
@@ -174,27 +186,51 @@ SPINAL_AVX512_BF16 void tile(const uint32_t* const* a_rows, int64_t a_step, int6
         acc[r][v] = _mm512_setzero_ps();
       }
     }
-  }
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh bv[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(panel + (p * V + v) * kLanes);
-#pragma GCC unroll 4
-    for (int r = 0; r < kTileRows; ++r) {
-      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a_rows[r][p * a_step]));
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+    if constexpr (kHalfLast) {
+      if (!ends.first) {
+        half[r] = _mm256_loadu_ps(partial + kHalfColumn);
+      } else if (ends.accumulate && r < valid) {
+        half[r] = widen_half(c + r * ldc + kHalfColumn, half_mask);
+      } else if (ends.bias) {
+        half[r] = widen_half(ends.bias + kHalfColumn, half_mask);
+      } else {
+        half[r] = _mm256_setzero_ps();
+      }
     }
   }
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh bv[F > 0 ? F : 1];
 #pragma GCC unroll 4
-  for (int r = 0; r < kTileRows; ++r) {
+    for (int v = 0; v < F; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(panel + (p * V + v) * kLanes);
+    __m256bh bh{};
+    if constexpr (kHalfLast) bh = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (p * V + V - 1) * kLanes));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      // One broadcast from memory; the ymm product reads its lower half.
+      const __m512i ar = _mm512_set1_epi32(static_cast<int>(a_rows[r][p * a_step]));
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) {
+      for (int v = 0; v < F; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)ar, bv[v]);
+      if constexpr (kHalfLast) half[r] = _mm256_dpbf16_ps(half[r], (__m256bh)_mm512_castsi512_si256(ar), bh);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* partial = ends.partial + r * kPartialStride;
+#pragma GCC unroll 4
+    for (int v = 0; v < F; ++v) {
       if (!ends.last) {
-        _mm512_storeu_ps(ends.partial + r * kPartialStride + v * kLanes, acc[r][v]);
+        _mm512_storeu_ps(partial + v * kLanes, acc[r][v]);
       } else if (r < valid) {
         const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(acc[r][v]);
         _mm256_mask_storeu_epi16(c + r * ldc + v * kLanes, masks[v], rounded);
+      }
+    }
+    if constexpr (kHalfLast) {
+      if (!ends.last) {
+        _mm256_storeu_ps(partial + kHalfColumn, half[r]);
+      } else if (r < valid) {
+        const __m128i rounded = (__m128i)_mm256_cvtneps_pbh(half[r]);
+        _mm_mask_storeu_epi16(c + r * ldc + kHalfColumn, half_mask, rounded);
       }
     }
   }
@@ -210,32 +246,46 @@ struct Product {
   const c10::BFloat16* bias;
 };
 
-// c[row0 : row0 + rows, panel's columns): the depth in chunks of kDepthPairs, each chunk's part of
-// the panel (at most 16 KB) read from L1 by every tile of the block, the tiles' sums carried
-// between chunks in fp32.
-SPINAL_AVX512_BF16 void run_block(const Product& p, int64_t row0, int64_t rows, int64_t first_vector, int vectors) {
-  alignas(64) float partial[kRowBlock / kTileRows][kTileRows * kMaxPanelVectors * kLanes];
-  const int64_t col0 = first_vector * kLanes, columns = std::min<int64_t>(vectors * kLanes, p.n - col0);
+// c[row0 : row0 + rows, the panel of V vectors from first_vector): the depth in chunks of
+// kDepthPairs, each chunk's part of the panel (at most 16 KB) read from L1 by every tile of the
+// block, the tiles' sums carried between chunks in fp32. Tiles of R rows.
+template <int V, int R>
+SPINAL_AVX512_BF16 void run_panel(const Product& p, int64_t row0, int64_t rows, int64_t first_vector) {
+  static_assert(kRowBlock % R == 0);
+  alignas(64) float partial[kRowBlock * kPartialStride];
+  const int64_t col0 = first_vector * kLanes, columns = std::min<int64_t>(V * kLanes, p.n - col0);
+  const bool half_last = columns - (V - 1) * kLanes <= kLanes / 2;
   const uint32_t* panel = p.packed_b + p.pairs * first_vector * kLanes;
   const c10::BFloat16* bias = p.bias ? p.bias + col0 : nullptr;
   for (int64_t p0 = 0; p0 < p.pairs; p0 += kDepthPairs) {
     const int64_t depth = std::min(kDepthPairs, p.pairs - p0);
-    const uint32_t* chunk = panel + p0 * vectors * kLanes;
-    for (int64_t i = row0; i < row0 + rows; i += kTileRows) {
-      const int64_t valid = std::min(kTileRows, row0 + rows - i);
-      const uint32_t* a_rows[kTileRows];
-      for (int64_t r = 0; r < kTileRows; ++r) {
+    const uint32_t* chunk = panel + p0 * V * kLanes;
+    for (int64_t i = row0; i < row0 + rows; i += R) {
+      const int64_t valid = std::min<int64_t>(R, row0 + rows - i);
+      const uint32_t* a_rows[R];
+      for (int64_t r = 0; r < R; ++r) {
         a_rows[r] = p.a.words + (i + std::min(r, valid - 1)) * p.a.row_step + p0 * p.a.pair_step;
       }
-      const TileEnds ends{p0 == 0, p0 + depth == p.pairs, p.accumulate, bias, partial[(i - row0) / kTileRows]};
+      const TileEnds ends{p0 == 0, p0 + depth == p.pairs, p.accumulate, bias, partial + (i - row0) * kPartialStride};
       c10::BFloat16* out = p.c + i * p.ldc + col0;
-      switch (vectors) {
-        case 4: tile<4>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends); break;
-        case 3: tile<3>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends); break;
-        case 2: tile<2>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends); break;
-        default: tile<1>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends);
+      if (half_last) {
+        tile<V, true, R>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends);
+      } else {
+        tile<V, false, R>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends);
       }
     }
+  }
+}
+
+// Panels of one or two vectors (narrow products: mnist's window groups, the recurrence, few
+// outputs) take 8-row tiles, so that enough independent sums are in flight to cover the dot
+// product's latency; wider panels have enough with 4 rows (at most 16 accumulators).
+SPINAL_AVX512_BF16 void run_block(const Product& p, int64_t row0, int64_t rows, int64_t first_vector, int vectors) {
+  switch (vectors) {
+    case 4: run_panel<4, 4>(p, row0, rows, first_vector); break;
+    case 3: run_panel<3, 4>(p, row0, rows, first_vector); break;
+    case 2: run_panel<2, 8>(p, row0, rows, first_vector); break;
+    default: run_panel<1, 8>(p, row0, rows, first_vector);
   }
 }
 

@@ -10,7 +10,8 @@
 // (the operand layout of vdpbf16ps: each float lane sums a[i, 2p] b[2p, j] + a[i, 2p+1] b[2p+1, j]),
 // zero past k and past c's last column. a is read in place where its rows are contiguous and k is
 // even (each pair one 32-bit broadcast), else a block of its rows is packed the same way. A
-// register tile is 4 rows by the panel's vectors (at most 16 fp32 accumulators). A task (up to 64
+// register tile is 4 rows by the panel's vectors (at most 16 fp32 accumulators), 8 rows where the
+// panel is one or two vectors, and a last vector of at most 8 columns runs as a ymm. A task (up to 64
 // rows by one panel, on at::parallel_for) walks the depth in chunks of 128 (64 pairs: 16 KB of
 // the panel, read from L1 by each of its tiles); a tile starts from c itself (accumulating), the
 // bias row or zero, each widened, carries its sum between chunks in an fp32 partial tile, and
