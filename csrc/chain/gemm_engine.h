@@ -42,6 +42,17 @@ struct GemmEngine {
   // dtype (float32 factors for half types).
   bool (*multiply)(const Block& out, bool accumulate, const Block& a, const Block& b) = nullptr;
 
+  // ---- one recurrence step in one call (where null or false: gemm, then the element-wise pass) ----
+  // Forward, layer l > 0 without dropout: z += a @ b, h = phi(z), where z is layer l's slot of the
+  // products and h its slot of H (h may be z itself). keep_z: z must hold the pre-activation on
+  // return (the training forward keeps Z there); otherwise z is scratch once h is written.
+  bool (*gemm_activation)(const Block& h, const Block& z, bool keep_z, const Block& a, const Block& b, Activation act,
+                          double negative_slope) = nullptr;
+  // Backward, layer l < L-1 without dropout: dz = (dz + a @ b) * phi'(z) in place (z: what the
+  // chain's phi' reads, Z, or H for an activation whose derivative is a function of its output).
+  bool (*gemm_activation_grad)(const Block& dz, const Block& z, const Block& a, const Block& b, Activation act,
+                               double negative_slope) = nullptr;
+
   // ---- the sequential recurrence as one loop of the engine's own ----
   // Whether the engine runs the whole recurrence of this call itself (narrow layers). Where it
   // does, the chain calls these two instead of one GEMM and one activation per layer. Columns:
