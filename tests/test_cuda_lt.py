@@ -102,10 +102,10 @@ def test_epilogues_are_taken(lt_switch, activation, dtype):
         before = _engine_calls()
         apply_spinal(x, params, config, "cuda").sum().backward()
         training = [after - b for after, b in zip(_engine_calls(), before)]
-    fused = activation != "silu"
+    in_epilogue = activation != "silu"
     assert inference[0] > 0 and training[0] > 0, (inference, training)
-    assert inference[1:] == [steps if fused else 0, 0], inference
-    assert training[1:] == [steps if fused else 0, steps if activation == "gelu_tanh" else 0], training
+    assert inference[1:] == [steps if in_epilogue else 0, 0], inference
+    assert training[1:] == [steps if in_epilogue else 0, steps if activation == "gelu_tanh" else 0], training
 
 
 @GPU

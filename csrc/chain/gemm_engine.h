@@ -8,10 +8,12 @@
 //
 // Every function member may be null, and each returns false, having done nothing, where it does
 // not take the call: the chain then runs ATen's own call for it (at::mm_out / at::addmm_out on
-// views of the blocks, the activations' out= kernels). aten_engine() is that default: every member
-// null, so the whole chain runs on ATen calls (cuBLAS on CUDA). csrc/cpu/chain_engine.h supplies
-// the CPU engine (PyTorch's BLAS called on pointers, the register-tiled and few-column float32
-// kernels, plain loops for ReLU-like activations, the narrow recurrence).
+// views of the blocks, the activations' out= kernels), or for a member that joins two steps
+// (gemm_activation, gemm_activation_grad) the two steps through the members above. aten_engine()
+// is that default: every member null, so the whole chain runs on ATen calls (cuBLAS on CUDA).
+// csrc/cpu/chain_engine.h supplies the CPU engine (PyTorch's BLAS called on pointers, the
+// register-tiled and few-column float32 kernels, plain loops for ReLU-like activations, the narrow
+// recurrence), csrc/cuda/lt_engine.h the opt-in cuBLASLt engine (activations in the epilogues).
 #pragma once
 
 #include <ATen/ATen.h>
