@@ -18,6 +18,7 @@ instead of installing a package that would run reference-only.
 """
 import glob
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -67,17 +68,49 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# The CUDA library headers that csrc/cuda/lt_engine.cu includes through ATen's CUDA context
+# (ATen/cuda/CUDAContextLight.h): cuBLASLt's, and those that header includes beside it.
+CUDA_LIBRARY_HEADERS = ("cublasLt.h", "cublas_v2.h", "cusparse.h", "cusolverDn.h")
+
+
+def _cuda_library_include_dirs() -> tuple[list[str], list[str]]:
+    """(directories to add, headers found nowhere) for CUDA_LIBRARY_HEADERS. The toolkit's include
+    directory comes first; a toolkit assembled from pip wheels (nvcc, cudart) has no cuBLAS, and then
+    the headers come from the nvidia wheels torch itself runs on (nvidia/cu13/include, or
+    nvidia/<library>/include for CUDA 12)."""
+    toolkit = os.path.join(CUDA_HOME, "include") if CUDA_HOME else None
+    candidates = [toolkit] if toolkit else []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations if spec is not None else None) or []:
+        candidates += sorted(glob.glob(os.path.join(root, "*", "include")))
+    found, missing = [], []
+    for header in CUDA_LIBRARY_HEADERS:
+        where = next((d for d in candidates if os.path.exists(os.path.join(d, header))), None)
+        if where is None:
+            missing.append(header)
+        elif where != toolkit and where not in found:
+            found.append(where)
+    return found, missing
+
+
 def _cuda_decision() -> tuple[bool, str]:
     """Whether to compile the CUDA kernels, and why not when not."""
     if os.environ.get("SPINAL_OPS_CPU_ONLY") == "1":
         return False, "SPINAL_OPS_CPU_ONLY=1 at build time"
     nvcc_found = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    missing_headers = _cuda_library_include_dirs()[1] if nvcc_found else []
     if os.environ.get("SPINAL_OPS_FORCE_CUDA") == "1":
         if not nvcc_found:
             raise RuntimeError("SPINAL_OPS_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        if missing_headers:
+            raise RuntimeError(f"SPINAL_OPS_FORCE_CUDA=1 but {', '.join(missing_headers)} were not found in "
+                               "CUDA_HOME/include or the nvidia pip packages")
         return True, ""
     if not nvcc_found:
         return False, "nvcc was not found at build time (set CUDA_HOME to a CUDA toolkit to build the kernels)"
+    if missing_headers:
+        return False, (f"{', '.join(missing_headers)} not found at build time (in CUDA_HOME/include or the "
+                       "nvidia pip packages)")
     return True, ""
 
 
@@ -93,7 +126,14 @@ def _extension():
     if not _cuda_decision()[0]:
         return CppExtension("spinal_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;9.0+PTX")
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DSPINAL_OPS_WITH_CUDA"]
+    # After torch's include flags, so the toolkit's own headers win where it has them.
+    library_includes = [f"-I{d}" for d in _cuda_library_include_dirs()[0]]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DSPINAL_OPS_WITH_CUDA", *library_includes]
+    # cuBLASLt (csrc/cuda/lt_engine.cu) is not linked here: its symbols resolve at load time through
+    # libtorch_cuda, which CUDAExtension links and which itself needs the libcublasLt torch runs
+    # on (the nvidia wheel's or the toolkit's, loaded by `import torch`). Linking -lcublasLt would
+    # pin the soname of the build machine's toolkit (libcublasLt.so.13 here), which a GPU image
+    # whose torch brings another cuBLAS may lack, and the extension would then fail to load.
     return CUDAExtension(
         "spinal_ops._C",
         sources + _sources("csrc/cuda/*.cu"),

@@ -16,6 +16,11 @@
 #                   CUDA tensors, then the cuda backend's bfloat16 timings at w >= 256 (cnn_cifar,
 #                   resnet_head, cifar_vgg; B = 64, 1024; infer and train) with the switch off, then
 #                   on                                   -> pytest.log, bench.log (JSON in /tmp only)
+#      lt           the hoisted chain on cuBLASLt (SPINAL_OPS_CUDA_LT=1, never run on a GPU before): its
+#                   pytest (tests/test_cuda_lt.py), then the cuda backend's bfloat16 timings against dense
+#                   on cifar_vgg, cnn_cifar, resnet_head at B = 1024, 65536 (infer and train) with the
+#                   switch off, then on; SKIP_STAGES="pytest_lt lt_0 lt_1" leaves it out
+#                                                        -> pytest.log, bench.log (JSON in /tmp only)
 #      warp_narrow  the warp-level narrow forward (opt-in, SPINAL_OPS_CUDA_WARP_NARROW=1; never run on a
 #                   GPU before): its pytest on CUDA tensors, then mnist bf16 train/infer timings at
 #                   B = 64, 65536 against dense without and with the switch (the cost model picks the
@@ -130,6 +135,16 @@ switch_bench() {
 for value in 0 1; do
   switch_bench "persistent_$value" SPINAL_OPS_CUDA_PERSISTENT $value "$(cap 17)" \
     --preset cnn_cifar resnet_head cifar_vgg --batch 64 1024 --backends cuda
+done
+# The hoisted chain on cuBLASLt (SPINAL_OPS_CUDA_LT=1, never run on a GPU before; the ops read the
+# switch per call): its tests, then the cuda backend's bfloat16 timings against dense with the switch
+# off, then on. The cuda rows differ only where the cost model runs the hoisted path (cifar_vgg
+# always, the w = 256 presets where it picks hoisted); each record's floor_ms gives the share of a
+# dense GEMM of the same FLOPs.
+stage pytest_lt pytest.log "$(cap 60)" $PYTEST tests/test_cuda_lt.py
+for value in 0 1; do
+  switch_bench "lt_$value" SPINAL_OPS_CUDA_LT $value "$(cap 25)" \
+    --preset cifar_vgg cnn_cifar resnet_head --batch 1024 65536 --backends cuda dense
 done
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_triton_dropout.py \
   tests/test_backends.py -k triton

@@ -8,10 +8,12 @@
 //
 // Every function member may be null, and each returns false, having done nothing, where it does
 // not take the call: the chain then runs ATen's own call for it (at::mm_out / at::addmm_out on
-// views of the blocks, the activations' out= kernels). aten_engine() is that default: every member
-// null, so the whole chain runs on ATen calls (cuBLAS on CUDA). csrc/cpu/chain_engine.h supplies
-// the CPU engine (PyTorch's BLAS called on pointers, the register-tiled and few-column float32
-// kernels, plain loops for ReLU-like activations, the narrow recurrence).
+// views of the blocks, the activations' out= kernels), or for a member that joins two steps
+// (gemm_activation, gemm_activation_grad) the two steps through the members above. aten_engine()
+// is that default: every member null, so the whole chain runs on ATen calls (cuBLAS on CUDA).
+// csrc/cpu/chain_engine.h supplies the CPU engine (PyTorch's BLAS called on pointers, the
+// register-tiled and few-column float32 kernels, plain loops for ReLU-like activations, the narrow
+// recurrence), csrc/cuda/lt_engine.h the opt-in cuBLASLt engine (activations in the epilogues).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,6 +43,17 @@ struct GemmEngine {
   // itself): a dropout mask applied, b its factors (dropout_factors.h), which may be of another
   // dtype (float32 factors for half types).
   bool (*multiply)(const Block& out, bool accumulate, const Block& a, const Block& b) = nullptr;
+
+  // ---- one recurrence step in one call (where null or false: gemm, then the element-wise pass) ----
+  // Forward, layer l > 0 without dropout: z += a @ b, h = phi(z), where z is layer l's slot of the
+  // products and h its slot of H (h may be z itself). keep_z: z must hold the pre-activation on
+  // return (the training forward keeps Z there); otherwise z is scratch once h is written.
+  bool (*gemm_activation)(const Block& h, const Block& z, bool keep_z, const Block& a, const Block& b, Activation act,
+                          double negative_slope) = nullptr;
+  // Backward, layer l < L-1 without dropout: dz = (dz + a @ b) * phi'(z) in place (z: what the
+  // chain's phi' reads, Z, or H for an activation whose derivative is a function of its output).
+  bool (*gemm_activation_grad)(const Block& dz, const Block& z, const Block& a, const Block& b, Activation act,
+                               double negative_slope) = nullptr;
 
   // ---- the sequential recurrence as one loop of the engine's own ----
   // Whether the engine runs the whole recurrence of this call itself (narrow layers). Where it

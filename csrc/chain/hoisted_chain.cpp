@@ -275,17 +275,25 @@ void forward_rows(const GemmEngine& engine, const SpinalShape& shape, const Laye
     return;
   }
   const Block hidden_block = projection ? Block::of(hidden) : out_block;
+  // `products` ends as Z (the training forward's) when h goes elsewhere: the training forward then
+  // passes another `hidden` buffer (or none, without projection); inference and keeps_hidden pass
+  // `products` itself.
+  const bool keeps_z = !hidden.is_same(products);
   Block previous_hidden;  // h_{l-1}
   for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
     const Block z = products_block.columns(slots[layer], w);
-    if (layer > 0 && drops) {
-      const at::Tensor dropped = dropped_copy(engine, previous_hidden, dropout, first_row, dropout.hidden_site(layer), x);
-      block_gemm(engine, z, true, std::nullopt, Block::of(dropped), Block::matrix(weight_hidden, layer - 1).t());
-    } else if (layer > 0) {
-      block_gemm(engine, z, true, std::nullopt, previous_hidden, Block::matrix(weight_hidden, layer - 1).t());
-    }
     const Block h = hidden_block.columns(projection ? slots[layer] : layer * w, w);
-    block_activation(engine, h, z, act, negative_slope);
+    if (layer > 0 && !drops) {
+      block_gemm_activation(engine, h, z, keeps_z, previous_hidden, Block::matrix(weight_hidden, layer - 1).t(), act,
+                            negative_slope);
+    } else {
+      if (layer > 0) {
+        const at::Tensor dropped =
+            dropped_copy(engine, previous_hidden, dropout, first_row, dropout.hidden_site(layer), x);
+        block_gemm(engine, z, true, std::nullopt, Block::of(dropped), Block::matrix(weight_hidden, layer - 1).t());
+      }
+      block_activation(engine, h, z, act, negative_slope);
+    }
     previous_hidden = h;
   }
   if (projection && drops) {
@@ -487,18 +495,21 @@ std::array<at::Tensor, 6> hoisted_backward(const GemmEngine& engine, const Spina
       Block next_dz;  // dz_{l+1}
       for (int64_t layer = num_layers - 1; layer >= 0; --layer) {
         const Block dz = slot_rows(grad_z, layer);
-        if (layer + 1 < num_layers && drops) {
-          // dz_l += (dz_{l+1} @ R_{l+1}) * the factors of h_l as layer l+1's input.
-          const Block product = Block::of(recurrent_product).row_range(0, rows);
-          block_gemm(engine, product, false, std::nullopt, next_dz, Block::matrix(weight_hidden, layer));
-          apply_dropout(engine, dropout, row, rows, dropout.hidden_site(layer + 1), w, {{dz, true, product, 0}}, x);
-        } else if (layer + 1 < num_layers) {
-          block_gemm(engine, dz, true, std::nullopt, next_dz, Block::matrix(weight_hidden, layer));
-        }
         const Block h = hidden_act.defined() ? slot_rows(hidden_act, layer) : Block();
         // With H kept, relu's phi' reads h in place of z: the same mask (derivative_from_output).
         const Block z = saved_hidden ? h : slot_rows(pre_activation, layer);
-        block_activation_grad(engine, dz, z, h, act, negative_slope);
+        if (layer + 1 < num_layers && !drops) {
+          block_gemm_activation_grad(engine, dz, z, h, next_dz, Block::matrix(weight_hidden, layer), act,
+                                     negative_slope);
+        } else {
+          if (layer + 1 < num_layers) {
+            // dz_l += (dz_{l+1} @ R_{l+1}) * the factors of h_l as layer l+1's input.
+            const Block product = Block::of(recurrent_product).row_range(0, rows);
+            block_gemm(engine, product, false, std::nullopt, next_dz, Block::matrix(weight_hidden, layer));
+            apply_dropout(engine, dropout, row, rows, dropout.hidden_site(layer + 1), w, {{dz, true, product, 0}}, x);
+          }
+          block_activation_grad(engine, dz, z, h, act, negative_slope);
+        }
         next_dz = dz;
       }
     }

@@ -52,4 +52,21 @@ void block_activation_grad(const GemmEngine& engine, const Block& dz, const Bloc
   multiply_by_activation_grad(dz.view(), z.view(), h.base ? h.view() : at::Tensor(), act, negative_slope);
 }
 
+void block_gemm_activation(const GemmEngine& engine, const Block& h, const Block& z, bool keep_z, const Block& a,
+                           const Block& b, Activation act, double negative_slope) {
+  if (engine.gemm_activation != nullptr && engine.gemm_activation(h, z, keep_z, a, b, act, negative_slope)) return;
+  block_gemm(engine, z, true, std::nullopt, a, b);
+  block_activation(engine, h, z, act, negative_slope);
+}
+
+void block_gemm_activation_grad(const GemmEngine& engine, const Block& dz, const Block& z, const Block& h,
+                                const Block& a, const Block& b, Activation act, double negative_slope) {
+  if (act != Activation::Identity && engine.gemm_activation_grad != nullptr &&
+      engine.gemm_activation_grad(dz, z, a, b, act, negative_slope)) {
+    return;
+  }
+  block_gemm(engine, dz, true, std::nullopt, a, b);
+  block_activation_grad(engine, dz, z, h, act, negative_slope);
+}
+
 }  // namespace spinal_ops::chain

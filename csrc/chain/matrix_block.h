@@ -71,4 +71,15 @@ void block_multiply(const GemmEngine& engine, const Block& out, bool accumulate,
 void block_activation_grad(const GemmEngine& engine, const Block& dz, const Block& z, const Block& h, Activation act,
                            double negative_slope);
 
+// z += a @ b, then h = phi(z) (h may be z itself; keep_z: z must hold the pre-activation on return):
+// the engine's one call where it takes it (GemmEngine::gemm_activation), else block_gemm and
+// block_activation.
+void block_gemm_activation(const GemmEngine& engine, const Block& h, const Block& z, bool keep_z, const Block& a,
+                           const Block& b, Activation act, double negative_slope);
+
+// dz = (dz + a @ b) * phi'(z) in place (h = phi(z)): the engine's one call where it takes it
+// (GemmEngine::gemm_activation_grad), else block_gemm and block_activation_grad.
+void block_gemm_activation_grad(const GemmEngine& engine, const Block& dz, const Block& z, const Block& h,
+                                const Block& a, const Block& b, Activation act, double negative_slope);
+
 }  // namespace spinal_ops::chain

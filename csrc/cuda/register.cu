@@ -9,6 +9,8 @@
 // defines spinal_ops::cuda_tile_kernel_max_width(), cuda_tile_kernel_width_limit(device, dtype,
 // allow_tf32) and cuda_native_kernels_refusal(device, dtype) (bf16 before compute capability 8.0),
 // the thresholds and reasons Python's CudaBackend.supports() reports, so they live in one place.
+// Under SPINAL_OPS_CUDA_LT=1 (read per call) every hoisted chain call runs on the cuBLASLt engine
+// (lt_engine.cu) instead of ATen's.
 //
 // Dropout (an active dropout_seed and dropout_p, contract §1): the tile and narrow kernels apply the
 // masks themselves, each factor computed where its operand is staged (forward_kernel.cuh,
@@ -27,6 +29,7 @@
 #include "../chain/hoisted_chain.h"
 #include "backward_outputs.h"
 #include "kernels.h"
+#include "lt_engine.h"
 #include "narrow_kernels.cuh"
 #include "tile_mma.cuh"
 
@@ -40,6 +43,11 @@ void check_cuda_inputs(const at::Tensor& x) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "spinal_ops: the CUDA kernels take float32, float16 or bfloat16, got ", dtype);
 }
+
+// The hoisted chain's engine for this call: cuBLASLt's with the activations in its epilogues under
+// SPINAL_OPS_CUDA_LT=1 (lt_engine.h; the same buffers, so the switch may change between a forward
+// and its backward), else ATen's.
+const chain::GemmEngine& hoisted_engine() { return lt_engine_requested() ? lt_engine() : chain::aten_engine(); }
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
@@ -80,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
   // Too wide for this device's tiles, or a dtype its native kernels do not run.
   if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const chain::CublasTf32Scope tf32(allow_tf32);
-    return chain::hoisted_forward(chain::aten_engine(), shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
+    return chain::hoisted_forward(hoisted_engine(), shape, x, weight_in, weight_hidden, bias, weight_out, bias_out,
                                   act, negative_slope, keep_pre_activation, dropout);
   }
   at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
@@ -115,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto weight_out = contiguous(weight_out_in);
   if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const chain::CublasTf32Scope tf32(allow_tf32);
-    const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out, x, pre_activation, weight_in,
+    const auto grads = chain::hoisted_backward(hoisted_engine(), shape, grad_out, x, pre_activation, weight_in,
                                                weight_hidden, weight_out, act, negative_slope, output_mask, dropout);
     return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5]};
   }
@@ -146,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> hoisted_forward_cuda(const at::Tensor& x, con
   const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const c10::cuda::CUDAGuard guard(x.device());
   const chain::CublasTf32Scope tf32(allow_tf32);
-  return chain::hoisted_forward(chain::aten_engine(), shape, x.contiguous(), weight_in.contiguous(),
+  return chain::hoisted_forward(hoisted_engine(), shape, x.contiguous(), weight_in.contiguous(),
                                 weight_hidden.contiguous(), contiguous(bias), contiguous(weight_out),
                                 contiguous(bias_out), act, negative_slope, keep_pre_activation, dropout);
 }
@@ -162,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Dropout dropout = chain::make_dropout(dropout_seed, dropout_p, shape);
   const c10::cuda::CUDAGuard guard(x.device());
   const chain::CublasTf32Scope tf32(allow_tf32);
-  const auto grads = chain::hoisted_backward(chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(),
+  const auto grads = chain::hoisted_backward(hoisted_engine(), shape, grad_out.contiguous(), x.contiguous(),
                                              pre_activation.contiguous(), weight_in.contiguous(),
                                              weight_hidden.contiguous(), contiguous(weight_out), act, negative_slope,
                                              output_mask, dropout);
@@ -182,6 +190,11 @@ std::string native_kernels_refusal_op(int64_t device, at::ScalarType dtype) {
   return native_kernels_refusal(dtype, static_cast<int>(device));
 }
 
+std::vector<int64_t> lt_engine_calls_op() {
+  const auto calls = lt_engine_calls();
+  return {calls.begin(), calls.end()};
+}
+
 }  // namespace
 }  // namespace cuda_kernels
 }  // namespace spinal_ops
@@ -193,6 +206,8 @@ TORCH_LIBRARY_FRAGMENT(spinal_ops, m) {
   m.def("cuda_native_kernels_refusal(int device, ScalarType dtype) -> str",
         &spinal_ops::cuda_kernels::native_kernels_refusal_op);
   m.def("cuda_narrow_limits() -> int[]", &spinal_ops::cuda_kernels::narrow_limits);
+  // [products, recurrence steps, backward steps] the cuBLASLt engine has taken (lt_engine.h).
+  m.def("cuda_lt_engine_calls() -> int[]", &spinal_ops::cuda_kernels::lt_engine_calls_op);
 }
 
 TORCH_LIBRARY_IMPL(spinal_ops, CUDA, m) {

@@ -18,6 +18,13 @@ picks it): ``native_forward`` runs the persistent forward kernel (csrc/cuda/pers
 at every width in inference and up to the tile kernels' width in training (the hoisted backward
 reads its own forward's buffer, so wider training calls keep the hoisted pair), and this backend
 sends those calls to the native pair.
+
+``SPINAL_OPS_CUDA_LT=1`` (read per call by the ops; it has not run on a GPU, so neither ``auto`` nor the
+cost model chooses it, and the path choice is the same with it): every hoisted chain call (the
+``hoisted`` pair, and the native ops' calls too wide for their kernels) runs on the cuBLASLt engine
+(csrc/cuda/lt_engine.cu), which computes each recurrence step of relu and gelu_tanh as one matmul with
+the activation in its epilogue and gelu_tanh's backward steps with its derivative there; other
+activations and calls cuBLASLt cannot take run as before.
 """
 from __future__ import annotations
 
