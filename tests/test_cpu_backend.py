@@ -371,6 +371,11 @@ BF16_HOISTED_CASES = {
     # tile (37), leaky ReLU's loops on bfloat16.
     "bf16_tile_edges": (lambda: make_config(45, 70, layer_width=40, num_layers=3, split_size=23,
                                             activation="leaky_relu", negative_slope=0.1), 37),
+    # Weight gradients of at most 64 rows deeper than one depth chunk pack b chunk by chunk inside
+    # the product: an odd batch ends in a chunk of odd depth, over wrapped windows and M = 70.
+    "bf16_fused_b_packing": (lambda: make_config(45, 70, layer_width=40, num_layers=3, split_size=23,
+                                                 activation="leaky_relu", negative_slope=0.1), 301),
+    "narrow_fused_b_packing_odd_batch": (lambda: make_config(320, 10, layer_width=8, num_layers=6), 2101),
     # resnet_head at batch 128: products beyond the bfloat16 tiles' limit run on oneDNN, the
     # rest on the tiles, in one call.
     "tiles_and_onednn": (lambda: make_config(2048, 1000, layer_width=256, num_layers=4), 128),

@@ -239,7 +239,10 @@ SPINAL_AVX512_BF16 void tile(const uint32_t* const* a_rows, int64_t a_step, int6
 struct Product {
   int64_t m, n, k, pairs;
   PairMatrix a;
-  const uint32_t* packed_b;  // panel-major: panel from vector f at packed_b + pairs * f * kLanes
+  // Panel-major: panel from vector f at packed_b + pairs * f * kLanes. Null where each task packs
+  // its panel's depth chunks from b itself as it reaches them (fused_b_packing).
+  const uint32_t* packed_b;
+  Bf16Operand b;
   c10::BFloat16* c;
   int64_t ldc;
   bool accumulate;
@@ -253,13 +256,20 @@ template <int V, int R>
 SPINAL_AVX512_BF16 void run_panel(const Product& p, int64_t row0, int64_t rows, int64_t first_vector) {
   static_assert(kRowBlock % R == 0);
   alignas(64) float partial[kRowBlock * kPartialStride];
+  alignas(64) uint32_t packed_chunk[kDepthPairs * V * kLanes];  // used where b is not packed whole
   const int64_t col0 = first_vector * kLanes, columns = std::min<int64_t>(V * kLanes, p.n - col0);
   const bool half_last = columns - (V - 1) * kLanes <= kLanes / 2;
-  const uint32_t* panel = p.packed_b + p.pairs * first_vector * kLanes;
+  const uint32_t* panel = p.packed_b ? p.packed_b + p.pairs * first_vector * kLanes : nullptr;
   const c10::BFloat16* bias = p.bias ? p.bias + col0 : nullptr;
   for (int64_t p0 = 0; p0 < p.pairs; p0 += kDepthPairs) {
     const int64_t depth = std::min(kDepthPairs, p.pairs - p0);
     const uint32_t* chunk = panel + p0 * V * kLanes;
+    if (!panel) {
+      // b's rows [2 p0, 2 (p0 + depth)) of this panel, laid out as pack_b lays out that chunk.
+      pack_pairs(p.b.data + col0 * p.b.col_stride + 2 * p0 * p.b.row_stride, p.b.col_stride, p.b.row_stride, columns,
+                 std::min(2 * depth, p.k - 2 * p0), packed_chunk, V * kLanes);
+      chunk = packed_chunk;
+    }
     for (int64_t i = row0; i < row0 + rows; i += R) {
       const int64_t valid = std::min<int64_t>(R, row0 + rows - i);
       const uint32_t* a_rows[R];
@@ -344,8 +354,16 @@ bool bf16_tile_gemm(int64_t m, int64_t n, int64_t k, Bf16Operand a, Bf16Operand 
     }
     return true;
   }
-  auto packed_b = std::make_unique_for_overwrite<uint32_t[]>(pairs * vectors * kLanes);
-  pack_b(b, k, n, pairs, packed_b.get());
+  const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
+  // One row block: each panel of b is read by one task only, so that task packs it chunk by chunk
+  // into L1 as it goes instead of the whole of b being packed to memory first (a weight gradient's
+  // b is a [batch, columns] operand: mnist's windows at batch 4096 are 1.3 MB each).
+  const bool fused_b_packing = row_blocks == 1 && pairs > kDepthPairs;
+  std::unique_ptr<uint32_t[]> packed_b;
+  if (!fused_b_packing) {
+    packed_b = std::make_unique_for_overwrite<uint32_t[]>(pairs * vectors * kLanes);
+    pack_b(b, k, n, pairs, packed_b.get());
+  }
   // a in place where its rows are contiguous pairs, else packed pair-major.
   std::unique_ptr<uint32_t[]> packed_a;
   PairMatrix pa{reinterpret_cast<const uint32_t*>(a.data), a.row_stride / 2, 1};
@@ -357,9 +375,8 @@ bool bf16_tile_gemm(int64_t m, int64_t n, int64_t k, Bf16Operand a, Bf16Operand 
     pack_pairs(a.data, a.row_stride, a.col_stride, m, k, packed_a.get(), padded_rows);
     pa = {packed_a.get(), 1, padded_rows};
   }
-  const Product product{m, n, k, pairs, pa, packed_b.get(), c, ldc, accumulate, bias};
+  const Product product{m, n, k, pairs, pa, packed_b.get(), b, c, ldc, accumulate, bias};
   const int64_t panel_count = (vectors + kMaxPanelVectors - 1) / kMaxPanelVectors;
-  const int64_t row_blocks = (m + kRowBlock - 1) / kRowBlock;
   at::parallel_for(0, panel_count * row_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row0 = task / panel_count * kRowBlock, panel = task % panel_count;

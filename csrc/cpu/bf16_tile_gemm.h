@@ -6,9 +6,10 @@
 // kernels read the blocks' pointers as the float32 engine's tile GEMM does (tile_gemm.h).
 //
 // Tiling: c's columns in panels of up to 4 vectors of 16 floats (64 columns; fewer where c is
-// narrower). b's [k, panel] is packed once per call into pairs of rows, [k/2][panel][2] bfloat16
-// (the operand layout of vdpbf16ps: each float lane sums a[i, 2p] b[2p, j] + a[i, 2p+1] b[2p+1, j]),
-// zero past k and past c's last column. a is read in place where its rows are contiguous and k is
+// narrower). b's [k, panel] is packed into pairs of rows, [k/2][panel][2] bfloat16 (the operand
+// layout of vdpbf16ps: each float lane sums a[i, 2p] b[2p, j] + a[i, 2p+1] b[2p+1, j]), zero past k
+// and past c's last column: once per call where several row blocks share it, else (m <= 64: the
+// weight gradients, whose k is the batch) by the panel's task one depth chunk at a time, into L1. a is read in place where its rows are contiguous and k is
 // even (each pair one 32-bit broadcast), else a block of its rows is packed the same way. A
 // register tile is 4 rows by the panel's vectors (at most 16 fp32 accumulators), 8 rows where the
 // panel is one or two vectors, and a last vector of at most 8 columns runs as a ymm. A task (up to 64
