@@ -148,7 +148,83 @@ struct TileEnds {
   bool first, last, accumulate;
   const c10::BFloat16* bias;
   float* partial;  // [tile rows][kPartialStride]
+  const Bf16Epilogue* epilogue;  // its h and z at the tile's first row and column
 };
+
+// The epilogue on 16 (a zmm's worth, as __m256i) or 8 (a ymm's, as __m128i) rounded outputs:
+// the value c gets, and for kActivation the value h gets. Float compares decide as the chain's
+// bit tests do (ordered <= 0: zero and the negatives, not NaN).
+SPINAL_AVX512_BF16 inline __m512 widen_bits(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+SPINAL_AVX512_BF16 inline __m256 widen_bits(__m128i v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+SPINAL_AVX512_BF16 inline __m256i scaled(__m512 v, float slope) {
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(v, _mm512_set1_ps(slope)));
+}
+SPINAL_AVX512_BF16 inline __m128i scaled(__m256 v, float slope) {
+  return (__m128i)_mm256_cvtneps_pbh(_mm256_mul_ps(v, _mm256_set1_ps(slope)));
+}
+SPINAL_AVX512_BF16 inline __m256i select(__mmask16 take_b, __m256i a, __m256i b) {
+  return _mm256_mask_blend_epi16(take_b, a, b);
+}
+SPINAL_AVX512_BF16 inline __m128i select(__mmask8 take_b, __m128i a, __m128i b) {
+  return _mm_mask_blend_epi16(take_b, a, b);
+}
+template <int kPredicate>
+SPINAL_AVX512_BF16 inline __mmask16 compare(__m512 v) {
+  return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), kPredicate);
+}
+template <int kPredicate>
+SPINAL_AVX512_BF16 inline __mmask8 compare(__m256 v) {
+  return _mm256_cmp_ps_mask(v, _mm256_setzero_ps(), kPredicate);
+}
+
+// phi of rounded values: ReLU zeroes the negatives (-0 and NaN kept), leaky ReLU scales what is
+// <= 0 and rounds to nearest even.
+template <typename Bits>
+SPINAL_AVX512_BF16 inline Bits activated(Bits v, const Bf16Epilogue& e) {
+  const auto f = widen_bits(v);
+  if (e.act == Activation::ReLU) return select(compare<_CMP_LT_OQ>(f), v, Bits{});
+  return select(compare<_CMP_LE_OQ>(f), v, scaled(f, e.negative_slope));
+}
+
+// Rounded dz times phi'(z): ReLU zeroes dz where z <= 0, leaky ReLU scales it where z > 0 is
+// false (NaN included).
+template <typename Bits>
+SPINAL_AVX512_BF16 inline Bits times_activation_grad(Bits dz, Bits z, const Bf16Epilogue& e) {
+  const auto fz = widen_bits(z);
+  if (e.act == Activation::ReLU) return select(compare<_CMP_LE_OQ>(fz), dz, Bits{});
+  return select(compare<_CMP_NGT_UQ>(fz), dz, scaled(widen_bits(dz), e.negative_slope));
+}
+
+SPINAL_AVX512_BF16 inline __m256i load_bits(const c10::BFloat16* p, __mmask16 mask) {
+  return _mm256_maskz_loadu_epi16(mask, p);
+}
+SPINAL_AVX512_BF16 inline __m128i load_bits(const c10::BFloat16* p, __mmask8 mask) {
+  return _mm_maskz_loadu_epi16(mask, p);
+}
+SPINAL_AVX512_BF16 inline void store_bits(c10::BFloat16* p, __mmask16 mask, __m256i v) {
+  _mm256_mask_storeu_epi16(p, mask, v);
+}
+SPINAL_AVX512_BF16 inline void store_bits(c10::BFloat16* p, __mmask8 mask, __m128i v) {
+  _mm_mask_storeu_epi16(p, mask, v);
+}
+
+// Row r, columns [column, column + lanes) of a tile's rounded outputs: to c, through the
+// epilogue (null: none).
+template <typename Bits, typename Mask>
+SPINAL_AVX512_BF16 inline void store(Bits rounded, int64_t r, int64_t column, Mask mask, c10::BFloat16* c,
+                                     int64_t ldc, const Bf16Epilogue* e) {
+  if (e && e->kind == Bf16Epilogue::Kind::kActivationGrad) {
+    rounded = times_activation_grad(rounded, load_bits(e->z + r * e->ldz + column, mask), *e);
+  }
+  store_bits(c + r * ldc + column, mask, rounded);
+  if (e && e->kind == Bf16Epilogue::Kind::kActivation) {
+    store_bits(e->h + r * e->ldh + column, mask, activated(rounded, *e));
+  }
+}
 
 SPINAL_AVX512_BF16 inline __m256 widen_half(const c10::BFloat16* src, __mmask8 mask) {
   const __m256i v = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, src));
@@ -221,16 +297,14 @@ SPINAL_AVX512_BF16 void tile(const uint32_t* const* a_rows, int64_t a_step, int6
       if (!ends.last) {
         _mm512_storeu_ps(partial + v * kLanes, acc[r][v]);
       } else if (r < valid) {
-        const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(acc[r][v]);
-        _mm256_mask_storeu_epi16(c + r * ldc + v * kLanes, masks[v], rounded);
+        store((__m256i)_mm512_cvtneps_pbh(acc[r][v]), r, v * kLanes, masks[v], c, ldc, ends.epilogue);
       }
     }
     if constexpr (kHalfLast) {
       if (!ends.last) {
         _mm256_storeu_ps(partial + kHalfColumn, half[r]);
       } else if (r < valid) {
-        const __m128i rounded = (__m128i)_mm256_cvtneps_pbh(half[r]);
-        _mm_mask_storeu_epi16(c + r * ldc + kHalfColumn, half_mask, rounded);
+        store((__m128i)_mm256_cvtneps_pbh(half[r]), r, kHalfColumn, half_mask, c, ldc, ends.epilogue);
       }
     }
   }
@@ -247,6 +321,7 @@ struct Product {
   int64_t ldc;
   bool accumulate;
   const c10::BFloat16* bias;
+  Bf16Epilogue epilogue;
 };
 
 // c[row0 : row0 + rows, the panel of V vectors from first_vector): the depth in chunks of
@@ -276,7 +351,11 @@ SPINAL_AVX512_BF16 void run_panel(const Product& p, int64_t row0, int64_t rows, 
       for (int64_t r = 0; r < R; ++r) {
         a_rows[r] = p.a.words + (i + std::min(r, valid - 1)) * p.a.row_step + p0 * p.a.pair_step;
       }
-      const TileEnds ends{p0 == 0, p0 + depth == p.pairs, p.accumulate, bias, partial + (i - row0) * kPartialStride};
+      Bf16Epilogue epilogue = p.epilogue;  // at the tile's first output
+      if (epilogue.h) epilogue.h += i * epilogue.ldh + col0;
+      if (epilogue.z) epilogue.z += i * epilogue.ldz + col0;
+      const TileEnds ends{p0 == 0, p0 + depth == p.pairs, p.accumulate, bias, partial + (i - row0) * kPartialStride,
+                          p.epilogue.kind == Bf16Epilogue::Kind::kNone ? nullptr : &epilogue};
       c10::BFloat16* out = p.c + i * p.ldc + col0;
       if (half_last) {
         tile<V, true, R>(a_rows, p.a.pair_step, depth, chunk, valid, columns, out, p.ldc, ends);
@@ -336,9 +415,10 @@ bool bf16_tile_gemm_fits(int64_t m, int64_t n, int64_t k) {
 }
 
 bool bf16_tile_gemm(int64_t m, int64_t n, int64_t k, Bf16Operand a, Bf16Operand b, c10::BFloat16* c, int64_t ldc,
-                    bool accumulate, const c10::BFloat16* bias) {
+                    bool accumulate, const c10::BFloat16* bias, const Bf16Epilogue& epilogue) {
 #if SPINAL_HAVE_BF16_PATH
   if (!bf16_tile_kernels_run()) return false;
+  if (k == 0 && epilogue.kind != Bf16Epilogue::Kind::kNone) return false;  // no product to end
   if (m == 0 || n == 0) return true;
   const int64_t pairs = (k + 1) / 2, vectors = (n + kLanes - 1) / kLanes;
   if (k == 0) {
@@ -375,7 +455,7 @@ bool bf16_tile_gemm(int64_t m, int64_t n, int64_t k, Bf16Operand a, Bf16Operand 
     pack_pairs(a.data, a.row_stride, a.col_stride, m, k, packed_a.get(), padded_rows);
     pa = {packed_a.get(), 1, padded_rows};
   }
-  const Product product{m, n, k, pairs, pa, packed_b.get(), b, c, ldc, accumulate, bias};
+  const Product product{m, n, k, pairs, pa, packed_b.get(), b, c, ldc, accumulate, bias, epilogue};
   const int64_t panel_count = (vectors + kMaxPanelVectors - 1) / kMaxPanelVectors;
   at::parallel_for(0, panel_count * row_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {

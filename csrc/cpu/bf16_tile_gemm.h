@@ -23,6 +23,8 @@
 
 #include <cstdint>
 
+#include "../common/activation.h"
+
 namespace spinal_ops::cpu {
 
 // A read-only bfloat16 operand: element (i, k) at data[i * row_stride + k * col_stride].
@@ -40,10 +42,26 @@ bool bf16_tile_kernels_run();
 // bf16_tile_gemm.cpp).
 bool bf16_tile_gemm_fits(int64_t m, int64_t n, int64_t k);
 
+// What the product does with each output once it is rounded, in the same pass (a recurrence step
+// of the chain and its activation in one call). ReLU and leaky ReLU only, with the bit-level
+// rules of the chain's bfloat16 activation loops (chain_engine.cpp): NaN passes ReLU, and a NaN z
+// scales leaky ReLU's gradient.
+struct Bf16Epilogue {
+  enum class Kind { kNone, kActivation, kActivationGrad };
+  Kind kind = Kind::kNone;
+  Activation act = Activation::ReLU;
+  float negative_slope = 0.f;
+  c10::BFloat16* h = nullptr;         // kActivation: c is stored, and h[i, j] (rows ldh apart) = phi(c[i, j])
+  int64_t ldh = 0;                    // (h may be c itself)
+  const c10::BFloat16* z = nullptr;   // kActivationGrad: c[i, j] *= phi'(z[i, j]) before it is stored
+  int64_t ldz = 0;
+};
+
 // c[m, n] = round(start + a[m, k] @ b[k, n]), c's rows ldc apart and its columns contiguous;
 // start is c itself (accumulate), else the row `bias` [n] broadcast over the rows, or zero where
-// bias is null. Returns false, having done nothing, where bf16_tile_kernels_run() is false.
+// bias is null; then the epilogue. Returns false, having done nothing, where
+// bf16_tile_kernels_run() is false.
 bool bf16_tile_gemm(int64_t m, int64_t n, int64_t k, Bf16Operand a, Bf16Operand b, c10::BFloat16* c, int64_t ldc,
-                    bool accumulate, const c10::BFloat16* bias);
+                    bool accumulate, const c10::BFloat16* bias, const Bf16Epilogue& epilogue = {});
 
 }  // namespace spinal_ops::cpu

@@ -115,14 +115,42 @@ bool direct_gemm_block(const Block& c, bool accumulate, const std::optional<Bloc
 
 // The bfloat16 chain's products on bf16_tile_gemm.h's kernel where it runs faster than oneDNN's
 // GEMM on views (bf16_tile_gemm_fits); false elsewhere (ATen's call then runs).
-bool bf16_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b) {
+bool bf16_gemm_with(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b,
+                    const Bf16Epilogue& epilogue) {
   if (!c.base->is_cpu() || c.base->scalar_type() != at::kBFloat16) return false;
   if (!unit_column_stride(c) || (bias && !unit_column_stride(*bias))) return false;
   if (!bf16_tile_gemm_fits(c.rows, c.cols, a.cols)) return false;
   using Bf16 = c10::BFloat16;
   return bf16_tile_gemm(c.rows, c.cols, a.cols, {a.data<Bf16>(), a.row_stride, a.col_stride},
                         {b.data<Bf16>(), b.row_stride, b.col_stride}, c.data<Bf16>(), c.row_stride, accumulate,
-                        bias ? bias->data<Bf16>() : nullptr);
+                        bias ? bias->data<Bf16>() : nullptr, epilogue);
+}
+
+bool bf16_gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b) {
+  return bf16_gemm_with(c, accumulate, bias, a, b, {});
+}
+
+// A bfloat16 recurrence step and its ReLU-like activation in one pass of the tile GEMM: the
+// separate activation loops re-read a layer's [rows, w] slot, which for narrow layers (mnist,
+// w = 8) costs as much as the step's product.
+bool relu_like(Activation act) { return act == Activation::ReLU || act == Activation::LeakyReLU; }
+
+bool bf16_gemm_activation(const Block& h, const Block& z, bool /*keep_z: z is stored either way*/, const Block& a,
+                          const Block& b, Activation act, double negative_slope) {
+  if (!relu_like(act) || !unit_column_stride(h) || h.base->scalar_type() != at::kBFloat16) return false;
+  Bf16Epilogue epilogue{Bf16Epilogue::Kind::kActivation, act, static_cast<float>(negative_slope)};
+  epilogue.h = h.data<c10::BFloat16>();
+  epilogue.ldh = h.row_stride;
+  return bf16_gemm_with(z, true, std::nullopt, a, b, epilogue);
+}
+
+bool bf16_gemm_activation_grad(const Block& dz, const Block& z, const Block& a, const Block& b, Activation act,
+                               double negative_slope) {
+  if (!relu_like(act) || !unit_column_stride(z) || z.base->scalar_type() != at::kBFloat16) return false;
+  Bf16Epilogue epilogue{Bf16Epilogue::Kind::kActivationGrad, act, static_cast<float>(negative_slope)};
+  epilogue.z = z.data<c10::BFloat16>();
+  epilogue.ldz = z.row_stride;
+  return bf16_gemm_with(dz, true, std::nullopt, a, b, epilogue);
 }
 
 bool gemm(const Block& c, bool accumulate, const std::optional<Block>& bias, const Block& a, const Block& b) {
@@ -332,7 +360,11 @@ const chain::GemmEngine& bf16_chain_engine() {
   static const chain::GemmEngine engine = [] {
     chain::GemmEngine bf16 = chain::aten_engine();
     bf16.groups_layers = &bf16_groups_layers;
-    if (bf16_tile_kernels_run()) bf16.gemm = &bf16_gemm;
+    if (bf16_tile_kernels_run()) {
+      bf16.gemm = &bf16_gemm;
+      bf16.gemm_activation = &bf16_gemm_activation;
+      bf16.gemm_activation_grad = &bf16_gemm_activation_grad;
+    }
     bf16.activation = &activation;
     bf16.activation_grad = &activation_grad;
     bf16.dropout_block_elements = kDropoutBlockElements;
