@@ -158,8 +158,8 @@ def test_wide_layers_propagate_nan_and_inf_like_the_reference(activation):
     config = build("medium_grouped", activation)
     # A fixed input, as every contract check has: a random one may put a pre-activation within
     # bfloat16's rounding of relu's or leaky relu's kink (|z| below ~1e-3), where two roundings of
-    # the same sum take different sides and the gradient rule cannot hold (seed 0 does, for one of
-    # leaky relu's 720 pre-activations, in this build and the previous one alike).
+    # the same sum take different sides and the gradient rule cannot hold (seed 0 puts one of
+    # leaky relu's 720 pre-activations there).
     x = torch.randn(6, config.in_features, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x[1, 2] = float("nan")
     x[3, 5] = float("inf")
