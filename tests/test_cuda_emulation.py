@@ -289,8 +289,9 @@ def test_narrow_kernels_match_reference(emulated_ops, target, name, policy):
 # The warp-level narrow forward (warp_narrow_kernels.cuh: one warp per 16 rows on WMMA, w and M up
 # to 32 padded to 16 or 32; fp16 and bf16 on sm_80+), opt-in behind SPINAL_OPS_CUDA_WARP_NARROW=1.
 # Its edges: both padded widths and output counts at and below their limits, odd w, windows that wrap
-# (s not dividing N, pieces not 16-byte aligned), no projection, no bias, L = 1, partial 16-row tiles
-# (batch 37 and 130), and a persistent grid with fewer warps than tiles.
+# (s not dividing N, pieces not 16-byte aligned), columns of x no window reads (dx there is zero),
+# no projection, no bias, L = 1, partial 16-row tiles (batch 37 and 130), and a persistent grid with
+# fewer warps than tiles.
 WARP_NARROW_CONFIGS = {
     "mnist_like": dict(in_features=40, out_features=10, layer_width=8, num_layers=6, split_size=20),
     "w1": dict(in_features=9, out_features=4, layer_width=1, num_layers=3),
@@ -301,6 +302,7 @@ WARP_NARROW_CONFIGS = {
     "w17_M20_no_bias": dict(in_features=30, out_features=20, layer_width=17, num_layers=3, bias=False),
     "L1": dict(in_features=40, out_features=5, layer_width=8, num_layers=1),
     "w24_M10_wraps": dict(in_features=45, out_features=10, layer_width=24, num_layers=4, split_size=17),
+    "columns_no_window_reads": CASES["columns_no_window_reads"],
 }
 WARP_NARROW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
