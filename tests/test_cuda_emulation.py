@@ -515,31 +515,37 @@ def test_warp_narrow_backward_zeroes_split_k_counters(emulated_ops, dtype: str) 
 
 def test_warp_narrow_backward_is_opt_in(emulated_ops, monkeypatch: pytest.MonkeyPatch) -> None:
     # The op's routing ("auto") runs the warp-level launch 1 only under SPINAL_OPS_CUDA_WARP_NARROW=1,
-    # where the warp-level forward runs too, and never with a dropout; launch 2 is the tiled one after
-    # every launch 1.
-    def data_grad_kernels(config: SpinalConfig, dtype: torch.dtype = torch.bfloat16, device: int = SM90,
-                          dropout_seed: int | None = None) -> list[str]:
-        """Launch 1's kernel of an "auto" training call within contract §4, and its gradients' bits."""
+    # where the warp-level forward runs too and its own shared memory fits, and never with a dropout;
+    # launch 2 is the tiled one after every launch 1.
+    def kernels(config: SpinalConfig, dtype: torch.dtype = torch.bfloat16, device: int = SM90,
+                dropout_seed: int | None = None) -> tuple[str, str]:
+        """The forward's and launch 1's kernels of an "auto" training call within contract §4."""
         emulated_ops.launched_kernels()
         _check(emulated_ops, config, dtype, "auto", 37, device, dropout_seed=dropout_seed)
-        names = [k.split("<")[0].split("::")[-1] for k in emulated_ops.launched_kernels()[0]]
-        assert names[-1] == "spinal_weight_grad_kernel"
-        return names[1:-1]
+        forward, data_grad, weight_grad = [k.split("<")[0].split("::")[-1] for k in emulated_ops.launched_kernels()[0]]
+        assert weight_grad == "spinal_weight_grad_kernel"
+        return forward, data_grad
 
     narrow = make_config(**WARP_NARROW_CONFIGS["mnist_like"], activation="gelu")
     wide = make_config(**WARP_NARROW_CONFIGS["w24_M10_wraps"], activation="gelu")
+    warp = ("spinal_warp_narrow_forward_kernel", "spinal_warp_narrow_data_grad_kernel")
     monkeypatch.delenv("SPINAL_OPS_CUDA_WARP_NARROW", raising=False)
-    assert data_grad_kernels(narrow) == ["spinal_narrow_data_grad_kernel"]
-    assert data_grad_kernels(wide) == ["spinal_data_grad_kernel"]
+    assert kernels(narrow) == ("spinal_narrow_forward_kernel", "spinal_narrow_data_grad_kernel")
+    assert kernels(wide) == ("spinal_forward_kernel", "spinal_data_grad_kernel")
     monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
-    assert data_grad_kernels(narrow) == ["spinal_warp_narrow_data_grad_kernel"]
-    assert data_grad_kernels(wide) == ["spinal_warp_narrow_data_grad_kernel"]
-    assert data_grad_kernels(wide, device=TARGETS["sm_80"]) == ["spinal_warp_narrow_data_grad_kernel"]
-    # A dropout, float32, fp16 on sm_75: today's launch 1.
+    assert kernels(narrow) == warp
+    assert kernels(wide) == warp
+    assert kernels(wide, device=TARGETS["sm_80"]) == warp
+    # mnist's windows with L = 12 on a 99 KB part: the forward's shared memory holds one warp, launch 1's
+    # (the dx tiles, about 1.4x the forward's A) none, so launch 1 stays the narrow kernel.
+    tall = make_config(in_features=320, out_features=10, layer_width=8, num_layers=12, split_size=160,
+                       activation="gelu")
+    assert kernels(tall, device=TARGETS["sm_86"]) == (warp[0], "spinal_narrow_data_grad_kernel")
+    # A dropout, float32, fp16 on sm_75: today's kernels.
     dropped = make_config(**WARP_NARROW_CONFIGS["mnist_like"], activation="gelu", dropout=DROPOUT_P)
-    assert data_grad_kernels(dropped, dropout_seed=DROPOUT_SEED) == ["spinal_narrow_data_grad_kernel"]
-    assert data_grad_kernels(narrow, dtype=torch.float32) == ["spinal_narrow_data_grad_kernel"]
-    assert data_grad_kernels(narrow, dtype=torch.float16, device=SM75) == ["spinal_narrow_data_grad_kernel"]
+    assert kernels(dropped, dropout_seed=DROPOUT_SEED)[1] == "spinal_narrow_data_grad_kernel"
+    assert kernels(narrow, dtype=torch.float32)[1] == "spinal_narrow_data_grad_kernel"
+    assert kernels(narrow, dtype=torch.float16, device=SM75)[1] == "spinal_narrow_data_grad_kernel"
     # Under the switch, "auto" is the "warp_narrow" policy's backward bit for bit.
     params = random_params(wide, torch.Generator().manual_seed(6), dtype=torch.bfloat16)
     x = torch.randn(37, wide.in_features).to(torch.bfloat16)
