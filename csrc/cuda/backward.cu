@@ -163,14 +163,14 @@ void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out
                            const Dropout& dropout, bool allow_narrow) {
   // The warp-level launch 1 has no dropout stage: calls with a dropout take the kernels below.
   const int device = c10::cuda::current_device();
-  DataGradKernel data_kernel = DataGradKernel::kTiled;
   if (allow_narrow && !dropout.active && use_warp_narrow_backward(shape, x.scalar_type(), device)) {
-    data_kernel = DataGradKernel::kWarpNarrow;
-  } else if (allow_narrow && narrow_kernels_fit(shape)) {
-    data_kernel = DataGradKernel::kNarrow;
+    launch_warp_narrow_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
+                                negative_slope, grads);
+    return;
   }
   run_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope,
-               allow_tf32, grads, dropout, data_kernel);
+               allow_tf32, grads, dropout,
+               allow_narrow && narrow_kernels_fit(shape) ? DataGradKernel::kNarrow : DataGradKernel::kTiled);
 }
 
 }  // namespace cuda_kernels
