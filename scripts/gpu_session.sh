@@ -21,8 +21,9 @@
 #                   on cifar_vgg, cnn_cifar, resnet_head at B = 1024, 65536 (infer and train) with the
 #                   switch off, then on; SKIP_STAGES="pytest_lt lt_0 lt_1" leaves it out
 #                                                        -> pytest.log, bench.log (JSON in /tmp only)
-#      warp_narrow  the warp-level narrow forward (opt-in, SPINAL_OPS_CUDA_WARP_NARROW=1; never run on a
-#                   GPU before): its pytest on CUDA tensors, then mnist bf16 train/infer timings at
+#      warp_narrow  the warp-level narrow forward and backward launch 1 (opt-in, one switch,
+#                   SPINAL_OPS_CUDA_WARP_NARROW=1; never run on a GPU before): their pytest on CUDA
+#                   tensors, then mnist bf16 train/infer timings (train: both kernels) at
 #                   B = 64, 65536 against dense without and with the switch (the cost model picks the
 #                   native path there); SKIP_STAGES="pytest_warp_narrow warp_narrow_0 warp_narrow_1"
 #                   leaves it out                          -> pytest.log, bench.log (JSON in /tmp only)
@@ -149,8 +150,9 @@ done
 stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py tests/test_triton_dropout.py \
   tests/test_backends.py -k triton
 
-# warp_narrow: the test sets the switch itself (monkeypatch; the launcher reads it per call). The A/B
-# timing is one process per setting, ~20 s each: compare the cuda rows of its two tables in bench.log.
+# warp_narrow: the tests set the switch themselves (monkeypatch; the launchers read it per call). The
+# A/B timing is one process per setting, ~20 s each: compare the cuda rows of its two tables in
+# bench.log (infer: the forward; train: the forward and backward launch 1).
 stage pytest_warp_narrow pytest.log "$(cap 60)" $PYTEST tests/test_cuda_backend.py -k warp_narrow
 for value in 0 1; do
   switch_bench "warp_narrow_$value" SPINAL_OPS_CUDA_WARP_NARROW $value "$(cap 20)" \

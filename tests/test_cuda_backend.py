@@ -150,8 +150,8 @@ WARP_NARROW_SHAPES = {
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("name", sorted(WARP_NARROW_SHAPES))
 def test_warp_narrow_forward_matches_reference(monkeypatch, name, dtype):
-    # Training calls (the forward's Z feeds the unchanged backward) at a partial tile and at a batch whose
-    # tiles outnumber the persistent grid's warps; the profiler shows the warp-level kernel ran.
+    # Training calls (the forward's Z feeds the backward) at a partial tile and at a batch whose tiles
+    # outnumber the persistent grid's warps; the profiler shows the warp-level kernel ran.
     from torch.profiler import ProfilerActivity, profile
 
     from spinal_ops.config import SpinalConfig
@@ -168,6 +168,37 @@ def test_warp_narrow_forward_matches_reference(monkeypatch, name, dtype):
     names = " ".join(event.key for event in prof.key_averages())
     assert "spinal_warp_narrow_forward_kernel" in names, names
     assert "spinal_narrow_forward_kernel" not in names and "spinal_forward_kernel" not in names, names
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("name", sorted(WARP_NARROW_SHAPES))
+def test_warp_narrow_backward_matches_reference(monkeypatch, name: str, dtype: torch.dtype) -> None:
+    # The switched-on training path: every gradient within contract §4 with launch 1 on the warp-level
+    # kernel (at a partial tile and at a batch whose tiles outnumber its persistent grid's warps), and
+    # with a dropout on today's launch 1 (the warp-level one has no dropout stage).
+    from torch.profiler import ProfilerActivity, profile
+
+    from spinal_ops.config import SpinalConfig
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the warp-level narrow backward runs on compute capability 8.0 and newer")
+    monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
+    shape = dict(WARP_NARROW_SHAPES[name])
+    in_features, out_features = shape.pop("in_features"), shape.pop("out_features")
+    config = SpinalConfig.build(in_features, out_features, activation="gelu", **shape)
+    with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for batch in (37, 70000):
+            check_backend("cuda", config, dtype, "cuda", batch_shape=(batch,))
+        torch.cuda.synchronize()
+    names = " ".join(event.key for event in prof.key_averages())
+    assert "spinal_warp_narrow_data_grad_kernel" in names, names
+    assert "spinal_narrow_data_grad_kernel" not in names and "spinal_data_grad_kernel" not in names, names
+
+    dropped = SpinalConfig.build(in_features, out_features, activation="gelu", dropout=0.3, **shape)
+    with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        check_backend("cuda", dropped, dtype, "cuda", batch_shape=(37,), dropout_seed=1234)
+        torch.cuda.synchronize()
+    assert "spinal_warp_narrow_data_grad_kernel" not in " ".join(event.key for event in prof.key_averages())
 
 
 def test_tf32_allowed_stays_within_contract():

@@ -42,7 +42,8 @@ import pytest
 import torch
 
 from contract import ATOL_PER_SCALE, CASES, GRAD_NAMES, _run, make_config, random_params
-from spinal_ops.config import SpinalParams
+from spinal_ops.activations import ACTIVATIONS
+from spinal_ops.config import SpinalConfig, SpinalParams
 
 pytestmark = pytest.mark.slow  # ~1 min to build the harness, ~1 min to run on 2 cores
 
@@ -288,8 +289,9 @@ def test_narrow_kernels_match_reference(emulated_ops, target, name, policy):
 # The warp-level narrow forward (warp_narrow_kernels.cuh: one warp per 16 rows on WMMA, w and M up
 # to 32 padded to 16 or 32; fp16 and bf16 on sm_80+), opt-in behind SPINAL_OPS_CUDA_WARP_NARROW=1.
 # Its edges: both padded widths and output counts at and below their limits, odd w, windows that wrap
-# (s not dividing N, pieces not 16-byte aligned), no projection, no bias, L = 1, partial 16-row tiles
-# (batch 37 and 130), and a persistent grid with fewer warps than tiles.
+# (s not dividing N, pieces not 16-byte aligned), columns of x no window reads (dx there is zero),
+# no projection, no bias, L = 1, partial 16-row tiles (batch 37 and 130), and a persistent grid with
+# fewer warps than tiles.
 WARP_NARROW_CONFIGS = {
     "mnist_like": dict(in_features=40, out_features=10, layer_width=8, num_layers=6, split_size=20),
     "w1": dict(in_features=9, out_features=4, layer_width=1, num_layers=3),
@@ -299,6 +301,8 @@ WARP_NARROW_CONFIGS = {
     "w12_no_projection": dict(in_features=20, out_features=None, layer_width=12, num_layers=3, split_size=7),
     "w17_M20_no_bias": dict(in_features=30, out_features=20, layer_width=17, num_layers=3, bias=False),
     "L1": dict(in_features=40, out_features=5, layer_width=8, num_layers=1),
+    "w24_M10_wraps": dict(in_features=45, out_features=10, layer_width=24, num_layers=4, split_size=17),
+    "columns_no_window_reads": CASES["columns_no_window_reads"],
 }
 WARP_NARROW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -375,15 +379,6 @@ def test_warp_narrow_forward_loops_over_tiles(emulated_ops, name, dtype):
     assert (grid, threads) == (2, 512)
 
 
-@pytest.mark.parametrize("target", ["sm_90", "sm_80"])
-@pytest.mark.parametrize("name", ["mnist_like", "w17_M20_no_bias"])
-def test_warp_narrow_forward_trains(emulated_ops, target, name):
-    # A training call: the warp-level forward's Z feeds the op's backward unchanged (the narrow launch 1
-    # for w <= 16, the tiled one above), every gradient within contract §4.
-    config = make_config(**WARP_NARROW_CONFIGS[name], activation="gelu")
-    _check(emulated_ops, config, torch.bfloat16, "warp_narrow", batch=37, device=TARGETS[target])
-
-
 def test_warp_narrow_forward_is_opt_in(emulated_ops, monkeypatch):
     # The op's routing ("auto") runs the warp-level forward only under SPINAL_OPS_CUDA_WARP_NARROW=1, and
     # then only where it fits: half types on sm_80+, w <= 32 and M <= 32.
@@ -444,6 +439,139 @@ def test_every_removed_warp_narrow_sync_is_caught(emulated_ops):
             pass
         finally:
             emulated_ops.configure(SEED, "", False)
+    assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
+
+
+# The warp-level backward launch 1 (spinal_warp_narrow_data_grad_kernel, same header): a training
+# call of the "warp_narrow" policy runs the warp-level forward, then it, then the tiled launch 2;
+# every gradient against the float64 reference (contract §4) on the forward's edge cases.
+@pytest.mark.parametrize("target, name, dtype", WARP_NARROW_CASES)
+def test_warp_narrow_backward_matches_reference(emulated_ops, target: str, name: str, dtype: str) -> None:
+    activation = "tanh" if sorted(WARP_NARROW_CONFIGS).index(name) % 2 else "gelu"  # see _policy_config
+    config = make_config(**WARP_NARROW_CONFIGS[name], activation=activation)
+    batch = 130 if name in ("mnist_like", "w16_M16_wraps") else 37
+    emulated_ops.launched_kernels()
+    _check(emulated_ops, config, WARP_NARROW_DTYPES[dtype], "warp_narrow", batch, TARGETS[target])
+    kernels = [k.split("<")[0].split("::")[-1] for k in emulated_ops.launched_kernels()[0]]
+    assert kernels == ["spinal_warp_narrow_forward_kernel", "spinal_warp_narrow_data_grad_kernel",
+                       "spinal_weight_grad_kernel"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_warp_narrow_backward_activations(emulated_ops, activation: str) -> None:
+    # Every activation's phi' in both half types; where the narrow launch 1 also fits (w, M <= 16), the
+    # gradients are its bits: in the model both sum the same exact half-type products in the same order.
+    config = make_config(**WARP_NARROW_CONFIGS["w16_M16_wraps"], activation=activation, negative_slope=0.2)
+    for dtype in WARP_NARROW_DTYPES.values():
+        _check(emulated_ops, config, dtype, "warp_narrow", 37)
+        params = random_params(config, torch.Generator().manual_seed(5), dtype=dtype)
+        x = torch.randn(37, config.in_features).to(dtype)
+        grad_out = torch.randn(37, config.output_features).to(dtype)
+        out, pre = emulated_ops.forward(x, *params, activation, 0.2, "narrow", SM90, True)
+
+        def grads(policy: str) -> list[torch.Tensor]:
+            return emulated_ops.backward(grad_out, x, pre, params.weight_in, params.weight_hidden,
+                                         params.weight_out, True, activation, 0.2, policy, SM90)
+
+        assert all(torch.equal(a, b) for a, b in zip(grads("warp_narrow"), grads("narrow"))), dtype
+
+
+@pytest.mark.parametrize("dtype", sorted(WARP_NARROW_DTYPES))
+@pytest.mark.parametrize("name", ["mnist_like", "w24_M10_wraps", "w12_no_projection"])
+def test_warp_narrow_backward_loops_over_tiles(emulated_ops, name: str, dtype: str) -> None:
+    # One SM: launch 1's persistent grid is at most 2 CTAs of 16 warps (the model's register budget at
+    # 512 threads; 1 where the SM's shared memory holds one) for 38 tiles of 16 rows (the last one
+    # partial), so warps run a second or third tile after their first one's dx; three schedules (CTA
+    # order, fragment orders) each.
+    config = make_config(**WARP_NARROW_CONFIGS[name], activation="gelu")
+    emulated_ops.set_sm_count(1)
+    try:
+        for seed in (SEED, SEED + 1, SEED + 2):
+            emulated_ops.configure(seed, "", False)
+            emulated_ops.launched_kernels()
+            _check(emulated_ops, config, WARP_NARROW_DTYPES[dtype], "warp_narrow", 600, SM90)
+            names, grids, threads = emulated_ops.launched_kernels()
+            assert "spinal_warp_narrow_data_grad_kernel" in names[1]
+            assert threads[1] == 512 and grids[1] * 16 < 38
+    finally:
+        emulated_ops.set_sm_count(0)
+        emulated_ops.configure(SEED, "", False)
+
+
+@pytest.mark.parametrize("dtype", sorted(WARP_NARROW_DTYPES))
+def test_warp_narrow_backward_zeroes_split_k_counters(emulated_ops, dtype: str) -> None:
+    # 600 rows on sm_90's 132 SMs: launch 2 splits the rows (its tiles do not fill the GPU), so its
+    # ticket counters, poisoned to -1, must be zeroed by the warp-level launch 1; with that zeroing
+    # dropped (the model's seeded bug) no CTA sums a tile's partials and the gradients stay NaN.
+    config = make_config(**WARP_NARROW_CONFIGS["mnist_like"], activation="gelu")
+    _check(emulated_ops, config, WARP_NARROW_DTYPES[dtype], "warp_narrow", 600, SM90)
+    emulated_ops.configure(SEED, "", True)
+    try:
+        with pytest.raises(AssertionError, match="NaN"):
+            _check(emulated_ops, config, WARP_NARROW_DTYPES[dtype], "warp_narrow", 600, SM90)
+    finally:
+        emulated_ops.configure(SEED, "", False)
+
+
+def test_warp_narrow_backward_is_opt_in(emulated_ops, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The op's routing ("auto") runs the warp-level launch 1 only under SPINAL_OPS_CUDA_WARP_NARROW=1,
+    # where the warp-level forward runs too and its own shared memory fits, and never with a dropout;
+    # launch 2 is the tiled one after every launch 1.
+    def kernels(config: SpinalConfig, dtype: torch.dtype = torch.bfloat16, device: int = SM90,
+                dropout_seed: int | None = None) -> tuple[str, str]:
+        """The forward's and launch 1's kernels of an "auto" training call within contract §4."""
+        emulated_ops.launched_kernels()
+        _check(emulated_ops, config, dtype, "auto", 37, device, dropout_seed=dropout_seed)
+        forward, data_grad, weight_grad = [k.split("<")[0].split("::")[-1] for k in emulated_ops.launched_kernels()[0]]
+        assert weight_grad == "spinal_weight_grad_kernel"
+        return forward, data_grad
+
+    narrow = make_config(**WARP_NARROW_CONFIGS["mnist_like"], activation="gelu")
+    wide = make_config(**WARP_NARROW_CONFIGS["w24_M10_wraps"], activation="gelu")
+    warp = ("spinal_warp_narrow_forward_kernel", "spinal_warp_narrow_data_grad_kernel")
+    monkeypatch.delenv("SPINAL_OPS_CUDA_WARP_NARROW", raising=False)
+    assert kernels(narrow) == ("spinal_narrow_forward_kernel", "spinal_narrow_data_grad_kernel")
+    assert kernels(wide) == ("spinal_forward_kernel", "spinal_data_grad_kernel")
+    monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
+    assert kernels(narrow) == warp
+    assert kernels(wide) == warp
+    assert kernels(wide, device=TARGETS["sm_80"]) == warp
+    # mnist's windows with L = 12 on a 99 KB part: the forward's shared memory holds one warp, launch 1's
+    # (the dx tiles, about 1.4x the forward's A) none, so launch 1 stays the narrow kernel.
+    tall = make_config(in_features=320, out_features=10, layer_width=8, num_layers=12, split_size=160,
+                       activation="gelu")
+    assert kernels(tall, device=TARGETS["sm_86"]) == (warp[0], "spinal_narrow_data_grad_kernel")
+    # A dropout, float32, fp16 on sm_75: today's kernels.
+    dropped = make_config(**WARP_NARROW_CONFIGS["mnist_like"], activation="gelu", dropout=DROPOUT_P)
+    assert kernels(dropped, dropout_seed=DROPOUT_SEED)[1] == "spinal_narrow_data_grad_kernel"
+    assert kernels(narrow, dtype=torch.float32)[1] == "spinal_narrow_data_grad_kernel"
+    assert kernels(narrow, dtype=torch.float16, device=SM75)[1] == "spinal_narrow_data_grad_kernel"
+    # Under the switch, "auto" is the "warp_narrow" policy's backward bit for bit.
+    params = random_params(wide, torch.Generator().manual_seed(6), dtype=torch.bfloat16)
+    x = torch.randn(37, wide.in_features).to(torch.bfloat16)
+    grad_out = torch.randn(37, wide.output_features).to(torch.bfloat16)
+    _, pre = emulated_ops.forward(x, *params, "gelu", 0.0, "warp_narrow", SM90, True)
+    runs = [emulated_ops.backward(grad_out, x, pre, params.weight_in, params.weight_hidden, params.weight_out, True,
+                                  "gelu", 0.0, policy, SM90) for policy in ("auto", "warp_narrow")]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    with pytest.raises(RuntimeError, match="has no dropout stage"):
+        emulated_ops.backward(grad_out, x, pre, params.weight_in, params.weight_hidden, params.weight_out, True,
+                              "gelu", 0.0, "warp_narrow", SM90, torch.tensor(DROPOUT_SEED), DROPOUT_P)
+
+
+def test_every_removed_warp_narrow_grad_sync_is_caught(emulated_ops) -> None:
+    # The warp-level launch 1's barriers (the CTA's __syncthreads after staging the weights, each warp's
+    # __syncwarps), each removed in turn from a training call with a projection, L > 1 and three
+    # 16-column chunks of x: racecheck, initcheck or a wrong gradient must notice.
+    config = make_config(**WARP_NARROW_CONFIGS["mnist_like"], activation="gelu")
+    emulated_ops.configure(SEED, "", False)
+    _check_forward(emulated_ops, config, torch.bfloat16, "warp_narrow", 37, SM90)
+    forward_sites = set(emulated_ops.barrier_sites())
+    emulated_ops.configure(SEED, "", False)
+    _check(emulated_ops, config, torch.bfloat16, "warp_narrow", 37)
+    sites = sorted(s for s in set(emulated_ops.barrier_sites()) - forward_sites if "warp_narrow_kernels" in s)
+    assert len(sites) == 6, sites
+    missed = _barriers_missed_by(emulated_ops, sites, [(config, torch.bfloat16, "warp_narrow", 37)])
     assert missed == [], f"removing the barrier at {missed} went unnoticed (seed {SEED})"
 
 

@@ -43,24 +43,6 @@ void launch_narrow(const SpinalShape& shape, const ForwardArgs<T>& p, const Drop
   });
 }
 
-// Calls f(integral_constant<W>, integral_constant<MP>) for the padded width and outputs (16 or 32
-// each) the warp-level narrow forward is compiled for that hold w and M.
-template <typename F>
-void with_warp_narrow_sizes(const SpinalShape& shape, F&& f) {
-  const auto with_outputs = [&](auto width) {
-    if (shape.out_features <= 16) {
-      f(width, std::integral_constant<int, 16>{});
-    } else {
-      f(width, std::integral_constant<int, 32>{});
-    }
-  };
-  if (shape.layer_width <= 16) {
-    with_outputs(std::integral_constant<int, 16>{});
-  } else {
-    with_outputs(std::integral_constant<int, 32>{});
-  }
-}
-
 // Warps per CTA of the warp-level narrow forward whose shared memory fits `optin` bytes (at most
 // kWarpNarrowMaxWarps); 0 when not even one does. The layer's sizes must hold w, M <= 32.
 int64_t warp_narrow_warps_fitting(const SpinalShape& shape, int64_t optin) {

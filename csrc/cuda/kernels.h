@@ -88,8 +88,26 @@ struct BackwardOutputs {
   at::Tensor grad_x, grad_weight_in, grad_weight_hidden, grad_bias, grad_weight_out, grad_bias_out;
 };
 
+// Whether the warp-level narrow backward launch 1 (warp_narrow_kernels.cuh) can run this layer on
+// `device`: where the warp-level forward fits and its own shared memory (the weights, the dx tiles
+// and one warp's tiles) is within the device's opt-in maximum.
+bool warp_narrow_backward_fits(const SpinalShape& shape, at::ScalarType dtype, int device);
+
+// Whether launch_native_backward runs it: where the forward would run its warp-level partner
+// (use_warp_narrow_forward: SPINAL_OPS_CUDA_WARP_NARROW=1) and it fits.
+bool use_warp_narrow_backward(const SpinalShape& shape, at::ScalarType dtype, int device);
+
+// The two backward launches with launch 1 on the warp-level kernel (warp_narrow_backward_fits must
+// hold; no dropout). B > 0.
+void launch_warp_narrow_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+                                 const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                                 const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
+                                 Activation act, float negative_slope, const BackwardOutputs& grads);
+
 // Two launches: data gradients (dx, dZ), then every weight/bias gradient. B > 0. Launch 1 runs the
-// narrow kernel where it fits unless `allow_narrow` is false. `dropout`: the forward's, recomputed.
+// narrow kernel where it fits unless `allow_narrow` is false; with allow_narrow,
+// use_warp_narrow_backward() sends a call without dropout to the warp-level one. `dropout`: the
+// forward's, recomputed.
 void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,

@@ -439,24 +439,24 @@ struct SmemViews {
 // chain_dims() checks fits an int.
 struct Window {
   int start, n, s;
-  __device__ __forceinline__ int column(int j) const {
+  __host__ __device__ __forceinline__ int column(int j) const {
     const int c = start + j;
     return c >= n ? c - n : c;
   }
   // Position j of column c in the window, or -1 when the window does not read c.
-  __device__ __forceinline__ int position(int c) const {
+  __host__ __device__ __forceinline__ int position(int c) const {
     const int j = c >= start ? c - start : c + n - start;
     return j < s ? j : -1;
   }
   // Whether the window reads any column of [begin, end).
-  __device__ __forceinline__ bool intersects(int begin, int end) const {
-    const int head_end = min(start + s, n);  // [start, head_end) and, wrapping, [0, start + s - n)
+  __host__ __device__ __forceinline__ bool intersects(int begin, int end) const {
+    const int head_end = start + s < n ? start + s : n;  // [start, head_end) and, wrapping, [0, start + s - n)
     const int tail_end = start + s - n;
     return (begin < head_end && start < end) || (tail_end > 0 && begin < tail_end);
   }
 };
 
-__device__ __forceinline__ Window window_of(int layer, int n, int s) {
+__host__ __device__ __forceinline__ Window window_of(int layer, int n, int s) {
   return Window{static_cast<int>((static_cast<int64_t>(layer) * s) % n), n, s};
 }
 

@@ -1,7 +1,8 @@
 // Warp-level tensor-core forward for narrow layers (w <= kWarpNarrowMaxWidth = 32, M <=
 // kWarpNarrowMaxOut = 32), half types (fp16, bf16) on sm_80+:
 //   spinal_warp_narrow_forward_kernel  in place of spinal_narrow_forward_kernel (narrow_kernels.cuh)
-//                                      or the tiled forward (forward_kernel.cuh).
+//                                      or the tiled forward (forward_kernel.cuh);
+// and its backward partner, spinal_warp_narrow_data_grad_kernel (launch 1), described below.
 // Same outputs and Z layout as those (out; Z [B, L*w], written only when its pointer is set), with
 // the same rounding (z rounded to T once, h = T(phi(float(Z)))), so backward launches 1 and 2
 // follow unchanged. No dropout stage: calls with a dropout never reach it (register.cu routes them
@@ -56,6 +57,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "backward_kernels.cuh"
 #include "forward_kernel.cuh"
 
 namespace spinal_ops {
@@ -97,6 +99,24 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 #endif
+
+// Calls f(integral_constant<W>, integral_constant<MP>) for the padded width and outputs (16 or 32
+// each) the warp-level narrow kernels are compiled for that hold w and M.
+template <typename F>
+void with_warp_narrow_sizes(const SpinalShape& shape, F&& f) {
+  const auto with_outputs = [&](auto width) {
+    if (shape.out_features <= 16) {
+      f(width, std::integral_constant<int, 16>{});
+    } else {
+      f(width, std::integral_constant<int, 32>{});
+    }
+  };
+  if (shape.layer_width <= 16) {
+    with_outputs(std::integral_constant<int, 16>{});
+  } else {
+    with_outputs(std::integral_constant<int, 32>{});
+  }
+}
 
 // Byte offsets of the dynamic shared memory, from the layer's sizes (host and device alike).
 template <int W, int MP>
@@ -317,6 +337,236 @@ __global__ void __launch_bounds__(kWarpNarrowMaxWarps * 32)
     spinal_warp_narrow_forward_kernel(const ForwardArgs<T> p) {
   if constexpr (kDeviceArch == 0 || kDeviceArch >= kSm80) {
     warp_narrow_forward_rows<T, W, MP>(p);
+  } else {
+    unsupported_arch();
+  }
+}
+
+// ---- Backward launch 1 (data gradients) --------------------------------------------------------
+// spinal_warp_narrow_data_grad_kernel  in place of spinal_narrow_data_grad_kernel (narrow_kernels.cuh)
+//                                      or the tiled launch 1 (backward_kernels.cuh), for the layers
+//                                      the warp-level forward runs: w <= 32, M <= 32, fp16 and bf16
+//                                      on sm_80+; launch 2 (the weight gradients) follows unchanged.
+// Same outputs as those: dZ [B, L*w] (dz rounded to T once, the rounded value feeding dz_{l-1}), dx
+// (every element written once, no atomics, no zero fill) and launch 2's split-K tile counters
+// zeroed. No dropout stage: calls with a dropout never reach it (backward.cu). Opt-in with the
+// forward (SPINAL_OPS_CUDA_WARP_NARROW=1) until a GPU run measures it.
+//
+// Why: the narrow launch 1 (one thread per row) issues one FMA per shared-memory weight read, as
+// the narrow forward does; here the products run on the tensor cores, 16 rows per warp.
+//
+// Tiling and launch scheme
+//   As the forward: block = 32 * warps threads (warps <= kWarpNarrowMaxWarps, the most whose shared
+//   memory fits, at most one per 16-row tile), persistent grid of min(co-resident CTAs,
+//   ceil(tiles / warps)) CTAs (backward.cu). Each CTA zeroes its share of the counters, stages the
+//   weights once (the only __syncthreads), then each warp loops over its 16-row tiles with
+//   warp-level sync only. Nothing of x is read, so there is no window to copy ahead.
+// Per warp and tile:
+//   g [16][MP] (grad_out, zero past M and past the batch) -> smem, the A operand of every layer;
+//   for l = L-1 .. 0: acc(16 x W) = g W_out[:, l*w:(l+1)*w] (MP / 16 k-steps)
+//                                  + dz_{l+1} R_{l+1} (W / 16 k-steps, l < L-1);
+//     acc -> the warp's fp32 tile; per element dh (+ grad_out's column without projection) times
+//     phi'(Z_l) -> dZ (rounded to T once) and dz_l's slot of the warp's dz tiles (zero past w and
+//     past the batch): the A operand of dz_{l-1}'s product and of dx;
+//   dx, per 16-column chunk of x: acc(16 x 16) = sum over the layers whose window reads a column of
+//     the chunk of dz_l (16 x W) times that layer's dx tile (W x 16: A_l's columns at the chunk's
+//     window positions, zero where the window does not read, wrap-around resolved per column when
+//     the tile is staged); the fp32 tile -> dx, each element once.
+// Shared memory (WarpNarrowGradLayout, 128-byte aligned regions; T elements are 2 bytes):
+//   weights  R^T [L-1][W][W + 8], W_out^T [L][W][MP + 8] (with a projection), the dx tiles
+//            [tiles][16][W + 8], one per (16-column chunk, layer whose window meets it), last so
+//            that the device addresses them without counting them
+//   per warp g [16][MP + 8] (with a projection), dz [L][16][W + 8] (T), acc [16][W + 4] (fp32)
+//   mnist (N = 320, s = 160, w = 8, L = 6, M = 10: W = MP = 16): 60 dx tiles (each window meets 10
+//   chunks; 45 KB), 53.3 KB of weights in all + 6.5 KB per warp: 16 warps (157.3 KB, one CTA per
+//   SM) on sm_90 and on sm_80, 7 on 99 KB parts. Layers whose weights and one warp's tiles do not
+//   fit run today's launch 1 (warp_narrow_backward_fits, backward.cu).
+// Registers: the dh accumulators (W / 16 fragments of 8 fp32; one for a dx chunk) and one A and B
+//   fragment at a time. __launch_bounds__(512, 1): one CTA per SM is the design (its warps share
+//   the staged weights); with no minimum, ptxas aimed at 40 registers and spilled 4..16 bytes in
+//   some instances. ptxas -v and cuobjdump of sm_90 cubins (CUDA 13.0, -O3), registers bf16 / fp16
+//   for W/MP 16/16: 56 / 42, 16/32: 56 / 46, 32/16: 68 / 60, 32/32: 68 / 59; sm_80: 54 / 39,
+//   54 / 38, 68 / 58, 68 / 58. 0 bytes of stack, no spills, no STL/LDL; HMMA.16816.F32.BF16 (bf16)
+//   and HMMA.16816.F32 (fp16): 18 in the 16/16 kernels' SASS, 28 (bf16) and 44 (fp16) in the 32/32
+//   ones. The fragments load with generic LD.E, as the forward's do.
+// Numerics: fp32 accumulation on the tensor cores, phi' in fp32 per element. Offsets into grad_out,
+// Z, dZ and dx are 64-bit.
+
+// The window of the layer after `window`'s: start + s mod N without a division (s <= N).
+__host__ __device__ __forceinline__ Window next_window(Window window) {
+  window.start += window.s;
+  if (window.start >= window.n) window.start -= window.n;
+  return window;
+}
+
+// Whether `window` reads a column of x's 16-column chunk at c0. The dx tiles are the (chunk, layer)
+// pairs where it does, chunk by chunk and layer by layer.
+__host__ __device__ __forceinline__ bool window_meets_chunk(const Window& window, int c0) {
+  return window.intersects(c0, c0 + 16 < window.n ? c0 + 16 : window.n);
+}
+
+__host__ __device__ inline int64_t warp_narrow_dx_tiles(int n, int s, int num_layers) {
+  int64_t tiles = 0;
+  for (int c0 = 0; c0 < n; c0 += 16) {
+    Window window{0, n, s};
+    for (int layer = 0; layer < num_layers; ++layer, window = next_window(window)) {
+      tiles += window_meets_chunk(window, c0);
+    }
+  }
+  return tiles;
+}
+
+// Byte offsets of the data-gradient kernel's dynamic shared memory (host and device alike).
+template <int W, int MP>
+struct WarpNarrowGradLayout {
+  static constexpr int kWLd = W + 8;    // R^T, dz and the dx tiles' rows (T)
+  static constexpr int kMLd = MP + 8;   // g and W_out^T rows (T)
+  static constexpr int kAccLd = W + 4;  // the fp32 tile: dh (W columns) or a dx chunk (16)
+  static constexpr int64_t kDzBytes = int64_t{kWarpRows} * kWLd * 2;  // one dz slot, and one dx tile
+  int64_t r, out, warp_base, g, dz, acc, warp_bytes;
+
+  __host__ __device__ WarpNarrowGradLayout(int num_layers, bool projection) {
+    constexpr int64_t kT = 2;  // bytes per element: fp16 and bf16
+    r = 0;
+    out = r + align128(int64_t{num_layers - 1} * W * kWLd * kT);
+    warp_base = out + align128(projection ? int64_t{num_layers} * W * kMLd * kT : 0);
+    g = 0;
+    dz = g + align128(projection ? int64_t{kWarpRows} * kMLd * kT : 0);
+    acc = dz + align128(num_layers * kDzBytes);
+    warp_bytes = acc + align128(int64_t{kWarpRows} * kAccLd * 4);
+  }
+  __host__ __device__ int64_t dx_tiles(int warps) const { return warp_base + warps * warp_bytes; }
+  __host__ __device__ int64_t total(int warps, int64_t tiles) const { return dx_tiles(warps) + tiles * kDzBytes; }
+};
+
+template <typename T, int W, int MP>
+__device__ __forceinline__ void warp_narrow_data_grad_rows(const DataGradArgs<T>& p) {
+  namespace wmma = nvcuda::wmma;
+  using E = typename WmmaElementOf<T>::type;
+  using Smem = WarpNarrowGradLayout<W, MP>;
+  using FragAcc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  constexpr int kWLd = Smem::kWLd, kMLd = Smem::kMLd, kAccLd = Smem::kAccLd;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.num_counters;
+       i += grid_threads) {
+    p.tile_counters[i] = 0;
+  }
+
+  const bool projection = p.out_features > 0;
+  const int w = p.w, n = p.n, s = p.s, num_layers = p.num_layers, m_count = p.out_features;
+  const int64_t hidden = static_cast<int64_t>(num_layers) * w;
+  const Smem layout(num_layers, projection);
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const SmemPtr<T> r_t = reinterpret_cast<T*>(smem + layout.r);
+  const SmemPtr<T> out_t = reinterpret_cast<T*>(smem + layout.out);
+  const SmemPtr<T> dx_t = reinterpret_cast<T*>(smem + layout.dx_tiles(warps));
+  unsigned char* const own = smem + layout.warp_base + warp * layout.warp_bytes;
+  const SmemPtr<T> g = reinterpret_cast<T*>(own + layout.g);
+  const SmemPtr<float> acc = reinterpret_cast<float*>(own + layout.acc);
+  const auto dz_of = [&](int layer) {
+    return SmemPtr<T>(reinterpret_cast<T*>(own + layout.dz + layer * Smem::kDzBytes));
+  };
+
+  // R_{l+1}^T and W_out's layer columns transposed: the B operands (row j holds output column j).
+  fill_by_cta(r_t, kWLd, (num_layers - 1) * W, W, [&](int row, int i) {
+    const int layer = row / W, j = row % W;
+    return j < w && i < w ? p.weight_hidden[(static_cast<int64_t>(layer) * w + i) * w + j] : T(0);
+  });
+  if (projection) {
+    fill_by_cta(out_t, kMLd, num_layers * W, MP, [&](int row, int m) {
+      const int layer = row / W, j = row % W;
+      return j < w && m < m_count ? p.weight_out[m * hidden + layer * w + j] : T(0);
+    });
+  }
+  int dx_tile = 0;
+  for (int c0 = 0; c0 < n; c0 += 16) {
+    Window window{0, n, s};
+    for (int layer = 0; layer < num_layers; ++layer, window = next_window(window)) {
+      if (!window_meets_chunk(window, c0)) continue;
+      const T* a_l = p.weight_in + static_cast<int64_t>(layer) * w * s;
+      fill_by_cta(dx_t + dx_tile * kWarpRows * kWLd, kWLd, kWarpRows, W, [&](int k, int j) {
+        const int position = c0 + k < n ? window.position(c0 + k) : -1;
+        return j < w && position >= 0 ? a_l[static_cast<int64_t>(j) * s + position] : T(0);
+      });
+      ++dx_tile;
+    }
+  }
+  __syncthreads();  // the weights are staged; from here on each warp syncs only itself
+
+  const int64_t tiles = ceil_div(p.batch, kWarpRows);
+  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * warps + warp; tile < tiles;
+       tile += static_cast<int64_t>(gridDim.x) * warps) {
+    const int64_t row0 = tile * kWarpRows;
+    if (projection) {
+      for (int idx = lane; idx < kWarpRows * MP; idx += 32) {
+        const int r = idx / MP, m = idx % MP;
+        const int64_t row = row0 + r;
+        g[r * kMLd + m] = row < p.batch && m < m_count ? p.grad_out[row * m_count + m] : T(0);
+      }
+      __syncwarp();  // g is staged
+    }
+
+    for (int layer = num_layers - 1; layer >= 0; --layer) {
+      FragAcc dh[W / 16];
+#pragma unroll
+      for (int i = 0; i < W / 16; ++i) wmma::fill_fragment(dh[i], 0.f);
+      if (projection) {
+        warp_products<W / 16, E>(dh, smem_cast<const E>(g), kMLd, smem_cast<const E>(out_t + layer * W * kMLd),
+                                 kMLd, MP);
+      }
+      if (layer + 1 < num_layers) {
+        warp_products<W / 16, E>(dh, smem_cast<const E>(dz_of(layer + 1)), kWLd,
+                                 smem_cast<const E>(r_t + layer * W * kWLd), kWLd, W);
+      }
+#pragma unroll
+      for (int i = 0; i < W / 16; ++i) wmma::store_matrix_sync(acc + 16 * i, dh[i], kAccLd, wmma::mem_row_major);
+      __syncwarp();  // the fp32 tile is stored
+
+      for (int idx = lane; idx < kWarpRows * W; idx += 32) {
+        const int r = idx / W, c = idx % W;
+        const int64_t row = row0 + r;
+        T dz = T(0);
+        if (c < w && row < p.batch) {
+          const int64_t offset = row * hidden + static_cast<int64_t>(layer) * w + c;
+          const float dh_value = acc[r * kAccLd + c] + (projection ? 0.f : static_cast<float>(p.grad_out[offset]));
+          dz = static_cast<T>(dh_value * activate_grad(p.act, static_cast<float>(p.pre_activation[offset]), p.slope));
+          p.grad_pre[offset] = dz;
+        }
+        dz_of(layer)[r * kWLd + c] = dz;
+      }
+      __syncwarp();  // dz_l is stored (the next products' A operand); the fp32 tile is read
+    }
+
+    int dx_tile_next = 0;  // the dx tiles run chunk by chunk, layer by layer, as staged
+    for (int c0 = 0; c0 < n; c0 += 16) {
+      FragAcc dx[1];
+      wmma::fill_fragment(dx[0], 0.f);
+      Window window{0, n, s};
+      for (int layer = 0; layer < num_layers; ++layer, window = next_window(window)) {
+        if (!window_meets_chunk(window, c0)) continue;
+        warp_products<1, E>(dx, smem_cast<const E>(dz_of(layer)), kWLd,
+                            smem_cast<const E>(dx_t + dx_tile_next * kWarpRows * kWLd), kWLd, W);
+        ++dx_tile_next;
+      }
+      wmma::store_matrix_sync(acc, dx[0], kAccLd, wmma::mem_row_major);
+      __syncwarp();  // the chunk's fp32 tile is stored
+      for (int idx = lane; idx < kWarpRows * 16; idx += 32) {
+        const int r = idx / 16, k = idx % 16;
+        const int64_t row = row0 + r;
+        if (row < p.batch && c0 + k < n) p.grad_x[row * n + c0 + k] = static_cast<T>(acc[r * kAccLd + k]);
+      }
+      __syncwarp();  // the chunk's fp32 tile is read before the next one is stored
+    }
+  }
+}
+
+template <typename T, int W, int MP>
+__global__ void __launch_bounds__(kWarpNarrowMaxWarps * 32, 1)
+    spinal_warp_narrow_data_grad_kernel(const DataGradArgs<T> p) {
+  if constexpr (kDeviceArch == 0 || kDeviceArch >= kSm80) {
+    warp_narrow_data_grad_rows<T, W, MP>(p);
   } else {
     unsupported_arch();
   }

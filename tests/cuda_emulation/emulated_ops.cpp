@@ -5,12 +5,11 @@
 // which the call must route to), "persistent_simt", "persistent_tf32", "persistent_wmma" (the
 // persistent forward at any width; the backward on its Z: the tile kernels where they fit),
 // "narrow" (the narrow kernels for the forward and backward launch 1; launch 2 with the dtype's
-// tiled policy: simt or wmma), "warp_narrow" (the warp-level narrow forward,
-// warp_narrow_kernels.cuh; the backward as the op routes it after that forward: the narrow
-// launch 1 where it fits, else the tiled one), "aten" (the hoisted chain on ATen's engine,
-// csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto" (the op's own routing:
-// use_native_kernels, narrow_kernels_fit, and use_warp_narrow_forward under
-// SPINAL_OPS_CUDA_WARP_NARROW=1). Every CPU allocation made during a call is poisoned.
+// tiled policy: simt or wmma), "warp_narrow" (the warp-level narrow forward and backward launch 1,
+// warp_narrow_kernels.cuh; launch 2 the dtype's tiled one), "aten" (the hoisted chain on ATen's
+// engine, csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto" (the op's own routing:
+// use_native_kernels, narrow_kernels_fit, and use_warp_narrow_forward / use_warp_narrow_backward
+// under SPINAL_OPS_CUDA_WARP_NARROW=1). Every CPU allocation made during a call is poisoned.
 // The trailing dropout_seed and dropout_p are the op pairs' (contract §1, "Masks").
 // Built by tests/test_cuda_emulation.py; never part of the package.
 #include <ATen/ATen.h>
@@ -209,12 +208,16 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
                                 weight_out, act, negative_slope, mask, dropout);
     return {hoisted.begin(), hoisted.end()};
   }
-  if (shape.batch > 0) {
+  if (shape.batch > 0 && policy == "warp_narrow") {  // as backward.cu with SPINAL_OPS_CUDA_WARP_NARROW=1
+    TORCH_CHECK(!dropout.active, "spinal_emu: policy warp_narrow has no dropout stage");
+    launch_warp_narrow_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+                                weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
+                                static_cast<float>(negative_slope), grads);
+  } else if (shape.batch > 0) {
     launch_native_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
                           static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads, dropout,
-                          policy == "narrow" || policy == "auto" || is_persistent(policy) ||
-                              policy == "warp_narrow");
+                          policy == "narrow" || policy == "auto" || is_persistent(policy));
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
@@ -241,6 +244,18 @@ void configure(int64_t seed, c10::string_view removed_barrier, bool counter_rese
 }
 
 int64_t launches() { return emu::launches; }
+// The kernels launched since the last call, in launch order: their names, grids and threads per CTA
+// (and forgets them).
+std::tuple<std::vector<std::string>, std::vector<int64_t>, std::vector<int64_t>> launched_kernels() {
+  std::vector<std::string> names;
+  std::vector<int64_t> grids, threads;
+  for (const emu::KernelLaunch& launch : std::exchange(emu::launched_kernels, {})) {
+    names.push_back(launch.kernel);
+    grids.push_back(launch.grid);
+    threads.push_back(launch.threads);
+  }
+  return {names, grids, threads};
+}
 int64_t attribute_sets() { return emu::attribute_sets; }
 std::vector<std::string> barrier_sites() { return {emu::barrier_sites.begin(), emu::barrier_sites.end()}; }
 
@@ -384,6 +399,7 @@ TORCH_LIBRARY(spinal_emu, m) {
   m.def("native_kernels_refusal", &spinal_ops::cuda_kernels::refusal);
   m.def("configure", &spinal_ops::cuda_kernels::configure);
   m.def("launches", &spinal_ops::cuda_kernels::launches);
+  m.def("launched_kernels", &spinal_ops::cuda_kernels::launched_kernels);
   m.def("attribute_sets", &spinal_ops::cuda_kernels::attribute_sets);
   m.def("barrier_sites", &spinal_ops::cuda_kernels::barrier_sites);
   m.def("seeded_bug", &spinal_ops::cuda_kernels::seeded_bug);

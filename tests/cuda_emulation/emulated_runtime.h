@@ -12,6 +12,7 @@
 
 #include <c10/util/Exception.h>
 #include <cxxabi.h>
+#include <dlfcn.h>
 #include <driver_types.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@
 #include <map>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cuda_shim.h"
 
@@ -58,8 +60,8 @@ inline int sm_count(const Target& t) { return sm_count_override > 0 ? sm_count_o
 // The register budget the model assumes per thread (the launch does not know the kernel's
 // ptxas count): 80 for 256-thread CTAs (the tile kernels: ptxas -v reports 63..79,
 // backward_kernels.cuh), 168 for 128-thread CTAs (the narrow kernels' cap at 3 CTAs per SM,
-// narrow_kernels.cuh), 64 otherwise (the model's own small kernels; the warp-level narrow forward,
-// whose ptxas counts are 48..86 at 32..512 threads, warp_narrow_kernels.cuh).
+// narrow_kernels.cuh), 64 otherwise (the model's own small kernels; the warp-level narrow kernels,
+// whose ptxas counts are 38..86 at 32..512 threads, warp_narrow_kernels.cuh).
 inline int registers_per_thread(int threads) { return threads == 256 ? 80 : threads == 128 ? 168 : 64; }
 
 // CTAs of `threads` threads and `smem` bytes of dynamic shared memory that one SM of t holds at
@@ -96,6 +98,23 @@ inline cudaStream_t current_stream(int device) {
 inline std::map<std::pair<int, const void*>, int> max_dynamic_smem;
 inline int launches = 0;
 inline int attribute_sets = 0;  // cudaFuncSetAttribute calls
+// Each launch's kernel (by its symbol's name), grid and threads per CTA, in launch order.
+struct KernelLaunch {
+  std::string kernel;
+  int64_t grid, threads;
+};
+inline std::vector<KernelLaunch> launched_kernels;
+
+// The demangled name of the kernel at `kernel` (from the shared library's dynamic symbols).
+inline std::string kernel_symbol(const void* kernel) {
+  Dl_info info{};
+  if (dladdr(kernel, &info) == 0 || info.dli_sname == nullptr) return "?";
+  int status = 0;
+  char* readable = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+  std::string result = status == 0 ? readable : info.dli_sname;
+  std::free(readable);
+  return result;
+}
 
 inline std::string demangle(const char* name) {
   int status = 0;
@@ -191,6 +210,7 @@ cudaError_t cudaLaunchKernel(void (*kernel)(Args), dim3 grid, dim3 block, void**
   using emu::inject_fault;
   inject_fault(a);
   ++emu::launches;
+  emu::launched_kernels.push_back({emu::kernel_symbol(reinterpret_cast<const void*>(kernel)), grid.x, block.x});
   try {
     std::string residency;
     const int per_sm = emu::ctas_per_sm(t, static_cast<int>(block.x), static_cast<int64_t>(smem), &residency);
