@@ -153,7 +153,7 @@ stage pytest_triton pytest.log "$(cap 100)" $PYTEST tests/test_triton_backend.py
 # warp_narrow: the tests set the switch themselves (monkeypatch; the launchers read it per call). The
 # A/B timing is one process per setting, ~20 s each: compare the cuda rows of its two tables in
 # bench.log (infer: the forward; train: the forward and backward launch 1).
-stage pytest_warp_narrow pytest.log "$(cap 60)" $PYTEST tests/test_cuda_backend.py -k warp_narrow
+stage pytest_warp_narrow pytest.log "$(cap 90)" $PYTEST tests/test_cuda_backend.py -k warp_narrow
 for value in 0 1; do
   switch_bench "warp_narrow_$value" SPINAL_OPS_CUDA_WARP_NARROW $value "$(cap 20)" \
     --preset mnist --batch 64 65536 --backends cuda dense
