@@ -147,25 +147,35 @@ WARP_NARROW_SHAPES = {
 }
 
 
+def _warp_narrow_kernels(monkeypatch, config, dtype: torch.dtype, batches=(37, 70000), dropout_seed=None) -> str:
+    """check_backend on the native path with SPINAL_OPS_CUDA_WARP_NARROW=1 at each batch; the names
+    of the CUDA kernels that ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the warp-level narrow kernels run on compute capability 8.0 and newer")
+    monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
+    with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            check_backend("cuda", config, dtype, "cuda", batch_shape=(batch,), dropout_seed=dropout_seed)
+        torch.cuda.synchronize()
+    return " ".join(event.key for event in prof.key_averages())
+
+
+def _warp_narrow_config(name: str, **options):
+    from spinal_ops.config import SpinalConfig
+
+    shape = dict(WARP_NARROW_SHAPES[name])
+    return SpinalConfig.build(shape.pop("in_features"), shape.pop("out_features"), activation="gelu", **shape,
+                              **options)
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("name", sorted(WARP_NARROW_SHAPES))
 def test_warp_narrow_forward_matches_reference(monkeypatch, name, dtype):
     # Training calls (the forward's Z feeds the backward) at a partial tile and at a batch whose tiles
     # outnumber the persistent grid's warps; the profiler shows the warp-level kernel ran.
-    from torch.profiler import ProfilerActivity, profile
-
-    from spinal_ops.config import SpinalConfig
-
-    if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("the warp-level narrow forward runs on compute capability 8.0 and newer")
-    monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
-    shape = dict(WARP_NARROW_SHAPES[name])
-    config = SpinalConfig.build(shape.pop("in_features"), shape.pop("out_features"), activation="gelu", **shape)
-    with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for batch in (37, 70000):
-            check_backend("cuda", config, dtype, "cuda", batch_shape=(batch,))
-        torch.cuda.synchronize()
-    names = " ".join(event.key for event in prof.key_averages())
+    names = _warp_narrow_kernels(monkeypatch, _warp_narrow_config(name), dtype)
     assert "spinal_warp_narrow_forward_kernel" in names, names
     assert "spinal_narrow_forward_kernel" not in names and "spinal_forward_kernel" not in names, names
 
@@ -176,29 +186,13 @@ def test_warp_narrow_backward_matches_reference(monkeypatch, name: str, dtype: t
     # The switched-on training path: every gradient within contract §4 with launch 1 on the warp-level
     # kernel (at a partial tile and at a batch whose tiles outnumber its persistent grid's warps), and
     # with a dropout on today's launch 1 (the warp-level one has no dropout stage).
-    from torch.profiler import ProfilerActivity, profile
-
-    from spinal_ops.config import SpinalConfig
-
-    if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("the warp-level narrow backward runs on compute capability 8.0 and newer")
-    monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
-    shape = dict(WARP_NARROW_SHAPES[name])
-    in_features, out_features = shape.pop("in_features"), shape.pop("out_features")
-    config = SpinalConfig.build(in_features, out_features, activation="gelu", **shape)
-    with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for batch in (37, 70000):
-            check_backend("cuda", config, dtype, "cuda", batch_shape=(batch,))
-        torch.cuda.synchronize()
-    names = " ".join(event.key for event in prof.key_averages())
+    names = _warp_narrow_kernels(monkeypatch, _warp_narrow_config(name), dtype)
     assert "spinal_warp_narrow_data_grad_kernel" in names, names
     assert "spinal_narrow_data_grad_kernel" not in names and "spinal_data_grad_kernel" not in names, names
 
-    dropped = SpinalConfig.build(in_features, out_features, activation="gelu", dropout=0.3, **shape)
-    with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        check_backend("cuda", dropped, dtype, "cuda", batch_shape=(37,), dropout_seed=1234)
-        torch.cuda.synchronize()
-    assert "spinal_warp_narrow_data_grad_kernel" not in " ".join(event.key for event in prof.key_averages())
+    dropped = _warp_narrow_config(name, dropout=0.3)
+    names = _warp_narrow_kernels(monkeypatch, dropped, dtype, batches=(37,), dropout_seed=1234)
+    assert "spinal_warp_narrow_data_grad_kernel" not in names, names
 
 
 def test_tf32_allowed_stays_within_contract():
