@@ -160,6 +160,17 @@ struct XChunk {
   }
 };
 
+// The dropout sites of h_l's first column as the projection's input and as layer l+1's input
+// (has_next: a layer l+1 reads h_l), where the forward draws h_l's masks and launch 1 applies them.
+struct OutputSites {
+  int64_t projection, next_layer;
+  bool has_next;
+  __device__ OutputSites(const Dropout& dropout, int layer, int w, int num_layers)
+      : projection(dropout.projection_site() + static_cast<int64_t>(layer) * w),
+        next_layer(dropout.hidden_site(layer + 1)),
+        has_next(layer + 1 < num_layers) {}
+};
+
 template <typename T, int W, bool Drops>
 __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
   using Smem = NarrowSmem<W>;
@@ -271,15 +282,13 @@ __device__ __forceinline__ void narrow_forward_rows(const ForwardArgs<T>& p) {
 #pragma unroll
     for (int j = 0; j < W; ++j) h_in[j] = h[j];
     if constexpr (drops) {  // H's factors for the projection, h_l's as layer l+1's input for the recurrence
-      const int64_t projection_site = dropout.projection_site() + static_cast<int64_t>(layer) * w;
-      const int64_t hidden_site = dropout.hidden_site(layer + 1);
-      const bool has_next = layer + 1 < p.num_layers;
+      const OutputSites sites(dropout, layer, w, p.num_layers);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         if (j >= w) continue;
         const T v = static_cast<T>(h[j]);
-        if (m_count > 0) h_in[j] = static_cast<float>(dropped(dropout, v, row, projection_site + j));
-        if (has_next) h[j] = static_cast<float>(dropped(dropout, v, row, hidden_site + j));
+        if (m_count > 0) h_in[j] = static_cast<float>(dropped(dropout, v, row, sites.projection + j));
+        if (sites.has_next) h[j] = static_cast<float>(dropped(dropout, v, row, sites.next_layer + j));
       }
     }
     for (int m = 0; m < m_count; ++m) {
@@ -370,14 +379,12 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
 #pragma unroll
         for (int j = 0; j < W; ++j) dh_next[j] = fmaf(dz_next[i], r_tile[i * W + j], dh_next[j]);
       }
-      const int64_t projection_site = dropout.projection_site() + static_cast<int64_t>(layer) * w;
-      const int64_t hidden_site = dropout.hidden_site(layer + 1);
-      const bool has_next = layer + 1 < p.num_layers;
+      const OutputSites sites(dropout, layer, w, p.num_layers);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         if (j >= w) continue;
-        if (m_count > 0) dh[j] *= dropout.factor(row, projection_site + j);
-        if (has_next) dh[j] = fmaf(dh_next[j], dropout.factor(row, hidden_site + j), dh[j]);
+        if (m_count > 0) dh[j] *= dropout.factor(row, sites.projection + j);
+        if (sites.has_next) dh[j] = fmaf(dh_next[j], dropout.factor(row, sites.next_layer + j), dh[j]);
       }
     } else {
 #pragma unroll
