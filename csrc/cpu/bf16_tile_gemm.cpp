@@ -135,11 +135,6 @@ __mmask16 column_mask(int64_t columns) {
   return static_cast<__mmask16>(columns >= kLanes ? 0xFFFF : (1u << columns) - 1);
 }
 
-SPINAL_AVX512_BF16 inline __m512 widen(const c10::BFloat16* src, __mmask16 mask) {
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-
 // Where a tile's sum starts and where it goes: the first depth chunk starts from c (accumulate),
 // the bias row or zero, later ones from the fp32 partial tile; the last chunk rounds into c,
 // earlier ones store the partial tile.
@@ -205,6 +200,11 @@ SPINAL_AVX512_BF16 inline __m256i load_bits(const c10::BFloat16* p, __mmask16 ma
 SPINAL_AVX512_BF16 inline __m128i load_bits(const c10::BFloat16* p, __mmask8 mask) {
   return _mm_maskz_loadu_epi16(mask, p);
 }
+// 16 (mask: __mmask16) or 8 (__mmask8) bfloat16 values widened to fp32, zero where masked off.
+template <typename Mask>
+SPINAL_AVX512_BF16 inline auto widen(const c10::BFloat16* src, Mask mask) {
+  return widen_bits(load_bits(src, mask));
+}
 SPINAL_AVX512_BF16 inline void store_bits(c10::BFloat16* p, __mmask16 mask, __m256i v) {
   _mm256_mask_storeu_epi16(p, mask, v);
 }
@@ -224,11 +224,6 @@ SPINAL_AVX512_BF16 inline void store(Bits rounded, int64_t r, int64_t column, Ma
   if (e && e->kind == Bf16Epilogue::Kind::kActivation) {
     store_bits(e->h + r * e->ldh + column, mask, activated(rounded, *e));
   }
-}
-
-SPINAL_AVX512_BF16 inline __m256 widen_half(const c10::BFloat16* src, __mmask8 mask) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_maskz_loadu_epi16(mask, src));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
 // c[0:valid, 0:columns) (or the partial tile) = start + sum over pairs p of a(r, p) . panel(p, :),
@@ -266,9 +261,9 @@ SPINAL_AVX512_BF16 void tile(const uint32_t* const* a_rows, int64_t a_step, int6
       if (!ends.first) {
         half[r] = _mm256_loadu_ps(partial + kHalfColumn);
       } else if (ends.accumulate && r < valid) {
-        half[r] = widen_half(c + r * ldc + kHalfColumn, half_mask);
+        half[r] = widen(c + r * ldc + kHalfColumn, half_mask);
       } else if (ends.bias) {
-        half[r] = widen_half(ends.bias + kHalfColumn, half_mask);
+        half[r] = widen(ends.bias + kHalfColumn, half_mask);
       } else {
         half[r] = _mm256_setzero_ps();
       }

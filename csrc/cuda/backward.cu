@@ -40,7 +40,7 @@ int64_t warp_narrow_grad_warps_fitting(const SpinalShape& shape, int64_t optin) 
     const int64_t weights = layout.total(0, warp_narrow_dx_tiles(static_cast<int>(shape.in_features),
                                                                   static_cast<int>(shape.split_size),
                                                                   static_cast<int>(shape.num_layers)));
-    warps = std::max<int64_t>(0, std::min<int64_t>(kWarpNarrowMaxWarps, (optin - weights) / layout.warp_bytes));
+    warps = warp_narrow_warps_in(optin, weights, layout.warp_bytes);
   });
   return warps;
 }
@@ -59,9 +59,7 @@ void launch_warp_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T
     constexpr auto kernel = spinal_warp_narrow_data_grad_kernel<T, W, MP>;
     const int64_t smem_bytes =
         WarpNarrowGradLayout<W, MP>(d.num_layers, d.out_features > 0).total(static_cast<int>(warps), dx_tiles);
-    const int threads = static_cast<int>(warps) * 32;
-    const int64_t resident = co_resident_ctas<kernel>(threads, smem_bytes, optin);
-    launch_kernel<kernel>(std::min(resident, ceil_div(tiles, warps)), smem_bytes, optin, d, threads);
+    launch_persistent_warps<kernel>(tiles, warps, smem_bytes, optin, d);
   });
 }
 

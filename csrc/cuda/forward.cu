@@ -51,7 +51,7 @@ int64_t warp_narrow_warps_fitting(const SpinalShape& shape, int64_t optin) {
   with_warp_narrow_sizes(shape, [&](auto width, auto outputs) {
     const WarpNarrowLayout<decltype(width)::value, decltype(outputs)::value> layout(
         static_cast<int>(shape.split_size), static_cast<int>(shape.num_layers), shape.out_features > 0);
-    warps = std::max<int64_t>(0, std::min<int64_t>(kWarpNarrowMaxWarps, (optin - layout.warp_base) / layout.warp_bytes));
+    warps = warp_narrow_warps_in(optin, layout.warp_base, layout.warp_bytes);
   });
   return warps;
 }
@@ -126,11 +126,7 @@ void launch_warp_narrow_forward(const SpinalShape& shape, const at::Tensor& x, c
     with_warp_narrow_sizes(shape, [&](auto width, auto outputs) {
       constexpr int W = decltype(width)::value, MP = decltype(outputs)::value;
       const int64_t smem_bytes = WarpNarrowLayout<W, MP>(p.s, p.num_layers, p.out_features > 0).total(warps);
-      const int threads = static_cast<int>(warps) * 32;
-      // Persistent: each CTA loops over tiles, so no more CTAs than run at once.
-      const int64_t resident = co_resident_ctas<spinal_warp_narrow_forward_kernel<T, W, MP>>(threads, smem_bytes, optin);
-      launch_kernel<spinal_warp_narrow_forward_kernel<T, W, MP>>(std::min(resident, ceil_div(tiles, warps)),
-                                                                 smem_bytes, optin, p, threads);
+      launch_persistent_warps<spinal_warp_narrow_forward_kernel<T, W, MP>>(tiles, warps, smem_bytes, optin, p);
     });
   };
   if (x.scalar_type() == at::kHalf) {

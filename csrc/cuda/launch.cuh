@@ -86,6 +86,16 @@ int64_t co_resident_ctas(int threads, int64_t smem_bytes, int64_t max_smem_bytes
   return static_cast<int64_t>(per_sm) * sms;
 }
 
+// Launches a persistent kernel of `warps` warps per CTA, each warp looping over 16-row tiles (the
+// warp-level narrow kernels): ceil(tiles / warps) CTAs at most, and never more than run at once.
+template <auto Kernel, typename Args>
+void launch_persistent_warps(int64_t tiles, int64_t warps, int64_t smem_bytes, int64_t max_smem_bytes,
+                             const Args& args) {
+  const int threads = static_cast<int>(warps) * 32;
+  const int64_t resident = co_resident_ctas<Kernel>(threads, smem_bytes, max_smem_bytes);
+  launch_kernel<Kernel>(std::min(resident, ceil_div(tiles, warps)), smem_bytes, max_smem_bytes, args, threads);
+}
+
 // Calls f(std::bool_constant<dropout.active>{}): each kernel is compiled with its dropout stage
 // and without it, so that a call without dropout runs the kernels' code as it is without one
 // (registers and spills included) and a call with dropout pays for the masks alone.

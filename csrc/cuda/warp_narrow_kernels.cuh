@@ -54,6 +54,7 @@
 // Z and out are 64-bit.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -67,6 +68,12 @@ constexpr int kWarpNarrowMaxWidth = 32;
 constexpr int kWarpNarrowMaxOut = 32;
 constexpr int kWarpNarrowMaxWarps = 16;
 constexpr int kWarpRows = 16;  // rows per warp tile: WMMA's M
+
+// Warps per CTA whose shared memory fits `optin` bytes next to `fixed` bytes staged once per CTA,
+// `per_warp` bytes each: at most kWarpNarrowMaxWarps, 0 when not even one fits.
+inline int64_t warp_narrow_warps_in(int64_t optin, int64_t fixed, int64_t per_warp) {
+  return std::max<int64_t>(0, std::min<int64_t>(kWarpNarrowMaxWarps, (optin - fixed) / per_warp));
+}
 
 // The WMMA fragment element of a storage type.
 template <typename T>
