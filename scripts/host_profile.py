@@ -1,6 +1,6 @@
 """Where a small batch's step time goes on the host: torch.profiler's CPU table for the spinal
 layer and the dense layer at batch 64 (the calls whose time the host, not the GPU, decides), then
-the host time of one forward op call split into its parts.
+the host time of one forward op call and of one training step, each split into its parts.
 
     python scripts/host_profile.py [--preset mnist vgg5] [--batch 64] [--steps 50] [--device cuda] [--dtype bfloat16]
 
@@ -94,6 +94,48 @@ def split_forward_call(name: str, batch: int, device: torch.device, dtype: torch
           f"+ op {op - dispatcher:.1f} us; the dense head {times[f'dense head(x), {batch} rows']:.1f} us", flush=True)
 
 
+def split_training_step(name: str, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+    """One training step (forward + autograd.grad of every input, as spinal-bench's train mode)
+    split into: autograd.grad's own cost (a one-multiply graph), the module call's Python, the two
+    ops called directly, and the rest (the autograd node, saved tensors, gradient tensors)."""
+    config = PRESETS[name]
+    layer = spinal_layer(config, device.type, dtype, device)
+    dense = dense_baseline(config, dtype, device)
+    weights = [p.detach() for p in (layer.weight_in, layer.weight_hidden, layer.bias, layer.weight_out,
+                                    layer.bias_out)]
+    rows = torch.randn(batch, config.in_features, device=device, dtype=dtype)
+    native_forward = torch.ops.spinal_ops.native_forward.default
+    native_backward = torch.ops.spinal_ops.native_backward.default
+    out, pre_activation = native_forward(rows, *weights, config.activation, config.negative_slope, False, True)
+    grad_out = torch.randn_like(out)
+    leaf = torch.randn(batch, config.output_features, device=device, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        python = host_microseconds(lambda: layer(rows), device) - host_microseconds(
+            lambda: native_forward(rows, *weights, config.activation, config.negative_slope, False, False), device)
+
+    def both_ops() -> object:
+        native_forward(rows, *weights, config.activation, config.negative_slope, False, True)
+        return native_backward(grad_out, rows, pre_activation, weights[0], weights[1], weights[3], [True] * 6,
+                               config.activation, config.negative_slope, False)
+
+    step_label, dense_label = f"train step, {batch} rows", f"dense head, train step, {batch} rows"
+    times = {
+        "autograd.grad of a one-multiply graph": host_microseconds(
+            lambda: torch.autograd.grad(leaf * 1.0, (leaf,), grad_out), device),
+        "native_forward (Z kept) + native_backward": host_microseconds(both_ops, device),
+        step_label: host_microseconds(make_step(layer, config, batch, "train", dtype, device), device),
+        dense_label: host_microseconds(make_step(dense, config, batch, "train", dtype, device), device),
+    }
+    print(f"\n=== {name}: host time of one training step ({device.type}, {dtype})", flush=True)
+    for label, value in times.items():
+        print(f"  {label:60s} {value:8.1f} us", flush=True)
+    harness, ops = times["autograd.grad of a one-multiply graph"], times["native_forward (Z kept) + native_backward"]
+    step = times[step_label]
+    print(f"  train step = autograd.grad {harness:.1f} + module Python {python:.1f} + ops {ops:.1f} "
+          f"+ node and the rest {step - harness - python - ops:.1f} us; the dense head's {times[dense_label]:.1f} us",
+          flush=True)
+
+
 def profile_steps(name: str, batch: int, steps: int, rows: int, device: torch.device, dtype: torch.dtype) -> None:
     config = PRESETS[name]
     models = {device.type: spinal_layer(config, device.type, dtype, device),
@@ -127,6 +169,7 @@ def main() -> int:
         profile_steps(name, args.batch, args.steps, args.rows, device, dtype)
     for name in args.preset:
         split_forward_call(name, args.batch, device, dtype)
+        split_training_step(name, args.batch, device, dtype)
     return 0
 
 

@@ -6,7 +6,7 @@ shapes, column windows, validation and analytic cost from here (docs/contract.md
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -121,6 +121,19 @@ class SpinalConfig:
             isinstance(self.norm_momentum, (int, float)) and 0 <= self.norm_momentum <= 1
         ):
             raise ValueError(f"spinal_ops: norm_momentum must be in [0, 1] or None, got {self.norm_momentum!r}")
+
+    def __hash__(self) -> int:
+        # Every call's backend selection looks the config up in a dict: hash the fields once per
+        # object, not once per call.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, field.name) for field in fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict:
+        # A pickle leaves the cached hash out: a string's hash differs from process to process.
+        return {name: value for name, value in self.__dict__.items() if name != "_hash"}
 
     @classmethod
     def build(

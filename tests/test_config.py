@@ -1,5 +1,8 @@
 """spinal_ops/config.py: SpinalConfig's windows, shapes, parameter counts and FLOPs, and the errors of
 docs/contract.md §5 it raises (through the module and the functional form too)."""
+import dataclasses
+import pickle
+
 import pytest
 import torch
 from contract import CASES, case_config, make_config
@@ -61,6 +64,21 @@ def test_step_flops_per_mode():
     assert config.step_flops(4, "frozen") == 3 * forward - input_products
     with pytest.raises(ValueError, match="unknown mode 'eval'"):
         config.step_flops(4, "eval")
+
+
+def test_config_hash_follows_equality_across_copies_and_pickles():
+    # The hash is cached per object (the backend selection hashes the config on every call): equal
+    # configs must hash equal however they were made, and a pickle must not carry a hash computed
+    # in another process (a string's hash differs between processes).
+    config = SpinalConfig.build(320, 10, layer_width=8, num_layers=6, activation="gelu")
+    first = hash(config)
+    assert "_hash" not in pickle.loads(pickle.dumps(config)).__dict__
+    twins = [pickle.loads(pickle.dumps(config)), dataclasses.replace(config),
+             SpinalConfig.build(320, 10, layer_width=8, num_layers=6, activation="gelu")]
+    for twin in twins:
+        assert twin == config and hash(twin) == first
+    other = dataclasses.replace(config, activation="relu")
+    assert other != config and len({config, other, *twins}) == 2
 
 
 # ---- contract §5: bad hyper-parameters and inputs raise a clear error --------------------------------
