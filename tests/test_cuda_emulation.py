@@ -1203,6 +1203,27 @@ def _persistent_signal_sites(ops):
 PERSISTENT_BUG_SEEDS = 3
 
 
+def _seeds_catching(ops, site, run):
+    """The first seed of SEED.. (at most PERSISTENT_BUG_SEEDS) on which run() fails an assertion with
+    the barrier or fence at `site` removed, in a list (empty: none did); run() passes on each seed
+    tried with the kernels as written."""
+    caught = []
+    try:
+        for seed in range(SEED, SEED + PERSISTENT_BUG_SEEDS):
+            ops.configure(seed, site, False)
+            try:
+                run()
+            except AssertionError:
+                caught.append(seed)
+            ops.configure(seed, "", False)
+            run()
+            if caught:
+                break
+    finally:
+        ops.configure(SEED, "", False)
+    return caught
+
+
 @pytest.mark.parametrize("bug", ["fence", "barrier"])
 def test_persistent_ready_counter_before_the_tile_is_caught(emulated_ops, bug):
     # The fence removed: a finished tile's stores stay in its CTA's buffers (the state buffer is a
@@ -1212,20 +1233,8 @@ def test_persistent_ready_counter_before_the_tile_is_caught(emulated_ops, bug):
     # kernel as written passes the same schedules.
     config = make_config(**PERSISTENT_SCHEDULE)
     sites = dict(zip(("fence", "barrier"), _persistent_signal_sites(emulated_ops)))
-    caught = []
-    try:
-        for seed in range(SEED, SEED + PERSISTENT_BUG_SEEDS):
-            emulated_ops.configure(seed, sites[bug], False)
-            try:
-                _check_persistent(emulated_ops, config, "fp32_simt", batch=130, device=SM90)
-            except AssertionError:
-                caught.append(seed)
-            emulated_ops.configure(seed, "", False)
-            _check_persistent(emulated_ops, config, "fp32_simt", batch=130, device=SM90)
-            if caught:
-                break
-    finally:
-        emulated_ops.configure(SEED, "", False)
+    caught = _seeds_catching(emulated_ops, sites[bug],
+                             lambda: _check_persistent(emulated_ops, config, "fp32_simt", batch=130, device=SM90))
     assert caught, f"removing {sites[bug]} went unnoticed by seeds {SEED}..{SEED + PERSISTENT_BUG_SEEDS - 1}"
 
 
@@ -1370,20 +1379,8 @@ def test_persistent_backward_ready_counter_before_the_tile_is_caught(emulated_op
     # before its ready counters; a consumer (layer l-1 or dx) then reads poisoned dZ on some seed.
     config = _persistent_backward_config("w160_N150_wraps", "fp32_simt")
     sites = dict(zip(("fence", "barrier"), _persistent_signal_sites(emulated_ops)))
-    caught = []
-    try:
-        for seed in range(SEED, SEED + PERSISTENT_BUG_SEEDS):
-            emulated_ops.configure(seed, sites[bug], False)
-            try:
-                _check(emulated_ops, config, torch.float32, "persistent_simt", 130, SM90, forward_policy="simt")
-            except AssertionError:
-                caught.append(seed)
-            emulated_ops.configure(seed, "", False)
-            _check(emulated_ops, config, torch.float32, "persistent_simt", 130, SM90, forward_policy="simt")
-            if caught:
-                break
-    finally:
-        emulated_ops.configure(SEED, "", False)
+    caught = _seeds_catching(emulated_ops, sites[bug], lambda: _check(
+        emulated_ops, config, torch.float32, "persistent_simt", 130, SM90, forward_policy="simt"))
     assert caught, f"removing {sites[bug]} went unnoticed by seeds {SEED}..{SEED + PERSISTENT_BUG_SEEDS - 1}"
 
 
