@@ -12,10 +12,11 @@
 #                   graph capture (tests/test_cuda_graphs.py), then of
 #                   the triton backend with its dropout (its kernels compile on first use:
 #                   pytest-xdist spreads that over the cores)                        -> pytest.log
-#      persistent   the persistent forward (SPINAL_OPS_CUDA_PERSISTENT=1, not yet measured): its pytest on
-#                   CUDA tensors, then the cuda backend's bfloat16 timings at w >= 256 (cnn_cifar,
-#                   resnet_head, cifar_vgg; B = 64, 1024; infer and train) with the switch off, then
-#                   on                                   -> pytest.log, bench.log (JSON in /tmp only)
+#      persistent   the persistent forward and backward launch 1 (one switch, SPINAL_OPS_CUDA_PERSISTENT=1,
+#                   not yet measured): their pytest on CUDA tensors, then the cuda backend's bfloat16
+#                   timings at w >= 256 (cnn_cifar, resnet_head, cifar_vgg; B = 64, 1024; infer, and
+#                   train: the persistent pair at every width against the hoisted or tile pair) with
+#                   the switch off, then on               -> pytest.log, bench.log (JSON in /tmp only)
 #      lt           the hoisted chain on cuBLASLt (SPINAL_OPS_CUDA_LT=1, never run on a GPU before): its
 #                   pytest (tests/test_cuda_lt.py), then the cuda backend's bfloat16 timings against dense
 #                   on cifar_vgg, cnn_cifar, resnet_head at B = 1024, 65536 (infer and train) with the
@@ -123,8 +124,9 @@ stage pytest_cuda pytest.log "$(cap 100)" $PYTEST tests/test_cuda_backend.py tes
 # kernels; batch norm on the normed pair (their CUDA cases skip elsewhere).
 stage pytest_cuda_stages pytest.log "$(cap 60)" $PYTEST tests/test_dropout_ops.py tests/test_batchnorm_ops.py -k cuda
 stage pytest_cuda_graphs pytest.log "$(cap 60)" $PYTEST tests/test_cuda_graphs.py
-# The persistent forward: correctness against the reference, then A/B against the default path.
-stage pytest_persistent pytest.log "$(cap 25)" $PYTEST tests/test_cuda_backend.py -k persistent
+# The persistent forward and backward launch 1: correctness against the reference, then A/B against
+# the default path (training included).
+stage pytest_persistent pytest.log "$(cap 45)" $PYTEST tests/test_cuda_backend.py -k persistent
 # switch_bench NAME VARIABLE VALUE LIMIT ARGS...: the cuda backend's bfloat16 timings with an opt-in
 # kernel's switch set to VALUE, one process per setting (the JSON in /tmp, the tables in bench.log).
 switch_bench() {
@@ -134,7 +136,7 @@ switch_bench() {
     --mode infer train --min-run-time 0.05 --no-progress --json "/tmp/$name.json" --plot "/tmp/$name.png" "$@"
 }
 for value in 0 1; do
-  switch_bench "persistent_$value" SPINAL_OPS_CUDA_PERSISTENT $value "$(cap 17)" \
+  switch_bench "persistent_$value" SPINAL_OPS_CUDA_PERSISTENT $value "$(cap 25)" \
     --preset cnn_cifar resnet_head cifar_vgg --batch 64 1024 --backends cuda
 done
 # The hoisted chain on cuBLASLt (SPINAL_OPS_CUDA_LT=1, never run on a GPU before; the ops read the

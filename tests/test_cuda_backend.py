@@ -147,19 +147,24 @@ WARP_NARROW_SHAPES = {
 }
 
 
-def _warp_narrow_kernels(monkeypatch, config, dtype: torch.dtype, batches=(37, 70000), dropout_seed=None) -> str:
-    """check_backend on the native path with SPINAL_OPS_CUDA_WARP_NARROW=1 at each batch; the names
+def _switched_on_kernels(monkeypatch, variable: str, config, dtype: torch.dtype, batches, dropout_seed=None) -> str:
+    """check_backend on the native path with the opt-in switch `variable`=1 at each batch; the names
     of the CUDA kernels that ran."""
     from torch.profiler import ProfilerActivity, profile
 
-    if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("the warp-level narrow kernels run on compute capability 8.0 and newer")
-    monkeypatch.setenv("SPINAL_OPS_CUDA_WARP_NARROW", "1")
+    monkeypatch.setenv(variable, "1")
     with forced_path("native"), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for batch in batches:
             check_backend("cuda", config, dtype, "cuda", batch_shape=(batch,), dropout_seed=dropout_seed)
         torch.cuda.synchronize()
     return " ".join(event.key for event in prof.key_averages())
+
+
+def _warp_narrow_kernels(monkeypatch, config, dtype: torch.dtype, batches=(37, 70000), dropout_seed=None) -> str:
+    """_switched_on_kernels under SPINAL_OPS_CUDA_WARP_NARROW=1."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the warp-level narrow kernels run on compute capability 8.0 and newer")
+    return _switched_on_kernels(monkeypatch, "SPINAL_OPS_CUDA_WARP_NARROW", config, dtype, batches, dropout_seed)
 
 
 def _warp_narrow_config(name: str, **options):
@@ -278,11 +283,10 @@ def test_supports_reports_the_path():
     assert not backend.supports(_config("w1"), torch.float32, torch.device("cpu"))
 
 
-# The persistent forward (csrc/cuda/persistent_forward.cuh) behind SPINAL_OPS_CUDA_PERSISTENT=1:
-# native_forward runs it in inference at every width and in training up to the tile kernels' width
-# (the tile backward reads its Z); wider training calls keep the hoisted pair. Tile edges: partial
-# row tiles (37 rows), padding (w = 1, 10), two column tiles (w = 200), w at the tile limit and
-# beyond it (300), no projection, L = 1, wrap-around windows.
+# The persistent forward (csrc/cuda/persistent_forward.cuh) and backward launch 1
+# (persistent_backward.cuh) behind SPINAL_OPS_CUDA_PERSISTENT=1: native_forward and native_backward
+# run them at every width. Tile edges: partial row tiles (37 rows), padding (w = 1, 10), two column
+# tiles (w = 200), w at the tile limit and beyond it (300), no projection, L = 1, wrap-around windows.
 PERSISTENT_CASES = ("odd_N_wraps", "M_None_s32", "w1", "L1", "no_bias_w10", "two_chunks_wide", "w_at_tile_limit",
                     "hoisted_w300")
 
@@ -304,3 +308,26 @@ def test_persistent_forward_matches_reference(monkeypatch, name, dtype):
         torch.cuda.synchronize()
     names = [event.name for event in profile.events()]
     assert any("spinal_persistent_forward_kernel" in name for name in names), names
+
+
+# Wider than the tile kernels (w = 260, 300), two column tiles of dZ and of dx (w = 200, N = 300),
+# no projection, wrap-around windows; 37 rows (one partial row tile) and 300 (several, and launch 2
+# splits its rows).
+PERSISTENT_BACKWARD_CASES = ("odd_N_wraps", "M_None_s32", "two_chunks_wide", "hoisted_w300", "hoisted_no_projection")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", PERSISTENT_BACKWARD_CASES)
+def test_persistent_backward_matches_reference(monkeypatch, name, dtype):
+    # Training with the switch on: every gradient within contract §4 with the persistent forward and
+    # launch 1 and the tile launch 2 at every width; with a dropout the persistent kernels step aside.
+    config = _config(name, dtype)
+    names = _switched_on_kernels(monkeypatch, "SPINAL_OPS_CUDA_PERSISTENT", config, dtype, (37, 300))
+    assert cuda_path(config, 37, dtype, torch.device("cuda"), True).path == "native"
+    for kernel in ("spinal_persistent_forward_kernel", "spinal_persistent_data_grad_kernel", "spinal_weight_grad_kernel"):
+        assert kernel in names, names
+    assert "spinal_data_grad_kernel" not in names and "spinal_narrow_data_grad_kernel" not in names, names
+
+    dropped = _config(name, dtype, dropout=0.3)
+    names = _switched_on_kernels(monkeypatch, "SPINAL_OPS_CUDA_PERSISTENT", dropped, dtype, (37,), dropout_seed=1234)
+    assert "spinal_persistent_data_grad_kernel" not in names, names

@@ -127,11 +127,11 @@ def _dropout_args(config, dropout_seed):
     return () if dropout_seed is None else (torch.tensor(dropout_seed, dtype=torch.int64), config.dropout)
 
 
-def _emulated_run(ops, x, params, config, grad_out, policy, device, dropout_seed=None):
+def _emulated_run(ops, x, params, config, grad_out, policy, device, dropout_seed=None, forward_policy=None):
     present = [p for p in params if p is not None]
     dropout = _dropout_args(config, dropout_seed)
-    out, pre_activation = ops.forward(x, *params, config.activation, config.negative_slope, policy, device, True,
-                                      *dropout)
+    out, pre_activation = ops.forward(x, *params, config.activation, config.negative_slope, forward_policy or policy,
+                                      device, True, *dropout)
     grads = ops.backward(grad_out, x, pre_activation, params.weight_in, params.weight_hidden, params.weight_out,
                          config.bias, config.activation, config.negative_slope, policy, device, *dropout)
     names = [n for n, p in zip(GRAD_NAMES, [x, *params]) if p is not None]
@@ -140,10 +140,12 @@ def _emulated_run(ops, x, params, config, grad_out, policy, device, dropout_seed
     return [out] + [by_name[n] for n in names]
 
 
-def _check(ops, config, dtype, policy, batch, device=SM90, seed=0, dropout_seed=None, kernel_dropout_seed=None):
+def _check(ops, config, dtype, policy, batch, device=SM90, seed=0, dropout_seed=None, kernel_dropout_seed=None,
+           forward_policy=None):
     """Output and every gradient of the emulated op against the float64 reference (contract §4).
     dropout_seed: a training call with the config's dropout, the masks of that seed in the references
-    and in the kernels (kernel_dropout_seed: another seed for the kernels only)."""
+    and in the kernels (kernel_dropout_seed: another seed for the kernels only). forward_policy: the
+    forward's, when it is not `policy` (the backward's)."""
     generator = torch.Generator().manual_seed(seed)
 
     # Inputs exact in `dtype`: the float64 reference sees the kernels' inputs, so what is compared
@@ -158,7 +160,7 @@ def _check(ops, config, dtype, policy, batch, device=SM90, seed=0, dropout_seed=
     params = SpinalParams(*(None if p is None else p.to(dtype) for p in params64))
     eager = _run("reference", x64.to(dtype), params, config, grad_out, dropout_seed)
     got = _emulated_run(ops, x64.to(dtype), params, config, grad_out.to(dtype), policy, device,
-                        dropout_seed if kernel_dropout_seed is None else kernel_dropout_seed)
+                        dropout_seed if kernel_dropout_seed is None else kernel_dropout_seed, forward_policy)
     names = ["output"] + [n for n, p in zip(GRAD_NAMES, [x64, *params64]) if p is not None]
     where = f"{policy} {dtype} on fake device {device}, seed {SEED}"
     for name, ref, eag, out in zip(names, expected, eager, got):
@@ -1056,9 +1058,9 @@ def test_removed_sync_before_split_k_ticket_is_caught(emulated_ops, policy):
 # ---- the persistent forward (persistent_forward.cuh) ----------------------------------------
 # One launch over all SMs for any w: work units taken in dependency order from a ticket counter,
 # handed between CTAs through an fp32 state buffer and per-(layer, row tile) ready counters. Its
-# outputs and Z against the float64 reference, the backward (tile kernels for w <= 256, the hoisted
-# chain beyond, as register.cu routes it) on its Z; the schedule from several seeds; seeded bugs in
-# its hand-off and a grid that outgrows co-residency.
+# outputs and Z against the float64 reference, the backward (the persistent launch 1 and the tile
+# launch 2, as register.cu routes it under the switch) on its Z; the schedule from several seeds;
+# seeded bugs in its hand-off and a grid that outgrows co-residency.
 
 PERSISTENT_POLICIES = {
     "fp32_simt": (torch.float32, "persistent_simt"),
@@ -1095,12 +1097,10 @@ def _pre_activation(x, params, config):
 
 def _check_persistent(ops, config, policy, batch, device):
     """The persistent forward's output and Z against the float64 reference (the rule _check holds
-    outputs to), its inference run (no Z) against the training one bit for bit, and, where the tile
-    backward runs (it reads this Z; the hoisted backward reads its own forward's buffer), _check's
-    gradients."""
+    outputs to), its inference run (no Z) against the training one bit for bit, and _check's
+    gradients from the persistent backward launch 1 and launch 2 on its Z."""
     dtype, mma = PERSISTENT_POLICIES[policy]
-    if config.layer_width <= ops.tile_kernel_width_limit(dtype, mma == "persistent_tf32", device):
-        _check(ops, config, dtype, mma, batch=batch, device=device)
+    _check(ops, config, dtype, mma, batch=batch, device=device)
     generator = torch.Generator().manual_seed(3)
     params64 = SpinalParams(*(None if p is None else p.to(dtype).double() for p in random_params(config, generator)))
     x64 = torch.randn(batch, config.in_features, generator=generator, dtype=torch.float64).to(dtype).double()
@@ -1188,19 +1188,40 @@ def test_persistent_forward_schedules(emulated_ops, policy, seed):
 def _persistent_signal_sites(ops):
     """The sites ("file:line") of the fence after a finished tile's stores and of the barrier between
     it and the ready counter's increment, from a run that reaches them."""
-    path = os.path.join(os.path.dirname(HERE), "csrc", "cuda", "persistent_forward.cuh")
+    path = os.path.join(os.path.dirname(HERE), "csrc", "cuda", "persistent_units.cuh")
     with open(path) as source:
         lines = source.read().splitlines()
     fence = next(i for i, line in enumerate(lines) if "publish this thread's stores of the tile" in line)
     assert lines[fence].strip().startswith("__threadfence();") and lines[fence + 1].strip().startswith("__syncthreads();")
     ops.configure(SEED, "", False)
     _check_persistent(ops, make_config(**PERSISTENT_SCHEDULE), "fp32_simt", batch=130, device=SM90)
-    sites = [s for s in ops.barrier_sites() if s.endswith(f"persistent_forward.cuh:{fence + 2}")]
+    sites = [s for s in ops.barrier_sites() if s.endswith(f"persistent_units.cuh:{fence + 2}")]
     assert len(sites) == 1, ops.barrier_sites()
     return sites[0][: -len(str(fence + 2))] + str(fence + 1), sites[0]
 
 
 PERSISTENT_BUG_SEEDS = 3
+
+
+def _seeds_catching(ops, site, run):
+    """The first seed of SEED.. (at most PERSISTENT_BUG_SEEDS) on which run() fails an assertion with
+    the barrier or fence at `site` removed, in a list (empty: none did); run() passes on each seed
+    tried with the kernels as written."""
+    caught = []
+    try:
+        for seed in range(SEED, SEED + PERSISTENT_BUG_SEEDS):
+            ops.configure(seed, site, False)
+            try:
+                run()
+            except AssertionError:
+                caught.append(seed)
+            ops.configure(seed, "", False)
+            run()
+            if caught:
+                break
+    finally:
+        ops.configure(SEED, "", False)
+    return caught
 
 
 @pytest.mark.parametrize("bug", ["fence", "barrier"])
@@ -1212,20 +1233,8 @@ def test_persistent_ready_counter_before_the_tile_is_caught(emulated_ops, bug):
     # kernel as written passes the same schedules.
     config = make_config(**PERSISTENT_SCHEDULE)
     sites = dict(zip(("fence", "barrier"), _persistent_signal_sites(emulated_ops)))
-    caught = []
-    try:
-        for seed in range(SEED, SEED + PERSISTENT_BUG_SEEDS):
-            emulated_ops.configure(seed, sites[bug], False)
-            try:
-                _check_persistent(emulated_ops, config, "fp32_simt", batch=130, device=SM90)
-            except AssertionError:
-                caught.append(seed)
-            emulated_ops.configure(seed, "", False)
-            _check_persistent(emulated_ops, config, "fp32_simt", batch=130, device=SM90)
-            if caught:
-                break
-    finally:
-        emulated_ops.configure(SEED, "", False)
+    caught = _seeds_catching(emulated_ops, sites[bug],
+                             lambda: _check_persistent(emulated_ops, config, "fp32_simt", batch=130, device=SM90))
     assert caught, f"removing {sites[bug]} went unnoticed by seeds {SEED}..{SEED + PERSISTENT_BUG_SEEDS - 1}"
 
 
@@ -1251,9 +1260,9 @@ def test_persistent_grid_beyond_co_residency_with_a_grid_wait_deadlocks(emulated
 
 
 def test_persistent_switch_picks_the_native_pair(emulated_ops, monkeypatch):
-    # With SPINAL_OPS_CUDA_PERSISTENT=1 the path choice sends inference at every width and training up
-    # to the tile limit to the native pair (whose forward is then the persistent kernel); training wider
-    # than the tile kernels and dropout keep the hoisted pair. Without it nothing changes.
+    # With SPINAL_OPS_CUDA_PERSISTENT=1 the path choice sends inference and training at every width to
+    # the native pair (whose forward and backward launch 1 are then the persistent kernels); dropout
+    # keeps the hoisted pair. Without it nothing changes.
     from spinal_ops.backends import cuda
     from spinal_ops.backends.cuda_cost import model_for
 
@@ -1266,7 +1275,141 @@ def test_persistent_switch_picks_the_native_pair(emulated_ops, monkeypatch):
     mid = make_config(in_features=512, out_features=10, layer_width=256, num_layers=4)
     assert cuda.cuda_path(wide, 64, torch.bfloat16, gpu, False).path == "hoisted"
     monkeypatch.setenv("SPINAL_OPS_CUDA_PERSISTENT", "1")
-    for config, training, path in ((wide, False, "native"), (wide, True, "hoisted"), (mid, True, "native")):
+    for config, training, path in ((wide, False, "native"), (wide, True, "native"), (mid, True, "native")):
         assert cuda.cuda_path(config, 64, torch.bfloat16, gpu, training).path == path, (config.layer_width, training)
     dropped = make_config(in_features=512, out_features=10, layer_width=256, num_layers=4, dropout=0.1)
     assert cuda.cuda_path(dropped, 64, torch.bfloat16, gpu, True).path == "hoisted"
+
+
+# ---- the persistent backward launch 1 (persistent_backward.cuh) ------------------------------
+# dZ and dx in one launch for any w: layer units from layer L-1 down to 0, then dx units, handed
+# between CTAs through an fp32 dZ buffer and per-(layer, row tile) ready counters; launch 2 follows
+# on its dZ workspace. Every gradient against the float64 reference (_check), on grids from one
+# CTA to one per unit, and its seeded hand-off bugs.
+
+# w = 160: a partial second column tile; 300: three. N = 150 and 131: two dx column tiles, the
+# last window wrapping past column N - 1; M = 150: five K-chunks of g; M = None, no bias.
+PERSISTENT_BACKWARD_CONFIGS = {
+    "w160_N150_wraps": dict(in_features=150, out_features=20, layer_width=160, num_layers=3, split_size=70),
+    "w300_no_projection_odd_N": dict(in_features=131, out_features=None, layer_width=300, num_layers=3,
+                                     split_size=61, bias=False),
+    "w300_M150": dict(in_features=90, out_features=150, layer_width=300, num_layers=2, split_size=50),
+}
+
+
+def _persistent_backward_config(name, policy, **overrides):
+    if PERSISTENT_POLICIES[policy] != (torch.float32, "persistent_simt"):
+        overrides.setdefault("activation", "gelu")  # see _policy_config
+    return make_config(**{**PERSISTENT_BACKWARD_CONFIGS[name], **overrides})
+
+
+def _data_grad_launch(ops):
+    """(grid, kernel) of the last call's launch 1, after checking that launch 2 followed it."""
+    names, grids, _ = ops.launched_kernels()
+    short = [n.split("<")[0].split("::")[-1] for n in names]
+    assert short[-2:] == ["spinal_persistent_data_grad_kernel", "spinal_weight_grad_kernel"], short
+    return grids[-2]
+
+
+@pytest.mark.parametrize("policy", sorted(PERSISTENT_POLICIES))
+@pytest.mark.parametrize("name", sorted(PERSISTENT_BACKWARD_CONFIGS))
+def test_persistent_backward_matches_reference(emulated_ops, name, policy):
+    # 70 rows: three row tiles for float32, two for the half types; sm_90's 132 SMs: one CTA per unit.
+    dtype, mma = PERSISTENT_POLICIES[policy]
+    config = _persistent_backward_config(name, policy)
+    emulated_ops.launched_kernels()
+    _check(emulated_ops, config, dtype, mma, batch=70, device=SM90)
+    row_tiles = 3 if dtype == torch.float32 else 2
+    col_tiles, x_tiles = -(-config.layer_width // 128), -(-config.in_features // 128)
+    assert _data_grad_launch(emulated_ops) == row_tiles * (config.num_layers * col_tiles + x_tiles)
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "gelu_tanh", "silu", "tanh", "sigmoid", "identity"])
+def test_persistent_backward_activations(emulated_ops, activation):
+    config = _persistent_backward_config("w160_N150_wraps", "fp32_simt", activation=activation, negative_slope=0.2)
+    _check(emulated_ops, config, torch.float32, "persistent_simt", batch=40, device=SM90)
+
+
+# (target, policy) on one SM: sm_75 holds one fp32 CTA (38 KB of its 64 KB), so the grid is one CTA
+# running every unit in ticket order; sm_90 holds a few, fewer than the units.
+PERSISTENT_BACKWARD_GRIDS = [("sm_75", "fp32_simt", 1), ("sm_75", "fp16_wmma", 2), ("sm_90", "fp32_simt", None),
+                             ("sm_90", "bf16_wmma", None)]
+
+
+@pytest.mark.parametrize("seed", [SEED + 1, SEED + 2])
+@pytest.mark.parametrize("target, policy, grid", PERSISTENT_BACKWARD_GRIDS)
+def test_persistent_backward_small_grids(emulated_ops, target, policy, grid, seed):
+    # Fewer CTAs than units: each CTA takes ticket after ticket, units wait on producers that other CTAs
+    # (or the same one, earlier) ran; each seed another start order and schedule. 300 rows: launch 2
+    # splits its rows, so the split-K counters launch 1 zeroes are used too.
+    dtype, mma = PERSISTENT_POLICIES[policy]
+    config = _persistent_backward_config("w300_no_projection_odd_N", policy)
+    emulated_ops.configure(seed, "", False)
+    emulated_ops.set_sm_count(1)
+    try:
+        emulated_ops.launched_kernels()
+        _check(emulated_ops, config, dtype, mma, batch=300, device=TARGETS[target])
+        launched = _data_grad_launch(emulated_ops)
+        row_tiles = -(-300 // (32 if dtype == torch.float32 or target == "sm_75" else 64))
+        units = row_tiles * (3 * 3 + 2)
+        assert launched == grid if grid is not None else 1 < launched < units, (launched, units)
+    finally:
+        emulated_ops.set_sm_count(0)
+        emulated_ops.configure(SEED, "", False)
+
+
+def test_persistent_backward_zeroes_split_k_counters(emulated_ops):
+    # 600 rows on sm_90: launch 2 splits its rows, and its ticket counters, poisoned to -1, are zeroed by
+    # the persistent launch 1; with that zeroing dropped (the model's seeded bug) no CTA sums a tile's
+    # partials and the gradients stay NaN.
+    config = _persistent_backward_config("w160_N150_wraps", "bf16_wmma")
+    _check(emulated_ops, config, torch.bfloat16, "persistent_wmma", 600, SM90)
+    emulated_ops.configure(SEED, "", True)
+    try:
+        with pytest.raises(AssertionError, match="NaN"):
+            _check(emulated_ops, config, torch.bfloat16, "persistent_wmma", 600, SM90)
+    finally:
+        emulated_ops.configure(SEED, "", False)
+
+
+@pytest.mark.parametrize("bug", ["fence", "barrier"])
+def test_persistent_backward_ready_counter_before_the_tile_is_caught(emulated_ops, bug):
+    # As test_persistent_ready_counter_before_the_tile_is_caught, in launch 1 alone: Z comes from the
+    # tile forward (no ready counters), so only the backward runs without the fence or the barrier
+    # before its ready counters; a consumer (layer l-1 or dx) then reads poisoned dZ on some seed.
+    config = _persistent_backward_config("w160_N150_wraps", "fp32_simt")
+    sites = dict(zip(("fence", "barrier"), _persistent_signal_sites(emulated_ops)))
+    caught = _seeds_catching(emulated_ops, sites[bug], lambda: _check(
+        emulated_ops, config, torch.float32, "persistent_simt", 130, SM90, forward_policy="simt"))
+    assert caught, f"removing {sites[bug]} went unnoticed by seeds {SEED}..{SEED + PERSISTENT_BUG_SEEDS - 1}"
+
+
+def test_persistent_backward_is_opt_in(emulated_ops, monkeypatch):
+    # The op's routing ("auto") runs launch 1 on the persistent kernel only under
+    # SPINAL_OPS_CUDA_PERSISTENT=1 and without a dropout; launch 2 is the tiled one after every launch 1.
+    def data_grad_kernel(config, dtype=torch.float32, dropout_seed=None):
+        emulated_ops.launched_kernels()
+        _check(emulated_ops, config, dtype, "auto", 37, SM90, dropout_seed=dropout_seed)
+        names = [n.split("<")[0].split("::")[-1] for n in emulated_ops.launched_kernels()[0]]
+        assert names[-1] == "spinal_weight_grad_kernel", names
+        return names[-2]
+
+    config = _persistent_backward_config("w160_N150_wraps", "fp32_simt")
+    monkeypatch.delenv("SPINAL_OPS_CUDA_PERSISTENT", raising=False)
+    assert data_grad_kernel(config) == "spinal_data_grad_kernel"
+    monkeypatch.setenv("SPINAL_OPS_CUDA_PERSISTENT", "1")
+    assert data_grad_kernel(config) == "spinal_persistent_data_grad_kernel"
+    assert data_grad_kernel(_persistent_backward_config("w160_N150_wraps", "bf16_wmma"), torch.bfloat16) == (
+        "spinal_persistent_data_grad_kernel")
+    dropped = _persistent_backward_config("w160_N150_wraps", "fp32_simt", dropout=DROPOUT_P)
+    assert data_grad_kernel(dropped, dropout_seed=DROPOUT_SEED) == "spinal_data_grad_kernel"
+    # Wider than the tile kernels, on the persistent forward's Z: "auto" is the "persistent_simt"
+    # policy's backward bit for bit.
+    wide = _persistent_backward_config("w300_M150", "fp32_simt")
+    params = random_params(wide, torch.Generator().manual_seed(6), dtype=torch.float32)
+    x = torch.randn(37, wide.in_features)
+    grad_out = torch.randn(37, wide.output_features)
+    _, pre = emulated_ops.forward(x, *params, "relu", 0.0, "persistent_simt", SM90, True)
+    runs = [emulated_ops.backward(grad_out, x, pre, params.weight_in, params.weight_hidden, params.weight_out, True,
+                                  "relu", 0.0, policy, SM90) for policy in ("auto", "persistent_simt")]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -1,12 +1,13 @@
 // Host launcher of the two tile backward kernels (backward_kernels.cuh holds the kernels,
 // their tiling and smem budget; narrow_kernels.cuh the narrow layers' launch 1;
-// warp_narrow_kernels.cuh the opt-in warp-level one): allocates the dZ workspace and the split-K
-// workspace.
+// warp_narrow_kernels.cuh the opt-in warp-level one, persistent_backward.cuh the opt-in persistent
+// one): allocates the dZ workspace and the split-K workspace.
 #include <algorithm>
 
 #include "backward_kernels.cuh"
 #include "launch.cuh"
 #include "narrow_kernels.cuh"
+#include "persistent_backward.cuh"
 #include "warp_narrow_kernels.cuh"
 
 namespace spinal_ops {
@@ -14,7 +15,7 @@ namespace cuda_kernels {
 namespace {
 
 // Which kernel runs launch 1; launch 2 is the same after each.
-enum class DataGradKernel { kTiled, kNarrow, kWarpNarrow };
+enum class DataGradKernel { kTiled, kNarrow, kWarpNarrow, kPersistent };
 
 // Launch 1 for narrow layers: one thread per row (narrow_kernels.cuh).
 template <typename T>
@@ -63,12 +64,12 @@ void launch_warp_narrow_data_grad(const SpinalShape& shape, const DataGradArgs<T
   });
 }
 
-// DataMma runs launch 1 (dZ, dx) where `data_kernel` is kTiled, GradMma launch 2 (weight and bias
-// gradients); both tile kM rows.
+// DataMma runs launch 1 (dZ, dx) where `data_kernel` is kTiled or kPersistent (allow_tf32 picks it
+// again there), GradMma launch 2 (weight and bias gradients); both tile kM rows.
 template <class DataMma, class GradMma, typename T>
 void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre_activation,
             const at::Tensor& weight_in, const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
-            Activation act, float slope, const BackwardOutputs& grads, const Dropout& dropout,
+            Activation act, float slope, bool allow_tf32, const BackwardOutputs& grads, const Dropout& dropout,
             DataGradKernel data_kernel) {
   static_assert(DataMma::kTileM == GradMma::kTileM, "both launches split the rows alike");
   constexpr int kM = DataMma::kTileM;
@@ -94,6 +95,8 @@ void launch(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tens
     } else {
       launch_warp_narrow_data_grad<T>(shape, d);
     }
+  } else if (data_kernel == DataGradKernel::kPersistent) {
+    launch_persistent_data_grad<T>(shape, d, x, allow_tf32);
   } else if (data_kernel == DataGradKernel::kNarrow) {
     launch_narrow_data_grad<T>(shape, d, dropout);
   } else {
@@ -119,13 +122,15 @@ void run_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at
                   const at::Tensor& pre_activation, const at::Tensor& weight_in, const at::Tensor& weight_hidden,
                   const std::optional<at::Tensor>& weight_out, Activation act, float negative_slope, bool allow_tf32,
                   const BackwardOutputs& grads, const Dropout& dropout, DataGradKernel data_kernel) {
-  TORCH_CHECK(shape.layer_width <= kTileKernelMaxWidth, "spinal_ops: CUDA tile backward needs w <= ", kTileKernelMaxWidth);
+  // Launch 2 and the persistent launch 1 take any width; the other launches 1 keep a row tile's dZ on chip.
+  TORCH_CHECK(data_kernel == DataGradKernel::kPersistent || shape.layer_width <= kTileKernelMaxWidth,
+              "spinal_ops: CUDA tile backward needs w <= ", kTileKernelMaxWidth);
   const int capability = compute_capability(c10::cuda::current_device());
   with_kernel_types(x.scalar_type(), allow_tf32, capability, [&](auto types) {
     using Types = decltype(types);
     launch<typename Types::DataMma, typename Types::GradMma, typename Types::Element>(
-        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, grads, dropout,
-        data_kernel);
+        shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope, allow_tf32, grads,
+        dropout, data_kernel);
   });
 }
 
@@ -154,13 +159,28 @@ void launch_warp_narrow_backward(const SpinalShape& shape, const at::Tensor& gra
                /*allow_tf32=*/false, grads, Dropout{}, DataGradKernel::kWarpNarrow);
 }
 
+void launch_persistent_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+                                const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                                const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
+                                Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads) {
+  // No dropout stage (use_persistent_kernels sends calls with one to the other kernels).
+  run_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act, negative_slope,
+               allow_tf32, grads, Dropout{}, DataGradKernel::kPersistent);
+}
+
 void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                            Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads,
                            const Dropout& dropout, bool allow_narrow) {
-  // The warp-level launch 1 has no dropout stage: calls with a dropout take the kernels below.
+  // The persistent and warp-level launches 1 have no dropout stage: calls with a dropout take the
+  // kernels below.
   const int device = c10::cuda::current_device();
+  if (use_persistent_kernels(dropout, x.scalar_type(), allow_tf32, device)) {
+    launch_persistent_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
+                               negative_slope, allow_tf32, grads);
+    return;
+  }
   if (allow_narrow && !dropout.active && use_warp_narrow_backward(shape, x.scalar_type(), device)) {
     launch_warp_narrow_backward(shape, grad_out, x, pre_activation, weight_in, weight_hidden, weight_out, act,
                                 negative_slope, grads);

@@ -65,6 +65,15 @@ struct DataGradArgs : ChainDims {
   DropoutKey dropout_key;  // last (tile_mma.cuh)
 };
 
+// Launch 1 zeroes launch 2's split-K tile counters (saves a memset launch), over the whole grid.
+template <typename T>
+__device__ __forceinline__ void zero_split_k_counters(const DataGradArgs<T>& p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.num_counters; i += stride) {
+    p.tile_counters[i] = 0;
+  }
+}
+
 template <class Mma, typename T, bool Drops>
 __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   constexpr int kM = Mma::kTileM;
@@ -74,10 +83,7 @@ __device__ __forceinline__ void data_grad_tile(const DataGradArgs<T>& p) {
   const int ld_a = SmemLayout<Mma, T>::staged_ld(kTileK);  // sm.a_stage [kM][kTileK]
   const int ld_b = SmemLayout<Mma, T>::staged_ld(kTileN);  // sm.b_stage [kTileK][kTileN]
 
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < p.num_counters;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    p.tile_counters[i] = 0;
-  }
+  zero_split_k_counters(p);
 
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
   const int64_t hidden = static_cast<int64_t>(p.num_layers) * p.w;

@@ -104,10 +104,23 @@ void launch_warp_narrow_backward(const SpinalShape& shape, const at::Tensor& gra
                                  const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
                                  Activation act, float negative_slope, const BackwardOutputs& grads);
 
+// Whether the op runs its forward and backward launch 1 on the persistent kernels
+// (persistent_forward.cuh, persistent_backward.cuh) at any w: no dropout, SPINAL_OPS_CUDA_PERSISTENT=1
+// (read per call: a forward and its backward must see the same setting, as the persistent and tile
+// forwards write Z in layer order and the hoisted forward does not) and where the persistent
+// forward fits.
+bool use_persistent_kernels(const Dropout& dropout, at::ScalarType dtype, bool allow_tf32, int device);
+
+// The two backward launches with launch 1 on the persistent kernel, for any w (no dropout). B > 0.
+void launch_persistent_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
+                                const at::Tensor& pre_activation, const at::Tensor& weight_in,
+                                const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,
+                                Activation act, float negative_slope, bool allow_tf32, const BackwardOutputs& grads);
+
 // Two launches: data gradients (dx, dZ), then every weight/bias gradient. B > 0. Launch 1 runs the
 // narrow kernel where it fits unless `allow_narrow` is false; with allow_narrow,
-// use_warp_narrow_backward() sends a call without dropout to the warp-level one. `dropout`: the
-// forward's, recomputed.
+// use_warp_narrow_backward() sends a call without dropout to the warp-level one; before either,
+// use_persistent_kernels() sends one to the persistent launch 1. `dropout`: the forward's, recomputed.
 void launch_native_backward(const SpinalShape& shape, const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& pre_activation, const at::Tensor& weight_in,
                            const at::Tensor& weight_hidden, const std::optional<at::Tensor>& weight_out,

@@ -325,10 +325,7 @@ __device__ __forceinline__ void narrow_data_grad_rows(const DataGradArgs<T>& p) 
   const NarrowTiles<W> tiles(smem);
   const SmemPtr<float> dx_tile = tiles.rows, a_tile = tiles.a, r_tile = tiles.r, out_tile = tiles.out;
 
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kNarrowRows + threadIdx.x; i < p.num_counters;
-       i += static_cast<int64_t>(gridDim.x) * kNarrowRows) {
-    p.tile_counters[i] = 0;
-  }
+  zero_split_k_counters(p);
 
   const int t = threadIdx.x;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kNarrowRows, row = row0 + t;

@@ -1,8 +1,8 @@
 // Persistent forward kernel of the spinal layer (launched by persistent_forward.cu, behind
 // SPINAL_OPS_CUDA_PERSISTENT=1): ONE launch computes every layer and the output projection for any
 // w and N, spread over every SM. Same outputs and the same Z layout as the tile forward
-// (forward_kernel.cuh), so the tile backward follows unchanged (the hoisted backward reads its own
-// forward's buffer: register.cu keeps training calls wider than the tile kernels on the hoisted pair).
+// (forward_kernel.cuh), which the persistent backward launch 1 (persistent_backward.cuh) reads at
+// any width under the same switch (the hoisted backward reads its own forward's buffer).
 //
 // Work units (all of one shape: a kTileM x 128 output tile of fp32 accumulators, K staged in
 // chunks of 32 through shared memory by the tile policies of tile_mma.cuh):
@@ -22,8 +22,9 @@
 // with __ldcg (L2, never a stale L1 line). The recurrence's K = w and the projection's K = L*w
 // stream through one CTA in 32-deep chunks.
 // Launch scheme: grid = min(units, co-resident CTAs) (cudaOccupancyMaxActiveBlocksPerMultiprocessor
-// x SMs), 256 threads. Each CTA loops: thread 0 takes a ticket from a global counter (atomicAdd),
-// the CTA runs that unit to completion, and takes the next; tickets past the last unit end the CTA.
+// x SMs), 256 threads. Each CTA loops (persistent_units.cuh: run_units): thread 0 takes a ticket
+// from a global counter (atomicAdd), the CTA runs that unit to completion, and takes the next;
+// tickets past the last unit end the CTA.
 // Ticket order: layer 0's layer units (splits = 1 only), every input unit (layer major, then row
 // tile, column tile, piece), the other layer units layer by layer (row tile major), the
 // projection units.
@@ -34,7 +35,7 @@
 //                      transitively: layer l waited for l-1, and its fences are cumulative)
 // Thread 0 polls with atomicAdd(counter, 0) and __nanosleep, then __syncthreads, __threadfence,
 // __ldcg loads. A finished tile is published by every thread's __threadfence after its stores,
-// then __syncthreads, then thread 0's atomicAdd on the counter.
+// then __syncthreads, then thread 0's atomicAdd on the counter (persistent_units.cuh).
 // Why it cannot deadlock: a unit only waits for units earlier in ticket order; a ticket is taken
 // by a CTA that is running, and a CTA finishes the unit it holds before taking another. So the
 // earliest unfinished unit waits for nothing unfinished and its CTA, resident, progresses; by
@@ -65,6 +66,7 @@
 
 #include "forward_kernel.cuh"
 #include "kernels.h"
+#include "persistent_units.cuh"
 #include "tile_mma.cuh"
 
 namespace spinal_ops {
@@ -123,38 +125,6 @@ __device__ __forceinline__ Unit unit_of_ticket(const PersistentArgs<T>& p, int t
   return {UnitKind::Projection, p.num_layers - 1, ticket / p.out_tiles, ticket % p.out_tiles, 0};
 }
 
-// Dynamic smem: SmemLayout without state buffers, then one int (the ticket broadcast).
-template <class Mma, typename T>
-constexpr int64_t persistent_smem_bytes() {
-  return SmemLayout<Mma, T>(0).total + 128;
-}
-
-// acc += A[kTileM x K] * B^T for a(m, k) (rows of the tile) and b(n, k) (columns of the tile),
-// both already guarded against rows, columns past the end; K is guarded here.
-template <class Mma, typename T, typename FA, typename FB>
-__device__ __forceinline__ void tile_product(Mma& acc, const SmemViews<Mma, T>& sm, int k_extent, FA a, FB b) {
-  const int ld = SmemLayout<Mma, T>::staged_ld(kTileK);
-  for (int k0 = 0; k0 < k_extent; k0 += kTileK) {
-    __syncthreads();  // previous users of the staged tiles (and of the ticket slot) are done
-    fill_tile(sm.a_stage, ld, Mma::kTileM, kTileK, [&](int m, int k) { return k0 + k < k_extent ? a(m, k0 + k) : T(0); });
-    fill_tile(sm.b_stage, ld, kTileN, kTileK, [&](int n, int k) { return k0 + k < k_extent ? b(n, k0 + k) : T(0); });
-    __syncthreads();
-    acc.template mma<Layout::Row, Layout::Col>(sm.a_stage, ld, sm.b_stage, ld, kTileK);
-  }
-}
-
-// Thread 0 spins until *counter reaches `count` (the caller then meets the CTA at a barrier).
-__device__ __forceinline__ void wait_for_count(int* counter, int count) {
-  while (atomicAdd(counter, 0) < count) __nanosleep(64);
-}
-
-// Publishes the tile this CTA stored and counts it as finished on `counter`.
-__device__ __forceinline__ void signal_tile_done(int* counter) {
-  __threadfence();  // publish this thread's stores of the tile before the signal
-  __syncthreads();  // every thread's stores fenced before thread 0 signals
-  if (threadIdx.x == 0) atomicAdd(counter, 1);
-}
-
 template <class Mma, typename T>
 __device__ __forceinline__ void persistent_unit(const PersistentArgs<T>& p, const SmemViews<Mma, T>& sm, const Unit u) {
   constexpr int kM = Mma::kTileM;
@@ -179,8 +149,7 @@ __device__ __forceinline__ void persistent_unit(const PersistentArgs<T>& p, cons
         wait_for_count(p.layer_ready + ready, p.col_tiles);
       }
     }
-    __syncthreads();
-    __threadfence();  // the producers' stores, published before their counts, are read after them
+    acquire_after_wait();
   }
   // State row m, column k (fp32 in the buffer, dtype-exact), as an MMA operand.
   const auto state_elem = [&](int m, int64_t k) {
@@ -240,21 +209,13 @@ __device__ __forceinline__ void persistent_unit(const PersistentArgs<T>& p, cons
   if (u.kind == UnitKind::Layer) signal_tile_done(p.layer_ready + ready);
 }
 
-// The unit loop of one CTA: take a ticket, run its unit, until the tickets run out.
+// The unit loop of one CTA (persistent_units.cuh).
 template <class Mma, typename T>
 __device__ __forceinline__ void persistent_forward(const PersistentArgs<T>& p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const SmemViews<Mma, T> sm(smem, 0);
-  const SmemPtr<int> ticket = reinterpret_cast<int*>(smem + sm.layout.total);
   const int64_t units = persistent_units(p.num_layers, p.row_tiles, p.col_tiles, p.out_tiles, p.splits);
-  for (;;) {
-    __syncthreads();  // every thread has read the last ticket
-    if (threadIdx.x == 0) ticket[0] = atomicAdd(p.next_unit, 1);
-    __syncthreads();
-    const int t = ticket[0];
-    if (t >= units) return;
-    persistent_unit<Mma, T>(p, sm, unit_of_ticket(p, t));
-  }
+  run_units(sm, p.next_unit, units, [&](int t) { persistent_unit<Mma, T>(p, sm, unit_of_ticket(p, t)); });
 }
 
 template <class Mma, typename T>

@@ -4,7 +4,9 @@
 // allocates the outputs and routes the call (use_native_kernels, forward.cu): the tile or narrow
 // kernels (forward.cu, backward.cu) when w <= kTileKernelMaxWidth, their shared memory fits the
 // device and the device has the dtype's tensor cores (bf16: compute capability 8.0), the hoisted
-// ATen chain (csrc/chain/hoisted_chain.h, cuBLAS) otherwise. An empty batch launches no kernel. The
+// ATen chain (csrc/chain/hoisted_chain.h, cuBLAS) otherwise; under SPINAL_OPS_CUDA_PERSISTENT=1
+// (use_persistent_kernels) a call without dropout runs the persistent forward and backward launch 1
+// at any width instead. An empty batch launches no kernel. The
 // hoisted_* ops run that chain directly (the cuda backend's cost model picks them per call). Also
 // defines spinal_ops::cuda_tile_kernel_max_width(), cuda_tile_kernel_width_limit(device, dtype,
 // allow_tf32) and cuda_native_kernels_refusal(device, dtype) (bf16 before compute capability 8.0),
@@ -71,14 +73,10 @@ std::tuple<at::Tensor, at::Tensor> native_forward_cuda(const at::Tensor& x_in, c
   const at::Tensor x = x_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto bias = contiguous(bias_in), weight_out = contiguous(weight_out_in), bias_out = contiguous(bias_out_in);
-  // Opt-in: the persistent forward (no dropout stage: those calls take the paths below). Its Z is the
-  // tile forward's (layer order), which the tile backward reads; the hoisted backward reads its own
-  // forward's buffer instead (group-major, H in place of Z for some activations), so a training
-  // call wider than the tile kernels keeps the hoisted pair, and inference takes the persistent
-  // forward at every width.
-  if (!dropout.active && shape.batch > 0 && persistent_forward_requested() &&
-      persistent_forward_fits(x.scalar_type(), allow_tf32, x.get_device()) &&
-      (!keep_pre_activation || use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device()))) {
+  // Opt-in: the persistent forward (no dropout stage: those calls take the paths below) at every
+  // width, for inference and training; its Z (layer order, the tile forward's) is what the
+  // persistent backward launch 1 reads (use_persistent_kernels decides both alike).
+  if (shape.batch > 0 && use_persistent_kernels(dropout, x.scalar_type(), allow_tf32, x.get_device())) {
     at::Tensor out = at::empty({shape.batch, shape.output_width()}, x.options());
     at::Tensor pre_activation = at::empty({keep_pre_activation ? shape.batch : 0, shape.hidden()}, x.options());
     launch_persistent_forward(shape, x, weight_in, weight_hidden, bias, weight_out, bias_out, act,
@@ -121,7 +119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor pre_activation = pre_activation_in.contiguous(), weight_in = weight_in_in.contiguous();
   const at::Tensor weight_hidden = weight_hidden_in.contiguous();
   const auto weight_out = contiguous(weight_out_in);
-  if (!use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
+  // The persistent launch 1 (launch_native_backward) takes any width; without it, layers wider than
+  // the tile kernels take the hoisted chain.
+  if (!use_persistent_kernels(dropout, x.scalar_type(), allow_tf32, x.get_device()) &&
+      !use_native_kernels(shape, x.scalar_type(), allow_tf32, x.get_device())) {
     const chain::CublasTf32Scope tf32(allow_tf32);
     const auto grads = chain::hoisted_backward(hoisted_engine(), shape, grad_out, x, pre_activation, weight_in,
                                                weight_hidden, weight_out, act, negative_slope, output_mask, dropout);

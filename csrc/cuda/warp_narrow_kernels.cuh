@@ -455,11 +455,7 @@ __device__ __forceinline__ void warp_narrow_data_grad_rows(const DataGradArgs<T>
   constexpr int kWLd = Smem::kWLd, kMLd = Smem::kMLd, kAccLd = Smem::kAccLd;
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const int64_t grid_threads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.num_counters;
-       i += grid_threads) {
-    p.tile_counters[i] = 0;
-  }
+  zero_split_k_counters(p);
 
   const bool projection = p.out_features > 0;
   const int w = p.w, n = p.n, s = p.s, num_layers = p.num_layers, m_count = p.out_features;

@@ -15,9 +15,9 @@ model of CUDA but not yet timed on a GPU, so the cost model has no figures for t
 
 ``SPINAL_OPS_CUDA_PERSISTENT=1`` (read per call; not yet measured on a GPU, so the cost model never
 picks it): ``native_forward`` runs the persistent forward kernel (csrc/cuda/persistent_forward.cuh)
-at every width in inference and up to the tile kernels' width in training (the hoisted backward
-reads its own forward's buffer, so wider training calls keep the hoisted pair), and this backend
-sends those calls to the native pair.
+and ``native_backward`` its launch 1 on the persistent backward kernel
+(csrc/cuda/persistent_backward.cuh), both at every width, and this backend sends every call without
+dropout to the native pair.
 
 ``SPINAL_OPS_CUDA_LT=1`` (read per call by the ops; it has not run on a GPU, so neither ``auto`` nor the
 cost model chooses it, and the path choice is the same with it): every hoisted chain call (the
@@ -52,7 +52,8 @@ PERSISTENT_ENV = "SPINAL_OPS_CUDA_PERSISTENT"
 
 
 def persistent_forward_requested() -> bool:
-    """Whether native_forward runs the persistent forward kernel (the op reads the same variable)."""
+    """Whether native_forward and native_backward run the persistent kernels (the ops read the same
+    variable)."""
     return os.environ.get(PERSISTENT_ENV) == "1"
 
 
@@ -174,8 +175,8 @@ def cuda_path(config: SpinalConfig, batch: int, dtype: torch.dtype, device: torc
     limit = _width_limit_for(device, dtype)
     if _forced_path is not None and (_forced_path == "hoisted" or config.layer_width <= limit):
         return PathChoice(_forced_path, f"{_forced_path} path forced")
-    if persistent_forward_requested() and (not training or config.layer_width <= limit):
-        return PathChoice("native", f"persistent forward ({PERSISTENT_ENV}=1)")
+    if persistent_forward_requested():
+        return PathChoice("native", f"persistent kernels ({PERSISTENT_ENV}=1)")
     return choose_path(config, batch, dtype, DEVICES[_device_index(device)].model, training, limit,
                        narrow_kernels_fit(config))
 

@@ -3,13 +3,14 @@
 // the schemas of native_forward / native_backward plus the accumulator policy and the fake device
 // (a GPU target, emulated_runtime.h). Policies: "simt", "tf32", "wmma" (the tile kernels,
 // which the call must route to), "persistent_simt", "persistent_tf32", "persistent_wmma" (the
-// persistent forward at any width; the backward on its Z: the tile kernels where they fit),
+// persistent forward and backward launch 1 at any width, launch 2 the tile one),
 // "narrow" (the narrow kernels for the forward and backward launch 1; launch 2 with the dtype's
 // tiled policy: simt or wmma), "warp_narrow" (the warp-level narrow forward and backward launch 1,
 // warp_narrow_kernels.cuh; launch 2 the dtype's tiled one), "aten" (the hoisted chain on ATen's
 // engine, csrc/chain/hoisted_chain.cpp, as register.cu runs it), "auto" (the op's own routing:
-// use_native_kernels, narrow_kernels_fit, and use_warp_narrow_forward / use_warp_narrow_backward
-// under SPINAL_OPS_CUDA_WARP_NARROW=1). Every CPU allocation made during a call is poisoned.
+// use_native_kernels, narrow_kernels_fit, use_warp_narrow_forward / use_warp_narrow_backward
+// under SPINAL_OPS_CUDA_WARP_NARROW=1, and the backward's use_persistent_kernels under
+// SPINAL_OPS_CUDA_PERSISTENT=1). Every CPU allocation made during a call is poisoned.
 // The trailing dropout_seed and dropout_p are the op pairs' (contract §1, "Masks").
 // Built by tests/test_cuda_emulation.py; never part of the package.
 #include <ATen/ATen.h>
@@ -21,6 +22,7 @@
 #include "sync_kernels.h"
 // clang-format off: the shim and the runtime come before the kernels
 #include "../../csrc/cuda/backward_kernels.cuh"
+#include "../../csrc/cuda/persistent_backward.cuh"
 // clang-format on
 
 namespace spinal_ops {
@@ -34,6 +36,10 @@ template <typename T>
 void inject_fault(DataGradArgs<T>& args) {
   if (drop_counter_reset) args.num_counters = 0;
 }
+template <typename T>
+void inject_fault(PersistentGradArgs<T>& args) {
+  inject_fault(static_cast<DataGradArgs<T>&>(args));
+}
 
 }  // namespace cuda_kernels
 }  // namespace spinal_ops
@@ -41,6 +47,7 @@ void inject_fault(DataGradArgs<T>& args) {
 #include "../../csrc/cuda/backward.cu"
 #include "../../csrc/cuda/backward_outputs.h"
 #include "../../csrc/cuda/forward.cu"
+#include "../../csrc/cuda/persistent_backward.cu"
 #include "../../csrc/cuda/persistent_forward.cu"
 // host-only ATen code: the hoisted chain (run on ATen's engine, as register.cu runs it)
 #include "../../csrc/chain/dropout_factors.cpp"
@@ -110,16 +117,10 @@ void check_persistent_policy(const at::Tensor& x, c10::string_view policy, int64
               "the persistent forward does not run ", x.scalar_type(), " on ", emu::target(device).name);
 }
 
-// Whether the call runs the tile kernels: the op's routing for "auto" and the persistent policies'
-// backward, forced otherwise.
+// Whether the call runs the native kernels: the op's routing for "auto", forced otherwise.
 bool native_kernels(const SpinalShape& shape, const at::Tensor& x, c10::string_view policy, int64_t device) {
   const bool routed = use_native_kernels(shape, x.scalar_type(), at::globalContext().allowTF32CuBLAS(), static_cast<int>(device));
   if (policy == "auto") return routed;
-  if (is_persistent(policy)) {
-    TORCH_CHECK(routed, "w = ", shape.layer_width, ": the persistent forward's Z feeds the tile backward only (the ",
-                "hoisted backward reads its own forward's buffer)");
-    return true;
-  }
   if (policy == "aten") return false;
   if (policy == "narrow") {
     TORCH_CHECK(narrow_kernels_fit(shape), "w = ", shape.layer_width, ", M = ", shape.out_features,
@@ -200,7 +201,21 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   const Session session(policy, device);
   // As register.cu (poisoned here).
   const BackwardOutputs grads = allocate_backward_outputs(shape, x, weight_in, weight_hidden, weight_out);
-  if (shape.batch > 0 && !native_kernels(shape, x, policy, device)) {
+  const bool tf32 = at::globalContext().allowTF32CuBLAS();
+  if (is_persistent(policy)) {  // as register.cu with SPINAL_OPS_CUDA_PERSISTENT=1
+    TORCH_CHECK(!dropout.active, "spinal_emu: policy ", policy, " has no dropout stage");
+    check_persistent_policy(x, policy, device);
+    if (shape.batch > 0) {
+      launch_persistent_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
+                                 weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
+                                 static_cast<float>(negative_slope), tf32, grads);
+    }
+    return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
+            grads.grad_bias_out};
+  }
+  const bool persistent_routed =
+      policy == "auto" && use_persistent_kernels(dropout, x.scalar_type(), tf32, static_cast<int>(device));
+  if (shape.batch > 0 && !persistent_routed && !native_kernels(shape, x, policy, device)) {
     const chain::GradMask mask = {true, true, true, has_bias, weight_out.has_value(), shape.has_bias_out};
     const auto hoisted =
         chain::hoisted_backward(chain::aten_engine(), shape, grad_out.contiguous(), x.contiguous(),
@@ -216,8 +231,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& x
   } else if (shape.batch > 0) {
     launch_native_backward(shape, grad_out.contiguous(), x.contiguous(), pre_activation.contiguous(),
                           weight_in.contiguous(), weight_hidden.contiguous(), weight_out, act,
-                          static_cast<float>(negative_slope), at::globalContext().allowTF32CuBLAS(), grads, dropout,
-                          policy == "narrow" || policy == "auto" || is_persistent(policy));
+                          static_cast<float>(negative_slope), tf32, grads, dropout, policy == "narrow" || policy == "auto");
   }
   return {grads.grad_x, grads.grad_weight_in, grads.grad_weight_hidden, grads.grad_bias, grads.grad_weight_out,
           grads.grad_bias_out};
