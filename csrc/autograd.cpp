@@ -32,6 +32,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/switches.h"
+
 namespace spinal_ops {
 namespace {
 
@@ -131,6 +133,12 @@ struct SpinalBackward : torch::autograd::Node {
   // Which of the forward's tensor arguments (x, weight_in, weight_hidden, bias, weight_out,
   // bias_out) were given; an absent optional one has an empty edge and gets no gradient.
   std::array<bool, 6> given{};
+  // The native pair's CUDA backward reads Z in the layout of the forward that made it: a layer
+  // wider than the tile kernels has the persistent kernels' layer order under
+  // SPINAL_OPS_CUDA_PERSISTENT=1 and the hoisted chain's group-major order without. The switch is
+  // read per call, so the node keeps the forward's setting (native CUDA calls only) and refuses a
+  // backward that would read the other layout.
+  std::optional<bool> persistent_switch;
 
   std::string name() const override { return P == Pair::kNative ? "SpinalNativeBackward" : "SpinalHoistedBackward"; }
 
@@ -151,6 +159,9 @@ struct SpinalBackward : torch::autograd::Node {
     variable_list result(6);
     const at::Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return result;  // only Z was used downstream: no gradient flows
+    TORCH_CHECK(!persistent_switch || *persistent_switch == switch_on(kPersistentSwitch), "spinal_ops: ",
+                kPersistentSwitch, " changed between this call's forward and its backward, which would read its "
+                "pre-activations in another layout; keep it set (or unset) from the forward to the backward");
     std::array<bool, 6> output_mask{};
     for (size_t i = 0; i < 6; ++i) output_mask[i] = given[i] && task_should_compute_output(i);
     const Gradients computed = backward_autograd<P>(grad_out.contiguous(), x.unpack(), pre_activation.unpack(),
@@ -217,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& x, const a
   node->dropout_seed = dropout_seed;
   node->dropout_p = dropout_p;
   node->given = {true, true, true, bias.has_value(), weight_out.has_value(), bias_out.has_value()};
+  if (P == Pair::kNative && x.is_cuda()) node->persistent_switch = switch_on(kPersistentSwitch);
   torch::autograd::set_history(std::get<0>(outputs), node);
   return outputs;
 }

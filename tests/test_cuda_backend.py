@@ -331,3 +331,25 @@ def test_persistent_backward_matches_reference(monkeypatch, name, dtype):
     dropped = _config(name, dtype, dropout=0.3)
     names = _switched_on_kernels(monkeypatch, "SPINAL_OPS_CUDA_PERSISTENT", dropped, dtype, (37,), dropout_seed=1234)
     assert "spinal_persistent_data_grad_kernel" not in names, names
+
+
+@pytest.mark.parametrize("forward_on", [True, False], ids=["on_then_off", "off_then_on"])
+def test_persistent_switch_changed_before_backward_raises(monkeypatch, forward_on):
+    # A layer wider than the tile kernels keeps Z in the persistent kernels' layout with the switch
+    # on and in the hoisted chain's without: a backward under the other setting must refuse, not
+    # read the wrong layout.
+    def set_switch(on: bool) -> None:
+        if on:
+            monkeypatch.setenv("SPINAL_OPS_CUDA_PERSISTENT", "1")
+        else:
+            monkeypatch.delenv("SPINAL_OPS_CUDA_PERSISTENT", raising=False)
+
+    config = _config("hoisted_w300", torch.float32)
+    params = random_params(config, torch.Generator().manual_seed(0), dtype=torch.float32)
+    params = SpinalParams(*(None if p is None else p.cuda().requires_grad_() for p in params))
+    x = torch.randn(37, config.in_features, device="cuda")
+    set_switch(forward_on)
+    out, _ = torch.ops.spinal_ops.native_forward(x, *params, config.activation, config.negative_slope, False, True)
+    set_switch(not forward_on)
+    with pytest.raises(RuntimeError, match="SPINAL_OPS_CUDA_PERSISTENT changed between"):
+        out.sum().backward()

@@ -1,8 +1,6 @@
 // Host launcher of the persistent forward kernel (persistent_forward.cuh: its units, launch
 // scheme and smem budget) and its opt-in switch.
-#include <cstdlib>
-#include <cstring>
-
+#include "../common/switches.h"
 #include "launch.cuh"
 #include "persistent_forward.cuh"
 
@@ -65,10 +63,7 @@ void launch_persistent(const SpinalShape& shape, const at::Tensor& x, const at::
 
 }  // namespace
 
-bool persistent_forward_requested() {
-  const char* value = std::getenv("SPINAL_OPS_CUDA_PERSISTENT");
-  return value != nullptr && std::strcmp(value, "1") == 0;
-}
+bool persistent_forward_requested() { return switch_on(kPersistentSwitch); }
 
 bool persistent_forward_fits(at::ScalarType dtype, bool allow_tf32, int device) {
   if (!native_kernels_refusal(dtype, device).empty()) return false;
