@@ -470,7 +470,8 @@ def test_markdown_report_names_the_authors_heads_and_savings():
 
 def test_host_profile_splits_one_call_into_its_layers():
     # scripts/host_profile.py runs on a CPU and reports the module call at B = 1 split into Python,
-    # dispatcher and op, beside the dense head's (a smoke run: the script must not rot).
+    # dispatcher and op, and one training step into its parts, beside the dense head's (a smoke run:
+    # the script must not rot).
     if not available_backends()["cpu"]:
         pytest.skip("the cpu backend is not built here")
     script = Path(__file__).resolve().parents[1] / "scripts" / "host_profile.py"
@@ -481,3 +482,7 @@ def test_host_profile_splits_one_call_into_its_layers():
     assert "(cpu, torch.float32, no_grad)" in result.stdout
     pattern = r"Python -?[\d.]+ \+ dispatcher [\d.]+ \+ op -?[\d.]+ us; the dense head [\d.]+ us"
     assert re.search(pattern, summary), summary
+    (step,) = [line for line in result.stdout.splitlines() if line.strip().startswith("train step = autograd.grad")]
+    pattern = (r"autograd.grad [\d.]+ \+ module Python -?[\d.]+ \+ ops [\d.]+ \+ node and the rest -?[\d.]+ us; "
+               r"the dense head's [\d.]+ us")
+    assert re.search(pattern, step), step
