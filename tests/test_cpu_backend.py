@@ -114,6 +114,19 @@ def test_register_tiled_products(name):
     check_gradient_masks("cpu", config, "spinal_ops::native_backward", batch=37)
 
 
+# Products of one to four rows whose b is a weight's transpose (the forward's x @ A^T, h @ R^T and
+# H @ W_out^T) run as dot products of a's rows with the weight's rows, read in place
+# (csrc/cpu/tile_gemm.cpp, dot_rows): batch 1 to 4, w = 67 (groups of 4 or 2 weight rows, then
+# single ones), s = 101 and N = 202 (masked tails of the depth), the recurrence's products adding
+# into the input products', with and without bias; M = 37 (past the few-column projection kernel).
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_products_of_one_to_four_rows(batch, bias):
+    config = make_config(202, 37, layer_width=67, num_layers=3, num_splits=2, activation="gelu", bias=bias)
+    check_backend("cpu", config, torch.float32, batch_shape=(batch,))
+    check_gradient_masks("cpu", config, "spinal_ops::native_backward", batch=batch)
+
+
 TILE_GEMM_AVX2_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})

@@ -201,6 +201,87 @@ SPINAL_AVX2 void run_block(const Product& p, int64_t row0, int64_t rows, int64_t
   }
 }
 
+// Products of at most kDotMaxRows rows whose b is the transpose of a row-major [n, k] matrix (the
+// forward's weights W^T): c[i, j] is the dot product of a's row i and W's row j, both contiguous, so
+// W streams once from where it lies, as a GEMV reads it. The register tiles would transpose W into
+// panels and multiply 4-row tiles of repeated rows: at batch 1 cifar_vgg's forward took 2.2x the
+// dense head's time on an AMD EPYC (`python scripts/host_profile.py --device cpu --dtype float32
+// --batch 1 --split-only --preset cifar_vgg`). Each step takes dot_columns<R>() rows of W and keeps
+// R x that many vector accumulators (at most 8, with R + 4 loads in flight: within AVX2's 16
+// registers); a parallel task takes kDotGrain such steps.
+constexpr int64_t kDotMaxRows = 4;
+constexpr int64_t kDotGrain = 16;
+
+template <int R>
+constexpr int dot_columns() { return R <= 2 ? 4 : 2; }
+
+SPINAL_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  return _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)));
+}
+
+// sums[r][c] = a_rows[r][0:k) . w[c * ldw + 0:k) for R rows of a and C rows of W.
+template <int R, int C>
+SPINAL_AVX2 void dot_tile(const float* const* a_rows, const float* w, int64_t ldw, int64_t k, float (&sums)[R][C]) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  }
+  const int64_t whole = k / kLanes * kLanes;
+  for (int64_t kk = 0; kk < whole; kk += kLanes) {
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_loadu_ps(a_rows[r] + kk);
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = _mm256_loadu_ps(w + c * ldw + kk);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(a[r], wv, acc[r][c]);
+    }
+  }
+  if (whole < k) {  // the last k % 8 elements, the lanes past them read as zero
+    const __m256i mask = first_lanes(k - whole);
+    __m256 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_maskload_ps(a_rows[r] + whole, mask);
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = _mm256_maskload_ps(w + c * ldw + whole, mask);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(a[r], wv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) sums[r][c] = horizontal_sum(acc[r][c]);
+  }
+}
+
+// c[0:R, j0 : j0 + C) = start + the dot products of a's R rows with W's rows j0.. (C of them).
+template <int R, int C>
+SPINAL_AVX2 void dot_block(const Product& p, int64_t j0) {
+  const float* a_rows[R];
+  for (int r = 0; r < R; ++r) a_rows[r] = p.a.data + r * p.a.row_stride;
+  float sums[R][C];
+  dot_tile<R, C>(a_rows, p.b.data + j0 * p.b.col_stride, p.b.col_stride, p.k, sums);
+  for (int r = 0; r < R; ++r) {
+    float* out = p.c + r * p.ldc + j0;
+    for (int c = 0; c < C; ++c) {
+      out[c] = sums[r][c] + (p.accumulate ? out[c] : p.bias ? p.bias[j0 + c] : 0.f);
+    }
+  }
+}
+
+template <int R>
+SPINAL_AVX2 void dot_rows(const Product& p) {
+  constexpr int kColumns = dot_columns<R>();
+  const int64_t groups = (p.n + kColumns - 1) / kColumns;
+  at::parallel_for(0, groups, kDotGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t j0 = group * kColumns;
+      if (j0 + kColumns <= p.n) {
+        dot_block<R, kColumns>(p, j0);
+      } else {
+        for (int64_t j = j0; j < p.n; ++j) dot_block<R, 1>(p, j);
+      }
+    }
+  });
+}
+
 #endif  // SPINAL_HAVE_AVX2_PATH
 
 }  // namespace
@@ -238,6 +319,15 @@ bool tile_gemm(int64_t m, int64_t n, int64_t k, MatrixOperand a, MatrixOperand b
     return true;
   }
   const Product product{m, n, k, a, b, b_rows_contiguous, c, ldc, accumulate, bias};
+  if (!b_rows_contiguous && m <= kDotMaxRows && (a.col_stride == 1 || k == 1)) {
+    switch (m) {
+      case 1: dot_rows<1>(product); break;
+      case 2: dot_rows<2>(product); break;
+      case 3: dot_rows<3>(product); break;
+      default: dot_rows<4>(product);
+    }
+    return true;
+  }
   const bool wide = cpu_has_avx512();
   const int64_t lanes = wide ? Avx512Tiles::kVectorLanes : Avx2Tiles::kVectorLanes;
   const Panels panels(n, lanes);

@@ -16,7 +16,8 @@
 // put them, so a transposed a (the weight gradients' dz^T) costs nothing extra. b's [depth, panel]
 // chunk is read in place when its rows are contiguous, whole and at most 1 KB apart; else it is
 // packed (transposed from b's columns for the forward's W^T). Tiles past c's last row or column
-// run on a scratch tile.
+// run on a scratch tile. A product of at most 4 rows against W^T skips the tiles: each element of
+// c is a dot product of a's row and W's row, both read in place (a GEMV's access pattern).
 //
 // Launch: one task per block of rows (128, halved down to 16 while there are fewer than two tasks
 // per thread) by one panel, task index row-block-major so that a thread's consecutive tasks reuse
