@@ -1,9 +1,10 @@
-// Autograd of the compiled op pairs (native_*, hoisted_*), registered at the Autograd key.
+// Autograd of the op pairs (native_*, hoisted_*, and triton_*, whose kernels are Python),
+// registered at the Autograd key.
 //
 // In C++ so that a training step runs no Python between the dispatcher and the kernels (the
 // Python registration, torch.library.register_autograd, cost ~0.5 ms per forward+backward on
-// CPU: more than the whole step of a small layer). Semantics, shared with the triton pair's
-// Python registration in spinal_ops/ops.py:
+// CPU: more than the whole step of a small layer). Semantics, shared with the Python registration
+// the triton pair falls back on where this library is not loaded (spinal_ops/ops.py):
 // * the forward saves x, Z (its second output, never differentiated), weight_in, weight_hidden and
 //   weight_out, and its activation, slope and TF32 choice: the backward runs with the forward's
 //   choice whatever the global flag says by then; and its dropout seed (a 0-dim CPU tensor, kept as
@@ -50,9 +51,11 @@ using BackwardSignature = Gradients(const at::Tensor&, const at::Tensor&, const 
                                     const at::Tensor&, const OptionalTensor&, std::array<bool, 6>, c10::string_view,
                                     double, bool, const OptionalTensor&, double);
 
-enum class Pair { kNative, kHoisted };
+enum class Pair { kNative, kHoisted, kTriton };
 
-constexpr const char* pair_name(Pair pair) { return pair == Pair::kNative ? "native" : "hoisted"; }
+constexpr const char* pair_name(Pair pair) {
+  return pair == Pair::kNative ? "native" : pair == Pair::kHoisted ? "hoisted" : "triton";
+}
 
 // The op spinal_ops::<pair><suffix>, looked up once per (pair, direction) by the callers' statics.
 template <typename Signature>
@@ -140,7 +143,9 @@ struct SpinalBackward : torch::autograd::Node {
   // backward that would read the other layout.
   std::optional<bool> persistent_switch;
 
-  std::string name() const override { return P == Pair::kNative ? "SpinalNativeBackward" : "SpinalHoistedBackward"; }
+  std::string name() const override {
+    return P == Pair::kNative ? "SpinalNativeBackward" : P == Pair::kHoisted ? "SpinalHoistedBackward" : "SpinalTritonBackward";
+  }
 
   // Both lock the node's mutex, as the built-in nodes do (Note [Thread Safety on Autograd Node] in
   // PyTorch): backward calls on one retained graph from several threads may run this node at once.
@@ -240,6 +245,10 @@ TORCH_LIBRARY_IMPL(spinal_ops, Autograd, m) {
   m.impl("native_backward", &backward_autograd<Pair::kNative>);
   m.impl("hoisted_forward", &forward_autograd<Pair::kHoisted>);
   m.impl("hoisted_backward", &backward_autograd<Pair::kHoisted>);
+  // The triton pair is defined in Python (spinal_ops/backends/triton/op_pair.py) once this library
+  // is loaded; its kernels are Python, its autograd this node.
+  m.impl("triton_forward", &forward_autograd<Pair::kTriton>);
+  m.impl("triton_backward", &backward_autograd<Pair::kTriton>);
 }
 
 }  // namespace spinal_ops

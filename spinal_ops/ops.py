@@ -33,8 +33,9 @@ seed, the backward recomputing the forward's from the same two arguments (no mas
 no seed or p = 0 the ops are exactly the layer without dropout. p outside [0, 1) and a seed that is
 not a 0-dim int64 CPU tensor raise before anything runs.
 
-The compiled pairs' autograd is in C++ (csrc/autograd.cpp), which spares a training step the
-Python between dispatcher and kernels; ``register_op_pair_autograd`` gives the triton pair the same.
+The op pairs' autograd is in C++ (csrc/autograd.cpp), which spares a training step the Python
+between dispatcher and kernels: the triton pair's too, wherever ``_C`` is loaded;
+``register_op_pair_autograd`` gives the triton pair the same semantics in Python where it is not.
 """
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ def fake_normed_backward(grad_out, x, pre_norm, batch_mean, batch_var, weight_in
 
 
 def register_op_pair_autograd(forward_op, backward_op) -> None:
-    """Make ``forward_op`` differentiable through one call of ``backward_op`` (the triton pair; the
-    compiled pairs register the same in C++, csrc/autograd.cpp).
+    """Make ``forward_op`` differentiable through one call of ``backward_op`` (the triton pair where
+    ``_C`` is not loaded; elsewhere every pair's autograd is the C++ node of csrc/autograd.cpp).
 
     Double backward through an op pair raises instead of returning a wrong number.
     """

@@ -15,6 +15,7 @@ import torch
 
 from contract import (
     case_config,
+    check_autograd_node,
     check_backend,
     check_gradient_masks,
     check_inference_keeps_no_pre_activation,
@@ -22,6 +23,7 @@ from contract import (
     make_config,
 )
 from spinal_ops import ACTIVATIONS, available_backends
+from spinal_ops._extension import extension_status
 from spinal_ops.backends.triton import INTERPRETER_ENABLED, settings
 from spinal_ops.dispatch import get_backend
 
@@ -123,6 +125,14 @@ def test_backward_mask_and_inference():
     check_inference_keeps_no_pre_activation("triton", config, "spinal_ops::triton_forward", 6, torch.float32, DEVICE)
     check_tf32_choice_reaches_backward("triton", config, "spinal_ops::triton_forward", "spinal_ops::triton_backward",
                                        DEVICE)
+
+
+@pytest.mark.skipif(not extension_status(), reason=f"the compiled extension is not loaded: {extension_status().reason}")
+def test_autograd_node_is_the_compiled_pairs():
+    # Where _C is loaded the triton pair's autograd is the C++ node of the compiled pairs
+    # (csrc/autograd.cpp), not a Python function: saved-tensor hooks, retained graphs, threads,
+    # in-place checks and forward-mode AD behave as a built-in op's.
+    check_autograd_node("triton", "SpinalTritonBackward", torch.float32, DEVICE)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")

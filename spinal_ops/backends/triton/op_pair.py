@@ -1,11 +1,13 @@
 """Defines the ``spinal_ops::triton_forward`` / ``triton_backward`` op pair: the schemas every op
 pair shares, the kernels of launch.py for CPU (through the Triton interpreter) and CUDA tensors,
-fake kernels, and autograd through one call of the backward op. A training call's dropout
-(``dropout_seed``, ``dropout_p``) runs inside the kernels; the backward gets the forward's seed."""
+fake kernels, and autograd through one call of the backward op (the compiled pairs' C++ node where
+``_C`` is loaded). A training call's dropout (``dropout_seed``, ``dropout_p``) runs inside the
+kernels; the backward gets the forward's seed."""
 from __future__ import annotations
 
 import torch
 
+from ..._extension import extension_status
 from ...ops import BACKWARD_SCHEMA, FORWARD_SCHEMA, fake_backward, fake_forward, register_op_pair_autograd
 from . import launch
 
@@ -19,7 +21,11 @@ def _define() -> None:
         torch.library.define(qualname, schema)
         torch.library.register_kernel(qualname, ("cpu", "cuda"), kernel)
         torch.library.register_fake(qualname)(fake)
-    register_op_pair_autograd(torch.ops.spinal_ops.triton_forward.default, torch.ops.spinal_ops.triton_backward.default)
+    # A loaded _C has registered the pair's autograd in C++ (csrc/autograd.cpp, the compiled pairs'
+    # node: no Python between the dispatcher and the kernels); without it, the same in Python.
+    if not extension_status():
+        register_op_pair_autograd(torch.ops.spinal_ops.triton_forward.default,
+                                  torch.ops.spinal_ops.triton_backward.default)
 
 
 _define()
