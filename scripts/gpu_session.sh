@@ -45,8 +45,8 @@
 #   5. profile      ncu's speed-of-light and occupancy sections for the native kernels (vgg5, bf16,
 #                   B = 1024) and for the narrow kernels (mnist, bf16, B = 65536)
 #                                                                                    -> sanitize.log
-#   6. the rest     the host's share of a batch-64 step and of one op call
-#                   (scripts/host_profile.py -> bench.log),
+#   6. the rest     the host's share of a batch-64 step and of one op call, for the cuda and the
+#                   triton backend (scripts/host_profile.py -> bench.log),
 #                   torch.compile(reference) on two presets, float32 on three at B = 64, 65536
 #                   (bench_compiled.json, bench_fp32.json); synccheck and initcheck of the native
 #                   kernels, initcheck of the hoisted path                           -> sanitize.log
@@ -242,6 +242,9 @@ fi
 
 # where a small batch's time goes on the host (torch.profiler's CPU table, cuda and dense)
 stage host_profile bench.log "$(cap 40)" $PY scripts/host_profile.py --preset mnist vgg5 --batch 64
+# the triton backend's host time per call and per training step (its kernels compile on first use)
+stage host_profile_triton bench.log "$(cap 40)" $PY scripts/host_profile.py --backend triton --preset mnist vgg5 \
+  --batch 64 --split-only
 bench bench_compiled "$(cap 100)" --dtype bfloat16 --preset mnist vgg5 --batch 64 1024 65536 --mode train infer \
   --backends cuda compiled_reference dense
 bench bench_fp32 "$(cap 90)" --dtype float32 --preset mnist vgg5 resnet_head --batch 64 65536 --mode train infer \

@@ -3,15 +3,17 @@ layer and the dense layer at batch 64 (the calls whose time the host, not the GP
 the host time of one forward op call and of one training step, each split into its parts.
 
     python scripts/host_profile.py [--preset mnist vgg5] [--batch 64] [--steps 50] [--device cuda] [--dtype bfloat16]
+                                   [--backend triton]
 
 Per preset and mode: the median step time (spinal_ops.bench's timer) and the operators with the
 most CPU time over `--steps` profiled steps, self and total. Then, per preset, host microseconds
 per call (time to return, the device's work not waited for) of: a trivial op of ours (an
-extension built with the CUDA kernels), an empty tensor, the native forward op on an empty batch
+extension built with the CUDA kernels), an empty tensor, the forward op on an empty batch
 (checks, routing, allocation; no launch), on `--batch` rows without and with Z kept, the whole
 module call and, on a GPU, the hoisted forward op and a trivial op that reads a device attribute.
 `--split-only` leaves out the profiled steps (for A/B runs of two builds). `--device cpu` runs the
-cpu backend (a check of the script without a GPU).
+cpu backend (a check of the script without a GPU); `--backend triton` the triton backend and its
+op pair instead of the device's native one.
 """
 from __future__ import annotations
 
@@ -45,42 +47,50 @@ def host_microseconds(fn: Callable[[], object], device: torch.device, calls: int
     return elapsed / calls * 1e6
 
 
-def split_forward_call(name: str, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+def op_pair(backend: str) -> tuple[str, Callable, Callable]:
+    """The name and the forward and backward ops of the pair a backend's module call runs (the cuda
+    backend: its native pair, whichever path its cost model picks for the module call)."""
+    pair = "triton" if backend == "triton" else "native"
+    return pair, getattr(torch.ops.spinal_ops, f"{pair}_forward").default, getattr(torch.ops.spinal_ops,
+                                                                                     f"{pair}_backward").default
+
+
+def split_forward_call(name: str, batch: int, backend: str, device: torch.device, dtype: torch.dtype) -> None:
     config = PRESETS[name]
-    layer = spinal_layer(config, device.type, dtype, device)
+    layer = spinal_layer(config, backend, dtype, device)
     dense = dense_baseline(config, dtype, device)
     weights = [p.detach() for p in (layer.weight_in, layer.weight_hidden, layer.bias, layer.weight_out,
                                     layer.bias_out)]
-    native_forward = torch.ops.spinal_ops.native_forward.default
+    pair, forward_op, _ = op_pair(backend)
     empty = torch.randn(0, config.in_features, device=device, dtype=dtype)
     rows = torch.randn(batch, config.in_features, device=device, dtype=dtype)
 
     def forward(x: torch.Tensor, keep: bool) -> Callable[[], object]:
-        return lambda: native_forward(x, *weights, config.activation, config.negative_slope, False, keep)
+        return lambda: forward_op(x, *weights, config.activation, config.negative_slope, False, keep)
 
     # The dispatcher's share: a trivial op of ours where the build has one (the CUDA build's
     # cuda_tile_kernel_max_width); a CPU-only build's nearest is the forward op on an empty batch
     # (its checks and allocations counted too, so the op's share reads low by those).
     trivial = getattr(torch.ops.spinal_ops, "cuda_tile_kernel_max_width", None)
     dispatcher_label = ("a trivial op of ours (cuda_tile_kernel_max_width)" if trivial is not None
-                        else "native_forward, empty batch")
+                        else f"{pair}_forward, empty batch")
     cases = {
         **({dispatcher_label: trivial} if trivial is not None else {}),
         f"torch.empty({batch}, {config.output_features})": (
             lambda: torch.empty(batch, config.output_features, device=device, dtype=dtype)),
-        "native_forward, empty batch": forward(empty, False),
-        f"native_forward, {batch} rows": forward(rows, False),
-        f"native_forward, {batch} rows, Z kept": forward(rows, True),
+        f"{pair}_forward, empty batch": forward(empty, False),
+        f"{pair}_forward, {batch} rows": forward(rows, False),
+        f"{pair}_forward, {batch} rows, Z kept": forward(rows, True),
         f"layer(x), {batch} rows": lambda: layer(rows),
         f"dense head(x), {batch} rows": lambda: dense(rows),
     }
-    if device.type == "cuda":  # the other path's host cost, and one device-attribute query
+    if backend == "cuda":  # the other path's host cost, and one device-attribute query
         hoisted_forward = torch.ops.spinal_ops.hoisted_forward.default
         cases[f"hoisted_forward, {batch} rows"] = (
             lambda: hoisted_forward(rows, *weights, config.activation, config.negative_slope, False, False))
         cases["cuda_tile_kernel_width_limit (a device attribute query)"] = (
             lambda: torch.ops.spinal_ops.cuda_tile_kernel_width_limit(0, dtype, False))
-    print(f"\n=== {name}: host time per call ({device.type}, {dtype}, no_grad)", flush=True)
+    print(f"\n=== {name}: host time per call ({backend} backend, {device.type}, {dtype}, no_grad)", flush=True)
     times = {}
     with torch.no_grad():
         for label, fn in cases.items():
@@ -88,57 +98,58 @@ def split_forward_call(name: str, batch: int, device: torch.device, dtype: torch
             print(f"  {label:60s} {times[label]:8.1f} us", flush=True)
     # The module call's layers: its Python (module, selection, checks), the dispatcher (what a
     # trivial op of ours costs), the op's C++ (checks, allocation and, on a CPU, the math).
-    op = times[f"native_forward, {batch} rows"]
+    op = times[f"{pair}_forward, {batch} rows"]
     dispatcher = times[dispatcher_label]
     print(f"  layer(x) = Python {times[f'layer(x), {batch} rows'] - op:.1f} + dispatcher {dispatcher:.1f} "
           f"+ op {op - dispatcher:.1f} us; the dense head {times[f'dense head(x), {batch} rows']:.1f} us", flush=True)
 
 
-def split_training_step(name: str, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+def split_training_step(name: str, batch: int, backend: str, device: torch.device, dtype: torch.dtype) -> None:
     """One training step (forward + autograd.grad of every input, as spinal-bench's train mode)
     split into: autograd.grad's own cost (a one-multiply graph), the module call's Python, the two
     ops called directly, and the rest (the autograd node, saved tensors, gradient tensors)."""
     config = PRESETS[name]
-    layer = spinal_layer(config, device.type, dtype, device)
+    layer = spinal_layer(config, backend, dtype, device)
     dense = dense_baseline(config, dtype, device)
     weights = [p.detach() for p in (layer.weight_in, layer.weight_hidden, layer.bias, layer.weight_out,
                                     layer.bias_out)]
     rows = torch.randn(batch, config.in_features, device=device, dtype=dtype)
-    native_forward = torch.ops.spinal_ops.native_forward.default
-    native_backward = torch.ops.spinal_ops.native_backward.default
-    out, pre_activation = native_forward(rows, *weights, config.activation, config.negative_slope, False, True)
+    pair, forward_op, backward_op = op_pair(backend)
+    out, pre_activation = forward_op(rows, *weights, config.activation, config.negative_slope, False, True)
     grad_out = torch.randn_like(out)
     leaf = torch.randn(batch, config.output_features, device=device, dtype=dtype, requires_grad=True)
     with torch.no_grad():
         python = host_microseconds(lambda: layer(rows), device) - host_microseconds(
-            lambda: native_forward(rows, *weights, config.activation, config.negative_slope, False, False), device)
+            lambda: forward_op(rows, *weights, config.activation, config.negative_slope, False, False), device)
 
     def both_ops() -> object:
-        native_forward(rows, *weights, config.activation, config.negative_slope, False, True)
-        return native_backward(grad_out, rows, pre_activation, weights[0], weights[1], weights[3], [True] * 6,
+        forward_op(rows, *weights, config.activation, config.negative_slope, False, True)
+        return backward_op(grad_out, rows, pre_activation, weights[0], weights[1], weights[3], [True] * 6,
                                config.activation, config.negative_slope, False)
 
     step_label, dense_label = f"train step, {batch} rows", f"dense head, train step, {batch} rows"
+    ops_label = f"{pair}_forward (Z kept) + {pair}_backward"
     times = {
         "autograd.grad of a one-multiply graph": host_microseconds(
             lambda: torch.autograd.grad(leaf * 1.0, (leaf,), grad_out), device),
-        "native_forward (Z kept) + native_backward": host_microseconds(both_ops, device),
+        ops_label: host_microseconds(both_ops, device),
         step_label: host_microseconds(make_step(layer, config, batch, "train", dtype, device), device),
         dense_label: host_microseconds(make_step(dense, config, batch, "train", dtype, device), device),
     }
-    print(f"\n=== {name}: host time of one training step ({device.type}, {dtype})", flush=True)
+    print(f"\n=== {name}: host time of one training step ({backend} backend, {device.type}, {dtype})", flush=True)
     for label, value in times.items():
         print(f"  {label:60s} {value:8.1f} us", flush=True)
-    harness, ops = times["autograd.grad of a one-multiply graph"], times["native_forward (Z kept) + native_backward"]
+    harness, ops = times["autograd.grad of a one-multiply graph"], times[ops_label]
     step = times[step_label]
     print(f"  train step = autograd.grad {harness:.1f} + module Python {python:.1f} + ops {ops:.1f} "
           f"+ node and the rest {step - harness - python - ops:.1f} us; the dense head's {times[dense_label]:.1f} us",
           flush=True)
 
 
-def profile_steps(name: str, batch: int, steps: int, rows: int, device: torch.device, dtype: torch.dtype) -> None:
+def profile_steps(name: str, batch: int, steps: int, rows: int, backend: str, device: torch.device,
+                  dtype: torch.dtype) -> None:
     config = PRESETS[name]
-    models = {device.type: spinal_layer(config, device.type, dtype, device),
+    models = {backend: spinal_layer(config, backend, dtype, device),
               "dense": dense_baseline(config, dtype, device)}
     for mode in ("infer", "train"):
         for impl, model in models.items():
@@ -162,14 +173,17 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=12, help="operators listed per case")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--backend", choices=["cpu", "cuda", "triton"],
+                        help="the spinal layer's backend (default: the device's, cpu or cuda)")
     parser.add_argument("--split-only", action="store_true", help="skip the profiled steps (for A/B runs)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    backend = args.backend or device.type
     for name in args.preset if not args.split_only else ():
-        profile_steps(name, args.batch, args.steps, args.rows, device, dtype)
+        profile_steps(name, args.batch, args.steps, args.rows, backend, device, dtype)
     for name in args.preset:
-        split_forward_call(name, args.batch, device, dtype)
-        split_training_step(name, args.batch, device, dtype)
+        split_forward_call(name, args.batch, backend, device, dtype)
+        split_training_step(name, args.batch, backend, device, dtype)
     return 0
 
 

@@ -479,7 +479,7 @@ def test_host_profile_splits_one_call_into_its_layers():
                              "--split-only", "--dtype", "float32"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     (summary,) = [line for line in result.stdout.splitlines() if line.strip().startswith("layer(x) = Python")]
-    assert "(cpu, torch.float32, no_grad)" in result.stdout
+    assert "(cpu backend, cpu, torch.float32, no_grad)" in result.stdout
     pattern = r"Python -?[\d.]+ \+ dispatcher [\d.]+ \+ op -?[\d.]+ us; the dense head [\d.]+ us"
     assert re.search(pattern, summary), summary
     (step,) = [line for line in result.stdout.splitlines() if line.strip().startswith("train step = autograd.grad")]
