@@ -177,42 +177,6 @@ struct WmmaFragmentElement<Tf32> {
 // compiled there (kRunsOnThisArch).
 struct MissingFragment {};
 
-// load_matrix_sync from shared memory. mma.h's bf16 loads compile to generic loads (LD.E, four per
-// fragment) even from a __shared__ array, where its fp16 loads take the shared state space (LDSM),
-// so bf16 fragments load through wmma.load's .shared form: the same fragment, one LDSM. (TF32's
-// m16n16k8 loads and accumulator stores are generic too; they would need their own forms.)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define SPINAL_WMMA_LOAD_SHARED_BF16(matrix, layout)                                                \
-  asm volatile("wmma.load." matrix ".sync.aligned." layout ".m16n16k16.shared.bf16"                 \
-               " {%0, %1, %2, %3}, [%4], %5;\n"                                                     \
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                     \
-               : "r"(address), "r"(ldm)                                                             \
-               : "memory")
-template <class Use, class FragmentLayout>
-__device__ __forceinline__ void load_matrix_shared(
-    nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, FragmentLayout>& f, const __nv_bfloat16* p, unsigned ldm) {
-  constexpr bool kA = std::is_same_v<Use, nvcuda::wmma::matrix_a>;
-  constexpr bool kRow = std::is_same_v<FragmentLayout, nvcuda::wmma::row_major>;
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  unsigned* const r = reinterpret_cast<unsigned*>(&f);  // 4 registers of 2 bf16, as mma.h's loads fill it
-  if constexpr (kA && kRow) {
-    SPINAL_WMMA_LOAD_SHARED_BF16("a", "row");
-  } else if constexpr (kA) {
-    SPINAL_WMMA_LOAD_SHARED_BF16("a", "col");
-  } else if constexpr (kRow) {
-    SPINAL_WMMA_LOAD_SHARED_BF16("b", "row");
-  } else {
-    SPINAL_WMMA_LOAD_SHARED_BF16("b", "col");
-  }
-}
-#undef SPINAL_WMMA_LOAD_SHARED_BF16
-#endif
-// Every other fragment, and the CPU model's (its load_matrix_sync records the shared-memory reads).
-template <class Fragment, typename E>
-__device__ __forceinline__ void load_matrix_shared(Fragment& f, SmemPtr<const E> p, unsigned ldm) {
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-}
-
 template <int TileM, typename Element>
 struct WmmaMma {
   static constexpr int kTileM = TileM;
@@ -258,13 +222,13 @@ struct WmmaMma {
 #pragma unroll
       for (int i = 0; i < kFragRows; ++i) {
         const int m = row0 + 16 * i;
-        load_matrix_shared(af[i], LA == Layout::Row ? a + m * lda + k : a + k * lda + m, lda);
+        wmma::load_matrix_sync(af[i], LA == Layout::Row ? a + m * lda + k : a + k * lda + m, lda);
         round_if_tf32(af[i]);
       }
 #pragma unroll
       for (int j = 0; j < kFragCols; ++j) {
         const int n = col0 + 16 * j;
-        load_matrix_shared(bf[j], LB == Layout::Row ? b + k * ldb + n : b + n * ldb + k, ldb);
+        wmma::load_matrix_sync(bf[j], LB == Layout::Row ? b + k * ldb + n : b + n * ldb + k, ldb);
         round_if_tf32(bf[j]);
       }
 #pragma unroll

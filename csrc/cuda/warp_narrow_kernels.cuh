@@ -49,9 +49,9 @@
 //   -lineinfo --expt-relaxed-constexpr, CUDA 13.0; __launch_bounds__(512): at most 128), sm_90
 //   registers bf16 / fp16 for W/MP 16/16: 49 / 48, 16/32: 64 / 64, 32/16: 64 / 61, 32/32: 64 / 64;
 //   sm_80: 50..64. 0 bytes of stack, no spills, no STL/LDL. Shared memory is read and written only
-//   as such: fragments by LDSM (load_matrix_shared, tile_mma.cuh; with mma.h's bf16 loads: 72..132
-//   generic LD.E per bf16 instance, 56..86 registers), accumulators and h by STS, no LD.E/ST.E;
-//   the window copies are LDGSTS (cp.async). HMMA.16816.F32.BF16 (bf16) and HMMA.16816.F32 (fp16),
+//   as such: fragments by LDSM (load_matrix_shared; with mma.h's bf16 loads: 72..132 generic LD.E
+//   per bf16 instance, 56..86 registers), accumulators and h by STS, no LD.E/ST.E; the window
+//   copies are LDGSTS (cp.async). HMMA.16816.F32.BF16 (bf16) and HMMA.16816.F32 (fp16),
 //   two per m16n16k16 mma_sync: 18 in the 16/16 kernels' SASS, 44 (fp16) and 28 (bf16) in the
 //   32/32 ones: nvcc copies the loops fewer times around the inline wmma.load (44 with mma.h's
 //   loads); the mma_sync calls executed are the same.
@@ -111,6 +111,38 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 #endif
+
+// warp_products' fragment loads from shared memory. mma.h's bf16 loads compile to generic loads
+// (LD.E, four per fragment) even from a __shared__ array, where its fp16 loads take the shared
+// state space (LDSM), so bf16 fragments load through wmma.load's .shared form: the same fragment,
+// one LDSM. fp16 and the CPU model's fragments (whose loads record the shared-memory reads) take
+// load_matrix_sync.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define SPINAL_WMMA_LOAD_SHARED_BF16(matrix, layout)                                                \
+  asm volatile("wmma.load." matrix ".sync.aligned." layout ".m16n16k16.shared.bf16"                 \
+               " {%0, %1, %2, %3}, [%4], %5;\n"                                                     \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                     \
+               : "r"(address), "r"(ldm)                                                             \
+               : "memory")
+template <class Use, class Layout>
+__device__ __forceinline__ void load_matrix_shared(nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f,
+                                                   const __nv_bfloat16* p, unsigned ldm) {
+  constexpr bool kA = std::is_same_v<Use, nvcuda::wmma::matrix_a>;
+  static_assert(kA == std::is_same_v<Layout, nvcuda::wmma::row_major>, "A row-major, B column-major");
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  unsigned* const r = reinterpret_cast<unsigned*>(&f);  // 4 registers of 2 bf16, as mma.h's loads fill it
+  if constexpr (kA) {
+    SPINAL_WMMA_LOAD_SHARED_BF16("a", "row");
+  } else {
+    SPINAL_WMMA_LOAD_SHARED_BF16("b", "col");
+  }
+}
+#undef SPINAL_WMMA_LOAD_SHARED_BF16
+#endif
+template <class Fragment, typename E>
+__device__ __forceinline__ void load_matrix_shared(Fragment& f, SmemPtr<const E> p, unsigned ldm) {
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+}
 
 // Calls f(integral_constant<W>, integral_constant<MP>) for the padded width and outputs (16 or 32
 // each) the warp-level narrow kernels are compiled for that hold w and M.
