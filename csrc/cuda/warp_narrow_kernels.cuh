@@ -44,12 +44,17 @@
 //   Layers whose weights and one warp's tiles do not fit run today's kernels
 //   (warp_narrow_forward_fits, forward.cu).
 // Registers: the z and y accumulators (W / 16 + MP / 16 fragments of 8 fp32) and one A and B
-//   fragment at a time. ptxas -v and cuobjdump of an sm_90 cubin (CUDA 13.0, -O3,
-//   __launch_bounds__(512): at most 128), registers bf16 / fp16 for W/MP 16/16: 56 / 48,
-//   16/32: 60 / 64, 32/16: 64 / 61, 32/32: 74 / 64; 0 bytes of stack, no spills, no STL/LDL;
-//   HMMA.16816.F32.BF16 (bf16) and HMMA.16816.F32 (fp16), two per m16n16k16 mma_sync: 18 in the
-//   16/16 kernels' SASS, 44 in the 32/32 ones; the window copies are LDGSTS (cp.async). sm_80:
-//   50..86 registers (bf16 32/32 the most), likewise no spills or local memory.
+//   fragment at a time. ptxas -v and cuobjdump -sass of sm_90 and sm_80 cubins of one translation
+//   unit that instantiates this header's kernels for both types and every W/MP (nvcc -cubin -O3
+//   -lineinfo --expt-relaxed-constexpr, CUDA 13.0; __launch_bounds__(512): at most 128), sm_90
+//   registers bf16 / fp16 for W/MP 16/16: 49 / 48, 16/32: 64 / 64, 32/16: 64 / 61, 32/32: 64 / 64;
+//   sm_80: 50..64. 0 bytes of stack, no spills, no STL/LDL. Shared memory is read and written only
+//   as such: fragments by LDSM (load_matrix_shared; with mma.h's bf16 loads: 72..132 generic LD.E
+//   per bf16 instance, 56..86 registers), accumulators and h by STS, no LD.E/ST.E; the window
+//   copies are LDGSTS (cp.async). HMMA.16816.F32.BF16 (bf16) and HMMA.16816.F32 (fp16),
+//   two per m16n16k16 mma_sync: 18 in the 16/16 kernels' SASS, 44 (fp16) and 28 (bf16) in the
+//   32/32 ones: nvcc copies the loops fewer times around the inline wmma.load (44 with mma.h's
+//   loads); the mma_sync calls executed are the same.
 // Numerics: fp32 accumulation on the tensor cores, bias and phi in fp32 per element. Offsets into x,
 // Z and out are 64-bit.
 #pragma once
@@ -106,6 +111,38 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 #endif
+
+// warp_products' fragment loads from shared memory. mma.h's bf16 loads compile to generic loads
+// (LD.E, four per fragment) even from a __shared__ array, where its fp16 loads take the shared
+// state space (LDSM), so bf16 fragments load through wmma.load's .shared form: the same fragment,
+// one LDSM. fp16 and the CPU model's fragments (whose loads record the shared-memory reads) take
+// load_matrix_sync.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define SPINAL_WMMA_LOAD_SHARED_BF16(matrix, layout)                                                \
+  asm volatile("wmma.load." matrix ".sync.aligned." layout ".m16n16k16.shared.bf16"                 \
+               " {%0, %1, %2, %3}, [%4], %5;\n"                                                     \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                     \
+               : "r"(address), "r"(ldm)                                                             \
+               : "memory")
+template <class Use, class Layout>
+__device__ __forceinline__ void load_matrix_shared(nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f,
+                                                   const __nv_bfloat16* p, unsigned ldm) {
+  constexpr bool kA = std::is_same_v<Use, nvcuda::wmma::matrix_a>;
+  static_assert(kA == std::is_same_v<Layout, nvcuda::wmma::row_major>, "A row-major, B column-major");
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  unsigned* const r = reinterpret_cast<unsigned*>(&f);  // 4 registers of 2 bf16, as mma.h's loads fill it
+  if constexpr (kA) {
+    SPINAL_WMMA_LOAD_SHARED_BF16("a", "row");
+  } else {
+    SPINAL_WMMA_LOAD_SHARED_BF16("b", "col");
+  }
+}
+#undef SPINAL_WMMA_LOAD_SHARED_BF16
+#endif
+template <class Fragment, typename E>
+__device__ __forceinline__ void load_matrix_shared(Fragment& f, SmemPtr<const E> p, unsigned ldm) {
+  nvcuda::wmma::load_matrix_sync(f, p, ldm);
+}
 
 // Calls f(integral_constant<W>, integral_constant<MP>) for the padded width and outputs (16 or 32
 // each) the warp-level narrow kernels are compiled for that hold w and M.
@@ -197,11 +234,11 @@ __device__ __forceinline__ void warp_products(
   namespace wmma = nvcuda::wmma;
   for (int k0 = 0; k0 < k; k0 += 16) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> a_frag;
-    wmma::load_matrix_sync(a_frag, a + k0, lda);
+    load_matrix_shared(a_frag, a + k0, lda);
 #pragma unroll
     for (int n = 0; n < N; ++n) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> b_frag;
-      wmma::load_matrix_sync(b_frag, b + 16 * n * ldb + k0, ldb);
+      load_matrix_shared(b_frag, b + 16 * n * ldb + k0, ldb);
       wmma::mma_sync(acc[n], a_frag, b_frag, acc[n]);
     }
   }
@@ -391,11 +428,12 @@ __global__ void __launch_bounds__(kWarpNarrowMaxWarps * 32)
 // Registers: the dh accumulators (W / 16 fragments of 8 fp32; one for a dx chunk) and one A and B
 //   fragment at a time. __launch_bounds__(512, 1): one CTA per SM is the design (its warps share
 //   the staged weights); with no minimum, ptxas aimed at 40 registers and spilled 4..16 bytes in
-//   some instances. ptxas -v and cuobjdump of sm_90 cubins (CUDA 13.0, -O3), registers bf16 / fp16
-//   for W/MP 16/16: 56 / 42, 16/32: 56 / 46, 32/16: 68 / 60, 32/32: 68 / 59; sm_80: 54 / 39,
-//   54 / 38, 68 / 58, 68 / 58. 0 bytes of stack, no spills, no STL/LDL; HMMA.16816.F32.BF16 (bf16)
-//   and HMMA.16816.F32 (fp16): 18 in the 16/16 kernels' SASS, 28 (bf16) and 44 (fp16) in the 32/32
-//   ones. The fragments load with generic LD.E, as the forward's do.
+//   some instances. ptxas -v and cuobjdump -sass as for the forward, registers bf16 / fp16 for
+//   W/MP 16/16: 40 / 42, 16/32: 40 / 46, 32/16: 59 / 60, 32/32: 58 / 59 on sm_90; sm_80: 38 / 39,
+//   37 / 38, 58 / 58, 57 / 58. 0 bytes of stack, no spills, no STL/LDL; fragments load by LDSM, no
+//   LD.E/ST.E (mma.h's bf16 loads: 72..96 LD.E, 54..68 registers). HMMA.16816.F32.BF16 (bf16) and
+//   HMMA.16816.F32 (fp16): 10 (bf16) and 18 (fp16) in the 16/16 kernels' SASS, 28 and 44 in the
+//   32/32 ones, fewer copies of the same loops as in the forward (bf16 16/16: 18 with mma.h's loads).
 // Numerics: fp32 accumulation on the tensor cores, phi' in fp32 per element. Offsets into grad_out,
 // Z, dZ and dx are 64-bit.
 
