@@ -165,8 +165,9 @@ struct SpinalBackward : torch::autograd::Node {
     const at::Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return result;  // only Z was used downstream: no gradient flows
     TORCH_CHECK(!persistent_switch || *persistent_switch == switch_on(kPersistentSwitch), "spinal_ops: ",
-                kPersistentSwitch, " changed between this call's forward and its backward, which would read its "
-                "pre-activations in another layout; keep it set (or unset) from the forward to the backward");
+                kPersistentSwitch, " changed between this call's forward and its backward (for a layer wider than the "
+                "tile kernels they keep its pre-activations in different layouts); keep it set (or unset) from the "
+                "forward to the backward");
     std::array<bool, 6> output_mask{};
     for (size_t i = 0; i < 6; ++i) output_mask[i] = given[i] && task_should_compute_output(i);
     const Gradients computed = backward_autograd<P>(grad_out.contiguous(), x.unpack(), pre_activation.unpack(),

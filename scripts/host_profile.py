@@ -55,12 +55,18 @@ def op_pair(backend: str) -> tuple[str, Callable, Callable]:
                                                                                      f"{pair}_backward").default
 
 
-def split_forward_call(name: str, batch: int, backend: str, device: torch.device, dtype: torch.dtype) -> None:
-    config = PRESETS[name]
+def layers_and_weights(config, backend: str, dtype: torch.dtype, device: torch.device):
+    """The spinal layer on `backend`, the dense head, and the spinal layer's five weights detached
+    (in the op pairs' argument order)."""
     layer = spinal_layer(config, backend, dtype, device)
-    dense = dense_baseline(config, dtype, device)
     weights = [p.detach() for p in (layer.weight_in, layer.weight_hidden, layer.bias, layer.weight_out,
                                     layer.bias_out)]
+    return layer, dense_baseline(config, dtype, device), weights
+
+
+def split_forward_call(name: str, batch: int, backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    config = PRESETS[name]
+    layer, dense, weights = layers_and_weights(config, backend, dtype, device)
     pair, forward_op, _ = op_pair(backend)
     empty = torch.randn(0, config.in_features, device=device, dtype=dtype)
     rows = torch.randn(batch, config.in_features, device=device, dtype=dtype)
@@ -109,10 +115,7 @@ def split_training_step(name: str, batch: int, backend: str, device: torch.devic
     split into: autograd.grad's own cost (a one-multiply graph), the module call's Python, the two
     ops called directly, and the rest (the autograd node, saved tensors, gradient tensors)."""
     config = PRESETS[name]
-    layer = spinal_layer(config, backend, dtype, device)
-    dense = dense_baseline(config, dtype, device)
-    weights = [p.detach() for p in (layer.weight_in, layer.weight_hidden, layer.bias, layer.weight_out,
-                                    layer.bias_out)]
+    layer, dense, weights = layers_and_weights(config, backend, dtype, device)
     rows = torch.randn(batch, config.in_features, device=device, dtype=dtype)
     pair, forward_op, backward_op = op_pair(backend)
     out, pre_activation = forward_op(rows, *weights, config.activation, config.negative_slope, False, True)

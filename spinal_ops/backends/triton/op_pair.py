@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._extension import extension_status
+from ... import _extension  # noqa: F401  (loads _C, which registers the pair's autograd, first)
 from ...ops import BACKWARD_SCHEMA, FORWARD_SCHEMA, fake_backward, fake_forward, register_op_pair_autograd
 from . import launch
 
@@ -22,8 +22,9 @@ def _define() -> None:
         torch.library.register_kernel(qualname, ("cpu", "cuda"), kernel)
         torch.library.register_fake(qualname)(fake)
     # A loaded _C has registered the pair's autograd in C++ (csrc/autograd.cpp, the compiled pairs'
-    # node: no Python between the dispatcher and the kernels); without it, the same in Python.
-    if not extension_status():
+    # node: no Python between the dispatcher and the kernels), even one whose other ops are stale;
+    # without it, the same in Python.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("spinal_ops::triton_forward", "Autograd"):
         register_op_pair_autograd(torch.ops.spinal_ops.triton_forward.default,
                                   torch.ops.spinal_ops.triton_backward.default)
 
